@@ -1,0 +1,6 @@
+"""gradstats: gradient estimators and statistics, each checked against its exact reference."""
+
+from gradstats._version import __version__
+from gradstats.moments import EMAMoments, RunningMoments
+
+__all__ = ["EMAMoments", "RunningMoments", "__version__"]

@@ -1,0 +1,185 @@
+"""Side-by-side timing: warm-up, interleaved repeats, medians, ratios and an agreement check.
+
+A :class:`Comparison` lists :class:`Candidate` implementations of the same computation (ours, a
+baseline, peers). :func:`run_comparison` warms each up, then times them in rotating order
+(repeat r starts with candidate r mod k, so drift and thermal effects hit all alike), with a
+device synchronisation before and after every call. It reports the median and inter-quartile
+range per candidate, the ratio of each median to the baseline's, optional peak memory, and
+whether each candidate's output matches the reference candidate's ("same numbers").
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+
+import torch
+from tqdm.auto import tqdm
+
+from gradstats.bench._memory import peak_memory_bytes
+
+__all__ = ["Candidate", "Comparison", "run_comparison"]
+
+
+@dataclass(frozen=True)
+class Candidate:
+    """One implementation: ``fn()`` is a single timed call that returns its output."""
+
+    name: str
+    fn: Callable[[], object]
+    note: str = ""
+
+
+@dataclass(frozen=True)
+class Comparison:
+    """Candidates of one computation, run side by side in one process.
+
+    Attributes:
+        name: ``"<suite>/<case>"``.
+        candidates: the implementations; names must be unique.
+        baseline: name of the candidate that ratios are relative to.
+        reference: name of the candidate whose output the others must match (``None``: the
+            baseline).
+        check: whether to run the agreement check at all.
+        rtol, atol: tolerances of the agreement check (``torch.allclose`` in float64).
+        memory: also measure each candidate's peak memory (one extra, untimed call).
+        device: where the candidates run (``"cuda"`` adds synchronisation around calls).
+        work: units of work per call (e.g. samples) for a derived throughput, with ``work_unit``.
+        params: the sizes and settings to record with the result.
+        unavailable: candidates that could not run here (e.g. a missing peer) and why.
+    """
+
+    name: str
+    candidates: Sequence[Candidate]
+    baseline: str
+    reference: str | None = None
+    check: bool = True
+    rtol: float = 1e-5
+    atol: float = 1e-8
+    memory: bool = False
+    device: str = "cpu"
+    work: float | None = None
+    work_unit: str = ""
+    params: Mapping[str, object] = field(default_factory=dict)
+    unavailable: Mapping[str, str] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        names = [c.name for c in self.candidates]
+        if len(set(names)) != len(names):
+            raise ValueError(f"candidate names must be unique; got {names}")
+        if self.baseline not in names:
+            raise ValueError(f"baseline must be one of {names}; got {self.baseline!r}")
+        if self.reference is not None and self.reference not in names:
+            raise ValueError(f"reference must be one of {names} or None; got {self.reference!r}")
+
+    @property
+    def reference_name(self) -> str:
+        """The candidate whose output the others must match."""
+        return self.baseline if self.reference is None else self.reference
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _tensors(output: object) -> list[torch.Tensor]:
+    """Flatten a candidate's output (tensor, number, or nested dict/list/tuple of them)."""
+    if isinstance(output, torch.Tensor):
+        return [output.detach()]
+    if isinstance(output, (int, float)):
+        return [torch.tensor(float(output))]
+    if isinstance(output, Mapping):
+        return [t for key in sorted(output) for t in _tensors(output[key])]
+    if isinstance(output, (list, tuple)):
+        return [t for item in output for t in _tensors(item)]
+    raise TypeError(
+        f"benchmark outputs must be tensors, numbers, dicts or lists; got {type(output)}"
+    )
+
+
+def _agreement(output: object, reference: object, rtol: float, atol: float) -> dict[str, object]:
+    ours, theirs = _tensors(output), _tensors(reference)
+    if len(ours) != len(theirs) or any(
+        a.shape != b.shape for a, b in zip(ours, theirs, strict=True)
+    ):
+        return {"agrees": False, "max_abs_diff": None, "max_rel_diff": None}
+    abs_diff = rel_diff = 0.0
+    agrees = True
+    for a, b in zip(ours, theirs, strict=True):
+        a, b = a.double().cpu(), b.double().cpu()
+        if a.numel() == 0:
+            continue
+        diff = (a - b).abs()
+        abs_diff = max(abs_diff, diff.max().item())
+        rel_diff = max(rel_diff, (diff / b.abs().clamp(min=atol)).max().item())
+        agrees = agrees and torch.allclose(a, b, rtol=rtol, atol=atol)
+    return {"agrees": agrees, "max_abs_diff": abs_diff, "max_rel_diff": rel_diff}
+
+
+def run_comparison(
+    comparison: Comparison, *, warmup: int = 3, repeats: int = 20, progress: bool = True
+) -> dict[str, object]:
+    """Time the candidates of ``comparison`` side by side; return a JSON-ready record."""
+    device = torch.device(comparison.device)
+    candidates = list(comparison.candidates)
+    outputs: dict[str, object] = {}
+    for candidate in candidates:  # warm-up; keep the first output for the agreement check
+        for index in range(max(warmup, 1)):
+            _sync(device)
+            result = candidate.fn()
+            _sync(device)
+            if index == 0:
+                outputs[candidate.name] = result
+    times: dict[str, list[float]] = {c.name: [] for c in candidates}
+    bar = tqdm(
+        total=repeats * len(candidates), desc=comparison.name, leave=False, disable=not progress
+    )
+    for repeat in range(repeats):
+        shift = repeat % len(candidates)
+        for candidate in candidates[shift:] + candidates[:shift]:
+            _sync(device)
+            start = time.perf_counter()
+            candidate.fn()
+            _sync(device)
+            times[candidate.name].append(time.perf_counter() - start)
+            bar.update(1)
+    bar.close()
+    baseline_median = statistics.median(times[comparison.baseline])
+    rows = []
+    for candidate in candidates:
+        samples = sorted(times[candidate.name])
+        median = statistics.median(samples)
+        quartiles = statistics.quantiles(samples, n=4) if len(samples) > 1 else [median] * 3
+        row: dict[str, object] = {
+            "name": candidate.name,
+            "note": candidate.note,
+            "median_s": median,
+            "iqr_s": quartiles[2] - quartiles[0],
+            "times_s": times[candidate.name],
+            "ratio_to_baseline": median / baseline_median,
+        }
+        if comparison.work:
+            row["throughput"] = comparison.work / median
+        if comparison.memory:
+            row["peak_bytes"] = peak_memory_bytes(candidate.fn, device)
+        if comparison.check:
+            reference = outputs[comparison.reference_name]
+            row.update(
+                _agreement(outputs[candidate.name], reference, comparison.rtol, comparison.atol)
+            )
+        rows.append(row)
+    return {
+        "comparison": comparison.name,
+        "baseline": comparison.baseline,
+        "reference": comparison.reference_name if comparison.check else None,
+        "device": str(device),
+        "warmup": warmup,
+        "repeats": repeats,
+        "work_unit": comparison.work_unit,
+        "params": dict(comparison.params),
+        "unavailable": dict(comparison.unavailable),
+        "candidates": rows,
+    }

@@ -1,0 +1,78 @@
+import math
+
+import pytest
+import torch
+
+from gradstats.bench import Candidate, Comparison, format_record, run_comparison
+
+
+def _slow(seconds):
+    def fn():
+        end = torch.tensor(0.0)
+        import time
+
+        time.sleep(seconds)
+        return end
+
+    return fn
+
+
+def test_ratios_and_medians_follow_the_timings():
+    comparison = Comparison(
+        name="t/sleep",
+        candidates=[Candidate("fast", _slow(0.002)), Candidate("slow", _slow(0.006))],
+        baseline="fast",
+    )
+    record = run_comparison(comparison, warmup=1, repeats=5, progress=False)
+    rows = {row["name"]: row for row in record["candidates"]}
+    assert rows["fast"]["ratio_to_baseline"] == 1.0
+    assert 2.0 < rows["slow"]["ratio_to_baseline"] < 4.5
+    assert len(rows["slow"]["times_s"]) == 5
+    assert all(row["agrees"] for row in rows.values())
+
+
+def test_agreement_check_catches_different_numbers():
+    comparison = Comparison(
+        name="t/numbers",
+        candidates=[
+            Candidate("a", lambda: {"x": torch.ones(3)}),
+            Candidate("b", lambda: {"x": torch.ones(3) + 1e-3}),
+            Candidate("c", lambda: {"x": torch.ones(4)}),
+        ],
+        baseline="a",
+        rtol=1e-6,
+    )
+    record = run_comparison(comparison, warmup=1, repeats=2, progress=False)
+    agrees = {row["name"]: row["agrees"] for row in record["candidates"]}
+    assert agrees == {"a": True, "b": False, "c": False}
+    b = next(row for row in record["candidates"] if row["name"] == "b")
+    assert math.isclose(b["max_abs_diff"], 1e-3, rel_tol=1e-3)
+    assert "NO" in format_record(record)
+
+
+def test_memory_is_measured_on_cpu():
+    comparison = Comparison(
+        name="t/memory",
+        candidates=[Candidate("alloc", lambda: torch.ones(1024, 1024).sum())],
+        baseline="alloc",
+        memory=True,
+    )
+    record = run_comparison(comparison, warmup=1, repeats=1, progress=False)
+    assert record["candidates"][0]["peak_bytes"] >= 4 * 1024 * 1024
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "match"),
+    [
+        ({"baseline": "missing"}, "baseline must be one of"),
+        ({"baseline": "a", "reference": "zzz"}, "reference must be one of"),
+    ],
+)
+def test_comparison_validates_names(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        Comparison(name="t", candidates=[Candidate("a", lambda: 0.0)], **kwargs)
+
+
+def test_candidate_names_must_be_unique():
+    with pytest.raises(ValueError, match="unique"):
+        Comparison(name="t", candidates=[Candidate("a", lambda: 0.0)] * 2, baseline="a")

@@ -1,0 +1,76 @@
+import json
+import subprocess
+import sys
+
+import pytest
+
+import gradstats
+from gradstats.cli import main
+
+
+def test_version_and_help(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["--version"])
+    assert exit_info.value.code == 0
+    assert gradstats.__version__ in capsys.readouterr().out
+    with pytest.raises(SystemExit):
+        main(["--help"])
+    out = capsys.readouterr().out
+    assert "demo" in out
+    assert "bench" in out
+
+
+@pytest.mark.parametrize("command", ["demo", "bench"])
+def test_each_command_explains_itself(command, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main([command, "--help"])
+    assert exit_info.value.code == 0
+    assert "(default:" in capsys.readouterr().out
+
+
+def test_python_dash_m_runs_the_cli():
+    done = subprocess.run(
+        [sys.executable, "-m", "gradstats", "--version"], capture_output=True, text=True, check=True
+    )
+    assert done.stdout.strip() == f"gradstats {gradstats.__version__}"
+
+
+def test_demo_writes_its_report(tmp_path, capsys):
+    out = tmp_path / "demo"
+    args = ["demo", "--out", str(out), "--samples", "256", "--steps", "30", "--no-progress"]
+    assert main(args) == 0
+    assert (out / "report.md").read_text().startswith("# gradstats demo")
+    assert (out / "noise_trace.png").stat().st_size > 1000
+    record = json.loads((out / "demo.json").read_text())
+    exact = record["exact_streaming"]
+    assert exact["max_rel_error_mean_vs_autograd"] < 1e-12
+    assert exact["max_rel_error_variance_vs_dense"] < 1e-12
+    assert str(out.resolve()) in capsys.readouterr().out
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["demo", "--steps", "0"], "--steps must be >= 1"),
+        (["demo", "--beta", "1.5"], "--beta must lie in (0, 1)"),
+        (["bench", "no-such-suite", "--smoke"], "unknown benchmark 'no-such-suite'"),
+        (["bench", "--dir", "/nonexistent/benchmarks"], "no benchmark folder"),
+    ],
+)
+def test_bad_input_exits_2_with_one_line(args, message, capsys, tmp_path):
+    assert main([*args, "--out", str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert message in err
+    assert "\n" not in err
+
+
+def test_unknown_option_is_an_argparse_error(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["demo", "--stpes", "3"])
+    assert exit_info.value.code == 2
+    assert "unrecognized arguments: --stpes" in capsys.readouterr().err
+
+
+def test_bench_lists_suites(capsys):
+    assert main(["bench", "--list"]) == 0
+    assert "moments" in capsys.readouterr().out

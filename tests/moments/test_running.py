@@ -1,0 +1,209 @@
+import io
+
+import pytest
+import torch
+
+from gradstats.moments import RunningMoments
+from gradstats.testing import reference_moments, welford_loop
+
+
+def _gen(seed=0):
+    return torch.Generator().manual_seed(seed)
+
+
+def test_chan_merge_golden_in_either_order():
+    def summary(values):
+        return RunningMoments().update(torch.tensor(values))
+
+    for first, second in (([1.0, 2.0], [3.0, 4.0]), ([3.0, 4.0], [1.0, 2.0])):
+        merged = summary(first).merge(summary(second))
+        assert merged.count.item() == 4
+        assert merged.mean.item() == 2.5
+        assert merged.m2.item() == 5.0
+
+
+@pytest.mark.parametrize("weights", ["frequency", "reliability"])
+@pytest.mark.parametrize("weighted", [False, True])
+def test_matches_reference_in_batches(weights, weighted):
+    g = _gen(1)
+    x = torch.randn(37, 3, 2, generator=g) * 3 + 1
+    w = torch.rand(37, generator=g) * 2 if weighted else None
+    rm = RunningMoments((3, 2), weights=weights)
+    for rows in torch.arange(37).split([5, 1, 13, 0, 18]):
+        rm.update(x[rows], None if w is None else w[rows])
+    ref = reference_moments(x, w, weights=weights)
+    torch.testing.assert_close(rm.mean, ref["mean"])
+    torch.testing.assert_close(rm.variance(unbiased=False), ref["population_variance"])
+    torch.testing.assert_close(rm.variance(unbiased=True), ref["unbiased_variance"])
+    torch.testing.assert_close(rm.effective_sample_size, ref["effective_sample_size"])
+    torch.testing.assert_close(rm.standard_error(), ref["standard_error"])
+
+
+def test_matches_classic_welford_loop():
+    x = torch.randn(50, 4, generator=_gen(2))
+    rm = RunningMoments(4).update(x[:20]).update(x[20:])
+    ref = welford_loop(x)
+    torch.testing.assert_close(rm.mean, ref["mean"])
+    torch.testing.assert_close(rm.m2, ref["m2"])
+
+
+def test_unweighted_frequency_and_reliability_agree():
+    x = torch.randn(9, 3, generator=_gen(3))
+    freq = RunningMoments(3, weights="frequency").update(x)
+    rel = RunningMoments(3, weights="reliability").update(x)
+    torch.testing.assert_close(freq.variance(), rel.variance())
+    torch.testing.assert_close(freq.effective_sample_size, rel.effective_sample_size)
+
+
+def test_frequency_weights_equal_repeated_rows():
+    x = torch.tensor([1.0, 5.0, 2.0])
+    weighted = RunningMoments().update(x, torch.tensor([2.0, 1.0, 3.0]))
+    repeated = RunningMoments().update(torch.tensor([1.0, 1.0, 5.0, 2.0, 2.0, 2.0]))
+    torch.testing.assert_close(weighted.mean, repeated.mean)
+    torch.testing.assert_close(weighted.variance(), repeated.variance())
+    torch.testing.assert_close(weighted.standard_error(), repeated.standard_error())
+
+
+def test_no_estimate_is_nan_not_a_division_by_zero():
+    rm = RunningMoments()
+    assert torch.isnan(rm.mean)
+    assert torch.isnan(rm.variance(unbiased=False))
+    rm.update(torch.tensor([3.0]))
+    assert rm.mean.item() == 3.0
+    assert rm.variance(unbiased=False).item() == 0.0
+    assert torch.isnan(rm.variance())
+    assert torch.isnan(rm.standard_error())
+    rel = RunningMoments(weights="reliability").update(
+        torch.tensor([1.0, 2.0]), torch.tensor([0.0, 4.0])
+    )
+    assert rel.effective_sample_size.item() == 1.0
+    assert torch.isnan(rel.variance())
+
+
+def test_non_finite_update_is_rejected_whole_and_counted():
+    rm = RunningMoments(2).update(torch.tensor([[1.0, 2.0], [3.0, 5.0]]))
+    before = rm.state_dict()
+    rm.update(torch.tensor([[1.0, float("nan")], [0.0, 0.0]]))
+    rm.update(torch.tensor([[float("inf"), 1.0]]))
+    after = rm.state_dict()
+    for key in ("count", "weight_sum", "mean", "m2"):
+        assert torch.equal(before[key], after[key])
+    assert rm.rejected.item() == 2
+
+
+def test_empty_batch_changes_nothing():
+    rm = RunningMoments(3).update(torch.ones(2, 3))
+    rm.update(torch.empty(0, 3))
+    assert rm.count.item() == 2
+
+
+def test_float32_stream_with_large_offset_keeps_accurate_variance():
+    g = _gen(4)
+    chunks = [1e4 + 1e-2 * torch.randn(1000, generator=g) for _ in range(50)]
+    rm = RunningMoments(dtype=torch.float32)
+    naive_sum = naive_sq = torch.zeros((), dtype=torch.float32)
+    for chunk in chunks:
+        rm.update(chunk.float())
+        naive_sum = naive_sum + chunk.float().sum()
+        naive_sq = naive_sq + chunk.float().square().sum()
+    exact = torch.cat([c.float().double() for c in chunks]).var()  # same float32 values, float64
+    got = rm.variance()
+    assert got.item() >= 0
+    # float32 state: the running mean itself is quantised to ulp(1e4) ~ 1e-3 = 0.1 noise std.
+    torch.testing.assert_close(got.double(), exact, rtol=1e-2, atol=0)
+    n = 50 * 1000
+    naive = (naive_sq - naive_sum**2 / n) / (n - 1)
+    assert abs(naive.double().item() - exact.item()) > 10 * exact.item()  # what we avoid
+
+
+def test_state_dict_round_trip_through_weights_only_load():
+    rm = RunningMoments((2,), weights="reliability").update(torch.randn(5, 2), torch.rand(5))
+    buffer = io.BytesIO()
+    torch.save(rm.state_dict(), buffer)
+    buffer.seek(0)
+    loaded = RunningMoments((2,), weights="reliability")
+    loaded.load_state_dict(torch.load(buffer, weights_only=True))
+    for key, value in rm.state_dict().items():
+        if isinstance(value, torch.Tensor):
+            assert torch.equal(value, loaded.state_dict()[key])
+
+
+def test_load_state_dict_rejects_mismatch_without_half_updating():
+    target = RunningMoments(3).update(torch.ones(2, 3))
+    before = target.state_dict()
+    with pytest.raises(ValueError, match="shape"):
+        target.load_state_dict(RunningMoments(4).state_dict())
+    with pytest.raises(ValueError, match="weights"):
+        target.load_state_dict(RunningMoments(3, weights="reliability").state_dict())
+    with pytest.raises(ValueError, match="format"):
+        target.load_state_dict({"format": "something else"})
+    broken = RunningMoments(3).state_dict()
+    broken["m2"] = torch.zeros(5)
+    with pytest.raises(ValueError, match="m2"):
+        target.load_state_dict(broken)
+    assert torch.equal(target.state_dict()["mean"], before["mean"])
+
+
+@pytest.mark.parametrize(
+    ("args", "error", "match"),
+    [
+        ((torch.ones(4, 2),), ValueError, "x must have shape"),
+        ((torch.ones(4),), ValueError, "x must have shape"),
+        ((torch.ones(4, 3, dtype=torch.int64),), TypeError, "x must have a real floating"),
+        (([1.0, 2.0],), TypeError, "x must be a torch.Tensor"),
+        ((torch.ones(4, 3), torch.ones(3)), ValueError, "weight must have shape"),
+        ((torch.ones(2, 3), torch.tensor([1.0, -1.0])), ValueError, "non-negative"),
+        ((torch.ones(2, 3), torch.tensor([1.0, float("nan")])), ValueError, "finite"),
+    ],
+)
+def test_update_bad_input(args, error, match):
+    rm = RunningMoments(3)
+    with pytest.raises(error, match=match):
+        rm.update(*args)
+    assert rm.count.item() == 0
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "error", "match"),
+    [
+        ({"weights": "analytic"}, ValueError, "weights must be one of 'frequency', 'reliability'"),
+        ({"shape": (2, -1)}, ValueError, "shape"),
+        ({"shape": "3"}, TypeError, "shape"),
+        ({"dtype": torch.int32}, TypeError, "dtype"),
+    ],
+)
+def test_constructor_bad_input(kwargs, error, match):
+    with pytest.raises(error, match=match):
+        RunningMoments(**kwargs)
+
+
+def test_merge_rejects_incompatible_objects():
+    rm = RunningMoments(3)
+    with pytest.raises(TypeError, match="other must be a RunningMoments"):
+        rm.merge(torch.ones(3))
+    with pytest.raises(ValueError, match="other has shape"):
+        rm.merge(RunningMoments(4))
+    with pytest.raises(ValueError, match="other uses weights"):
+        rm.merge(RunningMoments(3, weights="reliability"))
+
+
+def test_merge_converts_dtype_and_leaves_other_unchanged():
+    a = RunningMoments(dtype=torch.float64).update(torch.tensor([1.0, 2.0]))
+    b = RunningMoments(dtype=torch.float32).update(torch.tensor([3.0, 4.0], dtype=torch.float32))
+    a.merge(b)
+    assert a.mean.dtype == torch.float64
+    assert a.mean.item() == 2.5
+    assert b.count.item() == 2
+
+
+def test_pinned_device_rejects_data_elsewhere():
+    rm = RunningMoments(device="meta")
+    with pytest.raises(ValueError, match="x is on cpu but the state lives on meta"):
+        rm.update(torch.ones(2))
+
+
+def test_unpinned_state_follows_first_data():
+    rm = RunningMoments()
+    rm.update(torch.ones(2, device="meta"))
+    assert rm.device == torch.device("meta")
+    assert rm.count.device == torch.device("meta")
