@@ -2,5 +2,6 @@
 
 from gradstats._version import __version__
 from gradstats.moments import EMAMoments, RunningMoments
+from gradstats.scaling import VarianceGradientScaler
 
-__all__ = ["EMAMoments", "RunningMoments", "__version__"]
+__all__ = ["EMAMoments", "RunningMoments", "VarianceGradientScaler", "__version__"]

@@ -109,7 +109,7 @@ class EMAMoments:
         >>> ema = EMAMoments(beta=0.99, dtype=torch.float64)
         >>> for value in (1.0, 2.0, 3.0, 4.0):
         ...     _ = ema.update(torch.tensor(value))
-        >>> round(ema.mean.item(), 12), round(ema.unbiased_variance.item(), 12)
+        >>> round(ema.mean.item(), 12), round(ema.unbiased_variance.item(), 12)  # sync-ok
         (2.512562560289, 1.666593719084)
     """
 

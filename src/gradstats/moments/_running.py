@@ -67,7 +67,7 @@ class RunningMoments:
         >>> import torch
         >>> rm = RunningMoments()
         >>> _ = rm.update(torch.tensor([1.0, 2.0])).update(torch.tensor([3.0, 4.0]))
-        >>> rm.mean.item(), rm.variance(unbiased=False).item(), rm.variance().item()
+        >>> rm.mean.item(), rm.variance(unbiased=False).item(), rm.variance().item()  # sync-ok
         (2.5, 1.25, 1.6666666666666667)
     """
 

@@ -6,5 +6,13 @@ library on their own data. Each reference states its formula in its docstring.
 
 from gradstats.testing._distributed import run_gloo
 from gradstats.testing._moments import reference_ema, reference_moments, welford_loop
+from gradstats.testing._scaling import reference_scaler_statistics, reference_two_batch
 
-__all__ = ["reference_ema", "reference_moments", "run_gloo", "welford_loop"]
+__all__ = [
+    "reference_ema",
+    "reference_moments",
+    "reference_scaler_statistics",
+    "reference_two_batch",
+    "run_gloo",
+    "welford_loop",
+]

@@ -1,0 +1,94 @@
+r"""Aggregation of per-tensor statistics and the scaling factor, as device-vector functions.
+
+Aggregate k (the whole model, one param group, or one tensor) has the ratio of sums over the
+tensors that have a gradient this step and an estimate (tensors without gradients are left out,
+never counted as zero):
+
+    N_k = Σ_{j∈k} noise_j,   S_k = Σ_{j∈k} signal_j,   ρ_k = N_k / S_k,   c_k = 1 / (1 + α ρ_k).
+
+States instead of divisions by eps: *no estimate* (fewer observations than the statistic needs:
+c = 1), *no detectable signal* (S_k <= eps: ρ = ∞, c = min_scale), *gated* (warm-up, or the
+relative standard error of ρ above ``confidence``: c = 1). The relative standard error is the
+count-based bound sqrt(2 / (n_eff − 1)) of a variance estimated from n_eff = 1/ρ_w effective
+observations (the smallest n_eff among the aggregate's tensors), which ignores the averaging over
+coordinates and so errs on the side of waiting. Optional bounds [min_scale, 1] and a rate limit
+|log c_t − log c_{t−1}| <= max_rate.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from gradstats.moments import ema_reliability
+
+__all__ = ["aggregate", "scaling_factor"]
+
+_NO_COUNT = torch.iinfo(torch.int64).max
+
+
+def aggregate(
+    noise: torch.Tensor,
+    signal: torch.Tensor,
+    count: torch.Tensor,
+    include: torch.Tensor,
+    group_index: torch.Tensor,
+    groups: int,
+) -> dict[str, torch.Tensor]:
+    """Sum noise and signal over the included tensors of each aggregate; smallest count."""
+    zeros = torch.zeros(groups, dtype=torch.float64, device=noise.device)
+    members = zeros.index_add(0, group_index, include.to(torch.float64))
+    smallest = torch.full((groups,), _NO_COUNT, dtype=torch.int64, device=noise.device)
+    smallest = smallest.scatter_reduce(
+        0, group_index, torch.where(include, count, _NO_COUNT), "amin"
+    )
+    return {
+        "noise": zeros.index_add(0, group_index, torch.where(include, noise, 0.0)),
+        "signal": zeros.index_add(0, group_index, torch.where(include, signal, 0.0)),
+        "count": torch.where(members > 0, smallest, 0),
+        "members": members,
+    }
+
+
+def scaling_factor(
+    totals: dict[str, torch.Tensor],
+    previous: torch.Tensor,
+    *,
+    alpha: float,
+    beta: float,
+    eps: float,
+    min_scale: float,
+    max_rate: float | None,
+    confidence: float | None,
+    min_count: int,
+    warm: bool,
+) -> dict[str, torch.Tensor]:
+    """The factor of every aggregate, with its ρ and gate states (all device vectors)."""
+    noise, signal, count = totals["noise"], totals["signal"], totals["count"]
+    has_signal = signal > eps
+    rho = torch.where(has_signal, noise / torch.where(has_signal, signal, 1.0), math.inf)
+    raw = torch.ones_like(rho) if alpha == 0 else 1.0 / (1.0 + alpha * rho)
+    raw = raw.clamp(min=min_scale, max=1.0)
+    estimate = count >= min_count
+    effective = 1.0 / ema_reliability(beta, count)
+    spread = effective - 1.0
+    rel_se = torch.where(spread > 0, (2.0 / torch.where(spread > 0, spread, 1.0)).sqrt(), math.inf)
+    gate = estimate & torch.full_like(estimate, warm)
+    if confidence is not None:
+        gate = gate & (rel_se <= confidence)
+    factor = torch.where(gate, raw, 1.0)
+    if max_rate is not None:
+        factor = torch.minimum(
+            torch.maximum(factor, previous * math.exp(-max_rate)), previous * math.exp(max_rate)
+        )
+    return {
+        "rho": rho,
+        "raw_factor": raw,
+        "factor": factor,
+        "gate_open": gate,
+        "no_estimate": ~estimate,
+        "no_signal": estimate & ~has_signal,
+        "rel_se": rel_se,
+        "effective_sample_size": torch.where(count > 0, effective, 0.0),
+    }

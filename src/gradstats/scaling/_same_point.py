@@ -1,0 +1,115 @@
+r"""The ``same_point`` statistic: noise at a fixed θ from micro-batches or DDP ranks of one step.
+
+Two-batch estimator (McCandlish et al. 2018). In one optimizer step, K small-batch gradients g_k
+(each micro-batch backward, on each rank) average to the applied big-batch gradient g_b. With
+A = mean_k ‖g_k‖² and B = ‖g_b‖², per parameter tensor:
+
+    noise   N = (A − B) / (K − 1)        E[N] = tr Cov(g_b) = tr Σ / B_big
+    signal  D = (K·B − A) / (K − 1)      E[D] = ‖G‖²
+
+which are the spec's tr Σ ≈ (‖g_s‖² − ‖g_b‖²)/(1/B_s − 1/B_b) and
+‖G‖² ≈ (B_b‖g_b‖² − B_s‖g_s‖²)/(B_b − B_s) with B_b = K·B_s. Golden: E‖g_s‖² = 9,
+E‖g_b‖² = 2, B_s = 8, B_b = 64 → ‖G‖² = 1, tr Σ = 64, B_simple = tr Σ/‖G‖² = 64.
+Both are unbiased at every step; numerator and denominator are smoothed by separate debiased
+EMAs and ρ = EMA(N)/EMA(D) (never an EMA of ratios).
+
+The g_k come for free: a hook on every parameter sees each backward's gradient contribution h
+before it is accumulated into ``.grad`` (and, under DDP, before the all-reduce). If a rank runs
+M backward passes per step, g_k = M·h (so that the mean of the g_k over ranks and passes is the
+reduced ``.grad``), whatever the loss scaling. Under DDP one small all-reduce per step sums the
+per-tensor Σ‖h‖² and pass counts over ranks (ranks must run the same number of passes). With
+AMP the hooks see gradients multiplied by the loss scale S, so A is divided by S².
+"""
+
+from __future__ import annotations
+
+import torch
+
+from gradstats.moments import ema_reliability, ema_step_size
+from gradstats.moments._distributed import all_reduce_sum_
+from gradstats.scaling._temporal import Totals
+
+__all__ = ["SamePointState", "two_batch_estimates"]
+
+
+def two_batch_estimates(
+    small_sq: torch.Tensor, big_sq: torch.Tensor, passes: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(noise, signal) = ((A − B)/(K − 1), (K·B − A)/(K − 1)) for A = ``small_sq`` = mean_k ‖g_k‖²,
+    B = ``big_sq`` = ‖mean_k g_k‖² and K = ``passes`` >= 2 (elementwise)."""
+    denom = passes - 1.0
+    return (small_sq - big_sq) / denom, (passes * big_sq - small_sq) / denom
+
+
+class SamePointState:
+    """Scalar-per-tensor state of the same-point statistic for the tensors of one device."""
+
+    statistic = "same_point"
+    min_count = 1  # every step's estimate is already unbiased
+    _KEYS = ("count", "noise_ema", "signal_ema")
+
+    def __init__(
+        self, params: list[torch.Tensor], beta: float, distributed: bool, group: object = None
+    ) -> None:
+        self.beta, self.distributed, self.group = beta, distributed, group
+        device = params[0].device if params else torch.device("cpu")
+        self.numel = torch.tensor([p.numel() for p in params], dtype=torch.float64, device=device)
+        self.count = torch.zeros(len(params), dtype=torch.int64, device=device)
+        self.noise_ema = torch.zeros(len(params), dtype=torch.float64, device=device)
+        self.signal_ema = torch.zeros_like(self.noise_ema)
+        self._sums = torch.zeros_like(self.noise_ema)  # Σ‖h‖² of this step's contributions
+        self._passes = torch.zeros_like(self.noise_ema)  # number of contributions
+        self.last_passes = torch.zeros_like(self.noise_ema)
+
+    def observe(self, index: int, grad: torch.Tensor) -> None:
+        """Backward hook body: add ‖h‖² of one gradient contribution (on the device, no sync)."""
+        dtype = torch.float32 if grad.dtype in (torch.float16, torch.bfloat16) else None
+        norm = torch.linalg.vector_norm(grad.detach(), dtype=dtype)
+        self._sums[index] += norm.to(torch.float64).square().to(self._sums.device)
+        self._passes[index] += 1.0
+
+    def update(
+        self,
+        grads: list[torch.Tensor | None],
+        sq_norms: torch.Tensor,
+        take: torch.Tensor,
+        inv_scale_sq: torch.Tensor | None = None,
+    ) -> None:
+        sums, local = self._sums, self._passes
+        self._sums, self._passes = torch.zeros_like(sums), torch.zeros_like(local)
+        if inv_scale_sq is not None:
+            sums = sums * inv_scale_sq.to(device=sums.device, dtype=torch.float64)
+        total_sums, passes = sums, local
+        if self.distributed:
+            total_sums, passes = all_reduce_sum_([sums, local], self.group)
+        self.last_passes = passes
+        small = local.square() * total_sums / passes.clamp(min=1.0)  # mean_k ‖M h‖²
+        noise, signal = two_batch_estimates(small, sq_norms, passes)
+        valid = take & (passes >= 2) & torch.isfinite(noise) & torch.isfinite(signal)
+        self.count = self.count + valid.to(torch.int64)
+        step = torch.where(valid, ema_step_size(self.beta, self.count), 0.0)
+        self.noise_ema = self.noise_ema + step * (torch.where(valid, noise, 0.0) - self.noise_ema)
+        self.signal_ema = self.signal_ema + step * (
+            torch.where(valid, signal, 0.0) - self.signal_ema
+        )
+
+    def totals(self) -> Totals:
+        return Totals(
+            noise=self.noise_ema,
+            signal=self.signal_ema,
+            count=self.count,
+            variance=self.noise_ema,
+            signal_raw=self.signal_ema,
+            reliability=ema_reliability(self.beta, self.count),
+        )
+
+    def tensor_state(self, j: int) -> dict[str, torch.Tensor]:
+        return {key: getattr(self, key)[j].clone() for key in self._KEYS}
+
+    def load_tensor_state(self, j: int, state: dict[str, torch.Tensor]) -> None:
+        for key in self._KEYS:
+            getattr(self, key)[j] = state[key]
+
+    @classmethod
+    def state_keys(cls, foreach: bool) -> tuple[str, ...]:
+        return cls._KEYS
