@@ -318,8 +318,10 @@ class VarianceGradientScaler:
             finite = finite & torch.isfinite(sq.sum()).to(self._home)
             blocks.append((grads, sq, mask))
         apply = finite
-        if skip is not None:
-            apply = apply & ~torch.as_tensor(skip, device=self._home)
+        if isinstance(skip, bool):  # a fill on the device, not a host-to-device copy
+            apply = apply & torch.full((), not skip, dtype=torch.bool, device=self._home)
+        elif skip is not None:
+            apply = apply & ~skip.to(device=self._home, dtype=torch.bool)
         inv_scale_sq = None
         if grad_scaler is not None and grad_scaler.is_enabled():
             inv_scale_sq = grad_scaler._scale.double().reciprocal().square()

@@ -5,11 +5,23 @@ library on their own data. Each reference states its formula in its docstring.
 """
 
 from gradstats.testing._distributed import run_gloo
+from gradstats.testing._eqprop import (
+    LinearClosedForm,
+    dense_jacobian,
+    finite_difference_gradient,
+    newton_fixed_point,
+    reference_implicit_gradient,
+)
 from gradstats.testing._moments import reference_ema, reference_moments, welford_loop
 from gradstats.testing._scaling import reference_scaler_statistics, reference_two_batch
 
 __all__ = [
+    "LinearClosedForm",
+    "dense_jacobian",
+    "finite_difference_gradient",
+    "newton_fixed_point",
     "reference_ema",
+    "reference_implicit_gradient",
     "reference_moments",
     "reference_scaler_statistics",
     "reference_two_batch",

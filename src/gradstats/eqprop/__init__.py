@@ -1,0 +1,78 @@
+"""Equilibrium propagation for fixed-point models, checked against the exact implicit gradient.
+
+A model is an :class:`EquilibriumModule` (``init_state``, ``force``, ``loss``); :func:`relax`
+finds its fixed point; :func:`estimate_gradient` estimates dL/dθ with ``implicit``, ``bptt``,
+``ep``, ``ep_symmetric``, ``aep`` or ``holomorphic`` and reports the residual of every phase;
+:func:`probe` compares estimators with the exact gradient per parameter group and
+:func:`diagnose` names what limits them.
+"""
+
+from gradstats.eqprop._autodiff import Linearization, per_sample_norm, transpose_vjp
+from gradstats.eqprop._diagnose import FINDINGS, Finding, diagnose
+from gradstats.eqprop._estimators import (
+    AnalyticityWarning,
+    check_method_supported,
+    estimate_gradient,
+)
+from gradstats.eqprop._holo_ops import (
+    holo_cross_entropy,
+    holo_gelu,
+    holo_layer_norm,
+    holo_logsumexp,
+    holo_masked_softmax,
+)
+from gradstats.eqprop._module import (
+    METHODS,
+    EquilibriumModule,
+    NoiseRealization,
+    model_fingerprint,
+)
+from gradstats.eqprop._penalties import PENALTIES, add_penalties, penalty_value
+from gradstats.eqprop._probe import SWEEPS, ProbeReport, probe
+from gradstats.eqprop._problem import relax
+from gradstats.eqprop._settings import LIBRARY_DEFAULTS, Settings
+from gradstats.eqprop._solvers import fixed_point, solve_adjoint
+from gradstats.eqprop._stats import (
+    ConvergenceWarning,
+    DivergenceError,
+    GradientEstimate,
+    SolveStats,
+    write_grads,
+)
+
+__all__ = [
+    "FINDINGS",
+    "LIBRARY_DEFAULTS",
+    "METHODS",
+    "PENALTIES",
+    "SWEEPS",
+    "AnalyticityWarning",
+    "ConvergenceWarning",
+    "DivergenceError",
+    "EquilibriumModule",
+    "Finding",
+    "GradientEstimate",
+    "Linearization",
+    "NoiseRealization",
+    "ProbeReport",
+    "Settings",
+    "SolveStats",
+    "add_penalties",
+    "check_method_supported",
+    "diagnose",
+    "estimate_gradient",
+    "fixed_point",
+    "holo_cross_entropy",
+    "holo_gelu",
+    "holo_layer_norm",
+    "holo_logsumexp",
+    "holo_masked_softmax",
+    "model_fingerprint",
+    "penalty_value",
+    "per_sample_norm",
+    "probe",
+    "relax",
+    "solve_adjoint",
+    "transpose_vjp",
+    "write_grads",
+]

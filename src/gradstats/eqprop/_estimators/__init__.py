@@ -1,0 +1,207 @@
+"""``estimate_gradient``: one entry point for every estimator, each reporting its residuals."""
+
+from __future__ import annotations
+
+import torch
+
+from gradstats._validation import check_choice
+from gradstats.eqprop._estimators._phases import AnalyticityWarning
+from gradstats.eqprop._estimators.aep import aep_adjoint
+from gradstats.eqprop._estimators.bptt import bptt_gradients
+from gradstats.eqprop._estimators.ep import ep_adjoint
+from gradstats.eqprop._estimators.holo import holomorphic_adjoint
+from gradstats.eqprop._estimators.implicit import implicit_adjoint
+from gradstats.eqprop._module import METHODS, EquilibriumModule, NoiseRealization
+from gradstats.eqprop._problem import assemble, prepare
+from gradstats.eqprop._settings import resolve_settings
+from gradstats.eqprop._stats import DivergenceError, GradientEstimate
+
+__all__ = ["AnalyticityWarning", "check_method_supported", "estimate_gradient"]
+
+_ADJOINTS = {
+    "implicit": implicit_adjoint,
+    "ep": ep_adjoint,
+    "ep_symmetric": ep_adjoint,
+    "aep": aep_adjoint,
+    "holomorphic": holomorphic_adjoint,
+}
+
+
+def check_method_supported(model: EquilibriumModule, method: str) -> None:
+    """Raise a ``ValueError`` naming the method and the model/mode if it is not supported."""
+    check_choice("method", method, METHODS)
+    if method == "holomorphic" and not model.holomorphic:
+        raise ValueError(
+            f"method='holomorphic' needs a force and loss that accept complex states, but "
+            f"{model.describe()} declares holomorphic=False"
+        )
+    if method == "holomorphic" and any(p.is_complex() for p in model.parameters()):
+        raise ValueError(
+            f"method='holomorphic' needs real parameters (it relaxes only one phase of each "
+            f"conjugate pair, z(conj β) = conj z(β)); {model.describe()} has complex parameters"
+        )
+    supported = tuple(model.supported_methods())
+    if method not in supported:
+        raise ValueError(
+            f"method={method!r} is not supported by {model.describe()}; it supports "
+            f"{', '.join(repr(m) for m in supported)}"
+        )
+
+
+def _finite(grads: dict[str, torch.Tensor]) -> bool:
+    flags = torch.stack([torch.isfinite(g).all() for g in grads.values()])
+    return bool(flags.all())  # sync-ok: once per estimate, so no NaN ever reaches .grad
+
+
+def estimate_gradient(
+    model: EquilibriumModule,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    method: str = "aep",
+    *,
+    beta: float | None = None,
+    points: int | None = None,
+    anchor: str | None = None,
+    correction: bool | None = None,
+    steps: int | None = None,
+    step_size: float | None = None,
+    tol: float | None = None,
+    tol_adjoint: float | None = None,
+    max_steps: int | None = None,
+    max_steps_adjoint: int | None = None,
+    check_every: int | None = None,
+    anderson: int | None = None,
+    adjoint_solver: str | None = None,
+    gmres_restart: int | None = None,
+    freeze: bool | None = None,
+    divergence_factor: float | None = None,
+    stall_checks: int | None = None,
+    noise: NoiseRealization | None = None,
+    generator: torch.Generator | None = None,
+    z0: torch.Tensor | None = None,
+    on_failure: str = "raise",
+) -> GradientEstimate:
+    """Estimate dL/dθ of an equilibrium model with one of six estimators.
+
+    | method | adjoint estimate a | exact when |
+    |---|---|---|
+    | ``implicit`` | λ solving Jᵀλ = −ℓ to ``tol_adjoint`` | free and adjoint converged |
+    | ``bptt`` | autograd through exactly ``steps`` steps | defines the finite-T objective |
+    | ``ep`` | (z* − z_β)/β | J symmetric; bias O(β) |
+    | ``ep_symmetric`` | (z_{−β} − z_{+β})/(2β) | J symmetric; bias O(β²) |
+    | ``aep`` | symmetric contrast under F − (J − Jᵀ)v − β∇L | any J; bias O(β²) |
+    | ``holomorphic`` | −Re (1/N) Σ_k (z_{β_k} − z*)/β_k | holomorphic model; O((r/R)^N) |
+
+    Then g = aᵀ ∂F/∂θ + ∂L/∂θ at the free state (one backward), which also reaches
+    input-embedding parameters through the clamp (∂F/∂x_in) and readout parameters (∂L/∂θ).
+    Nudge sign: F_β = F − β∇L (β > 0 lowers the loss).
+
+    Args:
+        model: an :class:`EquilibriumModule`.
+        x, y: input (passed to ``model.inject``) and target (passed to ``model.loss``).
+        method: one of the six above.
+        beta: nudge strength (for ``holomorphic``: the radius r). Default per method.
+        points: ``holomorphic``: number N of nudges β_k = r e^{2πik/N} (≥ 2).
+        anchor: ``aep``/``holomorphic`` with correction: ``"fixed"`` or ``"tracking"``.
+        correction: ``holomorphic``: apply the AEP correction (default True).
+        steps: ``bptt``: exactly this many unrolled steps (default ``max_steps``).
+        step_size: ε of z ← z + ε F(z) (also the Richardson step of the adjoint phases).
+        tol: free phase: stop a sample when ‖F(z)‖/‖z‖ ≤ tol (0: exactly ``max_steps`` steps).
+        tol_adjoint: adjoint/nudged phases: stop when ‖r_a‖/‖ℓ‖ ≤ tol_adjoint.
+        max_steps, max_steps_adjoint: step caps (reaching one warns, ``converged=False``).
+        check_every: steps between residual checks (each check is one host sync).
+        anderson: Anderson memory for the free phase (0: off).
+        adjoint_solver: ``implicit``: ``"richardson"`` or ``"gmres"``.
+        gmres_restart: GMRES restart length.
+        freeze: stop updating samples that converged.
+        divergence_factor: a phase whose residual grows by this factor diverged.
+        stall_checks: a phase stops (``converged=False``, warning) when its residual has not
+            improved by 1% for this many checks — a tolerance below the rounding floor
+            (0: never). Not used with ``tol = 0`` or by GMRES.
+        noise: a noise realisation to use (default: ``model.sample_noise(x_in, generator)``).
+        generator: passed to ``model.sample_noise``.
+        z0: initial free state (default ``model.init_state``).
+        on_failure: ``"raise"`` (a :class:`DivergenceError`) or ``"skip"`` (return an estimate
+            with ``skipped=True``, zero grads and the reason: nothing non-finite escapes).
+
+    Defaults: explicit arguments > ``model.solver_defaults`` > library defaults
+    (``gradstats.eqprop.LIBRARY_DEFAULTS``).
+
+    Returns:
+        A :class:`GradientEstimate` (``grads``, ``adjoint``, ``state``, ``loss``, ``stats``).
+
+    Raises:
+        ValueError: unknown method, a method the model (or its mode) does not support, bad
+            settings, or a setting that does not apply to ``method``.
+        DivergenceError: a phase diverged (with ``on_failure="raise"``).
+    """
+    check_choice("method", method, METHODS)
+    check_choice("on_failure", on_failure, ("raise", "skip"))
+    if not isinstance(model, EquilibriumModule):
+        raise TypeError(f"model must be an EquilibriumModule; got {type(model).__name__}")
+    check_method_supported(model, method)
+    dtype = z0.dtype if isinstance(z0, torch.Tensor) else torch.get_default_dtype()
+    explicit = dict(
+        beta=beta,
+        points=points,
+        anchor=anchor,
+        correction=correction,
+        steps=steps,
+        step_size=step_size,
+        tol=tol,
+        tol_adjoint=tol_adjoint,
+        max_steps=max_steps,
+        max_steps_adjoint=max_steps_adjoint,
+        check_every=check_every,
+        anderson=anderson,
+        adjoint_solver=adjoint_solver,
+        gmres_restart=gmres_restart,
+        freeze=freeze,
+        divergence_factor=divergence_factor,
+        stall_checks=stall_checks,
+    )
+    resolve_settings(method, model.solver_defaults, dtype, **explicit)  # fail before any work
+    problem = prepare(
+        model, x, y, noise=noise, generator=generator, z0=z0, complex_check=method == "holomorphic"
+    )
+    s = resolve_settings(method, model.solver_defaults, problem.z0.dtype, **explicit)
+    try:
+        if method == "bptt":
+            state, grads, loss, stats = bptt_gradients(problem, s, z0 is not None)
+            a = None
+        else:
+            state, a, stats = _ADJOINTS[method](problem, s)
+            grads, loss = assemble(problem, state, a)
+        if not _finite(grads) or not bool(torch.isfinite(loss)):  # sync-ok: once per estimate
+            raise DivergenceError(
+                f"method={method!r} produced non-finite gradients or loss",
+                phase="gradient",
+                step=-1,
+                samples=[],
+            )
+    except DivergenceError as error:
+        if on_failure == "raise":
+            raise
+        zeros = {n: torch.zeros_like(p) for n, p in model.named_parameters() if p.requires_grad}
+        return GradientEstimate(
+            method=method,
+            grads=zeros,
+            adjoint=None,
+            state=None,
+            loss=None,
+            stats={},
+            settings=s.as_dict(),
+            noise=problem.noise,
+            skipped=True,
+            reason=str(error),
+        )
+    return GradientEstimate(
+        method=method,
+        grads=grads,
+        adjoint=a,
+        state=state,
+        loss=loss,
+        stats=stats,
+        settings=s.as_dict(),
+        noise=problem.noise,
+    )

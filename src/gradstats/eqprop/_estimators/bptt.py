@@ -1,0 +1,72 @@
+"""``bptt``: autograd through exactly ``steps`` unrolled relaxation steps (the finite-T objective).
+
+z₀ = init_state(x_in), z_{t+1} = z_t + ε F(z_t), g = dL(z_T)/dθ by backpropagation through all T
+steps (memory linear in T). No early stopping and no freezing: it defines the objective of a
+model evaluated with exactly T steps.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from gradstats.eqprop._autodiff import per_sample_norm
+from gradstats.eqprop._module import trainable
+from gradstats.eqprop._problem import Problem, free_residual
+from gradstats.eqprop._settings import Settings
+from gradstats.eqprop._stats import DivergenceError, SolveStats
+
+__all__ = ["bptt_gradients"]
+
+
+def bptt_gradients(
+    problem: Problem, s: Settings, z0_given: bool
+) -> tuple[torch.Tensor, dict[str, torch.Tensor], torch.Tensor, dict[str, SolveStats]]:
+    """Return ``(z_T, grads, loss, stats)``."""
+    model = problem.model
+    names, params = trainable(model)
+    trace, trace_steps = [], []
+    with torch.enable_grad():
+        x_in = model.inject(problem.x)
+        z = problem.z0 if z0_given else model.init_state(x_in)
+        abs0 = None
+        for t in range(s.steps):
+            f = problem.force_with_input(z, x_in)
+            if t % s.check_every == 0:
+                res_abs = per_sample_norm(f.detach())
+                trace.append(res_abs / per_sample_norm(z.detach()).clamp_min(1e-30))
+                trace_steps.append(t)
+                abs0 = res_abs if abs0 is None else abs0
+                bad = ~torch.isfinite(res_abs) | (res_abs > s.divergence_factor * abs0)
+                if bool(bad.any()):  # sync-ok: one read per check, as in the other phases
+                    raise DivergenceError(
+                        f"bptt unroll diverged at step {t} (non-finite or growing residual); "
+                        "reduce step_size",
+                        phase="bptt",
+                        step=t,
+                        samples=torch.nonzero(bad).flatten()[:8].tolist(),  # sync-ok
+                    )
+            z = z + s.step_size * f
+        loss = model.loss(z, problem.y)
+        grads = torch.autograd.grad(loss, params, allow_unused=True)
+    z = z.detach()
+    final = free_residual(problem, z)
+    trace.append(final)
+    trace_steps.append(s.steps)
+    batch = z.shape[0]
+    stats = SolveStats(
+        phase="bptt",
+        kind="free",
+        steps=torch.full((batch,), s.steps, dtype=torch.int64, device=z.device),
+        converged=final <= s.tol,
+        final_residual=final,
+        trace=torch.stack(trace),
+        trace_steps=tuple(trace_steps),
+        tol=s.tol,
+        max_steps=s.steps,
+        diverged=torch.zeros(batch, dtype=torch.bool, device=z.device),
+    )
+    out = {
+        n: torch.zeros_like(p) if g is None else g
+        for n, p, g in zip(names, params, grads, strict=True)
+    }
+    return z, out, loss.detach(), {"bptt": stats}

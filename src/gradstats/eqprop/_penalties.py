@@ -1,0 +1,126 @@
+"""Stabilising penalties on the *active* force, scaled from the pure task gradient.
+
+Each penalty is evaluated with ``model.force`` — whatever dynamics the model currently runs —
+at the estimate's own state, with the estimate's own input injection and noise realisation:
+
+* ``residual``: ½ mean_b ‖F(z_b)‖² (free-residual penalty);
+* ``jacobian``: ½ mean_b E_v ‖J_b v‖² = ½ mean_b ‖J_b‖²_F (Hutchinson, v ~ N(0, I));
+* ``asymmetry``: ½ mean_b E_v ‖(J_b − J_bᵀ)v‖² = ½ mean_b ‖J_b − J_bᵀ‖²_F (Jacobian homeostasis,
+  Laborieux & Zenke 2024).
+
+With ``relative=True`` a penalty of weight w is scaled to s = w·‖g_task‖/‖g_pen‖ (global norms),
+where g_task is the *pure* task gradient (``estimate.task_grads`` if penalties were already
+added) — never a total that already contains other penalties.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Mapping
+
+import torch
+
+from gradstats._validation import check_choice, check_positive_int
+from gradstats.eqprop._autodiff import Linearization
+from gradstats.eqprop._module import EquilibriumModule, trainable
+from gradstats.eqprop._stats import GradientEstimate
+
+__all__ = ["PENALTIES", "add_penalties", "penalty_value"]
+
+PENALTIES = ("residual", "jacobian", "asymmetry")
+
+
+def penalty_value(
+    model: EquilibriumModule,
+    x: torch.Tensor,
+    z: torch.Tensor,
+    kind: str,
+    *,
+    noise=None,
+    probes: int = 1,
+    generator: torch.Generator | None = None,
+) -> torch.Tensor:
+    """The penalty ``kind`` at state ``z`` (differentiable w.r.t. the model's parameters)."""
+    check_choice("kind", kind, PENALTIES)
+    check_positive_int("probes", probes)
+    z = z.detach()
+    with torch.enable_grad():
+        x_in = model.inject(x)
+
+        def force(state):
+            if noise is None:
+                return model.force(state, x_in)
+            return model.force(state, x_in, noise=noise)
+
+        batch = z.shape[0]
+        if kind == "residual":
+            f = force(z)
+            return 0.5 * (f * f).sum() / batch
+        lin = Linearization(force, z, model.jvp_mode, create_graph=True)
+        total = z.new_zeros(())
+        for _ in range(probes):
+            v = torch.randn(z.shape, generator=generator, dtype=z.dtype, device=z.device)
+            w = lin.jvp(v) if kind == "jacobian" else lin.antisymmetric(v)
+            total = total + (w * w).sum()
+        return 0.5 * total / (batch * probes)
+
+
+def _global_norm(grads: Mapping[str, torch.Tensor]) -> torch.Tensor:
+    return torch.linalg.vector_norm(torch.stack([g.norm() for g in grads.values()]))
+
+
+def add_penalties(
+    estimate: GradientEstimate,
+    model: EquilibriumModule,
+    x: torch.Tensor,
+    weights: Mapping[str, float],
+    *,
+    relative: bool = True,
+    probes: int = 1,
+    generator: torch.Generator | None = None,
+) -> GradientEstimate:
+    """A copy of ``estimate`` whose ``grads`` include the weighted penalties.
+
+    Args:
+        estimate: from ``estimate_gradient(model, x, ...)`` (its state and noise are used).
+        model, x: the same model and input.
+        weights: ``{penalty: weight}``, penalties from :data:`PENALTIES`.
+        relative: scale each penalty to ``weight · ‖g_task‖/‖g_pen‖``; else by ``weight``.
+        probes: Hutchinson vectors for ``jacobian``/``asymmetry``.
+        generator: for the Hutchinson vectors.
+
+    Returns:
+        The new estimate (``task_grads`` keeps the pure task gradient; ``penalties`` records
+        each value and scale). A skipped estimate is returned unchanged.
+    """
+    for name, weight in weights.items():
+        check_choice("penalty", name, PENALTIES)
+        if isinstance(weight, bool) or not isinstance(weight, (int, float)) or weight < 0:
+            raise ValueError(f"weights[{name!r}] must be a float >= 0; got {weight!r}")
+        if name in estimate.penalties:
+            raise ValueError(f"penalty {name!r} was already added to this estimate")
+    if estimate.skipped:
+        return estimate
+    task = estimate.task_grads if estimate.task_grads is not None else estimate.grads
+    task_norm = _global_norm(task)
+    names, params = trainable(model)
+    total = {n: g.clone() for n, g in estimate.grads.items()}
+    record = dict(estimate.penalties)
+    for name, weight in weights.items():
+        value = penalty_value(
+            model, x, estimate.state, name, noise=estimate.noise, probes=probes, generator=generator
+        )
+        grads = torch.autograd.grad(value, params, allow_unused=True)
+        grads = {
+            n: torch.zeros_like(p) if g is None else g
+            for n, p, g in zip(names, params, grads, strict=True)
+        }
+        if relative:
+            norm = _global_norm(grads)
+            scale = weight * task_norm / norm.clamp_min(torch.finfo(norm.dtype).tiny)
+        else:
+            scale = torch.as_tensor(float(weight), dtype=task_norm.dtype)
+        for n in total:
+            total[n] = total[n] + scale * grads[n]
+        record[name] = {"value": value.detach(), "scale": scale.detach()}
+    return dataclasses.replace(estimate, grads=total, task_grads=dict(task), penalties=record)

@@ -1,0 +1,181 @@
+"""Settings of a solve or an estimate: one place for defaults, one resolution order.
+
+Resolution: an explicit argument > the model's ``solver_defaults`` > the library defaults below.
+Tolerances default by dtype (a float32 state cannot reach a float64 tolerance). Every value is
+validated before anything runs; errors name the argument and the valid values.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+import torch
+
+from gradstats._validation import check_choice, check_positive_int
+from gradstats.eqprop._module import METHODS
+
+__all__ = ["LIBRARY_DEFAULTS", "SETTING_KEYS", "Settings", "resolve_settings"]
+
+#: Library defaults; ``tol`` and ``tol_adjoint`` are per dtype, ``beta`` per method.
+LIBRARY_DEFAULTS: dict[str, object] = {
+    "step_size": 0.5,
+    "tol": {torch.float64: 1e-9, torch.float32: 1e-5, "other": 1e-3},
+    "tol_adjoint": {torch.float64: 1e-8, torch.float32: 1e-4, "other": 1e-2},
+    "max_steps": 1000,
+    "max_steps_adjoint": 1000,
+    "check_every": 10,
+    "anderson": 0,
+    "adjoint_solver": "richardson",
+    "gmres_restart": 20,
+    "freeze": True,
+    "divergence_factor": 1e6,
+    "stall_checks": 20,
+    "beta": {"ep": 0.01, "ep_symmetric": 0.05, "aep": 0.05, "holomorphic": 0.1},
+    "points": 4,
+    "anchor": "tracking",
+    "correction": True,
+    "steps": None,  # None: the same as max_steps
+}
+SETTING_KEYS = tuple(LIBRARY_DEFAULTS)
+_NUDGED = ("ep", "ep_symmetric", "aep", "holomorphic")
+#: Settings that only some methods use: passing one explicitly to another method is an error.
+_APPLIES_TO = {
+    "beta": _NUDGED,
+    "points": ("holomorphic",),
+    "anchor": ("aep", "holomorphic"),
+    "correction": ("holomorphic",),
+    "steps": ("bptt",),
+}
+
+
+@dataclass(frozen=True)
+class Settings:
+    """Resolved settings of one estimate (see :func:`~gradstats.eqprop.estimate_gradient`)."""
+
+    method: str
+    step_size: float
+    tol: float
+    tol_adjoint: float
+    max_steps: int
+    max_steps_adjoint: int
+    check_every: int
+    anderson: int
+    adjoint_solver: str
+    gmres_restart: int
+    freeze: bool
+    divergence_factor: float
+    stall_checks: int
+    beta: float | None
+    points: int | None
+    anchor: str | None
+    correction: bool | None
+    steps: int | None
+
+    def as_dict(self) -> dict[str, object]:
+        """The settings as a plain dict (JSON-ready)."""
+        return dataclasses.asdict(self)
+
+
+def _positive_float(name: str, value: object, *, allow_zero: bool = False) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TypeError(f"{name} must be a float; got {type(value).__name__}")
+    value = float(value)
+    bad = math.isnan(value) or math.isinf(value) or value < 0 or (value == 0 and not allow_zero)
+    if bad:
+        bound = ">= 0" if allow_zero else "> 0"
+        raise ValueError(f"{name} must be a finite float {bound}; got {value!r}")
+    return value
+
+
+def _by_dtype(table: Mapping, dtype: torch.dtype) -> float:
+    real = torch.empty((), dtype=dtype).real.dtype if dtype.is_complex else dtype
+    return table.get(real, table["other"])
+
+
+def _check_defaults(source: str, values: Mapping[str, object]) -> None:
+    unknown = sorted(set(values) - set(SETTING_KEYS))
+    if unknown:
+        raise ValueError(
+            f"{source} has unknown setting(s) {unknown}; valid: {', '.join(SETTING_KEYS)}"
+        )
+
+
+def resolve_settings(
+    method: str, model_defaults: Mapping[str, object], dtype: torch.dtype, **explicit: object
+) -> Settings:
+    """Resolve and validate the settings of ``method`` (explicit > model > library).
+
+    ``explicit`` holds the caller's arguments; ``None`` means "not given".
+    """
+    check_choice("method", method, METHODS)
+    _check_defaults("the model's solver_defaults", model_defaults)
+    _check_defaults("estimate_gradient", explicit)
+    given = {k: v for k, v in explicit.items() if v is not None}
+    for key, methods in _APPLIES_TO.items():
+        if key in given and method not in methods:
+            raise ValueError(
+                f"{key} does not apply to method={method!r}; it is used by "
+                f"{', '.join(repr(m) for m in methods)}"
+            )
+    merged: dict[str, object] = {**LIBRARY_DEFAULTS, **model_defaults, **given}
+    for key in ("tol", "tol_adjoint"):
+        if isinstance(merged[key], Mapping):
+            merged[key] = _by_dtype(merged[key], dtype)
+    if isinstance(merged["beta"], Mapping):
+        merged["beta"] = merged["beta"].get(method) if method in _NUDGED else None
+    step_size = _positive_float("step_size", merged["step_size"])
+    tol = _positive_float("tol", merged["tol"], allow_zero=True)
+    tol_adjoint = _positive_float("tol_adjoint", merged["tol_adjoint"], allow_zero=True)
+    max_steps = check_positive_int("max_steps", merged["max_steps"])
+    max_adj = check_positive_int("max_steps_adjoint", merged["max_steps_adjoint"])
+    check_every = check_positive_int("check_every", merged["check_every"])
+    anderson = check_positive_int("anderson", merged["anderson"], minimum=0)
+    adjoint_solver = check_choice(
+        "adjoint_solver", merged["adjoint_solver"], ("richardson", "gmres")
+    )
+    restart = check_positive_int("gmres_restart", merged["gmres_restart"])
+    if not isinstance(merged["freeze"], bool):
+        raise TypeError(f"freeze must be a bool; got {type(merged['freeze']).__name__}")
+    divergence = _positive_float("divergence_factor", merged["divergence_factor"])
+    if divergence <= 1:
+        raise ValueError(f"divergence_factor must be > 1; got {divergence}")
+    stall_checks = check_positive_int("stall_checks", merged["stall_checks"], minimum=0)
+    beta = points = anchor = correction = steps = None
+    if method in _NUDGED:
+        name = "beta (the radius r for method='holomorphic')" if method == "holomorphic" else "beta"
+        beta = _positive_float(name, merged["beta"])
+    if method == "holomorphic":
+        points = check_positive_int("points", merged["points"], minimum=2)
+        correction = merged["correction"]
+        if not isinstance(correction, bool):
+            raise TypeError(f"correction must be a bool; got {type(correction).__name__}")
+    if method == "aep" or (method == "holomorphic" and correction):
+        anchor = check_choice("anchor", merged["anchor"], ("fixed", "tracking"))
+    elif method == "holomorphic" and "anchor" in given:
+        raise ValueError("anchor applies only with correction=True (the AEP correction)")
+    if method == "bptt":
+        steps = merged["steps"]
+        steps = max_steps if steps is None else check_positive_int("steps", steps)
+    return Settings(
+        method=method,
+        step_size=step_size,
+        tol=tol,
+        tol_adjoint=tol_adjoint,
+        max_steps=max_steps,
+        max_steps_adjoint=max_adj,
+        check_every=check_every,
+        anderson=anderson,
+        adjoint_solver=adjoint_solver,
+        gmres_restart=restart,
+        freeze=merged["freeze"],
+        divergence_factor=divergence,
+        stall_checks=stall_checks,
+        beta=beta,
+        points=points,
+        anchor=anchor,
+        correction=correction,
+        steps=steps,
+    )

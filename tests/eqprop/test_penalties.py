@@ -1,0 +1,117 @@
+"""Penalties act on the active force, with the estimate's noise, scaled from the pure task norm."""
+
+import pytest
+import torch
+
+from gradstats.eqprop import add_penalties, estimate_gradient, penalty_value
+from gradstats.eqprop.models import TanhModel
+from gradstats.testing import dense_jacobian
+
+from ._cases import NoisyTanh, gen, hopfield_case, tanh_case
+
+
+class TwoModes(TanhModel):
+    """``mode`` switches the dynamics, as the transformer's thick/real/energy modes do."""
+
+    def __init__(self, base, mode):
+        super().__init__(base.W.data, base.U.data, base.b.data, base.C.data)
+        self.mode = mode
+
+    def force(self, z, x):
+        if self.mode == "thick":
+            return super().force(z, x)
+        return -z + torch.tanh(z @ self.W.T) + x @ self.U.T + self.b
+
+
+def _grads(value, model):
+    names, params = zip(*model.named_parameters(), strict=True)
+    grads = torch.autograd.grad(value, params, allow_unused=True)
+    return {
+        n: torch.zeros_like(p) if g is None else g
+        for n, p, g in zip(names, params, grads, strict=True)
+    }
+
+
+@pytest.mark.parametrize("mode", ["thick", "real"])
+def test_residual_penalty_uses_the_active_force(mode):
+    base, x, _y = tanh_case()
+    model = TwoModes(base, mode)
+    z = 0.3 * torch.randn(5, 8, generator=gen(1))
+    ours = penalty_value(model, x, z, "residual")
+    f = model.force(z, x)
+    torch.testing.assert_close(ours, 0.5 * (f * f).sum() / 5)
+    other = TwoModes(base, "real" if mode == "thick" else "thick")
+    assert abs(float((ours - penalty_value(other, x, z, "residual")).detach())) > 1e-3
+
+
+@pytest.mark.parametrize(("kind", "exact"), [("jacobian", "frobenius"), ("asymmetry", "antisym")])
+def test_hutchinson_penalties_converge_to_the_dense_value(kind, exact):
+    base, x, _ = tanh_case()
+    z = 0.3 * torch.randn(5, 8, generator=gen(2))
+    jac = dense_jacobian(lambda t: base.force(t, x), z)
+    mat = jac if exact == "frobenius" else jac - jac.T
+    truth = 0.5 * (mat * mat).sum() / 5
+    errors = []
+    for probes in (4, 64, 1024):
+        value = penalty_value(base, x, z, kind, probes=probes, generator=gen(probes))
+        errors.append(abs(float(value.detach() - truth)) / float(truth))
+    assert errors[-1] < 0.1
+    assert errors[-1] < errors[0]
+
+
+def test_asymmetry_penalty_is_differentiable_and_vanishes_for_an_energy_model():
+    base, x, _ = tanh_case()
+    hopfield, hx, _ = hopfield_case()
+    z = 0.3 * torch.randn(5, 8, generator=gen(3))
+    value = penalty_value(hopfield, hx, z, "asymmetry", probes=4, generator=gen(0))
+    assert float(value.detach()) < 1e-25
+    grads = _grads(penalty_value(base, x, z, "asymmetry", probes=4, generator=gen(0)), base)
+    assert grads["W"].norm() > 0
+
+
+def test_penalties_use_the_estimates_noise():
+    base, x, y = tanh_case()
+    model = NoisyTanh(base, sigma=0.5)
+    est = estimate_gradient(model, x, y, "aep", generator=gen(4))
+    total = add_penalties(est, model, x, {"residual": 1.0}, relative=False)
+    f = model.force(est.state, x, noise=est.noise)
+    expected = _grads(0.5 * (f * f).sum() / 5, model)
+    for name, grad in total.grads.items():
+        torch.testing.assert_close(grad, est.grads[name] + expected[name])
+
+
+def test_relative_scale_comes_from_the_pure_task_gradient():
+    model, x, y = tanh_case()
+    est = estimate_gradient(model, x, y, "aep")
+    joint = add_penalties(est, model, x, {"residual": 0.1, "asymmetry": 0.2}, generator=gen(5))
+    chained = add_penalties(
+        add_penalties(est, model, x, {"residual": 0.1}),
+        model,
+        x,
+        {"asymmetry": 0.2},
+        generator=gen(5),
+    )
+    task = torch.cat([g.reshape(-1) for g in est.grads.values()]).norm()
+    for name in ("residual", "asymmetry"):
+        torch.testing.assert_close(joint.penalties[name]["scale"], chained.penalties[name]["scale"])
+    for name, grad in joint.grads.items():
+        torch.testing.assert_close(grad, chained.grads[name])
+    assert joint.task_grads is not None
+    for name, grad in est.grads.items():
+        torch.testing.assert_close(joint.task_grads[name], grad, rtol=0, atol=0)
+    # a relative weight w puts the penalty gradient's norm at w‖g_task‖
+    residual_only = add_penalties(est, model, x, {"residual": 0.1})
+    delta = torch.cat([(residual_only.grads[n] - est.grads[n]).reshape(-1) for n in est.grads])
+    torch.testing.assert_close(delta.norm(), 0.1 * task)
+
+
+def test_bad_penalty_arguments():
+    model, x, y = tanh_case()
+    est = estimate_gradient(model, x, y, "aep")
+    with pytest.raises(ValueError, match="penalty must be one of"):
+        add_penalties(est, model, x, {"jacobian_norm": 0.1})
+    with pytest.raises(ValueError, match="must be a float >= 0"):
+        add_penalties(est, model, x, {"residual": -1.0})
+    once = add_penalties(est, model, x, {"residual": 0.1})
+    with pytest.raises(ValueError, match="already added"):
+        add_penalties(once, model, x, {"residual": 0.1})
