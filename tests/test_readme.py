@@ -23,3 +23,17 @@ def test_quickstart_has_exactly_two_commands_demo_then_tests():
 def test_ci_runs_the_readme_test_command_verbatim():
     ci_lines = [line.strip() for line in (ROOT / ".ci" / "run").read_text().splitlines()]
     assert _quickstart_commands()[1] in ci_lines
+
+
+def _python_blocks() -> list[str]:
+    readme = (ROOT / "README.md").read_text()
+    return re.findall(r"```python\n(.*?)```", readme, re.S)
+
+
+def test_readme_python_examples_run(tmp_path, monkeypatch):
+    """Every ```python block in the README runs as written (in a scratch folder)."""
+    monkeypatch.chdir(tmp_path)
+    blocks = _python_blocks()
+    assert blocks
+    for block in blocks:
+        exec(compile(block, "README.md", "exec"), {"__name__": "__readme__"})

@@ -12,7 +12,9 @@ pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a C
 @pytest.mark.parametrize("aggregate", ["global", "tensor"])
 def test_hot_path_never_syncs(statistic, aggregate):
     torch.manual_seed(0)
-    model = torch.nn.Sequential(torch.nn.Linear(16, 32), torch.nn.ReLU(), torch.nn.Linear(32, 4)).cuda()
+    model = torch.nn.Sequential(
+        torch.nn.Linear(16, 32), torch.nn.ReLU(), torch.nn.Linear(32, 4)
+    ).cuda()
     vgs = VarianceGradientScaler(
         model.named_parameters(), statistic=statistic, aggregate=aggregate, log_every=10**6,
         max_nonfinite_steps=None, batch_size=8,
