@@ -23,14 +23,14 @@ from __future__ import annotations
 import torch
 
 from gradstats.moments import ema_reliability, ema_step_size
-from gradstats.scaling._temporal import Totals
+from gradstats.scaling._state import ScalarTensorState, Totals, reliability_corrected
 
 __all__ = ["DIAGNOSTICS", "DiagnosticState"]
 
 DIAGNOSTICS = ("tensor_mean", "mixed", "spatial")
 
 
-class DiagnosticState:
+class DiagnosticState(ScalarTensorState):
     """Scalar-per-tensor state shared by the three diagnostics (all vectors on one device)."""
 
     min_count = 2
@@ -68,8 +68,7 @@ class DiagnosticState:
 
     def totals(self) -> Totals:
         rho = ema_reliability(self.beta, self.count)
-        valid = self.count >= self.min_count
-        mu_unbiased = torch.where(valid, self.mu_var / torch.where(valid, 1.0 - rho, 1.0), 0.0)
+        mu_unbiased = reliability_corrected(self.mu_var, rho, self.count, self.min_count)
         value = {
             "tensor_mean": self.mu_var,
             "spatial": self.spatial,
@@ -84,14 +83,3 @@ class DiagnosticState:
             signal_raw=signal_raw,
             reliability=rho,
         )
-
-    def tensor_state(self, j: int) -> dict[str, torch.Tensor]:
-        return {key: getattr(self, key)[j].clone() for key in self._KEYS}
-
-    def load_tensor_state(self, j: int, state: dict[str, torch.Tensor]) -> None:
-        for key in self._KEYS:
-            getattr(self, key)[j] = state[key]
-
-    @classmethod
-    def state_keys(cls, foreach: bool) -> tuple[str, ...]:
-        return cls._KEYS

@@ -27,7 +27,7 @@ import torch
 
 from gradstats.moments import ema_reliability, ema_step_size
 from gradstats.moments._distributed import all_reduce_sum_
-from gradstats.scaling._temporal import Totals
+from gradstats.scaling._state import ScalarTensorState, Totals
 
 __all__ = ["SamePointState", "two_batch_estimates"]
 
@@ -41,7 +41,7 @@ def two_batch_estimates(
     return (small_sq - big_sq) / denom, (passes * big_sq - small_sq) / denom
 
 
-class SamePointState:
+class SamePointState(ScalarTensorState):
     """Scalar-per-tensor state of the same-point statistic for the tensors of one device."""
 
     statistic = "same_point"
@@ -102,14 +102,3 @@ class SamePointState:
             signal_raw=self.signal_ema,
             reliability=ema_reliability(self.beta, self.count),
         )
-
-    def tensor_state(self, j: int) -> dict[str, torch.Tensor]:
-        return {key: getattr(self, key)[j].clone() for key in self._KEYS}
-
-    def load_tensor_state(self, j: int, state: dict[str, torch.Tensor]) -> None:
-        for key in self._KEYS:
-            getattr(self, key)[j] = state[key]
-
-    @classmethod
-    def state_keys(cls, foreach: bool) -> tuple[str, ...]:
-        return cls._KEYS

@@ -31,17 +31,6 @@ from gradstats.scaling._temporal import TemporalState
 __all__ = ["VarianceGradientScaler"]
 
 _D = ScalerConfig()
-_ADAPTIVE = (
-    "Adam",
-    "AdamW",
-    "Adamax",
-    "NAdam",
-    "RAdam",
-    "Adagrad",
-    "Adadelta",
-    "RMSprop",
-    "Adafactor",
-)
 
 
 class VarianceGradientScaler:

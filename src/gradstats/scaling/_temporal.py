@@ -28,12 +28,9 @@ import torch
 
 from gradstats.moments import ema_reliability, ema_step_size, ema_update
 from gradstats.scaling._kernels import Scratch, nan_safe_lerp_, state_dtype
+from gradstats.scaling._state import Totals, reliability_corrected
 
-__all__ = ["TemporalState", "Totals"]
-
-
-class Totals(dict):
-    """Per-tensor vectors read from a statistic: ``noise``, ``signal``, ``count`` and extras."""
+__all__ = ["TemporalState"]
 
 
 class TemporalState:
@@ -86,8 +83,7 @@ class TemporalState:
         else:
             mean_sq = self._sum([m.double().square() for m in self.mean])
             population = self._sum([v.double() for v in self.var])
-        valid = self.count >= self.min_count
-        unbiased = torch.where(valid, population / torch.where(valid, 1.0 - rho, 1.0), 0.0)
+        unbiased = reliability_corrected(population, rho, self.count, self.min_count)
         return Totals(
             noise=unbiased,
             signal=mean_sq - rho * unbiased,
