@@ -45,7 +45,13 @@ class DiagnosticState(ScalarTensorState):
         self.mu_mean, self.mu_var, self.spatial = zeros, zeros.clone(), zeros.clone()
 
     def update(
-        self, grads: list[torch.Tensor | None], sq_norms: torch.Tensor, take: torch.Tensor
+        self,
+        grads: list[torch.Tensor | None],
+        sq_norms: torch.Tensor,
+        take: torch.Tensor,
+        *,
+        grad_inv: torch.Tensor | None = None,
+        hook_inv: torch.Tensor | None = None,
     ) -> None:
         take = take & (self.numel > 0)
         self.count = self.count + take.to(torch.int64)
@@ -59,6 +65,9 @@ class DiagnosticState(ScalarTensorState):
                 for g in grads
             ]
         )  # per tensor: (Var_i g, mean_i g), two-pass
+        if grad_inv is not None:  # .grad still carries an AMP loss scale S
+            inv = grad_inv.to(device=moments.device, dtype=torch.float64)
+            moments = moments * torch.stack([inv.square(), inv])
         mu = torch.where(take, moments[:, 1], self.mu_mean)  # NaN never enters
         spread = torch.where(take, moments[:, 0], self.spatial)
         delta = mu - self.mu_mean

@@ -63,16 +63,20 @@ def nan_safe_lerp_(
     targets: list[torch.Tensor],
     weights: torch.Tensor,
     scratch: Scratch,
+    multiplier: torch.Tensor | None = None,
 ) -> None:
-    """m_j ← m_j + w_j (t_j − m_j) for every j, in place; w_j = 0 leaves m_j bitwise unchanged.
+    """m_j ← m_j + w_j (s·t_j − m_j) for every j, in place; w_j = 0 leaves m_j bitwise unchanged.
 
     A skipped update has w_j = 0, but 0 · NaN is NaN: so each target passes through
     ``nan_to_num`` into a reused scratch buffer first (one read and one write, no allocation),
-    and a non-finite target can never reach the state.
+    and a non-finite target can never reach the state. ``multiplier`` s (a device scalar, e.g.
+    1/loss-scale) is applied on the way.
     """
     for mean, target, weight in zip(means, targets, weights.unbind(), strict=True):
         clean = scratch.view(target, mean.dtype)
-        if target.dtype == mean.dtype:
+        if multiplier is not None:
+            torch.mul(target, multiplier.to(mean.dtype), out=clean).nan_to_num_(0.0, 0.0, 0.0)
+        elif target.dtype == mean.dtype:
             torch.nan_to_num(target, 0.0, 0.0, 0.0, out=clean)
         else:
             clean.copy_(target).nan_to_num_(0.0, 0.0, 0.0)

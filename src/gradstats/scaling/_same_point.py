@@ -73,12 +73,15 @@ class SamePointState(ScalarTensorState):
         grads: list[torch.Tensor | None],
         sq_norms: torch.Tensor,
         take: torch.Tensor,
-        inv_scale_sq: torch.Tensor | None = None,
+        *,
+        grad_inv: torch.Tensor | None = None,
+        hook_inv: torch.Tensor | None = None,
     ) -> None:
+        """``sq_norms``: unscaled ‖.grad‖²; ``hook_inv``: 1/S if the hooks saw scaled gradients."""
         sums, local = self._sums, self._passes
         self._sums, self._passes = torch.zeros_like(sums), torch.zeros_like(local)
-        if inv_scale_sq is not None:
-            sums = sums * inv_scale_sq.to(device=sums.device, dtype=torch.float64)
+        if hook_inv is not None:
+            sums = sums * hook_inv.to(device=sums.device, dtype=torch.float64).square()
         total_sums, passes = sums, local
         if self.distributed:
             total_sums, passes = all_reduce_sum_([sums, local], self.group)

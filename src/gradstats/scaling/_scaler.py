@@ -280,17 +280,23 @@ class VarianceGradientScaler:
         self,
         *,
         grad_scaler: torch.amp.GradScaler | None = None,
+        scaled: bool = False,
         skip: torch.Tensor | bool | None = None,
     ) -> None:
         """Read the current gradients and update the statistics and the factor (no host sync).
 
         Args:
-            grad_scaler: the AMP ``GradScaler`` whose ``unscale_`` already ran on these
-                gradients (same-point hooks saw scaled gradients and are corrected by it).
+            grad_scaler: the AMP ``GradScaler`` of this step. Same-point hooks saw gradients
+                multiplied by its scale S and are divided by it.
+            scaled: ``.grad`` still carries the loss scale S (``unscale_`` has not run yet);
+                every observation is then divided by S on the device. Needs ``grad_scaler``.
             skip: a bool (or 0-dim bool tensor) that turns this update into a no-op.
         """
         if not self.enabled:
             return
+        amp = grad_scaler is not None and grad_scaler.is_enabled()
+        if scaled and grad_scaler is None:
+            raise ValueError("scaled=True needs the grad_scaler whose scale the gradients carry")
         config = self.config
         blocks = []
         finite = torch.ones((), dtype=torch.bool, device=self._home)
@@ -311,17 +317,15 @@ class VarianceGradientScaler:
             apply = apply & torch.full((), not skip, dtype=torch.bool, device=self._home)
         elif skip is not None:
             apply = apply & ~skip.to(device=self._home, dtype=torch.bool)
-        inv_scale_sq = None
-        if grad_scaler is not None and grad_scaler.is_enabled():
-            inv_scale_sq = grad_scaler._scale.double().reciprocal().square()
+        hook_inv = grad_scaler._scale.double().reciprocal() if amp else None
+        grad_inv = hook_inv if scaled and amp else None
         for (grads, sq, mask), state, device in zip(
             blocks, self._states, self.layout.devices, strict=True
         ):
             take = mask & apply.to(device)
-            if config.statistic == "same_point":
-                state.update(grads, sq, take, inv_scale_sq)
-            else:
-                state.update(grads, sq, take)
+            if grad_inv is not None:
+                sq = sq * grad_inv.to(device).square()
+            state.update(grads, sq, take, grad_inv=grad_inv, hook_inv=hook_inv)
         self._present = torch.cat([mask.to(self._home) for _, _, mask in blocks])
         self._nonfinite = self._nonfinite + (~finite).to(torch.int64)
         self._consecutive = torch.where(finite, 0, self._consecutive + 1)
@@ -386,6 +390,7 @@ class VarianceGradientScaler:
         self,
         *,
         grad_scaler: torch.amp.GradScaler | None = None,
+        scaled: bool = False,
         skip: torch.Tensor | bool | None = None,
     ) -> None:
         """Update the statistics if new gradients arrived since they were last read.
@@ -395,7 +400,7 @@ class VarianceGradientScaler:
         nothing. A no-op when ``enabled`` is False.
         """
         if self.enabled and self._token() != self._read_token:
-            self.update_statistics(grad_scaler=grad_scaler, skip=skip)
+            self.update_statistics(grad_scaler=grad_scaler, scaled=scaled, skip=skip)
 
     # --------------------------------------------------------------- applying
     def scale_gradients(self) -> None:

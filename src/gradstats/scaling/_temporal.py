@@ -52,9 +52,19 @@ class TemporalState:
             self.var = [torch.zeros_like(m) for m in self.mean]
 
     def update(
-        self, grads: list[torch.Tensor | None], sq_norms: torch.Tensor, take: torch.Tensor
+        self,
+        grads: list[torch.Tensor | None],
+        sq_norms: torch.Tensor,
+        take: torch.Tensor,
+        *,
+        grad_inv: torch.Tensor | None = None,
+        hook_inv: torch.Tensor | None = None,
     ) -> None:
-        """One step. ``take[j]``: tensor j has a gradient and the step is applied."""
+        """One step. ``take[j]``: tensor j has a gradient and the step is applied.
+
+        ``sq_norms`` are already unscaled; ``grad_inv`` is 1/S when ``.grad`` still carries an
+        AMP loss scale S (``hook_inv`` is for same-point hooks and unused here).
+        """
         self.count = self.count + take.to(torch.int64)
         step = torch.where(take, ema_step_size(self.beta, self.count), 0.0)
         present = [j for j, g in enumerate(grads) if g is not None]
@@ -68,10 +78,14 @@ class TemporalState:
                 [grads[j] for j in present],
                 step[present],
                 self._scratch,
+                grad_inv,
             )
             return
         for j in present:
-            clean = torch.nan_to_num(grads[j].to(self.mean[j].dtype), 0.0, 0.0, 0.0)
+            grad = grads[j].to(self.mean[j].dtype)
+            if grad_inv is not None:
+                grad = grad * grad_inv.to(grad.dtype)
+            clean = torch.nan_to_num(grad, 0.0, 0.0, 0.0)
             self.mean[j], self.var[j] = ema_update(self.mean[j], self.var[j], clean, step[j])
 
     def totals(self) -> Totals:
