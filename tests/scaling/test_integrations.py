@@ -98,3 +98,28 @@ def test_stable_baselines3_ppo_on_cartpole(tmp_path):
     assert model.policy.optimizer.param_groups[0]["lr"] == pytest.approx(model.learning_rate)
     header = (tmp_path / "progress.csv").read_text().splitlines()[0].split(",")
     assert {"vgs/factor", "vgs/rho", "vgs/B_noise", "train/loss"} <= set(header)
+
+
+def test_attach_with_accumulation_reads_only_when_the_predicate_says_the_step_ends():
+    model, x, y = _problem()
+    opt = torch.optim.SGD(model.parameters(), lr=0.05)
+    vgs = VarianceGradientScaler(model.named_parameters(), optimizer=opt, confidence=None)
+    reference = VarianceGradientScaler(model.named_parameters(), confidence=None)
+    passes = {"n": 0}
+
+    def last_of_three():
+        passes["n"] += 1
+        return passes["n"] % 3 == 0
+
+    attach(vgs, opt, update_on_backward=last_of_three)
+    for step in range(4):
+        opt.zero_grad()
+        for part in range(3):
+            rows = slice(96 * step + 32 * part, 96 * step + 32 * (part + 1))
+            (torch.nn.functional.mse_loss(model(x[rows]), y[rows]) / 3).backward()
+        reference.step()
+        opt.step()
+    assert vgs.updates == reference.updates == 4
+    assert vgs.get_normalized_variance() == pytest.approx(
+        reference.get_normalized_variance(), rel=1e-12
+    )

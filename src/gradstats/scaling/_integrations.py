@@ -9,6 +9,7 @@
 from __future__ import annotations
 
 import functools
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
@@ -69,6 +70,8 @@ class Attachment:
     """Handles of :func:`attach`; ``remove()`` detaches the scaler from the loop."""
 
     scaler: VarianceGradientScaler
+    ends_step: Callable[[], bool] | None = None
+    step_kwargs: dict = field(default_factory=dict)
     handles: list = field(default_factory=list)
     _context: object = None
     _queued: bool = False
@@ -81,7 +84,8 @@ class Attachment:
 
 def _end_of_backward(attachment: Attachment) -> None:
     attachment._queued = False
-    attachment.scaler.step()
+    if attachment.ends_step is None or attachment.ends_step():
+        attachment.scaler.step(**attachment.step_kwargs)
 
 
 def _on_accumulate(attachment: Attachment, _tensor: torch.Tensor) -> None:
@@ -107,14 +111,21 @@ def attach(
     scaler: VarianceGradientScaler,
     optimizer: torch.optim.Optimizer,
     *,
-    update_on_backward: bool = True,
+    update_on_backward: bool | Callable[[], bool] = True,
+    grad_scaler: torch.amp.GradScaler | None = None,
+    scaled: bool = False,
 ) -> Attachment:
     """Run the scaler inside a training loop you do not control.
 
     With ``update_on_backward=True`` the statistics are read when each backward pass ends
-    (before the loop clips); use it when every ``optimizer.step()`` follows exactly one backward
-    (no gradient accumulation). Every ``optimizer.step()`` then runs with the factor applied
-    (``scaler.apply``: gradients scaled, or learning rates scaled and restored afterwards).
+    (before the loop clips); that fits loops where every ``optimizer.step()`` follows one
+    backward. With gradient accumulation pass a predicate instead, called at the end of every
+    backward, that says whether this backward completes the step (e.g. accelerate's
+    ``GradientState().sync_gradients``). ``grad_scaler``/``scaled`` are handed to
+    :meth:`VarianceGradientScaler.step` (``scaled=True``: the loop unscales only later, when it
+    clips). Every ``optimizer.step()`` then runs with the factor applied (``scaler.apply``:
+    gradients scaled, or learning rates scaled and restored afterwards). The optimizer must not
+    evaluate a closure that runs backward inside ``step()`` (use the loop's own hooks then).
 
     Example:
         >>> import torch
@@ -130,7 +141,9 @@ def attach(
         1
         >>> handle.remove()
     """
-    attachment = Attachment(scaler)
+    ends_step = update_on_backward if callable(update_on_backward) else None
+    step_kwargs = {"grad_scaler": grad_scaler, "scaled": scaled}
+    attachment = Attachment(scaler, ends_step, step_kwargs)
     if update_on_backward:
         hook = functools.partial(_on_accumulate, attachment)
         for tensor in scaler.layout.tensors:
