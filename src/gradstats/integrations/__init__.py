@@ -1,0 +1,9 @@
+"""Thin adapters that put gradstats into the training stacks people already use.
+
+* :mod:`gradstats.integrations.lightning` — PyTorch Lightning callbacks.
+* :mod:`gradstats.integrations.hf` — Hugging Face ``Trainer`` callbacks.
+* :mod:`gradstats.scaling.sb3` — stable-baselines3 (PPO, A2C).
+
+Each module imports its framework lazily: importing it without the framework installed raises an
+``ImportError`` that says what to install.
+"""

@@ -1,0 +1,96 @@
+"""PyTorch Lightning callbacks: the variance gradient scaler inside ``Trainer.fit``.
+
+Lightning runs, per optimizer step: training step and backward (``accumulate_grad_batches``
+times), AMP unscale, ``on_before_optimizer_step``, gradient clipping, then the update. The
+scaler reads its statistics in ``on_before_optimizer_step`` — raw gradients: accumulated,
+unscaled, not yet clipped — and applies the factor to the learning rates for this one update
+(``apply_to="lr"``, the default: Lightning users mostly run Adam-family optimizers). With
+``apply_to="grad"`` the gradients are scaled at that point, i.e. *before* Lightning clips them.
+
+Example::
+
+    import lightning as L
+    from gradstats.integrations.lightning import VarianceScalingCallback
+
+    callback = VarianceScalingCallback(statistic="temporal", log_every=50)
+    L.Trainer(max_steps=1000, callbacks=[callback]).fit(module, datamodule)
+    callback.scaler.statistics()["global"]
+"""
+
+from __future__ import annotations
+
+try:
+    from lightning.pytorch.callbacks import Callback
+except ImportError as error:  # pragma: no cover - exercised only without the optional dependency
+    raise ImportError(
+        "gradstats.integrations.lightning needs PyTorch Lightning (pip install lightning)"
+    ) from error
+
+import torch
+
+from gradstats.scaling import VarianceGradientScaler
+
+__all__ = ["VarianceScalingCallback"]
+
+
+class VarianceScalingCallback(Callback):
+    """Runs a :class:`~gradstats.VarianceGradientScaler` in ``Trainer.fit``.
+
+    Args:
+        apply_to: ``"lr"`` (default) or ``"grad"`` (applied before Lightning's clipping).
+        optimizer_index: which of ``trainer.optimizers`` to scale.
+        scaler_kwargs: any other :class:`VarianceGradientScaler` argument (``statistic``,
+            ``alpha``, ``beta``, ``log_every``, ...). Its ``vgs/...`` metrics are logged with
+            ``LightningModule.log_dict`` (so they reach the trainer's loggers).
+    """
+
+    def __init__(self, *, apply_to: str = "lr", optimizer_index: int = 0, **scaler_kwargs) -> None:
+        super().__init__()
+        self.scaler_kwargs = {"apply_to": apply_to, **scaler_kwargs}
+        self.optimizer_index = optimizer_index
+        self.scaler: VarianceGradientScaler | None = None
+        self._optimizer: torch.optim.Optimizer | None = None
+        self._grad_scaler = None
+        self._module = None
+        self._context = None
+
+    def _log(self, metrics: dict[str, float], step: int) -> None:
+        self._module.log_dict(metrics, on_step=True, on_epoch=False)
+
+    def on_fit_start(self, trainer, pl_module) -> None:
+        if self.optimizer_index >= len(trainer.optimizers):
+            raise ValueError(
+                f"optimizer_index={self.optimizer_index} but the trainer has "
+                f"{len(trainer.optimizers)} optimizer(s)"
+            )
+        optimizer = trainer.optimizers[self.optimizer_index]
+        self._optimizer = getattr(optimizer, "_optimizer", optimizer)  # LightningOptimizer
+        self._grad_scaler = getattr(trainer.precision_plugin, "scaler", None)
+        self._module = pl_module
+        self.scaler = VarianceGradientScaler(
+            pl_module.named_parameters(), optimizer=self._optimizer, logger=self._log,
+            **self.scaler_kwargs,
+        )  # fmt: skip
+
+    def on_before_optimizer_step(self, trainer, pl_module, optimizer) -> None:
+        if getattr(optimizer, "_optimizer", optimizer) is not self._optimizer:
+            return
+        self.scaler.step(grad_scaler=self._grad_scaler)
+        if self.scaler.config.apply_to == "grad":
+            self.scaler.scale_gradients()
+            return
+        self._context = self.scaler.apply(self._optimizer)
+        self._context.__enter__()
+
+    def _restore(self) -> None:
+        if self._context is not None:
+            context, self._context = self._context, None
+            context.__exit__(None, None, None)
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        self._restore()
+
+    def on_fit_end(self, trainer, pl_module) -> None:
+        self._restore()
+        if self.scaler is not None:
+            self.scaler.remove_hooks()

@@ -1,0 +1,42 @@
+"""The scaler inside the Hugging Face Trainer (gradient accumulation, clipping, logs)."""
+
+import pytest
+import torch
+
+transformers = pytest.importorskip("transformers")
+pytest.importorskip("accelerate")
+from gradstats.integrations.hf import VarianceScalingTrainerCallback, add_callback_first  # noqa: E402
+
+
+class _Tokens(torch.utils.data.Dataset):
+    def __init__(self, n=64, length=12, vocab=32):
+        g = torch.Generator().manual_seed(0)
+        self.ids = torch.randint(0, vocab, (n, length), generator=g)
+
+    def __len__(self):
+        return len(self.ids)
+
+    def __getitem__(self, i):
+        return {"input_ids": self.ids[i], "labels": self.ids[i]}
+
+
+def test_trainer_callback(tmp_path):
+    torch.set_default_dtype(torch.float32)
+    torch.manual_seed(0)
+    config = transformers.GPT2Config(vocab_size=32, n_positions=16, n_embd=16, n_layer=1, n_head=2)
+    model = transformers.GPT2LMHeadModel(config)
+    args = transformers.TrainingArguments(
+        output_dir=str(tmp_path), max_steps=8, per_device_train_batch_size=4,
+        gradient_accumulation_steps=2, logging_steps=2, max_grad_norm=1e-3, learning_rate=1e-3,
+        report_to=[], save_strategy="no", use_cpu=True, disable_tqdm=True,
+    )  # fmt: skip
+    trainer = transformers.Trainer(model=model, args=args, train_dataset=_Tokens())
+    callback = add_callback_first(trainer, VarianceScalingTrainerCallback(beta=0.8, log_every=2))
+    trainer.train()
+    vgs = callback.scaler
+    assert vgs.updates == 8  # the last backward of each optimizer step
+    raw = sum(vgs.state_dict()["tensors"][n]["sq_ema"].item() for n in vgs.layout.names)
+    assert raw > (1e-3) ** 2 * 10  # read before the Trainer clipped to norm 1e-3
+    assert vgs.statistics()["global"].count == 8
+    logged = [entry for entry in trainer.state.log_history if "vgs/factor" in entry]
+    assert logged
