@@ -2,7 +2,8 @@
 """Set up the project's virtual environment once, then run the demo or the tests in it.
 
     python3 scripts/dev.py demo [ARGS...]   gradstats (pinned torch) -> `gradstats demo ARGS`
-    python3 scripts/dev.py test [ARGS...]   + test tools, HF, RL, Lightning, peers -> `python -m pytest ARGS`
+    python3 scripts/dev.py test [ARGS...]   + test tools, HF, RL, Lightning, peers
+                                            -> `python -m pytest ARGS`
 
 Needs only python3 (>= 3.10) and pip. The venv is `.venv` next to this repository (override with
 GRADSTATS_VENV). It is (re)installed only when pyproject.toml or requirements/ change — a hash
