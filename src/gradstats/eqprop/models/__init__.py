@@ -1,7 +1,16 @@
-"""Reference equilibrium models: closed-form linear, Hopfield energy, non-symmetric tanh."""
+"""Equilibrium models: the equilibrium transformer LM and the reference models (closed-form
+linear, Hopfield energy, non-symmetric tanh)."""
 
+from gradstats.eqprop.models.baseline import BackpropTransformer
 from gradstats.eqprop.models.hopfield import HopfieldModel
 from gradstats.eqprop.models.linear import LinearModel
 from gradstats.eqprop.models.tanh import TanhModel
+from gradstats.eqprop.models.transformer import EquilibriumTransformer
 
-__all__ = ["HopfieldModel", "LinearModel", "TanhModel"]
+__all__ = [
+    "BackpropTransformer",
+    "EquilibriumTransformer",
+    "HopfieldModel",
+    "LinearModel",
+    "TanhModel",
+]

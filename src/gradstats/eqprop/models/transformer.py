@@ -1,0 +1,416 @@
+"""The equilibrium transformer: one causal transformer block run to its fixed point.
+
+State z ∈ R^{B×T×C}; input injection x_in = tok[idx] + pos[:T]; the ``thick`` force
+
+    F(z) = −(z − x_in) + Attn(LN_a z) + FFN(LN_f z) − c·z,
+
+with causal softmax attention (untied per-head Q/K/V/O, optional qk-norm), a 4× tanh-GELU FFN
+and damping c. The fixed point solves (1 + c) z* = x_in + Attn + FFN; relaxation
+z ← z + ε F(z) with the default ε = 1/(1 + c) is the plain fixed-point map.
+Loss: L(z, y) = Σ_{b,t} CE(LN_r(z_bt) W_outᵀ, y_bt) — *summed* over tokens, so the nudge
+β∇L moves each token's state by O(β) whatever the batch and block size (a mean over B·T tokens
+would push the EP contrast below float32 resolution); the trainer divides by B·T.
+
+Modes (``attn_mode``):
+
+* ``thick``: the force above; holomorphic (every op has a complex-analytic extension equal to
+  the real op on the real axis), so it supports every estimator including ``holomorphic``.
+* ``real``: the attention force only, F = −(z − x_in) + Attn(LN_a z) − c·z (no FFN).
+* ``energy``: attention force plus a conservative Hopfield FFN, F_ffn = −∇_z E with
+  E(z) = −½ Σ relu(W₁ LN_f(z) + b₁)² (tied weights; J_ffn symmetric).
+
+``real`` and ``energy`` are real-valued only: ``method="holomorphic"`` is rejected by name.
+
+Parameter names (stable; the probe groups and the Fisher registry use them), H heads of size
+d = C/H:
+
+* ``embed.token`` [V, C], ``embed.position`` [block_size, C];
+* ``attn.norm.weight``/``.bias`` [C]; per head h: ``attn.heads.{h}.query``/``.key``/``.value``
+  [d, C] (rows = the head's features), ``attn.heads.{h}.out`` [C, d] (the head's context enters
+  here), with qk-norm ``attn.heads.{h}.q_norm``/``.k_norm`` [d];
+* ``ffn.norm.weight``/``.bias`` [C], ``ffn.up.weight`` [4C, C], ``ffn.up.bias`` [4C],
+  ``ffn.down.weight`` [C, 4C], ``ffn.down.bias`` [C] (``energy`` mode: no ``ffn.down``);
+* ``readout.norm.weight``/``.bias`` [C], ``readout.proj.weight`` [V, C].
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+from collections.abc import Iterator
+from typing import ClassVar
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from gradstats._validation import check_choice, check_positive_int
+from gradstats.eqprop._autodiff import Linearization
+from gradstats.eqprop._holo_ops import (
+    holo_cross_entropy,
+    holo_gelu,
+    holo_layer_norm,
+    holo_masked_softmax,
+)
+from gradstats.eqprop._module import METHODS, EquilibriumModule, NoiseRealization
+
+__all__ = ["MODES", "EquilibriumTransformer"]
+
+MODES = ("thick", "real", "energy")
+
+
+def _layer_norm(x: torch.Tensor, norm: nn.LayerNorm | None, eps: float = 1e-5) -> torch.Tensor:
+    w = None if norm is None else norm.weight
+    b = None if norm is None else norm.bias
+    if x.is_complex():
+        return holo_layer_norm(x, w, b, eps)
+    return F.layer_norm(x, x.shape[-1:], w, b, eps)
+
+
+def _cast(w: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
+    return w.to(z.dtype) if z.is_complex() else w
+
+
+class _Head(nn.Module):
+    def __init__(self, d_model: int, d_head: int, qk_norm: bool) -> None:
+        super().__init__()
+        self.query = nn.Parameter(torch.empty(d_head, d_model))
+        self.key = nn.Parameter(torch.empty(d_head, d_model))
+        self.value = nn.Parameter(torch.empty(d_head, d_model))
+        self.out = nn.Parameter(torch.empty(d_model, d_head))
+        if qk_norm:
+            self.q_norm = nn.Parameter(torch.ones(d_head))
+            self.k_norm = nn.Parameter(torch.ones(d_head))
+
+
+class CausalAttention(nn.Module):
+    """Multi-head causal softmax attention with untied per-head Q/K/V/O and optional qk-norm.
+
+    Attn(h) = Σ_h softmax_causal(q_h k_hᵀ/√d) v_h W_{o,h}ᵀ, q_h = LN(h W_{q,h}ᵀ) ⊙ g_q (qk-norm).
+    Real inputs use the native ops, complex inputs their holomorphic versions (same values on
+    the real axis).
+    """
+
+    def __init__(self, d_model: int, n_heads: int, qk_norm: bool) -> None:
+        super().__init__()
+        self.n_heads, self.d_head, self.qk_norm = n_heads, d_model // n_heads, qk_norm
+        self.norm = nn.LayerNorm(d_model)
+        self.heads = nn.ModuleList(_Head(d_model, self.d_head, qk_norm) for _ in range(n_heads))
+
+    def _stack(self, name: str, z: torch.Tensor) -> torch.Tensor:
+        return _cast(torch.stack([getattr(h, name) for h in self.heads]), z)
+
+    def forward(self, h: torch.Tensor) -> torch.Tensor:
+        """Attention of the (already normalised) input ``h`` [B, T, C]."""
+        q = torch.einsum("btc,hdc->bhtd", h, self._stack("query", h))
+        k = torch.einsum("btc,hdc->bhtd", h, self._stack("key", h))
+        v = torch.einsum("btc,hdc->bhtd", h, self._stack("value", h))
+        if self.qk_norm:
+            q = _layer_norm(q, None) * self._stack("q_norm", h)[None, :, None, :]
+            k = _layer_norm(k, None) * self._stack("k_norm", h)[None, :, None, :]
+        scores = (q @ k.transpose(-1, -2)) * (1.0 / math.sqrt(self.d_head))
+        t = h.shape[1]
+        mask = torch.ones(t, t, dtype=torch.bool, device=h.device).tril()
+        if scores.is_complex():
+            att = holo_masked_softmax(scores, mask)
+        else:
+            att = torch.softmax(scores.masked_fill(~mask, -math.inf), dim=-1)
+        return torch.einsum("bhtd,hcd->btc", att @ v, self._stack("out", h))
+
+
+class FeedForward(nn.Module):
+    """tanh-GELU MLP, FFN(h) = W₂ gelu(W₁h + b₁) + b₂ (``tied=True``: no W₂, see ``energy``)."""
+
+    def __init__(self, d_model: int, hidden: int, tied: bool = False) -> None:
+        super().__init__()
+        self.norm = nn.LayerNorm(d_model)
+        self.up = nn.Linear(d_model, hidden)
+        self.down = None if tied else nn.Linear(hidden, d_model)
+
+    def forward(self, h: torch.Tensor) -> torch.Tensor:
+        pre = h @ _cast(self.up.weight, h).T + _cast(self.up.bias, h)
+        act = holo_gelu(pre) if h.is_complex() else F.gelu(pre, approximate="tanh")
+        return act @ _cast(self.down.weight, h).T + _cast(self.down.bias, h)
+
+    def energy_force(self, z: torch.Tensor) -> torch.Tensor:
+        """−∇_z E, E(z) = −½ Σ relu(W₁ LN(z) + b₁)²: J_LN(z)ᵀ W₁ᵀ relu(W₁ LN(z) + b₁).
+
+        The LayerNorm VJP is written out: with x̂ = (z − μ)/σ and u = g ⊙ w,
+        J_LNᵀw = (u − mean(u) − x̂ · mean(u ⊙ x̂))/σ.
+        """
+        centred = z - z.mean(-1, keepdim=True)
+        sigma = torch.sqrt((centred * centred).mean(-1, keepdim=True) + self.norm.eps)
+        xhat = centred / sigma
+        h = xhat * self.norm.weight + self.norm.bias
+        w = torch.relu(h @ self.up.weight.T + self.up.bias) @ self.up.weight
+        u = self.norm.weight * w
+        return (u - u.mean(-1, keepdim=True) - xhat * (u * xhat).mean(-1, keepdim=True)) / sigma
+
+
+class EquilibriumTransformer(EquilibriumModule):
+    """A causal transformer block at its fixed point, trainable without backprop.
+
+    See the module docstring for the force, the modes and the parameter names.
+
+    Args:
+        vocab_size: number of tokens V.
+        block_size: maximum sequence length (rows of ``embed.position``).
+        d_model: state width C (divisible by ``n_heads``).
+        n_heads: attention heads H.
+        damping: c ≥ 0 in −c·z (c ≥ 1 keeps the fixed point stable at any attention strength).
+        attn_mode: ``"thick"``, ``"real"`` or ``"energy"``.
+        qk_norm: LayerNorm on queries and keys (per head, with gains).
+        ffn_mult: FFN hidden width as a multiple of C.
+        force_noise: σ of a multiplicative noise (1 + σ·N(0, 1)) on the attention and FFN
+            outputs, drawn once per estimate by :meth:`sample_noise` (0: no noise).
+        init_std: standard deviation of the block's weight matrices (output projections are
+            scaled by 1/√2).
+        embed_std: standard deviation of the token embeddings (positions: ``init_std``).
+        generator: for the initialisation.
+    """
+
+    #: Architecture key for registries (e.g. the Fisher collector's group map).
+    model_type: ClassVar[str] = "eqprop_transformer"
+
+    def __init__(
+        self,
+        vocab_size: int,
+        block_size: int,
+        d_model: int,
+        n_heads: int,
+        damping: float = 1.0,
+        attn_mode: str = "thick",
+        qk_norm: bool = True,
+        *,
+        ffn_mult: int = 4,
+        force_noise: float = 0.0,
+        init_std: float = 0.02,
+        embed_std: float = 1.0,
+        generator: torch.Generator | None = None,
+    ) -> None:
+        super().__init__()
+        check_positive_int("vocab_size", vocab_size)
+        check_positive_int("block_size", block_size)
+        check_positive_int("d_model", d_model)
+        check_positive_int("n_heads", n_heads)
+        check_positive_int("ffn_mult", ffn_mult)
+        check_choice("attn_mode", attn_mode, MODES)
+        if d_model % n_heads:
+            raise ValueError(f"d_model={d_model} must be divisible by n_heads={n_heads}")
+        for name, value in (("damping", damping), ("force_noise", force_noise)):
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or value < 0:
+                raise ValueError(f"{name} must be a float >= 0; got {value!r}")
+        if not isinstance(qk_norm, bool):
+            raise TypeError(f"qk_norm must be a bool; got {type(qk_norm).__name__}")
+        self.vocab_size, self.block_size, self.d_model = vocab_size, block_size, d_model
+        self.n_heads, self.damping, self.qk_norm = n_heads, float(damping), qk_norm
+        self.ffn_mult, self.force_noise = ffn_mult, float(force_noise)
+        self.init_std, self.embed_std = float(init_std), float(embed_std)
+        self.mode = attn_mode
+        self.holomorphic = attn_mode == "thick"
+        self._map_step: float | None = None
+        # ε = 1/(1 + c): z ← z + εF(z) is then the plain map z ← (x_in + Attn + FFN)/(1 + c).
+        self.solver_defaults = {
+            "step_size": 1.0 / (1.0 + self.damping),
+            "max_steps": 200,
+            "max_steps_adjoint": 400,
+            "beta": {"ep": 0.01, "ep_symmetric": 0.05, "aep": 0.05, "holomorphic": 0.5},
+            "points": 4,
+        }
+        self.embed = nn.Module()
+        self.embed.token = nn.Parameter(torch.empty(vocab_size, d_model))
+        self.embed.position = nn.Parameter(torch.empty(block_size, d_model))
+        self.attn = CausalAttention(d_model, n_heads, qk_norm)
+        self.ffn = (
+            None
+            if attn_mode == "real"
+            else FeedForward(d_model, ffn_mult * d_model, tied=attn_mode == "energy")
+        )
+        self.readout = nn.Module()
+        self.readout.norm = nn.LayerNorm(d_model)
+        self.readout.proj = nn.Parameter(torch.empty(vocab_size, d_model))
+        self.reset_parameters(generator)
+
+    # ----------------------------------------------------------------------------- set-up
+    @torch.no_grad()
+    def reset_parameters(self, generator: torch.Generator | None = None) -> None:
+        """Gaussian weights (``init_std``; output projections /√2), zero biases, unit gains."""
+
+        def normal(p: torch.Tensor, std: float) -> None:
+            p.copy_(torch.randn(p.shape, generator=generator, dtype=p.dtype) * std)
+
+        normal(self.embed.token, self.embed_std)
+        normal(self.embed.position, self.init_std)
+        for head in self.attn.heads:
+            for name in ("query", "key", "value"):
+                normal(getattr(head, name), self.init_std)
+            normal(head.out, self.init_std / math.sqrt(2))
+        if self.ffn is not None:
+            normal(self.ffn.up.weight, self.init_std)
+            self.ffn.up.bias.zero_()
+            if self.ffn.down is not None:
+                normal(self.ffn.down.weight, self.init_std / math.sqrt(2))
+                self.ffn.down.bias.zero_()
+        normal(self.readout.proj, self.init_std)
+
+    def config(self) -> dict[str, object]:
+        """The constructor arguments (enough to rebuild the model; echoed by the probe)."""
+        return {
+            "vocab_size": self.vocab_size,
+            "block_size": self.block_size,
+            "d_model": self.d_model,
+            "n_heads": self.n_heads,
+            "damping": self.damping,
+            "attn_mode": self.mode,
+            "qk_norm": self.qk_norm,
+            "ffn_mult": self.ffn_mult,
+            "force_noise": self.force_noise,
+            "init_std": self.init_std,
+            "embed_std": self.embed_std,
+        }
+
+    def supported_methods(self) -> tuple[str, ...]:
+        """Every estimator in ``thick`` mode; all but ``holomorphic`` in ``real``/``energy``."""
+        return METHODS if self.holomorphic else tuple(m for m in METHODS if m != "holomorphic")
+
+    def parameter_groups(self) -> dict[str, list[str]]:
+        """Groups by block part — ``embed``, ``attn``, ``ffn``, ``ln``, ``readout`` — and per
+        attention head (``attn.head{h}``: its Q/K/V/O and qk-norm gains). ``ln`` holds the two
+        block LayerNorms (``attn.norm``, ``ffn.norm``); ``readout`` its own norm and projection.
+        """
+        names = [n for n, p in self.named_parameters() if p.requires_grad]
+        groups: dict[str, list[str]] = {
+            "embed": [n for n in names if n.startswith("embed.")],
+            "attn": [n for n in names if n.startswith("attn.heads.")],
+        }
+        for h in range(self.n_heads):
+            groups[f"attn.head{h}"] = [n for n in names if n.startswith(f"attn.heads.{h}.")]
+        groups["ffn"] = [n for n in names if n.startswith(("ffn.up.", "ffn.down."))]
+        groups["ln"] = [n for n in names if n.startswith(("attn.norm.", "ffn.norm."))]
+        groups["readout"] = [n for n in names if n.startswith("readout.")]
+        return {k: v for k, v in groups.items() if v}
+
+    # ----------------------------------------------------------------------------- dynamics
+    def inject(self, idx: torch.Tensor) -> torch.Tensor:
+        """x_in = tok[idx] + pos[:T] for token ids ``idx`` [B, T] (T ≤ block_size)."""
+        if not isinstance(idx, torch.Tensor) or idx.dim() != 2 or idx.is_floating_point():
+            raise ValueError("idx must be an integer tensor of token ids shaped [B, T]")
+        t = idx.shape[1]
+        if t > self.block_size:
+            raise ValueError(f"sequence length {t} exceeds block_size={self.block_size}")
+        return self.embed.token[idx] + self.embed.position[:t]
+
+    def init_state(self, x: torch.Tensor) -> torch.Tensor:
+        """z₀ = x_in/(1 + c): the fixed point when attention and FFN output nothing."""
+        return x / (1.0 + self.damping)
+
+    def sample_noise(
+        self, x: torch.Tensor, generator: torch.Generator | None
+    ) -> NoiseRealization | None:
+        """Masks 1 + σ·N(0, 1) for the attention and FFN outputs ([B, T, C]); None if σ = 0."""
+        if self.force_noise == 0:
+            return None
+        tensors = {}
+        for name in ("attn", "ffn"):
+            draw = torch.randn(x.shape, generator=generator, dtype=x.dtype, device=x.device)
+            tensors[name] = 1 + self.force_noise * draw
+        return NoiseRealization(tensors)
+
+    def force(
+        self, z: torch.Tensor, x: torch.Tensor, noise: NoiseRealization | None = None
+    ) -> torch.Tensor:
+        """F(z; x_in) of the current mode (complex ``z`` only in ``thick`` mode).
+
+        Inside :meth:`relaxation_map` it returns Φ(z) = z + εF(z) instead.
+        """
+        if self._map_step is not None:
+            step, self._map_step = self._map_step, None
+            try:
+                return z + step * self.force(z, x, noise)
+            finally:
+                self._map_step = step
+        if z.is_complex() and not self.holomorphic:
+            raise ValueError(f"{self.describe()} has no complex extension (use attn_mode='thick')")
+        attn = self.attn(_layer_norm(z, self.attn.norm))
+        if noise is not None:
+            attn = attn * noise["attn"].to(z.dtype)
+        out = x.to(z.dtype) - (1.0 + self.damping) * z + attn
+        if self.ffn is None:
+            return out
+        ffn = (
+            self.ffn.energy_force(z)
+            if self.mode == "energy"
+            else self.ffn(_layer_norm(z, self.ffn.norm))
+        )
+        if noise is not None:
+            ffn = ffn * noise["ffn"].to(z.dtype)
+        return out + ffn
+
+    @contextlib.contextmanager
+    def relaxation_map(self, step_size: float | None = None) -> Iterator[None]:
+        """Within the block, ``force`` is the relaxation map Φ(z) = z + εF(z).
+
+        For the Jacobian-norm stabiliser: ``add_penalties(..., {"jacobian": w})`` inside it
+        penalises ½‖I + εJ‖²_F (Hutchinson), the Jacobian of the map the solvers iterate — the
+        DEQ Jacobian regulariser, which pushes the map towards a contraction. (½‖J‖²_F of the
+        force itself is minimised by J = 0, a singular, marginally stable fixed point.)
+        """
+        step = self.solver_defaults["step_size"] if step_size is None else float(step_size)
+        self._map_step = step
+        try:
+            yield
+        finally:
+            self._map_step = None
+
+    def logits(self, z: torch.Tensor) -> torch.Tensor:
+        """Readout LN_r(z) W_outᵀ ([B, T, V])."""
+        return _layer_norm(z, self.readout.norm) @ _cast(self.readout.proj, z).T
+
+    def loss(self, z: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        """Σ_{b,t} CE(logits(z)_{bt}, y_{bt}) (summed over tokens; see the module docstring)."""
+        logits = self.logits(z)
+        if z.is_complex():
+            return holo_cross_entropy(logits, y) * y.numel()
+        return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), y.reshape(-1), reduction="sum")
+
+    # ----------------------------------------------------------------------------- evaluation
+    def forward(
+        self, idx: torch.Tensor, *, tol: float | None = None, max_steps: int | None = None
+    ) -> torch.Tensor:
+        """Logits at the fixed point, differentiable by the implicit function theorem.
+
+        The free phase runs without a graph (``relax`` with the model's defaults, or ``tol`` /
+        ``max_steps``). When gradients are needed, the state is re-attached as
+        z = z* + εF(z*) − sg(εF(z*)) (the value stays z*) and a hook replaces the incoming
+        gradient u by λ/ε with Jᵀλ = −u solved at z*, so backpropagation gives
+        λᵀ ∂F/∂θ — the exact implicit gradient of any loss of the logits — for the block and
+        the embeddings (clamp path), and the ordinary gradient for the readout.
+        """
+        from gradstats.eqprop._problem import relax
+        from gradstats.eqprop._settings import resolve_settings
+        from gradstats.eqprop._solvers import solve_adjoint
+
+        z_star, _ = relax(self, idx, tol=tol, max_steps=max_steps)
+        if not torch.is_grad_enabled():
+            return self.logits(z_star)
+        s = resolve_settings("implicit", self.solver_defaults, z_star.dtype)
+        eps = s.step_size
+        x_in = self.inject(idx)
+        f = self.force(z_star, x_in)
+        z = z_star + eps * f - (eps * f).detach()
+        lin = Linearization(lambda state: self.force(state, x_in.detach()), z_star, self.jvp_mode)
+
+        def implicit(u: torch.Tensor) -> torch.Tensor:
+            lam, _ = solve_adjoint(
+                lin.vjp,
+                u,
+                step_size=eps,
+                tol=s.tol_adjoint,
+                max_steps=s.max_steps_adjoint,
+                check_every=s.check_every,
+            )
+            return lam / eps
+
+        if z.requires_grad:
+            z.register_hook(implicit)
+        return self.logits(z)

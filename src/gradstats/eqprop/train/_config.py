@@ -1,0 +1,242 @@
+"""The trainer's configuration: one frozen dataclass, the single source of every default.
+
+The command line (``gradstats eqprop train``) is generated from :class:`TrainConfig`'s fields
+(their ``help`` metadata); checkpoints store :meth:`TrainConfig.to_dict` and rebuild the config
+with :meth:`TrainConfig.from_dict`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from gradstats._validation import check_choice, check_positive_int
+from gradstats.eqprop.models.baseline import BackpropTransformer
+from gradstats.eqprop.models.transformer import MODES, EquilibriumTransformer
+
+__all__ = ["EP_METHODS", "TRAIN_METHODS", "TrainConfig"]
+
+#: Estimators of the equilibrium model the trainer can use.
+EP_METHODS = ("aep", "holomorphic", "ep_symmetric", "implicit", "bptt")
+#: ``--method`` values: the estimators plus ``backprop`` (the feed-forward baseline).
+TRAIN_METHODS = (*EP_METHODS, "backprop")
+OPTIMIZERS = ("adamw", "adam", "sgd")
+_NUDGED = ("aep", "holomorphic", "ep_symmetric")
+_DEFAULT_OUT = Path("eqprop-run")
+
+
+def _opt(default: Any, help: str, **meta: Any) -> Any:
+    return dataclasses.field(default=default, metadata={"help": help, **meta})
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Everything that defines a training run (see ``gradstats eqprop train --help``)."""
+
+    method: str = _opt("aep", "estimator: " + "|".join(TRAIN_METHODS))
+    steps: int = _opt(2000, "optimizer steps (a resumed run continues up to this total)")
+    out: Path = _opt(_DEFAULT_OUT, "run folder (checkpoint.pt, metrics.jsonl, curves.png)")  # noqa: RUF009 (a Path is immutable)
+    data: str | None = _opt(None, "UTF-8 text file to train on (default: embedded Shakespeare)")
+    # model
+    d_model: int = _opt(64, "state width C")
+    n_heads: int = _opt(4, "attention heads")
+    block_size: int = _opt(64, "sequence length T (characters per window)")
+    batch_size: int = _opt(32, "windows per step")
+    damping: float = _opt(1.0, "stabiliser: damping c of the -c*z term (equilibrium model)")
+    attn_mode: str = _opt("thick", "equilibrium block: " + "|".join(MODES))
+    qk_norm: bool = _opt(True, "LayerNorm on queries and keys")
+    ffn_mult: int = _opt(4, "FFN width as a multiple of d_model")
+    layers: int = _opt(1, "--method backprop: layers of the feed-forward stack")
+    init_std: float = _opt(0.02, "std of the block's weight matrices at initialisation")
+    force_noise: float = _opt(0.0, "multiplicative force noise sigma (one draw per estimate)")
+    # optimiser
+    optimizer: str = _opt("adamw", "optimizer: " + "|".join(OPTIMIZERS))
+    lr: float = _opt(3e-3, "peak learning rate")
+    weight_decay: float = _opt(0.0, "decoupled weight decay (adamw) / L2 (adam, sgd)")
+    warmup: int = _opt(100, "linear warm-up steps, then cosine decay to lr/10")
+    grad_clip: float = _opt(1.0, "clip the global gradient norm (0: off)")
+    # relaxation and estimator
+    t1: int = _opt(30, "free phase: step cap (bptt: exactly this many unrolled steps)")
+    tol: float | None = _opt(None, "free-phase tolerance ||F||/||z|| (default: the model's)")
+    t2: int = _opt(100, "nudged/adjoint phases: step cap")
+    tol_adjoint: float | None = _opt(None, "nudged/adjoint tolerance ||r_a||/||l|| (default)")
+    step_size: float | None = _opt(None, "relaxation step epsilon (default 1/(1+damping))")
+    beta: float | None = _opt(None, "nudge beta (holomorphic: radius r; default per method)")
+    points: int | None = _opt(None, "holomorphic: nudges N on the circle")
+    anchor: str | None = _opt(None, "aep/holomorphic anchor: fixed|tracking (default)")
+    # stabilisers (relative weights: scaled to weight * ||g_task|| / ||g_penalty||)
+    jac_penalty: float = _opt(
+        0.0, "stabiliser: Jacobian-norm penalty 1/2||I+eps*J||_F^2 of the relaxation map"
+    )
+    homeostasis: float = _opt(0.0, "stabiliser: Jacobian homeostasis 1/2||J-J^T||_F^2 weight")
+    res_penalty: float = _opt(0.0, "stabiliser: free-residual penalty 1/2||F(z)||^2 weight")
+    penalty_probes: int = _opt(1, "Hutchinson vectors per penalty evaluation")
+    # bookkeeping
+    seed: int = _opt(0, "seed of initialisation, batches and noise")
+    device: str = _opt("cpu", "torch device (cpu, cuda, cuda:1, ...)")
+    dtype: str = _opt("float32", "parameter and state dtype: float32|float64")
+    threads: int | None = _opt(None, "torch CPU threads (default: torch's choice)")
+    eval_every: int = _opt(100, "steps between validation evaluations")
+    eval_batches: int = _opt(4, "validation batches per evaluation (fixed windows)")
+    spot_check_every: int = _opt(
+        250, "steps between cosine checks vs the implicit gradient (0: off)"
+    )
+    checkpoint_every: int = _opt(100, "steps between checkpoints")
+    max_skips: int = _opt(5, "stop after this many consecutive failed (diverged) steps")
+    resume: bool = _opt(False, "continue the run in --out from its checkpoint")
+    progress: bool = _opt(True, "show a progress bar")
+
+    def __post_init__(self) -> None:
+        check_choice("method", self.method, TRAIN_METHODS)
+        check_choice("attn_mode", self.attn_mode, MODES)
+        check_choice("optimizer", self.optimizer, OPTIMIZERS)
+        check_choice("dtype", self.dtype, ("float32", "float64"))
+        if self.anchor is not None:
+            check_choice("anchor", self.anchor, ("fixed", "tracking"))
+        if self.method == "holomorphic" and self.attn_mode != "thick":
+            raise ValueError(
+                "method='holomorphic' is not supported by "
+                f"EquilibriumTransformer(mode={self.attn_mode!r}); use --attn-mode thick"
+            )
+        for name in ("steps", "d_model", "n_heads", "block_size", "batch_size", "ffn_mult"):
+            check_positive_int(name, getattr(self, name))
+        for name in ("layers", "t1", "t2", "eval_batches", "checkpoint_every", "max_skips"):
+            check_positive_int(name, getattr(self, name))
+        for name in ("eval_every", "penalty_probes"):
+            check_positive_int(name, getattr(self, name))
+        check_positive_int("warmup", self.warmup, minimum=0)
+        check_positive_int("spot_check_every", self.spot_check_every, minimum=0)
+        if self.threads is not None:
+            check_positive_int("threads", self.threads)
+        if self.points is not None:
+            check_positive_int("points", self.points, minimum=2)
+        if self.d_model % self.n_heads:
+            raise ValueError(f"d_model={self.d_model} must be divisible by n_heads={self.n_heads}")
+        for name in ("lr", "init_std"):
+            _check_float(name, getattr(self, name), positive=True)
+        for name in ("damping", "weight_decay", "grad_clip", "force_noise"):
+            _check_float(name, getattr(self, name))
+        for name in ("jac_penalty", "homeostasis", "res_penalty"):
+            _check_float(name, getattr(self, name))
+        for name in ("tol", "tol_adjoint", "step_size", "beta"):
+            value = getattr(self, name)
+            if value is not None:
+                _check_float(name, value, positive=name in ("step_size", "beta"))
+        if self.method == "backprop" and self.penalties():
+            raise ValueError(
+                "the stabiliser penalties act on the equilibrium force: not with backprop"
+            )
+
+    # ----------------------------------------------------------------------------- derived
+    @property
+    def is_equilibrium(self) -> bool:
+        return self.method != "backprop"
+
+    def penalties(self) -> dict[str, float]:
+        """``{penalty: weight}`` of the active stabiliser penalties (``gradstats.eqprop``)."""
+        weights = {
+            "jacobian": self.jac_penalty,
+            "asymmetry": self.homeostasis,
+            "residual": self.res_penalty,
+        }
+        return {k: v for k, v in weights.items() if v > 0}
+
+    def build_model(self, vocab_size: int) -> torch.nn.Module:
+        """The model this run trains (initialised from ``seed``, in ``dtype``)."""
+        generator = torch.Generator().manual_seed(self.seed)
+        dtype = getattr(torch, self.dtype)
+        previous = torch.get_default_dtype()
+        torch.set_default_dtype(dtype)  # parameters are created (and drawn) in the run's dtype
+        try:
+            return self._build(vocab_size, generator)
+        finally:
+            torch.set_default_dtype(previous)
+
+    def _build(self, vocab_size: int, generator: torch.Generator) -> torch.nn.Module:
+        if self.method == "backprop":
+            return BackpropTransformer(
+                vocab_size,
+                self.block_size,
+                self.d_model,
+                self.n_heads,
+                self.layers,
+                self.qk_norm,
+                ffn_mult=self.ffn_mult,
+                init_std=self.init_std,
+                generator=generator,
+            )
+        return EquilibriumTransformer(
+            vocab_size,
+            self.block_size,
+            self.d_model,
+            self.n_heads,
+            self.damping,
+            self.attn_mode,
+            self.qk_norm,
+            ffn_mult=self.ffn_mult,
+            force_noise=self.force_noise,
+            init_std=self.init_std,
+            generator=generator,
+        )
+
+    def free_settings(self) -> dict[str, object]:
+        """The free-phase settings shared by training and validation (one objective).
+
+        ``bptt`` evaluates exactly ``t1`` steps (``tol=0``); the fixed-point methods relax to
+        ``tol`` with ``t1`` as the cap.
+        """
+        out: dict[str, object] = {"max_steps": self.t1, "step_size": self.step_size}
+        out["tol"] = 0.0 if self.method == "bptt" else self.tol
+        return out
+
+    def estimator_settings(self) -> dict[str, object]:
+        """Keyword arguments of ``estimate_gradient`` for this run's method."""
+        if self.method == "bptt":
+            return {"steps": self.t1, "step_size": self.step_size}
+        out = {
+            "max_steps": self.t1,
+            "tol": self.tol,
+            "step_size": self.step_size,
+            "max_steps_adjoint": self.t2,
+            "tol_adjoint": self.tol_adjoint,
+        }
+        if self.method in _NUDGED:
+            out["beta"] = self.beta
+        if self.method == "holomorphic":
+            out["points"] = self.points
+        if self.method in ("aep", "holomorphic"):
+            out["anchor"] = self.anchor
+        return out
+
+    # ----------------------------------------------------------------------------- storage
+    def to_dict(self) -> dict[str, object]:
+        """Plain types only (``torch.load(weights_only=True)`` reads it back)."""
+        out = dataclasses.asdict(self)
+        out["out"] = str(self.out)
+        return out
+
+    @classmethod
+    def from_dict(cls, values: dict[str, object]) -> TrainConfig:
+        """Rebuild from :meth:`to_dict` (unknown keys are an error)."""
+        names = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(values) - names)
+        if unknown:
+            raise ValueError(f"unknown training option(s) {unknown} in the checkpoint config")
+        values = dict(values)
+        if "out" in values:
+            values["out"] = Path(values["out"])
+        return cls(**values)
+
+
+def _check_float(name: str, value: object, positive: bool = False) -> None:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TypeError(f"{name} must be a number; got {type(value).__name__}")
+    if math.isnan(value) or math.isinf(value) or value < 0 or (positive and value == 0):
+        raise ValueError(
+            f"{name} must be a finite number {'> 0' if positive else '>= 0'}; got {value}"
+        )

@@ -1,0 +1,97 @@
+"""Training metrics: one JSON object per line (``metrics.jsonl``) and the curves (``curves.png``).
+
+Every step writes ``step``, ``train_ce`` (mean cross-entropy per token of the batch), ``lr``,
+``grad_norm``, the residuals and steps of each phase (``res_free``, ``steps_free``,
+``res_adjoint``, ``steps_adjoint``), ``unconverged`` (phases of this step that stopped at their
+cap or stalled), ``skipped`` and the stabiliser penalties (``penalty.<name>``: value and scale);
+evaluation steps add ``val_ce``, spot-check steps ``cos_implicit`` (all parameters) and
+``cos_implicit_min`` with the group that attains it (``cos_implicit_group``) and the residual
+of that reference's adjoint solve (``implicit_res_adjoint``), both at the weights the step's
+estimate used. ``time`` is the wall time since the start.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+__all__ = ["MetricsLog", "plot_curves", "read_metrics"]
+
+
+class MetricsLog:
+    """Append-only JSONL log; :meth:`truncate` drops records after a checkpoint's step."""
+
+    def __init__(self, path: str | Path) -> None:
+        self.path = Path(path)
+
+    def truncate(self, step: int) -> None:
+        """Keep only records with ``step <= step`` (a resumed run rewrites what came after)."""
+        if not self.path.exists():
+            return
+        kept = [r for r in read_metrics(self.path) if r.get("step", 0) <= step]
+        self.path.write_text("".join(json.dumps(r) + "\n" for r in kept))
+
+    def write(self, record: dict) -> None:
+        with self.path.open("a") as handle:
+            handle.write(json.dumps(record) + "\n")
+
+
+def read_metrics(path: str | Path) -> list[dict]:
+    """The records of a ``metrics.jsonl`` file."""
+    lines = Path(path).read_text().splitlines()
+    return [json.loads(line) for line in lines if line.strip()]
+
+
+def _smooth(values: list[float], span: int = 20) -> list[float]:
+    out, acc, weight = [], 0.0, 0.0
+    decay = 1 - 1 / span
+    for v in values:
+        acc = decay * acc + v
+        weight = decay * weight + 1
+        out.append(acc / weight)
+    return out
+
+
+def plot_curves(runs: dict[str, list[dict]], path: str | Path, title: str = "") -> Path:
+    """Train/val CE, residuals and cosine spot-checks of one or more runs (``{label: records}``)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 3, figsize=(15, 4))
+    for label, records in runs.items():
+        steps = [r for r in records if r.get("train_ce") is not None and not r.get("skipped")]
+        if steps:
+            xs = [r["step"] for r in steps]
+            (line,) = axes[0].plot(xs, _smooth([r["train_ce"] for r in steps]), alpha=0.5)
+            line.set_label(f"{label} train")
+            val = [r for r in records if r.get("val_ce") is not None]
+            axes[0].plot(
+                [r["step"] for r in val],
+                [r["val_ce"] for r in val],
+                "o-",
+                color=line.get_color(),
+                label=f"{label} val",
+            )
+        for key, style in (("res_free", "-"), ("res_adjoint", "--")):
+            pts = [(r["step"], r[key]) for r in records if r.get(key) not in (None, 0.0)]
+            pts = [(s, v) for s, v in pts if v == v and v > 0 and not math.isinf(v)]
+            if pts:
+                axes[1].semilogy(*zip(*pts, strict=True), style, label=f"{label} {key}")
+        cos = [(r["step"], 1 - r["cos_implicit_min"]) for r in records if "cos_implicit_min" in r]
+        if cos:
+            axes[2].semilogy(
+                [s for s, _ in cos], [max(v, 1e-12) for _, v in cos], "o-", label=label
+            )
+    axes[0].set(xlabel="step", ylabel="cross-entropy (nats/char)", title=title or "loss")
+    axes[1].set(xlabel="step", ylabel="final residual", title="free / nudged-adjoint residual")
+    axes[2].set(xlabel="step", ylabel="1 - min-group cos", title="cos vs implicit gradient")
+    for ax in axes:
+        if ax.get_legend_handles_labels()[0]:
+            ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return Path(path)
