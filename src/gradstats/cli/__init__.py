@@ -13,11 +13,11 @@ import sys
 from collections.abc import Sequence
 
 from gradstats._version import __version__
-from gradstats.cli import _bench, _demo, _eqprop
+from gradstats.cli import _bench, _demo, _eqprop, _fisher
 
 __all__ = ["CLIError", "build_parser", "main"]
 
-_SUBCOMMANDS = (_demo, _bench, _eqprop)
+_SUBCOMMANDS = (_demo, _bench, _eqprop, _fisher)
 
 
 class CLIError(Exception):

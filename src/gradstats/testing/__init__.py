@@ -12,15 +12,29 @@ from gradstats.testing._eqprop import (
     newton_fixed_point,
     reference_implicit_gradient,
 )
+from gradstats.testing._fisher import (
+    causal_lm_objective,
+    labelled_gradients,
+    per_sample_gradients,
+    positionwise_fisher,
+    reference_fisher,
+    reference_group_values,
+)
 from gradstats.testing._moments import reference_ema, reference_moments, welford_loop
 from gradstats.testing._scaling import reference_scaler_statistics, reference_two_batch
 
 __all__ = [
     "LinearClosedForm",
+    "causal_lm_objective",
     "dense_jacobian",
     "finite_difference_gradient",
+    "labelled_gradients",
     "newton_fixed_point",
+    "per_sample_gradients",
+    "positionwise_fisher",
     "reference_ema",
+    "reference_fisher",
+    "reference_group_values",
     "reference_implicit_gradient",
     "reference_moments",
     "reference_scaler_statistics",

@@ -1,0 +1,53 @@
+"""Diagonal Fisher information from exact per-unit gradients, grouped, with its consumers.
+
+* :class:`FisherCollector` — empirical / Monte-Carlo / exact Fisher (and the mistaken
+  ``batch_grad_sq``, labelled) for classification, Gaussian regression, causal language models
+  or a user loss; per-sample or per-token units; exact per-unit squares inside backward hooks.
+* Groups from an architecture registry (:func:`register_architecture`): heads, KV heads, FFN
+  neurons, channels, tokens; ``group_fisher(kind="trace" | "mask")``.
+* Consumers: importance ranking and pruning masks, EWC penalty, Fisher merging, task overlap.
+"""
+
+from gradstats.fisher._architectures import build_groups
+from gradstats.fisher._collector import FisherCollector
+from gradstats.fisher._consumers import (
+    ewc_penalty,
+    fisher_merge,
+    gradient_conflicts,
+    importance_ranking,
+    pruning_masks,
+    task_overlap,
+)
+from gradstats.fisher._groups import (
+    GroupFamily,
+    GroupMap,
+    Member,
+    register_architecture,
+    registered_architectures,
+)
+from gradstats.fisher._likelihoods import (
+    CausalLMLikelihood,
+    ClassificationLikelihood,
+    Likelihood,
+    RegressionLikelihood,
+)
+
+__all__ = [
+    "CausalLMLikelihood",
+    "ClassificationLikelihood",
+    "FisherCollector",
+    "GroupFamily",
+    "GroupMap",
+    "Likelihood",
+    "Member",
+    "RegressionLikelihood",
+    "build_groups",
+    "ewc_penalty",
+    "fisher_merge",
+    "gradient_conflicts",
+    "importance_ranking",
+    "pruning_masks",
+    "register_architecture",
+    "registered_architectures",
+    "task_overlap",
+]

@@ -1,0 +1,460 @@
+r"""``FisherCollector``: the diagonal Fisher information from exact per-unit gradients.
+
+Estimands (declared, stored with every result). With per-unit loss l_i = −log p(y_i | x_i),
+sum-reduced over the unit's targets, and g_i = ∇_θ l_i:
+
+* ``kind="empirical"``: EF_jj = (1/N) Σ_i g_ij² at the data labels.
+* ``kind="mc"``: labels y ~ p_θ(·|x), K = ``mc_samples`` per unit: (1/N) Σ_i (1/K) Σ_k g_ikj²,
+  unbiased for the Fisher.
+* ``kind="exact"``: the expectation over labels in closed form, (1/N) Σ_i diag(J_iᵀ Λ_i J_i)
+  (softmax: Λ = diag(p) − ppᵀ; Gaussian σ² = 1: Λ = I), by label enumeration through the
+  network, or by (p(1−p))ᵀ(h²) when only the output layer's parameters are collected.
+* ``kind="batch_grad_sq"``: the *mistaken* estimator (1/#batches) Σ_B (ḡ_B)² of the mean-batch
+  gradient squared, kept to reproduce it. Its expectation is μ² + σ²/m for batches of m i.i.d.
+  units (μ²+ σ²/m · (N−m)/(N−1) for batches drawn without replacement from N units) — it
+  depends on the batch size and is never the Fisher. Never a default.
+
+Units: ``unit="sample"`` (a sequence for language models: G_i = Σ_t g_it) or ``unit="token"``
+(per-position gradients: exact for the output layer, a labelled *position-wise* approximation
+elsewhere, with positions without an active target dropped). Identity: EF = (ḡ)² + Var, reported
+as ``signal()``, ``fisher()`` and ``variance()``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+from collections.abc import Iterable, Mapping
+
+import torch
+from torch import nn
+
+from gradstats._validation import check_choice, check_open_unit, check_positive_int
+from gradstats.fisher._accumulate import Request, UnitLayout
+from gradstats.fisher._architectures import build_groups
+from gradstats.fisher._engine import Engine
+from gradstats.fisher._likelihoods import CallableLikelihood, Prepared, make_likelihood
+from gradstats.fisher._passes import SpecialPasses
+from gradstats.fisher._reads import FisherReads
+
+__all__ = ["FisherCollector"]
+
+KINDS = ("empirical", "mc", "exact", "batch_grad_sq")
+UNITS = ("sample", "token")
+MODES = ("cumulative", "ema")
+
+
+def _call_model(model: nn.Module, inputs: object) -> object:
+    if isinstance(inputs, torch.Tensor):
+        return model(inputs)
+    if isinstance(inputs, Mapping):
+        return model(**inputs)
+    if isinstance(inputs, (tuple, list)):
+        return model(*inputs)
+    raise TypeError(
+        f"inputs must be a tensor, a mapping of keyword arguments or a tuple of positional "
+        f"arguments; got {type(inputs).__name__}"
+    )
+
+
+def _batch_size(inputs: object) -> int:
+    """B from the first tensor of the inputs (0 when there is none)."""
+    if isinstance(inputs, torch.Tensor):
+        leaves = [inputs]
+    elif isinstance(inputs, Mapping):
+        leaves = list(inputs.values())
+    elif isinstance(inputs, (tuple, list)):
+        leaves = list(inputs)
+    else:
+        leaves = []
+    for leaf in leaves:
+        if isinstance(leaf, torch.Tensor) and leaf.dim() > 0:
+            return leaf.shape[0]
+    return 0
+
+
+def fingerprint(shapes: Mapping[str, tuple[int, ...]]) -> str:
+    """A short hash of the collected parameters' names and shapes."""
+    text = ";".join(f"{n}:{'x'.join(map(str, s))}" for n, s in shapes.items())
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+class FisherCollector(FisherReads, SpecialPasses):
+    r"""Collect the diagonal Fisher of ``model`` from exact per-unit gradients.
+
+    ``collect()`` any number of times with any batch sizes gives the result of one call on all
+    the data (``mode="cumulative"``). See the module docstring for the estimands.
+
+    Args:
+        model: the network. Its output is the logits/prediction tensor, a mapping or
+            ``ModelOutput`` with ``logits``, or a tuple whose first element it is.
+        kind: ``"empirical"``, ``"mc"``, ``"exact"`` or ``"batch_grad_sq"``.
+        likelihood: ``"classification"``, ``"regression"``, ``"causal_lm"``, a
+            :class:`~gradstats.fisher.Likelihood`, or a callable ``fn(output, targets)`` returning
+            per-unit losses (see ``loss_reduction``).
+        unit: ``"sample"`` or ``"token"`` (token likelihoods only).
+        mc_samples: K labels drawn per unit for ``kind="mc"``.
+        generator: the ``torch.Generator`` (on the model's device) for ``kind="mc"``; default: a
+            new one seeded with ``seed``.
+        seed: seed of the default generator.
+        params: names of the parameters to collect (default: all that require grad).
+        groups: ``"auto"`` (architecture registry from ``model.config``; output channels for
+            models without a config), ``None``, a :class:`~gradstats.fisher.GroupMap` or a list
+            of :class:`~gradstats.fisher.GroupFamily`.
+        mode: ``"cumulative"`` (exact sums, mergeable) or ``"ema"`` (debiased EMA of batch means).
+        beta: EMA decay for ``mode="ema"``.
+        signal: also accumulate the mean gradient (costs the usual weight-gradient GEMMs).
+        element_se: also accumulate Σ g⁴ for elementwise standard errors (``kind="empirical"``).
+        loss_reduction: for callables returning a scalar: ``"sum"`` or ``"mean"`` over the B
+            samples (a mean is undone: the objective is multiplied by B).
+        chunk_bytes: memory budget of one chunk of materialised per-unit gradients.
+        check_first_batch: on the first batch, check that the hooks' per-unit gradients add up to
+            autograd's gradient for every parameter (one host sync) — catches parameters used
+            outside their module's forward.
+        max_exact_passes: refuse ``kind="exact"`` label enumerations longer than this.
+
+    Host syncs per batch (none on the CUDA hot path beyond these): the first batch's
+    completeness check (one read); ``unit="token"`` with group statistics selects the active
+    positions by a boolean index (one read); ``collect_loader(until_rel_se=...)`` reads the
+    standard errors; the ``torch.func`` loop fallback runs Python per sample. Target ranges are
+    checked on CPU tensors only, and on the CPU the batch's finite flag is read (free there).
+
+    Example (per-sample gradients g = [1, −1, 2, 4]: EF = mean g² = 5.5, in any split):
+        >>> import torch
+        >>> model = torch.nn.Linear(1, 1, bias=False)
+        >>> _ = torch.nn.init.ones_(model.weight)
+        >>> x, y = torch.ones(4, 1), torch.tensor([[0.0], [2.0], [-1.0], [-3.0]])
+        >>> fc = FisherCollector(model, "empirical", "regression")
+        >>> _ = fc.collect(x[:1], y[:1]).collect(x[1:], y[1:])
+        >>> fc.fisher()["weight"].item(), fc.counts["samples"]
+        (5.5, 4)
+        >>> fc.signal()["weight"].item(), fc.variance()["weight"].item()  # EF = ḡ² + Var
+        (2.25, 3.25)
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        kind: str = "empirical",
+        likelihood: object = "classification",
+        unit: str = "sample",
+        *,
+        mc_samples: int = 1,
+        generator: torch.Generator | None = None,
+        seed: int = 0,
+        params: Iterable[str] | None = None,
+        groups: object = "auto",
+        mode: str = "cumulative",
+        beta: float = 0.99,
+        signal: bool = True,
+        element_se: bool = False,
+        loss_reduction: str = "sum",
+        chunk_bytes: int = 256 * 2**20,
+        check_first_batch: bool = True,
+        max_exact_passes: int = 4096,
+    ) -> None:
+        if not isinstance(model, nn.Module):
+            raise TypeError(f"model must be a torch.nn.Module; got {type(model).__name__}")
+        kind = check_choice("kind", kind, KINDS)
+        lik = make_likelihood(likelihood, loss_reduction)
+        if kind not in lik.kinds:
+            raise ValueError(
+                f"kind={kind!r} is not available for likelihood {lik.name!r} (available: "
+                f"{', '.join(lik.kinds)}): a callable likelihood cannot sample or enumerate labels"
+            )
+        unit = check_choice("unit", unit, UNITS)
+        if unit == "token" and not (lik.has_tokens or isinstance(lik, CallableLikelihood)):
+            raise ValueError(
+                f"unit='token' needs a likelihood with token positions ('causal_lm' or a callable "
+                f"returning [B, T] losses); likelihood {lik.name!r} has none"
+            )
+        mc_samples = check_positive_int("mc_samples", mc_samples)
+        if mc_samples != 1 and kind != "mc":
+            raise ValueError(f"mc_samples applies to kind='mc' only; got kind={kind!r}")
+        if generator is not None and not isinstance(generator, torch.Generator):
+            raise TypeError(f"generator must be a torch.Generator; got {type(generator).__name__}")
+        if isinstance(seed, bool) or not isinstance(seed, int):
+            raise TypeError(f"seed must be an int; got {type(seed).__name__}")
+        mode = check_choice("mode", mode, MODES)
+        beta = check_open_unit("beta", beta)
+        if element_se and (kind != "empirical" or mode != "cumulative"):
+            raise ValueError(
+                "element_se=True needs kind='empirical' and mode='cumulative' (one backward "
+                "pass per batch); group standard errors are available for every kind"
+            )
+        if kind == "batch_grad_sq" and mode != "cumulative":
+            raise ValueError("kind='batch_grad_sq' supports mode='cumulative' only")
+        check_positive_int("chunk_bytes", chunk_bytes)
+        check_positive_int("max_exact_passes", max_exact_passes)
+        selected = _select(model, params)
+        self.model = model
+        self.kind, self.unit, self.mode, self.beta = kind, unit, mode, beta
+        self.mc_samples, self.seed = mc_samples, seed
+        self.likelihood = lik
+        self.collect_signal = signal and kind in ("empirical", "mc")
+        self.element_se = element_se
+        self.chunk_bytes, self.max_exact_passes = chunk_bytes, max_exact_passes
+        self._generator = generator
+        self._check_pending = check_first_batch and kind != "batch_grad_sq"
+        self._closed_form: bool | None = None
+        shapes = {n: tuple(p.shape) for n, p in selected.items()}
+        device = next(iter(selected.values())).device
+        self.group_map = build_groups(model, {n: p.detach() for n, p in selected.items()}, groups)
+        per_unit = kind != "batch_grad_sq"
+        self._setup(shapes, device, per_unit)
+        self._dtypes = {n: p.dtype for n, p in selected.items()}
+        wide = any(p.dtype == torch.float64 for p in selected.values())
+        self._compute_dtype = torch.float64 if wide else torch.float32
+        self._engine = Engine(model, selected)
+        self._engine.set_requests(self._requests(device))
+
+    # ------------------------------------------------------------- plumbing
+    def _requests(self, device: torch.device) -> dict[str, list[Request]]:
+        requests: dict[str, list[Request]] = {}
+        for index, fam in enumerate(self._unit_families):
+            for member in fam.members:
+                assign = torch.tensor(member.assign, dtype=torch.long, device=device)
+                assign = torch.where(assign < 0, fam.size, assign)
+                size = len(member.assign) // fam.size
+                contiguous = size * fam.size == len(member.assign) and all(
+                    k == j // size for j, k in enumerate(member.assign)
+                )
+                request = Request(
+                    index, member.axis, assign, member.in_mask, size if contiguous else 0
+                )
+                requests.setdefault(member.param, []).append(request)
+        return requests
+
+    def reset(self) -> FisherCollector:
+        """Forget every observation (keeps the model hooks, settings and group map)."""
+        state = self._state
+        self._setup(state.shapes, state.device, self.kind != "batch_grad_sq")
+        return self
+
+    def close(self) -> None:
+        """Remove the collector's hooks from the model (it can still be read and saved)."""
+        if getattr(self, "_engine", None) is not None:
+            self._engine.close()
+            self._engine = None
+
+    def __enter__(self) -> FisherCollector:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    @property
+    def handlers(self) -> dict[str, str]:
+        """Module name -> per-sample handler (``"linear"``, ``"conv2d"``, ``"vmap"``, ...)."""
+        return {} if self._engine is None else self._engine.report()
+
+    def _gen(self, device: torch.device) -> torch.Generator:
+        if self._generator is None:
+            self._generator = torch.Generator(device=device).manual_seed(self.seed)
+        return self._generator
+
+    # --------------------------------------------------------------- collect
+    def collect(self, inputs: object, targets: torch.Tensor | None = None) -> FisherCollector:
+        """Add one batch: ``model(inputs)`` (a tensor, ``**mapping`` or ``*tuple``) scored against
+        ``targets`` (optional for ``kind="exact"``/``"mc"``; for ``causal_lm`` the labels
+        default to ``input_ids`` with ``attention_mask`` zeros ignored).
+
+        A batch whose loss or statistics are not finite is rejected on the device: the state is
+        unchanged and ``counts["rejected"]`` grows. Bad input raises before anything changes.
+        """
+        if self._engine is None:
+            raise ValueError(
+                "this collector has no model hooks (it was closed or loaded without a model); "
+                "pass model= to FisherCollector.load() to keep collecting"
+            )
+        engine = self._engine
+        record = self.kind != "batch_grad_sq"
+        try:
+            with torch.enable_grad():
+                if record:
+                    with engine.recording(_batch_size(inputs)):
+                        raw = _call_model(self.model, inputs)
+                else:
+                    raw = _call_model(self.model, inputs)
+            prepared = self.likelihood.prepare(raw, targets, inputs)
+            empirical = self.kind in ("empirical", "batch_grad_sq")
+            if empirical and prepared.output is not None and prepared.targets is None:
+                raise ValueError(f"kind={self.kind!r} needs targets (the data labels)")
+            if self.unit == "token" and prepared.token_mask is None:
+                raise ValueError(
+                    "unit='token' needs per-token losses: the likelihood callable returned "
+                    "per-sample losses"
+                )
+            if self.kind == "batch_grad_sq":
+                self._batch_grad_sq(prepared)
+            else:
+                self._collect(prepared)
+        finally:
+            engine.release()
+        return self
+
+    def _layout(self, prepared: Prepared, device: torch.device, check: bool = False) -> UnitLayout:
+        dtype = self._compute_dtype
+        if check:  # the completeness check: samples as units, only Σ_i g_i is read
+            layout = UnitLayout("sample", prepared.n_samples, None, self.chunk_bytes, dtype, lin={})
+        else:
+            mask = prepared.token_mask
+            layout = UnitLayout(self.unit, prepared.n_samples, mask, self.chunk_bytes, dtype)
+        if self.element_se and not check:
+            layout.sq4 = {}
+        n = layout.n_units
+        for fam in self._unit_families:
+            for buffers in (layout.trace, layout.mask_lin, layout.mask):
+                buffers.append(torch.zeros(n, fam.size + 1, dtype=dtype, device=device))
+        return layout
+
+    def _collect(self, prepared: Prepared) -> None:
+        engine = self._engine
+        device = self._state.device
+        layout = self._layout(prepared, device)
+        names = list(engine.selected)
+        g_sum: dict[str, torch.Tensor] = {}
+        ok = torch.ones((), dtype=torch.bool, device=device)
+        if self.kind == "exact" and self._use_closed_form(prepared):
+            self._closed_form_pass(prepared, layout)
+            count, passes = 0, iter(())
+            ok &= torch.isfinite(prepared.output).all()
+        elif self.kind == "exact":
+            count = self.likelihood.exact_passes(prepared)
+            if count > self.max_exact_passes:
+                raise ValueError(
+                    f"kind='exact' needs {count} backward passes for this batch (label "
+                    f"enumeration), more than max_exact_passes={self.max_exact_passes}; use "
+                    "kind='mc' or collect only the output layer (closed form)"
+                )
+            passes = ((None, d, 1.0) for d in self.likelihood.exact_directions(prepared))
+            ok &= torch.isfinite(prepared.output).all()
+        elif self.kind == "mc":
+            count, gen = self.mc_samples, self._gen(device)
+            passes = (
+                (
+                    self.likelihood.loss(prepared, self.likelihood.sample(prepared, gen)),
+                    None,
+                    1 / count,
+                )
+                for _ in range(count)
+            )
+        else:
+            count = 1
+            passes = iter([(self.likelihood.loss(prepared, prepared.targets), None, 1.0)])
+        # with token units the mean gradient is summed from the hooks' per-position gradients,
+        # so that it covers exactly the positions the Fisher does (prompts and padding dropped)
+        from_hooks = self.collect_signal and self.unit == "token"
+        for index, (objective, direction, weight) in enumerate(passes):
+            root = math.sqrt(weight)
+            if objective is not None:
+                ok &= torch.isfinite(objective)
+                objective = objective * root
+            if self._check_pending:
+                self._check_complete(prepared, names, objective, direction)
+            if from_hooks:
+                layout.lin = {}
+            grads = engine.run_pass(
+                layout,
+                objective=objective,
+                output=prepared.output,
+                direction=direction,
+                param_grads=self.collect_signal and not from_hooks,
+                retain=index < count - 1,
+            )
+            if from_hooks:
+                grads = [layout.lin.get(name) for name in names]
+            if self.collect_signal:
+                for name, grad in zip(names, grads, strict=True):
+                    if grad is not None:
+                        value = grad.detach() if root == 1.0 else grad.detach() * root
+                        g_sum[name] = g_sum[name] + value if name in g_sum else value
+        layout.lin = None
+        self._finish(prepared, layout, ok, g_sum, draw_weight_sq=1.0 / self.mc_samples)
+
+    def _finish(self, prepared, layout, ok, g_sum, draw_weight_sq) -> None:
+        device = self._state.device
+        sq = {n: layout.sq.get(n) for n in self._state.shapes}
+        for name, shape in self._state.shapes.items():
+            if sq[name] is None:
+                sq[name] = torch.zeros(shape, dtype=self._compute_dtype, device=device)
+        finite = torch.stack([t.sum() for t in sq.values()]).isfinite().all()
+        ok = ok & finite
+        trace_rows, mask_rows = {}, {}
+        active = None
+        if self.unit == "token" and self._unit_families:
+            active = prepared.token_mask.reshape(-1) > 0  # boolean selection: one host sync
+        for fam, trace, mask in zip(self._unit_families, layout.trace, layout.mask, strict=True):
+            trace, mask = trace[:, : fam.size], mask[:, : fam.size]
+            if active is not None:
+                trace, mask = trace[active], mask[active]
+            trace_rows[fam.name], mask_rows[fam.name] = trace, mask
+        n_units = torch.full((), prepared.n_samples, dtype=torch.float64, device=device)
+        if self.unit == "token":
+            n_units = prepared.n_tokens.to(device=device, dtype=torch.float64)
+        if self.collect_signal:
+            for name in self._state.shapes:
+                g_sum.setdefault(name, torch.zeros_like(sq[name]))
+        self._state.update(
+            ok,
+            n_units,
+            prepared.n_samples,
+            prepared.n_tokens.to(device),
+            draw_weight_sq,
+            sq,
+            layout.sq4,
+            g_sum,
+            trace_rows,
+            mask_rows,
+        )
+
+    # ------------------------------------------------------------ combining
+    def merge(self, other: FisherCollector) -> FisherCollector:
+        """Fold ``other``'s statistics into this collector (Chan; exact, order-free)."""
+        if not isinstance(other, FisherReads):
+            raise TypeError(f"other must be a FisherCollector; got {type(other).__name__}")
+        mine, theirs = self.spec(), other.spec()
+        for key in ("kind", "likelihood", "unit", "mode", "signal", "element_se", "fingerprint"):
+            if mine[key] != theirs[key]:
+                raise ValueError(
+                    f"cannot merge collectors with different {key}: {mine[key]!r} vs "
+                    f"{theirs[key]!r}"
+                )
+        if [f.name for f in self._unit_families] != [f.name for f in other._unit_families]:
+            raise ValueError("cannot merge collectors with different group families")
+        self._state.merge(other._state)
+        return self
+
+    def all_reduce(self, group: object | None = None) -> FisherCollector:
+        """Sum the statistics over ``torch.distributed`` ranks (every rank gets the result of
+        all ranks' data; a no-op without an initialised process group)."""
+        self._state.all_reduce(group)
+        return self
+
+
+def _select(model: nn.Module, params: Iterable[str] | None) -> dict[str, nn.Parameter]:
+    named = dict(model.named_parameters())
+    if params is None:
+        selected = {n: p for n, p in named.items() if p.requires_grad}
+    else:
+        if isinstance(params, str):
+            raise TypeError("params must be an iterable of parameter names, not a string")
+        selected = {}
+        for name in params:
+            if name not in named:
+                raise ValueError(f"params: unknown parameter {name!r}")
+            if not named[name].requires_grad:
+                raise ValueError(f"params: {name!r} does not require grad")
+            selected[name] = named[name]
+    if not selected:
+        raise ValueError("the model has no parameter that requires grad: nothing to collect")
+    devices = {p.device for p in selected.values()}
+    if len(devices) > 1:
+        raise ValueError(f"parameters live on several devices {sorted(map(str, devices))}")
+    bad = [n for n, p in selected.items() if not p.is_floating_point()]
+    if bad:
+        raise TypeError(f"params must be floating; {bad[0]!r} is {selected[bad[0]].dtype}")
+    return selected
+
+
+__all__ += ["fingerprint"]

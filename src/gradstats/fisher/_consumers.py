@@ -1,0 +1,267 @@
+r"""Consumers: what people collect a Fisher for. Every one checks kind, unit and shapes.
+
+* :func:`importance_ranking` — groups sorted by ``trace`` or ``mask`` Fisher.
+* :func:`pruning_masks` — structured masks (heads, channels, FFN neurons) removing the least
+  important groups under a budget (Michel et al. 2019; Kwon et al. 2022 use the ``mask`` Fisher).
+* :func:`ewc_penalty` — elementwise EWC (Kirkpatrick et al. 2017):
+  (λ/2) Σ_j F_jj (θ_j − θ*_j)², with F the per-sample Fisher of the old task.
+* :func:`fisher_merge` — Fisher merging (Matena & Raffel 2022): θ*_j = Σ_m λ_m F̃_mj θ_mj /
+  Σ_m λ_m F̃_mj with F̃ = max(F, floor), so coordinates no model has information about fall back
+  to the λ-weighted average.
+* :func:`task_overlap` — Fisher overlap of two tasks (Kirkpatrick et al. 2017): with F̂ = F/tr F,
+  1 − ½‖F̂_a^{1/2} − F̂_b^{1/2}‖² = Σ_j sqrt(F̂_aj F̂_bj) ∈ [0, 1], globally and per parameter.
+* :func:`gradient_conflicts` — cosines between per-sample gradients of two batches, labelled by
+  the callers' true sample ids.
+
+A Fisher of ``kind="batch_grad_sq"`` (the mistaken squared mini-batch gradient) is refused
+everywhere: it depends on the batch size and is not a Fisher.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+
+import torch
+from torch import nn
+
+from gradstats._validation import check_choice
+from gradstats.fisher._reads import FisherReads
+
+__all__ = [
+    "ewc_penalty",
+    "fisher_merge",
+    "gradient_conflicts",
+    "importance_ranking",
+    "pruning_masks",
+    "task_overlap",
+]
+
+FISHER_KINDS = ("empirical", "mc", "exact")
+STRUCTURES = {"heads": ("heads",), "channels": ("channel",), "neurons": ("neurons",)}
+
+
+def _check(fisher: object, what: str, kinds=FISHER_KINDS, units=("sample", "token")) -> FisherReads:
+    if not isinstance(fisher, FisherReads):
+        raise TypeError(
+            f"{what} must be a FisherCollector (live or loaded); got {type(fisher).__name__}"
+        )
+    if fisher.kind not in kinds:
+        extra = (
+            " (the mistaken squared mini-batch gradient)" if fisher.kind == "batch_grad_sq" else ""
+        )
+        raise ValueError(
+            f"{what} has kind={fisher.kind!r}{extra}; this consumer needs one of {', '.join(kinds)}"
+        )
+    if fisher.unit not in units:
+        raise ValueError(f"{what} has unit={fisher.unit!r}; this consumer needs unit in {units}")
+    return fisher
+
+
+def _same(fishers: Sequence[FisherReads], what: str) -> None:
+    first = fishers[0]
+    for index, other in enumerate(fishers[1:], start=1):
+        for key in ("kind", "unit"):
+            if getattr(other, key) != getattr(first, key):
+                raise ValueError(
+                    f"{what}[{index}] has {key}={getattr(other, key)!r} but {what}[0] has "
+                    f"{getattr(first, key)!r}; Fishers of different {key}s are not comparable"
+                )
+        if other._state.shapes != first._state.shapes:
+            raise ValueError(f"{what}[{index}] covers other parameters or shapes than {what}[0]")
+
+
+def importance_ranking(
+    fisher: FisherReads, kind: str = "mask", *, families: Sequence[str] | None = None
+) -> list[tuple[str, float]]:
+    """[(group name, value)] sorted from most to least important (host read)."""
+    _check(fisher, "fisher")
+    values = fisher.group_fisher(kind)
+    names = fisher.group_names()
+    chosen = list(values) if families is None else list(families)
+    rows = []
+    for fam in chosen:
+        if fam not in values:
+            raise ValueError(f"families: no {kind!r} values for family {fam!r}")
+        rows += list(zip(names[fam], values[fam].tolist(), strict=True))  # sync-ok: a report
+    return sorted(rows, key=lambda row: -row[1])
+
+
+def pruning_masks(
+    fisher: FisherReads,
+    budget: float | int,
+    *,
+    structure: str = "heads",
+    kind: str = "mask",
+    scope: str = "global",
+    min_keep: int = 1,
+) -> dict[str, torch.Tensor]:
+    """{family: bool [G]} (True = keep) pruning the least important groups of ``structure``.
+
+    ``budget``: a fraction in (0, 1) of the groups to remove, or an int number of groups.
+    ``scope="global"`` ranks all families' groups together; ``"layer"`` removes the same
+    fraction from each family. Every family keeps at least ``min_keep`` groups.
+    """
+    _check(fisher, "fisher")
+    check_choice("structure", structure, STRUCTURES)
+    check_choice("scope", scope, ("global", "layer"))
+    fams = [f for f in fisher.families if f.kind in STRUCTURES[structure]]
+    if not fams:
+        raise ValueError(f"the collector's group map has no {structure!r} families")
+    values = fisher.group_fisher(kind)
+    missing = [f.name for f in fams if f.name not in values]
+    if missing:
+        raise ValueError(f"no {kind!r} values for {missing[0]!r} (no per-unit statistics)")
+    total = sum(f.size for f in fams)
+    if isinstance(budget, bool) or not isinstance(budget, (int, float)):
+        raise TypeError(
+            f"budget must be a fraction in (0, 1) or an int; got {type(budget).__name__}"
+        )
+    if isinstance(budget, float) and not 0.0 < budget < 1.0:
+        raise ValueError(f"budget as a fraction must lie in (0, 1); got {budget}")
+    count = round(budget * total) if isinstance(budget, float) else budget
+    if count < 0 or count > total - min_keep * len(fams):
+        raise ValueError(
+            f"budget removes {count} of {total} groups but {min_keep} per family must stay"
+        )
+    masks = {f.name: torch.ones(f.size, dtype=torch.bool) for f in fams}
+    if scope == "layer":
+        for f in fams:
+            remove = min(round(count * f.size / total), f.size - min_keep)
+            order = values[f.name].cpu().argsort()
+            masks[f.name][order[:remove]] = False
+        return masks
+    scores = torch.cat([values[f.name].cpu() for f in fams])
+    owner = torch.cat([torch.full((f.size,), i) for i, f in enumerate(fams)])
+    index = torch.cat([torch.arange(f.size) for f in fams])
+    kept = {f.name: f.size for f in fams}
+    removed = 0
+    for j in scores.argsort().tolist():
+        if removed == count:
+            break
+        fam = fams[int(owner[j])]
+        if kept[fam.name] > min_keep:
+            masks[fam.name][index[j]] = False
+            kept[fam.name] -= 1
+            removed += 1
+    return masks
+
+
+def ewc_penalty(
+    fisher: FisherReads,
+    params: Mapping[str, torch.Tensor] | nn.Module,
+    anchor: Mapping[str, torch.Tensor],
+    *,
+    strength: float = 1.0,
+    units: Sequence[str] = ("sample",),
+) -> torch.Tensor:
+    """(λ/2) Σ_j F_jj (θ_j − θ*_j)² over the Fisher's parameters (differentiable in θ).
+
+    ``params``: the current parameters (a module or a name -> tensor mapping); ``anchor``: θ*
+    after the old task. The Fisher must be a per-sample Fisher (``units``) of kind empirical,
+    mc or exact.
+    """
+    _check(fisher, "fisher", units=tuple(units))
+    current = dict(params.named_parameters()) if isinstance(params, nn.Module) else dict(params)
+    values = fisher.fisher()
+    total = None
+    for name, f in values.items():
+        if name not in current or name not in anchor:
+            raise ValueError(f"parameter {name!r} of the Fisher is missing from params or anchor")
+        theta, star = current[name], anchor[name]
+        if theta.shape != f.shape or star.shape != f.shape:
+            raise ValueError(
+                f"{name}: Fisher shape {tuple(f.shape)}, params {tuple(theta.shape)}, anchor "
+                f"{tuple(star.shape)} must agree"
+            )
+        term = (f.to(theta.dtype) * (theta - star.detach().to(theta.dtype)).square()).sum()
+        total = term if total is None else total + term
+    return 0.5 * strength * total
+
+
+def fisher_merge(
+    params: Sequence[Mapping[str, torch.Tensor]],
+    fishers: Sequence[FisherReads],
+    *,
+    weights: Sequence[float] | None = None,
+    floor: float = 1e-8,
+) -> dict[str, torch.Tensor]:
+    """Elementwise Fisher-weighted average of several models' parameters (see module doc)."""
+    if len(params) != len(fishers) or len(params) < 2:
+        raise ValueError("fisher_merge needs as many Fishers as parameter sets, at least two")
+    for index, f in enumerate(fishers):
+        _check(f, f"fishers[{index}]")
+    _same(fishers, "fishers")
+    weights = [1.0] * len(params) if weights is None else list(weights)
+    if len(weights) != len(params) or any(w < 0 for w in weights) or sum(weights) <= 0:
+        raise ValueError("weights must be one non-negative number per model, not all zero")
+    if not floor > 0:
+        raise ValueError(f"floor must be positive; got {floor}")
+    values = [f.fisher(dtype=torch.float64) for f in fishers]
+    merged = {}
+    for name in values[0]:
+        numerator = denominator = 0.0
+        for lam, theta, fisher in zip(weights, params, values, strict=True):
+            if name not in theta or theta[name].shape != fisher[name].shape:
+                raise ValueError(f"{name}: missing or of the wrong shape in a parameter set")
+            f = fisher[name].to(theta[name].device).clamp(min=floor) * lam
+            numerator = numerator + f * theta[name].detach().double()
+            denominator = denominator + f
+        merged[name] = (numerator / denominator).to(params[0][name].dtype)
+    return merged
+
+
+def task_overlap(fisher_a: FisherReads, fisher_b: FisherReads) -> dict[str, object]:
+    """Fisher overlap Σ sqrt(F̂_a F̂_b) (F̂ = F / tr F), globally and per parameter, plus the
+    cosine of the two Fisher vectors (host reads)."""
+    _check(fisher_a, "fisher_a")
+    _check(fisher_b, "fisher_b")
+    _same([fisher_a, fisher_b], "fishers")
+    fa, fb = fisher_a.fisher(dtype=torch.float64), fisher_b.fisher(dtype=torch.float64)
+
+    def overlap(x: torch.Tensor, y: torch.Tensor) -> float:
+        sx, sy = x.sum(), y.sum()
+        if sx <= 0 or sy <= 0:
+            return float("nan")
+        return float((x / sx * y / sy).clamp(min=0).sqrt().sum())  # sync-ok: a report
+
+    flat_a = torch.cat([fa[n].reshape(-1) for n in fa])
+    flat_b = torch.cat([fb[n].reshape(-1).to(flat_a.device) for n in fa])
+    cosine = float(flat_a @ flat_b / (flat_a.norm() * flat_b.norm()))  # sync-ok: a report
+    return {
+        "overlap": overlap(flat_a, flat_b),
+        "cosine": cosine,
+        "per_parameter": {n: overlap(fa[n], fb[n].to(fa[n].device)) for n in fa},
+    }
+
+
+def gradient_conflicts(
+    per_sample_a: Mapping[str, torch.Tensor],
+    per_sample_b: Mapping[str, torch.Tensor],
+    ids_a: Sequence[object],
+    ids_b: Sequence[object],
+) -> dict[str, object]:
+    """Cosines between per-sample gradients of two tasks ({name: [N, *shape]} each, e.g. from
+    :func:`gradstats.testing.per_sample_gradients`), with rows labelled by the *true* sample ids
+    (the ids must come with the gradients; they are never re-derived from positions).
+
+    Returns ``cosine`` [N_a, N_b], ``ids_a``, ``ids_b`` and ``conflict_fraction`` (cos < 0).
+    """
+    if set(per_sample_a) != set(per_sample_b):
+        raise ValueError("per_sample_a and per_sample_b must cover the same parameters")
+    names = sorted(per_sample_a)
+    flat_a = torch.cat([per_sample_a[n].reshape(per_sample_a[n].shape[0], -1) for n in names], 1)
+    flat_b = torch.cat([per_sample_b[n].reshape(per_sample_b[n].shape[0], -1) for n in names], 1)
+    if len(ids_a) != flat_a.shape[0] or len(ids_b) != flat_b.shape[0]:
+        raise ValueError(
+            f"ids: {len(ids_a)} and {len(ids_b)} ids for {flat_a.shape[0]} and {flat_b.shape[0]} "
+            "per-sample gradients; every row needs its true sample id"
+        )
+    flat_a, flat_b = flat_a.double(), flat_b.double()
+    norms = flat_a.norm(dim=1, keepdim=True) * flat_b.norm(dim=1).unsqueeze(0)
+    cosine = torch.where(norms > 0, flat_a @ flat_b.T / norms.clamp(min=1e-300), 0.0)
+    return {
+        "cosine": cosine,
+        "ids_a": list(ids_a),
+        "ids_b": list(ids_b),
+        "conflict_fraction": float((cosine < 0).double().mean()),  # sync-ok: a report
+    }

@@ -1,0 +1,315 @@
+r"""Hook plumbing: which module computes which parameter's per-unit gradients, and the passes.
+
+A module called on a batch of one while the model's batch has B > 1 rows (Hugging Face position
+embeddings of ``position_ids`` [1, T], broadcast when added) has its output expanded to B rows
+in the forward hook, so that each sample's share of its gradient stays separate. (A module
+whose output has no batch dimension at all cannot be told apart from a batched one and is not
+supported.)
+
+Forward hooks (registered once, idle unless a batch is being recorded) save each call's input
+and register a tensor hook on its output together with the output's ``GradientEdge`` (taken
+before any later in-place op). A *pass* is one ``torch.autograd.grad`` call whose ``inputs``
+are those edges: autograd then computes only activation gradients — no weight-gradient GEMMs
+unless the mean gradient is wanted — and each tensor hook reduces its module's per-unit
+gradients the moment the output gradient exists, then lets it go.
+
+A parameter with several *sites* (tied weights such as GPT-2's ``wte`` / ``lm_head``, or a module
+called more than once per forward) must be summed per unit before squaring: its sites keep their
+factors until the end of the pass, then the per-unit gradients are formed chunk by chunk
+(Σ over sites), squared and freed.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import warnings
+from collections import Counter
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+from torch.autograd.graph import get_gradient_edge
+
+from gradstats.fisher._accumulate import Request, UnitLayout, accumulate_materialised
+from gradstats.fisher._fallback import FunctionalHandler
+from gradstats.fisher._persample import (
+    ConvHandler,
+    EmbeddingHandler,
+    Handler,
+    LinearHandler,
+    NormHandler,
+    is_hf_conv1d,
+    is_hf_rmsnorm,
+)
+
+__all__ = ["Engine", "make_handler"]
+
+# Modules whose forward uses their children's parameters directly (not through the children's
+# forward): the module owns those parameters and is handled as one unit by the fallback. A
+# module can also declare itself such a unit with ``fisher_whole_module = True``; classes named
+# here are matched by name so that their packages need not import gradstats.fisher.
+_USES_CHILD_PARAMETERS = (nn.MultiheadAttention,)
+_WHOLE_MODULE_CLASSES = {"EquilibriumTransformer"}
+
+
+def _whole_module(module: nn.Module) -> bool:
+    return (
+        isinstance(module, _USES_CHILD_PARAMETERS)
+        or getattr(module, "fisher_whole_module", False) is True
+        or type(module).__name__ in _WHOLE_MODULE_CLASSES
+    )
+
+
+def make_handler(module: nn.Module, attrs: dict[str, str], label: str) -> Handler:
+    """The fastest exact handler for ``module`` (exact types only: a subclass may change the
+    forward), else the ``torch.func`` fallback."""
+    simple = set(attrs) <= set(module._parameters)
+    kind = type(module)
+    if simple and kind is nn.Linear:
+        return LinearHandler(module, attrs, label)
+    if simple and is_hf_conv1d(module):
+        return LinearHandler(module, attrs, label, transposed=True)
+    if simple and kind is nn.Embedding:
+        return EmbeddingHandler(module, attrs, label)
+    if simple and kind is nn.LayerNorm:
+        return NormHandler(module, attrs, label, "layer")
+    if simple and kind is nn.RMSNorm:
+        return NormHandler(module, attrs, label, "rms")
+    if simple and is_hf_rmsnorm(module):
+        return NormHandler(module, attrs, label, "hf")
+    if simple and kind in (nn.Conv1d, nn.Conv2d, nn.Conv3d):
+        return ConvHandler(module, attrs, label)
+    return FunctionalHandler(module, attrs, label)
+
+
+@dataclass
+class Site:
+    """One recorded module call of the current batch."""
+
+    handler: Handler
+    saved: object
+    output_id: int
+
+
+def _owners(model: nn.Module, selected: dict[str, nn.Parameter]) -> dict[str, list]:
+    """Parameter name -> [(module name, module, attribute)] of the modules that use it."""
+    by_id = {id(p): name for name, p in selected.items()}
+    owners: dict[str, list] = {name: [] for name in selected}
+    absorbed: set[int] = set()
+    for mname, module in model.named_modules():
+        if _whole_module(module):
+            for attr, p in module.named_parameters():
+                if id(p) in by_id and id(p) not in absorbed:
+                    owners[by_id[id(p)]].append((mname, module, attr))
+                    absorbed.add(id(p))
+    for mname, module in model.named_modules():
+        for attr, p in module._parameters.items():
+            if p is not None and id(p) in by_id and id(p) not in absorbed:
+                owners[by_id[id(p)]].append((mname, module, attr))
+    for name, found in owners.items():  # a parameter shared with a descendant is used there
+        modules = [m for _, m, _ in found]
+        owners[name] = [
+            (n, m, a)
+            for n, m, a in found
+            if not any(o is not m and any(c is o for c in m.modules()) for o in modules)
+        ]
+    return owners
+
+
+def _expand(value: object, batch: int) -> object:
+    if isinstance(value, torch.Tensor) and value.dim() > 0 and value.shape[0] == 1:
+        return value.expand(batch, *value.shape[1:])
+    return value
+
+
+class Engine:
+    """Per-sample machinery of one collector (see the module docstring)."""
+
+    def __init__(self, model: nn.Module, selected: dict[str, nn.Parameter]) -> None:
+        self.model = model
+        self.selected = selected
+        owners = _owners(model, selected)
+        attrs: dict[nn.Module, dict[str, str]] = {}
+        labels: dict[nn.Module, str] = {}
+        for name, found in owners.items():
+            for mname, module, attr in found:
+                attrs.setdefault(module, {})[attr] = name
+                labels[module] = mname or type(model).__name__
+        self.handlers = {m: make_handler(m, a, labels[m]) for m, a in attrs.items()}
+        for handler in self.handlers.values():
+            handler.replay = self.replay
+        self.static_multi = {name for name, found in owners.items() if len(found) > 1}
+        self.requests: dict[str, list[Request]] = {}
+        self._recording = False
+        self._replaying = 0
+        self.sites: list[Site] = []
+        self.edges: list = []
+        self.calls: Counter = Counter()
+        self.batch_size = 0
+        self.layout: UnitLayout | None = None
+        self._deferred: list = []
+        self._hooks = [
+            m.register_forward_hook(self._forward_hook, with_kwargs=True) for m in self.handlers
+        ]
+        fallback = [h.label for h in self.handlers.values() if isinstance(h, FunctionalHandler)]
+        if fallback:
+            warnings.warn(
+                f"gradstats.fisher: no dedicated per-sample handler for {', '.join(fallback)}; "
+                "using the torch.func fallback (exact, slower)",
+                stacklevel=3,
+            )
+
+    def set_requests(self, requests: dict[str, list[Request]]) -> None:
+        """Group requests per parameter name; each handler is told about its own."""
+        self.requests = requests
+        for handler in self.handlers.values():
+            handler.configure({a: requests.get(n, []) for a, n in handler.attrs.items()})
+
+    # ---------------------------------------------------------------- hooks
+    def close(self) -> None:
+        for hook in self._hooks:
+            hook.remove()
+        self._hooks = []
+
+    @contextlib.contextmanager
+    def replay(self):
+        """Re-executing a module's forward (fallback, norms): our hooks stay quiet."""
+        self._replaying += 1
+        try:
+            yield
+        finally:
+            self._replaying -= 1
+
+    @contextlib.contextmanager
+    def recording(self, batch_size: int):
+        """Record the module calls of one forward; ``batch_size`` B lets a module called on a
+        batch of one (broadcast over the batch) be expanded to B rows."""
+        self.sites, self.edges, self.calls = [], [], Counter()
+        self.batch_size = batch_size
+        self._recording = True
+        try:
+            yield
+        finally:
+            self._recording = False
+
+    def release(self) -> None:
+        self.sites, self.edges, self._deferred, self.layout = [], [], [], None
+
+    def _forward_hook(self, module, args, kwargs, output) -> None:
+        if not self._recording or self._replaying:
+            return None
+        if isinstance(module, nn.modules.batchnorm._BatchNorm) and module.training:
+            raise ValueError(
+                f"module {self.handlers[module].label!r} is a BatchNorm in training mode: it mixes "
+                "the samples of a batch, so per-sample gradients are undefined; call model.eval()"
+            )
+        handler = self.handlers[module]
+        batch = self.batch_size
+        broadcast = (
+            isinstance(output, torch.Tensor)
+            and batch > 1
+            and output.dim() > 0
+            and output.shape[0] == 1
+            and output.requires_grad
+        )
+        if broadcast:  # e.g. position embeddings of position_ids [1, T]: one row per sample
+            output = output.expand(batch, *output.shape[1:])
+            args = tuple(_expand(a, batch) for a in args)
+            kwargs = {k: _expand(v, batch) for k, v in kwargs.items()}
+        outputs = [output] if isinstance(output, torch.Tensor) else list(output)
+        tensors = [t for t in outputs if isinstance(t, torch.Tensor) and t.requires_grad]
+        if not tensors:
+            return None
+        site = Site(handler, handler.save(args, kwargs, output), id(tensors[0]))
+        self.calls[module] += 1
+        self.sites.append(site)
+        self.edges.append(get_gradient_edge(tensors[0]))
+        tensors[0].register_hook(functools.partial(self._on_grad, site))
+        for extra in tensors[1:]:
+            extra.register_hook(functools.partial(self._extra_output, handler.label))
+        return output if broadcast else None
+
+    def _extra_output(self, label: str, grad: torch.Tensor) -> None:
+        if bool(grad.ne(0).any()):  # sync-ok: error path of an unsupported module
+            raise ValueError(
+                f"module {label!r} returns several tensors and a gradient reached output 2 or "
+                "later; per-sample gradients are only formed from its first output"
+            )
+
+    def _on_grad(self, site: Site, grad: torch.Tensor) -> None:
+        handler = site.handler
+        multi = self.calls[handler.module] > 1
+        direct, deferred = [], []
+        for attr, name in handler.attrs.items():
+            (deferred if multi or name in self.static_multi else direct).append(attr)
+        if direct:
+            wanted = {a: self.requests.get(handler.attrs[a], []) for a in direct}
+            handler.accumulate(self.layout, site.saved, grad, direct, wanted)
+        if deferred:
+            self._deferred.append((site, grad, deferred))
+
+    # ---------------------------------------------------------------- passes
+    def run_pass(
+        self,
+        layout: UnitLayout,
+        *,
+        objective: torch.Tensor | None = None,
+        output: torch.Tensor | None = None,
+        direction: torch.Tensor | None = None,
+        param_grads: bool = False,
+        retain: bool = False,
+    ) -> list[torch.Tensor | None] | None:
+        """One backward pass; returns the parameter gradients when ``param_grads``."""
+        if not self.edges:
+            raise ValueError(
+                "no module with selected parameters ran in the forward pass (or none of their "
+                "outputs requires grad): nothing to collect"
+            )
+        self.layout, self._deferred = layout, []
+        params = list(self.selected.values()) if param_grads else []
+        inputs = params + list(self.edges)
+        if objective is not None:
+            grads = torch.autograd.grad(objective, inputs, retain_graph=retain, allow_unused=True)
+        else:
+            grads = torch.autograd.grad(
+                output, inputs, grad_outputs=direction, retain_graph=retain, allow_unused=True
+            )
+        self._finish_deferred()
+        for lin, total in zip(layout.mask_lin, layout.mask, strict=True):
+            total.add_(lin.square())
+            lin.zero_()
+        return list(grads[: len(params)]) if param_grads else None
+
+    def _finish_deferred(self) -> None:
+        layout = self.layout
+        by_param: dict[str, list] = {}
+        for site, grad, attrs in self._deferred:
+            for attr in attrs:
+                by_param.setdefault(site.handler.attrs[attr], []).append((site, grad, attr))
+        prepared: dict[int, object] = {}
+        for name, parts in by_param.items():
+            step = min(layout.chunk(p[0].handler.bytes_per_unit([p[2]])) for p in parts)
+            wanted = self.requests.get(name, [])
+            theta = self.selected[name].detach() if any(r.in_mask for r in wanted) else None
+            # dense sites first; embeddings then add their few rows into that tensor
+            parts.sort(key=lambda part: isinstance(part[0].handler, EmbeddingHandler))
+            for lo in range(0, layout.n_units, step):
+                hi = min(layout.n_units, lo + step)
+                total = None
+                for site, grad, attr in parts:
+                    key = id(site)
+                    if key not in prepared:
+                        prepared[key] = site.handler.prepare(layout, site.saved, grad)
+                    handler = site.handler
+                    if total is not None and isinstance(handler, EmbeddingHandler):
+                        total = handler.materialise(prepared[key], [attr], lo, hi, total)[attr]
+                        continue
+                    g = handler.materialise(prepared[key], [attr], lo, hi)[attr]
+                    total = g if total is None else total.add_(g.to(total.dtype))
+                accumulate_materialised(layout, name, total, lo, wanted, theta)
+        self._deferred = []
+
+    def report(self) -> dict[str, str]:
+        """Module name -> handler used (``"linear"``, ``"conv2d"``, ``"vmap"``, ``"loop"``, ...)."""
+        return {h.label: h.name for h in self.handlers.values()}

@@ -1,0 +1,104 @@
+r"""The collector's special passes: the first-batch completeness check, the closed form of the
+output layer's exact Fisher, and the mistaken ``batch_grad_sq`` estimator.
+
+* Completeness: on the first batch one extra pass with samples as units checks that the
+  hooks' Σ_i g_i equals autograd's gradient for every parameter — a parameter read outside its
+  module's forward would otherwise get incomplete per-unit gradients, silently.
+* Closed form: when only the output layer (the module producing the logits) is collected,
+  ``kind="exact"`` is Σ_rows diag(Λ)ᵀ(h²), chunked over the output features (vocabulary), with
+  diag(Λ) = p(1 − p) for the softmax and 1 for σ² = 1 Gaussians; cross-position terms vanish in
+  expectation because every position's score has mean zero.
+* ``batch_grad_sq``: (ḡ_B)² with ḡ_B the batch-mean gradient (observations are batches).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from gradstats.fisher._accumulate import UnitLayout, compute_dtype
+from gradstats.fisher._likelihoods import Prepared
+from gradstats.fisher._persample import LinearHandler
+
+__all__ = ["SpecialPasses"]
+
+
+class SpecialPasses:
+    """Mixin of :class:`~gradstats.fisher.FisherCollector` (see the module docstring)."""
+
+    def _check_complete(self, prepared, names, objective, direction) -> None:
+        """First batch only: one extra pass with samples as units, in which the hooks' Σ_i g_i
+        must equal autograd's gradient for every parameter (one host sync). Catches parameters
+        used outside their module's forward, whose per-unit gradients would be incomplete."""
+        layout = self._layout(prepared, self._state.device, check=True)
+        grads = self._engine.run_pass(
+            layout,
+            objective=objective,
+            output=prepared.output,
+            direction=direction,
+            param_grads=True,
+            retain=True,
+        )
+        self._check_pending = False
+        bad = []
+        for name, grad in zip(names, grads, strict=True):
+            if grad is None:
+                continue
+            grad = grad.detach().to(torch.float64)
+            seen = layout.lin.get(name, torch.zeros_like(grad))
+            tol = {torch.float64: 1e-9, torch.float32: 1e-3}.get(self._dtypes[name], 5e-2)
+            scale = grad.abs().max()
+            if bool((seen - grad).abs().max() > tol * scale + 1e-30):  # sync-ok: first batch
+                bad.append(name)
+        if bad:
+            raise ValueError(
+                f"the per-sample gradients seen by the hooks do not add up to autograd's gradient "
+                f"for {', '.join(bad[:5])}: the parameter is used outside its module's forward "
+                "(e.g. read directly by a parent module), so its per-sample gradients would be "
+                "incomplete; wrap that use in a module or exclude the parameter (params=...)"
+            )
+
+    def _use_closed_form(self, prepared: Prepared) -> bool:
+        if self._closed_form is None:
+            sites = [s for s in self._engine.sites if s.output_id == id(prepared.output)]
+            handler = sites[0].handler if sites else None
+            self._closed_form = (
+                isinstance(handler, LinearHandler)
+                and len(self._engine.handlers) == 1
+                and prepared.output is not None
+            )
+        return self._closed_form
+
+    def _closed_form_pass(self, prepared: Prepared, layout: UnitLayout) -> None:
+        """Exact Fisher of the output layer: Σ_rows diag(Λ)ᵀ(h²), chunked over outputs."""
+        (handler,) = self._engine.handlers.values()
+        site = next(s for s in self._engine.sites if s.handler is handler)
+        h = site.saved[0].reshape(-1, site.saved[0].shape[-1])
+        cdt = compute_dtype(h)
+        h2 = h.to(cdt).square()
+        width = prepared.output.shape[-1]
+        step = max(1, min(width, self.chunk_bytes // max(1, 8 * h.shape[0])))
+        for start in range(0, width, step):
+            cols = slice(start, min(width, start + step))
+            lam = self.likelihood.output_fisher_diagonal(prepared, cols)
+            lam = lam.reshape(-1, lam.shape[-1]).to(cdt)
+            if "weight" in handler.attrs:
+                handler._add_weight(layout, layout.sq, cols, lam.T @ h2)
+            if "bias" in handler.attrs:
+                handler._add_rows(layout, layout.sq, handler.attrs["bias"], cols, lam.sum(0))
+
+    def _batch_grad_sq(self, prepared: Prepared) -> None:
+        """The mistaken estimator: (ḡ_B)² with ḡ_B the batch-mean gradient."""
+        names = list(self._engine.selected)
+        objective = self.likelihood.loss(prepared, prepared.targets)
+        grads = torch.autograd.grad(
+            objective, list(self._engine.selected.values()), allow_unused=True
+        )
+        device = self._state.device
+        n = prepared.n_samples if self.unit == "sample" else prepared.n_tokens
+        inv = 1.0 / torch.as_tensor(n, dtype=torch.float64, device=device)
+        layout = UnitLayout(self.unit, prepared.n_samples, prepared.token_mask, self.chunk_bytes)
+        for name, grad in zip(names, grads, strict=True):
+            if grad is not None:
+                layout.sq[name] = (grad.detach().to(torch.float64) * inv).square()
+        ok = torch.isfinite(objective)
+        self._finish(prepared, layout, ok, {}, draw_weight_sq=1.0)
