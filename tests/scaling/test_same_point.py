@@ -180,3 +180,25 @@ def test_ddp_ranks_give_the_same_point_estimate_of_all_micro_batches():
             ref["noise"] / ref["signal"], rel=1e-5
         )  # float32
     assert torch.equal(results[0]["factor"], results[1]["factor"])
+
+
+def test_autograd_grad_calls_are_not_micro_batches():
+    """Only contributions that reach .grad count: a torch.autograd.grad probe between the
+    micro-batch backwards (a gradient penalty, per-sample gradients) leaves ρ unchanged."""
+    x, y = _data()
+    values = []
+    for probe in (False, True):
+        torch.manual_seed(0)
+        model = torch.nn.Linear(5, 1)
+        vgs = VarianceGradientScaler(
+            model.named_parameters(), statistic="same_point", confidence=None
+        )
+        for xs, ys in zip(x.chunk(4), y.chunk(4), strict=True):
+            (torch.nn.functional.mse_loss(model(xs).squeeze(1), ys) / 4).backward()
+            if probe:
+                for row in range(3):
+                    loss = torch.nn.functional.mse_loss(model(xs[row : row + 1]).squeeze(1), ys[:1])
+                    torch.autograd.grad(loss, list(model.parameters()))
+        vgs.step()
+        values.append(vgs.get_normalized_variance())
+    assert values[1] == values[0]

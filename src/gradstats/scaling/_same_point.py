@@ -14,7 +14,9 @@ Both are unbiased at every step; numerator and denominator are smoothed by separ
 EMAs and ρ = EMA(N)/EMA(D) (never an EMA of ratios).
 
 The g_k come for free: a hook on every parameter sees each backward's gradient contribution h
-before it is accumulated into ``.grad`` (and, under DDP, before the all-reduce). If a rank runs
+before it is accumulated into ``.grad`` (and, under DDP, before the all-reduce); it is counted
+only once a post-accumulate hook confirms that it reached ``.grad``, so ``torch.autograd.grad``
+calls (gradient penalties, per-sample probes) never enter the statistic. If a rank runs
 M backward passes per step, g_k = M·h (so that the mean of the g_k over ranks and passes is the
 reduced ``.grad``), whatever the loss scaling. Under DDP one small all-reduce per step sums the
 per-tensor Σ‖h‖² and pass counts over ranks (ranks must run the same number of passes). With
@@ -59,14 +61,28 @@ class SamePointState(ScalarTensorState):
         self.signal_ema = torch.zeros_like(self.noise_ema)
         self._sums = torch.zeros_like(self.noise_ema)  # Σ‖h‖² of this step's contributions
         self._passes = torch.zeros_like(self.noise_ema)  # number of contributions
+        self._staged = torch.zeros_like(self.noise_ema)  # ‖h‖² seen, not yet in .grad
+        self._pending = [False] * len(params)
         self.last_passes = torch.zeros_like(self.noise_ema)
 
-    def observe(self, index: int, grad: torch.Tensor) -> None:
-        """Backward hook body: add ‖h‖² of one gradient contribution (on the device, no sync)."""
+    def stage(self, index: int, grad: torch.Tensor) -> None:
+        """Tensor-hook body: hold ‖h‖² of one gradient contribution (on the device, no sync)."""
         dtype = torch.float32 if grad.dtype in (torch.float16, torch.bfloat16) else None
         norm = torch.linalg.vector_norm(grad.detach(), dtype=dtype)
-        self._sums[index] += norm.to(torch.float64).square().to(self._sums.device)
-        self._passes[index] += 1.0
+        self._staged[index] = norm.to(torch.float64).square().to(self._staged.device)
+        self._pending[index] = True
+
+    def commit(self, index: int) -> None:
+        """Post-accumulate-hook body: the staged contribution reached ``.grad``; count it."""
+        if self._pending[index]:
+            self._pending[index] = False
+            self._sums[index] += self._staged[index]
+            self._passes[index] += 1.0
+
+    def observe(self, index: int, grad: torch.Tensor) -> None:
+        """Record one contribution that is known to be part of ``.grad`` (explicit calls)."""
+        self.stage(index, grad)
+        self.commit(index)
 
     def update(
         self,

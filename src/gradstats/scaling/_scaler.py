@@ -205,8 +205,11 @@ class VarianceGradientScaler:
         if self.config.statistic == "same_point":
             for (start, stop), state in zip(self.layout.blocks, self._states, strict=True):
                 for local, tensor in enumerate(self.layout.tensors[start:stop]):
-                    hook = functools.partial(_observe_hook, weakref.ref(self), state, local)
-                    self._hooks.append(tensor.register_hook(hook))
+                    owner = weakref.ref(self)
+                    stage = functools.partial(_stage_hook, owner, state, local)
+                    commit = functools.partial(_commit_hook, owner, state, local)
+                    self._hooks.append(tensor.register_hook(stage))
+                    self._hooks.append(tensor.register_post_accumulate_grad_hook(commit))
 
     def _on_accumulate(self, _tensor: torch.Tensor) -> None:
         self._events += 1
@@ -528,9 +531,13 @@ class VarianceGradientScaler:
         )
 
 
-def _observe_hook(
-    owner: weakref.ref, state: SamePointState, index: int, grad: torch.Tensor
-) -> None:
+def _stage_hook(owner: weakref.ref, state: SamePointState, index: int, grad: torch.Tensor) -> None:
     scaler = owner()
     if scaler is not None and scaler._capture:
-        state.observe(index, grad)
+        state.stage(index, grad)
+
+
+def _commit_hook(owner: weakref.ref, state: SamePointState, index: int, _param) -> None:
+    scaler = owner()
+    if scaler is not None and scaler._capture:
+        state.commit(index)
