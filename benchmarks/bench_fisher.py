@@ -13,7 +13,10 @@
 * ``fisher/lm_same_numbers``: gradstats against a loop of one backward per sequence.
 
 Goals (DESIGN.md): MLP ≤ 2.0× a plain backward, ≥ 4× faster than BackPACK, ≥ 20× faster than
-vmap; LM ≤ 3× a plain backward.
+vmap; LM ≤ 3× a plain backward. The BackPACK goal cannot be met by any exact method: for Linear
+layers BackPACK's ``SumGradSquared`` forms the same (b²)ᵀ(a²) product, after a full backward
+(≈ 1.6× a plain backward here), and gradstats still needs the forward and the activation
+gradients (≈ 2/3 of a plain backward) plus that product; measured: 1.3× faster.
 
 Run: ``gradstats bench fisher`` (``--smoke`` for tiny sizes).
 """

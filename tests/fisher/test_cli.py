@@ -6,6 +6,7 @@ import json
 import warnings
 
 import pytest
+import torch
 
 from gradstats.cli import main
 from gradstats.fisher import FisherCollector
@@ -199,3 +200,12 @@ def test_gradstats_run_folder_of_an_equilibrium_transformer(tmp_path, capsys):
     assert summary["source"].endswith("(EquilibriumTransformer, step 3)")
     assert summary["handlers"] == {"EquilibriumTransformer": "loop"}
     assert (out / "heads_heatmap.png").is_file()
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message on CPU-only machines")
+def test_device_cuda_without_a_gpu_is_a_one_line_error(tmp_path, text, capsys):
+    args = ["gpt2", "--text", str(text), "--out", str(tmp_path / "out"), "--device", "cuda"]
+    status, captured = _run([*args, *TINY], capsys)
+    assert status == 2
+    assert "--device cuda: no CUDA device is available" in captured.err
+    assert not (tmp_path / "out").exists()

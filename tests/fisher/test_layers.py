@@ -220,9 +220,44 @@ def test_parameter_used_outside_its_module_is_an_error():
 
     model = Sneaky().double()
     fc = FisherCollector(model, groups=None)
-    with pytest.raises(ValueError, match=r"lin.weight: the parameter is used outside its module"):
+    with pytest.raises(
+        ValueError, match=r"lin.weight \(module 'lin'\): either the parameter is used outside"
+    ):
         fc.collect(torch.randn(4, 3), torch.tensor([0, 1, 2, 0]))
     assert fc.counts["batches"] == 0
+
+
+def test_module_mixing_the_samples_is_an_error_naming_it():
+    class BatchSum(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.scale = nn.Parameter(torch.ones(()))
+
+        def forward(self, x):  # every output row depends on every sample
+            return x + x.sum(0) * self.scale
+
+    model = nn.Sequential(nn.Linear(3, 4), BatchSum(), nn.Linear(4, 2)).double()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # fallback notice
+        fc = FisherCollector(model, groups=None)
+    with pytest.raises(ValueError, match=r"1.scale \(module '1'\).*mixes the samples"):
+        fc.collect(torch.randn(4, 3), torch.tensor([0, 1, 1, 0]))
+    assert fc.counts["batches"] == 0
+
+
+def test_module_called_without_a_batch_dimension_is_an_error_naming_it():
+    class Positions(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.tok, self.pos = nn.Embedding(7, 4), nn.Embedding(5, 4)
+            self.head = nn.Linear(4, 3)
+
+        def forward(self, x):  # pos sees [T] indices: no batch dimension to split by sample
+            return self.head((self.tok(x) + self.pos(torch.arange(x.shape[1]))).mean(1))
+
+    fc = FisherCollector(Positions().double(), groups=None)
+    with pytest.raises(ValueError, match=r"module 'pos': the index input has shape \(5,\) but"):
+        fc.collect(torch.randint(0, 7, (3, 5)), torch.tensor([0, 1, 2]))
 
 
 def test_scale_grad_by_freq_embedding_is_refused():

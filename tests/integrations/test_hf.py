@@ -40,3 +40,67 @@ def test_trainer_callback(tmp_path):
     assert vgs.statistics()["global"].count == 8
     logged = [entry for entry in trainer.state.log_history if "vgs/factor" in entry]
     assert logged
+
+
+# ------------------------------------------------------------------------- Fisher callback
+def _trainer(tmp_path, callback, max_steps=2):
+    config = transformers.GPT2Config(vocab_size=32, n_positions=16, n_embd=16, n_layer=1, n_head=2)
+    model = transformers.GPT2LMHeadModel(config)
+    args = transformers.TrainingArguments(
+        output_dir=str(tmp_path), max_steps=max_steps, per_device_train_batch_size=4,
+        report_to=[], save_strategy="no", use_cpu=True, disable_tqdm=True, learning_rate=1e-2,
+    )  # fmt: skip
+    trainer = transformers.Trainer(
+        model=model, args=args, train_dataset=_Tokens(), callbacks=[callback]
+    )
+    return trainer, model
+
+
+def test_fisher_trainer_callback_on_a_given_loader(tmp_path):
+    from gradstats.fisher import FisherCollector
+    from gradstats.integrations.hf import FisherTrainerCallback
+
+    torch.set_default_dtype(torch.float32)
+    torch.manual_seed(0)
+    data = _Tokens(n=12)
+    batches = [{k: torch.stack([data[i][k] for i in range(j, j + 4)]) for k in data[0]}
+               for j in range(0, 12, 4)]  # fmt: skip
+    callback = FisherTrainerCallback(batches, max_batches=2)
+    trainer, model = _trainer(tmp_path, callback)
+    trainer.train()
+    assert model.training  # restored after collecting in eval mode (no dropout)
+    expected = FisherCollector(model.eval(), "empirical", "causal_lm").collect_loader(
+        batches[:2], progress=False
+    )
+    saved = FisherCollector.load(tmp_path / "fisher.safetensors")
+    assert saved.counts == expected.counts
+    assert saved.counts["tokens"] == 8 * 11
+    for name, value in expected.fisher().items():
+        torch.testing.assert_close(saved.fisher()[name], value)
+    logged = [entry for entry in trainer.state.log_history if "fisher/trace" in entry]
+    assert len(logged) == 1
+    assert logged[0]["fisher/samples"] == 8
+    assert logged[0]["step"] == 2
+
+
+def test_fisher_trainer_callback_on_the_trainers_train_loader(tmp_path):
+    from gradstats.integrations.hf import FisherTrainerCallback
+
+    torch.set_default_dtype(torch.float32)
+    torch.manual_seed(0)
+    callback = FisherTrainerCallback("train", max_batches=3, kind="mc", mc_samples=2)
+    trainer, _ = _trainer(tmp_path, callback)
+    trainer.train()
+    assert callback.collector.counts["samples"] == 12  # 3 batches of 4
+    assert callback.collector.kind == "mc"
+    assert (tmp_path / "fisher.safetensors").is_file()
+    assert callback.summary["fisher/trace"] > 0
+
+
+def test_fisher_trainer_callback_rejects_bad_options():
+    from gradstats.integrations.hf import FisherTrainerCallback
+
+    with pytest.raises(ValueError, match="dataloader must be an iterable of batches, 'train'"):
+        FisherTrainerCallback("validation")
+    with pytest.raises(ValueError, match="unit must be one of 'sample', 'token'"):
+        FisherTrainerCallback(unit="sequence")

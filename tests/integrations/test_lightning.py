@@ -63,3 +63,56 @@ def test_lightning_callback_rejects_a_missing_optimizer():
     torch.set_default_dtype(torch.float32)
     with pytest.raises(ValueError, match="optimizer_index=3"):
         trainer.fit(Regression(), _loader())
+
+
+# ------------------------------------------------------------------------- Fisher callback
+def test_fisher_callback_collects_saves_and_logs_at_the_end_of_training(tmp_path):
+    from gradstats.fisher import FisherCollector
+    from gradstats.integrations.lightning import FisherCallback
+
+    torch.set_default_dtype(torch.float32)
+    torch.manual_seed(0)
+    module = Regression()
+    batches = list(_loader())[:6]
+    callback = FisherCallback(batches, model="net", likelihood="regression", max_batches=4)
+    trainer = L.Trainer(
+        max_steps=3, accelerator="cpu", callbacks=[callback], default_root_dir=tmp_path,
+        logger=L.pytorch.loggers.CSVLogger(tmp_path), log_every_n_steps=1,
+        enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+    )  # fmt: skip
+    trainer.fit(module, _loader())
+    assert module.training  # the training flag is restored after collecting in eval mode
+    assert all(not m._forward_hooks for m in module.modules())  # the collector's hooks are gone
+    # the trained network's Fisher on the first 4 batches, from a collector of our own
+    expected = FisherCollector(module.net, "empirical", "regression")
+    expected.collect_loader(batches[:4], progress=False)
+    saved = FisherCollector.load(tmp_path / "fisher.safetensors")
+    assert saved.counts["samples"] == 64
+    for name, value in expected.fisher().items():
+        torch.testing.assert_close(saved.fisher()[name], value)
+        torch.testing.assert_close(callback.collector.fisher()[name], value)
+    trace = sum(float(v.double().sum()) for v in expected.fisher().values())
+    assert callback.summary["fisher/trace"] == pytest.approx(trace, rel=1e-6)
+    with open(next(tmp_path.rglob("metrics.csv"))) as handle:
+        rows = list(csv.DictReader(handle))
+    logged = [row for row in rows if row.get("fisher/trace")]
+    assert len(logged) == 1
+    assert float(logged[0]["fisher/samples"]) == 64
+
+
+def test_fisher_callback_rejects_bad_options_before_training():
+    from gradstats.integrations.lightning import FisherCallback
+
+    with pytest.raises(ValueError, match="kind must be one of 'empirical'"):
+        FisherCallback([], kind="true")
+    with pytest.raises(ValueError, match="max_batches must be an int >= 1 or None"):
+        FisherCallback([], max_batches=0)
+    with pytest.raises(ValueError, match="likelihood must be one of"):
+        FisherCallback([], likelihood="poisson")
+
+
+def test_fisher_callback_rejects_a_misspelt_collector_argument():
+    from gradstats.integrations.lightning import FisherCallback
+
+    with pytest.raises(TypeError, match=r"unknown FisherCollector argument\(s\) \['mc_sample'\]"):
+        FisherCallback([], mc_sample=4)

@@ -19,12 +19,19 @@ The text is cut into sequences of ``--seq-len`` tokens, ``--batch-size`` per bat
 
 Writes ``fisher.safetensors`` (see ``FisherCollector.save``), ``summary.json`` and
 ``heads_heatmap.png`` (layers × heads) into ``--out``, and prints the top groups.
+
+Under ``torchrun`` (``WORLD_SIZE`` > 1) the process group is initialised from the environment
+(gloo on the CPU, NCCL with ``--device cuda``, one GPU per ``LOCAL_RANK``); every rank builds
+the same model and batches, collects the batches b with b mod W = rank, the statistics are
+all-reduced (float64 sums, Chan-merged moments) and rank 0 writes the outputs — the same numbers
+as one process on all the batches (``--kind mc`` draws labels with seed + rank).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import warnings
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -60,6 +67,7 @@ class FisherConfig:
         "mask", "group quantity of the table and heatmap", choices=("trace", "mask")
     )
     progress: bool = option(True, "show a progress bar")
+    device: str = option("cpu", "device of the model", choices=("cpu", "cuda"))
 
 
 def _overrides(pairs: tuple[str, ...]) -> dict[str, object]:
@@ -225,10 +233,47 @@ def _heatmap(values: dict[str, torch.Tensor], families, path: Path, title: str) 
     return True
 
 
-def run_fisher(config: FisherConfig) -> Path:
-    """Collect, save, print the table and draw the heatmap; returns the output folder."""
-    from gradstats.fisher import FisherCollector, importance_ranking
+def _process_group(device: str) -> tuple[int, int, bool]:
+    """(rank, world size, created): join the ``torchrun`` process group from the environment
+    when ``WORLD_SIZE`` > 1 and none is initialised yet; an existing group is used as is."""
+    import torch.distributed as dist
 
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size(), False
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world <= 1:
+        return 0, 1, False
+    if not dist.is_available():
+        raise ValueError(f"WORLD_SIZE={world} but this torch has no torch.distributed")
+    dist.init_process_group("nccl" if device == "cuda" else "gloo")
+    return dist.get_rank(), dist.get_world_size(), True
+
+
+def _device(name: str) -> torch.device:
+    if name == "cpu":
+        return torch.device("cpu")
+    if not torch.cuda.is_available():
+        raise ValueError("--device cuda: no CUDA device is available")
+    return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+
+
+def run_fisher(config: FisherConfig) -> Path:
+    """Collect, save, print the table and draw the heatmap; returns the output folder.
+
+    Under a ``torch.distributed`` process group (or ``torchrun``) only rank 0 writes and prints.
+    """
+    _check_config(config)
+    rank, world, created = _process_group(config.device)
+    try:
+        return _run(config, rank, world)
+    finally:
+        if created:
+            import torch.distributed as dist
+
+            dist.destroy_process_group()
+
+
+def _check_config(config: FisherConfig) -> None:
     for name in ("mc_samples", "seq_len", "batch_size", "max_batches", "top"):
         if getattr(config, name) < 1:
             raise ValueError(
@@ -242,9 +287,15 @@ def run_fisher(config: FisherConfig) -> Path:
         raise FileNotFoundError(f"no text file {config.text}")
     if config.kind != "mc" and config.mc_samples != 1:
         raise ValueError("--mc-samples applies to --kind mc only")
-    torch.manual_seed(config.seed)
+
+
+def _run(config: FisherConfig, rank: int, world: int) -> Path:
+    from gradstats.fisher import FisherCollector, importance_ranking
+
+    device = _device(config.device)
+    torch.manual_seed(config.seed)  # the same random initialisation on every rank
     model, tokenizer, description = load_source(config.source, _overrides(config.set))
-    model = model.to(getattr(torch, config.dtype)).eval()
+    model = model.to(device=device, dtype=getattr(torch, config.dtype)).eval()
     vocab = _vocab_size(model)
     ids = encode(config.text.read_text(encoding="utf-8"), tokenizer, vocab)
     fc = FisherCollector(
@@ -253,12 +304,18 @@ def run_fisher(config: FisherConfig) -> Path:
         "causal_lm",
         config.unit,
         mc_samples=config.mc_samples,
-        seed=config.seed,
+        seed=config.seed + rank,
         max_exact_passes=10**9,
     )
     fc.collect_loader(
-        _batches(ids, config), max_batches=config.max_batches, progress=config.progress
+        _batches(ids, config),
+        max_batches=config.max_batches,
+        progress=config.progress and rank == 0,
+        device=device,
+        distributed=True,
     )
+    if rank != 0:
+        return config.out
     out = config.out
     out.mkdir(parents=True, exist_ok=True)
     fc.save(out / "fisher.safetensors")
@@ -280,6 +337,7 @@ def run_fisher(config: FisherConfig) -> Path:
         "tokenizer": "model tokenizer" if tokenizer is not None else "byte-level fallback",
         "config": {k: str(v) if isinstance(v, Path) else v for k, v in asdict(config).items()},
         "counts": fc.counts,
+        "world_size": world,
         "handlers": fc.handlers,
         "top_groups": ranking,
     }

@@ -50,11 +50,15 @@ class SpecialPasses:
             if bool((seen - grad).abs().max() > tol * scale + 1e-30):  # sync-ok: first batch
                 bad.append(name)
         if bad:
+            owner = {n: h.label for h in self._engine.handlers.values() for n in h.attrs.values()}
+            named = ", ".join(f"{n} (module {owner.get(n, '?')!r})" for n in bad[:5])
             raise ValueError(
                 f"the per-sample gradients seen by the hooks do not add up to autograd's gradient "
-                f"for {', '.join(bad[:5])}: the parameter is used outside its module's forward "
-                "(e.g. read directly by a parent module), so its per-sample gradients would be "
-                "incomplete; wrap that use in a module or exclude the parameter (params=...)"
+                f"for {named}: either the parameter is used outside its module's forward (e.g. "
+                "read directly by a parent module), so its per-sample gradients would be "
+                "incomplete — wrap that use in a module — or the module mixes the samples of a "
+                "batch (batch statistics), so per-sample gradients are undefined; exclude the "
+                "parameter (params=...) or fix the module"
             )
 
     def _use_closed_form(self, prepared: Prepared) -> bool:

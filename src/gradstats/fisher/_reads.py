@@ -283,26 +283,50 @@ class FisherReads:
         se_kind: str = "trace",
         min_batches: int = 2,
         progress: bool = True,
+        device: torch.device | str | None = None,
+        distributed: bool = False,
+        group: object | None = None,
     ):
         """Collect every batch of ``loader`` (or fewer), with a tqdm progress bar.
 
         A batch is ``(inputs, targets)``, a mapping (``labels`` become the targets, the rest the
-        keyword inputs) or an inputs tensor. With ``until_rel_se=r`` the loop stops once every
-        group of interest (``families``; default: all families with per-unit values, i.e. not
-        token rows) has SE/mean below r after at least ``min_batches`` batches — checking reads
-        the standard errors to the host once per batch.
+        keyword inputs) or an inputs tensor; with ``device`` its tensors are moved there first.
+        With ``until_rel_se=r`` the loop stops once every group of interest (``families``;
+        default: all families with per-unit values, i.e. not token rows) has SE/mean below r
+        after at least ``min_batches`` batches — checking reads the standard errors to the host
+        once per batch.
+
+        ``distributed=True`` (under an initialised ``torch.distributed`` process group of W
+        ranks; one rank otherwise): every rank iterates the *same* loader, rank r collects the
+        batches b with b mod W = r (``max_batches`` counts the batches of all ranks) and the
+        statistics are all-reduced at the end, so every rank holds the result of one process on
+        all the batches. A loader that is already sharded per rank (``DistributedSampler``)
+        should use ``distributed=False`` followed by :meth:`all_reduce`.
         """
         if until_rel_se is not None:
             if not (isinstance(until_rel_se, (int, float)) and until_rel_se > 0):
                 raise ValueError(f"until_rel_se must be a positive number; got {until_rel_se!r}")
+            if distributed:
+                raise ValueError(
+                    "until_rel_se cannot be combined with distributed=True (ranks would stop at "
+                    "different batches); collect a fixed max_batches instead"
+                )
             self.relative_standard_error(se_kind, families)  # validates before any work
+        if max_batches is not None and (isinstance(max_batches, bool) or max_batches < 0):
+            raise ValueError(f"max_batches must be a non-negative int or None; got {max_batches!r}")
+        rank, world = _rank_and_world(group) if distributed else (0, 1)
         bar = tqdm(total=max_batches, desc="fisher", disable=not progress, leave=False)
         seen = 0
         try:
-            for batch in loader:
-                if max_batches is not None and seen >= max_batches:
+            for index, batch in enumerate(loader):
+                if max_batches is not None and index >= max_batches:
                     break
+                if index % world != rank:
+                    bar.update(1)
+                    continue
                 inputs, targets = _split_batch(batch)
+                if device is not None:
+                    inputs, targets = _to_device(inputs, device), _to_device(targets, device)
                 self.collect(inputs, targets)
                 seen += 1
                 bar.update(1)
@@ -314,7 +338,28 @@ class FisherReads:
                         break
         finally:
             bar.close()
+        if distributed and world > 1:
+            self.all_reduce(group)
         return self
+
+
+def _rank_and_world(group: object | None) -> tuple[int, int]:
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()):
+        return 0, 1
+    return dist.get_rank(group), dist.get_world_size(group)
+
+
+def _to_device(value: object, device: torch.device | str) -> object:
+    """``value`` with every tensor (also inside mappings, tuples and lists) moved to ``device``."""
+    if isinstance(value, torch.Tensor):
+        return value.to(device, non_blocking=True)
+    if isinstance(value, Mapping):
+        return {k: _to_device(v, device) for k, v in value.items()}
+    if isinstance(value, (tuple, list)):
+        return type(value)(_to_device(v, device) for v in value)
+    return value
 
 
 def _split_batch(batch: object) -> tuple[object, object]:

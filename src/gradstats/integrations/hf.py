@@ -1,4 +1,5 @@
-"""Hugging Face ``Trainer`` callbacks: the variance gradient scaler inside ``Trainer.train``.
+"""Hugging Face ``Trainer`` callbacks: the variance gradient scaler inside ``Trainer.train``, and a
+Fisher collected at the end of training (:class:`FisherTrainerCallback`).
 
 The ``Trainer`` offers no callback between the backward passes and gradient clipping, and with
 fp16 it unscales the gradients only inside its clipping call. So the scaler is
@@ -32,7 +33,7 @@ except ImportError as error:  # pragma: no cover - exercised only without the op
 
 from gradstats.scaling import Attachment, VarianceGradientScaler, attach
 
-__all__ = ["VarianceScalingTrainerCallback", "add_callback_first"]
+__all__ = ["FisherTrainerCallback", "VarianceScalingTrainerCallback", "add_callback_first"]
 
 
 def add_callback_first(trainer, callback):
@@ -92,3 +93,86 @@ class VarianceScalingTrainerCallback(TrainerCallback):
             self._attachment = None
         if self.scaler is not None:
             self.scaler.remove_hooks()
+
+
+class FisherTrainerCallback(TrainerCallback):
+    """Collects a diagonal Fisher at the end of ``Trainer.train`` and saves it.
+
+    In ``on_train_end`` a :class:`~gradstats.FisherCollector` runs over the data (model in
+    ``eval()`` mode, batches moved to the model's device), the main process writes
+    ``fisher.safetensors`` and the summary (``fisher/samples``, ``fisher/trace``, ...) is appended
+    to ``state.log_history`` (and kept in ``callback.summary``).
+
+    Args:
+        dataloader: an iterable of batches (mappings with ``labels`` as the targets, as the
+            Trainer's collators produce, or ``(inputs, targets)``), or ``"train"`` / ``"eval"``
+            for the Trainer's own loaders (accelerate-prepared, hence already sharded per
+            process).
+        path: output file; default ``<args.output_dir>/fisher.safetensors``.
+        kind, likelihood, unit: as for :class:`~gradstats.FisherCollector` (default: the
+            empirical per-sequence Fisher of a causal LM).
+        max_batches: stop after this many batches (of all processes together for a shared
+            loader; per process for the Trainer's loaders).
+        loader_is_sharded: a user loader that already yields only this process's share.
+        collector_kwargs: any other :class:`~gradstats.FisherCollector` argument.
+
+    Example::
+
+        callback = FisherTrainerCallback("train", max_batches=100)
+        trainer = Trainer(model=model, args=args, train_dataset=data, callbacks=[callback])
+        trainer.train()
+        callback.collector.group_fisher("mask")
+    """
+
+    def __init__(
+        self,
+        dataloader="train",
+        *,
+        path=None,
+        kind: str = "empirical",
+        likelihood: object = "causal_lm",
+        unit: str = "sample",
+        max_batches: int | None = None,
+        loader_is_sharded: bool = False,
+        **collector_kwargs,
+    ) -> None:
+        from gradstats.integrations._fisher import check_options
+
+        check_options(kind, likelihood, unit, max_batches, collector_kwargs)
+        if isinstance(dataloader, str) and dataloader not in ("train", "eval"):
+            raise ValueError(
+                f"dataloader must be an iterable of batches, 'train' or 'eval'; got {dataloader!r}"
+            )
+        self.dataloader, self.path = dataloader, path
+        self.options = {"kind": kind, "likelihood": likelihood, "unit": unit}
+        self.max_batches, self.loader_is_sharded = max_batches, loader_is_sharded
+        self.collector_kwargs = collector_kwargs
+        self.collector = None
+        self.summary: dict[str, float] = {}
+
+    def on_train_end(self, args, state, control, model=None, **kwargs):
+        from pathlib import Path
+
+        from gradstats.integrations._fisher import collect_after_training
+
+        loader, sharded = self.dataloader, self.loader_is_sharded
+        if isinstance(loader, str):
+            loader, sharded = kwargs.get(f"{loader}_dataloader"), True
+            if loader is None:
+                raise ValueError(
+                    f"FisherTrainerCallback(dataloader={self.dataloader!r}): the Trainer has no "
+                    f"{self.dataloader} dataloader; pass an eval_dataset or a loader"
+                )
+        path = self.path or Path(args.output_dir) / "fisher.safetensors"
+        self.collector, self.summary = collect_after_training(
+            model,
+            loader,
+            path=path,
+            is_main=state.is_world_process_zero,
+            max_batches=self.max_batches,
+            loader_is_sharded=sharded,
+            collector_kwargs=self.collector_kwargs,
+            **self.options,
+        )
+        self.path = path
+        state.log_history.append({**self.summary, "step": state.global_step})

@@ -1,4 +1,5 @@
-"""PyTorch Lightning callbacks: the variance gradient scaler inside ``Trainer.fit``.
+"""PyTorch Lightning callbacks: the variance gradient scaler inside ``Trainer.fit``, and a Fisher
+collected at the end of training (:class:`FisherCallback`).
 
 Lightning runs, per optimizer step: training step and backward (``accumulate_grad_batches``
 times), AMP unscale, ``on_before_optimizer_step``, gradient clipping, then the update. The
@@ -30,7 +31,7 @@ import torch
 
 from gradstats.scaling import VarianceGradientScaler
 
-__all__ = ["VarianceScalingCallback"]
+__all__ = ["FisherCallback", "VarianceScalingCallback"]
 
 
 class VarianceScalingCallback(Callback):
@@ -94,3 +95,80 @@ class VarianceScalingCallback(Callback):
         self._restore()
         if self.scaler is not None:
             self.scaler.remove_hooks()
+
+
+class FisherCallback(Callback):
+    """Collects a diagonal Fisher at the end of ``Trainer.fit`` and saves it.
+
+    In ``on_train_end`` a :class:`~gradstats.FisherCollector` runs over ``dataloader`` (model in
+    ``eval()`` mode, batches moved to the module's device; see
+    :mod:`gradstats.integrations._fisher` for sharding under DDP), rank 0 writes
+    ``fisher.safetensors`` and the summary (``fisher/samples``, ``fisher/trace``, ...) goes to
+    the trainer's loggers at the last global step.
+
+    Args:
+        dataloader: batches ``(inputs, targets)``, mappings (``labels`` = targets) or tensors.
+        path: output file; default ``<trainer.default_root_dir>/fisher.safetensors``.
+        model: the module to collect on: ``None`` (the LightningModule, called as
+            ``pl_module(inputs)``), an attribute name (``"net"``) or a callable
+            ``f(pl_module) -> nn.Module``.
+        kind, likelihood, unit: as for :class:`~gradstats.FisherCollector`.
+        max_batches: stop after this many batches (of all ranks together).
+        loader_is_sharded: the loader already yields only this rank's share (DistributedSampler).
+        collector_kwargs: any other :class:`~gradstats.FisherCollector` argument.
+
+    After training, ``callback.collector`` (hooks removed) and ``callback.summary`` hold the
+    result on every rank.
+
+    Example::
+
+        callback = FisherCallback(val_loader, likelihood="classification", max_batches=50)
+        L.Trainer(max_epochs=3, callbacks=[callback]).fit(module, train_loader)
+        callback.collector.group_fisher("mask")
+    """
+
+    def __init__(
+        self,
+        dataloader,
+        *,
+        path=None,
+        model=None,
+        kind: str = "empirical",
+        likelihood: object = "classification",
+        unit: str = "sample",
+        max_batches: int | None = None,
+        loader_is_sharded: bool = False,
+        **collector_kwargs,
+    ) -> None:
+        from gradstats.integrations._fisher import check_options
+
+        super().__init__()
+        check_options(kind, likelihood, unit, max_batches, collector_kwargs)
+        self.dataloader, self.path, self.model = dataloader, path, model
+        self.options = {"kind": kind, "likelihood": likelihood, "unit": unit}
+        self.max_batches, self.loader_is_sharded = max_batches, loader_is_sharded
+        self.collector_kwargs = collector_kwargs
+        self.collector = None
+        self.summary: dict[str, float] = {}
+
+    def on_train_end(self, trainer, pl_module) -> None:
+        from pathlib import Path
+
+        from gradstats.integrations._fisher import collect_after_training, resolve_module
+
+        path = self.path or Path(trainer.default_root_dir) / "fisher.safetensors"
+        self.collector, self.summary = collect_after_training(
+            resolve_module(pl_module, self.model),
+            self.dataloader,
+            path=path,
+            is_main=trainer.is_global_zero,
+            max_batches=self.max_batches,
+            loader_is_sharded=self.loader_is_sharded,
+            collector_kwargs=self.collector_kwargs,
+            **self.options,
+        )
+        self.path = path
+        if trainer.is_global_zero:
+            for logger in trainer.loggers:
+                logger.log_metrics(self.summary, step=trainer.global_step)
+                logger.save()
