@@ -37,11 +37,22 @@ def test_python_dash_m_runs_the_cli():
 
 def test_demo_writes_its_report(tmp_path, capsys):
     out = tmp_path / "demo"
-    args = ["demo", "--out", str(out), "--samples", "256", "--steps", "30", "--no-progress"]
+    args = ["demo", "--out", str(out), "--steps", "6", "--d-model", "16", "--n-heads", "2",
+            "--block-size", "16", "--batch-size", "4", "--micro-batches", "2", "--probe-batch",
+            "2", "--fisher-sequences", "4", "--scaler-steps", "4", "--workers", "1",
+            "--no-progress"]  # fmt: skip
     assert main(args) == 0
-    assert (out / "report.md").read_text().startswith("# gradstats demo")
-    assert (out / "noise_trace.png").stat().st_size > 1000
+    report = (out / "report.md").read_text()
+    assert report.startswith("# gradstats demo")
+    for figure in ("curves.png", "probe/probe.png", "fisher/heads_heatmap.png", "scaler_trace.png"):
+        assert f"]({figure})" in report
+        assert (out / figure).stat().st_size > 1000
     record = json.loads((out / "demo.json").read_text())
+    assert set(record["training"]) == {"aep", "bptt"}
+    assert all(run["val_ce"] > 0 for run in record["training"].values())
+    assert set(record["probe"]["min_cos"]) == {"aep", "holomorphic"}
+    assert record["fisher"]["counts"]["samples"] == 4
+    assert any("rho_exact" in row for row in record["scaler_trace"])
     exact = record["exact_streaming"]
     assert exact["max_rel_error_mean_vs_autograd"] < 1e-12
     assert exact["max_rel_error_variance_vs_dense"] < 1e-12
@@ -52,7 +63,7 @@ def test_demo_writes_its_report(tmp_path, capsys):
     ("args", "message"),
     [
         (["demo", "--steps", "0"], "--steps must be >= 1"),
-        (["demo", "--beta", "1.5"], "--beta must lie in (0, 1)"),
+        (["demo", "--micro-batches", "3"], "--batch-size=16 must be divisible by --micro"),
         (["bench", "no-such-suite", "--smoke"], "unknown benchmark 'no-such-suite'"),
         (["bench", "--dir", "/nonexistent/benchmarks"], "no benchmark folder"),
     ],

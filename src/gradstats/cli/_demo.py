@@ -1,204 +1,240 @@
-"""``gradstats demo``: a tour of what gradstats can do, on embedded defaults, in seconds.
+"""``gradstats demo``: the three pillars on one tiny language model, in about three minutes.
 
-Today it shows the shared statistics core on the gradients of a softmax-regression model:
+On the embedded character-level Shakespeare corpus it
 
-1. **Exact streaming moments.** Per-sample gradients of the whole training set are streamed in
-   uneven batches through four :class:`RunningMoments` "workers" and merged in a shuffled order.
-   The merged mean must equal the autograd full-batch gradient and the merged variance the dense
-   float64 reference, to rounding.
-2. **Gradient-noise trace.** During SGD an :class:`EMAMoments` of the mini-batch gradient gives
-   the temporal noise estimate Σ_j s_j (debiased, reliability-corrected); beside it, the exact
-   mini-batch noise tr Σ / B from the per-sample gradients at the current parameters.
+1. trains a tiny equilibrium transformer twice from the same initialisation and batches — with
+   AEP (no backpropagation through the relaxation) and with BPTT — in two processes;
+2. probes the AEP-trained model: every estimator against the exact implicit gradient, per
+   parameter group, with T2 / r / N sweeps and ``diagnose()`` (``gradstats eqprop probe``);
+3. collects the per-head empirical Fisher of the AEP-trained model (``gradstats fisher``);
+4. runs the variance gradient scaler's noise trace on the backprop baseline: same-point and
+   temporal ρ beside the exact ρ from per-sequence gradients;
+5. re-checks the streaming-moments core against its float64 references.
 
-It writes ``report.md``, ``demo.json`` and ``noise_trace.png`` into ``--out``.
+It writes ``report.md`` (with ``curves.png``, ``probe/probe.png``, ``fisher/heads_heatmap.png``
+and ``scaler_trace.png``) and ``demo.json`` into ``--out`` and prints the folder at the end.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
+import io
 import json
-from dataclasses import asdict, dataclass
+import time
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import dataclass
+from multiprocessing import get_context
 from pathlib import Path
 
-import torch
-
-from gradstats._format import format_table
 from gradstats.cli._config import add_config_arguments, config_from_args, option
-from gradstats.moments import EMAMoments, RunningMoments
-from gradstats.testing import reference_moments
+from gradstats.cli._demo_sections import exact_streaming, plot_scaler_trace, scaler_trace
 
 __all__ = ["DemoConfig", "register", "run_demo"]
+
+_METHODS = ("aep", "bptt")
 
 
 @dataclass(frozen=True)
 class DemoConfig:
     out: Path = option(Path("gradstats-demo"), "output folder for the report and plots")
-    seed: int = option(0, "seed of the data, the initialisation and the mini-batches")
-    samples: int = option(4096, "training-set size")
-    features: int = option(20, "input dimension")
-    classes: int = option(10, "number of classes")
-    steps: int = option(300, "SGD steps of the noise trace")
-    batch_size: int = option(32, "mini-batch size")
-    lr: float = option(0.5, "SGD learning rate")
-    beta: float = option(0.95, "EMA decay of the temporal noise estimate")
-    trace_every: int = option(10, "steps between exact noise evaluations")
-    progress: bool = option(True, "show a progress bar")
+    seed: int = option(0, "seed of the initialisation, the batches and the probes")
+    steps: int = option(250, "training steps of each equilibrium run (AEP and BPTT)")
+    d_model: int = option(32, "state width of the tiny transformer")
+    n_heads: int = option(4, "attention heads")
+    block_size: int = option(32, "characters per window")
+    batch_size: int = option(16, "windows per step")
+    t1: int = option(30, "free-phase step cap (BPTT: unrolled steps)")
+    probe_batch: int = option(4, "validation windows in the probe batch")
+    fisher_sequences: int = option(64, "validation windows the Fisher is collected on")
+    scaler_steps: int = option(150, "steps of the scaler's noise trace")
+    micro_batches: int = option(4, "micro-batches per step in the noise trace (same-point)")
+    workers: int = option(2, "processes for the two training runs (1: one after the other)")
+    progress: bool = option(True, "show progress bars")
 
-
-def _problem(config: DemoConfig, g: torch.Generator):
-    x = torch.randn(config.samples, config.features, generator=g, dtype=torch.float64)
-    teacher = 2.0 * torch.randn(config.classes, config.features, generator=g, dtype=torch.float64)
-    y = torch.multinomial(torch.softmax(x @ teacher.T, dim=1), 1, generator=g).squeeze(1)
-    return x, y
-
-
-def _per_sample_gradients(weight: torch.Tensor, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-    """g_i = vec((softmax(W x_i) − e_{y_i}) x_iᵀ): cross-entropy gradients, one row per sample."""
-    residual = torch.softmax(x @ weight.T, dim=1)
-    residual[torch.arange(len(y)), y] -= 1.0
-    return (residual[:, :, None] * x[:, None, :]).reshape(len(y), -1)
-
-
-def _exact_streaming(config, x, y, weight, g) -> dict[str, float]:
-    grads = _per_sample_gradients(weight, x, y)
-    shards = [RunningMoments(grads.shape[1]) for _ in range(4)]
-    start = 0
-    while start < len(grads):
-        size = int(torch.randint(1, 300, (), generator=g))
-        shard = shards[int(torch.randint(0, 4, (), generator=g))]
-        shard.update(grads[start : start + size])
-        start += size
-    order = torch.randperm(4, generator=g).tolist()
-    merged = shards[order[0]]
-    for index in order[1:]:
-        merged.merge(shards[index])
-    w = weight.clone().requires_grad_(True)
-    torch.nn.functional.cross_entropy(x @ w.T, y).backward()
-    ref = reference_moments(grads)
-    scale = ref["unbiased_variance"].abs().max()
-    return {
-        "per_sample_gradients": len(grads),
-        "merge_order": order,
-        "max_rel_error_mean_vs_autograd": float(
-            (merged.mean - w.grad.reshape(-1)).abs().max() / w.grad.abs().max()
-        ),
-        "max_rel_error_variance_vs_dense": float(
-            (merged.variance() - ref["unbiased_variance"]).abs().max() / scale
-        ),
-    }
-
-
-def _noise_trace(config, x, y, weight, g) -> list[dict[str, float]]:
-    from tqdm.auto import tqdm
-
-    weight = weight.clone().requires_grad_(True)
-    ema = EMAMoments(config.beta, weight.numel())
-    trace = []
-    for step in tqdm(range(1, config.steps + 1), desc="noise trace", disable=not config.progress):
-        rows = torch.randint(0, len(y), (config.batch_size,), generator=g)
-        loss = torch.nn.functional.cross_entropy(x[rows] @ weight.T, y[rows])
-        (grad,) = torch.autograd.grad(loss, weight)
-        ema.update(grad.reshape(-1))
-        with torch.no_grad():
-            weight -= config.lr * grad
-        if step % config.trace_every == 0 or step == 1:
-            with torch.no_grad():
-                per_sample = RunningMoments(weight.numel()).update(
-                    _per_sample_gradients(weight.detach(), x, y)
-                )
-                exact_noise = per_sample.variance().sum() / config.batch_size
-                full_loss = torch.nn.functional.cross_entropy(x @ weight.T, y)
-            temporal = ema.unbiased_variance.sum()
-            trace.append(
-                {
-                    "step": step,
-                    "loss": float(full_loss),
-                    "exact_minibatch_noise": float(exact_noise),
-                    "temporal_ema_noise": float(temporal),  # NaN at step 1: no estimate yet
-                }
+    def __post_init__(self) -> None:
+        for name in (
+            "steps", "d_model", "n_heads", "block_size", "batch_size", "t1", "probe_batch",
+            "fisher_sequences", "scaler_steps", "micro_batches", "workers",
+        ):  # fmt: skip
+            if getattr(self, name) < 1:
+                flag = "--" + name.replace("_", "-")
+                raise ValueError(f"{flag} must be >= 1; got {getattr(self, name)}")
+        if self.d_model % self.n_heads:
+            raise ValueError(f"--d-model={self.d_model} must be divisible by --n-heads")
+        if self.batch_size % self.micro_batches:
+            raise ValueError(
+                f"--batch-size={self.batch_size} must be divisible by "
+                f"--micro-batches={self.micro_batches}"
             )
-    return trace
 
 
-def _plot(trace: list[dict[str, float]], path: Path) -> None:
-    import matplotlib
+def _train_config(config: DemoConfig, method: str, progress: bool):
+    from gradstats.eqprop.train import TrainConfig
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    steps = [row["step"] for row in trace]
-    fig, (ax_noise, ax_loss) = plt.subplots(1, 2, figsize=(10, 3.8), constrained_layout=True)
-    ax_noise.semilogy(steps, [r["exact_minibatch_noise"] for r in trace], label="exact tr Σ / B")
-    ax_noise.semilogy(
-        steps, [r["temporal_ema_noise"] for r in trace], "--", label="EMA temporal Σ s_j"
+    return TrainConfig(
+        method=method,
+        steps=config.steps,
+        out=config.out / method,
+        d_model=config.d_model,
+        n_heads=config.n_heads,
+        block_size=config.block_size,
+        batch_size=config.batch_size,
+        t1=config.t1,
+        beta=0.05 if method == "aep" else None,
+        tol_adjoint=1e-3 if method == "aep" else None,
+        jac_penalty=0.0 if method == "backprop" else 0.1,  # the README's "small" stabilisers
+        res_penalty=0.0 if method == "backprop" else 1.0,
+        warmup=max(1, config.steps // 5),
+        eval_every=max(1, config.steps // 5),
+        spot_check_every=max(1, config.steps // 2),
+        checkpoint_every=config.steps,
+        seed=config.seed,
+        threads=1,
+        progress=progress,
     )
-    ax_noise.set(xlabel="SGD step", ylabel="mini-batch gradient noise", title="Noise trace")
-    ax_noise.legend()
-    ax_loss.plot(steps, [r["loss"] for r in trace])
-    ax_loss.set(xlabel="SGD step", ylabel="full-data cross-entropy", title="Training loss")
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+
+
+def _train_one(train_config):
+    from gradstats.eqprop.train import train
+
+    start = time.perf_counter()
+    result = train(train_config)
+    return result, time.perf_counter() - start
+
+
+def _train_both(config: DemoConfig) -> dict[str, dict]:
+    """AEP and BPTT from the same initialisation and batches (two processes by default)."""
+    configs = [_train_config(config, m, config.progress and i == 0) for i, m in enumerate(_METHODS)]
+    if config.workers == 1:
+        results = [_train_one(c) for c in configs]
+    else:
+        print(f"training {' and '.join(_METHODS)} in {min(config.workers, 2)} processes ...")
+        with ProcessPoolExecutor(min(config.workers, 2), mp_context=get_context("spawn")) as pool:
+            results = list(pool.map(_train_one, configs))
+    from gradstats.eqprop.train import read_metrics
+
+    runs = {}
+    for method, (result, seconds) in zip(_METHODS, results, strict=True):
+        records = read_metrics(result.metrics)
+        spot = [r for r in records if "cos_implicit_min" in r]
+        runs[method] = {
+            "val_ce": result.val_ce,
+            "seconds": seconds,
+            "unconverged_fraction": result.unconverged_fraction,
+            "skipped_steps": result.skipped_steps,
+            "cos_implicit_min": spot[-1]["cos_implicit_min"] if spot else None,
+            "records": records,
+        }
+    return runs
+
+
+def _captured(argv: list[str]) -> str:
+    """Run a gradstats command in this process and return what it printed."""
+    from gradstats.cli import main
+
+    buffer = io.StringIO()
+    with contextlib.redirect_stdout(buffer):
+        code = main(argv)
+    if code != 0:
+        raise RuntimeError(f"'gradstats {' '.join(argv)}' failed (exit {code})")
+    return buffer.getvalue()
+
+
+def _probe(config: DemoConfig) -> dict:
+    out = config.out / "probe"
+    text = _captured(
+        ["eqprop", "probe", str(config.out / "aep"), "--out", str(out),
+         "--methods", "aep", "holomorphic", "--batch-size", str(config.probe_batch),
+         "--seed", str(config.seed), "--t2-sweep", "10", "20", "40",
+         "--points-sweep", "2", "4", "6"]
+    )  # fmt: skip
+    record = json.loads((out / "probe.json").read_text())
+    worst: dict[str, float] = {}
+    for row in record["rows"]:
+        if row["sweep"] is None and row["group"] != "all":
+            worst[row["method"]] = min(worst.get(row["method"], 1.0), row["cos"])
+    return {"min_cos": worst, "diagnose": record["diagnose"], "text": text}
+
+
+def _fisher(config: DemoConfig, corpus) -> dict:
+    from gradstats.cli._fisher import FisherConfig, run_fisher
+
+    out = config.out / "fisher"
+    out.mkdir(parents=True, exist_ok=True)
+    text_file = out / "val_text.txt"
+    text_file.write_text(corpus.decode(corpus.val[: config.fisher_sequences * config.block_size]))
+    batch = min(8, config.fisher_sequences)
+    fisher_config = FisherConfig(
+        source=str(config.out / "aep"),
+        text=text_file,
+        out=out,
+        seq_len=config.block_size,
+        batch_size=batch,
+        max_batches=-(-config.fisher_sequences // batch),
+        top=8,
+        progress=config.progress,
+    )
+    buffer = io.StringIO()
+    with contextlib.redirect_stdout(buffer), _quiet_warnings():
+        run_fisher(fisher_config)
+    return {"summary": json.loads((out / "summary.json").read_text()), "text": buffer.getvalue()}
+
+
+def _quiet_warnings():
+    import warnings
+
+    stack = contextlib.ExitStack()
+    stack.enter_context(warnings.catch_warnings())
+    warnings.filterwarnings("ignore", message=".*per-sample.*|.*torch.func.*", module="gradstats")
+    return stack
+
+
+def _scaler(config: DemoConfig, corpus) -> list[dict]:
+    base = _train_config(config, "backprop", False)
+    return scaler_trace(
+        corpus,
+        lambda: base.build_model(corpus.vocab_size),
+        steps=config.scaler_steps,
+        batch_size=config.batch_size,
+        block_size=config.block_size,
+        micro_batches=config.micro_batches,
+        lr=base.lr,
+        beta=0.9,
+        trace_every=max(1, config.scaler_steps // 10),
+        seed=config.seed,
+        progress=config.progress,
+    )
 
 
 def run_demo(config: DemoConfig) -> Path:
-    """Run the demo and write its outputs; returns the output folder."""
-    for name in ("samples", "features", "classes", "steps", "batch_size", "trace_every"):
-        if getattr(config, name) < 1:
-            raise ValueError(
-                f"--{name.replace('_', '-')} must be >= 1; got {getattr(config, name)}"
-            )
-    if not 0 < config.beta < 1:
-        raise ValueError(f"--beta must lie in (0, 1); got {config.beta}")
-    g = torch.Generator().manual_seed(config.seed)
-    x, y = _problem(config, g)
-    weight = 0.01 * torch.randn(config.classes, config.features, generator=g, dtype=torch.float64)
-    exact = _exact_streaming(config, x, y, weight, g)
-    trace = _noise_trace(config, x, y, weight, g)
-    out = config.out
-    out.mkdir(parents=True, exist_ok=True)
-    _plot(trace, out / "noise_trace.png")
-    config_json = {k: str(v) if isinstance(v, Path) else v for k, v in asdict(config).items()}
-    (out / "demo.json").write_text(
-        json.dumps(
-            {"config": config_json, "exact_streaming": exact, "noise_trace": trace}, indent=1
-        )
-    )
-    rows = [[k, v] for k, v in exact.items() if k != "merge_order"]
-    shown = [r for r in trace if r["step"] in (1, config.steps) or r["step"] % 50 == 0]
-    trace_rows = [
-        [r["step"], r["loss"], r["exact_minibatch_noise"], r["temporal_ema_noise"]] for r in shown
-    ]
-    report = "\n".join(
-        [
-            "# gradstats demo",
-            "",
-            "## 1. Exact streaming moments of per-sample gradients",
-            "",
-            f"Softmax regression ({config.samples} samples, {config.features} features, "
-            f"{config.classes} classes). Four RunningMoments workers, uneven batches, merged in "
-            f"the order {exact['merge_order']}:",
-            "",
-            format_table(rows, ["check", "value"], markdown=True),
-            "",
-            "## 2. Gradient-noise trace during SGD",
-            "",
-            f"Batch {config.batch_size}, lr {config.lr}, EMA beta {config.beta}. The temporal "
-            "estimate also sees parameter drift, so it exceeds the exact noise while the loss "
-            "falls fast and approaches it as training settles.",
-            "",
-            format_table(
-                trace_rows, ["step", "loss", "exact tr Σ/B", "EMA temporal"], markdown=True
-            ),
-            "",
-            "![noise trace](noise_trace.png)",
-            "",
-        ]
-    )
-    (out / "report.md").write_text(report)
-    print(format_table(rows, ["check", "value"]))
-    print()
-    print(format_table(trace_rows, ["step", "loss", "exact tr Σ/B", "EMA temporal"]))
-    return out
+    """Run every part, write ``report.md``, ``demo.json`` and the plots; return the folder."""
+    from gradstats.cli._demo_report import write_report
+    from gradstats.data import load_corpus
+    from gradstats.eqprop.train import plot_curves
+
+    config.out.mkdir(parents=True, exist_ok=True)
+    corpus = load_corpus(None)
+    corpus.check_block_size(config.block_size)
+    timings = {}
+    start = time.perf_counter()
+    runs = _train_both(config)
+    plot_curves({m: r["records"] for m, r in runs.items()}, config.out / "curves.png", "demo")
+    timings["training"] = time.perf_counter() - start
+    results: dict[str, object] = {"runs": runs}
+    for name, part in (
+        ("probe", lambda: _probe(config)),
+        ("fisher", lambda: _fisher(config, corpus)),
+        ("scaler", lambda: _scaler(config, corpus)),
+        ("moments", lambda: exact_streaming(config.seed)),
+    ):
+        start = time.perf_counter()
+        results[name] = part()
+        timings[name] = time.perf_counter() - start
+    results["timings"] = timings
+    plot_scaler_trace(results["scaler"], config.out / "scaler_trace.png")
+    write_report(config, results)
+    return config.out
 
 
 def run(args: argparse.Namespace) -> int:
@@ -210,7 +246,7 @@ def run(args: argparse.Namespace) -> int:
 def register(commands: argparse._SubParsersAction) -> None:
     parser = commands.add_parser(
         "demo",
-        help="a few-seconds tour of gradstats on embedded defaults; writes a report folder",
+        help="a three-minute tour: EP vs BPTT training, probe, Fisher, scaler noise trace",
         description=__doc__.split("\n\n", 1)[1],
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
