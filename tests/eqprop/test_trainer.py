@@ -73,6 +73,7 @@ def test_run_folder_and_checkpoint_format(tmp_path, data):
     assert state["config"]["method"] == "aep"
     assert state["model_class"] == "EquilibriumTransformer"
     assert set(state["rng"]) == {"data", "noise", "torch"}
+    assert state["world_size"] == 1  # a single process (torchrun runs record their N)
     assert result.curves.exists()
     records = read_metrics(result.metrics)
     assert [r["step"] for r in records] == [1, 2, 3, 4]

@@ -2,6 +2,9 @@
 
 * ``train``: options from :class:`gradstats.eqprop.train.TrainConfig`; writes ``checkpoint.pt``,
   ``metrics.jsonl`` and ``curves.png`` into ``--out``; ``--resume`` continues bitwise.
+  Under ``torchrun --nproc_per_node N --no-python gradstats eqprop train ...`` (``WORLD_SIZE``
+  > 1) it joins the process group from the environment (nccl on CUDA, gloo on CPU), trains
+  data-parallel with ``--batch-size`` per process, and leaves the group at the end.
 * ``probe RUN``: loads the run's checkpoint and its saved configuration (explicit overrides are
   echoed), compares every estimator with the exact implicit gradient per parameter group, sweeps
   T2, β/r and N, runs ``diagnose()`` and writes ``probe.json``, ``probe.csv`` and ``probe.png``.
@@ -58,12 +61,16 @@ class ProbeConfig:
 def _train(args: argparse.Namespace) -> int:
     from gradstats.cli import CLIError
     from gradstats.eqprop.train import TrainConfig, TrainingDiverged, train
+    from gradstats.eqprop.train._distributed import process_group_from_env
 
     config = config_from_args(TrainConfig, args)
-    try:
-        result = train(config)
-    except TrainingDiverged as error:
-        raise CLIError(str(error)) from None
+    with process_group_from_env(config.device) as group:
+        try:
+            result = train(config)
+        except TrainingDiverged as error:
+            raise CLIError(str(error)) from None
+    if not group.main:
+        return 0
     print(
         f"step {result.step}: val CE {result.val_ce:.4f}, {result.skipped_steps} skipped steps, "
         f"{100 * result.unconverged_fraction:.2f}% unconverged phases; run folder "
@@ -209,7 +216,14 @@ def register(commands: argparse._SubParsersAction) -> None:
         description=(
             "Train on character-level Shakespeare (embedded) or --data FILE with an EP-family "
             "estimator, BPTT, or (--method backprop) the feed-forward baseline. Writes "
-            "checkpoint.pt, metrics.jsonl and curves.png into --out."
+            "checkpoint.pt, metrics.jsonl and curves.png into --out. Data-parallel on N "
+            "processes: 'torchrun --nproc_per_node N --no-python gradstats eqprop train ...' "
+            "(gloo on CPU, nccl with --device cuda: each rank uses cuda:LOCAL_RANK). There "
+            "--batch-size is per process: the global batch is N x batch-size windows, each "
+            "process estimates on its share, the gradients are all-reduced (summed, divided by "
+            "the global batch's tokens), and every process takes the same step as one process "
+            "with --batch-size N x batch-size would. Only rank 0 writes --out; --resume needs "
+            "the same N."
         ),
     )
     add_config_arguments(train, TrainConfig)

@@ -9,6 +9,9 @@ Keys (format ``gradstats.eqprop.train``, version 1):
 * ``optimizer`` (its ``state_dict``), ``rng`` (``data``, ``noise``: generator states;
   ``torch``: the global CPU RNG state), ``counters`` (skipped steps, phases, unconverged phases);
 * ``corpus``: ``name``, ``sha256``, ``vocab`` of the training text.
+* ``world_size``: ranks of the process group that trained it (1: a single process; absent in
+  older checkpoints, read as 1). Under W ranks the checkpoint is written by rank 0 only; every
+  rank holds the same weights and generator states, and a resume needs the same W.
 
 Writes are atomic (a temporary file renamed over the old one), so an interrupted or failed run
 always leaves the last complete checkpoint.

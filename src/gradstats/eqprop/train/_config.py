@@ -46,7 +46,7 @@ class TrainConfig:
     d_model: int = _opt(64, "state width C")
     n_heads: int = _opt(4, "attention heads")
     block_size: int = _opt(64, "sequence length T (characters per window)")
-    batch_size: int = _opt(32, "windows per step")
+    batch_size: int = _opt(32, "windows per step (under torchrun: per process; global N x this)")
     damping: float = _opt(1.0, "stabiliser: damping c of the -c*z term (equilibrium model)")
     attn_mode: str = _opt("thick", "equilibrium block: " + "|".join(MODES))
     qk_norm: bool = _opt(True, "LayerNorm on queries and keys")

@@ -9,6 +9,16 @@ free-phase settings the estimator used (``bptt``: exactly ``t1`` steps), so trai
 validation evaluate one objective. A step whose estimate diverged is skipped and counted;
 ``max_skips`` consecutive failures, a non-finite validation loss or non-finite weights stop the
 run with :class:`TrainingDiverged`, leaving the last good checkpoint in place.
+
+Under ``torch.distributed`` (``torchrun --nproc_per_node W gradstats eqprop train ...``, or any
+program that initialised the default process group before calling :func:`train`) the run is
+data-parallel: ``batch_size`` is per rank, each rank estimates on its rows of the global
+``W·batch_size`` batch, the token-summed gradients are all-reduced once per step and divided by
+the global batch's tokens, so every rank takes the identical optimizer step — the step a single
+process takes with ``batch_size = W·batch_size`` (see ``_distributed``). Every decision (skip,
+divergence, validation) is taken on all-reduced numbers, identically on all ranks. Only rank 0
+writes ``checkpoint.pt``, ``metrics.jsonl`` and ``curves.png`` and shows the progress bar; a
+resumed run needs the same number of ranks.
 """
 
 from __future__ import annotations
@@ -22,13 +32,21 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from gradstats.data import CharCorpus, load_corpus
+from gradstats.data import load_corpus
 from gradstats.eqprop._estimators import estimate_gradient
 from gradstats.eqprop._penalties import add_penalties
-from gradstats.eqprop._problem import relax
-from gradstats.eqprop._stats import ConvergenceWarning, DivergenceError, write_grads
+from gradstats.eqprop._stats import ConvergenceWarning, write_grads
 from gradstats.eqprop.train._checkpoint import CHECKPOINT, load_checkpoint, save_checkpoint
 from gradstats.eqprop.train._config import TrainConfig
+from gradstats.eqprop.train._distributed import (
+    current_group,
+    draw_batch,
+    rank_device,
+    reduce_backprop,
+    reduce_estimate,
+    shard_noise,
+)
+from gradstats.eqprop.train._evaluation import evaluate, spot_check
 from gradstats.eqprop.train._metrics import MetricsLog, plot_curves, read_metrics
 
 __all__ = ["TrainResult", "TrainingDiverged", "evaluate", "train"]
@@ -89,72 +107,6 @@ def learning_rate(cfg: TrainConfig, step: int) -> float:
     return cfg.lr * (0.1 + 0.45 * (1 + math.cos(math.pi * progress)))
 
 
-def evaluate(model: torch.nn.Module, cfg: TrainConfig, corpus: CharCorpus) -> float:
-    """Mean validation CE per token on ``eval_batches`` fixed windows (same free settings)."""
-    device = next(model.parameters()).device
-    gen = torch.Generator().manual_seed(cfg.seed + 3)
-    noise_gen = torch.Generator(device=device).manual_seed(cfg.seed + 4)
-    total, count = 0.0, 0
-    with torch.no_grad(), warnings.catch_warnings():
-        warnings.simplefilter("ignore", ConvergenceWarning)
-        for _ in range(cfg.eval_batches):
-            x, y = corpus.batch("val", cfg.batch_size, cfg.block_size, generator=gen)
-            x, y = x.to(device), y.to(device)
-            try:
-                if cfg.method == "backprop":
-                    loss = model.loss(x, y)
-                else:
-                    z, _ = relax(model, x, generator=noise_gen, **cfg.free_settings())
-                    loss = model.loss(z, y)
-            except DivergenceError:
-                return math.nan
-            total += float(loss)  # sync-ok: evaluation
-            count += y.numel()
-    return total / count
-
-
-def _groups_cos(model, grads, ref) -> tuple[float, float, str]:
-    def flat(g, names):
-        return torch.cat([g[n].detach().double().reshape(-1) for n in names])
-
-    def cos(a, b):
-        denom = float(a.norm() * b.norm())
-        return float(a @ b) / denom if denom > 0 else math.nan
-
-    names = sorted(grads)
-    overall = cos(flat(grads, names), flat(ref, names))
-    per = {k: cos(flat(grads, v), flat(ref, v)) for k, v in model.parameter_groups().items()}
-    worst = min(per, key=lambda k: per[k] if per[k] == per[k] else math.inf)
-    return overall, per[worst], worst
-
-
-def _spot_check(model, cfg: TrainConfig, x, y, est) -> dict[str, object]:
-    free = {"max_steps": max(cfg.t1, 200)} if cfg.method == "bptt" else cfg.free_settings()
-    free = {k: v for k, v in free.items() if k != "tol" or cfg.method != "bptt"}
-    ref = estimate_gradient(
-        model,
-        x,
-        y,
-        "implicit",
-        noise=est.noise,
-        tol_adjoint=1e-6,
-        max_steps_adjoint=300,
-        adjoint_solver="gmres",
-        on_failure="skip",
-        **free,
-    )
-    if ref.skipped:
-        return {"cos_implicit": None, "spot_check": f"reference failed: {ref.reason}"}
-    task = est.task_grads if est.task_grads is not None else est.grads
-    overall, worst, group = _groups_cos(model, task, ref.grads)
-    return {
-        "cos_implicit": overall,
-        "cos_implicit_min": worst,
-        "cos_implicit_group": group,
-        "implicit_res_adjoint": ref.stats["adjoint"].summary()["residual_max"],
-    }
-
-
 def _phase_record(est) -> dict[str, object]:
     free = est.stats.get("free", est.stats.get("bptt"))
     adj = est.stats.get("nudged", est.stats.get("adjoint"))
@@ -171,13 +123,16 @@ def _phase_record(est) -> dict[str, object]:
     return out
 
 
-def _ep_step(model, cfg, x, y, noise_gen, opt, tokens):
+def _ep_step(model, cfg, x, y, noise_gen, opt, tokens, group):
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", ConvergenceWarning)  # counted through the stats
         est = estimate_gradient(
             model, x, y, cfg.method, generator=noise_gen, on_failure="skip",
-            **cfg.estimator_settings(),
+            noise=shard_noise(model, x, noise_gen, group), **cfg.estimator_settings(),
         )  # fmt: skip
+        if group.active:
+            est, record = reduce_estimate(model, cfg, est, x, noise_gen, tokens, group)
+            return _write(model, opt, est, est.grads, record)
         weights = cfg.penalties()
         plain = {k: v for k, v in weights.items() if k != "jacobian"}
         if not est.skipped and plain:
@@ -200,7 +155,13 @@ def _ep_step(model, cfg, x, y, noise_gen, opt, tokens):
     record.update(_phase_record(est))
     for name, pen in est.penalties.items():
         record[f"penalty.{name}"] = [float(pen["value"]), float(pen["scale"])]  # sync-ok
-    grads = {n: g / tokens for n, g in est.grads.items()}
+    return _write(model, opt, est, {n: g / tokens for n, g in est.grads.items()}, record)
+
+
+def _write(model, opt, est, grads, record):
+    """Write ``grads`` (already divided by the tokens) unless skipped or non-finite."""
+    if record["skipped"]:
+        return est, record
     if not all(bool(torch.isfinite(g).all()) for g in grads.values()):  # sync-ok: once/step
         return est, {"skipped": True, "reason": "non-finite gradient after penalties"}
     opt.zero_grad(set_to_none=True)
@@ -208,12 +169,16 @@ def _ep_step(model, cfg, x, y, noise_gen, opt, tokens):
     return est, record
 
 
-def _backprop_step(model, x, y, opt, tokens):
+def _backprop_step(model, x, y, opt, tokens, group):
     opt.zero_grad(set_to_none=True)
     loss = model.loss(x, y)
-    if not bool(torch.isfinite(loss)):  # sync-ok: once per step
+    ok = bool(torch.isfinite(loss))  # sync-ok: once per step
+    if ok:
+        (loss / tokens).backward()
+    if group.active:  # every rank joins the reduce, finite or not
+        return reduce_backprop(model, loss, ok, tokens, group)
+    if not ok:
         return {"skipped": True, "reason": "non-finite loss"}
-    (loss / tokens).backward()
     return {"skipped": False, "train_ce": float(loss.detach()) / tokens}  # sync-ok: logging
 
 
@@ -224,31 +189,45 @@ def train(config: TrainConfig, *, until: int | None = None) -> TrainResult:
         config: the run's options.
         until: stop after this step (writing a checkpoint), as if interrupted there.
 
+    Under an initialised process group of W ranks every rank calls ``train`` with the same
+    ``config``: ``batch_size`` is per rank (global batch W·``batch_size``), gradients are
+    all-reduced, and only rank 0 writes the run folder (all ranks return after it is written).
+
     Returns:
         A :class:`TrainResult`.
 
     Raises:
         FileNotFoundError: ``--data`` or (with ``resume``) the checkpoint does not exist.
         ValueError: bad options, data too short for the block size, a corrupt checkpoint, or a
-            resumed run whose options or data differ from the checkpoint's.
+            resumed run whose options or data differ from the checkpoint's (or that was trained
+            on a different number of ranks).
         TrainingDiverged: the run diverged (the last good checkpoint is kept).
     """
     cfg = config
     out = Path(cfg.out)
+    group = current_group()
     state = None
     if cfg.resume:
         state = load_checkpoint(out)
         cfg = _merge_resume(cfg, TrainConfig.from_dict(state["config"]))
+        ranks = int(state.get("world_size", 1))
+        if ranks != group.world:
+            raise ValueError(
+                f"the run in {out} was trained on {ranks} process(es) (global batch "
+                f"{ranks}x{cfg.batch_size}); resume it with the same number, not {group.world}"
+            )
     elif (out / CHECKPOINT).exists():
         raise ValueError(f"{out} already holds a run: pass --resume or choose another --out")
-    device = torch.device(cfg.device)
+    group.barrier()  # every rank has checked/read the folder before rank 0 writes to it
+    device = rank_device(cfg.device, group)
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     corpus = load_corpus(cfg.data)
     corpus.check_block_size(cfg.block_size)
     if state is not None and state["corpus"]["sha256"] != corpus.sha256:
         raise ValueError(f"the data of {cfg.data or 'shakespeare_char'} differ from the run's")
-    out.mkdir(parents=True, exist_ok=True)
+    if group.main:
+        out.mkdir(parents=True, exist_ok=True)
     model = cfg.build_model(corpus.vocab_size).to(device)
     opt = _optimizer(cfg, model)
     data_gen = torch.Generator().manual_seed(cfg.seed + 1)
@@ -264,15 +243,20 @@ def train(config: TrainConfig, *, until: int | None = None) -> TrainResult:
         torch.set_rng_state(state["rng"]["torch"])
         counters.update(state["counters"])
         start = int(state["step"])
-        log.truncate(start)
+        if group.main:
+            log.truncate(start)
     else:
         torch.manual_seed(cfg.seed)
-        log.path.unlink(missing_ok=True)
+        if group.main:
+            log.path.unlink(missing_ok=True)
     ckpt_path = out / CHECKPOINT
     last_good = start
 
     def checkpoint(step: int) -> None:
         nonlocal last_good
+        last_good = step
+        if not group.main:
+            return
         save_checkpoint(
             ckpt_path,
             {
@@ -289,24 +273,29 @@ def train(config: TrainConfig, *, until: int | None = None) -> TrainResult:
                 },
                 "counters": dict(counters),
                 "corpus": {"name": corpus.name, "sha256": corpus.sha256, "vocab": corpus.vocab},
+                "world_size": group.world,
             },
         )
-        last_good = step
 
     if state is None:
         checkpoint(0)
-    tokens = cfg.batch_size * cfg.block_size
+    tokens = cfg.batch_size * cfg.block_size * group.world  # the global batch's
     stop = cfg.steps if until is None else min(cfg.steps, until)
     val_ce: float | None = None
     consecutive = 0
     begun = time.perf_counter()
     bar = tqdm(
-        total=cfg.steps, initial=start, disable=not cfg.progress, desc=f"eqprop {cfg.method}"
+        total=cfg.steps,
+        initial=start,
+        disable=not (cfg.progress and group.main),
+        desc=f"eqprop {cfg.method}",
     )
 
     def diverged(step: int, why: str) -> TrainingDiverged:
         bar.close()
-        _plot(out, cfg)
+        if group.main:
+            _plot(out, cfg)
+        group.barrier()  # every rank stops at the same step (decisions use reduced numbers)
         return TrainingDiverged(
             f"training diverged at step {step} ({why}); stopped. The last good checkpoint "
             f"(step {last_good}) is kept in {ckpt_path}. Try a lower --lr, a larger --damping or "
@@ -315,15 +304,15 @@ def train(config: TrainConfig, *, until: int | None = None) -> TrainResult:
 
     for step in range(start + 1, stop + 1):
         lr = learning_rate(cfg, step)
-        for group in opt.param_groups:
-            group["lr"] = lr
-        x, y = corpus.batch("train", cfg.batch_size, cfg.block_size, generator=data_gen)
+        for param_group in opt.param_groups:
+            param_group["lr"] = lr
+        x, y = draw_batch(corpus, "train", cfg.batch_size, cfg.block_size, data_gen, group)
         x, y = x.to(device), y.to(device)
         est = None
         if cfg.method == "backprop":
-            record = _backprop_step(model, x, y, opt, tokens)
+            record = _backprop_step(model, x, y, opt, tokens, group)
         else:
-            est, record = _ep_step(model, cfg, x, y, noise_gen, opt, tokens)
+            est, record = _ep_step(model, cfg, x, y, noise_gen, opt, tokens, group)
         record = {"step": step, "lr": lr, **record}
         if record["skipped"]:
             counters["skipped"] += 1
@@ -333,16 +322,17 @@ def train(config: TrainConfig, *, until: int | None = None) -> TrainResult:
             params = [p for p in model.parameters() if p.requires_grad]
             clip = cfg.grad_clip if cfg.grad_clip > 0 else math.inf
             if est is not None and cfg.spot_check_every and step % cfg.spot_check_every == 0:
-                record.update(_spot_check(model, cfg, x, y, est))  # at the weights est used
+                record.update(spot_check(model, cfg, x, y, est, group))  # at the weights est used
             record["grad_norm"] = float(torch.nn.utils.clip_grad_norm_(params, clip))  # sync-ok
             opt.step()
             counters["phases"] += record.get("phases", 0)
             counters["unconverged"] += record.get("unconverged", 0)
         if step % cfg.eval_every == 0 or step == stop:
-            val_ce = evaluate(model, cfg, corpus)
+            val_ce = evaluate(model, cfg, corpus, group=group)
             record["val_ce"] = val_ce
         record["time"] = time.perf_counter() - begun
-        log.write(record)
+        if group.main:
+            log.write(record)
         finite = all(bool(torch.isfinite(p).all()) for p in model.parameters())  # sync-ok
         if not finite:
             raise diverged(step, "non-finite weights")
@@ -362,8 +352,10 @@ def train(config: TrainConfig, *, until: int | None = None) -> TrainResult:
         bar.update(1)
         if step % cfg.checkpoint_every == 0 or step == stop:
             checkpoint(step)
-            _plot(out, cfg)
+            if group.main:
+                _plot(out, cfg)
     bar.close()
+    group.barrier()  # the run folder is complete when train returns on any rank
     return TrainResult(
         step=max(stop, start),
         val_ce=val_ce,
