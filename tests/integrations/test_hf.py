@@ -104,3 +104,10 @@ def test_fisher_trainer_callback_rejects_bad_options():
         FisherTrainerCallback("validation")
     with pytest.raises(ValueError, match="unit must be one of 'sample', 'token'"):
         FisherTrainerCallback(unit="sequence")
+
+
+def test_scaler_trainer_callback_rejects_a_misspelt_scaler_argument():
+    from gradstats.integrations.hf import VarianceScalingTrainerCallback
+
+    with pytest.raises(TypeError, match=r"argument\(s\) \['statistics'\]"):
+        VarianceScalingTrainerCallback(statistics="temporal")

@@ -116,3 +116,8 @@ def test_fisher_callback_rejects_a_misspelt_collector_argument():
 
     with pytest.raises(TypeError, match=r"unknown FisherCollector argument\(s\) \['mc_sample'\]"):
         FisherCallback([], mc_sample=4)
+
+
+def test_scaler_callback_rejects_a_misspelt_scaler_argument():
+    with pytest.raises(TypeError, match=r"VarianceGradientScaler argument\(s\) \[.betta.\]"):
+        VarianceScalingCallback(betta=0.9)

@@ -27,6 +27,7 @@ import torch
 from torch import nn
 
 from gradstats.fisher import FisherCollector
+from gradstats.integrations._options import check_forwarded
 
 __all__ = ["collect_after_training", "summary_metrics"]
 
@@ -117,8 +118,6 @@ def check_options(
     collector_kwargs: dict | None = None,
 ) -> None:
     """Validate a callback's collector options when it is built (not after training)."""
-    import inspect
-
     from gradstats._validation import check_choice
     from gradstats.fisher._collector import KINDS, UNITS
     from gradstats.fisher._likelihoods import make_likelihood
@@ -130,14 +129,8 @@ def check_options(
         isinstance(max_batches, bool) or not isinstance(max_batches, int) or max_batches < 1
     ):
         raise ValueError(f"max_batches must be an int >= 1 or None; got {max_batches!r}")
-    accepted = set(inspect.signature(FisherCollector).parameters) - {
-        "model", "kind", "likelihood", "unit"
-    }  # fmt: skip
-    unknown = sorted(set(collector_kwargs or {}) - accepted)
-    if unknown:
-        raise TypeError(
-            f"unknown FisherCollector argument(s) {unknown}; valid: {', '.join(sorted(accepted))}"
-        )
+    reserved = ("model", "kind", "likelihood", "unit")
+    check_forwarded(FisherCollector, collector_kwargs or {}, reserved)
 
 
 __all__ += ["check_options", "resolve_module"]

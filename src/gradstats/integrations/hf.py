@@ -31,6 +31,7 @@ except ImportError as error:  # pragma: no cover - exercised only without the op
         "gradstats.integrations.hf needs transformers (pip install transformers accelerate)"
     ) from error
 
+from gradstats.integrations._options import check_forwarded
 from gradstats.scaling import Attachment, VarianceGradientScaler, attach
 
 __all__ = ["FisherTrainerCallback", "VarianceScalingTrainerCallback", "add_callback_first"]
@@ -52,6 +53,7 @@ class VarianceScalingTrainerCallback(TrainerCallback):
     """
 
     def __init__(self, *, apply_to: str = "lr", **scaler_kwargs) -> None:
+        check_forwarded(VarianceGradientScaler, scaler_kwargs, ("params", "optimizer", "logger"))
         self.scaler_kwargs = {"apply_to": apply_to, **scaler_kwargs}
         self.scaler: VarianceGradientScaler | None = None
         self._attachment: Attachment | None = None

@@ -29,6 +29,7 @@ except ImportError as error:  # pragma: no cover - exercised only without the op
 
 import torch
 
+from gradstats.integrations._options import check_forwarded
 from gradstats.scaling import VarianceGradientScaler
 
 __all__ = ["FisherCallback", "VarianceScalingCallback"]
@@ -47,6 +48,7 @@ class VarianceScalingCallback(Callback):
 
     def __init__(self, *, apply_to: str = "lr", optimizer_index: int = 0, **scaler_kwargs) -> None:
         super().__init__()
+        check_forwarded(VarianceGradientScaler, scaler_kwargs, ("params", "optimizer", "logger"))
         self.scaler_kwargs = {"apply_to": apply_to, **scaler_kwargs}
         self.optimizer_index = optimizer_index
         self.scaler: VarianceGradientScaler | None = None
