@@ -125,9 +125,8 @@ def _eqprop(rank: int, world: int, steps: int, d_model: int, block: int, batch: 
         block_size=block, batch_size=batch, eval_every=10_000, spot_check_every=0,
         checkpoint_every=10_000, threads=1, progress=False,
     )  # fmt: skip
-    from gradstats.eqprop.train import read_metrics
-
     from gradstats.data import load_corpus
+    from gradstats.eqprop.train import read_metrics
 
     vocab = load_corpus(config.data).vocab_size
     params = sum(p.numel() for p in config.build_model(vocab).parameters())
