@@ -61,29 +61,36 @@ def plot_curves(runs: dict[str, list[dict]], path: str | Path, title: str = "") 
     import matplotlib.pyplot as plt
 
     fig, axes = plt.subplots(1, 3, figsize=(15, 4))
-    for label, records in runs.items():
+    for index, (label, records) in enumerate(runs.items()):
+        color = f"C{index % 10}"  # one colour per run in every panel
         steps = [r for r in records if r.get("train_ce") is not None and not r.get("skipped")]
         if steps:
             xs = [r["step"] for r in steps]
-            (line,) = axes[0].plot(xs, _smooth([r["train_ce"] for r in steps]), alpha=0.5)
-            line.set_label(f"{label} train")
+            train_ce = _smooth([r["train_ce"] for r in steps])
+            axes[0].plot(xs, train_ce, alpha=0.5, color=color, label=f"{label} train")
             val = [r for r in records if r.get("val_ce") is not None]
             axes[0].plot(
                 [r["step"] for r in val],
                 [r["val_ce"] for r in val],
                 "o-",
-                color=line.get_color(),
+                color=color,
                 label=f"{label} val",
             )
         for key, style in (("res_free", "-"), ("res_adjoint", "--")):
             pts = [(r["step"], r[key]) for r in records if r.get(key) not in (None, 0.0)]
             pts = [(s, v) for s, v in pts if v == v and v > 0 and not math.isinf(v)]
             if pts:
-                axes[1].semilogy(*zip(*pts, strict=True), style, label=f"{label} {key}")
+                axes[1].semilogy(
+                    *zip(*pts, strict=True), style, color=color, label=f"{label} {key}"
+                )
         cos = [(r["step"], 1 - r["cos_implicit_min"]) for r in records if "cos_implicit_min" in r]
         if cos:
             axes[2].semilogy(
-                [s for s, _ in cos], [max(v, 1e-12) for _, v in cos], "o-", label=label
+                [s for s, _ in cos],
+                [max(v, 1e-12) for _, v in cos],
+                "o-",
+                color=color,
+                label=label,
             )
     axes[0].set(xlabel="step", ylabel="cross-entropy (nats/char)", title=title or "loss")
     axes[1].set(xlabel="step", ylabel="final residual", title="free / nudged-adjoint residual")
