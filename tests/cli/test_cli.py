@@ -39,7 +39,8 @@ def test_demo_writes_its_report(tmp_path, capsys):
     out = tmp_path / "demo"
     args = ["demo", "--out", str(out), "--steps", "6", "--d-model", "16", "--n-heads", "2",
             "--block-size", "16", "--batch-size", "4", "--micro-batches", "2", "--probe-batch",
-            "2", "--fisher-sequences", "4", "--scaler-steps", "4", "--workers", "1",
+            "2", "--fisher-sequences", "4", "--scaler-steps", "4", "--reference-sequences", "8",
+            "--workers", "1",
             "--no-progress"]  # fmt: skip
     assert main(args) == 0
     report = (out / "report.md").read_text()
@@ -52,7 +53,7 @@ def test_demo_writes_its_report(tmp_path, capsys):
     assert all(run["val_ce"] > 0 for run in record["training"].values())
     assert set(record["probe"]["min_cos"]) == {"aep", "holomorphic"}
     assert record["fisher"]["counts"]["samples"] == 4
-    assert any("rho_exact" in row for row in record["scaler_trace"])
+    assert any("rho_reference" in row for row in record["scaler_trace"])
     exact = record["exact_streaming"]
     assert exact["max_rel_error_mean_vs_autograd"] < 1e-12
     assert exact["max_rel_error_variance_vs_dense"] < 1e-12

@@ -8,7 +8,7 @@ On the embedded character-level Shakespeare corpus it
    parameter group, with T2 / r / N sweeps and ``diagnose()`` (``gradstats eqprop probe``);
 3. collects the per-head empirical Fisher of the AEP-trained model (``gradstats fisher``);
 4. runs the variance gradient scaler's noise trace on the backprop baseline: same-point and
-   temporal ρ beside the exact ρ from per-sequence gradients;
+   temporal ρ beside a reference ρ from many per-sequence gradients at the same parameters;
 5. re-checks the streaming-moments core against its float64 references.
 
 It writes ``report.md`` (with ``curves.png``, ``probe/probe.png``, ``fisher/heads_heatmap.png``
@@ -49,13 +49,16 @@ class DemoConfig:
     fisher_sequences: int = option(64, "validation windows the Fisher is collected on")
     scaler_steps: int = option(150, "steps of the scaler's noise trace")
     micro_batches: int = option(4, "micro-batches per step in the noise trace (same-point)")
+    reference_sequences: int = option(
+        128, "per-sequence gradients behind each reference ρ of the noise trace"
+    )
     workers: int = option(2, "processes for the two training runs (1: one after the other)")
     progress: bool = option(True, "show progress bars")
 
     def __post_init__(self) -> None:
         for name in (
             "steps", "d_model", "n_heads", "block_size", "batch_size", "t1", "probe_batch",
-            "fisher_sequences", "scaler_steps", "micro_batches", "workers",
+            "fisher_sequences", "scaler_steps", "micro_batches", "reference_sequences", "workers",
         ):  # fmt: skip
             if getattr(self, name) < 1:
                 flag = "--" + name.replace("_", "-")
@@ -202,6 +205,7 @@ def _scaler(config: DemoConfig, corpus) -> list[dict]:
         lr=base.lr,
         beta=0.9,
         trace_every=max(1, config.scaler_steps // 10),
+        reference_sequences=config.reference_sequences,
         seed=config.seed,
         progress=config.progress,
     )
