@@ -114,8 +114,7 @@ class FisherCollector(FisherReads, SpecialPasses):
         max_exact_passes: refuse ``kind="exact"`` label enumerations longer than this.
 
     Host syncs per batch (none on the CUDA hot path beyond these): the first batch's
-    completeness check (one read); ``unit="token"`` with group statistics selects the active
-    positions by a boolean index (one read); ``collect_loader(until_rel_se=...)`` reads the
+    completeness check (one read); ``collect_loader(until_rel_se=...)`` reads the
     standard errors; the ``torch.func`` loop fallback runs Python per sample. Target ranges are
     checked on CPU tensors only, and on the CPU the batch's finite flag is read (free there).
 
@@ -315,8 +314,13 @@ class FisherCollector(FisherReads, SpecialPasses):
         names = list(engine.selected)
         g_sum: dict[str, torch.Tensor] = {}
         ok = torch.ones((), dtype=torch.bool, device=device)
-        if self.kind == "exact" and self._use_closed_form(prepared):
-            self._closed_form_pass(prepared, layout)
+        site = self._closed_form_site(prepared) if self.kind == "exact" else None
+        self._closed_form = site is not None if self.kind == "exact" else None
+        if site is not None:
+            if self._check_pending:  # any direction checks Σ_i g_i (parameters used elsewhere)
+                first = next(iter(self.likelihood.exact_directions(prepared)))
+                self._check_complete(prepared, names, None, first)
+            self._closed_form_pass(prepared, layout, site)
             count, passes = 0, iter(())
             ok &= torch.isfinite(prepared.output).all()
         elif self.kind == "exact":
@@ -325,7 +329,8 @@ class FisherCollector(FisherReads, SpecialPasses):
                 raise ValueError(
                     f"kind='exact' needs {count} backward passes for this batch (label "
                     f"enumeration), more than max_exact_passes={self.max_exact_passes}; use "
-                    "kind='mc' or collect only the output layer (closed form)"
+                    "kind='mc' or collect only the output layer, without per-unit group "
+                    "families for it (closed form)"
                 )
             passes = ((None, d, 1.0) for d in self.likelihood.exact_directions(prepared))
             ok &= torch.isfinite(prepared.output).all()
@@ -378,23 +383,26 @@ class FisherCollector(FisherReads, SpecialPasses):
         for name, shape in self._state.shapes.items():
             if sq[name] is None:
                 sq[name] = torch.zeros(shape, dtype=self._compute_dtype, device=device)
-        finite = torch.stack([t.sum() for t in sq.values()]).isfinite().all()
-        ok = ok & finite
-        trace_rows, mask_rows = {}, {}
-        active = None
-        if self.unit == "token" and self._unit_families:
-            active = prepared.token_mask.reshape(-1) > 0  # boolean selection: one host sync
-        for fam, trace, mask in zip(self._unit_families, layout.trace, layout.mask, strict=True):
-            trace, mask = trace[:, : fam.size], mask[:, : fam.size]
-            if active is not None:
-                trace, mask = trace[active], mask[active]
-            trace_rows[fam.name], mask_rows[fam.name] = trace, mask
-        n_units = torch.full((), prepared.n_samples, dtype=torch.float64, device=device)
-        if self.unit == "token":
-            n_units = prepared.n_tokens.to(device=device, dtype=torch.float64)
         if self.collect_signal:
             for name in self._state.shapes:
                 g_sum.setdefault(name, torch.zeros_like(sq[name]))
+        trace_rows, mask_rows = {}, {}
+        for fam, trace, mask in zip(self._unit_families, layout.trace, layout.mask, strict=True):
+            trace_rows[fam.name], mask_rows[fam.name] = trace[:, : fam.size], mask[:, : fam.size]
+        # with token units every position is a row; the inactive ones get weight 0 (no boolean
+        # selection, so no host sync) and are no observations of the per-unit statistics
+        row_weight = None
+        if self.unit == "token" and self._unit_families:
+            row_weight = (prepared.token_mask.reshape(-1) > 0).to(device, torch.float64)
+        # every statistic of the batch must be finite (Σ g⁴ can overflow where Σ g² does not);
+        # float64 sums: finite float32 values never overflow them
+        parts = [*sq.values(), *g_sum.values(), *trace_rows.values(), *mask_rows.values()]
+        parts += list((layout.sq4 or {}).values())
+        finite = torch.stack([t.sum(dtype=torch.float64) for t in parts]).isfinite().all()
+        ok = ok & finite
+        n_units = torch.full((), prepared.n_samples, dtype=torch.float64, device=device)
+        if self.unit == "token":
+            n_units = prepared.n_tokens.to(device=device, dtype=torch.float64)
         self._state.update(
             ok,
             n_units,
@@ -406,6 +414,7 @@ class FisherCollector(FisherReads, SpecialPasses):
             g_sum,
             trace_rows,
             mask_rows,
+            row_weight,
         )
 
     # ------------------------------------------------------------ combining

@@ -99,11 +99,14 @@ def pruning_masks(
 
     ``budget``: a fraction in (0, 1) of the groups to remove, or an int number of groups.
     ``scope="global"`` ranks all families' groups together; ``"layer"`` removes the same
-    fraction from each family. Every family keeps at least ``min_keep`` groups.
+    fraction from each family (largest-remainder rounding, so the families' counts add up to
+    the budget exactly). Every family keeps at least ``min_keep`` groups.
     """
     _check(fisher, "fisher")
     check_choice("structure", structure, STRUCTURES)
     check_choice("scope", scope, ("global", "layer"))
+    if isinstance(min_keep, bool) or not isinstance(min_keep, int) or min_keep < 0:
+        raise ValueError(f"min_keep must be a non-negative int; got {min_keep!r}")
     fams = [f for f in fisher.families if f.kind in STRUCTURES[structure]]
     if not fams:
         raise ValueError(f"the collector's group map has no {structure!r} families")
@@ -125,8 +128,8 @@ def pruning_masks(
         )
     masks = {f.name: torch.ones(f.size, dtype=torch.bool) for f in fams}
     if scope == "layer":
-        for f in fams:
-            remove = min(round(count * f.size / total), f.size - min_keep)
+        counts = _layer_counts([f.size for f in fams], count, min_keep)
+        for f, remove in zip(fams, counts, strict=True):
             order = values[f.name].cpu().argsort()
             masks[f.name][order[:remove]] = False
         return masks
@@ -144,6 +147,24 @@ def pruning_masks(
             kept[fam.name] -= 1
             removed += 1
     return masks
+
+
+def _layer_counts(sizes: list[int], count: int, min_keep: int) -> list[int]:
+    """Groups to remove per family: ``count`` shared in proportion to the sizes by the largest
+    remainder method (exact integer quotas count·size/total), never more than size − min_keep
+    per family; the counts always sum to ``count`` (the caller checked it fits)."""
+    total = sum(sizes)
+    caps = [max(0, size - min_keep) for size in sizes]
+    quotas = [count * size for size in sizes]  # in units of 1/total
+    counts = [min(q // total, cap) for q, cap in zip(quotas, caps, strict=True)]
+    order = sorted(range(len(sizes)), key=lambda i: (-(quotas[i] % total), i))
+    left = count - sum(counts)
+    while left > 0:  # caps may bind: go round again in the same order
+        for i in order:
+            if left > 0 and counts[i] < caps[i]:
+                counts[i] += 1
+                left -= 1
+    return counts
 
 
 def ewc_penalty(

@@ -4,7 +4,8 @@ output layer's exact Fisher, and the mistaken ``batch_grad_sq`` estimator.
 * Completeness: on the first batch one extra pass with samples as units checks that the
   hooks' Σ_i g_i equals autograd's gradient for every parameter — a parameter read outside its
   module's forward would otherwise get incomplete per-unit gradients, silently.
-* Closed form: when only the output layer (the module producing the logits) is collected,
+* Closed form: when only the output layer (the module producing the logits, called once, its
+  parameters used nowhere else and no per-unit group values requested) is collected,
   ``kind="exact"`` is Σ_rows diag(Λ)ᵀ(h²), chunked over the output features (vocabulary), with
   diag(Λ) = p(1 − p) for the softmax and 1 for σ² = 1 Gaussians; cross-position terms vanish in
   expectation because every position's score has mean zero.
@@ -14,6 +15,7 @@ output layer's exact Fisher, and the mistaken ``batch_grad_sq`` estimator.
 from __future__ import annotations
 
 import torch
+from torch.autograd.graph import get_gradient_edge
 
 from gradstats.fisher._accumulate import UnitLayout, compute_dtype
 from gradstats.fisher._likelihoods import Prepared
@@ -38,7 +40,6 @@ class SpecialPasses:
             param_grads=True,
             retain=True,
         )
-        self._check_pending = False
         bad = []
         for name, grad in zip(names, grads, strict=True):
             if grad is None:
@@ -60,22 +61,38 @@ class SpecialPasses:
                 "batch (batch statistics), so per-sample gradients are undefined; exclude the "
                 "parameter (params=...) or fix the module"
             )
+        self._check_pending = False  # only once passed: a failed check is repeated next batch
 
-    def _use_closed_form(self, prepared: Prepared) -> bool:
-        if self._closed_form is None:
-            sites = [s for s in self._engine.sites if s.output_id == id(prepared.output)]
-            handler = sites[0].handler if sites else None
-            self._closed_form = (
-                isinstance(handler, LinearHandler)
-                and len(self._engine.handlers) == 1
-                and prepared.output is not None
-            )
-        return self._closed_form
+    def _closed_form_site(self, prepared: Prepared):
+        """The output layer's one call when the closed form applies to this batch, else None.
 
-    def _closed_form_pass(self, prepared: Prepared, layout: UnitLayout) -> None:
+        It applies when the only handler is a Linear called exactly once, whose output is the
+        model output, whose parameters are used nowhere else, and for which no per-unit group
+        values (``trace``/``mask`` rows) are requested: the closed form yields the Fisher
+        numerator only, so per-unit families fall back to label enumeration."""
+        engine = self._engine
+        if prepared.output is None or len(engine.handlers) != 1:
+            return None
+        ((module, handler),) = engine.handlers.items()
+        if not isinstance(handler, LinearHandler) or engine.calls[module] != 1:
+            return None
+        names = list(handler.attrs.values())
+        if any(n in engine.static_multi or engine.requests.get(n) for n in names):
+            return None
+        output = prepared.output
+        sites = [i for i, s in enumerate(engine.sites) if s.handler is handler]
+        if len(sites) != 1 or not (isinstance(output, torch.Tensor) and output.requires_grad):
+            return None
+        # the site's output must *be* the model output (same autograd edge: an id() could be
+        # reused by a later tensor once the layer's own output was freed)
+        edge, mine = get_gradient_edge(output), engine.edges[sites[0]]
+        if edge.node is not mine.node or edge.output_nr != mine.output_nr:
+            return None
+        return engine.sites[sites[0]]
+
+    def _closed_form_pass(self, prepared: Prepared, layout: UnitLayout, site) -> None:
         """Exact Fisher of the output layer: Σ_rows diag(Λ)ᵀ(h²), chunked over outputs."""
-        (handler,) = self._engine.handlers.values()
-        site = next(s for s in self._engine.sites if s.handler is handler)
+        handler = site.handler
         h = site.saved[0].reshape(-1, site.saved[0].shape[-1])
         cdt = compute_dtype(h)
         h2 = h.to(cdt).square()

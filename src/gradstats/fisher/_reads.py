@@ -101,9 +101,12 @@ class FisherReads:
 
         ``normalization``: ``"unit"`` (the mean over units: the Fisher), ``"sample"`` (per
         sequence), ``"token"`` (per active target) or ``"none"`` (the sum Σ_units x_ij).
-        ``kind="batch_grad_sq"`` is always the mean over batches of (ḡ_B)².
+        ``kind="batch_grad_sq"`` is always the mean over batches of (ḡ_B)². In ``mode="ema"``
+        only the mean over units exists (an EMA of per-batch means has no sum, and rescaling
+        it by a ratio of total counts would mix every batch's weights): ``"unit"`` or the name
+        of the unit itself; any other normalization is a ``ValueError``.
         """
-        check_choice("normalization", normalization, NORMALIZATIONS)
+        self._check_normalization(normalization)
         state = self._state
         out = {}
         for name in state.shapes:
@@ -114,6 +117,15 @@ class FisherReads:
                 value = state.fisher(name, normalization)
             out[name] = self._out(name, value, dtype)
         return out
+
+    def _check_normalization(self, normalization: str) -> None:
+        check_choice("normalization", normalization, NORMALIZATIONS)
+        if self.mode == "ema" and normalization not in ("unit", self.unit):
+            raise ValueError(
+                f"normalization={normalization!r} is not available in mode='ema' (an EMA of "
+                f"per-batch means over units has no sum to renormalise); use normalization="
+                f"'unit' (or {self.unit!r}), or mode='cumulative'"
+            )
 
     def _need_signal(self) -> None:
         if not self.collect_signal:
@@ -205,8 +217,11 @@ class FisherReads:
         * ``"mask"``: E[(Σ_{j ∈ mask set of k} θ_j g_j)²] over units (sum, then square): the
           Fisher of a multiplicative mask on the group's output. Families without per-unit
           values (token rows) are omitted.
+
+        ``normalization`` as in :meth:`fisher` (the same restriction in ``mode="ema"``).
         """
         check_choice("kind", kind, GROUP_KINDS)
+        self._check_normalization(normalization)
         groups = self._need_groups()
         if kind == "trace":
             fisher = self.fisher(normalization, dtype=torch.float64)
@@ -217,7 +232,7 @@ class FisherReads:
         if self.kind == "batch_grad_sq":
             raise ValueError("kind='batch_grad_sq' has no per-unit values: no 'mask' quantity")
         state = self._state
-        scale = state.units / state.norm(normalization)
+        scale = state.units / state.norm(normalization) if self.mode == "cumulative" else 1.0
         out = {}
         for fam in self._unit_families:
             mean = state.mask[fam.name].mean if self.mode == "cumulative" else None

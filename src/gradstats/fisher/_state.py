@@ -17,7 +17,9 @@ In ``mode="ema"`` the batch means replace the sums: :class:`~gradstats.moments.E
 (zero-initialised, divided by 1 − β^k, so a constant input reads exactly that constant) of the
 per-batch mean of x_ij, of ḡ and of the group mask values.
 
-Non-finite batches are rejected on the device (``ok`` flag): nothing changes but ``rejected``.
+Non-finite batches (any statistic: Σg², Σg⁴, Σg, group rows) are rejected on the device (``ok``
+flag): nothing changes but ``rejected``. In ``mode="ema"`` a batch without units (``unit="token"``,
+no active target) is skipped too: it has no mean to average in.
 """
 
 from __future__ import annotations
@@ -28,7 +30,7 @@ import torch
 
 from gradstats.moments import EMAMoments, RunningMoments
 from gradstats.moments._distributed import all_reduce_moments, all_reduce_sum_
-from gradstats.moments._welford import Moments, combine, safe_inverse
+from gradstats.moments._welford import Moments, batch_moments, combine, safe_inverse, select
 
 __all__ = ["COUNT_KEYS", "FisherState"]
 
@@ -51,6 +53,21 @@ def _masked_add_(target: torch.Tensor, value: torch.Tensor, ok: torch.Tensor, ac
 def _moments(count: torch.Tensor, total: torch.Tensor, m2: torch.Tensor) -> Moments:
     """A frequency-weighted summary of ``count`` observations with sum ``total`` and M2 ``m2``."""
     return Moments(count, count, count, total * safe_inverse(count), m2)
+
+
+def _update_rows(stats: RunningMoments, rows, weight, ok, accepted) -> None:
+    """``stats.update(rows, weight)`` for rows of 0/1 weights, without its host sync (the weight
+    check; these weights come from the token mask) and with only the weighted rows counted as
+    observations — exactly the update with the weight-1 rows selected. A batch that is not
+    ``ok`` (or whose rows are not finite) changes nothing but ``rejected``."""
+    if weight is None:
+        stats.update(rows if accepted else torch.where(ok, rows, math.nan))
+        return
+    batch = batch_moments(rows, weight, stats.dtype)
+    batch = batch._replace(count=batch.weight_sum.clone())  # zero-weight rows are no units
+    accept = ok & torch.isfinite(batch.m2).all()
+    stats._state = select(accept, combine(stats._state, batch), stats._state)
+    stats._rejected += (~accept).to(torch.int64)
 
 
 class FisherState:
@@ -105,8 +122,12 @@ class FisherState:
         g_sum: dict[str, torch.Tensor],
         trace_rows: dict[str, torch.Tensor],
         mask_rows: dict[str, torch.Tensor],
+        row_weight: torch.Tensor | None = None,
     ) -> None:
-        """Fold one batch in (every argument on the state's device; nothing read to the host)."""
+        """Fold one batch in (every argument on the state's device; nothing read to the host).
+
+        ``row_weight`` ([rows], 0 or 1; None: all 1) marks which rows of the per-unit group
+        values are units (token units: the positions with an active target)."""
         okf = ok.to(torch.float64)
         n_units = n_units.to(torch.float64)
         if self.mode == "cumulative" and self.element_se:
@@ -124,17 +145,21 @@ class FisherState:
             for name, total in g_sum.items():
                 _masked_add_(self.g_sum[name], total, ok, accepted)
             for stats, per_unit in ((self.trace, trace_rows), (self.mask, mask_rows)):
-                for fam, rows in per_unit.items():  # a rejected batch: NaN rows, counted there
-                    stats[fam].update(rows if accepted else torch.where(ok, rows, math.nan))
+                for fam, rows in per_unit.items():  # a rejected batch is counted there
+                    _update_rows(stats[fam], rows, row_weight, ok, accepted)
         else:
             inv = safe_inverse(n_units)
-            skip = ~ok
+            skip = ~ok | (n_units <= 0)  # a batch without units is no observation of the mean
             for name, total in sq.items():
                 self.g2_ema[name].update(total * inv, skip=skip)
             for name, total in g_sum.items():
                 self.g_ema[name].update(total * inv, skip=skip)
             for fam, rows in mask_rows.items():
-                self.mask_ema[fam].update(rows.mean(0), skip=skip)
+                if row_weight is None:
+                    mean = rows.to(torch.float64).mean(0)
+                else:
+                    mean = (rows.to(torch.float64) * row_weight[:, None]).sum(0) * inv
+                self.mask_ema[fam].update(mean, skip=skip)
         counts = self.counts
         counts["samples"] += okf * n_samples
         counts["tokens"] += okf * n_tokens.to(torch.float64)
