@@ -82,3 +82,81 @@ def test_diverging_run_exits_2_with_one_line(tmp_path, data, capsys):
     line = _error_line(capsys)
     assert "training diverged" in line
     assert "last good checkpoint (step 0)" in line
+
+
+def test_probe_uses_the_runs_beta_only_for_methods_of_its_kind(tmp_path, data, capsys, monkeypatch):
+    """An AEP run's beta is a real nudge: holomorphic keeps its own default radius r."""
+    from gradstats.eqprop._probe import ProbeReport
+    from gradstats.eqprop.train import TrainConfig, train
+
+    monkeypatch.setattr(ProbeReport, "plot", lambda *args, **kwargs: None)  # slow; tested above
+    run = tmp_path / "run"
+    cfg = TrainConfig(out=run, data=data, beta=0.02, d_model=8, n_heads=2, block_size=4,
+                      batch_size=1, progress=False)  # fmt: skip
+    train(cfg, until=0)  # the step-0 checkpoint is enough for the probe
+    probe = ["eqprop", "probe", str(run), "--methods", "aep", "holomorphic", "--batch-size",
+             "1", "--t2-sweep", "--points-sweep", "--no-float64"]  # fmt: skip
+    assert main(probe) == 0
+    out = capsys.readouterr().out
+    assert "aep beta=0.02 (the aep run's)" in out
+    assert "holomorphic r=0.5 (model default)" in out
+    report = json.loads((run / "probe.json").read_text())
+    assert report["beta_used"]["holomorphic"] == {"value": 0.5, "source": "model default"}
+    swept = {}
+    for row in report["rows"]:
+        if row["sweep"] == "beta" and row["group"] == "all":
+            swept.setdefault(row["method"], []).append(row["value"])
+    assert swept["aep"] == pytest.approx([0.005, 0.01, 0.02, 0.04])
+    assert swept["holomorphic"] == pytest.approx([0.125, 0.25, 0.5, 1.0])
+
+
+def test_probe_beta_overrides_apply_per_kind():
+    """--beta sets the real nudges, --r the holomorphic radius; a holomorphic run's r is r."""
+    from types import SimpleNamespace
+
+    from gradstats.cli._eqprop import ProbeConfig, _betas
+    from gradstats.eqprop.models import EquilibriumTransformer
+
+    model = EquilibriumTransformer(5, 4, 8, 2)
+    methods = ["ep", "aep", "ep_symmetric", "holomorphic", "implicit"]
+    holo_run = SimpleNamespace(method="holomorphic", beta=0.3)
+    got = _betas(holo_run, ProbeConfig(), model, methods)
+    assert got == {
+        "ep": (0.01, "model default"),
+        "aep": (0.05, "model default"),
+        "ep_symmetric": (0.05, "model default"),
+        "holomorphic": (0.3, "the holomorphic run's"),
+    }
+    aep_run = SimpleNamespace(method="aep", beta=0.02)  # aep and ep_symmetric share beta
+    got = _betas(aep_run, ProbeConfig(), model, methods)
+    assert {m: v for m, (v, _) in got.items()} == {
+        "ep": 0.01,
+        "aep": 0.02,
+        "ep_symmetric": 0.02,
+        "holomorphic": 0.5,
+    }
+    got = _betas(holo_run, ProbeConfig(beta=0.03, r=0.2), model, methods)
+    assert {m: v for m, (v, _) in got.items()} == {
+        "ep": 0.03,
+        "aep": 0.03,
+        "ep_symmetric": 0.03,
+        "holomorphic": 0.2,
+    }
+
+
+def test_resume_with_nothing_left_to_do_exits_2_with_one_line(tmp_path, data, capsys):
+    run = ["--out", str(tmp_path / "run"), "--data", data, "--method", "backprop", *SMALL]
+    assert main(["eqprop", "train", "--steps", "2", *run]) == 0
+    capsys.readouterr()
+    for steps in ("2", "1"):  # at, or below, the checkpoint's step
+        assert main(["eqprop", "train", "--resume", "--steps", steps, *run]) == 2
+        line = _error_line(capsys)
+        assert "nothing to do" in line
+        assert "already at step 2" in line
+    assert main(["eqprop", "train", "--resume", "--steps", "3", *run]) == 0
+    assert "step 3: val CE" in capsys.readouterr().out
+
+
+def test_bad_device_exits_2_with_one_line(capsys):
+    assert main(["eqprop", "train", "--device", "gpu7"]) == 2
+    assert "device must be a torch device" in _error_line(capsys)

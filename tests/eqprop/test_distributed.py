@@ -30,11 +30,18 @@ TEXT = "ROMEO:\nBut soft, what light through yonder window breaks?\n\n" * 40
 BATCH = 2  # per rank; the single-process reference uses 2 * BATCH
 #: method -> options of the gradient-equality cases (noise and a penalty exercise their paths)
 GRAD_CASES = {
-    # t1 short of convergence: the residual penalty is then signal, not amplified rounding
-    "aep": {"force_noise": 0.1, "res_penalty": 0.1, "t1": 6},
+    # t1 short of convergence: the residual penalty is then signal, not amplified rounding; the
+    # Hutchinson penalties draw their probe vectors for the global batch (equal draw for draw)
+    "aep": {
+        "force_noise": 0.1,
+        "res_penalty": 0.1,
+        "jac_penalty": 0.1,
+        "homeostasis": 0.05,
+        "t1": 6,
+    },
     "bptt": {},
 }
-RUN = {"method": "aep", "steps": 4, "force_noise": 0.05}
+RUN = {"method": "aep", "steps": 4, "force_noise": 0.05, "jac_penalty": 0.1}
 BACKPROP = {"method": "backprop", "steps": 2, "spot_check_every": 0}
 DIVERGE = {"method": "bptt", "lr": 1e30, "warmup": 0, "grad_clip": 0.0, "steps": 20,
            "max_skips": 2, "checkpoint_every": 1, "eval_every": 1}  # fmt: skip
@@ -59,6 +66,8 @@ def _cfg(data, out, batch_size, **kw):
         "progress": False,
         "init_std": 0.1,
     }
+    if kw.get("method") in ("bptt", "backprop"):
+        del base["t2"]  # no nudged/adjoint phase: setting t2 is an error
     return TrainConfig(**{**base, **kw})
 
 
@@ -151,8 +160,14 @@ def test_all_reduced_gradient_equals_one_process_on_the_concatenated_batch(ranks
         est = estimate_gradient(
             model, x, y, method, generator=noise_gen, **cfg.estimator_settings()
         )
-    if cfg.penalties():
-        est = add_penalties(est, model, x, cfg.penalties(), generator=noise_gen)
+    weights = cfg.penalties()  # the trainer's order: the plain penalties, then the jacobian
+    plain = {k: v for k, v in weights.items() if k != "jacobian"}
+    if plain:
+        est = add_penalties(est, model, x, plain, generator=noise_gen)
+    if "jacobian" in weights:
+        with model.relaxation_map(cfg.step_size):
+            est = add_penalties(est, model, x, {"jacobian": weights["jacobian"]},
+                                generator=noise_gen)  # fmt: skip
     tokens = x.numel()
     free = est.stats.get("free", est.stats.get("bptt")).summary()
     for rank in results:
@@ -171,6 +186,7 @@ def test_all_reduced_gradient_equals_one_process_on_the_concatenated_batch(ranks
             assert value == pytest.approx(float(pen["value"]), rel=1e-10)
             assert scale == pytest.approx(float(pen["scale"]), rel=1e-10)
             assert value > 1e-12  # t1 = 6: a real residual (converged: ~1e-26, rounding)
+    assert set(est.penalties) == set(cfg.penalties())
     for name, grad in results[0]["grads"][method]["grads"].items():
         assert torch.equal(grad, results[1]["grads"][method]["grads"][name])
 
@@ -197,8 +213,13 @@ def test_two_ranks_keep_identical_weights_equal_to_one_process(ranks, data, monk
                 assert a[key] == pytest.approx(b[key], rel=1e-8), key
         for key in ("steps_free", "steps_adjoint", "unconverged", "skipped"):
             assert a.get(key) == b.get(key), key
-        if "penalty.residual" in b:
-            assert a["penalty.residual"] == pytest.approx(b["penalty.residual"], rel=1e-8)
+        for key in ("penalty.residual", "penalty.jacobian"):
+            if key in b:
+                assert a[key] == pytest.approx(b[key], rel=1e-8), key
+    assert "penalty.jacobian" in one[0]
+    two_state, one_state = load_checkpoint(folder / "full"), load_checkpoint(single.checkpoint)
+    # the noise generator advanced by the same draws (force noise and Hutchinson vectors)
+    assert torch.equal(two_state["rng"]["noise"], one_state["rng"]["noise"])
     assert "cos_implicit_min" in two[1]  # the spot check ran (with its reduce) at step 2
     assert "val_ce" in two[1]
 

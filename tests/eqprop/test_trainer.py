@@ -45,6 +45,8 @@ def config(tmp_path, data, name="run", **kw):
         "progress": False,
         "init_std": 0.1,
     }
+    if kw.get("method") in ("bptt", "backprop"):
+        del base["t2"]  # no nudged/adjoint phase: setting t2 is an error
     return TrainConfig(**{**base, **kw})
 
 
@@ -183,3 +185,83 @@ def test_bad_options(tmp_path, data, kw, match):
 def test_config_round_trips_through_the_checkpoint(tmp_path, data):
     cfg = config(tmp_path, data, beta=0.1, tol_adjoint=1e-3)
     assert TrainConfig.from_dict(json.loads(json.dumps(cfg.to_dict()))) == cfg
+
+
+@pytest.mark.parametrize(
+    ("dtype", "default"), [("float64", torch.float32), ("float32", torch.float64)]
+)
+def test_build_from_checkpoint_keeps_the_runs_dtype(tmp_path, data, dtype, default):
+    """The rebuilt model has the run's dtype and bitwise its weights, whatever the default."""
+    result = train(config(tmp_path, data, dtype=dtype), until=0)  # the step-0 checkpoint
+    state = load_checkpoint(result.checkpoint)
+    torch.set_default_dtype(default)  # the autouse fixture restores it
+    rebuilt = build_from_checkpoint(state).state_dict()
+    for name, tensor in state["model"].items():
+        assert rebuilt[name].dtype == tensor.dtype == getattr(torch, dtype), name
+        assert torch.equal(rebuilt[name], tensor), name
+
+
+def test_consecutive_failed_steps_survive_a_resume(tmp_path, data, monkeypatch):
+    """Steps 2-4 fail (max_skips 3): interrupted at 3 and resumed, it stops at 4 as well."""
+    import gradstats.eqprop.train._loop as loop
+
+    current = {}
+    learning_rate, backprop_step = loop.learning_rate, loop._backprop_step
+
+    def lr(cfg, step):
+        current["step"] = step
+        return learning_rate(cfg, step)
+
+    def step(*args):
+        record = backprop_step(*args)
+        return {"skipped": True, "reason": "injected"} if current["step"] in (2, 3, 4) else record
+
+    monkeypatch.setattr(loop, "learning_rate", lr)
+    monkeypatch.setattr(loop, "_backprop_step", step)
+    monkeypatch.setattr(loop, "_plot", lambda *args: None)
+    kw = {"method": "backprop", "steps": 6, "max_skips": 3, "checkpoint_every": 1,
+          "eval_every": 100}  # fmt: skip
+    with pytest.raises(TrainingDiverged, match=r"diverged at step 4 .*3 consecutive"):
+        train(config(tmp_path, data, "full", **kw))
+    train(config(tmp_path, data, "parts", **kw), until=3)
+    assert load_checkpoint(tmp_path / "parts")["counters"]["consecutive"] == 2
+    with pytest.raises(TrainingDiverged, match=r"diverged at step 4 .*3 consecutive"):
+        train(config(tmp_path, data, "parts", resume=True, **kw))
+
+
+@pytest.mark.parametrize(
+    ("kw", "match"),
+    [
+        (
+            {"method": "bptt", "beta": 0.1, "t2": 5, "tol": 1e-3, "anchor": "fixed"},
+            r"method='bptt' does not use tol=0.001 \(only aep\|holomorphic\|ep_symmetric\|"
+            r"implicit\), t2=5 .*beta=0.1 \(only aep\|holomorphic\|ep_symmetric\), "
+            r"anchor='fixed' \(only aep\|holomorphic\)",
+        ),
+        ({"method": "bptt", "tol_adjoint": 1e-4, "points": 3}, r"tol_adjoint=0.0001.*points=3"),
+        ({"method": "ep_symmetric", "anchor": "tracking"}, r"anchor='tracking' \(only aep"),
+        ({"method": "ep_symmetric", "points": 6}, r"points=6 \(only holomorphic\)"),
+        ({"method": "implicit", "beta": 0.1}, r"method='implicit' does not use beta=0.1"),
+        ({"method": "backprop", "damping": 2.0}, r"damping=2.0 \(only aep"),
+        ({"method": "aep", "layers": 2}, r"layers=2 \(only backprop\)"),
+        ({"device": "gpu7"}, r"device must be a torch device .*got 'gpu7'"),
+    ],
+)
+def test_options_the_method_does_not_use_are_rejected(tmp_path, data, kw, match):
+    with pytest.raises(ValueError, match=match):
+        config(tmp_path, data, **kw)
+
+
+def test_options_the_method_uses_are_accepted(tmp_path, data):
+    config(tmp_path, data, method="holomorphic", beta=0.3, points=6, anchor="fixed")
+    config(tmp_path, data, method="ep_symmetric", beta=0.1, tol_adjoint=1e-4)
+    config(tmp_path, data, method="bptt", step_size=0.4, jac_penalty=0.1)
+    config(tmp_path, data, method="backprop", layers=2, t1=60)  # t1: accepted by every method
+
+
+def test_checkpoint_with_options_its_method_never_used_still_loads(tmp_path, data):
+    """Older versions stored ignored options (e.g. a bptt run's t2): read as the defaults."""
+    saved = config(tmp_path, data, method="bptt").to_dict()
+    cfg = TrainConfig.from_dict({**saved, "t2": 60, "beta": 0.1})
+    assert cfg == config(tmp_path, data, method="bptt")
+    assert (cfg.t2, cfg.beta) == (TrainConfig().t2, None)

@@ -8,6 +8,10 @@
 * ``probe RUN``: loads the run's checkpoint and its saved configuration (explicit overrides are
   echoed), compares every estimator with the exact implicit gradient per parameter group, sweeps
   T2, β/r and N, runs ``diagnose()`` and writes ``probe.json``, ``probe.csv`` and ``probe.png``.
+  The run's ``beta`` is a real nudge β for an aep/ep_symmetric run and the radius r for a
+  holomorphic run: it is used only for the probed methods of that kind (the others use the
+  model's per-method default); ``--beta`` overrides the real nudges, ``--r`` the radius. The β/r
+  each method used is printed and stored in ``probe.json`` (``beta_used``).
 """
 
 from __future__ import annotations
@@ -41,10 +45,10 @@ class ProbeConfig:
         (10, 20, 40, 80), "T2 values (nudged/adjoint steps)", nargs="*"
     )
     beta_sweep: tuple[float, ...] = option(
-        (), "aep/ep_symmetric beta values (default: x1/4, x1/2, x1, x2 of the run's)", nargs="*"
+        (), "real-nudge beta values (default: x1/4, x1/2, x1, x2 of the beta used)", nargs="*"
     )
     r_sweep: tuple[float, ...] = option(
-        (), "holomorphic radius r values (default: x1/4, x1/2, x1, x2 of the run's)", nargs="*"
+        (), "holomorphic radius r values (default: x1/4, x1/2, x1, x2 of the r used)", nargs="*"
     )
     points_sweep: tuple[int, ...] = option((2, 4, 6, 8), "holomorphic N values", nargs="*")
     t1_sweep: tuple[int, ...] = option((), "T1 values (free-phase steps)", nargs="*")
@@ -52,7 +56,8 @@ class ProbeConfig:
     tol: float | None = option(None, "override: free-phase tolerance")
     t2: int | None = option(None, "override: nudged/adjoint step cap")
     tol_adjoint: float | None = option(None, "override: nudged/adjoint tolerance")
-    beta: float | None = option(None, "override: beta (holomorphic: r)")
+    beta: float | None = option(None, "override: the real nudge beta (ep, ep_symmetric, aep)")
+    r: float | None = option(None, "override: the holomorphic radius r")
     points: int | None = option(None, "override: holomorphic N")
     float64: bool = option(True, "compute the reference on a float64 copy")
     out: Path | None = option(None, "output folder (default: the run folder)")
@@ -71,8 +76,9 @@ def _train(args: argparse.Namespace) -> int:
             raise CLIError(str(error)) from None
     if not group.main:
         return 0
+    val = "n/a" if result.val_ce is None else f"{result.val_ce:.4f}"
     print(
-        f"step {result.step}: val CE {result.val_ce:.4f}, {result.skipped_steps} skipped steps, "
+        f"step {result.step}: val CE {val}, {result.skipped_steps} skipped steps, "
         f"{100 * result.unconverged_fraction:.2f}% unconverged phases; run folder "
         f"{Path(config.out).resolve()}"
     )
@@ -84,9 +90,32 @@ _OVERRIDES = {  # probe option -> (training option, estimator setting)
     "tol": ("tol", "tol"),
     "t2": ("t2", "max_steps_adjoint"),
     "tol_adjoint": ("tol_adjoint", "tol_adjoint"),
-    "beta": ("beta", "beta"),
     "points": ("points", "points"),
 }
+_RUN_BETA = {  # the run's --beta is a real nudge for these methods, the radius r for holomorphic
+    "aep": ("aep", "ep_symmetric"),
+    "ep_symmetric": ("aep", "ep_symmetric"),
+    "holomorphic": ("holomorphic",),
+}
+
+
+def _betas(run, config: ProbeConfig, model, methods: list[str]) -> dict[str, tuple[float, str]]:
+    """Per probed method, the beta (holomorphic: r) the probe uses and where it comes from.
+
+    An override (``--beta`` for the real nudges, ``--r`` for holomorphic) first; else the run's
+    ``beta`` for the methods of the run's kind (an aep/ep_symmetric run's beta for aep and
+    ep_symmetric, a holomorphic run's r for holomorphic); else the model's per-method default.
+    """
+    out = {}
+    for method in (m for m in methods if m in model.solver_defaults["beta"]):
+        override = config.r if method == "holomorphic" else config.beta
+        if override is not None:
+            out[method] = (float(override), "override")
+        elif run.beta is not None and method in _RUN_BETA.get(run.method, ()):
+            out[method] = (float(run.beta), f"the {run.method} run's")
+        else:
+            out[method] = (float(model.solver_defaults["beta"][method]), "model default")
+    return out
 
 
 def _probe(args: argparse.Namespace) -> int:
@@ -111,16 +140,20 @@ def _probe(args: argparse.Namespace) -> int:
         "tol": run.tol,
         "max_steps_adjoint": run.t2,
         "tol_adjoint": run.tol_adjoint,
-        "beta": run.beta,
         "points": run.points,
         "anchor": run.anchor,
     }
+    settings = {k: v for k, v in settings.items() if v is not None}
     echoed = []
     for name, (train_name, key) in _OVERRIDES.items():
         value = getattr(config, name)
         if value is not None:
             echoed.append(f"{name}={value!r} (run: {getattr(run, train_name)!r})")
             settings[key] = value
+    for name, kind in (("beta", "real nudge beta"), ("r", "holomorphic r")):
+        value = getattr(config, name)
+        if value is not None:
+            echoed.append(f"{name}={value!r} ({kind}; run: {run.method} beta={run.beta!r})")
     where = f"step {state['step']}, {model.describe()}, trained with {run.method}"
     print(f"probe of {config.path} ({where})")
     print("overrides: " + (", ".join(echoed) if echoed else "none (the run's settings)"))
@@ -142,18 +175,26 @@ def _probe(args: argparse.Namespace) -> int:
         common["T2"] = list(config.t2_sweep)
     if config.t1_sweep:
         common["T1"] = list(config.t1_sweep)
-    defaults = model.solver_defaults["beta"]
+    betas = _betas(run, config, model, methods)
+    used = [f"{m} {'r' if m == 'holomorphic' else 'beta'}={v:g} ({src})" for m, (v, src) in
+            betas.items()]  # fmt: skip
+    print("beta/r: " + (", ".join(used) or "none"))
+    # one probe() per (kind, beta): real nudges first, then holomorphic; methods without a
+    # beta (implicit, bptt) join the first group
+    groups: dict[tuple[bool, float | None], list[str]] = {}
+    for method in sorted(methods, key=lambda m: (m not in betas, m == "holomorphic")):
+        key = (
+            (method == "holomorphic", betas[method][0])
+            if method in betas
+            else next(iter(groups), (False, None))
+        )
+        groups.setdefault(key, []).append(method)
     report = None
-    for group in (
-        [m for m in methods if m != "holomorphic"],
-        [m for m in methods if m == "holomorphic"],
-    ):
-        if not group:
-            continue
-        holo = group == ["holomorphic"]
-        base = settings["beta"] or defaults["holomorphic" if holo else "aep"]
-        given = config.r_sweep if holo else config.beta_sweep
-        sweeps = {**common, "beta": list(given) or [base * f for f in (0.25, 0.5, 1.0, 2.0)]}
+    for (holo, base), group in groups.items():
+        sweeps = dict(common)
+        if base is not None:
+            given = config.r_sweep if holo else config.beta_sweep
+            sweeps["beta"] = list(given) or [base * f for f in (0.25, 0.5, 1.0, 2.0)]
         if holo and config.points_sweep:
             sweeps["points"] = list(config.points_sweep)
         part = probe(
@@ -163,13 +204,15 @@ def _probe(args: argparse.Namespace) -> int:
             methods=group,
             sweeps=sweeps,
             float64=config.float64,
-            **{k: v for k, v in settings.items() if v is not None},
+            generator=torch.Generator().manual_seed(config.seed + 1),  # one noise draw for all
+            **settings,
+            **({} if base is None else {"beta": base}),
         )
         if report is None:
             report = part
         else:
             report.rows += part.rows
-            report.sweeps.update({f"holomorphic.{k}": v for k, v in part.sweeps.items()})
+            report.sweeps.update({f"{'+'.join(group)}.{k}": v for k, v in part.sweeps.items()})
             report.warnings += part.warnings
     if report is None:
         raise ValueError(
@@ -181,6 +224,7 @@ def _probe(args: argparse.Namespace) -> int:
     data = json.loads(paths["json"].read_text())
     data["checkpoint"] = {"path": str(config.path), "step": state["step"], "method": run.method}
     data["overrides"] = echoed
+    data["beta_used"] = {m: {"value": v, "source": src} for m, (v, src) in betas.items()}
     data["diagnose"] = [
         {"name": f.name, "method": f.method, "evidence": f.evidence} for f in findings
     ]

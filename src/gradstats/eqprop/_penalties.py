@@ -39,10 +39,20 @@ def penalty_value(
     noise=None,
     probes: int = 1,
     generator: torch.Generator | None = None,
+    shard: tuple[int, int] | None = None,
 ) -> torch.Tensor:
-    """The penalty ``kind`` at state ``z`` (differentiable w.r.t. the model's parameters)."""
+    """The penalty ``kind`` at state ``z`` (differentiable w.r.t. the model's parameters).
+
+    ``shard=(rank, world)``: ``z`` holds rows ``rank·B:(rank+1)·B`` of a global batch of
+    ``world·B`` rows; each Hutchinson vector is drawn for the global batch and sliced to these
+    rows, so the W ranks together use — and advance ``generator`` by — exactly the draws of one
+    process on the global batch.
+    """
     check_choice("kind", kind, PENALTIES)
     check_positive_int("probes", probes)
+    rank, world = (0, 1) if shard is None else shard
+    if not 0 <= rank < world:
+        raise ValueError(f"shard must be (rank, world) with 0 <= rank < world; got {shard!r}")
     z = z.detach()
     with torch.enable_grad():
         x_in = model.inject(x)
@@ -58,8 +68,10 @@ def penalty_value(
             return 0.5 * (f * f).sum() / batch
         lin = Linearization(force, z, model.jvp_mode, create_graph=True)
         total = z.new_zeros(())
+        shape = (batch * world, *z.shape[1:])
         for _ in range(probes):
-            v = torch.randn(z.shape, generator=generator, dtype=z.dtype, device=z.device)
+            v = torch.randn(shape, generator=generator, dtype=z.dtype, device=z.device)
+            v = v[rank * batch : (rank + 1) * batch]
             w = lin.jvp(v) if kind == "jacobian" else lin.antisymmetric(v)
             total = total + (w * w).sum()
         return 0.5 * total / (batch * probes)

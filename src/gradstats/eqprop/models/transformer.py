@@ -234,7 +234,12 @@ class EquilibriumTransformer(EquilibriumModule):
     # ----------------------------------------------------------------------------- set-up
     @torch.no_grad()
     def reset_parameters(self, generator: torch.Generator | None = None) -> None:
-        """Gaussian weights (``init_std``; output projections /√2), zero biases, unit gains."""
+        """Gaussian weights (``init_std``; output projections /√2), zero biases, unit gains.
+
+        Every parameter is (re)set: token embeddings ~ N(0, ``embed_std``²), positions and the
+        block's matrices ~ N(0, ``init_std``²), the FFN biases and all LayerNorm biases zero, all
+        LayerNorm weights and the qk-norm gains one.
+        """
 
         def normal(p: torch.Tensor, std: float) -> None:
             p.copy_(torch.randn(p.shape, generator=generator, dtype=p.dtype) * std)
@@ -252,6 +257,14 @@ class EquilibriumTransformer(EquilibriumModule):
                 normal(self.ffn.down.weight, self.init_std / math.sqrt(2))
                 self.ffn.down.bias.zero_()
         normal(self.readout.proj, self.init_std)
+        norms = [self.attn.norm, self.readout.norm] + ([self.ffn.norm] if self.ffn else [])
+        for norm in norms:
+            norm.weight.fill_(1.0)
+            norm.bias.zero_()
+        if self.qk_norm:
+            for head in self.attn.heads:
+                head.q_norm.fill_(1.0)
+                head.k_norm.fill_(1.0)
 
     def config(self) -> dict[str, object]:
         """The constructor arguments (enough to rebuild the model; echoed by the probe)."""
@@ -367,15 +380,22 @@ class EquilibriumTransformer(EquilibriumModule):
         return _layer_norm(z, self.readout.norm) @ _cast(self.readout.proj, z).T
 
     def loss(self, z: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        """Σ_{b,t} CE(logits(z)_{bt}, y_{bt}) (summed over tokens; see the module docstring)."""
+        """Σ_{b,t} CE(logits(z)_{bt}, y_{bt}) over the targets ≠ −100 (summed over tokens; see
+        the module docstring); targets −100 are ignored, as in ``F.cross_entropy``."""
         logits = self.logits(z)
-        if z.is_complex():
-            return holo_cross_entropy(logits, y) * y.numel()
+        if z.is_complex():  # the mean over non-ignored targets, times their count: the sum
+            return holo_cross_entropy(logits, y) * (y != -100).sum().clamp_min(1)
         return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), y.reshape(-1), reduction="sum")
 
     # ----------------------------------------------------------------------------- evaluation
     def forward(
-        self, idx: torch.Tensor, *, tol: float | None = None, max_steps: int | None = None
+        self,
+        idx: torch.Tensor,
+        *,
+        tol: float | None = None,
+        max_steps: int | None = None,
+        noise: NoiseRealization | None = None,
+        generator: torch.Generator | None = None,
     ) -> torch.Tensor:
         """Logits at the fixed point, differentiable by the implicit function theorem.
 
@@ -385,20 +405,30 @@ class EquilibriumTransformer(EquilibriumModule):
         gradient u by λ/ε with Jᵀλ = −u solved at z*, so backpropagation gives
         λᵀ ∂F/∂θ — the exact implicit gradient of any loss of the logits — for the block and
         the embeddings (clamp path), and the ordinary gradient for the readout.
+
+        With ``force_noise > 0`` one :class:`NoiseRealization` (``noise``, else drawn by
+        :meth:`sample_noise` from ``generator`` — the global RNG if None) is used by the free
+        phase, the re-attached force and the adjoint linearisation alike, so the gradient is
+        the implicit gradient at the noisy fixed point; pass the same ``generator`` seed (or
+        ``noise``) for a reproducible call.
         """
         from gradstats.eqprop._problem import relax
         from gradstats.eqprop._settings import resolve_settings
         from gradstats.eqprop._solvers import solve_adjoint
 
-        z_star, _ = relax(self, idx, tol=tol, max_steps=max_steps)
+        x_in = self.inject(idx)
+        if noise is None:
+            noise = self.sample_noise(x_in.detach(), generator)
+        z_star, _ = relax(self, idx, noise=noise, tol=tol, max_steps=max_steps)
         if not torch.is_grad_enabled():
             return self.logits(z_star)
         s = resolve_settings("implicit", self.solver_defaults, z_star.dtype)
         eps = s.step_size
-        x_in = self.inject(idx)
-        f = self.force(z_star, x_in)
+        f = self.force(z_star, x_in, noise)
         z = z_star + eps * f - (eps * f).detach()
-        lin = Linearization(lambda state: self.force(state, x_in.detach()), z_star, self.jvp_mode)
+        lin = Linearization(
+            lambda state: self.force(state, x_in.detach(), noise), z_star, self.jvp_mode
+        )
 
         def implicit(u: torch.Tensor) -> torch.Tensor:
             lam, _ = solve_adjoint(

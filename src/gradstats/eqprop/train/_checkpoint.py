@@ -7,7 +7,8 @@ Keys (format ``gradstats.eqprop.train``, version 1):
 * ``model_class`` (``"EquilibriumTransformer"`` or ``"BackpropTransformer"``), ``model_config``
   (the model's constructor arguments), ``model`` (its ``state_dict``);
 * ``optimizer`` (its ``state_dict``), ``rng`` (``data``, ``noise``: generator states;
-  ``torch``: the global CPU RNG state), ``counters`` (skipped steps, phases, unconverged phases);
+  ``torch``: the global CPU RNG state), ``counters`` (skipped steps, consecutive failed steps up to
+  this one, phases, unconverged phases; a missing counter reads as 0);
 * ``corpus``: ``name``, ``sha256``, ``vocab`` of the training text.
 * ``world_size``: ranks of the process group that trained it (1: a single process; absent in
   older checkpoints, read as 1). Under W ranks the checkpoint is written by rank 0 only; every
@@ -79,10 +80,19 @@ def load_checkpoint(path: str | Path) -> dict:
 
 
 def build_from_checkpoint(state: dict) -> torch.nn.Module:
-    """The model of a checkpoint, with its weights loaded."""
+    """The model of a checkpoint, with its weights loaded, in the run's dtype (bitwise).
+
+    The dtype is that of the saved floating-point weights (a float64 run stays float64), not
+    torch's default dtype.
+    """
     name = state["model_class"]
     if name not in _CLASSES:
         raise ValueError(f"unknown model class {name!r} in the checkpoint")
     model = _CLASSES[name](**state["model_config"])
+    dtypes = {t.dtype for t in state["model"].values() if t.is_floating_point()}
+    if len(dtypes) > 1:
+        raise ValueError(f"the checkpoint's weights mix dtypes {sorted(map(str, dtypes))}")
+    if dtypes:
+        model.to(dtypes.pop())
     model.load_state_dict(state["model"])
     return model

@@ -27,7 +27,25 @@ EP_METHODS = ("aep", "holomorphic", "ep_symmetric", "implicit", "bptt")
 TRAIN_METHODS = (*EP_METHODS, "backprop")
 OPTIMIZERS = ("adamw", "adam", "sgd")
 _NUDGED = ("aep", "holomorphic", "ep_symmetric")
+_FIXED_POINT = (*_NUDGED, "implicit")  # relax to a tolerance, then a nudged/adjoint phase
 _DEFAULT_OUT = Path("eqprop-run")
+#: Options only some methods use: option -> the methods it applies to. Setting one to a
+#: non-default value with another method is an error (it would be silently ignored). ``t1`` is
+#: accepted by every method (``backprop`` ignores it), so one command line serves a comparison.
+APPLIES_TO: dict[str, tuple[str, ...]] = {
+    "tol": _FIXED_POINT,
+    "t2": _FIXED_POINT,
+    "tol_adjoint": _FIXED_POINT,
+    "beta": _NUDGED,
+    "points": ("holomorphic",),
+    "anchor": ("aep", "holomorphic"),
+    "step_size": EP_METHODS,
+    "damping": EP_METHODS,
+    "attn_mode": EP_METHODS,
+    "force_noise": EP_METHODS,
+    "penalty_probes": EP_METHODS,
+    "layers": ("backprop",),
+}
 
 
 def _opt(default: Any, help: str, **meta: Any) -> Any:
@@ -131,6 +149,31 @@ class TrainConfig:
             raise ValueError(
                 "the stabiliser penalties act on the equilibrium force: not with backprop"
             )
+        unused = self.unused_options()
+        if unused:
+            detail = ", ".join(
+                f"{n}={getattr(self, n)!r} (only {'|'.join(APPLIES_TO[n])})" for n in unused
+            )
+            raise ValueError(
+                f"method={self.method!r} does not use {detail}: leave "
+                f"{'it' if len(unused) == 1 else 'them'} unset or choose a method that uses it"
+            )
+        try:
+            torch.device(self.device)
+        except (RuntimeError, ValueError, TypeError):
+            raise ValueError(
+                f"device must be a torch device (cpu, cuda, cuda:1, mps, ...); got {self.device!r}"
+            ) from None
+
+    def unused_options(self) -> list[str]:
+        """Options set to a non-default value that ``method`` does not use (see
+        :data:`APPLIES_TO`)."""
+        defaults = _defaults()
+        return [
+            name
+            for name, methods in APPLIES_TO.items()
+            if self.method not in methods and getattr(self, name) != defaults[name]
+        ]
 
     # ----------------------------------------------------------------------------- derived
     @property
@@ -222,7 +265,12 @@ class TrainConfig:
 
     @classmethod
     def from_dict(cls, values: dict[str, object]) -> TrainConfig:
-        """Rebuild from :meth:`to_dict` (unknown keys are an error)."""
+        """Rebuild from :meth:`to_dict` (unknown keys are an error).
+
+        Options the run's method never used (older versions accepted and ignored them; see
+        :data:`APPLIES_TO`) are read as their defaults, so such checkpoints still load and
+        resume unchanged.
+        """
         names = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(values) - names)
         if unknown:
@@ -230,7 +278,15 @@ class TrainConfig:
         values = dict(values)
         if "out" in values:
             values["out"] = Path(values["out"])
+        method = values.get("method", _defaults()["method"])
+        for name, methods in APPLIES_TO.items():
+            if method not in methods:
+                values.pop(name, None)
         return cls(**values)
+
+
+def _defaults() -> dict[str, object]:
+    return {f.name: f.default for f in dataclasses.fields(TrainConfig)}
 
 
 def _check_float(name: str, value: object, positive: bool = False) -> None:

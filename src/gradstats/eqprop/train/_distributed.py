@@ -21,8 +21,9 @@ residuals and steps are maxima over ranks). Bytes per step: 4 or 8 (float32/floa
 Stabiliser penalties (``jac_penalty`` etc.) are reduced separately from the task gradient —
 task gradients summed, penalty gradients averaged (each is a batch mean) — and only then scaled
 relative to the *global* task-gradient norm, as in the single-process trainer. The Hutchinson
-probes of the ``jacobian``/``asymmetry`` penalties are drawn per rank (the same draws on every
-rank), so those two are equal in distribution, not draw by draw, to the single-process run.
+probe vectors of the ``jacobian``/``asymmetry`` penalties are, like the force noise, drawn for
+the global batch and sliced to this rank's rows, so every penalty — and the noise generator's
+state — equals the single-process run draw for draw.
 Solves stop per sample, so shards relax exactly like the concatenated batch — except a phase's
 stall stop (``stall_checks``), which looks at the whole (local) batch.
 """
@@ -163,14 +164,16 @@ def _penalty_order(cfg) -> dict[str, float]:
     return {k: weights[k] for k in order}
 
 
-def _penalty_grads(model, cfg, est, x, generator, params):
-    """Raw penalty values and gradients, in :func:`_penalty_order`."""
+def _penalty_grads(model, cfg, est, x, generator, params, group: Group):
+    """Raw penalty values and gradients, in :func:`_penalty_order` (Hutchinson vectors drawn
+    for the global batch, this rank's rows)."""
     out = {}
     for name in _penalty_order(cfg):
         context = model.relaxation_map(cfg.step_size) if name == "jacobian" else nullcontext()
         with context:
             value = penalty_value(model, x, est.state, name, noise=est.noise,
-                                  probes=cfg.penalty_probes, generator=generator)  # fmt: skip
+                                  probes=cfg.penalty_probes, generator=generator,
+                                  shard=(group.rank, group.world))  # fmt: skip
             grads = torch.autograd.grad(value, params, allow_unused=True)
         grads = [
             torch.zeros_like(p) if g is None else g for p, g in zip(params, grads, strict=True)
@@ -191,7 +194,9 @@ def reduce_estimate(model, cfg, est, x, generator, tokens: int, group: Group):
     params = [p for n, p in model.named_parameters() if p.requires_grad]
     weights = _penalty_order(cfg)
     pens = (
-        {} if est.skipped or not weights else _penalty_grads(model, cfg, est, x, generator, params)
+        {}
+        if est.skipped or not weights
+        else _penalty_grads(model, cfg, est, x, generator, params, group)
     )
     ref = params[0]
     zero = ref.new_zeros(())

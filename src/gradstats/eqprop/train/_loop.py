@@ -200,7 +200,8 @@ def train(config: TrainConfig, *, until: int | None = None) -> TrainResult:
         FileNotFoundError: ``--data`` or (with ``resume``) the checkpoint does not exist.
         ValueError: bad options, data too short for the block size, a corrupt checkpoint, or a
             resumed run whose options or data differ from the checkpoint's (or that was trained
-            on a different number of ranks).
+            on a different number of ranks, or whose ``steps`` is not beyond the checkpoint's
+            step: nothing to do).
         TrainingDiverged: the run diverged (the last good checkpoint is kept).
     """
     cfg = config
@@ -215,6 +216,11 @@ def train(config: TrainConfig, *, until: int | None = None) -> TrainResult:
             raise ValueError(
                 f"the run in {out} was trained on {ranks} process(es) (global batch "
                 f"{ranks}x{cfg.batch_size}); resume it with the same number, not {group.world}"
+            )
+        if cfg.steps <= int(state["step"]):
+            raise ValueError(
+                f"nothing to do: the run in {out} is already at step {state['step']} and "
+                f"steps={cfg.steps}; pass steps > {state['step']} (--steps) to continue it"
             )
     elif (out / CHECKPOINT).exists():
         raise ValueError(f"{out} already holds a run: pass --resume or choose another --out")
@@ -232,7 +238,9 @@ def train(config: TrainConfig, *, until: int | None = None) -> TrainResult:
     opt = _optimizer(cfg, model)
     data_gen = torch.Generator().manual_seed(cfg.seed + 1)
     noise_gen = torch.Generator(device=device).manual_seed(cfg.seed + 2)
-    counters = {"skipped": 0, "phases": 0, "unconverged": 0}
+    # "consecutive": failed steps in a row (checkpointed, so a resume stops where the
+    # uninterrupted run would)
+    counters = {"skipped": 0, "consecutive": 0, "phases": 0, "unconverged": 0}
     start = 0
     log = MetricsLog(out / "metrics.jsonl")
     if state is not None:
@@ -282,7 +290,6 @@ def train(config: TrainConfig, *, until: int | None = None) -> TrainResult:
     tokens = cfg.batch_size * cfg.block_size * group.world  # the global batch's
     stop = cfg.steps if until is None else min(cfg.steps, until)
     val_ce: float | None = None
-    consecutive = 0
     begun = time.perf_counter()
     bar = tqdm(
         total=cfg.steps,
@@ -316,9 +323,9 @@ def train(config: TrainConfig, *, until: int | None = None) -> TrainResult:
         record = {"step": step, "lr": lr, **record}
         if record["skipped"]:
             counters["skipped"] += 1
-            consecutive += 1
+            counters["consecutive"] += 1
         else:
-            consecutive = 0
+            counters["consecutive"] = 0
             params = [p for p in model.parameters() if p.requires_grad]
             clip = cfg.grad_clip if cfg.grad_clip > 0 else math.inf
             if est is not None and cfg.spot_check_every and step % cfg.spot_check_every == 0:
@@ -336,8 +343,9 @@ def train(config: TrainConfig, *, until: int | None = None) -> TrainResult:
         finite = all(bool(torch.isfinite(p).all()) for p in model.parameters())  # sync-ok
         if not finite:
             raise diverged(step, "non-finite weights")
-        if consecutive >= cfg.max_skips:
-            raise diverged(step, f"{consecutive} consecutive failed steps: {record['reason']}")
+        if counters["consecutive"] >= cfg.max_skips:
+            why = f"{counters['consecutive']} consecutive failed steps: {record['reason']}"
+            raise diverged(step, why)
         if val_ce is not None and not math.isfinite(val_ce):
             raise diverged(step, "non-finite validation loss")
         frac = counters["unconverged"] / max(counters["phases"], 1)
