@@ -99,15 +99,15 @@ def test_probe_uses_the_runs_beta_only_for_methods_of_its_kind(tmp_path, data, c
     assert main(probe) == 0
     out = capsys.readouterr().out
     assert "aep beta=0.02 (the aep run's)" in out
-    assert "holomorphic r=0.5 (model default)" in out
+    assert "holomorphic r=0.1 (model default)" in out
     report = json.loads((run / "probe.json").read_text())
-    assert report["beta_used"]["holomorphic"] == {"value": 0.5, "source": "model default"}
+    assert report["beta_used"]["holomorphic"] == {"value": 0.1, "source": "model default"}
     swept = {}
     for row in report["rows"]:
         if row["sweep"] == "beta" and row["group"] == "all":
             swept.setdefault(row["method"], []).append(row["value"])
     assert swept["aep"] == pytest.approx([0.005, 0.01, 0.02, 0.04])
-    assert swept["holomorphic"] == pytest.approx([0.125, 0.25, 0.5, 1.0])
+    assert swept["holomorphic"] == pytest.approx([0.025, 0.05, 0.1, 0.2])
 
 
 def test_probe_beta_overrides_apply_per_kind():
@@ -133,7 +133,7 @@ def test_probe_beta_overrides_apply_per_kind():
         "ep": 0.01,
         "aep": 0.02,
         "ep_symmetric": 0.02,
-        "holomorphic": 0.5,
+        "holomorphic": 0.1,
     }
     got = _betas(holo_run, ProbeConfig(beta=0.03, r=0.2), model, methods)
     assert {m: v for m, (v, _) in got.items()} == {
