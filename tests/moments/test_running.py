@@ -207,3 +207,46 @@ def test_unpinned_state_follows_first_data():
     rm.update(torch.ones(2, device="meta"))
     assert rm.device == torch.device("meta")
     assert rm.count.device == torch.device("meta")
+
+
+def test_mask_equals_updating_with_the_selected_rows():
+    """mask= is x[mask] without the indexing sync: same counts, mean, M2; other rows ignored."""
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(40, 3, generator=g, dtype=torch.float64)
+    mask = torch.rand(40, generator=g) > 0.4
+    x_bad = torch.where(mask[:, None], x, torch.nan)  # unselected rows may hold anything
+    masked = RunningMoments(3).update(x[:10]).update(x_bad, mask=mask)
+    selected = RunningMoments(3).update(x[:10]).update(x[mask])
+    assert masked.count == selected.count
+    torch.testing.assert_close(masked.mean, selected.mean, rtol=1e-14, atol=0)
+    torch.testing.assert_close(masked.variance(), selected.variance(), rtol=1e-13, atol=0)
+    assert masked.rejected == 0
+    weights = torch.rand(40, generator=g, dtype=torch.float64)
+    both = RunningMoments(3, weights="reliability").update(x, weights, mask=mask)
+    ref = RunningMoments(3, weights="reliability").update(x[mask], weights[mask])
+    torch.testing.assert_close(both.mean, ref.mean, rtol=1e-14, atol=0)
+    torch.testing.assert_close(both.variance(), ref.variance(), rtol=1e-13, atol=0)
+
+
+def test_accept_false_rejects_the_batch_without_a_host_read():
+    x = torch.randn(8, 2, dtype=torch.float64)
+    stats = RunningMoments(2).update(x[:4])
+    before = (stats.count, stats.mean.clone())
+    stats.update(x[4:], accept=torch.tensor(False))
+    assert (stats.count, stats.rejected) == (before[0], 1)
+    torch.testing.assert_close(stats.mean, before[1], rtol=0, atol=0)
+    stats.update(x[4:], accept=torch.tensor(True))
+    torch.testing.assert_close(stats.mean, x.mean(0), rtol=1e-14, atol=0)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "error", "match"),
+    [
+        ({"mask": torch.ones(3, dtype=torch.bool)}, ValueError, "mask must have shape"),
+        ({"mask": torch.ones(4)}, TypeError, "mask must be a bool tensor"),
+        ({"accept": torch.tensor([True])}, TypeError, "accept must be a bool scalar"),
+    ],
+)
+def test_bad_mask_or_accept(kwargs, error, match):
+    with pytest.raises(error, match=match):
+        RunningMoments(2).update(torch.zeros(4, 2), **kwargs)

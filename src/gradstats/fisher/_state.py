@@ -24,13 +24,11 @@ no active target) is skipped too: it has no mean to average in.
 
 from __future__ import annotations
 
-import math
-
 import torch
 
 from gradstats.moments import EMAMoments, RunningMoments
 from gradstats.moments._distributed import all_reduce_moments, all_reduce_sum_
-from gradstats.moments._welford import Moments, batch_moments, combine, safe_inverse, select
+from gradstats.moments._welford import Moments, combine, safe_inverse
 
 __all__ = ["COUNT_KEYS", "FisherState"]
 
@@ -53,21 +51,6 @@ def _masked_add_(target: torch.Tensor, value: torch.Tensor, ok: torch.Tensor, ac
 def _moments(count: torch.Tensor, total: torch.Tensor, m2: torch.Tensor) -> Moments:
     """A frequency-weighted summary of ``count`` observations with sum ``total`` and M2 ``m2``."""
     return Moments(count, count, count, total * safe_inverse(count), m2)
-
-
-def _update_rows(stats: RunningMoments, rows, weight, ok, accepted) -> None:
-    """``stats.update(rows, weight)`` for rows of 0/1 weights, without its host sync (the weight
-    check; these weights come from the token mask) and with only the weighted rows counted as
-    observations — exactly the update with the weight-1 rows selected. A batch that is not
-    ``ok`` (or whose rows are not finite) changes nothing but ``rejected``."""
-    if weight is None:
-        stats.update(rows if accepted else torch.where(ok, rows, math.nan))
-        return
-    batch = batch_moments(rows, weight, stats.dtype)
-    batch = batch._replace(count=batch.weight_sum.clone())  # zero-weight rows are no units
-    accept = ok & torch.isfinite(batch.m2).all()
-    stats._state = select(accept, combine(stats._state, batch), stats._state)
-    stats._rejected += (~accept).to(torch.int64)
 
 
 class FisherState:
@@ -144,9 +127,10 @@ class FisherState:
                 _masked_add_(self.g2_sum[name], total, ok, accepted)
             for name, total in g_sum.items():
                 _masked_add_(self.g_sum[name], total, ok, accepted)
+            units = None if row_weight is None else row_weight > 0  # no host sync (no indexing)
             for stats, per_unit in ((self.trace, trace_rows), (self.mask, mask_rows)):
                 for fam, rows in per_unit.items():  # a rejected batch is counted there
-                    _update_rows(stats[fam], rows, row_weight, ok, accepted)
+                    stats[fam].update(rows, mask=units, accept=ok)
         else:
             inv = safe_inverse(n_units)
             skip = ~ok | (n_units <= 0)  # a batch without units is no observation of the mean

@@ -113,12 +113,27 @@ class RunningMoments:
         return self
 
     # ----------------------------------------------------------------- update
-    def update(self, x: torch.Tensor, weight: torch.Tensor | None = None) -> RunningMoments:
+    def update(
+        self,
+        x: torch.Tensor,
+        weight: torch.Tensor | None = None,
+        *,
+        mask: torch.Tensor | None = None,
+        accept: torch.Tensor | None = None,
+    ) -> RunningMoments:
         """Add the observations ``x`` of shape [n, *shape] (with optional weights of shape [n]).
 
         An empty batch (n = 0) changes nothing. Negative or non-finite *weights* are a
         ``ValueError``; checking them reads their values, which is the one host sync of this
         method and only happens when ``weight`` is given.
+
+        Args:
+            mask: optional bool [n]: only these rows are observations — the same update as
+                ``x[mask]`` (counts included) without the host sync of boolean indexing; the
+                other rows are ignored, whatever their values.
+            accept: optional bool scalar on the state's device: when false the whole batch is
+                rejected (counted in ``rejected``, nothing else changes), as for a non-finite
+                batch — for callers that judge a batch by other tensors, without a host read.
 
         Returns:
             ``self``, so calls chain.
@@ -131,23 +146,40 @@ class RunningMoments:
             )
         if weight is not None:
             check_floating("weight", weight)
-            if tuple(weight.shape) != (x.shape[0],):
+        for name, rows in (("weight", weight), ("mask", mask)):
+            if rows is None:
+                continue
+            if tuple(rows.shape) != (x.shape[0],):
                 raise ValueError(
-                    f"weight must have shape [n] = [{x.shape[0]}] (one weight per row of x); "
-                    f"got {tuple(weight.shape)}"
+                    f"{name} must have shape [n] = [{x.shape[0]}] (one {name} per row of x); "
+                    f"got {tuple(rows.shape)}"
                 )
-            if weight.device != x.device:
-                raise ValueError(f"weight is on {weight.device} but x is on {x.device}")
-            if not bool(torch.isfinite(weight).all() & (weight >= 0).all()):
-                raise ValueError("weight must be finite and non-negative")
+            if rows.device != x.device:
+                raise ValueError(f"{name} is on {rows.device} but x is on {x.device}")
+        if mask is not None and mask.dtype != torch.bool:
+            raise TypeError(f"mask must be a bool tensor; got {mask.dtype}")
+        if weight is not None and not bool(torch.isfinite(weight).all() & (weight >= 0).all()):
+            raise ValueError("weight must be finite and non-negative")
+        if accept is not None and (accept.dtype != torch.bool or accept.dim() != 0):
+            raise TypeError(
+                f"accept must be a bool scalar tensor; got {accept.dtype}{list(accept.shape)}"
+            )
         if x.shape[0] == 0:
             return self
         if self._placement.follow(x.device, "x"):
             self._move_to(self._placement.device)
-        batch = batch_moments(x, weight, self.dtype)
+        if mask is None:
+            batch = batch_moments(x, weight, self.dtype)
+        else:
+            rows = mask.reshape((-1,) + (1,) * len(self.shape))
+            keep = mask.to(x.dtype) if weight is None else torch.where(mask, weight, 0.0)
+            batch = batch_moments(torch.where(rows, x, 0.0), keep, self.dtype)
+            batch = batch._replace(count=mask.sum().to(batch.count.dtype))
         # NaN/inf anywhere in x (or an overflow) makes the batch M2 non-finite: a check over
         # ``shape`` elements instead of the n × shape of x.
         finite = torch.isfinite(batch.m2).all()
+        if accept is not None:
+            finite = finite & accept.to(finite.device)
         merged = combine(self._state, batch)
         self._state = select(finite, merged, self._state)
         self._rejected += (~finite).to(torch.int64)
