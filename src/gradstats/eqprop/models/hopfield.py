@@ -2,19 +2,14 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping
-from typing import ClassVar
-
 import torch
-from torch import nn
 
-from gradstats.eqprop._module import EquilibriumModule
-from gradstats.eqprop.models._common import like, scaled, squared_error
+from gradstats.eqprop.models._common import TanhReadoutModel, like, scaled
 
 __all__ = ["HopfieldModel"]
 
 
-class HopfieldModel(EquilibriumModule):
+class HopfieldModel(TanhReadoutModel):
     """E(z) = ½‖z‖² − ½ ρᵀWρ − ρᵀ(Ux + b), ρ = tanh z, F = −∇E = −z + ρ' ⊙ (Wρ + Ux + b).
 
     W enters symmetrised (½(W + Wᵀ)), so J = ∂F/∂z = −∇²E is symmetric at every z and plain EP
@@ -22,16 +17,6 @@ class HopfieldModel(EquilibriumModule):
     tanh is analytic for |Im z| < π/2, so the model is holomorphic near the real axis.
     Loss: ½‖Cz − y‖² summed over the batch.
     """
-
-    holomorphic = True
-    solver_defaults: ClassVar[Mapping[str, object]] = {"step_size": 0.5}
-
-    def __init__(self, W: torch.Tensor, U: torch.Tensor, b: torch.Tensor, C: torch.Tensor):
-        super().__init__()
-        self.W = nn.Parameter(W.clone())
-        self.U = nn.Parameter(U.clone())
-        self.b = nn.Parameter(b.clone())
-        self.C = nn.Parameter(C.clone())
 
     @classmethod
     def random(
@@ -47,13 +32,7 @@ class HopfieldModel(EquilibriumModule):
         g = generator
         w = torch.randn(n, n, generator=g, dtype=dtype)
         w = scaled(w + w.T, coupling)
-        u = torch.randn(n, m, generator=g, dtype=dtype) / m**0.5
-        b = 0.1 * torch.randn(n, generator=g, dtype=dtype)
-        c = torch.randn(p, n, generator=g, dtype=dtype) / n**0.5
-        return cls(w, u, b, c)
-
-    def init_state(self, x: torch.Tensor) -> torch.Tensor:
-        return x.new_zeros(x.shape[0], self.W.shape[0])
+        return cls(w, *cls.random_input_and_readout(n, m, p, g, dtype))
 
     def force(self, z: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
         rho = torch.tanh(z)
@@ -70,6 +49,3 @@ class HopfieldModel(EquilibriumModule):
             - 0.5 * ((rho @ w) * rho).sum()
             - (rho * (x @ self.U.T + self.b)).sum()
         )
-
-    def loss(self, z: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        return squared_error(z, self.C, y)
