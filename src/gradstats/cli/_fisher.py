@@ -233,22 +233,6 @@ def _heatmap(values: dict[str, torch.Tensor], families, path: Path, title: str) 
     return True
 
 
-def _process_group(device: str) -> tuple[int, int, bool]:
-    """(rank, world size, created): join the ``torchrun`` process group from the environment
-    when ``WORLD_SIZE`` > 1 and none is initialised yet; an existing group is used as is."""
-    import torch.distributed as dist
-
-    if dist.is_available() and dist.is_initialized():
-        return dist.get_rank(), dist.get_world_size(), False
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    if world <= 1:
-        return 0, 1, False
-    if not dist.is_available():
-        raise ValueError(f"WORLD_SIZE={world} but this torch has no torch.distributed")
-    dist.init_process_group("nccl" if device == "cuda" else "gloo")
-    return dist.get_rank(), dist.get_world_size(), True
-
-
 def _device(name: str) -> torch.device:
     if name == "cpu":
         return torch.device("cpu")
@@ -262,15 +246,11 @@ def run_fisher(config: FisherConfig) -> Path:
 
     Under a ``torch.distributed`` process group (or ``torchrun``) only rank 0 writes and prints.
     """
-    _check_config(config)
-    rank, world, created = _process_group(config.device)
-    try:
-        return _run(config, rank, world)
-    finally:
-        if created:
-            import torch.distributed as dist
+    from gradstats._torchrun import torchrun_process_group
 
-            dist.destroy_process_group()
+    _check_config(config)
+    with torchrun_process_group(config.device) as (rank, world):
+        return _run(config, rank, world)
 
 
 def _check_config(config: FisherConfig) -> None:

@@ -38,6 +38,7 @@ from dataclasses import dataclass, replace
 import torch
 import torch.distributed as dist
 
+from gradstats._torchrun import torchrun_process_group
 from gradstats.eqprop._module import NoiseRealization
 from gradstats.eqprop._penalties import penalty_value
 
@@ -96,23 +97,9 @@ def rank_device(device: str, group: Group) -> torch.device:
 
 @contextmanager
 def process_group_from_env(device: str) -> Iterator[Group]:
-    """Join the process group ``torchrun`` describes (``WORLD_SIZE`` > 1), leave it at the end.
-
-    Backend ``nccl`` for a CUDA ``device``, ``gloo`` otherwise. Does nothing (and yields the
-    current group) when ``WORLD_SIZE`` is unset or 1, or a group is already initialised.
-    """
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    if world <= 1 or (dist.is_available() and dist.is_initialized()):
+    """:func:`gradstats._torchrun.torchrun_process_group`, yielding this trainer's ``Group``."""
+    with torchrun_process_group(device):
         yield current_group()
-        return
-    cuda = torch.device(device).type == "cuda"
-    if cuda:
-        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
-    dist.init_process_group("nccl" if cuda else "gloo")
-    try:
-        yield current_group()
-    finally:
-        dist.destroy_process_group()
 
 
 def draw_batch(corpus, split: str, batch_size: int, block_size: int, generator, group: Group):
