@@ -1,7 +1,9 @@
 """Argument checks shared by every pillar.
 
-Each check raises a ``ValueError`` or ``TypeError`` whose message names the argument and the
-valid values. None of them reads tensor *values* (that would be a host sync); they look at
+Each check raises a :class:`~gradstats.errors.ConfigurationError` (a ``ValueError``) or a
+:class:`~gradstats.errors.ConfigurationTypeError` (also a ``TypeError``) whose message names the
+argument and the valid values; :func:`check_state_header` raises a
+:class:`~gradstats.errors.StateError`. None of them reads tensor *values* (that would be a host sync); they look at
 Python scalars and tensor metadata only.
 """
 
@@ -11,6 +13,8 @@ import math
 from collections.abc import Iterable, Sequence
 
 import torch
+
+from gradstats.errors import ConfigurationError, ConfigurationTypeError, StateError
 
 __all__ = [
     "check_choice",
@@ -28,25 +32,25 @@ def check_choice(name: str, value: object, choices: Iterable[str]) -> str:
     choices = tuple(choices)
     if not isinstance(value, str) or value not in choices:
         valid = ", ".join(repr(c) for c in choices)
-        raise ValueError(f"{name} must be one of {valid}; got {value!r}")
+        raise ConfigurationError(f"{name} must be one of {valid}; got {value!r}")
     return value
 
 
 def check_open_unit(name: str, value: object) -> float:
     """Return ``value`` as a float if it lies in the open interval (0, 1)."""
     if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise TypeError(f"{name} must be a float in (0, 1); got {type(value).__name__}")
+        raise ConfigurationTypeError(f"{name} must be a float in (0, 1); got {type(value).__name__}")
     if not (0.0 < float(value) < 1.0) or math.isnan(value):
-        raise ValueError(f"{name} must lie in the open interval (0, 1); got {value!r}")
+        raise ConfigurationError(f"{name} must lie in the open interval (0, 1); got {value!r}")
     return float(value)
 
 
 def check_positive_int(name: str, value: object, *, minimum: int = 1) -> int:
     """Return ``value`` if it is an ``int`` (not a bool) of at least ``minimum``."""
     if isinstance(value, bool) or not isinstance(value, int):
-        raise TypeError(f"{name} must be an int >= {minimum}; got {type(value).__name__}")
+        raise ConfigurationTypeError(f"{name} must be an int >= {minimum}; got {type(value).__name__}")
     if value < minimum:
-        raise ValueError(f"{name} must be an int >= {minimum}; got {value}")
+        raise ConfigurationError(f"{name} must be an int >= {minimum}; got {value}")
     return value
 
 
@@ -55,19 +59,19 @@ def normalize_shape(name: str, shape: object) -> tuple[int, ...]:
     if isinstance(shape, int) and not isinstance(shape, bool):
         shape = (shape,)
     if not isinstance(shape, Sequence) or isinstance(shape, str):
-        raise TypeError(f"{name} must be a tuple of ints; got {type(shape).__name__}")
+        raise ConfigurationTypeError(f"{name} must be a tuple of ints; got {type(shape).__name__}")
     dims = tuple(shape)
     if not all(isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in dims):
-        raise ValueError(f"{name} must be a tuple of non-negative ints; got {shape!r}")
+        raise ConfigurationError(f"{name} must be a tuple of non-negative ints; got {shape!r}")
     return dims
 
 
 def check_floating(name: str, tensor: object) -> torch.Tensor:
     """Return ``tensor`` if it is a real floating-point tensor."""
     if not isinstance(tensor, torch.Tensor):
-        raise TypeError(f"{name} must be a torch.Tensor; got {type(tensor).__name__}")
+        raise ConfigurationTypeError(f"{name} must be a torch.Tensor; got {type(tensor).__name__}")
     if not tensor.is_floating_point():
-        raise TypeError(
+        raise ConfigurationTypeError(
             f"{name} must have a real floating dtype (float16, bfloat16, float32, float64); "
             f"got {tensor.dtype}"
         )
@@ -77,7 +81,7 @@ def check_floating(name: str, tensor: object) -> torch.Tensor:
 def check_shape(name: str, tensor: torch.Tensor, expected: tuple[int, ...], what: str) -> None:
     """Raise a ``ValueError`` unless ``tensor.shape`` equals ``expected``."""
     if tuple(tensor.shape) != tuple(expected):
-        raise ValueError(
+        raise ConfigurationError(
             f"{name} must have shape {what} = {tuple(expected)}; got {tuple(tensor.shape)}"
         )
 
@@ -86,9 +90,9 @@ def check_state_header(state_dict: object, fmt: str, version: int) -> dict:
     """Check the ``format`` and ``version`` keys every gradstats state dict carries."""
     if not isinstance(state_dict, dict) or state_dict.get("format") != fmt:
         found = state_dict.get("format") if isinstance(state_dict, dict) else type(state_dict)
-        raise ValueError(f"state_dict is not a {fmt} state dict (format: {found!r})")
+        raise StateError(f"state_dict is not a {fmt} state dict (format: {found!r})")
     if state_dict.get("version") != version:
-        raise ValueError(
+        raise StateError(
             f"state_dict has version {state_dict.get('version')!r}; this gradstats reads "
             f"version {version}"
         )

@@ -15,6 +15,8 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
+from gradstats.errors import DivergenceError
+
 __all__ = [
     "RESIDUAL_KINDS",
     "ConvergenceWarning",
@@ -35,20 +37,6 @@ RESIDUAL_KINDS: dict[str, str] = {
 
 class ConvergenceWarning(RuntimeWarning):
     """A phase stopped at its step cap before reaching its tolerance (``converged=False``)."""
-
-
-class DivergenceError(RuntimeError):
-    """A relaxation or adjoint solve diverged (residual grew past its bound, or NaN/inf).
-
-    Attributes:
-        phase: the phase that diverged (``"free"``, ``"adjoint"``, ``"nudged"``, ``"bptt"``).
-        step: the step at which divergence was detected.
-        samples: indices of the offending samples.
-    """
-
-    def __init__(self, message: str, *, phase: str, step: int, samples: list[int]) -> None:
-        super().__init__(message)
-        self.phase, self.step, self.samples = phase, step, samples
 
 
 @dataclass

@@ -32,6 +32,7 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
+from gradstats.errors import DivergenceError
 from gradstats.data import load_corpus
 from gradstats.eqprop._estimators import estimate_gradient
 from gradstats.eqprop._penalties import add_penalties
@@ -55,8 +56,9 @@ __all__ = ["TrainResult", "TrainingDiverged", "evaluate", "train"]
 RESUMABLE = ("steps", "out", "resume", "progress", "threads", "device")
 
 
-class TrainingDiverged(RuntimeError):
-    """The run diverged and stopped; the last good checkpoint was kept."""
+class TrainingDiverged(DivergenceError):
+    """The run diverged and stopped; the last good checkpoint was kept (a
+    :class:`~gradstats.errors.DivergenceError`)."""
 
 
 @dataclass(frozen=True)
