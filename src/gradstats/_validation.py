@@ -3,8 +3,8 @@
 Each check raises a :class:`~gradstats.errors.ConfigurationError` (a ``ValueError``) or a
 :class:`~gradstats.errors.ConfigurationTypeError` (also a ``TypeError``) whose message names the
 argument and the valid values; :func:`check_state_header` raises a
-:class:`~gradstats.errors.StateError`. None of them reads tensor *values* (that would be a host sync); they look at
-Python scalars and tensor metadata only.
+:class:`~gradstats.errors.StateError`. None of them reads tensor *values* (that would be a
+host sync); they look at Python scalars and tensor metadata only.
 """
 
 from __future__ import annotations
@@ -39,7 +39,9 @@ def check_choice(name: str, value: object, choices: Iterable[str]) -> str:
 def check_open_unit(name: str, value: object) -> float:
     """Return ``value`` as a float if it lies in the open interval (0, 1)."""
     if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise ConfigurationTypeError(f"{name} must be a float in (0, 1); got {type(value).__name__}")
+        raise ConfigurationTypeError(
+            f"{name} must be a float in (0, 1); got {type(value).__name__}"
+        )
     if not (0.0 < float(value) < 1.0) or math.isnan(value):
         raise ConfigurationError(f"{name} must lie in the open interval (0, 1); got {value!r}")
     return float(value)
@@ -48,7 +50,9 @@ def check_open_unit(name: str, value: object) -> float:
 def check_positive_int(name: str, value: object, *, minimum: int = 1) -> int:
     """Return ``value`` if it is an ``int`` (not a bool) of at least ``minimum``."""
     if isinstance(value, bool) or not isinstance(value, int):
-        raise ConfigurationTypeError(f"{name} must be an int >= {minimum}; got {type(value).__name__}")
+        raise ConfigurationTypeError(
+            f"{name} must be an int >= {minimum}; got {type(value).__name__}"
+        )
     if value < minimum:
         raise ConfigurationError(f"{name} must be an int >= {minimum}; got {value}")
     return value

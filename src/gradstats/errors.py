@@ -4,17 +4,13 @@ Every error gradstats raises on purpose is a :class:`GradstatsError`. Each subcl
 from the builtin exception that fits the case, so code written against the builtins keeps
 working (``except ValueError`` still catches a bad argument):
 
-=====================  ===============================  ============================================
-class                  builtin base                     raised when
-=====================  ===============================  ============================================
-``ConfigurationError``  ``ValueError``                   an argument, option or config value is invalid
-``ConfigurationTypeError`` ``ConfigurationError``, ``TypeError``  an argument has the wrong type
-``StateError``          ``ValueError``                   a state dict, checkpoint or result file is
-                                                         incompatible, incomplete or impossible
-``DivergenceError``     ``RuntimeError``                 a solver or a training run diverged
-``NonFiniteError``      ``FloatingPointError``           non-finite data met ``nonfinite="raise"``, or
-                                                         too many consecutive skips
-=====================  ===============================  ============================================
+- ``ConfigurationError`` (a ``ValueError``): an argument, option or config value is invalid;
+  ``ConfigurationTypeError`` (also a ``TypeError``) when it has the wrong type.
+- ``StateError`` (a ``ValueError``): a state dict, checkpoint or result file is incompatible,
+  incomplete or impossible (negative counts or variances, NaN sums, wrong shapes).
+- ``DivergenceError`` (a ``RuntimeError``): a solver or a training run diverged.
+- ``NonFiniteError`` (a ``FloatingPointError``): non-finite data met ``nonfinite="raise"``, or a run
+  of consecutive non-finite steps reached its limit.
 
 **Non-finite policy.** Every object that consumes data which may hold NaN/±inf takes the same
 option, ``nonfinite``, with the same two values (:data:`NONFINITE_POLICIES`):
@@ -45,8 +41,8 @@ __all__ = [
     "ConfigurationTypeError",
     "DivergenceError",
     "GradstatsError",
-    "NonFinitePolicy",
     "NonFiniteError",
+    "NonFinitePolicy",
     "StateError",
     "check_nonfinite",
 ]
