@@ -44,7 +44,7 @@ def test_loss_scale_jumps_do_not_change_the_statistics(statistic):
 def test_overflow_step_is_skipped_by_both_scalers_and_changes_nothing():
     _, amp, scales = _run(True, overflow_at=4, steps=6)
     stats = amp.statistics()["global"]
-    assert stats.skipped_steps == 1
+    assert stats.skipped == 1
     assert stats.nonfinite_steps == 1
     assert scales[5] == scales[4] / 2  # GradScaler backed off
     assert stats.count == 5

@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from gradstats import VarianceGradientScaler
+from gradstats.errors import ConfigurationError
 
 
 def _setup(apply_to, lr=0.1, optimizer=torch.optim.SGD, groups=False, **kwargs):
@@ -71,6 +72,9 @@ def test_per_group_lr_factors():
 def test_adaptive_optimizer_with_apply_to_grad_warns():
     with pytest.warns(UserWarning, match="adaptive optimizer"):
         _setup("grad", optimizer=torch.optim.Adam)
+
+
+def test_adaptive_optimizer_with_apply_to_lr_does_not_warn():
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         _setup("lr", optimizer=torch.optim.Adam)
@@ -85,5 +89,13 @@ def test_scale_gradients_refuses_apply_to_lr():
 def test_apply_to_lr_needs_an_optimizer():
     model = torch.nn.Linear(2, 1)
     vgs = VarianceGradientScaler(model.parameters(), apply_to="lr")
-    with pytest.raises(ValueError, match="needs the optimizer"), vgs.apply():
+    with pytest.raises(ConfigurationError, match="needs the optimizer"), vgs.apply():
+        pass
+
+
+def test_apply_to_lr_needs_as_many_param_groups_as_aggregates():
+    _model, _opt, vgs = _setup("lr", groups=True, aggregate="param_group")
+    other = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=0.1)
+    match = "1 param groups but the scaler aggregates over 2"
+    with pytest.raises(ConfigurationError, match=match), vgs.apply(other):
         pass

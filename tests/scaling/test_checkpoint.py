@@ -7,6 +7,9 @@ import pytest
 import torch
 
 from gradstats import VarianceGradientScaler
+from gradstats.errors import StateError
+
+from ._helpers import assert_same, snapshot
 
 
 def _model(seed=0, hidden=4):
@@ -63,27 +66,29 @@ def test_save_load_continue_is_bitwise_equal_to_an_uninterrupted_run(statistic):
             _step(resumed_model, resumed_opt, resumed, k)
     for a, b in zip(model.parameters(), resumed_model.parameters(), strict=True):
         assert torch.equal(a, b)
-    end_a, end_b = vgs.state_dict(), resumed.state_dict()
-    for name, entry in end_a["tensors"].items():
-        for key, value in entry.items():
-            if isinstance(value, torch.Tensor):
-                assert torch.equal(value, end_b["tensors"][name][key]), (name, key)
-    assert torch.equal(end_a["factor"], end_b["factor"])
+    assert_same(vgs.state_dict(), resumed.state_dict())
     assert vgs.get_scaling_factor() == resumed.get_scaling_factor()
 
 
-def test_mismatched_names_and_shapes_are_listed():
+def _trained_scaler():
     model = _model()
     vgs = VarianceGradientScaler(model.named_parameters())
     _step(model, torch.optim.SGD(model.parameters(), lr=0.0), vgs, 0)
+    return vgs
+
+
+def test_mismatched_shapes_are_listed():
     other = VarianceGradientScaler(_model(hidden=5).named_parameters())
     with pytest.raises(
-        ValueError, match=r"shape/state mismatch \['0.weight', '0.bias', '2.weight'\]"
+        StateError, match=r"shape/state mismatch \['0.weight', '0.bias', '2.weight'\]"
     ):
-        other.load_state_dict(vgs.state_dict())
+        other.load_state_dict(_trained_scaler().state_dict())
+
+
+def test_mismatched_names_are_listed():
     renamed = VarianceGradientScaler([(f"layer.{n}", p) for n, p in _model().named_parameters()])
-    with pytest.raises(ValueError, match=r"missing.*layer\.0\.weight.*unexpected.*'0\.weight'"):
-        renamed.load_state_dict(vgs.state_dict())
+    with pytest.raises(StateError, match=r"missing.*layer\.0\.weight.*unexpected.*'0\.weight'"):
+        renamed.load_state_dict(_trained_scaler().state_dict())
 
 
 def test_strict_false_loads_what_matches_and_warns():
@@ -102,13 +107,11 @@ def test_nothing_changes_when_a_strict_load_fails():
     model = _model()
     vgs = VarianceGradientScaler(model.named_parameters())
     _step(model, torch.optim.SGD(model.parameters(), lr=0.0), vgs, 0)
-    before = vgs.state_dict()
+    before = snapshot(vgs)
     broken = VarianceGradientScaler(_model(hidden=5).named_parameters()).state_dict()
-    with pytest.raises(ValueError, match="shape/state mismatch"):
+    with pytest.raises(StateError, match="shape/state mismatch"):
         vgs.load_state_dict(broken)
-    assert torch.equal(
-        before["tensors"]["2.bias"]["count"], vgs.state_dict()["tensors"]["2.bias"]["count"]
-    )
+    assert_same(before, snapshot(vgs))
 
 
 def test_checkpoint_statistic_must_match():
@@ -123,6 +126,11 @@ def test_constructor_config_wins_unless_asked():
     report = vgs.load_state_dict(state)
     assert vgs.config.alpha == 1.0
     assert report.config_differences["alpha"] == (3.0, 1.0)
+
+
+def test_checkpoint_config_is_adopted_when_asked():
+    state = VarianceGradientScaler(_model().named_parameters(), alpha=3.0).state_dict()
+    vgs = VarianceGradientScaler(_model().named_parameters(), alpha=1.0)
     vgs.load_state_dict(state, use_checkpoint_config=True)
     assert vgs.config.alpha == 3.0
 
@@ -159,12 +167,12 @@ def test_reference_checkpoint_loads_into_the_fast_implementation():
         fast.step()
     converted = VarianceGradientScaler(model.named_parameters(), confidence=None)
     converted.load_state_dict(ref.state_dict())
-    converted._refresh_factor()
+    converted.refresh()
     fast_stats, conv_stats = fast.statistics(), converted.statistics()
     assert conv_stats["0.weight"].variance == pytest.approx(
         fast_stats["0.weight"].variance, rel=1e-6
     )
-    with pytest.raises(ValueError, match="mismatch"):
+    with pytest.raises(StateError, match="mismatch"):
         VarianceGradientScaler(model.named_parameters(), foreach=False).load_state_dict(
             fast.state_dict()
         )
@@ -179,5 +187,9 @@ def test_state_dict_is_keyed_by_name_with_shape_dtype_version_config():
     assert state["tensors"]["0.weight"]["dtype"] == str(torch.get_default_dtype()).removeprefix(
         "torch."
     )
-    with pytest.raises(ValueError, match="version"):
+
+
+def test_other_version_is_rejected():
+    state = VarianceGradientScaler(_model().named_parameters()).state_dict()
+    with pytest.raises(StateError, match="version 7; this gradstats reads version 1"):
         VarianceGradientScaler(_model().named_parameters()).load_state_dict({**state, "version": 7})

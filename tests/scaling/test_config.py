@@ -4,6 +4,7 @@ import pytest
 import torch
 
 from gradstats import VarianceGradientScaler
+from gradstats.errors import ConfigurationError, ConfigurationTypeError
 
 
 def _params():
@@ -18,7 +19,7 @@ def _params():
             ValueError,
             "statistic must be one of 'temporal', 'same_point'",
         ),
-        ({"alpha": -0.5}, ValueError, r"alpha must lie in \[0.0, inf\]"),
+        ({"alpha": -0.5}, ValueError, r"alpha must lie in \[0.0, inf\) and finite; got -0.5"),
         ({"beta": 1.0}, ValueError, r"beta must lie in the open interval \(0, 1\)"),
         ({"beta": 0.0}, ValueError, "beta"),
         ({"beta": "0.9"}, TypeError, "beta"),
@@ -37,8 +38,65 @@ def _params():
     ],
 )
 def test_bad_configuration(kwargs, error, match):
-    with pytest.raises(error, match=match):
+    with pytest.raises(error, match=match) as info:
         VarianceGradientScaler(_params(), **kwargs)
+    assert isinstance(info.value, ConfigurationError)
+
+
+INF, NAN = float("inf"), float("nan")
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "match"),
+    [
+        ({"alpha": INF}, r"alpha must lie in \[0.0, inf\) and finite; got inf"),
+        ({"alpha": -INF}, r"alpha must lie in .*; got -inf"),
+        ({"alpha": NAN}, r"alpha must lie in .*; got nan"),
+        ({"eps": INF}, r"eps must lie in \[0.0, inf\) and finite; got inf"),
+        ({"eps": NAN}, r"eps must lie in"),
+        ({"eps": -1e-3}, r"eps must lie in"),
+        ({"min_scale": NAN}, r"min_scale must lie in \[0.0, 1.0\]; got nan"),
+        ({"min_scale": -0.1}, r"min_scale must lie in \[0.0, 1.0\]"),
+        ({"max_rate": INF}, r"max_rate must lie in .*; got inf"),
+        ({"max_rate": NAN}, r"max_rate must lie in .*; got nan"),
+        ({"confidence": INF}, r"confidence must lie in .*; got inf"),
+        ({"confidence": NAN}, r"confidence must lie in .*; got nan"),
+        ({"confidence": -0.5}, r"confidence must lie in"),
+        ({"beta": NAN}, r"beta must lie in the open interval \(0, 1\); got nan"),
+        ({"beta": INF}, r"beta must lie in the open interval"),
+        ({"nonfinite": "ignore"}, r"nonfinite must be one of 'skip', 'raise'; got 'ignore'"),
+        ({"nonfinite": None}, r"nonfinite must be one of 'skip', 'raise'; got None"),
+        ({"max_nonfinite_steps": 0}, r"max_nonfinite_steps must be an int >= 1; got 0"),
+        ({"batch_size": 0}, r"batch_size must be an int >= 1"),
+    ],
+)
+def test_non_finite_or_out_of_range_settings_are_rejected(kwargs, match):
+    with pytest.raises(ConfigurationError, match=match):
+        VarianceGradientScaler(_params(), **kwargs)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "match"),
+    [
+        ({"alpha": "1"}, "alpha must be a number; got str"),
+        ({"alpha": True}, "alpha must be a number; got bool"),
+        ({"foreach": "yes"}, "foreach must be a bool"),
+        ({"max_nonfinite_steps": 2.0}, "max_nonfinite_steps must be an int"),
+        ({"logger": "tensorboard"}, "logger must be callable"),
+        ({"optimizer": "sgd"}, "optimizer must be a torch.optim.Optimizer; got str"),
+    ],
+)
+def test_wrongly_typed_settings_are_type_errors(kwargs, match):
+    with pytest.raises(ConfigurationTypeError, match=match) as info:
+        VarianceGradientScaler(_params(), **kwargs)
+    assert isinstance(info.value, TypeError)
+
+
+def test_infinite_alpha_can_no_longer_reach_the_gradients():
+    """alpha=inf used to be accepted and wrote NaN into .grad; it fails at construction now."""
+    model = torch.nn.Linear(2, 1)
+    with pytest.raises(ConfigurationError, match="alpha"):
+        VarianceGradientScaler(model.named_parameters(), alpha=float("inf"))
 
 
 def test_unknown_keyword_is_rejected():
@@ -74,5 +132,6 @@ def test_sparse_gradients_are_rejected():
     emb = torch.nn.Embedding(5, 2, sparse=True)
     vgs = VarianceGradientScaler(emb.named_parameters())
     emb(torch.tensor([1, 2])).sum().backward()
-    with pytest.raises(ValueError, match="sparse gradients"):
+    with pytest.raises(ConfigurationError, match="sparse gradients"):
         vgs.step()
+    assert vgs.updates == 0

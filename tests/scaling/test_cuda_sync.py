@@ -38,3 +38,31 @@ def test_hot_path_never_syncs(statistic, aggregate):
     finally:
         torch.cuda.set_sync_debug_mode(0)
     assert 0.0 <= vgs.get_scaling_factor() <= 1.0  # explicit host read, outside the check
+
+
+@pytest.mark.parametrize("statistic", ["temporal", "same_point"])
+def test_max_nonfinite_steps_reads_only_at_its_scheduled_updates(statistic):
+    """With the default limit the counters are read once every N updates, never in between."""
+    torch.manual_seed(0)
+    model = torch.nn.Linear(16, 4).cuda()
+    vgs = VarianceGradientScaler(
+        model.named_parameters(), statistic=statistic, max_nonfinite_steps=5, log_every=10**6
+    )
+    x = torch.randn(8, 16, device="cuda")
+
+    def one_step():
+        model.zero_grad()
+        for _ in range(2):
+            model(x).square().mean().backward()
+        vgs.step()
+
+    one_step()  # builds the cached masks
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        for _ in range(3):  # updates 2..4: c <= 4 < 5 without a read
+            one_step()
+    finally:
+        torch.cuda.set_sync_debug_mode(0)
+    one_step()  # update 5: the scheduled read
+    assert vgs.updates == 5

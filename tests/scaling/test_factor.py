@@ -129,20 +129,19 @@ def test_param_group_aggregation_gives_one_factor_per_group():
     assert stats["quiet"].factor == stats["group0"].factor
 
 
-def test_tensor_aggregation_gives_each_tensor_its_own_factor():
-    quiet, loud = _history(8, 5, noise=0.05), _history(9, 5, noise=5.0)
+@pytest.mark.parametrize(("index", "seed", "noise"), [(0, 8, 0.05), (1, 9, 5.0)])
+def test_tensor_aggregation_gives_each_tensor_its_own_factor(index, seed, noise):
+    histories = [_history(8, 5, noise=0.05), _history(9, 5, noise=5.0)]
     named = params_like(5, 5)
     vgs = feed(
         make(named, aggregate="tensor", beta=0.9),
         named,
-        [[a, b] for a, b in zip(quiet, loud, strict=True)],
+        [list(pair) for pair in zip(*histories, strict=True)],
     )
-    stats = vgs.statistics()
-    for name, hist in (("p0", quiet), ("p1", loud)):
-        ref = reference_scaler_statistics(hist, 0.9)
-        assert stats[name].factor == pytest.approx(
-            1 / (1 + ref["temporal_noise"] / ref["temporal_signal"]), rel=1e-12
-        )
+    ref = reference_scaler_statistics(_history(seed, 5, noise=noise), 0.9)
+    assert vgs.statistics()[f"p{index}"].factor == pytest.approx(
+        1 / (1 + ref["temporal_noise"] / ref["temporal_signal"]), rel=1e-12
+    )
 
 
 @pytest.mark.parametrize("c", [1e-3, 7.0, 1e4])

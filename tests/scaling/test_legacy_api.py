@@ -140,6 +140,7 @@ def test_logger_receives_vgs_keys():
         "vgs/signal",
         "vgs/B_noise",
         "vgs/nonfinite_steps",
+        "vgs/skipped",
     } <= keys
     assert all(key.startswith("vgs/") for key in keys)
 
@@ -147,5 +148,8 @@ def test_logger_receives_vgs_keys():
 def test_repr_names_the_configuration():
     vgs = VarianceGradientScaler(_model().named_parameters(), statistic="same_point")
     assert "same_point" in repr(vgs)
+
+
+def test_logger_must_be_callable():
     with pytest.raises(TypeError, match="logger must be callable"):
         VarianceGradientScaler(_model().named_parameters(), logger="tensorboard")

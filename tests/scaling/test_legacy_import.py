@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from gradstats import VarianceGradientScaler
+from gradstats.errors import StateError
 from gradstats.scaling import import_legacy_state_dict
 from gradstats.testing import reference_scaler_statistics
 
@@ -47,7 +48,7 @@ def test_convertible_versions_continue_their_statistic(version, statistic):
     assert scaler.config.alpha == 0.5
     assert scaler.config.warmup_steps == 3
     assert "eps" in report.dropped
-    scaler._refresh_factor()
+    scaler.refresh()
     stats = scaler.statistics()
     ref = reference_scaler_statistics([g[0] for g in _history()], 0.9)
     assert stats["w"].variance == pytest.approx(ref[statistic], rel=1e-9)
@@ -70,11 +71,20 @@ def test_spatial_versions_keep_only_settings(version):
     assert set(report.dropped) == {"grad_mean_ema", "grad_var_ema"}
 
 
-def test_bad_legacy_input():
-    with pytest.raises(ValueError, match="vgs_version must be one of"):
-        import_legacy_state_dict({"vgs_version": "4.0"}, _named())
-    with pytest.raises(ValueError, match="'vgs_version'"):
-        import_legacy_state_dict({"step_count": 3}, _named())
+@pytest.mark.parametrize(
+    ("legacy", "match"),
+    [
+        ({"vgs_version": "4.0"}, "vgs_version must be one of"),
+        ({"step_count": 3}, "'vgs_version'"),
+        ([1, 2], "'vgs_version'"),
+    ],
+)
+def test_bad_legacy_input(legacy, match):
+    with pytest.raises(StateError, match=match):
+        import_legacy_state_dict(legacy, _named())
+
+
+def test_legacy_lists_must_match_the_params():
     with (
         pytest.warns(UserWarning, match="legacy diagnostic"),
         pytest.raises(ValueError, match="statistics for 2 parameters but params has 1"),

@@ -4,6 +4,7 @@ import pytest
 import torch
 
 from gradstats import VarianceGradientScaler
+from gradstats.errors import ConfigurationError, ConfigurationTypeError
 from gradstats.scaling import two_batch_estimates
 from gradstats.testing import reference_two_batch, run_gloo
 
@@ -129,13 +130,24 @@ def test_paused_backward_passes_are_not_recorded():
     assert vgs.statistics()["global"].no_estimate  # only one recorded pass
 
 
-def test_observe_rejects_bad_input():
+@pytest.mark.parametrize(
+    ("grads", "error", "match"),
+    [
+        ([torch.zeros(1, 5)], ConfigurationError, "one entry per tracked tensor"),
+        ({"head.weight": torch.zeros(1)}, ConfigurationError, "does not track"),
+        (torch.zeros(2), ConfigurationTypeError, "a dict by parameter name or a list"),
+        (3, ConfigurationTypeError, "a dict by parameter name or a list in params order; got int"),
+    ],
+)
+def test_observe_rejects_bad_input(grads, error, match):
     model = torch.nn.Linear(5, 1)
     vgs = VarianceGradientScaler(model.named_parameters(), statistic="same_point")
-    with pytest.raises(ValueError, match="one entry per tracked tensor"):
-        vgs.observe([torch.zeros(1, 5)])
-    with pytest.raises(ValueError, match="does not track"):
-        vgs.observe({"head.weight": torch.zeros(1)})
+    with pytest.raises(error, match=match):
+        vgs.observe(grads)
+
+
+def test_observe_needs_the_same_point_statistic():
+    model = torch.nn.Linear(5, 1)
     temporal = VarianceGradientScaler(model.named_parameters())
     with pytest.raises(RuntimeError, match="same_point"):
         temporal.observe([None, None])

@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import contextlib
-import warnings
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 
 import torch
 
+from gradstats._warnings import warn
+from gradstats.errors import ConfigurationError, ConfigurationTypeError
 from gradstats.scaling._params import ParamLayout
 
 __all__ = ["located_gradients", "multiply_gradients", "scaled_learning_rates", "warn_if_adaptive"]
@@ -28,11 +29,10 @@ _ADAPTIVE = (
 def warn_if_adaptive(apply_to: str, optimizer: torch.optim.Optimizer) -> None:
     """Gradient scaling is (mostly) divided out by Adam-family optimizers: say so."""
     if apply_to == "grad" and type(optimizer).__name__ in _ADAPTIVE:
-        warnings.warn(
+        warn(
             f"apply_to='grad' with {type(optimizer).__name__}: an adaptive optimizer divides "
             "out a gradient factor that is roughly constant over its second-moment window; "
-            "use apply_to='lr' to change its step size",
-            stacklevel=4,
+            "use apply_to='lr' to change its step size"
         )
 
 
@@ -66,7 +66,7 @@ def scaled_learning_rates(
     (one read for all groups).
     """
     saved = [group["lr"] for group in optimizer.param_groups]
-    host = None
+    host: list[float] = []
     if any(not isinstance(lr, torch.Tensor) for lr in saved):
         host = factors.tolist()  # sync-ok: a float lr needs the factor on the host
     try:
@@ -87,15 +87,20 @@ def located_gradients(layout: ParamLayout, grads: object) -> list[tuple[int, int
     if isinstance(grads, dict):
         unknown = [k for k in grads if k not in names]
         if unknown:
-            raise ValueError(f"grads has names the scaler does not track: {unknown[:5]}")
+            raise ConfigurationError(f"grads has names the scaler does not track: {unknown[:5]}")
         items = [(names.index(k), v) for k, v in grads.items()]
     else:
-        grads = list(grads)
-        if len(grads) != len(names):
-            raise ValueError(
-                f"grads must have one entry per tracked tensor ({len(names)}); got {len(grads)}"
+        if not isinstance(grads, Iterable) or isinstance(grads, (str, torch.Tensor)):
+            raise ConfigurationTypeError(
+                "grads must be a dict by parameter name or a list in params order; got "
+                f"{type(grads).__name__}"
             )
-        items = list(enumerate(grads))
+        listed = list(grads)
+        if len(listed) != len(names):
+            raise ConfigurationError(
+                f"grads must have one entry per tracked tensor ({len(names)}); got {len(listed)}"
+            )
+        items = list(enumerate(listed))
     located = []
     for j, grad in items:
         if grad is None:

@@ -1,4 +1,4 @@
-"""Scaler checkpoints keyed by parameter name, with version and config; loading and rebinding.
+"""Scaler checkpoints keyed by parameter name, with version and config: saving and loading.
 
 Format (``torch.save``-able, loads with ``weights_only=True``)::
 
@@ -7,33 +7,45 @@ Format (``torch.save``-able, loads with ``weights_only=True``)::
      "counters": {"nonfinite": t, "consecutive": t, "skipped": t}, "factor": t[groups],
      "tensors": {name: {"shape": [...], "dtype": "float32", "count": t, <statistic state>}}}
 
-A checkpoint of the reference implementation (``foreach=False``) loads into the fast one (its
-per-coordinate variances are summed into q = Σ_i v_i + ‖m‖²); the other way is impossible and
-is reported as a mismatch.
+Loading is two phases: :func:`plan_load` checks the *whole* dict (every key present, every value
+possible: ``_state_checks``) and decides what to load, raising a
+:class:`~gradstats.errors.StateError` before anything changes; :func:`commit_load` then writes
+the plan into the engine. A checkpoint of the reference implementation (``foreach=False``) loads
+into the fast one (its per-coordinate variances are summed into q = Σ_i v_i + ‖m‖²); the other
+way is impossible and is reported as a mismatch.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import warnings
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import Any
 
 import torch
 
 from gradstats._validation import check_state_header
+from gradstats._warnings import warn
+from gradstats.errors import ConfigurationError, StateError
+from gradstats.scaling._config import ScalerConfig
+from gradstats.scaling._engine import ScalerEngine
+from gradstats.scaling._state_checks import (
+    check_counters,
+    check_entry,
+    check_factor,
+    check_updates,
+    need,
+)
 
-if TYPE_CHECKING:
-    from gradstats.scaling._scaler import VarianceGradientScaler
-
-__all__ = ["FORMAT", "VERSION", "LoadReport", "load_scaler_state", "scaler_state"]
+__all__ = [
+    "FORMAT", "VERSION", "LoadPlan", "LoadReport", "commit_load", "load", "plan_load", "save"
+]  # fmt: skip
 
 FORMAT = "gradstats.VarianceGradientScaler"
 VERSION = 1
 # Settings a checkpoint may carry over with use_checkpoint_config=True (the rest shape the state).
 _ADOPTABLE = (
     "alpha", "beta", "eps", "warmup_steps", "min_scale", "max_rate", "apply_to", "confidence",
-    "enabled", "batch_size", "log_every", "max_nonfinite_steps",
+    "enabled", "batch_size", "log_every", "max_nonfinite_steps", "nonfinite",
 )  # fmt: skip
 
 
@@ -48,37 +60,57 @@ class LoadReport:
     config_differences: dict[str, tuple[object, object]]  # key -> (checkpoint, scaler)
 
 
-def _positions(scaler: VarianceGradientScaler):
-    for block, (start, stop) in enumerate(scaler.layout.blocks):
-        for local in range(stop - start):
-            yield block, local, start + local
+@dataclass(frozen=True)
+class LoadPlan:
+    """Everything a checked checkpoint will change, ready to be written."""
+
+    config: ScalerConfig
+    tensors: tuple[tuple[int, int, dict[str, torch.Tensor]], ...]  # (block, index, state)
+    counters: dict[str, torch.Tensor]
+    factor: torch.Tensor | None  # None: other number of aggregates, not loaded
+    updates: int
+    consecutive: int  # the loaded counters, on the host
+    nonfinite: int
+    report: LoadReport
+    saved_beta: object
 
 
-def scaler_state(scaler: VarianceGradientScaler) -> dict[str, object]:
+def _positions(engine: ScalerEngine) -> list[tuple[int, int, int]]:
+    return [
+        (block, local, start + local)
+        for block, (start, stop) in enumerate(engine.layout.blocks)
+        for local in range(stop - start)
+    ]
+
+
+def save(engine: ScalerEngine, config: ScalerConfig) -> dict[str, object]:
+    """The checkpoint of ``engine`` (copies; later updates do not change it)."""
     tensors = {}
-    for block, local, j in _positions(scaler):
-        tensor = scaler.layout.tensors[j]
-        tensors[scaler.layout.names[j]] = {
-            "shape": list(tensor.shape),
+    for block, local, j in _positions(engine):
+        tensor = engine.layout.tensors[j]
+        tensors[engine.layout.names[j]] = {
+            "shape": list(engine.shapes[j]),
             "dtype": str(tensor.dtype).removeprefix("torch."),
-            **scaler._states[block].tensor_state(local),
+            **engine.states[block].tensor_state(local),
         }
     return {
         "format": FORMAT,
         "version": VERSION,
-        "config": scaler.config.to_dict(),
-        "updates": scaler.updates,
+        "config": config.to_dict(),
+        "updates": engine.updates,
         "counters": {
-            "nonfinite": scaler._nonfinite.clone(),
-            "consecutive": scaler._consecutive.clone(),
-            "skipped": scaler._skipped.clone(),
+            "nonfinite": engine.nonfinite.clone(),
+            "consecutive": engine.consecutive.clone(),
+            "skipped": engine.skipped.clone(),
         },
-        "factor": scaler._previous.clone(),
+        "factor": engine.previous.clone(),
         "tensors": tensors,
     }
 
 
-def _converted(entry: dict, keys: tuple[str, ...]) -> dict | None:
+def _converted(
+    entry: dict[str, torch.Tensor], keys: tuple[str, ...]
+) -> dict[str, torch.Tensor] | None:
     """The entry's state under ``keys``, converting reference -> fast; None if impossible."""
     if all(k in entry for k in keys):
         return {k: entry[k] for k in keys}
@@ -89,82 +121,133 @@ def _converted(entry: dict, keys: tuple[str, ...]) -> dict | None:
     return None
 
 
-def load_scaler_state(
-    scaler: VarianceGradientScaler,
-    state_dict: dict,
-    *,
-    strict: bool,
-    use_checkpoint_config: bool,
-    quiet: bool = False,
-) -> LoadReport:
+def _header(state_dict: object, ours: ScalerConfig) -> tuple[dict[str, object], dict[str, object]]:
     if isinstance(state_dict, dict) and "vgs_version" in state_dict:
-        raise ValueError(
+        raise StateError(
             f"state_dict is a checkpoint of the original scaler (vgs_version "
             f"{state_dict['vgs_version']}); convert it with "
             "gradstats.scaling.import_legacy_state_dict(state_dict, params)"
         )
-    check_state_header(state_dict, FORMAT, VERSION)
-    saved = state_dict["config"]
-    ours = scaler.config
-    if saved["statistic"] != ours.statistic:
-        raise ValueError(
-            f"state_dict tracks statistic={saved['statistic']!r} but this scaler tracks "
+    checked = check_state_header(state_dict, FORMAT, VERSION)
+    saved = need(checked, "config", "")
+    if not isinstance(saved, dict):
+        raise StateError(f"state_dict['config'] must be a dict; got {type(saved).__name__}")
+    statistic = need(saved, "statistic", "['config']")
+    if statistic != ours.statistic:
+        raise StateError(
+            f"state_dict tracks statistic={statistic!r} but this scaler tracks "
             f"statistic={ours.statistic!r}; construct it with the checkpoint's statistic"
         )
+    return checked, saved
+
+
+def plan_load(
+    engine: ScalerEngine,
+    ours: ScalerConfig,
+    state_dict: object,
+    *,
+    strict: bool,
+    use_checkpoint_config: bool,
+) -> LoadPlan:
+    """Check ``state_dict`` completely and decide what to load; raises before any change."""
+    state_dict, saved = _header(state_dict, ours)
+    updates = check_updates(need(state_dict, "updates", ""))
+    counters = check_counters(need(state_dict, "counters", ""), updates)  # host int64 tensors
+    factor = check_factor(need(state_dict, "factor", ""))
+    entries = need(state_dict, "tensors", "")
+    if not isinstance(entries, dict):
+        raise StateError(f"state_dict['tensors'] must be a dict; got {type(entries).__name__}")
+    checked = {name: check_entry(str(name), entry) for name, entry in entries.items()}
     differences = {
         k: (saved[k], v) for k, v in ours.to_dict().items() if k in saved and saved[k] != v
     }
-    entries = state_dict["tensors"]
-    names = scaler.layout.names
-    keys = type(scaler._states[0]).state_keys(ours.foreach)
+    config = ours
+    if use_checkpoint_config:
+        adopted: dict[str, Any] = {k: saved[k] for k in _ADOPTABLE if k in saved}
+        try:
+            config = dataclasses.replace(ours, **adopted)
+        except (ConfigurationError, TypeError) as error:
+            raise StateError(
+                f"state_dict['config'] is not a valid configuration: {error}"
+            ) from error
+    names = engine.layout.names
+    keys = engine.states[0].state_keys(ours.foreach)
     loaded, mismatched, plan = [], [], []
-    for block, local, j in _positions(scaler):
+    for block, local, j in _positions(engine):
         name = names[j]
-        if name not in entries:
+        if name not in checked:
             continue
-        entry = entries[name]
+        shape, entry = checked[name]
         state = _converted(entry, keys)
-        if list(entry["shape"]) != list(scaler.layout.tensors[j].shape) or state is None:
+        if shape != engine.shapes[j] or state is None:
             mismatched.append(name)
             continue
-        plan.append((block, local, state))
+        device = engine.states[block].count.device
+        plan.append((block, local, {k: v.to(device) for k, v in state.items()}))
         loaded.append(name)
-    missing = [n for n in names if n not in entries]
-    unexpected = [n for n in entries if n not in names]
+    missing = [n for n in names if n not in checked]
+    unexpected = [str(n) for n in checked if n not in names]
     if strict and (missing or unexpected or mismatched):
-        raise ValueError(
+        raise StateError(
             "state_dict does not match the scaler's parameters: "
             f"missing {missing}, unexpected {unexpected}, shape/state mismatch {mismatched} "
             "(load_state_dict(..., strict=False) skips them)"
         )
-    if use_checkpoint_config:
-        adopted = {k: saved[k] for k in _ADOPTABLE if k in saved}
-        scaler.config = dataclasses.replace(ours, **adopted)
-    elif "beta" in differences and not quiet:
-        warnings.warn(
-            f"continuing EMA statistics saved with beta={saved['beta']} under beta={ours.beta}",
-            stacklevel=3,
-        )
-    for block, local, state in plan:
-        target = scaler._states[block]
-        device = target.count.device
-        target.load_tensor_state(local, {k: v.to(device) for k, v in state.items()})
-    home = scaler._home
-    counters = state_dict["counters"]
-    scaler._nonfinite = counters["nonfinite"].to(home)
-    scaler._consecutive = counters["consecutive"].to(home)
-    scaler._skipped = counters["skipped"].to(home)
-    factor = state_dict["factor"]
-    if factor.shape == scaler._previous.shape:
-        scaler._previous = factor.to(home, torch.float64)
-    scaler.updates = int(state_dict["updates"])
     report = LoadReport(
         tuple(loaded), tuple(missing), tuple(unexpected), tuple(mismatched), differences
     )
-    if not strict and not quiet and (missing or unexpected or mismatched):
-        warnings.warn(
-            f"scaler checkpoint partially loaded: missing {missing}, unexpected {unexpected}, "
-            f"mismatched {mismatched}",
-            stacklevel=3,
+    home = engine.home
+    return LoadPlan(
+        config=config,
+        tensors=tuple(plan),
+        counters={k: v.to(home) for k, v in counters.items()},
+        factor=factor.to(home, torch.float64) if factor.shape == engine.previous.shape else None,
+        updates=updates,
+        consecutive=int(counters["consecutive"]),  # sync-ok: host tensors (check_counters)
+        nonfinite=int(counters["nonfinite"]),  # sync-ok: host tensors
+        report=report,
+        saved_beta=saved.get("beta"),
+    )
+
+
+def commit_load(engine: ScalerEngine, plan: LoadPlan) -> None:
+    """Write a checked plan into the engine (nothing here can fail on a valid plan)."""
+    for state in engine.states:
+        state.beta = plan.config.beta
+    for block, local, tensors in plan.tensors:
+        engine.states[block].load_tensor_state(local, tensors)
+    engine.nonfinite = plan.counters["nonfinite"]
+    engine.consecutive = plan.counters["consecutive"]
+    engine.skipped = plan.counters["skipped"]
+    if plan.factor is not None:
+        engine.previous = plan.factor
+    engine.updates = plan.updates
+
+
+def load(
+    engine: ScalerEngine,
+    config: ScalerConfig,
+    state_dict: object,
+    strict: bool,
+    use_checkpoint_config: bool,
+    quiet: bool,
+) -> LoadPlan:
+    """Check, then write ``state_dict`` into ``engine``; warn about what did not carry over.
+    Returns the plan (its ``config`` is the scaler's configuration from now on)."""
+    plan = plan_load(
+        engine, config, state_dict, strict=strict, use_checkpoint_config=use_checkpoint_config
+    )
+    commit_load(engine, plan)
+    report = plan.report
+    if quiet:
+        return plan
+    if "beta" in report.config_differences and not use_checkpoint_config:
+        warn(
+            f"continuing EMA statistics saved with beta={plan.saved_beta} under beta={config.beta}"
         )
-    return report
+    if not strict and (report.missing or report.unexpected or report.mismatched):
+        warn(
+            f"scaler checkpoint partially loaded: missing {list(report.missing)}, "
+            f"unexpected {list(report.unexpected)}, mismatched {list(report.mismatched)}"
+        )
+    return plan

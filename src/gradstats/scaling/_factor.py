@@ -18,14 +18,53 @@ coordinates and so errs on the side of waiting. Optional bounds [min_scale, 1] a
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import torch
 
 from gradstats.moments import ema_reliability
 
-__all__ = ["aggregate", "scaling_factor"]
+__all__ = ["Aggregates", "FactorSettings", "Factors", "aggregate", "scaling_factor"]
 
 _NO_COUNT = torch.iinfo(torch.int64).max
+
+
+@dataclass(frozen=True)
+class Aggregates:
+    """Per aggregate k (device vectors): N_k, S_k, the smallest count, the member count."""
+
+    noise: torch.Tensor
+    signal: torch.Tensor
+    count: torch.Tensor
+    members: torch.Tensor
+
+
+@dataclass(frozen=True)
+class Factors:
+    """Per aggregate k (device vectors): ρ_k, the bounded factor before and after the gates and
+    the rate limit, the gate states, the relative standard error of ρ and n_eff = 1/ρ_w."""
+
+    rho: torch.Tensor
+    raw_factor: torch.Tensor
+    factor: torch.Tensor
+    gate_open: torch.Tensor
+    no_estimate: torch.Tensor
+    no_signal: torch.Tensor
+    rel_se: torch.Tensor
+    effective_sample_size: torch.Tensor
+
+
+@dataclass(frozen=True)
+class FactorSettings:
+    """The configuration :func:`scaling_factor` needs (besides the rate limit)."""
+
+    alpha: float
+    beta: float
+    eps: float
+    min_scale: float
+    confidence: float | None
+    min_count: int
+    warm: bool
 
 
 def aggregate(
@@ -35,7 +74,7 @@ def aggregate(
     include: torch.Tensor,
     group_index: torch.Tensor,
     groups: int,
-) -> dict[str, torch.Tensor]:
+) -> Aggregates:
     """Sum noise and signal over the included tensors of each aggregate; smallest count."""
     zeros = torch.zeros(groups, dtype=torch.float64, device=noise.device)
     members = zeros.index_add(0, group_index, include.to(torch.float64))
@@ -43,29 +82,25 @@ def aggregate(
     smallest = smallest.scatter_reduce(
         0, group_index, torch.where(include, count, _NO_COUNT), "amin"
     )
-    return {
-        "noise": zeros.index_add(0, group_index, torch.where(include, noise, 0.0)),
-        "signal": zeros.index_add(0, group_index, torch.where(include, signal, 0.0)),
-        "count": torch.where(members > 0, smallest, 0),
-        "members": members,
-    }
+    return Aggregates(
+        noise=zeros.index_add(0, group_index, torch.where(include, noise, 0.0)),
+        signal=zeros.index_add(0, group_index, torch.where(include, signal, 0.0)),
+        count=torch.where(members > 0, smallest, 0),
+        members=members,
+    )
 
 
 def scaling_factor(
-    totals: dict[str, torch.Tensor],
+    totals: Aggregates,
     previous: torch.Tensor,
+    settings: FactorSettings,
     *,
-    alpha: float,
-    beta: float,
-    eps: float,
-    min_scale: float,
     max_rate: float | None,
-    confidence: float | None,
-    min_count: int,
-    warm: bool,
-) -> dict[str, torch.Tensor]:
+) -> Factors:
     """The factor of every aggregate, with its ρ and gate states (all device vectors)."""
-    noise, signal, count = totals["noise"], totals["signal"], totals["count"]
+    noise, signal, count = totals.noise, totals.signal, totals.count
+    alpha, beta, eps = settings.alpha, settings.beta, settings.eps
+    min_scale, confidence, min_count = settings.min_scale, settings.confidence, settings.min_count
     has_signal = signal > eps
     rho = torch.where(has_signal, noise / torch.where(has_signal, signal, 1.0), math.inf)
     raw = torch.ones_like(rho) if alpha == 0 else 1.0 / (1.0 + alpha * rho)
@@ -74,7 +109,7 @@ def scaling_factor(
     effective = 1.0 / ema_reliability(beta, count)
     spread = effective - 1.0
     rel_se = torch.where(spread > 0, (2.0 / torch.where(spread > 0, spread, 1.0)).sqrt(), math.inf)
-    gate = estimate & torch.full_like(estimate, warm)
+    gate = estimate & torch.full_like(estimate, settings.warm)
     if confidence is not None:
         gate = gate & (rel_se <= confidence)
     factor = torch.where(gate, raw, 1.0)
@@ -82,13 +117,13 @@ def scaling_factor(
         factor = torch.minimum(
             torch.maximum(factor, previous * math.exp(-max_rate)), previous * math.exp(max_rate)
         )
-    return {
-        "rho": rho,
-        "raw_factor": raw,
-        "factor": factor,
-        "gate_open": gate,
-        "no_estimate": ~estimate,
-        "no_signal": estimate & ~has_signal,
-        "rel_se": rel_se,
-        "effective_sample_size": torch.where(count > 0, effective, 0.0),
-    }
+    return Factors(
+        rho=rho,
+        raw_factor=raw,
+        factor=factor,
+        gate_open=gate,
+        no_estimate=~estimate,
+        no_signal=estimate & ~has_signal,
+        rel_se=rel_se,
+        effective_sample_size=torch.where(count > 0, effective, 0.0),
+    )

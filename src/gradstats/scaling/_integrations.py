@@ -8,9 +8,11 @@
 
 from __future__ import annotations
 
+import contextlib
 import functools
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 
@@ -71,9 +73,9 @@ class Attachment:
 
     scaler: VarianceGradientScaler
     ends_step: Callable[[], bool] | None = None
-    step_kwargs: dict = field(default_factory=dict)
-    handles: list = field(default_factory=list)
-    _context: object = None
+    step_kwargs: dict[str, Any] = field(default_factory=dict)
+    handles: list[torch.utils.hooks.RemovableHandle] = field(default_factory=list)
+    _context: contextlib.AbstractContextManager[None] | None = None
     _queued: bool = False
 
     def remove(self) -> None:

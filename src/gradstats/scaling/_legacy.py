@@ -32,6 +32,7 @@ from dataclasses import dataclass
 
 import torch
 
+from gradstats.errors import StateError
 from gradstats.scaling._scaler import VarianceGradientScaler
 
 __all__ = ["LegacyImport", "import_legacy_state_dict"]
@@ -60,10 +61,10 @@ class LegacyImport:
 
 def _version(legacy: object) -> str:
     if not isinstance(legacy, dict) or "vgs_version" not in legacy:
-        raise ValueError("legacy must be a state dict of the original scaler (with 'vgs_version')")
+        raise StateError("legacy must be a state dict of the original scaler (with 'vgs_version')")
     version = str(legacy["vgs_version"])
     if version not in _VERSIONS:
-        raise ValueError(f"vgs_version must be one of {', '.join(_VERSIONS)}; got {version!r}")
+        raise StateError(f"vgs_version must be one of {', '.join(_VERSIONS)}; got {version!r}")
     return version
 
 
@@ -119,7 +120,7 @@ def _convert(
     names = scaler.layout.names
     means, squares = legacy[mean_key], legacy[sq_key]
     if len(means) != len(names) or len(squares) != len(names):
-        raise ValueError(
+        raise StateError(
             f"the checkpoint has statistics for {len(means)} parameters but params has "
             f"{len(names)} tensors requiring gradients; pass the original's parameter list"
         )
@@ -127,13 +128,15 @@ def _convert(
     counts = legacy.get("param_step_counts", [steps] * len(names))
     beta = scaler.config.beta
     state = scaler.state_dict()
+    tensors = state["tensors"]
+    assert isinstance(tensors, dict)  # state_dict() builds it
     for name, mean, square, count in zip(names, means, squares, counts, strict=True):
         count = int(count)
         debias = 1.0 - beta**count if count > 0 else 1.0
         mu = float(mean) / debias
         second = float(square) / debias
         spread = max(second - mu * mu, 0.0)
-        entry = state["tensors"][name]
+        entry = tensors[name]
         entry["count"] = torch.tensor(count, dtype=torch.int64)
         entry["mu_mean"] = torch.tensor(mu, dtype=torch.float64)
         if version == "3.0":  # second = E_w μ²: all of it is the tensor-mean variance

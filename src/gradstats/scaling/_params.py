@@ -14,6 +14,8 @@ from dataclasses import dataclass
 
 import torch
 
+from gradstats.errors import ConfigurationError, ConfigurationTypeError
+
 __all__ = ["ParamLayout", "layout_from"]
 
 
@@ -34,31 +36,33 @@ class ParamLayout:
 
 def _entries(params: object) -> list[tuple[str, torch.Tensor, int]]:
     if isinstance(params, torch.Tensor):
-        raise TypeError(
+        raise ConfigurationTypeError(
             "params must be an iterable of tensors, (name, tensor) pairs or param-group dicts; "
             "got a single tensor (wrap it in a list)"
         )
     if not isinstance(params, Iterable):
-        raise TypeError(f"params must be an iterable; got {type(params).__name__}")
+        raise ConfigurationTypeError(f"params must be an iterable; got {type(params).__name__}")
     entries: list[tuple[str, torch.Tensor, int]] = []
     items = list(params)
     grouped = bool(items) and all(isinstance(item, dict) for item in items)
     groups = items if grouped else [{"params": items}]
     for g, group in enumerate(groups):
         if not isinstance(group, dict) or "params" not in group:
-            raise TypeError("params mixes param-group dicts with other entries")
+            raise ConfigurationTypeError("params mixes param-group dicts with other entries")
         for i, item in enumerate(group["params"]):
             if isinstance(item, tuple) and len(item) == 2 and isinstance(item[0], str):
                 name, tensor = item
             elif isinstance(item, torch.Tensor):
                 name, tensor = (f"{g}.{i}" if grouped else str(i)), item
             else:
-                raise TypeError(
+                raise ConfigurationTypeError(
                     "params entries must be tensors or (name, tensor) pairs; "
                     f"got {type(item).__name__}"
                 )
             if not isinstance(tensor, torch.Tensor):
-                raise TypeError(f"params[{name!r}] is not a tensor; got {type(tensor).__name__}")
+                raise ConfigurationTypeError(
+                    f"params[{name!r}] is not a tensor; got {type(tensor).__name__}"
+                )
             entries.append((name, tensor, g))
     return entries
 
@@ -67,16 +71,16 @@ def layout_from(params: object, optimizer: torch.optim.Optimizer | None = None) 
     """Validate ``params`` and order them by device (stable)."""
     entries = [e for e in _entries(params) if e[1].requires_grad]
     if not entries:
-        raise ValueError("params holds no tensor that requires a gradient")
+        raise ConfigurationError("params holds no tensor that requires a gradient")
     names = [name for name, _, _ in entries]
     duplicate = next((n for n in names if names.count(n) > 1), None)
     if duplicate is not None:
-        raise ValueError(f"params has the name {duplicate!r} twice")
+        raise ConfigurationError(f"params has the name {duplicate!r} twice")
     if len({id(t) for _, t, _ in entries}) != len(entries):
-        raise ValueError("params holds the same tensor twice")
+        raise ConfigurationError("params holds the same tensor twice")
     for name, tensor, _ in entries:
         if not tensor.is_floating_point():
-            raise TypeError(
+            raise ConfigurationTypeError(
                 f"params[{name!r}] has dtype {tensor.dtype}; gradients must be floating"
             )
     if optimizer is not None:
@@ -85,7 +89,7 @@ def layout_from(params: object, optimizer: torch.optim.Optimizer | None = None) 
         }
         missing = [name for name, t, _ in entries if id(t) not in owner]
         if missing:
-            raise ValueError(f"optimizer does not hold these params: {missing[:5]}")
+            raise ConfigurationError(f"optimizer does not hold these params: {missing[:5]}")
         entries = [(name, t, owner[id(t)]) for name, t, _ in entries]
         groups = len(optimizer.param_groups)
     else:

@@ -8,14 +8,18 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
 
 import torch
 
-if TYPE_CHECKING:
-    from gradstats.scaling._scaler import VarianceGradientScaler
+from gradstats._warnings import warn
+from gradstats.scaling._config import ScalerConfig
+from gradstats.scaling._engine import ScalerEngine
+from gradstats.scaling._factor import Aggregates, Factors
 
-__all__ = ["TensorStatistics", "build_statistics", "log_metrics"]
+__all__ = ["Metrics", "TensorStatistics", "build_statistics", "log_metrics"]
+
+# Renamed fields and logger keys: old name -> new name (deprecated aliases).
+_RENAMED = {"skipped_steps": "skipped"}
 
 
 @dataclass(frozen=True)
@@ -36,7 +40,10 @@ class TensorStatistics:
         count: observations behind the estimate; ``effective_sample_size``: 1/ρ_w.
         has_gradient: whether the tensor had a gradient at the last update.
         gate_open, no_estimate, no_signal, members: aggregate states (None for tensors).
-        nonfinite_steps, skipped_steps, updates: counters (``"global"`` only).
+        nonfinite_steps: steps whose gradients held NaN/inf; ``skipped``: steps dropped (the
+            non-finite ones and those the caller skipped); ``updates``: statistics updates
+            (counters: ``"global"`` only). ``skipped_steps`` is the deprecated name of
+            ``skipped``.
     """
 
     variance: float
@@ -54,8 +61,27 @@ class TensorStatistics:
     no_signal: bool | None = None
     members: int | None = None
     nonfinite_steps: int | None = None
-    skipped_steps: int | None = None
+    skipped: int | None = None
     updates: int | None = None
+
+    @property
+    def skipped_steps(self) -> int | None:
+        """Deprecated name of :attr:`skipped`."""
+        warn("TensorStatistics.skipped_steps is deprecated; use .skipped", FutureWarning)
+        return self.skipped
+
+
+class Metrics(dict[str, float]):
+    """The ``vgs/...`` logger metrics; ``metrics["vgs/skipped_steps"]`` (renamed
+    ``vgs/skipped``) still reads, with a FutureWarning, but is not among the keys."""
+
+    def __missing__(self, key: str) -> float:
+        old = key.removeprefix("vgs/")
+        if key.startswith("vgs/") and old in _RENAMED:
+            new = f"vgs/{_RENAMED[old]}"
+            warn(f"metric {key!r} is deprecated; use {new!r}", FutureWarning)
+            return self[new]
+        raise KeyError(key)
 
 
 def _ratio(noise: float, signal: float, eps: float, valid: bool) -> float:
@@ -64,33 +90,33 @@ def _ratio(noise: float, signal: float, eps: float, valid: bool) -> float:
     return noise / signal if signal > eps else math.inf
 
 
-def build_statistics(scaler: VarianceGradientScaler) -> dict[str, TensorStatistics]:
-    home = scaler._home
-    totals = scaler._totals()
-    numel = torch.cat([s.numel.to(home) for s in scaler._states])
-    per_coordinate = scaler.config.statistic in ("temporal", "same_point")
+def build_statistics(engine: ScalerEngine, config: ScalerConfig) -> dict[str, TensorStatistics]:
+    """Every tensor's row, ``"global"`` and (``aggregate="param_group"``) ``"group<k>"``."""
+    home = engine.home
+    totals = engine.totals()
+    numel = torch.cat([s.numel.to(home) for s in engine.states])
+    per_coordinate = config.statistic in ("temporal", "same_point")
     scale = numel if per_coordinate else torch.ones_like(numel)
-    rho = totals["reliability"]
-    unbiased = totals["noise"]
-    population = totals["variance"]
+    rho = totals.reliability
+    unbiased = totals.noise
     rows = torch.stack(
         [
-            population / scale,
+            totals.variance / scale,
             unbiased / scale,
-            totals["signal_raw"] / scale,
-            totals["signal"] / scale,
-            totals["count"].to(torch.float64),
-            torch.where(totals["count"] > 0, 1.0 / rho, 0.0),
-            scaler._present.to(torch.float64),
-            scaler._factor_per_tensor,
+            totals.signal_raw / scale,
+            totals.signal / scale,
+            totals.count.to(torch.float64),
+            torch.where(totals.count > 0, 1.0 / rho, 0.0),
+            engine.present.to(torch.float64),
+            engine.factor_per_tensor,
             unbiased,
-            totals["signal"],
+            totals.signal,
         ]
     ).cpu()  # sync-ok: statistics() is an explicit host read
-    eps, batch = scaler.config.eps, scaler.config.batch_size
-    min_count = scaler._states[0].min_count
+    eps, batch = config.eps, config.batch_size
+    min_count = engine.states[0].min_count
     out: dict[str, TensorStatistics] = {}
-    for j, name in enumerate(scaler.layout.names):
+    for j, name in enumerate(engine.layout.names):
         col = rows[:, j].tolist()  # sync-ok: already on the host
         ratio = _ratio(col[8], col[9], eps, col[4] >= min_count)
         out[name] = TensorStatistics(
@@ -99,60 +125,59 @@ def build_statistics(scaler: VarianceGradientScaler) -> dict[str, TensorStatisti
             factor=col[7], count=int(col[4]), effective_sample_size=col[5],
             has_gradient=bool(col[6]),
         )  # fmt: skip
-    if scaler._global is not None:
-        out["global"] = _aggregate_row(scaler, scaler._global, 0, batch, counters=True)
-        if scaler.config.aggregate == "param_group":
-            for g in range(scaler._groups):
-                out[f"group{g}"] = _aggregate_row(scaler, scaler._result, g, batch, counters=False)
+    if engine.overall is not None:
+        out["global"] = _aggregate_row(engine, engine.overall, 0, batch, counters=True)
+        if config.aggregate == "param_group" and engine.result is not None:
+            for g in range(engine.groups):
+                out[f"group{g}"] = _aggregate_row(engine, engine.result, g, batch, counters=False)
     return out
 
 
 def _aggregate_row(
-    scaler, result: dict, g: int, batch: int | None, counters: bool
+    engine: ScalerEngine,
+    result: tuple[Aggregates, Factors],
+    g: int,
+    batch: int | None,
+    counters: bool,
 ) -> TensorStatistics:
-    keys = ("noise", "signal", "rho", "factor", "count", "members", "effective_sample_size")
-    flags = ("gate_open", "no_estimate", "no_signal")
-    values = (
-        torch.stack([result[k][g].to(torch.float64) for k in keys + flags])
-        .cpu()
-        .tolist()  # sync-ok
-    )  # sync-ok
-    v = dict(zip(keys + flags, values, strict=True))
-    rho = math.nan if v["no_estimate"] else v["rho"]
-    factor = v["factor"]
-    extra = {}
+    summed, factors = result
+    columns = [
+        summed.noise, summed.signal, factors.rho, factors.factor, summed.count, summed.members,
+        factors.effective_sample_size, factors.gate_open, factors.no_estimate, factors.no_signal,
+    ]  # fmt: skip
+    values = torch.stack([c[g].to(torch.float64) for c in columns]).cpu().tolist()  # sync-ok
+    noise, signal, rho, factor, count, members, n_eff, gate_open, no_estimate, no_signal = values
+    rho = math.nan if no_estimate else rho
+    nonfinite = skipped = updates = None
     if counters:
-        counts = torch.stack([scaler._nonfinite, scaler._skipped]).cpu().tolist()  # sync-ok
-        extra = {
-            "nonfinite_steps": counts[0],
-            "skipped_steps": counts[1],
-            "updates": scaler.updates,
-        }
+        counts = torch.stack([engine.nonfinite, engine.skipped]).cpu().tolist()  # sync-ok
+        nonfinite, skipped, updates = int(counts[0]), int(counts[1]), engine.updates
     return TensorStatistics(
-        variance=v["noise"], variance_unbiased=v["noise"], signal=v["signal"],
-        signal_unbiased=v["signal"], normalized_variance=rho,
-        B_noise=None if batch is None else rho * batch, factor=factor, count=int(v["count"]),
-        effective_sample_size=v["effective_sample_size"], gate_open=bool(v["gate_open"]),
-        no_estimate=bool(v["no_estimate"]), no_signal=bool(v["no_signal"]),
-        members=int(v["members"]), **extra,
+        variance=noise, variance_unbiased=noise, signal=signal, signal_unbiased=signal,
+        normalized_variance=rho, B_noise=None if batch is None else rho * batch, factor=factor,
+        count=int(count), effective_sample_size=n_eff, gate_open=bool(gate_open),
+        no_estimate=bool(no_estimate), no_signal=bool(no_signal), members=int(members),
+        nonfinite_steps=nonfinite, skipped=skipped, updates=updates,
     )  # fmt: skip
 
 
-def log_metrics(scaler: VarianceGradientScaler) -> dict[str, float]:
-    """The ``vgs/...`` metrics handed to the logger callback."""
-    stats = build_statistics(scaler)
+def log_metrics(engine: ScalerEngine, config: ScalerConfig) -> Metrics:
+    """The ``vgs/...`` metrics handed to the logger callback (one host read)."""
+    stats = build_statistics(engine, config)
     overall = stats["global"]
-    metrics = {
-        "vgs/factor": overall.factor,
-        "vgs/rho": overall.normalized_variance,
-        "vgs/noise": overall.variance_unbiased,
-        "vgs/signal": overall.signal_unbiased,
-        "vgs/effective_sample_size": overall.effective_sample_size,
-        "vgs/gate_open": float(overall.gate_open),
-        "vgs/no_signal": float(overall.no_signal),
-        "vgs/nonfinite_steps": float(overall.nonfinite_steps),
-        "vgs/skipped_steps": float(overall.skipped_steps),
-    }
+    metrics = Metrics(
+        {
+            "vgs/factor": overall.factor,
+            "vgs/rho": overall.normalized_variance,
+            "vgs/noise": overall.variance_unbiased,
+            "vgs/signal": overall.signal_unbiased,
+            "vgs/effective_sample_size": overall.effective_sample_size,
+            "vgs/gate_open": float(bool(overall.gate_open)),
+            "vgs/no_signal": float(bool(overall.no_signal)),
+            "vgs/nonfinite_steps": float(overall.nonfinite_steps or 0),
+            "vgs/skipped": float(overall.skipped or 0),
+        }
+    )
     if overall.B_noise is not None:
         metrics["vgs/B_noise"] = overall.B_noise
     for name, row in stats.items():

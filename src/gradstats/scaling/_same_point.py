@@ -79,6 +79,12 @@ class SamePointState(ScalarTensorState):
             self._sums[index] += self._staged[index]
             self._passes[index] += 1.0
 
+    def discard_pending(self) -> None:
+        """Forget this step's recorded contributions (the step will not be applied)."""
+        self._sums = torch.zeros_like(self._sums)
+        self._passes = torch.zeros_like(self._passes)
+        self._pending = [False] * len(self._pending)
+
     def observe(self, index: int, grad: torch.Tensor) -> None:
         """Record one contribution that is known to be part of ``.grad`` (explicit calls)."""
         self.stage(index, grad)

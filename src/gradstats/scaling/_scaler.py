@@ -3,14 +3,12 @@ r"""``VarianceGradientScaler``: the step factor 1/(1 + α·noise/signal) from me
 from __future__ import annotations
 
 import contextlib
-import dataclasses
-import functools
-import warnings
-import weakref
 from collections.abc import Callable, Iterator
 
 import torch
 
+from gradstats._warnings import warn
+from gradstats.errors import ConfigurationError, ConfigurationTypeError, NonFiniteError
 from gradstats.moments._distributed import distributed_ready
 from gradstats.scaling._apply import (
     located_gradients,
@@ -18,22 +16,22 @@ from gradstats.scaling._apply import (
     scaled_learning_rates,
     warn_if_adaptive,
 )
-from gradstats.scaling._checkpoint import LoadReport, load_scaler_state, scaler_state
 from gradstats.scaling._config import ScalerConfig
-from gradstats.scaling._diagnostics import DIAGNOSTICS, DiagnosticState
-from gradstats.scaling._factor import aggregate, scaling_factor
-from gradstats.scaling._kernels import squared_norms
+from gradstats.scaling._diagnostics import DIAGNOSTICS
+from gradstats.scaling._engine import ScalerEngine
+from gradstats.scaling._hooks import GradientTracker
+from gradstats.scaling._nonfinite import ConsecutiveLimit
 from gradstats.scaling._params import ParamLayout, layout_from
-from gradstats.scaling._report import TensorStatistics, build_statistics, log_metrics
+from gradstats.scaling._readout import ScalerReadout
+from gradstats.scaling._report import log_metrics
 from gradstats.scaling._same_point import SamePointState
-from gradstats.scaling._temporal import TemporalState
 
 __all__ = ["VarianceGradientScaler"]
 
 _D = ScalerConfig()
 
 
-class VarianceGradientScaler:
+class VarianceGradientScaler(ScalerReadout):
     r"""Shrinks each step by the measured inverse signal-to-noise ratio of its gradient.
 
     With ρ = tr Cov(ĝ) / ‖E ĝ‖² the inverse SNR of the applied (mini-batch) gradient ĝ, the factor
@@ -73,16 +71,25 @@ class VarianceGradientScaler:
     No host sync happens in ``step``/``update_statistics``/``scale_gradients``: all state lives
     on the parameters' devices and non-finite gradients are detected and skipped on the device.
     Host reads are explicit: ``get_scaling_factor()``, ``get_normalized_variance()``,
-    ``statistics()``, the logger (every ``log_every`` updates), the non-finite check (every
-    ``max_nonfinite_steps`` updates; it raises ``FloatingPointError`` after that many
-    consecutive non-finite steps), and ``apply_to="lr"`` with a float learning rate (one read
-    of the factor per step; pass ``lr`` as a tensor to avoid it).
+    ``statistics()``, the logger (every ``log_every`` updates), the ``max_nonfinite_steps`` check
+    (about one read every ``max_nonfinite_steps`` updates, exact: see ``_nonfinite``),
+    ``nonfinite="raise"`` (one read per update), and ``apply_to="lr"`` with a float learning
+    rate (one read of the factor per step; pass ``lr`` as a tensor to avoid it).
+
+    Non-finite gradients (the library's one policy, :mod:`gradstats.errors`): with
+    ``nonfinite="skip"`` (default) a step whose gradients hold NaN/±inf is dropped as a whole on
+    the device and counted in ``skipped`` (:attr:`skipped`, ``statistics()["global"].skipped``,
+    ``vgs/skipped``, ``state_dict()["counters"]["skipped"]``); ``max_nonfinite_steps`` = N
+    consecutive ones raise :class:`~gradstats.errors.NonFiniteError` (a ``FloatingPointError``)
+    at exactly the N-th. With ``nonfinite="raise"`` the first non-finite step raises
+    ``NonFiniteError`` before anything changes (not for AMP: its overflow steps are expected and
+    are what ``"skip"`` is for).
 
     Args:
         params: tensors, ``(name, tensor)`` pairs (``model.named_parameters()``) or param-group
             dicts. Checkpoints are keyed by these names.
         statistic, alpha, beta, eps, warmup_steps, min_scale, max_rate, apply_to, aggregate,
-            confidence, enabled, foreach, batch_size, log_every, max_nonfinite_steps: see
+            confidence, enabled, foreach, batch_size, log_every, max_nonfinite_steps, nonfinite: see
             :class:`~gradstats.scaling.ScalerConfig`; ``eps`` is the signal level at or below
             which there is "no detectable signal" (never a divisor), ``confidence`` the largest
             relative standard error of ρ at which the factor is applied (``None``: no gate),
@@ -124,6 +131,7 @@ class VarianceGradientScaler:
         batch_size: int | None = _D.batch_size,
         log_every: int = _D.log_every,
         max_nonfinite_steps: int | None = _D.max_nonfinite_steps,
+        nonfinite: str = _D.nonfinite,
         logger: Callable[[dict[str, float], int], object] | None = None,
         optimizer: torch.optim.Optimizer | None = None,
         distributed: bool | None = None,
@@ -133,86 +141,39 @@ class VarianceGradientScaler:
             statistic=statistic, alpha=alpha, beta=beta, eps=eps, warmup_steps=warmup_steps,
             min_scale=min_scale, max_rate=max_rate, apply_to=apply_to, aggregate=aggregate,
             confidence=confidence, enabled=enabled, foreach=foreach, batch_size=batch_size,
-            log_every=log_every, max_nonfinite_steps=max_nonfinite_steps,
+            log_every=log_every, max_nonfinite_steps=max_nonfinite_steps, nonfinite=nonfinite,
         )  # fmt: skip
         if logger is not None and not callable(logger):
-            raise TypeError(f"logger must be callable(metrics, step); got {type(logger).__name__}")
+            raise ConfigurationTypeError(
+                f"logger must be callable(metrics, step); got {type(logger).__name__}"
+            )
         if optimizer is not None and not isinstance(optimizer, torch.optim.Optimizer):
-            raise TypeError(f"optimizer must be a torch.optim.Optimizer; got {type(optimizer)}")
+            raise ConfigurationTypeError(
+                f"optimizer must be a torch.optim.Optimizer; got {type(optimizer).__name__}"
+            )
         self.logger, self.optimizer, self.process_group = logger, optimizer, process_group
         if distributed is None:
             distributed = distributed_ready() and torch.distributed.get_world_size() > 1
         self.distributed = bool(distributed)
+        layout = layout_from(params, optimizer)
         if statistic in DIAGNOSTICS:
-            warnings.warn(
+            warn(
                 f"statistic={statistic!r} is a legacy diagnostic of the original scaler; it does "
-                "not measure gradient noise (use 'temporal' or 'same_point')",
-                stacklevel=2,
+                "not measure gradient noise (use 'temporal' or 'same_point')"
             )
-        self._hooks: list[object] = []
-        self._build(layout_from(params, optimizer))
+        self._tracker = GradientTracker()
+        self._limit = ConsecutiveLimit()
+        self._build(layout)
         if optimizer is not None:
             warn_if_adaptive(self.config.apply_to, optimizer)
 
     # --------------------------------------------------------------- structure
     def _build(self, layout: ParamLayout) -> None:
-        config = self.config
-        self.layout = layout
-        self._states = []
-        for start, stop in layout.blocks:
-            tensors = list(layout.tensors[start:stop])
-            if config.statistic == "temporal":
-                state = TemporalState(tensors, config.beta, config.foreach)
-            elif config.statistic == "same_point":
-                state = SamePointState(tensors, config.beta, self.distributed, self.process_group)
-            else:
-                state = DiagnosticState(tensors, config.beta, config.statistic)
-            self._states.append(state)
-        home = layout.devices[0]
-        self._home = home
-        count = len(layout.names)
-        if config.aggregate == "global":
-            index, groups = [0] * count, 1
-        elif config.aggregate == "tensor":
-            index, groups = list(range(count)), count
-        else:
-            index, groups = list(layout.group_of), layout.groups
-        self._group_index = torch.tensor(index, dtype=torch.int64, device=home)
-        self._global_index = torch.zeros(count, dtype=torch.int64, device=home)
-        self._groups = groups
-        zero = torch.zeros((), dtype=torch.int64, device=home)
-        self._nonfinite, self._consecutive, self._skipped = zero, zero.clone(), zero.clone()
-        self._previous = torch.ones(groups, dtype=torch.float64, device=home)
-        self._present = torch.zeros(count, dtype=torch.bool, device=home)
-        self._result: dict[str, torch.Tensor] | None = None
-        self._global: dict[str, torch.Tensor] | None = None
-        self._factor_per_tensor = torch.ones(count, dtype=torch.float64, device=home)
-        self._masks: dict[tuple[int, tuple[bool, ...]], tuple[torch.Tensor, torch.Tensor]] = {}
-        self.updates = 0  # statistics updates so far (host int)
-        self._events = 0  # gradient accumulations seen by the hooks
-        self._read_token: tuple | None = None
-        self._scaled_token: tuple | None = None
-        self._nonfinite_seen = 0
-        self._capture = True
-        self._register_hooks()
-
-    def _register_hooks(self) -> None:
-        for handle in self._hooks:
-            handle.remove()
-        self._hooks = []
-        for tensor in self.layout.tensors:
-            self._hooks.append(tensor.register_post_accumulate_grad_hook(self._on_accumulate))
-        if self.config.statistic == "same_point":
-            for (start, stop), state in zip(self.layout.blocks, self._states, strict=True):
-                for local, tensor in enumerate(self.layout.tensors[start:stop]):
-                    owner = weakref.ref(self)
-                    stage = functools.partial(_stage_hook, owner, state, local)
-                    commit = functools.partial(_commit_hook, owner, state, local)
-                    self._hooks.append(tensor.register_hook(stage))
-                    self._hooks.append(tensor.register_post_accumulate_grad_hook(commit))
-
-    def _on_accumulate(self, _tensor: torch.Tensor) -> None:
-        self._events += 1
+        self._engine = ScalerEngine(layout, self.config, self.distributed, self.process_group)
+        self._read_token: tuple[object, ...] | None = None
+        self._scaled_token: tuple[object, ...] | None = None
+        self._limit.reset(updates=0, consecutive=0, seen=0)
+        self._tracker.register(layout, self._engine.states)
 
     def observe(self, grads: object) -> None:
         """Record one micro-batch's gradients explicitly (``statistic="same_point"``).
@@ -227,58 +188,26 @@ class VarianceGradientScaler:
                 "observe() records micro-batches for statistic='same_point'; this scaler "
                 f"tracks {self.config.statistic!r}"
             )
-        for block, local, grad in located_gradients(self.layout, grads):
-            self._states[block].observe(local, grad)
+        located = located_gradients(self.layout, grads)
+        for block, local, grad in located:
+            state = self._engine.states[block]
+            if isinstance(state, SamePointState):
+                state.observe(local, grad)
 
     @contextlib.contextmanager
     def paused(self) -> Iterator[None]:
         """Backward passes inside this block are not recorded as same-point micro-batches."""
-        previous, self._capture = self._capture, False
-        try:
+        with self._tracker.paused():
             yield
-        finally:
-            self._capture = previous
 
     def remove_hooks(self) -> None:
         """Detach every hook this scaler put on the parameters (it stops tracking them)."""
-        for handle in self._hooks:
-            handle.remove()
-        self._hooks = []
+        self._tracker.remove()
 
-    def _token(self) -> tuple:
-        """Identifies the current gradients: hook events plus the identity of every ``.grad``."""
-        return (
-            self._events,
-            tuple(id(t.grad) if t.grad is not None else 0 for t in self.layout.tensors),
-        )
+    def _token(self) -> tuple[object, ...]:
+        return self._tracker.token(self.layout)
 
     # ----------------------------------------------------------------- update
-    @property
-    def enabled(self) -> bool:
-        return self.config.enabled
-
-    @enabled.setter
-    def enabled(self, value: bool) -> None:
-        self.config = dataclasses.replace(self.config, enabled=value)
-
-    @property
-    def warmup_steps(self) -> int:
-        return self.config.warmup_steps
-
-    @warmup_steps.setter
-    def warmup_steps(self, value: int) -> None:
-        self.config = dataclasses.replace(self.config, warmup_steps=value)
-
-    def _mask(self, block: int, present: tuple[bool, ...], device: torch.device):
-        key = (block, present)
-        if key not in self._masks:
-            rows = [j for j, p in enumerate(present) if p]
-            self._masks[key] = (
-                torch.tensor(rows, dtype=torch.int64, device=device),
-                torch.tensor(present, dtype=torch.bool, device=device),
-            )
-        return self._masks[key]
-
     def update_statistics(
         self,
         *,
@@ -287,6 +216,11 @@ class VarianceGradientScaler:
         skip: torch.Tensor | bool | None = None,
     ) -> None:
         """Read the current gradients and update the statistics and the factor (no host sync).
+
+        Everything is checked before anything changes: a sparse gradient
+        (ConfigurationError), a parameter whose shape or device changed since the statistics
+        were built (StateError: ``rebind``), or — with ``nonfinite="raise"`` — a non-finite
+        gradient (NonFiniteError; one host read) leave the scaler exactly as it was.
 
         Args:
             grad_scaler: the AMP ``GradScaler`` of this step. Same-point hooks saw gradients
@@ -297,97 +231,30 @@ class VarianceGradientScaler:
         """
         if not self.enabled:
             return
-        amp = grad_scaler is not None and grad_scaler.is_enabled()
         if scaled and grad_scaler is None:
-            raise ValueError("scaled=True needs the grad_scaler whose scale the gradients carry")
-        config = self.config
-        blocks = []
-        finite = torch.ones((), dtype=torch.bool, device=self._home)
-        for b, (start, stop) in enumerate(self.layout.blocks):
-            grads = [t.grad for t in self.layout.tensors[start:stop]]
-            for g in grads:
-                if g is not None and g.is_sparse:
-                    raise ValueError("sparse gradients are not supported by VarianceGradientScaler")
-            present = tuple(g is not None for g in grads)
-            rows, mask = self._mask(b, present, self.layout.devices[b])
-            sq = torch.zeros(stop - start, dtype=torch.float64, device=self.layout.devices[b])
-            if any(present):
-                sq = sq.index_copy(0, rows, squared_norms([g for g in grads if g is not None]))
-            finite = finite & torch.isfinite(sq.sum()).to(self._home)
-            blocks.append((grads, sq, mask))
-        apply = finite
-        if isinstance(skip, bool):  # a fill on the device, not a host-to-device copy
-            apply = apply & torch.full((), not skip, dtype=torch.bool, device=self._home)
-        elif skip is not None:
-            apply = apply & ~skip.to(device=self._home, dtype=torch.bool)
-        hook_inv = grad_scaler._scale.double().reciprocal() if amp else None
-        grad_inv = hook_inv if scaled and amp else None
-        for (grads, sq, mask), state, device in zip(
-            blocks, self._states, self.layout.devices, strict=True
-        ):
-            take = mask & apply.to(device)
-            if grad_inv is not None:
-                sq = sq * grad_inv.to(device).square()
-            state.update(grads, sq, take, grad_inv=grad_inv, hook_inv=hook_inv)
-        self._present = torch.cat([mask.to(self._home) for _, _, mask in blocks])
-        self._nonfinite = self._nonfinite + (~finite).to(torch.int64)
-        self._consecutive = torch.where(finite, 0, self._consecutive + 1)
-        self._skipped = self._skipped + (~apply).to(torch.int64)
-        self.updates += 1
+            raise ConfigurationError(
+                "scaled=True needs the grad_scaler whose scale the gradients carry"
+            )
+        config, engine = self.config, self._engine
+        observation = engine.observe()
+        if config.nonfinite == "raise" and not bool(observation.finite):  # sync-ok: "raise"
+            engine.discard_pending()
+            raise NonFiniteError(
+                f"the gradients of update {engine.updates + 1} hold NaN or inf "
+                "(nonfinite='raise'; the scaler is unchanged)"
+            )
+        scale = grad_scaler._scale if grad_scaler is not None and grad_scaler.is_enabled() else None
+        hook_inv = scale.double().reciprocal() if scale is not None else None
+        grad_inv = hook_inv if scaled else None
+        engine.apply(observation, skip=skip, grad_inv=grad_inv, hook_inv=hook_inv)
         self._read_token = self._token()
-        self._refresh_factor()
-        if self.logger is not None and self.updates % config.log_every == 0:
-            self.logger(log_metrics(self), self.updates)
-        if config.max_nonfinite_steps and self.updates % config.max_nonfinite_steps == 0:
-            self._check_nonfinite()
-
-    def _check_nonfinite(self) -> None:
-        counters = torch.stack([self._consecutive, self._nonfinite])
-        consecutive, total = counters.tolist()  # sync-ok: documented periodic check
-        if total > self._nonfinite_seen:
-            skipped = total - self._nonfinite_seen
-            warnings.warn(
-                f"{skipped} steps with non-finite gradients were skipped by the scaler",
-                stacklevel=3,
+        engine.refresh_factor(config)
+        if self.logger is not None and engine.updates % config.log_every == 0:
+            self.logger(log_metrics(engine, config), engine.updates)
+        if config.nonfinite == "skip":
+            self._limit.check(
+                engine.updates, config.max_nonfinite_steps, engine.consecutive, engine.nonfinite
             )
-            self._nonfinite_seen = total
-        limit = self.config.max_nonfinite_steps
-        if limit and consecutive >= limit:
-            raise FloatingPointError(
-                f"{consecutive} consecutive steps had non-finite gradients (limit "
-                f"max_nonfinite_steps={limit}); the scaler skipped them, but training is diverging"
-            )
-
-    def _totals(self) -> dict[str, torch.Tensor]:
-        parts = [state.totals() for state in self._states]
-        return {key: torch.cat([p[key].to(self._home) for p in parts]) for key in parts[0]}
-
-    def _refresh_factor(self) -> None:
-        config = self.config
-        totals = self._totals()
-        min_count = self._states[0].min_count
-        include = self._present & (totals["count"] >= min_count)
-        common = {
-            "alpha": config.alpha, "beta": config.beta, "eps": config.eps,
-            "min_scale": config.min_scale, "confidence": config.confidence,
-            "min_count": min_count, "warm": self.updates > config.warmup_steps,
-        }  # fmt: skip
-        args = (totals["noise"], totals["signal"], totals["count"], include)
-        summed = aggregate(*args, self._group_index, self._groups)
-        result = scaling_factor(summed, self._previous, max_rate=config.max_rate, **common)
-        self._previous = result["factor"]
-        self._result = {**summed, **result}
-        self._factor_per_tensor = result["factor"][self._group_index]
-        if config.aggregate == "global":
-            self._global = self._result
-        else:
-            overall = aggregate(*args, self._global_index, 1)
-            self._global = {
-                **overall,
-                **scaling_factor(
-                    overall, torch.ones_like(overall["noise"]), max_rate=None, **common
-                ),
-            }
 
     def step(
         self,
@@ -421,7 +288,8 @@ class VarianceGradientScaler:
         self.step()
         if self._token() == self._scaled_token:
             return
-        multiply_gradients(self.layout, self._factor_per_tensor, self.config.aggregate == "global")
+        shared = self.config.aggregate == "global"
+        multiply_gradients(self.layout, self._engine.factor_per_tensor, shared)
         self._scaled_token = self._token()
 
     @contextlib.contextmanager
@@ -444,84 +312,21 @@ class VarianceGradientScaler:
             return
         optimizer = optimizer if optimizer is not None else self.optimizer
         if optimizer is None:
-            raise ValueError(
+            raise ConfigurationError(
                 "apply_to='lr' needs the optimizer: pass it to apply() or the constructor"
             )
         self.step()
         groups = len(optimizer.param_groups)
-        factors = self._previous
+        factors = self._engine.previous
         if self.config.aggregate == "global":
             factors = factors.expand(groups)
-        elif groups != self._groups:
-            raise ValueError(
-                f"optimizer has {groups} param groups but the scaler aggregates over {self._groups}"
+        elif groups != self._engine.groups:
+            raise ConfigurationError(
+                f"optimizer has {groups} param groups but the scaler aggregates over "
+                f"{self._engine.groups}"
             )
         with scaled_learning_rates(optimizer, factors):
             yield
-
-    # ------------------------------------------------------------------- reads
-    def get_scaling_factor(self) -> float:
-        """The model-wide factor c (1.0 before any estimate). Host read (a sync)."""
-        if not self.enabled or self._global is None:
-            return 1.0
-        return float(self._global["factor"][0])  # sync-ok: explicit host read
-
-    def get_normalized_variance(self) -> float:
-        """The model-wide ρ = noise/signal (nan: no estimate, inf: no signal). Host read."""
-        if self._global is None or bool(
-            self._global["no_estimate"][0]
-        ):  # sync-ok: explicit host read
-            return float("nan")
-        return float(self._global["rho"][0])  # sync-ok: explicit host read
-
-    def scaling_factors(self) -> torch.Tensor:
-        """The applied factor of every aggregate (device tensor; no sync)."""
-        return self._previous
-
-    def statistics(self) -> dict[str, TensorStatistics]:
-        """Per-tensor and aggregate statistics as host numbers (one host read).
-
-        Keys: every parameter name, ``"global"``, and ``"group<k>"`` per param group when
-        ``aggregate="param_group"``. See :class:`~gradstats.scaling.TensorStatistics`.
-        """
-        return build_statistics(self)
-
-    # ------------------------------------------------------------- state
-    def reset_statistics(self) -> None:
-        """Forget all statistics (keeps configuration and parameters)."""
-        self._build(self.layout)
-
-    def state_dict(self) -> dict[str, object]:
-        """Checkpoint keyed by parameter name (shape, dtype, statistic state), plus ``version``
-        and ``config``; loadable with ``torch.load(weights_only=True)``."""
-        return scaler_state(self)
-
-    def load_state_dict(
-        self,
-        state_dict: dict[str, object],
-        *,
-        strict: bool = True,
-        use_checkpoint_config: bool = False,
-    ) -> LoadReport:
-        """Restore a checkpoint. The constructor's configuration wins unless
-        ``use_checkpoint_config=True``. With ``strict=True`` names or shapes that do not match
-        are a ``ValueError`` listing them; ``strict=False`` skips them (with a warning)."""
-        return load_scaler_state(
-            self, state_dict, strict=strict, use_checkpoint_config=use_checkpoint_config
-        )
-
-    def rebind(self, params: object, optimizer: torch.optim.Optimizer | None = None) -> LoadReport:
-        """Point the scaler at new parameter tensors (model/optimizer recreated), keeping the
-        statistics of every name whose shape still matches. Returns what was kept/dropped."""
-        state = self.state_dict()
-        if optimizer is not None:
-            self.optimizer = optimizer
-        self._build(layout_from(params, optimizer))
-        return load_scaler_state(self, state, strict=False, use_checkpoint_config=False, quiet=True)
-
-    def update_parameters(self, params: object) -> LoadReport:
-        """The original's name for :meth:`rebind`."""
-        return self.rebind(params)
 
     def __repr__(self) -> str:
         c = self.config
@@ -529,15 +334,3 @@ class VarianceGradientScaler:
             f"VarianceGradientScaler(statistic={c.statistic!r}, alpha={c.alpha}, beta={c.beta}, "
             f"apply_to={c.apply_to!r}, aggregate={c.aggregate!r}, tensors={len(self.layout.names)})"
         )
-
-
-def _stage_hook(owner: weakref.ref, state: SamePointState, index: int, grad: torch.Tensor) -> None:
-    scaler = owner()
-    if scaler is not None and scaler._capture:
-        state.stage(index, grad)
-
-
-def _commit_hook(owner: weakref.ref, state: SamePointState, index: int, _param) -> None:
-    scaler = owner()
-    if scaler is not None and scaler._capture:
-        state.commit(index)

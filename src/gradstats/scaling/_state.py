@@ -1,15 +1,74 @@
-"""What every statistic's per-device state shares: its read-out and its persistence."""
+"""What every statistic's per-device state shares: its read-out, its persistence, its checks."""
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+from typing import Protocol
+
 import torch
 
-__all__ = ["ScalarTensorState", "Totals", "reliability_corrected"]
+__all__ = ["ScalarTensorState", "StatisticState", "Totals", "reliability_corrected"]
 
 
-class Totals(dict):
-    """Per-tensor vectors read from a statistic: ``noise``, ``signal``, ``count``, ``variance``
-    (population), ``signal_raw`` (uncorrected) and ``reliability`` (ρ_w)."""
+@dataclass(frozen=True)
+class Totals:
+    """Per-tensor vectors read from a statistic (one entry per tensor, all on one device).
+
+    Attributes:
+        noise: the unbiased noise the factor uses; ``signal``: the unbiased signal.
+        count: observations per tensor; ``variance``: population noise; ``signal_raw``: the
+            uncorrected signal; ``reliability``: ρ_w = Σ_k w_k².
+    """
+
+    noise: torch.Tensor
+    signal: torch.Tensor
+    count: torch.Tensor
+    variance: torch.Tensor
+    signal_raw: torch.Tensor
+    reliability: torch.Tensor
+
+    @staticmethod
+    def concatenated(parts: list[Totals], device: torch.device) -> Totals:
+        """The per-device totals of several states, concatenated on ``device``."""
+
+        def cat(name: str) -> torch.Tensor:
+            return torch.cat([getattr(p, name).to(device) for p in parts])
+
+        return Totals(
+            noise=cat("noise"),
+            signal=cat("signal"),
+            count=cat("count"),
+            variance=cat("variance"),
+            signal_raw=cat("signal_raw"),
+            reliability=cat("reliability"),
+        )
+
+
+class StatisticState(Protocol):
+    """The interface the scaler drives: one object per device block of tensors."""
+
+    beta: float
+    min_count: int
+    numel: torch.Tensor
+    count: torch.Tensor
+
+    def update(
+        self,
+        grads: list[torch.Tensor | None],
+        sq_norms: torch.Tensor,
+        take: torch.Tensor,
+        *,
+        grad_inv: torch.Tensor | None = None,
+        hook_inv: torch.Tensor | None = None,
+    ) -> None: ...
+
+    def totals(self) -> Totals: ...
+
+    def tensor_state(self, j: int) -> dict[str, torch.Tensor]: ...
+
+    def load_tensor_state(self, j: int, state: dict[str, torch.Tensor]) -> None: ...
+
+    def state_keys(self, foreach: bool) -> tuple[str, ...]: ...
 
 
 def reliability_corrected(

@@ -67,22 +67,22 @@ class TemporalState:
         """
         self.count = self.count + take.to(torch.int64)
         step = torch.where(take, ema_step_size(self.beta, self.count), 0.0)
-        present = [j for j, g in enumerate(grads) if g is not None]
+        present = [(j, g) for j, g in enumerate(grads) if g is not None]
         if not present:
             return
         if self.foreach:
             observed = torch.where(take, sq_norms, self.sq_ema)  # NaN never enters
             self.sq_ema = self.sq_ema + step * (observed - self.sq_ema)
             nan_safe_lerp_(
-                [self.mean[j] for j in present],
-                [grads[j] for j in present],
-                step[present],
+                [self.mean[j] for j, _ in present],
+                [g for _, g in present],
+                step[[j for j, _ in present]],
                 self._scratch,
                 grad_inv,
             )
             return
-        for j in present:
-            grad = grads[j].to(self.mean[j].dtype)
+        for j, g in present:
+            grad = g.to(self.mean[j].dtype)
             if grad_inv is not None:
                 grad = grad * grad_inv.to(grad.dtype)
             clean = torch.nan_to_num(grad, 0.0, 0.0, 0.0)
@@ -91,7 +91,7 @@ class TemporalState:
     def totals(self) -> Totals:
         rho = ema_reliability(self.beta, self.count)
         if self.foreach:
-            norms = torch._foreach_norm(self.mean) if self.mean else []
+            norms = list(torch._foreach_norm(self.mean)) if self.mean else []
             mean_sq = torch.stack(norms).to(torch.float64).square() if norms else self.sq_ema
             population = (self.sq_ema - mean_sq).clamp(min=0.0)
         else:

@@ -19,6 +19,8 @@ optimizers are adaptive (Adam, RMSprop), so ``apply_to="lr"`` is the default her
 
 from __future__ import annotations
 
+from typing import Any
+
 try:
     from stable_baselines3.common.callbacks import BaseCallback
 except ImportError as error:  # pragma: no cover - exercised only without the optional dependency
@@ -54,7 +56,7 @@ class VarianceScalingCallback(BaseCallback):
 
     def _on_training_start(self) -> None:
         policy = self.model.policy
-        kwargs = dict(self.scaler_kwargs)
+        kwargs: dict[str, Any] = dict(self.scaler_kwargs)
         kwargs.setdefault("batch_size", getattr(self.model, "batch_size", None))
         self.scaler = VarianceGradientScaler(
             policy.named_parameters(), optimizer=policy.optimizer, logger=self._record, **kwargs

@@ -1,0 +1,92 @@
+"""Which gradients are new, and the micro-batches of one step: the scaler's parameter hooks.
+
+* A post-accumulate hook on every parameter counts gradient accumulations; with the identity of
+  every ``.grad`` this makes a *token* of the current gradients, so that ``step()`` reads each
+  new set of gradients exactly once (and never the scaled or clipped ones afterwards).
+* ``statistic="same_point"``: a tensor hook sees each backward's contribution h before it is
+  accumulated (and, under DDP, before the all-reduce) and stages ‖h‖²; the post-accumulate hook
+  commits it once it reached ``.grad``, so ``torch.autograd.grad`` calls never count.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import weakref
+from collections.abc import Iterator, Sequence
+
+import torch
+
+from gradstats.scaling._params import ParamLayout
+from gradstats.scaling._same_point import SamePointState
+from gradstats.scaling._state import StatisticState
+
+__all__ = ["GradientTracker"]
+
+
+class GradientTracker:
+    """The hooks one scaler puts on its parameters."""
+
+    def __init__(self) -> None:
+        self._handles: list[torch.utils.hooks.RemovableHandle] = []
+        self.events = 0  # gradient accumulations seen
+        self.capture = True  # record same-point micro-batches
+
+    def register(self, layout: ParamLayout, states: Sequence[StatisticState]) -> None:
+        """(Re)attach the hooks to ``layout``'s tensors (removing any previous ones)."""
+        self.remove()
+        self.events = 0
+        owner = weakref.ref(self)
+        for tensor in layout.tensors:
+            count = functools.partial(_count_hook, owner)
+            self._handles.append(tensor.register_post_accumulate_grad_hook(count))
+        for (start, stop), state in zip(layout.blocks, states, strict=True):
+            if not isinstance(state, SamePointState):
+                continue
+            for local, tensor in enumerate(layout.tensors[start:stop]):
+                stage = functools.partial(_stage_hook, owner, state, local)
+                commit = functools.partial(_commit_hook, owner, state, local)
+                self._handles.append(tensor.register_hook(stage))
+                self._handles.append(tensor.register_post_accumulate_grad_hook(commit))
+
+    def remove(self) -> None:
+        for handle in self._handles:
+            handle.remove()
+        self._handles = []
+
+    def token(self, layout: ParamLayout) -> tuple[object, ...]:
+        """Identifies the current gradients: hook events plus the identity of every ``.grad``."""
+        return (
+            self.events,
+            tuple(id(t.grad) if t.grad is not None else 0 for t in layout.tensors),
+        )
+
+    @contextlib.contextmanager
+    def paused(self) -> Iterator[None]:
+        previous, self.capture = self.capture, False
+        try:
+            yield
+        finally:
+            self.capture = previous
+
+
+def _count_hook(owner: weakref.ref[GradientTracker], _param: torch.Tensor) -> None:
+    tracker = owner()
+    if tracker is not None:
+        tracker.events += 1
+
+
+def _stage_hook(
+    owner: weakref.ref[GradientTracker], state: SamePointState, index: int, grad: torch.Tensor
+) -> None:
+    tracker = owner()
+    if tracker is not None and tracker.capture:
+        state.stage(index, grad)
+
+
+def _commit_hook(
+    owner: weakref.ref[GradientTracker], state: SamePointState, index: int, _param: torch.Tensor
+) -> None:
+    tracker = owner()
+    if tracker is not None and tracker.capture:
+        state.commit(index)

@@ -1,0 +1,151 @@
+"""The scaler's host reads and persistence: factor, ρ, statistics, checkpoints, rebinding.
+
+:class:`ScalerReadout` is the half of :class:`~gradstats.scaling.VarianceGradientScaler` that
+reads its :class:`~gradstats.scaling._engine.ScalerEngine` (every method here is an explicit host
+read or runs off the per-step path) and saves or restores it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import torch
+
+from gradstats.scaling._checkpoint import LoadReport, load, save
+from gradstats.scaling._config import ScalerConfig
+from gradstats.scaling._engine import ScalerEngine
+from gradstats.scaling._nonfinite import ConsecutiveLimit
+from gradstats.scaling._params import ParamLayout, layout_from
+from gradstats.scaling._report import TensorStatistics, build_statistics
+
+__all__ = ["ScalerReadout"]
+
+
+class ScalerReadout:
+    """Reads and checkpoints of a scaler (see :class:`~gradstats.VarianceGradientScaler`)."""
+
+    config: ScalerConfig
+    optimizer: torch.optim.Optimizer | None
+    _engine: ScalerEngine
+    _limit: ConsecutiveLimit
+
+    def _build(self, layout: ParamLayout) -> None:
+        raise NotImplementedError
+
+    @property
+    def layout(self) -> ParamLayout:
+        """Names, tensors, param groups and device blocks of the tracked parameters."""
+        return self._engine.layout
+
+    @property
+    def updates(self) -> int:
+        """Statistics updates so far (skipped steps included)."""
+        return self._engine.updates
+
+    @property
+    def skipped(self) -> torch.Tensor:
+        """Steps dropped so far (non-finite, or skipped by the caller): an int64 device scalar
+        (no sync; ``int(vgs.skipped)`` reads it)."""
+        return self._engine.skipped
+
+    @property
+    def enabled(self) -> bool:
+        return self.config.enabled
+
+    @enabled.setter
+    def enabled(self, value: bool) -> None:
+        self.config = dataclasses.replace(self.config, enabled=value)
+
+    @property
+    def warmup_steps(self) -> int:
+        return self.config.warmup_steps
+
+    @warmup_steps.setter
+    def warmup_steps(self, value: int) -> None:
+        self.config = dataclasses.replace(self.config, warmup_steps=value)
+
+    # ------------------------------------------------------------------- reads
+    def get_scaling_factor(self) -> float:
+        """The model-wide factor c (1.0 before any estimate). Host read (a sync)."""
+        overall = self._engine.overall
+        if not self.enabled or overall is None:
+            return 1.0
+        return float(overall[1].factor[0])  # sync-ok: explicit host read
+
+    def get_normalized_variance(self) -> float:
+        """The model-wide ρ = noise/signal (nan: no estimate, inf: no signal). Host read."""
+        overall = self._engine.overall
+        if overall is None:
+            return float("nan")
+        factors = overall[1]
+        pair = torch.stack([factors.rho[0], factors.no_estimate[0].double()])
+        rho, no_estimate = pair.tolist()  # sync-ok: explicit host read
+        return float("nan") if no_estimate else float(rho)
+
+    def scaling_factors(self) -> torch.Tensor:
+        """The applied factor of every aggregate (device tensor; no sync)."""
+        return self._engine.previous
+
+    def statistics(self) -> dict[str, TensorStatistics]:
+        """Per-tensor and aggregate statistics as host numbers (one host read).
+
+        Keys: every parameter name, ``"global"``, and ``"group<k>"`` per param group when
+        ``aggregate="param_group"``. See :class:`~gradstats.scaling.TensorStatistics`.
+        """
+        return build_statistics(self._engine, self.config)
+
+    def refresh(self) -> None:
+        """Recompute ρ and the factor from the statistics as they are now (no sync), e.g. to
+        read ``statistics()["global"]`` right after a load. ``step`` does this after every
+        update; with ``max_rate`` each call is one rate-limited move of the factor."""
+        self._engine.refresh_factor(self.config)
+
+    # ------------------------------------------------------------- state
+    def reset_statistics(self) -> None:
+        """Forget all statistics (keeps configuration and parameters)."""
+        self._build(self.layout)
+
+    def state_dict(self) -> dict[str, object]:
+        """Checkpoint keyed by parameter name (shape, dtype, statistic state), plus ``version``
+        and ``config``; loadable with ``torch.load(weights_only=True)``."""
+        return save(self._engine, self.config)
+
+    def load_state_dict(
+        self,
+        state_dict: dict[str, Any],
+        *,
+        strict: bool = True,
+        use_checkpoint_config: bool = False,
+    ) -> LoadReport:
+        """Restore a checkpoint. The constructor's configuration wins unless
+        ``use_checkpoint_config=True``.
+
+        The whole dict is checked first (every key present, every value possible: no negative
+        count or variance, no NaN, the right shapes): a :class:`~gradstats.errors.StateError`
+        naming the key is raised and nothing is loaded. With ``strict=True`` names or shapes
+        that do not match are a ``StateError`` listing them; ``strict=False`` skips them (with
+        a warning)."""
+        return self._load(state_dict, strict, use_checkpoint_config, quiet=False)
+
+    def _load(
+        self, state_dict: object, strict: bool, use_checkpoint_config: bool, quiet: bool
+    ) -> LoadReport:
+        plan = load(self._engine, self.config, state_dict, strict, use_checkpoint_config, quiet)
+        self.config = plan.config
+        self._limit.reset(plan.updates, plan.consecutive, plan.nonfinite)
+        return plan.report
+
+    def rebind(self, params: object, optimizer: torch.optim.Optimizer | None = None) -> LoadReport:
+        """Point the scaler at new parameter tensors (model/optimizer recreated), keeping the
+        statistics of every name whose shape still matches. Returns what was kept/dropped."""
+        layout = layout_from(params, optimizer)
+        state = self.state_dict()
+        if optimizer is not None:
+            self.optimizer = optimizer
+        self._build(layout)
+        return self._load(state, strict=False, use_checkpoint_config=False, quiet=True)
+
+    def update_parameters(self, params: object) -> LoadReport:
+        """The original's name for :meth:`rebind`."""
+        return self.rebind(params)
