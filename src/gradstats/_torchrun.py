@@ -9,6 +9,8 @@ from contextlib import contextmanager
 import torch
 import torch.distributed as dist
 
+from gradstats.errors import ConfigurationError
+
 __all__ = ["torchrun_process_group"]
 
 
@@ -29,7 +31,7 @@ def torchrun_process_group(device: str) -> Iterator[tuple[int, int]]:
         yield 0, 1
         return
     if not dist.is_available():
-        raise ValueError(f"WORLD_SIZE={world} but this torch has no torch.distributed")
+        raise ConfigurationError(f"WORLD_SIZE={world} but this torch has no torch.distributed")
     cuda = torch.device(device).type == "cuda"
     if cuda:
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))

@@ -3,7 +3,14 @@ import math
 import pytest
 import torch
 
-from gradstats.bench import Candidate, Comparison, format_record, run_comparison
+from gradstats.bench import (
+    Candidate,
+    Comparison,
+    format_record,
+    peak_memory_bytes,
+    run_comparison,
+)
+from gradstats.errors import ConfigurationError, ConfigurationTypeError
 
 
 def _slow(seconds):
@@ -69,10 +76,21 @@ def test_memory_is_measured_on_cpu():
     ],
 )
 def test_comparison_validates_names(kwargs, match):
-    with pytest.raises(ValueError, match=match):
+    with pytest.raises(ConfigurationError, match=match):
         Comparison(name="t", candidates=[Candidate("a", lambda: 0.0)], **kwargs)
 
 
 def test_candidate_names_must_be_unique():
-    with pytest.raises(ValueError, match="unique"):
+    with pytest.raises(ConfigurationError, match="unique"):
         Comparison(name="t", candidates=[Candidate("a", lambda: 0.0)] * 2, baseline="a")
+
+
+def test_an_output_that_is_not_numbers_is_a_type_error():
+    comparison = Comparison(name="t", candidates=[Candidate("a", lambda: "text")], baseline="a")
+    with pytest.raises(ConfigurationTypeError, match="benchmark outputs must be tensors"):
+        run_comparison(comparison, warmup=1, repeats=1, progress=False)
+
+
+def test_memory_on_an_unsupported_device_is_a_configuration_error():
+    with pytest.raises(ConfigurationError, match="cpu or cuda device"):
+        peak_memory_bytes(lambda: None, "meta")

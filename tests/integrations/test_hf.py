@@ -3,6 +3,8 @@
 import pytest
 import torch
 
+from gradstats.errors import ConfigurationError, ConfigurationTypeError
+
 transformers = pytest.importorskip("transformers")
 pytest.importorskip("accelerate")
 from gradstats.integrations.hf import VarianceScalingTrainerCallback, add_callback_first  # noqa: E402
@@ -97,17 +99,24 @@ def test_fisher_trainer_callback_on_the_trainers_train_loader(tmp_path):
     assert callback.summary["fisher/trace"] > 0
 
 
-def test_fisher_trainer_callback_rejects_bad_options():
+@pytest.mark.parametrize(
+    ("args", "kwargs", "match"),
+    [
+        (("validation",), {}, "dataloader must be an iterable of batches, 'train'"),
+        ((), {"unit": "sequence"}, "unit must be one of 'sample', 'token'"),
+        ((), {"max_batches": 0}, "max_batches must be an int >= 1 or None"),
+    ],
+    ids=["dataloader", "unit", "max_batches"],
+)
+def test_fisher_trainer_callback_rejects_bad_options(args, kwargs, match):
     from gradstats.integrations.hf import FisherTrainerCallback
 
-    with pytest.raises(ValueError, match="dataloader must be an iterable of batches, 'train'"):
-        FisherTrainerCallback("validation")
-    with pytest.raises(ValueError, match="unit must be one of 'sample', 'token'"):
-        FisherTrainerCallback(unit="sequence")
+    with pytest.raises(ConfigurationError, match=match):
+        FisherTrainerCallback(*args, **kwargs)
 
 
 def test_scaler_trainer_callback_rejects_a_misspelt_scaler_argument():
     from gradstats.integrations.hf import VarianceScalingTrainerCallback
 
-    with pytest.raises(TypeError, match=r"argument\(s\) \['statistics'\]"):
+    with pytest.raises(ConfigurationTypeError, match=r"argument\(s\) \['statistics'\]"):
         VarianceScalingTrainerCallback(statistics="temporal")

@@ -5,6 +5,8 @@ import csv
 import pytest
 import torch
 
+from gradstats.errors import ConfigurationError, ConfigurationTypeError
+
 L = pytest.importorskip("lightning")
 from gradstats.integrations.lightning import VarianceScalingCallback  # noqa: E402
 
@@ -61,7 +63,7 @@ def test_lightning_callback_rejects_a_missing_optimizer():
         enable_progress_bar=False, enable_model_summary=False, callbacks=[callback],
     )  # fmt: skip
     torch.set_default_dtype(torch.float32)
-    with pytest.raises(ValueError, match="optimizer_index=3"):
+    with pytest.raises(ConfigurationError, match="optimizer_index=3"):
         trainer.fit(Regression(), _loader())
 
 
@@ -100,24 +102,50 @@ def test_fisher_callback_collects_saves_and_logs_at_the_end_of_training(tmp_path
     assert float(logged[0]["fisher/samples"]) == 64
 
 
-def test_fisher_callback_rejects_bad_options_before_training():
+@pytest.mark.parametrize(
+    ("kwargs", "match"),
+    [
+        ({"kind": "true"}, "kind must be one of 'empirical'"),
+        ({"max_batches": 0}, "max_batches must be an int >= 1 or None"),
+        ({"max_batches": True}, "max_batches must be an int >= 1 or None"),
+        ({"likelihood": "poisson"}, "likelihood must be one of"),
+        ({"unit": "batch"}, "unit must be one of"),
+    ],
+    ids=["kind", "max_batches-0", "max_batches-bool", "likelihood", "unit"],
+)
+def test_fisher_callback_rejects_bad_options_before_training(kwargs, match):
     from gradstats.integrations.lightning import FisherCallback
 
-    with pytest.raises(ValueError, match="kind must be one of 'empirical'"):
-        FisherCallback([], kind="true")
-    with pytest.raises(ValueError, match="max_batches must be an int >= 1 or None"):
-        FisherCallback([], max_batches=0)
-    with pytest.raises(ValueError, match="likelihood must be one of"):
-        FisherCallback([], likelihood="poisson")
+    with pytest.raises(ConfigurationError, match=match):
+        FisherCallback([], **kwargs)
 
 
 def test_fisher_callback_rejects_a_misspelt_collector_argument():
     from gradstats.integrations.lightning import FisherCallback
 
-    with pytest.raises(TypeError, match=r"unknown FisherCollector argument\(s\) \['mc_sample'\]"):
+    with pytest.raises(
+        ConfigurationTypeError, match=r"unknown FisherCollector argument\(s\) \['mc_sample'\]"
+    ):
         FisherCallback([], mc_sample=4)
 
 
 def test_scaler_callback_rejects_a_misspelt_scaler_argument():
-    with pytest.raises(TypeError, match=r"VarianceGradientScaler argument\(s\) \[.betta.\]"):
+    with pytest.raises(
+        ConfigurationTypeError, match=r"VarianceGradientScaler argument\(s\) \[.betta.\]"
+    ):
         VarianceScalingCallback(betta=0.9)
+
+
+@pytest.mark.parametrize(
+    ("model", "error", "match"),
+    [
+        ("missing", ConfigurationError, "model='missing': Regression has no such submodule"),
+        (3, ConfigurationTypeError, "model must be None, an attribute name or a callable"),
+    ],
+    ids=["no-such-attribute", "wrong-type"],
+)
+def test_fisher_callback_rejects_a_bad_model_choice(model, error, match):
+    from gradstats.integrations._fisher import resolve_module
+
+    with pytest.raises(error, match=match):
+        resolve_module(Regression(), model)

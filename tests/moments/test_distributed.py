@@ -33,7 +33,7 @@ def _reduce_on_rank(rank, world_size, weights):
         "var": rm.variance(),
         "se": rm.standard_error(),
         "count": rm.count,
-        "rejected": rm.rejected,
+        "skipped": rm.skipped,
     }
 
 
@@ -46,7 +46,7 @@ def test_all_reduce_over_two_gloo_ranks_equals_one_process():
         torch.testing.assert_close(result["var"], single.variance(), rtol=1e-12, atol=1e-12)
         torch.testing.assert_close(result["se"], single.standard_error(), rtol=1e-12, atol=1e-12)
         assert result["count"].item() == 31
-        assert result["rejected"].item() == 1
+        assert result["skipped"].item() == 1
     for key in results[0]:
         assert torch.equal(results[0][key], results[1][key])  # identical on every rank
 

@@ -4,8 +4,9 @@ import math
 import pytest
 import torch
 
+from gradstats.errors import ConfigurationError, ConfigurationTypeError, StateError
 from gradstats.moments import EMAMoments
-from gradstats.testing import reference_ema
+from gradstats.testing import assert_state_equal, reference_ema
 
 
 def _feed(ema, values):
@@ -96,9 +97,7 @@ def test_skipped_and_non_finite_updates_change_nothing():
     ema.update(torch.tensor(100.0), skip=torch.tensor(True))
     ema.update(torch.tensor(float("nan")))
     ema.update(torch.tensor(float("-inf")))
-    after = ema.state_dict()
-    for key in ("mean", "variance", "count"):
-        assert torch.equal(before[key], after[key])
+    assert_state_equal(ema.state_dict(), {**before, "skipped": torch.tensor(4)})
     assert ema.skipped.item() == 4
     ema.update(torch.tensor(2.0), skip=torch.tensor(False))
     assert ema.count.item() == 3
@@ -148,44 +147,72 @@ def test_loaded_state_dict_is_not_mutated_by_later_updates():
         assert torch.equal(source[key], value)
 
 
-def test_load_state_dict_rejects_mismatches():
-    ema = EMAMoments(beta=0.9, shape=2)
-    with pytest.raises(ValueError, match="beta"):
-        ema.load_state_dict(EMAMoments(beta=0.8, shape=2).state_dict())
-    with pytest.raises(ValueError, match="shape"):
-        ema.load_state_dict(EMAMoments(beta=0.9, shape=3).state_dict())
-    with pytest.raises(ValueError, match="version"):
-        ema.load_state_dict({**EMAMoments(beta=0.9, shape=2).state_dict(), "version": 99})
+@pytest.mark.parametrize(
+    ("source", "match"),
+    [
+        (lambda: EMAMoments(beta=0.8, shape=2).state_dict(), "beta"),
+        (lambda: EMAMoments(beta=0.9, shape=3).state_dict(), "shape"),
+        (lambda: {**EMAMoments(beta=0.9, shape=2).state_dict(), "version": 99}, "version"),
+    ],
+    ids=["beta", "shape", "version"],
+)
+def test_load_state_dict_rejects_mismatches(source, match):
+    ema = EMAMoments(beta=0.9, shape=2).update(torch.ones(2))
+    before = ema.state_dict()
+    with pytest.raises(StateError, match=match):
+        ema.load_state_dict(source())
+    assert_state_equal(ema.state_dict(), before)
 
 
 @pytest.mark.parametrize("beta", [0.0, 1.0, -0.5, 1.5, float("nan")])
 def test_beta_outside_open_unit_interval_is_rejected(beta):
-    with pytest.raises(ValueError, match=r"beta must lie in the open interval \(0, 1\)"):
+    with pytest.raises(ConfigurationError, match=r"beta must lie in the open interval \(0, 1\)"):
         EMAMoments(beta=beta)
 
 
 def test_beta_of_wrong_type_is_rejected():
-    with pytest.raises(TypeError, match="beta"):
+    with pytest.raises(ConfigurationTypeError, match="beta"):
         EMAMoments(beta="0.9")
 
 
 @pytest.mark.parametrize(
     ("x", "error", "match"),
     [
-        (torch.ones(3), ValueError, r"x must have shape shape = \(2,\)"),
-        (torch.ones(2, dtype=torch.int64), TypeError, "x must have a real floating"),
-        (torch.ones(2, 1), ValueError, "x must have shape"),
+        (torch.ones(3), ConfigurationError, r"x must have shape shape = \(2,\)"),
+        (torch.ones(2, dtype=torch.int64), ConfigurationTypeError, "x must have a real floating"),
+        (torch.ones(2, 1), ConfigurationError, "x must have shape"),
+        ([1.0, 2.0], ConfigurationTypeError, "x must be a torch.Tensor"),
     ],
 )
 def test_update_bad_input(x, error, match):
-    ema = EMAMoments(shape=2)
+    ema = EMAMoments(shape=2).update(torch.ones(2))
+    before = ema.state_dict()
     with pytest.raises(error, match=match):
         ema.update(x)
+    assert_state_equal(ema.state_dict(), before)
 
 
-def test_skip_must_be_boolean():
-    with pytest.raises(TypeError, match="skip"):
-        EMAMoments().update(torch.tensor(1.0), skip=torch.tensor(1.0))
+@pytest.mark.parametrize("skip", [torch.tensor(1.0), torch.tensor([True]), 1, "yes"])
+def test_skip_must_be_boolean(skip):
+    ema = EMAMoments().update(torch.tensor(2.0))
+    before = ema.state_dict()
+    with pytest.raises(ConfigurationTypeError, match="skip must be a bool"):
+        ema.update(torch.tensor(1.0), skip=skip)
+    assert_state_equal(ema.state_dict(), before)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "error", "match"),
+    [
+        ({"dtype": torch.int64}, ConfigurationTypeError, "dtype must be a floating"),
+        ({"shape": (-1,)}, ConfigurationError, "shape"),
+        ({"nonfinite": "warn"}, ConfigurationError, "nonfinite must be one of 'skip', 'raise'"),
+        ({"device": "nowhere"}, ConfigurationError, "device 'nowhere' is not usable"),
+    ],
+)
+def test_constructor_bad_input(kwargs, error, match):
+    with pytest.raises(error, match=match):
+        EMAMoments(**kwargs)
 
 
 def test_low_precision_observations_are_upcast():

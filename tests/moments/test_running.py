@@ -3,23 +3,22 @@ import io
 import pytest
 import torch
 
+from gradstats.errors import ConfigurationError, ConfigurationTypeError, StateError
 from gradstats.moments import RunningMoments
-from gradstats.testing import reference_moments, welford_loop
+from gradstats.testing import assert_state_equal, reference_moments, welford_loop
 
 
 def _gen(seed=0):
     return torch.Generator().manual_seed(seed)
 
 
-def test_chan_merge_golden_in_either_order():
-    def summary(values):
-        return RunningMoments().update(torch.tensor(values))
-
-    for first, second in (([1.0, 2.0], [3.0, 4.0]), ([3.0, 4.0], [1.0, 2.0])):
-        merged = summary(first).merge(summary(second))
-        assert merged.count.item() == 4
-        assert merged.mean.item() == 2.5
-        assert merged.m2.item() == 5.0
+@pytest.mark.parametrize(("first", "second"), [([1.0, 2.0], [3.0, 4.0]), ([3.0, 4.0], [1.0, 2.0])])
+def test_chan_merge_golden_in_either_order(first, second):
+    merged = RunningMoments().update(torch.tensor(first))
+    merged.merge(RunningMoments().update(torch.tensor(second)))
+    assert merged.count.item() == 4
+    assert merged.mean.item() == 2.5
+    assert merged.m2.item() == 5.0
 
 
 @pytest.mark.parametrize("weights", ["frequency", "reliability"])
@@ -73,6 +72,9 @@ def test_no_estimate_is_nan_not_a_division_by_zero():
     assert rm.variance(unbiased=False).item() == 0.0
     assert torch.isnan(rm.variance())
     assert torch.isnan(rm.standard_error())
+
+
+def test_reliability_weights_with_one_effective_sample_have_no_variance():
     rel = RunningMoments(weights="reliability").update(
         torch.tensor([1.0, 2.0]), torch.tensor([0.0, 4.0])
     )
@@ -80,15 +82,13 @@ def test_no_estimate_is_nan_not_a_division_by_zero():
     assert torch.isnan(rel.variance())
 
 
-def test_non_finite_update_is_rejected_whole_and_counted():
+def test_non_finite_update_is_skipped_whole_and_counted():
     rm = RunningMoments(2).update(torch.tensor([[1.0, 2.0], [3.0, 5.0]]))
     before = rm.state_dict()
     rm.update(torch.tensor([[1.0, float("nan")], [0.0, 0.0]]))
     rm.update(torch.tensor([[float("inf"), 1.0]]))
-    after = rm.state_dict()
-    for key in ("count", "weight_sum", "mean", "m2"):
-        assert torch.equal(before[key], after[key])
-    assert rm.rejected.item() == 2
+    assert_state_equal(rm.state_dict(), {**before, "skipped": torch.tensor(2)})
+    assert rm.skipped.item() == 2
 
 
 def test_empty_batch_changes_nothing():
@@ -123,53 +123,67 @@ def test_state_dict_round_trip_through_weights_only_load():
     buffer.seek(0)
     loaded = RunningMoments((2,), weights="reliability")
     loaded.load_state_dict(torch.load(buffer, weights_only=True))
-    for key, value in rm.state_dict().items():
-        if isinstance(value, torch.Tensor):
-            assert torch.equal(value, loaded.state_dict()[key])
+    assert_state_equal(loaded.state_dict(), rm.state_dict())
 
 
-def test_load_state_dict_rejects_mismatch_without_half_updating():
+def _broken_m2():
+    state = RunningMoments(3).state_dict()
+    state["m2"] = torch.zeros(5)
+    return state
+
+
+@pytest.mark.parametrize(
+    ("source", "match"),
+    [
+        (lambda: RunningMoments(4).state_dict(), "shape"),
+        (lambda: RunningMoments(3, weights="reliability").state_dict(), "weights"),
+        (lambda: {"format": "something else"}, "format"),
+        (_broken_m2, "m2"),
+    ],
+    ids=["shape", "weights", "format", "m2-shape"],
+)
+def test_load_state_dict_rejects_mismatch_without_half_updating(source, match):
     target = RunningMoments(3).update(torch.ones(2, 3))
     before = target.state_dict()
-    with pytest.raises(ValueError, match="shape"):
-        target.load_state_dict(RunningMoments(4).state_dict())
-    with pytest.raises(ValueError, match="weights"):
-        target.load_state_dict(RunningMoments(3, weights="reliability").state_dict())
-    with pytest.raises(ValueError, match="format"):
-        target.load_state_dict({"format": "something else"})
-    broken = RunningMoments(3).state_dict()
-    broken["m2"] = torch.zeros(5)
-    with pytest.raises(ValueError, match="m2"):
-        target.load_state_dict(broken)
-    assert torch.equal(target.state_dict()["mean"], before["mean"])
+    with pytest.raises(StateError, match=match):
+        target.load_state_dict(source())
+    assert_state_equal(target.state_dict(), before)
 
 
 @pytest.mark.parametrize(
     ("args", "error", "match"),
     [
-        ((torch.ones(4, 2),), ValueError, "x must have shape"),
-        ((torch.ones(4),), ValueError, "x must have shape"),
-        ((torch.ones(4, 3, dtype=torch.int64),), TypeError, "x must have a real floating"),
-        (([1.0, 2.0],), TypeError, "x must be a torch.Tensor"),
-        ((torch.ones(4, 3), torch.ones(3)), ValueError, "weight must have shape"),
-        ((torch.ones(2, 3), torch.tensor([1.0, -1.0])), ValueError, "non-negative"),
-        ((torch.ones(2, 3), torch.tensor([1.0, float("nan")])), ValueError, "finite"),
+        ((torch.ones(4, 2),), ConfigurationError, "x must have shape"),
+        ((torch.ones(4),), ConfigurationError, "x must have shape"),
+        ((torch.ones(4, 3, dtype=torch.int64),), ConfigurationTypeError, "x must have a real"),
+        (([1.0, 2.0],), ConfigurationTypeError, "x must be a torch.Tensor"),
+        ((torch.ones(4, 3), torch.ones(3)), ConfigurationError, "weight must have shape"),
+        ((torch.ones(2, 3), torch.tensor([1.0, -1.0])), ConfigurationError, "non-negative"),
+        ((torch.ones(2, 3), torch.tensor([1.0, float("nan")])), ConfigurationError, "finite"),
     ],
 )
 def test_update_bad_input(args, error, match):
-    rm = RunningMoments(3)
+    rm = RunningMoments(3).update(torch.ones(2, 3))
+    before = rm.state_dict()
     with pytest.raises(error, match=match):
         rm.update(*args)
-    assert rm.count.item() == 0
+    assert_state_equal(rm.state_dict(), before)
 
 
 @pytest.mark.parametrize(
     ("kwargs", "error", "match"),
     [
-        ({"weights": "analytic"}, ValueError, "weights must be one of 'frequency', 'reliability'"),
-        ({"shape": (2, -1)}, ValueError, "shape"),
-        ({"shape": "3"}, TypeError, "shape"),
-        ({"dtype": torch.int32}, TypeError, "dtype"),
+        (
+            {"weights": "analytic"},
+            ConfigurationError,
+            "weights must be one of 'frequency', 'reliability'",
+        ),
+        ({"shape": (2, -1)}, ConfigurationError, "shape"),
+        ({"shape": "3"}, ConfigurationTypeError, "shape"),
+        ({"dtype": torch.int32}, ConfigurationTypeError, "dtype"),
+        ({"nonfinite": "ignore"}, ConfigurationError, "nonfinite must be one of 'skip', 'raise'"),
+        ({"device": "no-such-device"}, ConfigurationError, "device 'no-such-device'"),
+        ({"device": 3.5}, ConfigurationTypeError, "device must be a torch.device"),
     ],
 )
 def test_constructor_bad_input(kwargs, error, match):
@@ -177,14 +191,25 @@ def test_constructor_bad_input(kwargs, error, match):
         RunningMoments(**kwargs)
 
 
-def test_merge_rejects_incompatible_objects():
-    rm = RunningMoments(3)
-    with pytest.raises(TypeError, match="other must be a RunningMoments"):
-        rm.merge(torch.ones(3))
-    with pytest.raises(ValueError, match="other has shape"):
-        rm.merge(RunningMoments(4))
-    with pytest.raises(ValueError, match="other uses weights"):
-        rm.merge(RunningMoments(3, weights="reliability"))
+@pytest.mark.parametrize(
+    ("other", "error", "match"),
+    [
+        (lambda: torch.ones(3), ConfigurationTypeError, "other must be a RunningMoments"),
+        (lambda: RunningMoments(4), ConfigurationError, "other has shape"),
+        (
+            lambda: RunningMoments(3, weights="reliability"),
+            ConfigurationError,
+            "other uses weights",
+        ),
+    ],
+    ids=["not-moments", "shape", "weights"],
+)
+def test_merge_rejects_incompatible_objects(other, error, match):
+    rm = RunningMoments(3).update(torch.ones(2, 3))
+    before = rm.state_dict()
+    with pytest.raises(error, match=match):
+        rm.merge(other())
+    assert_state_equal(rm.state_dict(), before)
 
 
 def test_merge_converts_dtype_and_leaves_other_unchanged():
@@ -198,7 +223,7 @@ def test_merge_converts_dtype_and_leaves_other_unchanged():
 
 def test_pinned_device_rejects_data_elsewhere():
     rm = RunningMoments(device="meta")
-    with pytest.raises(ValueError, match="x is on cpu but the state lives on meta"):
+    with pytest.raises(ConfigurationError, match="x is on cpu but the state lives on meta"):
         rm.update(torch.ones(2))
 
 
@@ -220,7 +245,7 @@ def test_mask_equals_updating_with_the_selected_rows():
     assert masked.count == selected.count
     torch.testing.assert_close(masked.mean, selected.mean, rtol=1e-14, atol=0)
     torch.testing.assert_close(masked.variance(), selected.variance(), rtol=1e-13, atol=0)
-    assert masked.rejected == 0
+    assert masked.skipped == 0
     weights = torch.rand(40, generator=g, dtype=torch.float64)
     both = RunningMoments(3, weights="reliability").update(x, weights, mask=mask)
     ref = RunningMoments(3, weights="reliability").update(x[mask], weights[mask])
@@ -233,7 +258,7 @@ def test_accept_false_rejects_the_batch_without_a_host_read():
     stats = RunningMoments(2).update(x[:4])
     before = (stats.count, stats.mean.clone())
     stats.update(x[4:], accept=torch.tensor(False))
-    assert (stats.count, stats.rejected) == (before[0], 1)
+    assert (stats.count, stats.skipped) == (before[0], 1)
     torch.testing.assert_close(stats.mean, before[1], rtol=0, atol=0)
     stats.update(x[4:], accept=torch.tensor(True))
     torch.testing.assert_close(stats.mean, x.mean(0), rtol=1e-14, atol=0)
@@ -242,11 +267,16 @@ def test_accept_false_rejects_the_batch_without_a_host_read():
 @pytest.mark.parametrize(
     ("kwargs", "error", "match"),
     [
-        ({"mask": torch.ones(3, dtype=torch.bool)}, ValueError, "mask must have shape"),
-        ({"mask": torch.ones(4)}, TypeError, "mask must be a bool tensor"),
-        ({"accept": torch.tensor([True])}, TypeError, "accept must be a bool scalar"),
+        ({"mask": torch.ones(3, dtype=torch.bool)}, ConfigurationError, "mask must have shape"),
+        ({"mask": torch.ones(4)}, ConfigurationTypeError, "mask must be a bool tensor"),
+        ({"mask": [True] * 4}, ConfigurationTypeError, "mask must be a tensor"),
+        ({"accept": torch.tensor([True])}, ConfigurationTypeError, "accept must be a bool scalar"),
+        ({"accept": True}, ConfigurationTypeError, "accept must be a bool scalar tensor; got bool"),
     ],
 )
 def test_bad_mask_or_accept(kwargs, error, match):
+    rm = RunningMoments(2).update(torch.ones(3, 2))
+    before = rm.state_dict()
     with pytest.raises(error, match=match):
-        RunningMoments(2).update(torch.zeros(4, 2), **kwargs)
+        rm.update(torch.zeros(4, 2), **kwargs)
+    assert_state_equal(rm.state_dict(), before)

@@ -19,6 +19,7 @@ import torch
 from tqdm.auto import tqdm
 
 from gradstats.bench._memory import peak_memory_bytes
+from gradstats.errors import ConfigurationError, ConfigurationTypeError
 
 __all__ = ["Candidate", "Comparison", "run_comparison"]
 
@@ -68,11 +69,13 @@ class Comparison:
     def __post_init__(self) -> None:
         names = [c.name for c in self.candidates]
         if len(set(names)) != len(names):
-            raise ValueError(f"candidate names must be unique; got {names}")
+            raise ConfigurationError(f"candidate names must be unique; got {names}")
         if self.baseline not in names:
-            raise ValueError(f"baseline must be one of {names}; got {self.baseline!r}")
+            raise ConfigurationError(f"baseline must be one of {names}; got {self.baseline!r}")
         if self.reference is not None and self.reference not in names:
-            raise ValueError(f"reference must be one of {names} or None; got {self.reference!r}")
+            raise ConfigurationError(
+                f"reference must be one of {names} or None; got {self.reference!r}"
+            )
 
     @property
     def reference_name(self) -> str:
@@ -95,7 +98,7 @@ def _tensors(output: object) -> list[torch.Tensor]:
         return [t for key in sorted(output) for t in _tensors(output[key])]
     if isinstance(output, (list, tuple)):
         return [t for item in output for t in _tensors(item)]
-    raise TypeError(
+    raise ConfigurationTypeError(
         f"benchmark outputs must be tensors, numbers, dicts or lists; got {type(output)}"
     )
 

@@ -9,6 +9,8 @@ from collections.abc import Callable, Iterator
 
 import torch
 
+from gradstats.errors import ConfigurationError
+
 __all__ = ["peak_memory_bytes"]
 
 
@@ -69,4 +71,6 @@ def peak_memory_bytes(fn: Callable[[], object], device: torch.device | str = "cp
         return _cuda_peak(fn, device)
     if device.type == "cpu":
         return _cpu_peak(fn)
-    raise ValueError(f"device must be a cpu or cuda device for memory measurement; got {device}")
+    raise ConfigurationError(
+        f"device must be a cpu or cuda device for memory measurement; got {device}"
+    )

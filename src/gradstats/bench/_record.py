@@ -26,7 +26,12 @@ def _cpu_model() -> str:
 
 
 def _git_commit() -> str | None:
-    root = Path(__file__).resolve().parents[3]
+    """The checkout's commit when gradstats runs from a source tree (``src/gradstats``), else
+    ``None`` (an installed package is not the checkout of whatever repository it sits in)."""
+    package = Path(__file__).resolve().parents[1]
+    root = package.parents[1]
+    if package.parent.name != "src" or not (root / "pyproject.toml").is_file():
+        return None
     try:
         out = subprocess.run(
             ["git", "-C", str(root), "rev-parse", "--short", "HEAD"],

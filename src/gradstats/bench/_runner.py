@@ -1,58 +1,102 @@
-"""Find benchmark suites (``benchmarks/bench_*.py``), run them, print tables, write JSON.
+"""Find benchmark suites, run them, print tables, write JSON.
 
-A suite is a Python file that defines ``comparisons(smoke: bool) -> Iterable[Comparison]``.
-``smoke=True`` asks for tiny sizes: CI runs every suite that way so none goes stale.
+A suite is a module (or a ``bench_<name>.py`` file) that defines
+``comparisons(smoke: bool) -> Iterable[Comparison | Skipped]``. ``smoke=True`` asks for tiny
+sizes: CI runs every suite that way so none goes stale.
+
+The built-in suites live in :mod:`gradstats.bench.suites`, so ``gradstats bench`` works from an
+installed package. A folder of ``bench_<name>.py`` files (``--dir`` or ``$GRADSTATS_BENCHMARKS``)
+replaces them, e.g. for suites of your own.
+
+A comparison that needs a missing optional peer or extra comes back as a
+:class:`~gradstats.bench.Skipped` note; a suite whose import or ``comparisons()`` fails on a
+missing module other than gradstats is skipped as a whole with a note. Both are printed and
+written to the JSON record (``"skipped"``) instead of crashing the run.
 """
 
 from __future__ import annotations
 
+import importlib
 import importlib.util
 import json
 import os
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
 from types import ModuleType
+from typing import Any
 
 from gradstats._format import format_table
 from gradstats.bench._harness import Comparison, run_comparison
+from gradstats.bench._optional import Skipped, is_optional_import_error
 from gradstats.bench._record import environment
+from gradstats.bench.suites import suite_names
+from gradstats.errors import ConfigurationError
 
 __all__ = ["default_directory", "find_suites", "format_record", "run_suites"]
 
 ENV_DIRECTORY = "GRADSTATS_BENCHMARKS"
+SUITES_PACKAGE = "gradstats.bench.suites"
 
 
-def default_directory() -> Path:
-    """``$GRADSTATS_BENCHMARKS``, else ``./benchmarks``, else the checkout's ``benchmarks/``."""
-    if os.environ.get(ENV_DIRECTORY):
-        return Path(os.environ[ENV_DIRECTORY])
-    here = Path.cwd() / "benchmarks"
-    if here.is_dir():
-        return here
-    return Path(__file__).resolve().parents[3] / "benchmarks"
+def default_directory() -> Path | None:
+    """``$GRADSTATS_BENCHMARKS`` when set, else ``None``: the built-in suites."""
+    value = os.environ.get(ENV_DIRECTORY)
+    return Path(value) if value else None
 
 
-def find_suites(directory: Path) -> dict[str, Path]:
-    """Map suite name (``bench_<name>.py`` -> ``<name>``) to its file."""
+def find_suites(directory: Path | None = None) -> dict[str, str | Path]:
+    """Map suite name to its source: a module name (built-in) or a ``bench_<name>.py`` file.
+
+    Args:
+        directory: a folder of ``bench_<name>.py`` files to use instead of the built-in suites
+            (``None``: the built-in ones, :mod:`gradstats.bench.suites`).
+
+    Raises:
+        ConfigurationError: ``directory`` is not a folder.
+    """
+    if directory is None:
+        return {name: f"{SUITES_PACKAGE}.{name}" for name in suite_names()}
     if not directory.is_dir():
-        raise FileNotFoundError(
-            f"no benchmark folder at {directory}: benchmarks live in the source repository "
-            f"(pass --dir or set {ENV_DIRECTORY})"
+        raise ConfigurationError(
+            f"no benchmark folder at {directory} (drop --dir / ${ENV_DIRECTORY} to run the "
+            "suites shipped with gradstats)"
         )
     return {p.stem.removeprefix("bench_"): p for p in sorted(directory.glob("bench_*.py"))}
 
 
-def _load(path: Path) -> ModuleType:
-    spec = importlib.util.spec_from_file_location(f"gradstats_bench_{path.stem}", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
+def _load(source: str | Path) -> ModuleType:
+    if isinstance(source, str):
+        module = importlib.import_module(source)
+    else:
+        spec = importlib.util.spec_from_file_location(f"gradstats_bench_{source.stem}", source)
+        if spec is None or spec.loader is None:
+            raise ConfigurationError(f"{source} is not a Python file that can be imported")
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
     if not callable(getattr(module, "comparisons", None)):
-        raise ValueError(f"{path} does not define comparisons(smoke: bool)")
+        raise ConfigurationError(f"{source} does not define comparisons(smoke: bool)")
     return module
 
 
-def format_record(record: dict) -> str:
-    """The table printed for one comparison."""
+def _comparisons(source: str | Path, smoke: bool) -> list[Comparison | Skipped] | Skipped:
+    """The suite's comparisons, or one :class:`Skipped` for the whole suite."""
+    try:
+        build: Callable[[bool], Iterable[Comparison | Skipped]] = _load(source).comparisons
+        return list(build(smoke))
+    except ImportError as error:
+        if not is_optional_import_error(error):
+            raise
+        return Skipped(str(source), f"needs {error.name or error}: not installed")
+
+
+def _skipped_record(item: Skipped) -> dict[str, Any]:
+    return {"comparison": item.name, "skipped": item.reason, "candidates": []}
+
+
+def format_record(record: Mapping[str, Any]) -> str:
+    """The table printed for one comparison (one line for a skipped one)."""
+    if "skipped" in record:
+        return f"{record['comparison']}  skipped: {record['skipped']}"
     rows = []
     for row in record["candidates"]:
         rows.append(
@@ -84,29 +128,47 @@ def format_record(record: dict) -> str:
 def run_suites(
     names: Sequence[str],
     *,
-    directory: Path,
+    directory: Path | None = None,
     out: Path | None,
     smoke: bool,
     warmup: int,
     repeats: int,
     progress: bool = True,
-) -> list[dict]:
-    """Run the named suites (all when ``names`` is empty); print and return their records."""
+) -> list[dict[str, Any]]:
+    """Run the named suites (all when ``names`` is empty); print and return their records.
+
+    Each suite's record is ``{"suite", "smoke", "environment", "comparisons"}`` (plus
+    ``"skipped"`` when the whole suite could not run); a skipped comparison's record is
+    ``{"comparison", "skipped", "candidates": []}``. With ``out``, each record is written to
+    ``out/<suite>.json``.
+
+    Raises:
+        ConfigurationError: an unknown suite name, or a ``directory`` that is not a folder.
+    """
     suites = find_suites(directory)
     unknown = [n for n in names if n not in suites]
     if unknown:
-        raise ValueError(f"unknown benchmark {unknown[0]!r}; available: {', '.join(suites)}")
+        raise ConfigurationError(
+            f"unknown benchmark {unknown[0]!r}; available: {', '.join(suites)}"
+        )
     env = environment()
     results = []
     for name in names or list(suites):
-        comparisons: Iterable[Comparison] = _load(suites[name]).comparisons(smoke)
-        records = [
-            run_comparison(c, warmup=warmup, repeats=repeats, progress=progress)
-            for c in comparisons
-        ]
-        for record in records:
-            print(format_record(record), end="\n\n", flush=True)
-        result = {"suite": name, "smoke": smoke, "environment": env, "comparisons": records}
+        built = _comparisons(suites[name], smoke)
+        result: dict[str, Any] = {"suite": name, "smoke": smoke, "environment": env}
+        if isinstance(built, Skipped):
+            print(f"suite {name} skipped: {built.reason}", end="\n\n", flush=True)
+            result |= {"skipped": built.reason, "comparisons": []}
+        else:
+            records = []
+            for item in built:
+                if isinstance(item, Skipped):
+                    record = _skipped_record(item)
+                else:
+                    record = run_comparison(item, warmup=warmup, repeats=repeats, progress=progress)
+                print(format_record(record), end="\n\n", flush=True)
+                records.append(record)
+            result["comparisons"] = records
         if out is not None:
             out.mkdir(parents=True, exist_ok=True)
             (out / f"{name}.json").write_text(json.dumps(result, indent=1))

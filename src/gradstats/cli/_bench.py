@@ -7,6 +7,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from gradstats.cli._config import add_config_arguments, config_from_args, option
+from gradstats.errors import ConfigurationError
 
 __all__ = ["BenchConfig", "register"]
 
@@ -21,7 +22,9 @@ class BenchConfig:
     warmup: int = option(3, "untimed calls per candidate before timing (1 with --smoke)")
     out: Path = option(Path("bench-results"), "folder for the JSON records (one per suite)")
     dir: Path | None = option(
-        None, "benchmark folder (default: ./benchmarks or the source checkout's)"
+        None,
+        "a folder of bench_<name>.py suites to run instead of the built-in ones "
+        "(default: $GRADSTATS_BENCHMARKS, else the suites shipped with gradstats)",
     )
     list: bool = option(False, "list the available suites and exit")
 
@@ -30,17 +33,19 @@ def run(args: argparse.Namespace) -> int:
     from gradstats.bench import default_directory, find_suites, run_suites
 
     config = config_from_args(BenchConfig, args)
-    directory = config.dir or default_directory()
+    directory = config.dir if config.dir is not None else default_directory()
     if config.list:
-        for name, path in find_suites(directory).items():
-            print(f"{name:12s} {path}")
+        for name, source in find_suites(directory).items():
+            print(f"{name:20s} {source}")
         return 0
     repeats, warmup = config.repeats, config.warmup
     if config.smoke:
         repeats = min(repeats, 2)
         warmup = min(warmup, 1)
     if repeats < 1 or warmup < 0:
-        raise ValueError(f"--repeats must be >= 1 and --warmup >= 0; got {repeats}, {warmup}")
+        raise ConfigurationError(
+            f"--repeats must be >= 1 and --warmup >= 0; got {repeats}, {warmup}"
+        )
     run_suites(
         list(config.names),
         directory=directory,
@@ -58,9 +63,11 @@ def register(commands: argparse._SubParsersAction) -> None:
         "bench",
         help="run benchmarks side by side (ours, baselines, peers) and report ratios",
         description=(
-            "Run benchmark suites from the repository's benchmarks/ folder. Candidates run "
-            "interleaved after a warm-up; the table shows medians, IQRs, ratios to the baseline, "
-            "peak memory where measured, and whether each candidate's numbers match the reference."
+            "Run the benchmark suites shipped with gradstats (gradstats.bench.suites; see "
+            "--list). Candidates run interleaved after a warm-up; the table shows medians, IQRs, "
+            "ratios to the baseline, peak memory where measured, and whether each candidate's "
+            "numbers match the reference. A comparison that needs a missing optional peer or "
+            "extra is skipped with a note."
         ),
     )
     add_config_arguments(parser, BenchConfig)

@@ -31,6 +31,7 @@ from pathlib import Path
 import torch
 
 from gradstats._validation import check_choice, check_positive_int
+from gradstats.errors import ConfigurationError, StateError
 
 __all__ = ["CharCorpus", "load_corpus", "shakespeare_char", "text_corpus"]
 
@@ -66,7 +67,7 @@ class CharCorpus:
         index = {ch: i for i, ch in enumerate(self.vocab)}
         unknown = sorted(set(text) - set(index))
         if unknown:
-            raise ValueError(f"characters {unknown!r} are not in the corpus vocabulary")
+            raise ConfigurationError(f"characters {unknown!r} are not in the corpus vocabulary")
         return torch.tensor([index[ch] for ch in text], dtype=torch.int64)
 
     def decode(self, ids: torch.Tensor) -> str:
@@ -74,12 +75,13 @@ class CharCorpus:
         return "".join(self.vocab[i] for i in ids.reshape(-1).tolist())
 
     def check_block_size(self, block_size: int) -> None:
-        """Raise a ``ValueError`` if a split is too short for windows of ``block_size`` + 1."""
+        """Raise a ``ConfigurationError`` (a ``ValueError``) if a split is too short for windows
+        of ``block_size`` + 1."""
         check_positive_int("block_size", block_size)
         for split in SPLITS:
             n = len(getattr(self, split))
             if n < block_size + 1:
-                raise ValueError(
+                raise ConfigurationError(
                     f"the {split} split of {self.name} has {n} characters, fewer than "
                     f"block_size + 1 = {block_size + 1}: use a longer text or a smaller "
                     "--block-size"
@@ -119,7 +121,7 @@ def shakespeare_char() -> CharCorpus:
     """The embedded corpus (38 plays, fixed split), checked against its manifest.
 
     Raises:
-        ValueError: the shipped files do not match the manifest (a corrupt installation).
+        StateError: the shipped files do not match the manifest (a corrupt installation).
     """
     root = resources.files(_PACKAGE)
     manifest = json.loads(root.joinpath(_MANIFEST).read_text())
@@ -128,7 +130,7 @@ def shakespeare_char() -> CharCorpus:
         entry = manifest["splits"][split]
         text = lzma.decompress(root.joinpath(entry["file"]).read_bytes()).decode()
         if hashlib.sha256(text.encode()).hexdigest() != entry["sha256"]:
-            raise ValueError(f"{entry['file']} does not match its SHA-256 in {_MANIFEST}")
+            raise StateError(f"{entry['file']} does not match its SHA-256 in {_MANIFEST}")
         parts[split] = text
     return _from_text("shakespeare_char", parts["train"], parts["val"])
 
@@ -138,19 +140,19 @@ def text_corpus(path: str | Path, val_fraction: float = VAL_FRACTION) -> CharCor
 
     Raises:
         FileNotFoundError: no such file.
-        ValueError: the file is not UTF-8 text or is empty.
+        ConfigurationError: the file is not UTF-8 text or is empty (a ``ValueError``).
     """
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"--data: no such file: {path}")
     if not 0.0 < val_fraction < 1.0:
-        raise ValueError(f"val_fraction must be in (0, 1); got {val_fraction}")
+        raise ConfigurationError(f"val_fraction must be in (0, 1); got {val_fraction}")
     try:
         text = path.read_text(encoding="utf-8")
     except UnicodeDecodeError as error:
-        raise ValueError(f"--data: {path} is not UTF-8 text ({error.reason})") from None
+        raise ConfigurationError(f"--data: {path} is not UTF-8 text ({error.reason})") from None
     if not text:
-        raise ValueError(f"--data: {path} is empty")
+        raise ConfigurationError(f"--data: {path} is empty")
     cut = int(len(text) * (1 - val_fraction))
     return _from_text(str(path), text[:cut], text[cut:])
 

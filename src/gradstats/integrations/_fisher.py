@@ -12,7 +12,8 @@ all-reduced, so every rank holds the single-process result on all the collected 
 
 Summary metrics (floats, logged by the callbacks under these keys):
 
-* ``fisher/samples``, ``fisher/tokens``, ``fisher/rejected_batches`` — the counts;
+* ``fisher/samples``, ``fisher/tokens``, ``fisher/skipped_batches`` — the counts (skipped:
+  batches dropped as non-finite; gradstats 0.1.0 named it ``fisher/rejected_batches``);
 * ``fisher/trace`` — Σ_j F_jj over all collected parameters (per unit);
 * ``fisher/trace/<family>`` — Σ over the family's groups of the ``trace`` group Fisher for the
   ``top`` largest families (only families with per-unit values).
@@ -22,10 +23,12 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterable
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import nn
 
+from gradstats.errors import ConfigurationError, ConfigurationTypeError
 from gradstats.fisher import FisherCollector
 from gradstats.integrations._options import check_forwarded
 
@@ -34,7 +37,7 @@ __all__ = ["collect_after_training", "summary_metrics"]
 
 def collect_after_training(
     model: nn.Module,
-    loader: Iterable,
+    loader: Iterable[Any],
     *,
     path: str | Path | None,
     is_main: bool,
@@ -44,11 +47,11 @@ def collect_after_training(
     max_batches: int | None = None,
     loader_is_sharded: bool = False,
     progress: bool = False,
-    collector_kwargs: dict | None = None,
+    collector_kwargs: dict[str, Any] | None = None,
 ) -> tuple[FisherCollector, dict[str, float]]:
     """Collect, all-reduce, save (main process only); returns (collector, summary metrics)."""
     if not isinstance(model, nn.Module):
-        raise TypeError(f"model must be a torch.nn.Module; got {type(model).__name__}")
+        raise ConfigurationTypeError(f"model must be a torch.nn.Module; got {type(model).__name__}")
     was_training = model.training
     fc = FisherCollector(model, kind, likelihood, unit, **(collector_kwargs or {}))
     device = fc._state.device  # the parameters' device (checked by the collector)
@@ -78,7 +81,7 @@ def summary_metrics(fc: FisherCollector, top: int = 8) -> dict[str, float]:
     metrics = {
         "fisher/samples": float(counts["samples"]),
         "fisher/tokens": float(counts["tokens"]),
-        "fisher/rejected_batches": float(counts["rejected"]),
+        "fisher/skipped_batches": float(counts["skipped"]),
     }
     if counts["units"] == 0:
         return metrics
@@ -96,18 +99,24 @@ def summary_metrics(fc: FisherCollector, top: int = 8) -> dict[str, float]:
     return metrics
 
 
-def resolve_module(owner: nn.Module, model: str | Callable | None) -> nn.Module:
+def resolve_module(
+    owner: nn.Module, model: str | Callable[[nn.Module], nn.Module] | None
+) -> nn.Module:
     """The module to collect on: ``owner`` itself, its attribute ``model`` or ``model(owner)``."""
     if model is None:
         return owner
     if isinstance(model, str):
         found = getattr(owner, model, None)
         if not isinstance(found, nn.Module):
-            raise ValueError(f"model={model!r}: {type(owner).__name__} has no such submodule")
+            raise ConfigurationError(
+                f"model={model!r}: {type(owner).__name__} has no such submodule"
+            )
         return found
     if callable(model):
         return model(owner)
-    raise TypeError(f"model must be None, an attribute name or a callable; got {model!r}")
+    raise ConfigurationTypeError(
+        f"model must be None, an attribute name or a callable; got {model!r}"
+    )
 
 
 def check_options(
@@ -115,7 +124,7 @@ def check_options(
     likelihood: object,
     unit: str,
     max_batches: int | None,
-    collector_kwargs: dict | None = None,
+    collector_kwargs: dict[str, Any] | None = None,
 ) -> None:
     """Validate a callback's collector options when it is built (not after training)."""
     from gradstats._validation import check_choice
@@ -128,7 +137,7 @@ def check_options(
     if max_batches is not None and (
         isinstance(max_batches, bool) or not isinstance(max_batches, int) or max_batches < 1
     ):
-        raise ValueError(f"max_batches must be an int >= 1 or None; got {max_batches!r}")
+        raise ConfigurationError(f"max_batches must be an int >= 1 or None; got {max_batches!r}")
     reserved = ("model", "kind", "likelihood", "unit")
     check_forwarded(FisherCollector, collector_kwargs or {}, reserved)
 

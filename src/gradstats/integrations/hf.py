@@ -31,13 +31,21 @@ except ImportError as error:  # pragma: no cover - exercised only without the op
         "gradstats.integrations.hf needs transformers (pip install transformers accelerate)"
     ) from error
 
+from typing import TYPE_CHECKING, Any, TypeVar
+
+from gradstats.errors import ConfigurationError
 from gradstats.integrations._options import check_forwarded
 from gradstats.scaling import Attachment, VarianceGradientScaler, attach
+
+if TYPE_CHECKING:
+    from gradstats.fisher import FisherCollector
+
+C = TypeVar("C")
 
 __all__ = ["FisherTrainerCallback", "VarianceScalingTrainerCallback", "add_callback_first"]
 
 
-def add_callback_first(trainer, callback):
+def add_callback_first(trainer: Any, callback: C) -> C:
     """Register ``callback`` before the Trainer's reporting callbacks; returns it."""
     trainer.callback_handler.callbacks.insert(0, callback)
     return callback
@@ -52,9 +60,9 @@ class VarianceScalingTrainerCallback(TrainerCallback):
             defaults to the samples per optimizer step on this process.
     """
 
-    def __init__(self, *, apply_to: str = "lr", **scaler_kwargs) -> None:
+    def __init__(self, *, apply_to: str = "lr", **scaler_kwargs: Any) -> None:
         check_forwarded(VarianceGradientScaler, scaler_kwargs, ("params", "optimizer", "logger"))
-        self.scaler_kwargs = {"apply_to": apply_to, **scaler_kwargs}
+        self.scaler_kwargs: dict[str, Any] = {"apply_to": apply_to, **scaler_kwargs}
         self.scaler: VarianceGradientScaler | None = None
         self._attachment: Attachment | None = None
         self._latest: dict[str, float] = {}
@@ -128,29 +136,34 @@ class FisherTrainerCallback(TrainerCallback):
 
     def __init__(
         self,
-        dataloader="train",
+        dataloader: Any = "train",
         *,
-        path=None,
+        path: Any = None,
         kind: str = "empirical",
         likelihood: object = "causal_lm",
         unit: str = "sample",
         max_batches: int | None = None,
         loader_is_sharded: bool = False,
-        **collector_kwargs,
+        **collector_kwargs: Any,
     ) -> None:
         from gradstats.integrations._fisher import check_options
 
         check_options(kind, likelihood, unit, max_batches, collector_kwargs)
         if isinstance(dataloader, str) and dataloader not in ("train", "eval"):
-            raise ValueError(
+            raise ConfigurationError(
                 f"dataloader must be an iterable of batches, 'train' or 'eval'; got {dataloader!r}"
             )
         self.dataloader, self.path = dataloader, path
-        self.options = {"kind": kind, "likelihood": likelihood, "unit": unit}
+        self.kind, self.likelihood, self.unit = kind, likelihood, unit
         self.max_batches, self.loader_is_sharded = max_batches, loader_is_sharded
         self.collector_kwargs = collector_kwargs
-        self.collector = None
+        self.collector: FisherCollector | None = None
         self.summary: dict[str, float] = {}
+
+    @property
+    def options(self) -> dict[str, object]:
+        """``{"kind", "likelihood", "unit"}`` as given."""
+        return {"kind": self.kind, "likelihood": self.likelihood, "unit": self.unit}
 
     def on_train_end(self, args, state, control, model=None, **kwargs):
         from pathlib import Path
@@ -161,7 +174,7 @@ class FisherTrainerCallback(TrainerCallback):
         if isinstance(loader, str):
             loader, sharded = kwargs.get(f"{loader}_dataloader"), True
             if loader is None:
-                raise ValueError(
+                raise ConfigurationError(
                     f"FisherTrainerCallback(dataloader={self.dataloader!r}): the Trainer has no "
                     f"{self.dataloader} dataloader; pass an eval_dataset or a loader"
                 )
@@ -174,7 +187,9 @@ class FisherTrainerCallback(TrainerCallback):
             max_batches=self.max_batches,
             loader_is_sharded=sharded,
             collector_kwargs=self.collector_kwargs,
-            **self.options,
+            kind=self.kind,
+            likelihood=self.likelihood,
+            unit=self.unit,
         )
         self.path = path
         state.log_history.append({**self.summary, "step": state.global_step})

@@ -27,10 +27,17 @@ except ImportError as error:  # pragma: no cover - exercised only without the op
         "gradstats.integrations.lightning needs PyTorch Lightning (pip install lightning)"
     ) from error
 
+from contextlib import AbstractContextManager
+from typing import TYPE_CHECKING, Any
+
 import torch
 
+from gradstats.errors import ConfigurationError
 from gradstats.integrations._options import check_forwarded
 from gradstats.scaling import VarianceGradientScaler
+
+if TYPE_CHECKING:
+    from gradstats.fisher import FisherCollector
 
 __all__ = ["FisherCallback", "VarianceScalingCallback"]
 
@@ -46,23 +53,26 @@ class VarianceScalingCallback(Callback):
             ``LightningModule.log_dict`` (so they reach the trainer's loggers).
     """
 
-    def __init__(self, *, apply_to: str = "lr", optimizer_index: int = 0, **scaler_kwargs) -> None:
+    def __init__(
+        self, *, apply_to: str = "lr", optimizer_index: int = 0, **scaler_kwargs: Any
+    ) -> None:
         super().__init__()
         check_forwarded(VarianceGradientScaler, scaler_kwargs, ("params", "optimizer", "logger"))
-        self.scaler_kwargs = {"apply_to": apply_to, **scaler_kwargs}
+        self.scaler_kwargs: dict[str, Any] = {"apply_to": apply_to, **scaler_kwargs}
         self.optimizer_index = optimizer_index
         self.scaler: VarianceGradientScaler | None = None
         self._optimizer: torch.optim.Optimizer | None = None
-        self._grad_scaler = None
-        self._module = None
-        self._context = None
+        self._grad_scaler: Any = None  # the precision plugin's torch.amp.GradScaler, if any
+        self._module: Any = None  # the LightningModule being fitted
+        self._context: AbstractContextManager[object] | None = None
 
     def _log(self, metrics: dict[str, float], step: int) -> None:
-        self._module.log_dict(metrics, on_step=True, on_epoch=False)
+        if self._module is not None:
+            self._module.log_dict(metrics, on_step=True, on_epoch=False)
 
-    def on_fit_start(self, trainer, pl_module) -> None:
+    def on_fit_start(self, trainer: Any, pl_module: Any) -> None:
         if self.optimizer_index >= len(trainer.optimizers):
-            raise ValueError(
+            raise ConfigurationError(
                 f"optimizer_index={self.optimizer_index} but the trainer has "
                 f"{len(trainer.optimizers)} optimizer(s)"
             )
@@ -75,14 +85,19 @@ class VarianceScalingCallback(Callback):
             **self.scaler_kwargs,
         )  # fmt: skip
 
-    def on_before_optimizer_step(self, trainer, pl_module, optimizer) -> None:
-        if getattr(optimizer, "_optimizer", optimizer) is not self._optimizer:
+    def on_before_optimizer_step(self, trainer: Any, pl_module: Any, optimizer: Any) -> None:
+        scaler, inner = self.scaler, self._optimizer
+        if (
+            scaler is None
+            or inner is None
+            or getattr(optimizer, "_optimizer", optimizer) is not inner
+        ):
             return
-        self.scaler.step(grad_scaler=self._grad_scaler)
-        if self.scaler.config.apply_to == "grad":
-            self.scaler.scale_gradients()
+        scaler.step(grad_scaler=self._grad_scaler)
+        if scaler.config.apply_to == "grad":
+            scaler.scale_gradients()
             return
-        self._context = self.scaler.apply(self._optimizer)
+        self._context = scaler.apply(inner)
         self._context.__enter__()
 
     def _restore(self) -> None:
@@ -90,10 +105,12 @@ class VarianceScalingCallback(Callback):
             context, self._context = self._context, None
             context.__exit__(None, None, None)
 
-    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+    def on_train_batch_end(
+        self, trainer: Any, pl_module: Any, outputs: Any, batch: Any, batch_idx: int
+    ) -> None:
         self._restore()
 
-    def on_fit_end(self, trainer, pl_module) -> None:
+    def on_fit_end(self, trainer: Any, pl_module: Any) -> None:
         self._restore()
         if self.scaler is not None:
             self.scaler.remove_hooks()
@@ -131,29 +148,34 @@ class FisherCallback(Callback):
 
     def __init__(
         self,
-        dataloader,
+        dataloader: Any,
         *,
-        path=None,
-        model=None,
+        path: Any = None,
+        model: Any = None,
         kind: str = "empirical",
         likelihood: object = "classification",
         unit: str = "sample",
         max_batches: int | None = None,
         loader_is_sharded: bool = False,
-        **collector_kwargs,
+        **collector_kwargs: Any,
     ) -> None:
         from gradstats.integrations._fisher import check_options
 
         super().__init__()
         check_options(kind, likelihood, unit, max_batches, collector_kwargs)
         self.dataloader, self.path, self.model = dataloader, path, model
-        self.options = {"kind": kind, "likelihood": likelihood, "unit": unit}
+        self.kind, self.likelihood, self.unit = kind, likelihood, unit
         self.max_batches, self.loader_is_sharded = max_batches, loader_is_sharded
         self.collector_kwargs = collector_kwargs
-        self.collector = None
+        self.collector: FisherCollector | None = None
         self.summary: dict[str, float] = {}
 
-    def on_train_end(self, trainer, pl_module) -> None:
+    @property
+    def options(self) -> dict[str, object]:
+        """``{"kind", "likelihood", "unit"}`` as given."""
+        return {"kind": self.kind, "likelihood": self.likelihood, "unit": self.unit}
+
+    def on_train_end(self, trainer: Any, pl_module: Any) -> None:
         from pathlib import Path
 
         from gradstats.integrations._fisher import collect_after_training, resolve_module
@@ -167,7 +189,9 @@ class FisherCallback(Callback):
             max_batches=self.max_batches,
             loader_is_sharded=self.loader_is_sharded,
             collector_kwargs=self.collector_kwargs,
-            **self.options,
+            kind=self.kind,
+            likelihood=self.likelihood,
+            unit=self.unit,
         )
         self.path = path
         if trainer.is_global_zero:

@@ -6,8 +6,11 @@
   1 − β^t with a per-buffer count, deviation-form updates, reliability correction ρ_w.
 
 Both keep their state on the data's device, never read values back to the host while updating,
-skip non-finite input instead of being poisoned by it, and carry ``state_dict`` /
-``load_state_dict``.
+and follow the library's one non-finite policy (``nonfinite="skip"``, the default: a non-finite
+contribution is dropped whole and counted in ``skipped``; ``nonfinite="raise"``:
+:class:`~gradstats.errors.NonFiniteError` before anything changes). ``state_dict`` /
+``load_state_dict`` round-trip the state; loading validates the whole dict first and refuses
+impossible states with :class:`~gradstats.errors.StateError`.
 """
 
 from gradstats.moments._ema import EMAMoments, ema_reliability, ema_step_size, ema_update

@@ -21,7 +21,9 @@ def distributed_ready() -> bool:
     return dist.is_available() and dist.is_initialized()
 
 
-def all_reduce_sum_(tensors: Sequence[torch.Tensor], group: object | None = None) -> list:
+def all_reduce_sum_(
+    tensors: Sequence[torch.Tensor], group: object | None = None
+) -> list[torch.Tensor]:
     """Sum each tensor over ranks, one collective per dtype (tensors are packed flat).
 
     Returns new tensors with the input shapes and dtypes; the inputs are not modified.
@@ -29,7 +31,7 @@ def all_reduce_sum_(tensors: Sequence[torch.Tensor], group: object | None = None
     tensors = list(tensors)
     if not distributed_ready():
         return tensors
-    out: list[torch.Tensor | None] = [None] * len(tensors)
+    out: list[torch.Tensor] = list(tensors)  # every slot is replaced below
     by_dtype: dict[torch.dtype, list[int]] = {}
     for index, tensor in enumerate(tensors):
         by_dtype.setdefault(tensor.dtype, []).append(index)
@@ -40,7 +42,7 @@ def all_reduce_sum_(tensors: Sequence[torch.Tensor], group: object | None = None
             indices, flat.split([tensors[i].numel() for i in indices]), strict=True
         ):
             out[i] = piece.view(tensors[i].shape)
-    return out  # type: ignore[return-value]
+    return out
 
 
 def all_reduce_moments(state: Moments, group: object | None = None) -> Moments:

@@ -31,6 +31,8 @@ Golden values (β = 0.99, x = 1, 2, 3, 4): mean 2.512562560288946, population va
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+
 import torch
 
 from gradstats._validation import (
@@ -40,6 +42,8 @@ from gradstats._validation import (
     check_state_header,
     normalize_shape,
 )
+from gradstats.errors import ConfigurationTypeError, NonFiniteError, StateError, check_nonfinite
+from gradstats.moments._checks import check_state_dtype, state_shape, state_tensor
 from gradstats.moments._placement import Placement
 from gradstats.moments._welford import scalar_dtype
 
@@ -94,8 +98,11 @@ class EMAMoments:
 
     The count t belongs to this buffer: a skipped update changes nothing and does not advance t,
     on the device and without a host sync; ``skipped`` counts them. An update is skipped when
-    ``skip=True`` (an AMP overflow, say) or when Σx² is not finite in the state dtype (x holds a
-    NaN or ±inf, or squares too large to represent).
+    ``skip=True`` (an AMP overflow, say) or, under the default ``nonfinite="skip"``, when Σx² is
+    not finite in the state dtype (x holds a NaN or ±inf, or squares too large to represent).
+    With ``nonfinite="raise"`` such an ``x`` (unless ``skip`` is true) raises
+    :class:`~gradstats.errors.NonFiniteError` before anything changes; deciding it reads one
+    boolean back to the host per ``update`` (a documented sync point).
 
     Args:
         beta: decay in (0, 1).
@@ -103,6 +110,11 @@ class EMAMoments:
         dtype: floating dtype of the state (float64 by default; float32 halves the memory and
             stays accurate thanks to the shift; float16/bfloat16 observations are upcast).
         device: where the state lives; ``None`` follows the first update's data.
+        nonfinite: ``"skip"`` (default) or ``"raise"``: what a non-finite ``x`` does (see above).
+
+    Raises:
+        ConfigurationError: a bad ``beta``, ``shape``, ``nonfinite`` or ``device``
+            (:class:`~gradstats.errors.ConfigurationTypeError` for a wrong type).
 
     Example:
         >>> import torch
@@ -120,12 +132,12 @@ class EMAMoments:
         *,
         dtype: torch.dtype = torch.float64,
         device: torch.device | str | None = None,
+        nonfinite: str = "skip",
     ) -> None:
         self.beta = check_open_unit("beta", beta)
         self.shape = normalize_shape("shape", shape)
-        if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
-            raise TypeError(f"dtype must be a floating torch.dtype; got {dtype!r}")
-        self.dtype = dtype
+        self.dtype = check_state_dtype(dtype)
+        self.nonfinite = check_nonfinite("nonfinite", nonfinite)
         self._placement = Placement(device)
         self._reset_state()
 
@@ -138,7 +150,7 @@ class EMAMoments:
         self._skipped = torch.zeros((), dtype=torch.int64, device=device)
 
     def reset(self) -> EMAMoments:
-        """Forget every observation (keeps beta, shape, dtype and device)."""
+        """Forget every observation (keeps beta, shape, dtype, policy and device)."""
         self._reset_state()
         return self
 
@@ -151,7 +163,11 @@ class EMAMoments:
             setattr(self, name, getattr(self, name).to(device))
 
     def to(self, device: torch.device | str) -> EMAMoments:
-        """Move the state to ``device`` (this pins the device)."""
+        """Move the state to ``device`` (this pins the device).
+
+        Raises:
+            ConfigurationError: no such device, or it is not usable here (nothing moves).
+        """
         self._placement.pin(device)
         self._move_to(self._placement.device)
         return self
@@ -166,20 +182,43 @@ class EMAMoments:
 
         Returns:
             ``self``, so calls chain.
+
+        Raises:
+            ConfigurationError: ``x`` has another shape, or lives on another (pinned) device
+                (:class:`~gradstats.errors.ConfigurationTypeError` for wrong types).
+            NonFiniteError: ``nonfinite="raise"``, ``x`` is not finite and ``skip`` is not true
+                (nothing changed).
         """
         check_floating("x", x)
         check_shape("x", x, self.shape, "shape")
+        flag: torch.Tensor | None = None
         if skip is not None:
-            skip = torch.as_tensor(skip)
-            if skip.dtype != torch.bool or skip.dim() != 0:
-                raise TypeError(f"skip must be a bool or a 0-dim bool tensor; got {skip!r}")
-        if self._placement.follow(x.device, "x"):
-            self._move_to(self._placement.device)
+            if not isinstance(skip, (bool, torch.Tensor)):
+                raise ConfigurationTypeError(
+                    f"skip must be a bool or a 0-dim bool tensor; got {type(skip).__name__}"
+                )
+            flag = torch.as_tensor(skip)
+            if flag.dtype != torch.bool or flag.dim() != 0:
+                raise ConfigurationTypeError(
+                    f"skip must be a bool or a 0-dim bool tensor; got {flag!r}"
+                )
+        if self._placement.pinned and x.device != self.device:
+            self._placement.follow(x.device, "x")  # raises: pinned elsewhere
         x = x.to(self.dtype)
         flat = x.reshape(-1)
         apply = torch.isfinite(torch.dot(flat, flat))  # no NaN/inf, squares representable
-        if skip is not None:
-            apply = apply & ~skip.to(self.device)
+        if flag is not None:
+            apply = apply & ~flag.to(x.device)
+        if self.nonfinite == "raise":
+            bad = ~apply if flag is None else ~apply & ~flag.to(x.device)
+            if bool(bad):  # sync-ok: nonfinite="raise" reads one boolean
+                raise NonFiniteError(
+                    "x holds NaN or ±inf (or its squares overflow "
+                    f"{str(self.dtype).removeprefix('torch.')}); nothing was changed "
+                    "(nonfinite='raise')"
+                )
+        if self._placement.follow(x.device, "x"):
+            self._move_to(self._placement.device)
         count = self._count + apply.to(torch.int64)
         step = torch.where(apply, ema_step_size(self.beta, count), 0.0).to(self.dtype)
         first = ((self._count == 0) & apply).to(self.dtype)
@@ -255,37 +294,34 @@ class EMAMoments:
             "skipped": self._skipped.detach().clone(),
         }
 
-    def load_state_dict(self, state_dict: dict[str, object]) -> None:
-        """Restore a ``state_dict``; validates everything before changing anything.
+    def load_state_dict(self, state_dict: Mapping[str, object]) -> None:
+        """Restore a ``state_dict``; validates the whole dict before changing anything.
+
+        The values are read once on the host to refuse impossible states.
 
         Raises:
-            ValueError: another format or version, or a ``beta`` / ``shape`` mismatch.
+            StateError: another format or version, a ``beta`` / ``shape`` mismatch, a missing
+                key, or an impossible value (wrong shape, NaN/±inf, a negative variance, a
+                negative or fractional count); the message names the key. Nothing is loaded.
         """
         check_state_header(state_dict, _FORMAT, _VERSION)
-        if state_dict["beta"] != self.beta:
-            raise ValueError(
-                f"state_dict has beta={state_dict['beta']!r} but this EMAMoments has "
+        if state_dict.get("beta") != self.beta:
+            raise StateError(
+                f"state_dict has beta={state_dict.get('beta')!r} but this EMAMoments has "
                 f"beta={self.beta!r}; construct it with the checkpoint's beta"
             )
-        if tuple(state_dict["shape"]) != self.shape:
-            raise ValueError(
-                f"state_dict has shape {tuple(state_dict['shape'])} but this EMAMoments has "
-                f"shape {self.shape}"
-            )
-        values = {}
-        for name in ("shift", "mean", "variance", "count", "skipped"):
-            value = state_dict.get(name)
-            if not isinstance(value, torch.Tensor):
-                raise ValueError(f"state_dict[{name!r}] must be a tensor")
-            values[name] = value
-        for name in ("shift", "mean", "variance"):
-            check_shape(f"state_dict[{name!r}]", values[name], self.shape, "shape")
+        state_shape(state_dict, "EMAMoments", self.shape)
+        shift = state_tensor(state_dict, "shift", self.shape)
+        mean = state_tensor(state_dict, "mean", self.shape)
+        variance = state_tensor(state_dict, "variance", self.shape, nonnegative="a variance")
+        count = state_tensor(state_dict, "count", (), nonnegative="a count", whole=True)
+        skipped = state_tensor(state_dict, "skipped", (), nonnegative="a count", whole=True)
         device = self.device
-        self._shift = values["shift"].to(device=device, dtype=self.dtype, copy=True)
-        self._mean = values["mean"].to(device=device, dtype=self.dtype, copy=True)
-        self._variance = values["variance"].to(device=device, dtype=self.dtype, copy=True)
-        self._count = values["count"].to(device=device, dtype=torch.int64)
-        self._skipped = values["skipped"].to(device=device, dtype=torch.int64)
+        self._shift = shift.to(device=device, dtype=self.dtype, copy=True)
+        self._mean = mean.to(device=device, dtype=self.dtype, copy=True)
+        self._variance = variance.to(device=device, dtype=self.dtype, copy=True)
+        self._count = count.to(device=device, dtype=torch.int64, copy=True)
+        self._skipped = skipped.to(device=device, dtype=torch.int64, copy=True)
 
     def __repr__(self) -> str:
         return (

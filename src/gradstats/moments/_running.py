@@ -2,13 +2,29 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+
 import torch
 
 from gradstats._validation import (
     check_choice,
-    check_floating,
     check_state_header,
     normalize_shape,
+)
+from gradstats._warnings import warn
+from gradstats.errors import (
+    ConfigurationError,
+    ConfigurationTypeError,
+    NonFiniteError,
+    StateError,
+    check_nonfinite,
+)
+from gradstats.moments._checks import (
+    check_state_dtype,
+    check_update_arguments,
+    renamed_key,
+    state_shape,
+    state_tensor,
 )
 from gradstats.moments._distributed import all_reduce_moments, all_reduce_sum_
 from gradstats.moments._placement import Placement
@@ -49,9 +65,17 @@ class RunningMoments:
     "No estimate" is NaN: ``mean`` before any weight arrives, the unbiased variance and the standard
     error while the effective sample size is at most 1. Nothing is ever divided by zero.
 
-    Non-finite observations never poison the state: an ``update`` whose ``x`` holds a NaN or
-    ±inf (or whose squared deviations overflow ``dtype``) is skipped as a whole, on the device
-    and without a host sync, and counted in ``rejected``.
+    Non-finite observations never poison the state. An ``update`` whose ``x`` holds a NaN or
+    ±inf (or whose squared deviations overflow ``dtype``) follows the library's non-finite
+    policy (``gradstats.errors``), chosen with ``nonfinite``:
+
+    * ``"skip"`` (default): the batch is dropped as a whole, on the device and without a host
+      sync, and counted in ``skipped``;
+    * ``"raise"``: :class:`~gradstats.errors.NonFiniteError` is raised before anything changes;
+      deciding it reads one boolean back to the host per ``update`` (a documented sync point).
+
+    A batch refused by the caller (``accept=False``) is always skipped and counted, whatever the
+    policy. ``rejected`` is the deprecated old name of ``skipped``.
 
     State lives on the data's device: with ``device=None`` the state moves to the device of the
     first ``update`` (or ``merge``); after that a tensor on another device is an error.
@@ -62,6 +86,11 @@ class RunningMoments:
             kept in float64 (float32 on MPS).
         device: where the state lives; ``None`` follows the first data seen.
         weights: ``"frequency"`` or ``"reliability"`` — how weights enter the unbiased variance.
+        nonfinite: ``"skip"`` or ``"raise"`` — what a non-finite batch does (see above).
+
+    Raises:
+        ConfigurationError: a bad ``shape``, ``weights``, ``nonfinite`` or ``device``
+            (:class:`~gradstats.errors.ConfigurationTypeError` for a wrong type).
 
     Example:
         >>> import torch
@@ -78,12 +107,12 @@ class RunningMoments:
         dtype: torch.dtype = torch.float64,
         device: torch.device | str | None = None,
         weights: str = "frequency",
+        nonfinite: str = "skip",
     ) -> None:
         self.shape = normalize_shape("shape", shape)
-        if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
-            raise TypeError(f"dtype must be a floating torch.dtype; got {dtype!r}")
-        self.dtype = dtype
+        self.dtype = check_state_dtype(dtype)
         self.weights = check_choice("weights", weights, WEIGHT_KINDS)
+        self.nonfinite = check_nonfinite("nonfinite", nonfinite)
         self._placement = Placement(device)
         self._reset_state()
 
@@ -91,10 +120,10 @@ class RunningMoments:
     def _reset_state(self) -> None:
         device = self._placement.device
         self._state = empty_moments(self.shape, self.dtype, device)
-        self._rejected = torch.zeros((), dtype=torch.int64, device=device)
+        self._skipped = torch.zeros((), dtype=torch.int64, device=device)
 
     def reset(self) -> RunningMoments:
-        """Forget every observation (keeps shape, dtype, weights kind and device)."""
+        """Forget every observation (keeps shape, dtype, weights kind, policy and device)."""
         self._reset_state()
         return self
 
@@ -103,12 +132,16 @@ class RunningMoments:
         return self._placement.device
 
     def _move_to(self, device: torch.device) -> None:
-        self._state = Moments(*(t.to(device) for t in self._state))
-        self._rejected = self._rejected.to(device)
+        self._state = self._state.map(lambda t: t.to(device))
+        self._skipped = self._skipped.to(device)
 
     def to(self, device: torch.device | str) -> RunningMoments:
-        """Move the state to ``device`` (this pins the device)."""
-        self._placement.pin(torch.device(device))
+        """Move the state to ``device`` (this pins the device).
+
+        Raises:
+            ConfigurationError: no such device, or it is not usable here (nothing moves).
+        """
+        self._placement.pin(device)
         self._move_to(self._placement.device)
         return self
 
@@ -124,94 +157,85 @@ class RunningMoments:
         """Add the observations ``x`` of shape [n, *shape] (with optional weights of shape [n]).
 
         An empty batch (n = 0) changes nothing. Negative or non-finite *weights* are a
-        ``ValueError``; checking them reads their values, which is the one host sync of this
-        method and only happens when ``weight`` is given.
+        ``ConfigurationError``; checking them reads their values, a host sync that only happens
+        when ``weight`` is given. With ``nonfinite="raise"`` one more boolean is read back.
 
         Args:
             mask: optional bool [n]: only these rows are observations — the same update as
                 ``x[mask]`` (counts included) without the host sync of boolean indexing; the
                 other rows are ignored, whatever their values.
             accept: optional bool scalar on the state's device: when false the whole batch is
-                rejected (counted in ``rejected``, nothing else changes), as for a non-finite
+                skipped (counted in ``skipped``, nothing else changes), as for a non-finite
                 batch — for callers that judge a batch by other tensors, without a host read.
 
         Returns:
             ``self``, so calls chain.
+
+        Raises:
+            ConfigurationError: bad shapes, devices or weights
+                (:class:`~gradstats.errors.ConfigurationTypeError` for wrong types).
+            NonFiniteError: ``nonfinite="raise"`` and the batch is not finite (nothing changed).
         """
-        check_floating("x", x)
-        if x.dim() != len(self.shape) + 1 or tuple(x.shape[1:]) != self.shape:
-            raise ValueError(
-                f"x must have shape [n, *shape] = [n, {', '.join(map(str, self.shape))}]; "
-                f"got {tuple(x.shape)}"
-            )
-        if weight is not None:
-            check_floating("weight", weight)
-        for name, rows in (("weight", weight), ("mask", mask)):
-            if rows is None:
-                continue
-            if tuple(rows.shape) != (x.shape[0],):
-                raise ValueError(
-                    f"{name} must have shape [n] = [{x.shape[0]}] (one {name} per row of x); "
-                    f"got {tuple(rows.shape)}"
-                )
-            if rows.device != x.device:
-                raise ValueError(f"{name} is on {rows.device} but x is on {x.device}")
-        if mask is not None and mask.dtype != torch.bool:
-            raise TypeError(f"mask must be a bool tensor; got {mask.dtype}")
+        check_update_arguments(x, self.shape, weight, mask, accept)
+        if self._placement.pinned and x.device != self.device:
+            self._placement.follow(x.device, "x")  # raises: pinned elsewhere
+        # sync-ok: the documented weight check (only when weights are given).
         if weight is not None and not bool(torch.isfinite(weight).all() & (weight >= 0).all()):
-            raise ValueError("weight must be finite and non-negative")
-        if accept is not None and (accept.dtype != torch.bool or accept.dim() != 0):
-            raise TypeError(
-                f"accept must be a bool scalar tensor; got {accept.dtype}{list(accept.shape)}"
-            )
+            raise ConfigurationError("weight must be finite and non-negative")
         if x.shape[0] == 0:
             return self
-        if self._placement.follow(x.device, "x"):
-            self._move_to(self._placement.device)
-        if mask is None:
-            batch = batch_moments(x, weight, self.dtype)
-        else:
-            rows = mask.reshape((-1,) + (1,) * len(self.shape))
-            keep = mask.to(x.dtype) if weight is None else torch.where(mask, weight, 0.0)
-            batch = batch_moments(torch.where(rows, x, 0.0), keep, self.dtype)
-            batch = batch._replace(count=mask.sum().to(batch.count.dtype))
+        batch = batch_moments(x, weight, self.dtype, mask)
         # NaN/inf anywhere in x (or an overflow) makes the batch M2 non-finite: a check over
         # ``shape`` elements instead of the n × shape of x.
         finite = torch.isfinite(batch.m2).all()
+        if self.nonfinite == "raise" and not bool(finite):  # sync-ok: nonfinite="raise"
+            raise NonFiniteError(
+                "x holds NaN or ±inf (or its squared deviations overflow "
+                f"{str(self.dtype).removeprefix('torch.')}); nothing was added "
+                "(nonfinite='raise')"
+            )
+        if self._placement.follow(x.device, "x"):
+            self._move_to(self._placement.device)
         if accept is not None:
             finite = finite & accept.to(finite.device)
         merged = combine(self._state, batch)
         self._state = select(finite, merged, self._state)
-        self._rejected += (~finite).to(torch.int64)
+        self._skipped += (~finite).to(torch.int64)
         return self
 
     def merge(self, other: RunningMoments) -> RunningMoments:
         """Fold another summary into this one (Chan's merge); ``other`` is not changed.
 
         Raises:
-            TypeError: ``other`` is not a ``RunningMoments``.
-            ValueError: ``other`` has another ``shape`` or ``weights`` kind.
+            ConfigurationTypeError: ``other`` is not a ``RunningMoments``.
+            ConfigurationError: ``other`` has another ``shape`` or ``weights`` kind.
         """
         if not isinstance(other, RunningMoments):
-            raise TypeError(f"other must be a RunningMoments; got {type(other).__name__}")
+            raise ConfigurationTypeError(
+                f"other must be a RunningMoments; got {type(other).__name__}"
+            )
         if other.shape != self.shape:
-            raise ValueError(
+            raise ConfigurationError(
                 f"other has shape {other.shape} but this RunningMoments has shape {self.shape}"
             )
         if other.weights != self.weights:
-            raise ValueError(
+            raise ConfigurationError(
                 f"other uses weights={other.weights!r} but this RunningMoments uses "
                 f"weights={self.weights!r}; summaries with different weight kinds cannot merge"
             )
         if self._placement.follow(other.device, "other"):
             self._move_to(self._placement.device)
+        mine = self._state
+        theirs = other._state.map(lambda t: t.to(device=self.device))
         theirs = Moments(
-            *(t.to(device=self.device) for t in other._state[:3]),
-            other._state.mean.to(device=self.device, dtype=self.dtype),
-            other._state.m2.to(device=self.device, dtype=self.dtype),
+            theirs.count.to(mine.count.dtype),
+            theirs.weight_sum.to(mine.weight_sum.dtype),
+            theirs.weight_sq_sum.to(mine.weight_sq_sum.dtype),
+            theirs.mean.to(self.dtype),
+            theirs.m2.to(self.dtype),
         )
-        self._state = combine(self._state, theirs)
-        self._rejected = self._rejected + other._rejected.to(self.device)
+        self._state = combine(mine, theirs)
+        self._skipped = self._skipped + other._skipped.to(self.device)
         return self
 
     def all_reduce(self, group: object | None = None) -> RunningMoments:
@@ -224,7 +248,7 @@ class RunningMoments:
         Without an initialised process group this is a no-op.
         """
         self._state = all_reduce_moments(self._state, group)
-        (self._rejected,) = all_reduce_sum_([self._rejected], group)
+        (self._skipped,) = all_reduce_sum_([self._skipped], group)
         return self
 
     # ------------------------------------------------------------------ reads
@@ -239,9 +263,15 @@ class RunningMoments:
         return self._state.weight_sum
 
     @property
+    def skipped(self) -> torch.Tensor:
+        """Number of ``update`` calls skipped (non-finite ``x`` or ``accept=False``), int64."""
+        return self._skipped
+
+    @property
     def rejected(self) -> torch.Tensor:
-        """Number of ``update`` calls skipped because ``x`` held a non-finite value."""
-        return self._rejected
+        """Deprecated name of :attr:`skipped` (warns ``FutureWarning``)."""
+        warn("RunningMoments.rejected is deprecated; use RunningMoments.skipped", FutureWarning)
+        return self._skipped
 
     @property
     def effective_sample_size(self) -> torch.Tensor:
@@ -288,9 +318,9 @@ class RunningMoments:
         """A plain dict (tensors, str, int, list) loadable with ``torch.load(weights_only=True)``.
 
         Keys: ``format``, ``version``, ``shape``, ``weights``, ``dtype``, ``count``, ``weight_sum``,
-        ``weight_sq_sum``, ``mean``, ``m2``, ``rejected``.
+        ``weight_sq_sum``, ``mean``, ``m2``, ``skipped``.
         """
-        state = {key: value.detach().clone() for key, value in self._state._asdict().items()}
+        state = {key: value.detach().clone() for key, value in self._state.as_dict().items()}
         return {
             "format": _FORMAT,
             "version": _VERSION,
@@ -298,39 +328,47 @@ class RunningMoments:
             "weights": self.weights,
             "dtype": str(self.dtype).removeprefix("torch."),
             **state,
-            "rejected": self._rejected.detach().clone(),
+            "skipped": self._skipped.detach().clone(),
         }
 
-    def load_state_dict(self, state_dict: dict[str, object]) -> None:
-        """Restore a ``state_dict``; validates everything before changing anything.
+    def load_state_dict(self, state_dict: Mapping[str, object]) -> None:
+        """Restore a ``state_dict``; validates the whole dict before changing anything.
+
+        A dict saved before the counter was renamed (``rejected`` instead of ``skipped``) loads
+        too. The values are read once on the host to refuse impossible states.
 
         Raises:
-            ValueError: another format or version, or a ``shape`` / ``weights`` mismatch.
+            StateError: another format or version, a ``shape`` / ``weights`` mismatch, a missing
+                key, or an impossible value (wrong shape, NaN/±inf, negative counts or M2,
+                fractional counts); the message names the key. Nothing is loaded.
         """
         check_state_header(state_dict, _FORMAT, _VERSION)
-        if tuple(state_dict["shape"]) != self.shape:
-            raise ValueError(
-                f"state_dict has shape {tuple(state_dict['shape'])} but this RunningMoments "
-                f"has shape {self.shape}"
+        state_shape(state_dict, "RunningMoments", self.shape)
+        if state_dict.get("weights") != self.weights:
+            raise StateError(
+                f"state_dict uses weights={state_dict.get('weights')!r} but this RunningMoments "
+                f"uses weights={self.weights!r}"
             )
-        if state_dict["weights"] != self.weights:
-            raise ValueError(
-                f"state_dict uses weights={state_dict['weights']!r} but this RunningMoments uses "
-                f"weights={self.weights!r}"
-            )
-        device = self.device
-        fields = {}
-        for name in Moments._fields:
-            value = state_dict[name]
-            if not isinstance(value, torch.Tensor):
-                raise ValueError(f"state_dict[{name!r}] must be a tensor")
-            dtype = self.dtype if name in ("mean", "m2") else self._state.count.dtype
-            fields[name] = value.to(device=device, dtype=dtype)
-        for name in ("mean", "m2"):
-            if tuple(fields[name].shape) != self.shape:
-                raise ValueError(f"state_dict[{name!r}] has shape {tuple(fields[name].shape)}")
+        counter = renamed_key(state_dict, "skipped", "rejected")
+        checked = {
+            "count": state_tensor(state_dict, "count", (), nonnegative="a count", whole=True),
+            "weight_sum": state_tensor(state_dict, "weight_sum", (), nonnegative="a weight sum"),
+            "weight_sq_sum": state_tensor(
+                state_dict, "weight_sq_sum", (), nonnegative="a sum of squared weights"
+            ),
+            "mean": state_tensor(state_dict, "mean", self.shape),
+            "m2": state_tensor(
+                state_dict, "m2", self.shape, nonnegative="M2 (a sum of squared deviations)"
+            ),
+        }
+        skipped = state_tensor(state_dict, counter, (), nonnegative="a count", whole=True)
+        device, scalar = self.device, self._state.count.dtype
+        fields = {
+            name: value.to(device, self.dtype if name in ("mean", "m2") else scalar, copy=True)
+            for name, value in checked.items()
+        }
         self._state = Moments(**fields)
-        self._rejected = state_dict["rejected"].to(device=device, dtype=torch.int64)
+        self._skipped = skipped.to(device=device, dtype=torch.int64, copy=True)
 
     def __repr__(self) -> str:
         return (

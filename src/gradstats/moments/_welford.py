@@ -19,7 +19,8 @@ float32 stream of 10⁸ observations still counts exactly.
 
 from __future__ import annotations
 
-from typing import NamedTuple
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, fields, replace
 
 import torch
 
@@ -34,7 +35,8 @@ __all__ = [
 ]
 
 
-class Moments(NamedTuple):
+@dataclass(frozen=True)
+class Moments:
     """Sufficient statistics of a weighted sample (all tensors on one device)."""
 
     count: torch.Tensor  # number of observations (rows), float64 scalar
@@ -42,6 +44,21 @@ class Moments(NamedTuple):
     weight_sq_sum: torch.Tensor  # W₂ = Σ w², float64 scalar
     mean: torch.Tensor  # Σ w x / W, shape ``shape``; 0 while W = 0
     m2: torch.Tensor  # Σ w (x − mean)², shape ``shape``
+
+    def __iter__(self) -> Iterator[torch.Tensor]:
+        return (getattr(self, f.name) for f in fields(self))
+
+    def as_dict(self) -> dict[str, torch.Tensor]:
+        """Field name -> tensor (the tensors themselves, not copies)."""
+        return {f.name: getattr(self, f.name) for f in fields(self)}
+
+    def map(self, fn: Callable[[torch.Tensor], torch.Tensor]) -> Moments:
+        """The summary with ``fn`` applied to every tensor (e.g. a device move)."""
+        return Moments(*(fn(t) for t in self))
+
+    def with_count(self, count: torch.Tensor) -> Moments:
+        """The same summary with another ``count``."""
+        return replace(self, count=count)
 
 
 def scalar_dtype(device: torch.device) -> torch.dtype:
@@ -71,11 +88,22 @@ def safe_inverse(w: torch.Tensor) -> torch.Tensor:
     return torch.where(positive, 1.0 / torch.where(positive, w, torch.ones_like(w)), 0.0)
 
 
-def batch_moments(x: torch.Tensor, weight: torch.Tensor | None, dtype: torch.dtype) -> Moments:
+def batch_moments(
+    x: torch.Tensor,
+    weight: torch.Tensor | None,
+    dtype: torch.dtype,
+    mask: torch.Tensor | None = None,
+) -> Moments:
     """Summarise the rows of ``x`` ([n, *shape]) by a two-pass computation in ``dtype``.
 
-    ``weight`` is ``None`` (all ones) or a tensor of shape [n].
+    ``weight`` is ``None`` (all ones) or a tensor of shape [n]; ``mask`` (bool [n]) keeps only
+    some rows — the summary of ``x[mask]`` without the host sync of boolean indexing.
     """
+    if mask is not None:
+        rows = mask.reshape((-1,) + (1,) * (x.dim() - 1))
+        keep = mask.to(x.dtype) if weight is None else torch.where(mask, weight, 0.0)
+        batch = batch_moments(torch.where(rows, x, 0.0), keep, dtype)
+        return batch.with_count(mask.sum().to(batch.count.dtype))
     x = x.to(dtype)
     sdt = scalar_dtype(x.device)
     n = x.shape[0]

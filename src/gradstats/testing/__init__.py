@@ -22,9 +22,11 @@ from gradstats.testing._fisher import (
 )
 from gradstats.testing._moments import reference_ema, reference_moments, welford_loop
 from gradstats.testing._scaling import reference_scaler_statistics, reference_two_batch
+from gradstats.testing._state import assert_state_equal
 
 __all__ = [
     "LinearClosedForm",
+    "assert_state_equal",
     "causal_lm_objective",
     "dense_jacobian",
     "finite_difference_gradient",

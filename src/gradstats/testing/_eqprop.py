@@ -16,6 +16,8 @@ from collections.abc import Callable
 
 import torch
 
+from gradstats.errors import DivergenceError
+
 __all__ = [
     "LinearClosedForm",
     "dense_jacobian",
@@ -44,7 +46,8 @@ def newton_fixed_point(
     """Solve fn(z) = 0 by Newton's method with dense Jacobians (float64 recommended).
 
     Raises:
-        RuntimeError: no convergence to ‖fn(z)‖ ≤ tol·max(1, ‖z‖) within ``max_iter``.
+        DivergenceError: no convergence (a ``RuntimeError``) to ‖fn(z)‖ ≤ tol·max(1, ‖z‖)
+            within ``max_iter``.
     """
     z = z0.detach().clone()
     for _ in range(max_iter):
@@ -54,7 +57,7 @@ def newton_fixed_point(
             return z
         jac = dense_jacobian(fn, z)
         z = z - torch.linalg.solve(jac, f.reshape(-1)).reshape(z.shape)
-    raise RuntimeError(f"Newton did not converge in {max_iter} iterations")
+    raise DivergenceError(f"Newton did not converge in {max_iter} iterations", step=max_iter)
 
 
 def reference_implicit_gradient(model, x: torch.Tensor, y: torch.Tensor, noise=None) -> dict:

@@ -19,11 +19,14 @@ per label (sequence) and per position; they are slow and meant for tiny models i
 from __future__ import annotations
 
 import itertools
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from typing import Any, Protocol
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from gradstats.errors import ConfigurationError, ConfigurationTypeError
 
 __all__ = [
     "labelled_gradients",
@@ -34,7 +37,31 @@ __all__ = [
 ]
 
 
-def _slice(inputs: object, i: int) -> object:
+Inputs = torch.Tensor | Mapping[str, Any] | Sequence[Any]
+"""A model's input: a tensor, keyword arguments (a mapping) or positional arguments."""
+
+
+class _Member(Protocol):
+    @property
+    def param(self) -> str: ...
+    @property
+    def axis(self) -> int: ...
+    @property
+    def assign(self) -> Sequence[int]: ...
+    @property
+    def in_mask(self) -> bool: ...
+
+
+class _Family(Protocol):
+    """What :func:`reference_group_values` reads of a ``gradstats.fisher`` group family."""
+
+    @property
+    def size(self) -> int: ...
+    @property
+    def members(self) -> Sequence[_Member]: ...
+
+
+def _slice(inputs: Inputs, i: int) -> Inputs:
     if isinstance(inputs, torch.Tensor):
         return inputs[i : i + 1]
     if isinstance(inputs, Mapping):
@@ -42,7 +69,7 @@ def _slice(inputs: object, i: int) -> object:
     return tuple(v[i : i + 1] if isinstance(v, torch.Tensor) else v for v in inputs)
 
 
-def _call(model: nn.Module, inputs: object) -> torch.Tensor:
+def _call(model: nn.Module, inputs: Inputs) -> torch.Tensor:
     if isinstance(inputs, torch.Tensor):
         out = model(inputs)
     elif isinstance(inputs, Mapping):
@@ -51,14 +78,26 @@ def _call(model: nn.Module, inputs: object) -> torch.Tensor:
         out = model(*inputs)
     if isinstance(out, torch.Tensor):
         return out
-    return out["logits"] if isinstance(out, Mapping) else getattr(out, "logits", out[0])
+    logits = out["logits"] if isinstance(out, Mapping) else getattr(out, "logits", out[0])
+    if not isinstance(logits, torch.Tensor):
+        raise ConfigurationTypeError(f"the model returned no logits tensor: {type(out).__name__}")
+    return logits
 
 
-def _labels(inputs: object, targets: torch.Tensor | None) -> torch.Tensor:
+def _labels(inputs: Inputs, targets: torch.Tensor | None) -> torch.Tensor:
     if targets is None:
-        targets = inputs["input_ids"] if isinstance(inputs, Mapping) else inputs
+        source = inputs["input_ids"] if isinstance(inputs, Mapping) else inputs
+        if not isinstance(source, torch.Tensor):
+            raise ConfigurationTypeError("causal_lm without targets needs input ids as a tensor")
+        targets = source
     if isinstance(inputs, Mapping) and "attention_mask" in inputs:
         targets = targets.masked_fill(inputs["attention_mask"] == 0, -100)
+    return targets
+
+
+def _targets(targets: torch.Tensor | None, likelihood: str) -> torch.Tensor:
+    if targets is None:
+        raise ConfigurationError(f"likelihood={likelihood!r} needs targets")
     return targets
 
 
@@ -72,7 +111,7 @@ def _grads(value: torch.Tensor, params: dict[str, nn.Parameter]) -> dict[str, to
 
 def labelled_gradients(
     model: nn.Module,
-    inputs: object,
+    inputs: Inputs,
     targets: torch.Tensor | None = None,
     *,
     kind: str = "empirical",
@@ -86,17 +125,19 @@ def labelled_gradients(
     for i in range(n):
         x = _slice(inputs, i)
         f = _call(model, x)[0]
-        pairs = []
+        pairs: list[tuple[float, dict[str, torch.Tensor]]] = []
         if likelihood == "classification":
             logp = torch.log_softmax(f, -1)
             if kind == "empirical":
-                pairs.append((1.0, _grads(-logp[targets[i]], params)))
+                label = _targets(targets, likelihood)[i]
+                pairs.append((1.0, _grads(-logp[label], params)))
             else:
                 for c in range(f.shape[-1]):
                     pairs.append((logp[c].exp().item(), _grads(-logp[c], params)))
         elif likelihood == "regression":
             if kind == "empirical":
-                pairs.append((1.0, _grads(0.5 * (f - targets[i]).square().sum(), params)))
+                target = _targets(targets, likelihood)[i]
+                pairs.append((1.0, _grads(0.5 * (f - target).square().sum(), params)))
             else:
                 for o in range(f.numel()):
                     pairs.append((1.0, _grads(f.reshape(-1)[o], params)))
@@ -104,24 +145,25 @@ def labelled_gradients(
             labels = _labels(x, None if targets is None else targets[i : i + 1])[0]
             logp = torch.log_softmax(f[:-1], -1)
             active = [t for t in range(f.shape[0] - 1) if labels[t + 1] != -100]
+            zero = torch.zeros((), dtype=logp.dtype, device=logp.device)
             if kind == "empirical":
-                loss = -sum(logp[t, labels[t + 1]] for t in active)
+                loss = -sum((logp[t, labels[t + 1]] for t in active), zero)
                 pairs.append((1.0, _grads(loss, params)))
             else:
                 vocab = f.shape[-1]
                 if vocab ** len(active) > max_sequences:
-                    raise ValueError(f"{vocab}^{len(active)} label sequences: too many")
+                    raise ConfigurationError(f"{vocab}^{len(active)} label sequences: too many")
                 for ys in itertools.product(range(vocab), repeat=len(active)):
-                    loss = -sum(logp[t, y] for t, y in zip(active, ys, strict=True))
+                    loss = -sum((logp[t, y] for t, y in zip(active, ys, strict=True)), zero)
                     weight = torch.exp(-loss).item()
                     pairs.append((weight, _grads(loss, params)))
         else:
-            raise ValueError(f"unknown likelihood {likelihood!r}")
+            raise ConfigurationError(f"unknown likelihood {likelihood!r}")
         out.append(pairs)
     return out
 
 
-def _leaves(inputs: object):
+def _leaves(inputs: Inputs) -> Iterator[torch.Tensor]:
     if isinstance(inputs, torch.Tensor):
         yield inputs
     elif isinstance(inputs, Mapping):
@@ -131,17 +173,29 @@ def _leaves(inputs: object):
 
 
 def per_sample_gradients(
-    model: nn.Module, inputs: object, targets: torch.Tensor | None = None, **kwargs: object
+    model: nn.Module,
+    inputs: Inputs,
+    targets: torch.Tensor | None = None,
+    *,
+    likelihood: str = "classification",
+    max_sequences: int = 4096,
 ) -> dict[str, torch.Tensor]:
     """{name: [N, *shape]} gradients of each sample's loss at its data labels (a loop)."""
-    pairs = labelled_gradients(model, inputs, targets, kind="empirical", **kwargs)
+    pairs = labelled_gradients(
+        model,
+        inputs,
+        targets,
+        kind="empirical",
+        likelihood=likelihood,
+        max_sequences=max_sequences,
+    )
     names = pairs[0][0][1].keys()
     return {name: torch.stack([p[0][1][name] for p in pairs]) for name in names}
 
 
 def reference_fisher(
     model: nn.Module,
-    inputs: object,
+    inputs: Inputs,
     targets: torch.Tensor | None = None,
     *,
     kind: str = "empirical",
@@ -149,17 +203,18 @@ def reference_fisher(
 ) -> dict[str, torch.Tensor]:
     """F_jj = (1/N) Σ_i Σ_(w, g) w g_j² over :func:`labelled_gradients` (float64 loops)."""
     pairs = labelled_gradients(model, inputs, targets, kind=kind, likelihood=likelihood)
-    names = pairs[0][0][1].keys()
-    return {
-        name: sum(w * g[name].double().square() for unit in pairs for w, g in unit) / len(pairs)
-        for name in names
-    }
+    total = {name: torch.zeros_like(g, dtype=torch.float64) for name, g in pairs[0][0][1].items()}
+    for unit in pairs:
+        for w, g in unit:
+            for name in total:
+                total[name] += w * g[name].double().square()
+    return {name: value / len(pairs) for name, value in total.items()}
 
 
 def reference_group_values(
     pairs: list[list[tuple[float, dict[str, torch.Tensor]]]],
     params: Mapping[str, torch.Tensor],
-    family: object,
+    family: _Family,
 ) -> dict[str, torch.Tensor]:
     """Per-sample and mean ``trace`` and ``mask`` values of a ``GroupFamily`` from the pairs.
 
@@ -186,7 +241,7 @@ def reference_group_values(
 
 def positionwise_fisher(
     model: nn.Module,
-    inputs: object,
+    inputs: Inputs,
     objective: Callable[[torch.Tensor], torch.Tensor],
     token_mask: torch.Tensor,
     *,
@@ -203,9 +258,11 @@ def positionwise_fisher(
     """
     params = {n: p for n, p in model.named_parameters() if p.requires_grad}
     batch = token_mask.shape[0]
-    calls: list[tuple[nn.Module, tuple, dict, torch.Tensor]] = []
+    calls: list[tuple[nn.Module, tuple[Any, ...], dict[str, Any], torch.Tensor]] = []
 
-    def record(module, args, kwargs, output):
+    def record(
+        module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], output: torch.Tensor
+    ) -> torch.Tensor:
         if output.shape[0] == 1 and batch > 1:
             output = output.expand(batch, *output.shape[1:])
             args = tuple(
@@ -216,7 +273,7 @@ def positionwise_fisher(
         calls.append((module, args, kwargs, output))
         return output
 
-    owners = [m for m in model.modules() if any(p.requires_grad for p in m._parameters.values())]
+    owners = [m for m in model.modules() if any(p.requires_grad for p in m.parameters(False))]
     hooks = [m.register_forward_hook(record, with_kwargs=True) for m in owners]
     try:
         objective(_call(model, inputs)).backward(inputs=[c[3] for c in calls])
@@ -228,9 +285,9 @@ def positionwise_fisher(
     for i, s in token_mask.nonzero().tolist():
         g = {n: torch.zeros_like(p, dtype=torch.float64) for n, p in params.items()}
         for module, args, kwargs, output in calls:
-            own = {
-                n: p for n, p in params.items() if any(p is q for q in module._parameters.values())
-            }
+            own = {n: p for n, p in params.items() if any(p is q for q in module.parameters(False))}
+            if output.grad is None:  # the output did not reach the objective
+                continue
             value = (module(*args, **kwargs)[i, s] * output.grad[i, s]).sum()
             for name, grad in zip(own, torch.autograd.grad(value, list(own.values())), strict=True):
                 g[name] += grad.double()

@@ -1,0 +1,243 @@
+"""Equilibrium propagation: gradient cost and memory as T1 grows, relaxation throughput, peers.
+
+* ``eqprop/gradient_T1=<T>``: one gradient of a non-symmetric tanh fixed-point network
+  (F = −z + W tanh z + Ux + b, float32) with the free phase run exactly T1 steps. Candidates:
+  ``aep`` (EP with the asymmetry correction; nudged phases stop on the contrast residual),
+  ``implicit`` (adjoint solve by Richardson iteration) and ``bptt`` (autograd through T1 steps,
+  the baseline). Peak memory is measured: EP and implicit keep no graph of the free phase, so
+  their memory is flat in T1 while BPTT's grows linearly. "same" checks every candidate against
+  the implicit gradient (rtol 2e-2: AEP carries an O(β²) bias).
+* ``eqprop/relax``: T relaxation steps of the same network, reported as sample-steps per second.
+  Ours checks the residual every 10 steps (one host read per check); the baseline reads the
+  residual back every step (the usual ``.item()`` loop); torchdeq's ``fixed_point_iter`` (a peer)
+  does the same bookkeeping every step.
+* ``eqprop/anderson``: time to relax to a relative residual of 1e-4 on a slowly contracting
+  network (ε = 0.1): plain iteration vs our Anderson acceleration vs torchdeq's Anderson solver.
+* ``eqprop/implicit_gradient``: time per exact implicit gradient, ours vs torchdeq's IFT backward.
+
+Optional: torchdeq (a peer). Without it its candidates are left out with a note.
+
+Run: ``gradstats bench eqprop`` (``--smoke`` for a seconds-long check).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+
+from gradstats.bench._harness import Candidate, Comparison
+from gradstats.bench._optional import missing
+from gradstats.eqprop import estimate_gradient, relax
+from gradstats.eqprop.models import TanhModel
+
+__all__ = ["comparisons"]
+
+EPS = 1.0  # ‖W‖₂ = 0.8 (0.5 in smoke runs), so z ← z + F(z) contracts at rate ≤ ‖W‖₂
+
+
+def _case(smoke: bool, seed: int = 0) -> tuple[TanhModel, torch.Tensor, torch.Tensor]:
+    n, m, p, batch = (32, 16, 8, 8) if smoke else (256, 64, 16, 64)
+    g = torch.Generator().manual_seed(seed)
+    gain = 0.5 if smoke else 0.8  # smoke: faster contraction, so short runs still agree
+    model = TanhModel.random(n, m, p, gain=gain, generator=g, dtype=torch.float32)
+    x = torch.randn(batch, m, generator=g, dtype=torch.float32)
+    y = torch.randn(batch, p, generator=g, dtype=torch.float32)
+    return model, x, y
+
+
+def _gradient(t1: int, smoke: bool) -> Comparison:
+    model, x, y = _case(smoke)
+
+    def run(method: str) -> Callable[[], object]:
+        def fn() -> object:
+            if method == "bptt":
+                est = estimate_gradient(model, x, y, method, step_size=EPS, steps=t1)
+            else:  # the free phase runs exactly T1 steps
+                beta = 0.01 if method == "aep" else None
+                est = estimate_gradient(
+                    model, x, y, method, step_size=EPS, tol=0.0, max_steps=t1, beta=beta
+                )
+            return est.grads
+
+        return fn
+
+    return Comparison(
+        name=f"eqprop/gradient_T1={t1}",
+        candidates=[
+            Candidate("aep", run("aep"), "tracking anchor, β = 0.01"),
+            Candidate("implicit", run("implicit"), "Richardson adjoint to tol"),
+            Candidate("bptt", run("bptt"), "baseline: autograd through T1 steps"),
+        ],
+        baseline="bptt",
+        reference="implicit",
+        rtol=2e-2,
+        atol=2e-3,
+        memory=True,
+        params={"T1": t1, "state": list(model.W.shape), "batch": x.shape[0], "dtype": "float32"},
+    )
+
+
+def _relax(smoke: bool) -> Comparison:
+    model, x, _ = _case(smoke)
+    steps = 20 if smoke else 400
+    unavailable: dict[str, str] = {}
+    candidates = [
+        Candidate(
+            "gradstats.relax",
+            lambda: relax(model, x, tol=0.0, max_steps=steps, step_size=EPS)[0],
+            "residual checked every 10 steps",
+        )
+    ]
+
+    def item_loop() -> torch.Tensor:
+        with torch.no_grad():
+            z = model.init_state(x)
+            for _ in range(steps):
+                f = model.force(z, x)
+                if (f.norm() / z.norm().clamp_min(1e-30)).item() < 0.0:  # read back every step
+                    break
+                z = z + EPS * f
+            return z
+
+    candidates.append(Candidate("item() every step", item_loop, "baseline: host read per step"))
+    note = missing("torchdeq")
+    if note is not None:
+        unavailable["torchdeq fixed_point_iter"] = note
+    else:
+        from torchdeq.solver import fixed_point_iter
+
+        def deq() -> object:
+            with torch.no_grad():
+                z0 = model.init_state(x)
+                out, _, _ = fixed_point_iter(
+                    lambda z: z + EPS * model.force(z, x),
+                    z0,
+                    max_iter=steps,
+                    tol=0.0,
+                    stop_mode="rel",
+                    return_final=True,
+                )
+                return out
+
+        candidates.append(Candidate("torchdeq fixed_point_iter", deq, "peer"))
+    return Comparison(
+        name="eqprop/relax",
+        candidates=candidates,
+        baseline="item() every step",
+        reference="item() every step",
+        rtol=1e-4,
+        atol=1e-5,
+        work=steps * x.shape[0],
+        work_unit="sample-steps",
+        params={"steps": steps, "state": list(model.W.shape), "batch": x.shape[0]},
+        unavailable=unavailable,
+    )
+
+
+def _anderson(smoke: bool) -> Comparison:
+    model, x, _ = _case(smoke, seed=1)
+    eps, tol = 0.1, 1e-4
+    unavailable: dict[str, str] = {}
+
+    def ours(anderson: int) -> Callable[[], object]:
+        def fn() -> object:
+            return relax(model, x, tol=tol, max_steps=5000, step_size=eps, anderson=anderson)[0]
+
+        return fn
+
+    candidates = [
+        Candidate("plain relaxation", ours(0), "baseline: z ← z + εF(z)"),
+        Candidate("gradstats Anderson (m=5)", ours(5), "per-sample least squares"),
+    ]
+    note = missing("torchdeq")
+    if note is not None:
+        unavailable["torchdeq anderson_solver (m=5)"] = note
+    else:
+        from torchdeq.solver import anderson_solver
+
+        def deq() -> object:
+            with torch.no_grad():
+                out, _, _ = anderson_solver(
+                    lambda z: z + eps * model.force(z, x),
+                    model.init_state(x),
+                    max_iter=5000,
+                    tol=tol * 0.1,
+                    stop_mode="rel",
+                    m=5,
+                )
+                return out
+
+        candidates.append(Candidate("torchdeq anderson_solver (m=5)", deq, "peer"))
+    return Comparison(
+        name="eqprop/anderson",
+        candidates=candidates,
+        baseline="plain relaxation",
+        rtol=1e-2,
+        atol=1e-3,
+        params={"eps": eps, "tol": tol, "state": list(model.W.shape), "batch": x.shape[0]},
+        unavailable=unavailable,
+    )
+
+
+def _implicit(smoke: bool) -> Comparison:
+    model, x, y = _case(smoke, seed=2)
+    unavailable: dict[str, str] = {}
+    names = [n for n, _ in model.named_parameters()]
+
+    def ours() -> object:
+        return estimate_gradient(
+            model, x, y, "implicit", step_size=EPS, tol=1e-6, tol_adjoint=1e-6
+        ).grads
+
+    candidates = [Candidate("gradstats implicit", ours, "relax + Richardson adjoint")]
+    note = missing("torchdeq")
+    if note is not None:
+        unavailable["torchdeq IFT backward"] = note
+    else:
+        import torchdeq
+
+        deq = torchdeq.get_deq(
+            core="indexing",
+            ift=True,
+            f_solver="fixed_point_iter",
+            b_solver="fixed_point_iter",
+            f_max_iter=500,
+            b_max_iter=500,
+            f_tol=1e-6,
+            b_tol=1e-6,
+            f_stop_mode="rel",
+            b_stop_mode="rel",
+        )
+        deq.train()
+
+        def theirs() -> object:
+            model.zero_grad()
+            z_out, _ = deq(lambda z: z + EPS * model.force(z, x), model.init_state(x))
+            model.loss(z_out[-1], y).backward()
+            return {
+                n: torch.zeros_like(p) if p.grad is None else p.grad.clone()
+                for n, p in zip(names, model.parameters(), strict=True)
+            }
+
+        candidates.append(Candidate("torchdeq IFT backward", theirs, "peer"))
+    return Comparison(
+        name="eqprop/implicit_gradient",
+        candidates=candidates,
+        baseline="gradstats implicit",
+        rtol=1e-2,
+        atol=1e-3,
+        params={"tol": 1e-6, "state": list(model.W.shape), "batch": x.shape[0]},
+        unavailable=unavailable,
+    )
+
+
+def comparisons(smoke: bool) -> list[Comparison]:
+    """The suite: gradient cost per T1, relaxation throughput, Anderson, implicit gradient."""
+    t1s = (20, 40) if smoke else (50, 100, 200, 400)
+    return [
+        *(_gradient(t1, smoke) for t1 in t1s),
+        _relax(smoke),
+        _anderson(smoke),
+        _implicit(smoke),
+    ]

@@ -1,0 +1,147 @@
+"""Variance gradient scaler: cost of one statistics update plus factor, side by side.
+
+* ``scaling/step-cost`` — a ~5M-parameter, 100-tensor model with gradients in place. Baseline:
+  one ``AdamW(foreach=True)`` step. Candidates: the scaler's update + factor (``temporal``,
+  ``same_point`` with two recorded micro-batches), and a per-tensor implementation of the same
+  temporal statistic that reads each tensor's sums with ``.item()`` (the original's style).
+  Goals: ours <= 0.5x the AdamW step, >= 10x faster than the ``.item()`` implementation
+  (the latter mostly a GPU effect: every ``.item()`` is a device sync).
+* ``scaling/same-numbers`` — ours and the ``.item()`` implementation on the same gradient
+  sequence give the same ρ.
+
+Persistent extra memory (state) is recorded in the comparison's params: the temporal statistic
+keeps one buffer per parameter (AdamW keeps two), the others only per-tensor scalars.
+
+Run: ``gradstats bench scaling`` (``--smoke`` for a seconds-long check).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+
+from gradstats import VarianceGradientScaler
+from gradstats.bench._harness import Candidate, Comparison
+
+__all__ = ["comparisons"]
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def _params(smoke: bool, seed: int = 0) -> list[tuple[str, torch.nn.Parameter]]:
+    blocks, rows, cols = (4, 16, 24) if smoke else (50, 256, 384)
+    g = torch.Generator().manual_seed(seed)
+    named = []
+    for b in range(blocks):
+        for name, shape in ((f"{b}.weight", (rows, cols)), (f"{b}.bias", (cols,))):
+            p = torch.nn.Parameter(torch.zeros(shape, device=DEVICE))
+            p.grad = (torch.randn(shape, generator=g) + 0.1).to(DEVICE)
+            named.append((name, p))
+    return named
+
+
+class ItemwiseTemporal:
+    """The temporal statistic computed tensor by tensor, with one ``.item()`` per reduction."""
+
+    def __init__(self, params: Sequence[torch.Tensor], beta: float) -> None:
+        self.params, self.beta, self.t = params, beta, 0
+        self.mean = [torch.zeros_like(p) for p in params]
+        self.var = [torch.zeros_like(p) for p in params]
+
+    def step(self) -> float:
+        self.t += 1
+        step = (1 - self.beta) / (1 - self.beta**self.t)
+        rho_w = (
+            (1 - self.beta) * (1 + self.beta**self.t) / ((1 + self.beta) * (1 - self.beta**self.t))
+        )
+        noise = signal = 0.0
+        for p, m, v in zip(self.params, self.mean, self.var, strict=True):
+            grad = p.grad
+            if grad is None or not torch.isfinite(grad).all().item():
+                continue
+            delta = grad - m
+            m.add_(delta, alpha=step)
+            v.add_(delta.square(), alpha=step).mul_(1 - step)
+            if self.t > 1:
+                unbiased = v.sum().item() / (1 - rho_w)
+                noise += unbiased
+                signal += m.square().sum().item() - rho_w * unbiased
+        return noise / signal if self.t > 1 and signal > 0 else float("nan")
+
+
+def _step_cost(smoke: bool) -> Comparison:
+    named = _params(smoke)
+    params = [p for _, p in named]
+    adamw = torch.optim.AdamW(params, lr=1e-3, foreach=True)
+    temporal = VarianceGradientScaler(named, beta=0.99)
+    same_point = VarianceGradientScaler(named, statistic="same_point", beta=0.99)
+    itemwise = ItemwiseTemporal(params, beta=0.99)
+    grads = [p.grad for p in params]
+    for _ in range(2):  # an estimate exists from the start
+        temporal.update_statistics()
+        itemwise.step()
+
+    def ours_same_point():
+        same_point.observe(grads)  # what the backward hooks record for two micro-batches
+        same_point.observe(grads)
+        same_point.update_statistics()
+
+    numel = sum(p.numel() for p in params)
+    return Comparison(
+        name="scaling/step-cost",
+        candidates=[
+            Candidate("AdamW(foreach) step", adamw.step, "baseline"),
+            Candidate("gradstats temporal", temporal.update_statistics, "update + factor"),
+            Candidate("gradstats same_point", ours_same_point, "2 micro-batches + update"),
+            Candidate("per-tensor .item()", itemwise.step, "same statistic, host reads"),
+        ],
+        baseline="AdamW(foreach) step",
+        check=False,
+        memory=True,
+        device=DEVICE,
+        params={
+            "parameters": numel,
+            "tensors": len(params),
+            "state_bytes_adamw": 2 * 4 * numel,
+            "state_bytes_temporal": 4 * numel + 16 * len(params),
+            "state_bytes_same_point": 32 * len(params),
+        },
+    )
+
+
+def _same_numbers(smoke: bool) -> Comparison:
+    steps = 3 if smoke else 8
+
+    def run(kind: str) -> torch.Tensor:
+        named = _params(True, seed=1)
+        params = [p for _, p in named]
+        ours = VarianceGradientScaler(named, beta=0.9)
+        reference = ItemwiseTemporal(params, beta=0.9)
+        g = torch.Generator().manual_seed(2)
+        rho = float("nan")
+        for _ in range(steps):
+            for p in params:
+                p.grad = (torch.randn(p.shape, generator=g) + 0.5).to(DEVICE)
+            if kind == "ours":
+                ours.update_statistics()
+                rho = ours.get_normalized_variance()
+            else:
+                rho = reference.step()
+        return torch.tensor(rho)
+
+    return Comparison(
+        name="scaling/same-numbers",
+        candidates=[
+            Candidate("gradstats temporal", lambda: run("ours")),
+            Candidate("per-tensor .item()", lambda: run("itemwise")),
+        ],
+        baseline="per-tensor .item()",
+        rtol=1e-4,  # float32 state on both sides, different summation order
+        device=DEVICE,
+    )
+
+
+def comparisons(smoke: bool) -> list[Comparison]:
+    """The suite's comparisons (``smoke``: tiny sizes)."""
+    return [_step_cost(smoke), _same_numbers(smoke)]
