@@ -1,8 +1,9 @@
 """The package stays small and acyclic: every module ≤ 400 lines, no import cycle inside a pillar.
 
 An import counts wherever it stands: module level, inside a function, or under
-``if TYPE_CHECKING:`` (a type-only cycle still ties the modules together); a pillar is a direct subpackage of ``gradstats`` (``gradstats.fisher``,
-``gradstats.eqprop``, ...), including its own subpackages.
+``if TYPE_CHECKING:`` (a type-only cycle still ties the modules together). A pillar is a direct
+subpackage of ``gradstats`` (``gradstats.fisher``, ``gradstats.eqprop``, ...) with its own
+subpackages.
 """
 
 from __future__ import annotations
