@@ -35,7 +35,8 @@ def test_python_dash_m_runs_the_cli():
     assert done.stdout.strip() == f"gradstats {gradstats.__version__}"
 
 
-def test_demo_writes_its_report(tmp_path, capsys):
+def test_demo_writes_its_report_and_runs_again_in_the_same_folder(tmp_path, capsys):
+    """The README says to run it again: a second run with the same --out replaces the first."""
     out = tmp_path / "demo"
     args = ["demo", "--out", str(out), "--steps", "6", "--d-model", "16", "--n-heads", "2",
             "--block-size", "16", "--batch-size", "4", "--micro-batches", "2", "--probe-batch",
@@ -43,6 +44,11 @@ def test_demo_writes_its_report(tmp_path, capsys):
             "--workers", "1",
             "--no-progress"]  # fmt: skip
     assert main(args) == 0
+    first = json.loads((out / "demo.json").read_text())
+    (out / "notes.txt").write_text("the user's own file")
+    capsys.readouterr()
+    assert main(args) == 0, capsys.readouterr().err
+    assert (out / "notes.txt").read_text() == "the user's own file"  # not the demo's: kept
     report = (out / "report.md").read_text()
     assert report.startswith("# gradstats demo")
     for figure in ("curves.png", "probe/probe.png", "fisher/heads_heatmap.png", "scaler_trace.png"):
@@ -54,6 +60,7 @@ def test_demo_writes_its_report(tmp_path, capsys):
     assert set(record["probe"]["min_cos"]) == {"aep", "holomorphic"}
     assert record["fisher"]["counts"]["samples"] == 4
     assert any("rho_reference" in row for row in record["scaler_trace"])
+    assert record["training"]["aep"]["val_ce"] == first["training"]["aep"]["val_ce"]
     exact = record["exact_streaming"]
     assert exact["max_rel_error_mean_vs_autograd"] < 1e-12
     assert exact["max_rel_error_variance_vs_dense"] < 1e-12
@@ -76,11 +83,32 @@ def test_bad_input_exits_2_with_one_line(args, message, capsys, tmp_path):
     assert "\n" not in err
 
 
-def test_unknown_option_is_an_argparse_error(capsys):
+@pytest.mark.parametrize(
+    ("args", "usage", "hint"),
+    [
+        (["demo", "--stpes", "3"], "usage: gradstats demo ", "(did you mean --steps?)"),
+        (["eqprop", "train", "--stpes", "3"], "usage: gradstats eqprop train ",
+         "unrecognized arguments: --stpes 3 (did you mean --steps?)"),
+        (["eqprop", "probe", "RUN", "--metods", "aep"], "usage: gradstats eqprop probe ",
+         "(did you mean --methods?)"),
+        (["fisher", "gpt2", "--seq-lenn", "8"], "usage: gradstats fisher ",
+         "(did you mean --seq-len?)"),
+        (["bench", "--smokee"], "usage: gradstats bench ", "(did you mean --smoke?)"),
+        (["eqprop", "trian"], "usage: gradstats eqprop ", "did you mean 'train'?"),
+        (["demoo"], "usage: gradstats ", "did you mean 'demo'?"),
+        (["fisher", "gpt2", "--kind", "empiricl"], "usage: gradstats fisher ",
+         "did you mean 'empirical'?"),
+    ],
+)  # fmt: skip
+def test_a_typo_prints_the_commands_usage_with_a_suggestion(args, usage, hint, capsys):
     with pytest.raises(SystemExit) as exit_info:
-        main(["demo", "--stpes", "3"])
+        main(args)
     assert exit_info.value.code == 2
-    assert "unrecognized arguments: --stpes" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert err.startswith(usage)
+    assert hint in err.strip().splitlines()[-1]
+    if args[0] != "demoo":  # a subcommand's typo: not the top-level usage
+        assert "[--version] COMMAND" not in err
 
 
 def test_bench_lists_suites(capsys):

@@ -114,7 +114,7 @@ def test_probe_beta_overrides_apply_per_kind():
     """--beta sets the real nudges, --r the holomorphic radius; a holomorphic run's r is r."""
     from types import SimpleNamespace
 
-    from gradstats.cli._eqprop import ProbeConfig, _betas
+    from gradstats.cli._eqprop_probe import ProbeConfig, _betas
     from gradstats.eqprop.models import EquilibriumTransformer
 
     model = EquilibriumTransformer(5, 4, 8, 2)

@@ -13,6 +13,8 @@ On the embedded character-level Shakespeare corpus it
 
 It writes ``report.md`` (with ``curves.png``, ``probe/probe.png``, ``fisher/heads_heatmap.png``
 and ``scaler_trace.png``) and ``demo.json`` into ``--out`` and prints the folder at the end.
+Run it again with the same ``--out`` and it replaces its previous output there (a non-empty
+folder that is not a demo's output is refused).
 """
 
 from __future__ import annotations
@@ -21,16 +23,21 @@ import argparse
 import contextlib
 import io
 import json
+import shutil
 import time
+from collections.abc import Callable
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
 from multiprocessing import get_context
 from pathlib import Path
+from typing import Any
 
+from gradstats.cli._checks import check_out_dir
 from gradstats.cli._config import add_config_arguments, config_from_args, option
 from gradstats.cli._demo_sections import exact_streaming, plot_scaler_trace, scaler_trace
+from gradstats.errors import ConfigurationError
 
-__all__ = ["DemoConfig", "register", "run_demo"]
+__all__ = ["MARKER", "DemoConfig", "prepare_out", "register", "run_demo"]
 
 _METHODS = ("aep", "bptt")
 
@@ -62,11 +69,11 @@ class DemoConfig:
         ):  # fmt: skip
             if getattr(self, name) < 1:
                 flag = "--" + name.replace("_", "-")
-                raise ValueError(f"{flag} must be >= 1; got {getattr(self, name)}")
+                raise ConfigurationError(f"{flag} must be >= 1; got {getattr(self, name)}")
         if self.d_model % self.n_heads:
-            raise ValueError(f"--d-model={self.d_model} must be divisible by --n-heads")
+            raise ConfigurationError(f"--d-model={self.d_model} must be divisible by --n-heads")
         if self.batch_size % self.micro_batches:
-            raise ValueError(
+            raise ConfigurationError(
                 f"--batch-size={self.batch_size} must be divisible by "
                 f"--micro-batches={self.micro_batches}"
             )
@@ -132,32 +139,29 @@ def _train_both(config: DemoConfig) -> dict[str, dict]:
     return runs
 
 
-def _captured(argv: list[str]) -> str:
-    """Run a gradstats command in this process and return what it printed."""
-    from gradstats.cli import main
+def _probe(config: DemoConfig) -> dict[str, Any]:
+    """``gradstats eqprop probe`` of the AEP run (its errors reach the CLI as they are)."""
+    from gradstats.cli._eqprop_probe import ProbeConfig, run_probe
 
+    out = config.out / "probe"
+    probe_config = ProbeConfig(
+        path=config.out / "aep",
+        out=out,
+        methods=("aep", "holomorphic"),
+        batch_size=config.probe_batch,
+        seed=config.seed,
+        t2_sweep=(10, 20, 40),
+        points_sweep=(2, 4, 6),
+    )
     buffer = io.StringIO()
     with contextlib.redirect_stdout(buffer):
-        code = main(argv)
-    if code != 0:
-        raise RuntimeError(f"'gradstats {' '.join(argv)}' failed (exit {code})")
-    return buffer.getvalue()
-
-
-def _probe(config: DemoConfig) -> dict:
-    out = config.out / "probe"
-    text = _captured(
-        ["eqprop", "probe", str(config.out / "aep"), "--out", str(out),
-         "--methods", "aep", "holomorphic", "--batch-size", str(config.probe_batch),
-         "--seed", str(config.seed), "--t2-sweep", "10", "20", "40",
-         "--points-sweep", "2", "4", "6"]
-    )  # fmt: skip
+        run_probe(probe_config)
     record = json.loads((out / "probe.json").read_text())
     worst: dict[str, float] = {}
     for row in record["rows"]:
         if row["sweep"] is None and row["group"] != "all":
             worst[row["method"]] = min(worst.get(row["method"], 1.0), row["cos"])
-    return {"min_cos": worst, "diagnose": record["diagnose"], "text": text}
+    return {"min_cos": worst, "diagnose": record["diagnose"], "text": buffer.getvalue()}
 
 
 def _fisher(config: DemoConfig, corpus) -> dict:
@@ -189,7 +193,7 @@ def _quiet_warnings():
 
     stack = contextlib.ExitStack()
     stack.enter_context(warnings.catch_warnings())
-    warnings.filterwarnings("ignore", message=".*per-sample.*|.*torch.func.*", module="gradstats")
+    warnings.filterwarnings("ignore", message=".*per-sample.*|.*torch.func.*")
     return stack
 
 
@@ -211,27 +215,65 @@ def _scaler(config: DemoConfig, corpus) -> list[dict]:
     )
 
 
+MARKER = ".gradstats-demo"  # written first into --out: the folder is a demo's output
+_OUTPUTS = (MARKER, "aep", "bptt", "probe", "fisher", "curves.png", "scaler_trace.png",
+            "report.md", "demo.json")  # fmt: skip
+
+
+def prepare_out(out: Path) -> None:
+    """Make ``out`` ready for a demo run, before any compute.
+
+    A new or empty folder is used as it is. A previous demo's output (it holds the marker
+    ``.gradstats-demo``, or ``demo.json`` from before the marker) is replaced: the demo's own
+    entries (:data:`_OUTPUTS`) are removed, anything else in the folder is kept. Any other
+    non-empty folder is refused, so that a mistyped ``--out`` never loses a user's files.
+
+    Raises:
+        ConfigurationError: ``out`` is not empty and is not a demo's output.
+    """
+    check_out_dir(out)
+    if out.is_dir() and any(out.iterdir()):
+        if not ((out / MARKER).is_file() or (out / "demo.json").is_file()):
+            raise ConfigurationError(
+                f"--out {out} is not empty and is not the output of an earlier gradstats demo: "
+                "choose a new or empty folder"
+            )
+        for name in _OUTPUTS:
+            entry = out / name
+            if entry.is_dir() and not entry.is_symlink():
+                shutil.rmtree(entry)
+            else:
+                entry.unlink(missing_ok=True)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / MARKER).write_text("written by 'gradstats demo': a later run replaces this folder\n")
+
+
 def run_demo(config: DemoConfig) -> Path:
-    """Run every part, write ``report.md``, ``demo.json`` and the plots; return the folder."""
+    """Run every part, write ``report.md``, ``demo.json`` and the plots; return the folder.
+
+    ``config.out`` is prepared first (:func:`prepare_out`): running the demo again with the same
+    folder replaces its previous output.
+    """
     from gradstats.cli._demo_report import write_report
     from gradstats.data import load_corpus
     from gradstats.eqprop.train import plot_curves
 
-    config.out.mkdir(parents=True, exist_ok=True)
     corpus = load_corpus(None)
     corpus.check_block_size(config.block_size)
+    prepare_out(config.out)
     timings = {}
     start = time.perf_counter()
     runs = _train_both(config)
     plot_curves({m: r["records"] for m, r in runs.items()}, config.out / "curves.png", "demo")
     timings["training"] = time.perf_counter() - start
-    results: dict[str, object] = {"runs": runs}
-    for name, part in (
+    results: dict[str, Any] = {"runs": runs}
+    parts: tuple[tuple[str, Callable[[], object]], ...] = (
         ("probe", lambda: _probe(config)),
         ("fisher", lambda: _fisher(config, corpus)),
         ("scaler", lambda: _scaler(config, corpus)),
         ("moments", lambda: exact_streaming(config.seed)),
-    ):
+    )
+    for name, part in parts:
         start = time.perf_counter()
         results[name] = part()
         timings[name] = time.perf_counter() - start

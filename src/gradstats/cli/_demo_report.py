@@ -8,6 +8,7 @@ from dataclasses import asdict
 from pathlib import Path
 
 from gradstats._format import format_table
+from gradstats.cli._files import write_text_atomic
 
 __all__ = ["write_report"]
 
@@ -141,8 +142,8 @@ def write_report(config, results: dict) -> Path:
         format_table(moments, ["check", "value"], markdown=True),
         "",
     ]
-    (out / "report.md").write_text("\n".join(lines))
-    (out / "demo.json").write_text(json.dumps(_json_ready(results, config), indent=1))
+    write_text_atomic(out / "demo.json", json.dumps(_json_ready(results, config), indent=1))
+    write_text_atomic(out / "report.md", "\n".join(lines))
     print(format_table(_training_rows(runs), _TRAINING_HEADER))
     print(f"val CE ratio AEP / BPTT: {ratio:.3f}\n")
     cosines = [[m, f"{c:.6f}"] for m, c in probe["min_cos"].items()]

@@ -15,7 +15,8 @@ SOURCE is one of
 
 Without a tokenizer the text is mapped byte by byte: token id = UTF-8 byte value when the
 vocabulary has at least 256 entries, else byte value mod vocabulary size (documented fallback).
-The text is cut into sequences of ``--seq-len`` tokens, ``--batch-size`` per batch.
+The text is cut into sequences of ``--seq-len`` tokens (at most the model's positions),
+``--batch-size`` per batch.
 
 Writes ``fisher.safetensors`` (see ``FisherCollector.save``), ``summary.json`` and
 ``heads_heatmap.png`` (layers × heads) into ``--out``, and prints the top groups.
@@ -32,14 +33,18 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import warnings
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
 
 from gradstats._format import format_table
+from gradstats.cli._checks import check_out_dir, resolve_device
 from gradstats.cli._config import add_config_arguments, config_from_args, option
+from gradstats.cli._files import atomic_path, write_text_atomic
+from gradstats.cli._fisher_source import encode, load_source, max_positions, overrides, vocab_size
+from gradstats.errors import ConfigurationError
 
 __all__ = ["FisherConfig", "register", "run_fisher"]
 
@@ -67,147 +72,28 @@ class FisherConfig:
         "mask", "group quantity of the table and heatmap", choices=("trace", "mask")
     )
     progress: bool = option(True, "show a progress bar")
-    device: str = option("cpu", "device of the model", choices=("cpu", "cuda"))
+    device: str = option("cpu", "device of the model (cpu, cuda, cuda:1, ...)")
 
 
-def _overrides(pairs: tuple[str, ...]) -> dict[str, object]:
-    out = {}
-    for pair in pairs:
-        key, sep, value = pair.partition("=")
-        if not sep or not key:
-            raise ValueError(f"--set expects KEY=VALUE; got {pair!r}")
-        try:
-            out[key] = json.loads(value)
-        except json.JSONDecodeError:
-            out[key] = value
-    return out
-
-
-def _hf_folder(path: Path, overrides):
-    from transformers import AutoConfig, AutoModelForCausalLM
-
-    try:
-        config = AutoConfig.from_pretrained(path, local_files_only=True, **overrides)
-        weights = any(path.glob("*.safetensors")) or any(path.glob("pytorch_model*.bin"))
-        if weights and not overrides:
-            model = AutoModelForCausalLM.from_pretrained(path, local_files_only=True)
-            return model, _tokenizer(path), f"Hugging Face folder {path}"
-    except (OSError, KeyError) as error:
-        raise ValueError(
-            f"cannot load the model in {path}: {str(error).splitlines()[0][:120]}"
-        ) from None
-    warnings.warn(f"{path}: no weights (or config overrides): random initialisation", stacklevel=2)
-    model = AutoModelForCausalLM.from_config(config)
-    return model, _tokenizer(path), f"Hugging Face folder {path} (random weights)"
-
-
-def _tokenizer(path: Path):
-    from transformers import AutoTokenizer
-
-    try:
-        return AutoTokenizer.from_pretrained(path, local_files_only=True)
-    except (OSError, ValueError, TypeError, KeyError):
-        return None
-
-
-def _is_run_folder(path: Path) -> bool:
-    """A gradstats run folder (``gradstats eqprop train`` output: ``checkpoint.pt``)."""
-    return path.is_dir() and not (path / "config.json").is_file()
-
-
-class _CharTokenizer:
-    """The character vocabulary of a gradstats run (token id = position in ``vocab``)."""
-
-    def __init__(self, vocab: str) -> None:
-        self.index = {ch: i for i, ch in enumerate(vocab)}
-
-    def __call__(self, text: str) -> dict[str, list[int]]:
-        ids = [self.index[ch] for ch in text if ch in self.index]
-        dropped = len(text) - len(ids)
-        if dropped:
-            warnings.warn(f"{dropped} characters are not in the run's vocabulary", stacklevel=2)
-        return {"input_ids": ids}
-
-
-def _load_run_folder(path: Path, overrides):
-    if not (path / "checkpoint.pt").is_file():
-        raise ValueError(
-            f"{path} is neither a Hugging Face model folder (config.json) nor a gradstats run "
-            "folder (checkpoint.pt)"
-        )
-    if overrides:
-        raise ValueError("--set applies to config sources, not to a gradstats run folder")
-    try:
-        from gradstats.eqprop.train import build_from_checkpoint, load_checkpoint
-    except ImportError:
-        raise ValueError(
-            f"{path} is a gradstats run folder, but this gradstats has no equilibrium-"
-            "transformer checkpoint loader (gradstats.eqprop.train)"
-        ) from None
-    state = load_checkpoint(path)
-    model = build_from_checkpoint(state)
-    vocab = (state.get("corpus") or {}).get("vocab")
-    tokenizer = _CharTokenizer(vocab) if vocab else None
-    what = f"gradstats run {path} ({state['model_class']}, step {state['step']})"
-    return model, tokenizer, what
-
-
-def _from_config(config_dict: dict, overrides, what: str):
-    from transformers import AutoConfig, AutoModelForCausalLM
-
-    model_type = config_dict.pop("model_type", None)
-    if not isinstance(model_type, str):
-        raise ValueError(f"{what} has no 'model_type'")
-    try:
-        config = AutoConfig.for_model(model_type, **(config_dict | overrides))
-    except ValueError as error:
-        raise ValueError(
-            f"unknown model type {model_type!r} ({str(error).splitlines()[0][:80]})"
-        ) from None
-    return AutoModelForCausalLM.from_config(config), None, what
-
-
-def load_source(source: str, overrides: dict[str, object]):
-    """(model, tokenizer or None, description) for SOURCE; see the module docstring."""
-    path = Path(source)
-    if path.is_dir():
-        loader = _load_run_folder if _is_run_folder(path) else _hf_folder
-        return loader(path, overrides)
-    if path.suffix == ".json":
-        if not path.is_file():
-            raise FileNotFoundError(f"no config file {path}")
-        return _from_config(json.loads(path.read_text()), overrides, f"config {path}")
-    if not source:
-        raise ValueError("SOURCE is required: an HF model folder, a config JSON or a model type")
-    return _from_config(
-        {"model_type": source}, overrides, f"model type {source!r} (random weights)"
-    )
-
-
-def _vocab_size(model) -> int:
-    output = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
-    if output is not None:
-        return output.weight.shape[0]
-    if isinstance(getattr(model, "vocab_size", None), int):
-        return model.vocab_size
-    raise ValueError(f"cannot tell the vocabulary size of {type(model).__name__}")
-
-
-def encode(text: str, tokenizer, vocab_size: int) -> list[int]:
-    """Token ids of ``text``: the tokenizer's, or UTF-8 bytes (mod ``vocab_size`` if < 256)."""
-    if tokenizer is not None:
-        return list(tokenizer(text)["input_ids"])
-    data = text.encode("utf-8")
-    return list(data) if vocab_size >= 256 else [b % vocab_size for b in data]
-
-
-def _batches(ids: list[int], config: FisherConfig):
+def _rows(ids: list[int], config: FisherConfig, model: torch.nn.Module) -> torch.Tensor:
+    """The text as [n, seq_len] token rows; checks it fills one and fits the model."""
     n = len(ids) // config.seq_len
     if n == 0:
-        raise ValueError(f"the text has {len(ids)} tokens, fewer than --seq-len {config.seq_len}")
-    rows = torch.tensor(ids[: n * config.seq_len]).view(n, config.seq_len)
-    for start in range(0, n, config.batch_size):
-        yield rows[start : start + config.batch_size]
+        raise ConfigurationError(
+            f"the text has {len(ids)} tokens, fewer than --seq-len {config.seq_len}"
+        )
+    limit = max_positions(model)
+    if limit is not None and config.seq_len > limit[0]:
+        raise ConfigurationError(
+            f"--seq-len {config.seq_len} exceeds the model's {limit[0]} positions "
+            f"({limit[1]}); pass --seq-len {limit[0]} or less"
+        )
+    return torch.tensor(ids[: n * config.seq_len]).view(n, config.seq_len)
+
+
+def _batches(rows: torch.Tensor, batch_size: int) -> Iterator[torch.Tensor]:
+    for start in range(0, rows.shape[0], batch_size):
+        yield rows[start : start + batch_size]
 
 
 def _heatmap(values: dict[str, torch.Tensor], families, path: Path, title: str) -> bool:
@@ -228,56 +114,70 @@ def _heatmap(values: dict[str, torch.Tensor], families, path: Path, title: str) 
     ax.set_yticks(range(len(rows)), [str(layer) for layer, _ in rows])
     fig.colorbar(image, ax=ax)
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    try:
+        with atomic_path(path) as tmp:
+            fig.savefig(tmp, dpi=120, format="png")
+    finally:
+        plt.close(fig)
     return True
 
 
 def _device(name: str) -> torch.device:
-    if name == "cpu":
-        return torch.device("cpu")
-    if not torch.cuda.is_available():
-        raise ValueError("--device cuda: no CUDA device is available")
-    return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+    """The checked ``--device``; a bare ``cuda`` is ``cuda:LOCAL_RANK`` (one GPU per rank)."""
+    device = resolve_device(name)
+    if device.type == "cuda" and device.index is None:
+        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+    return device
 
 
 def run_fisher(config: FisherConfig) -> Path:
     """Collect, save, print the table and draw the heatmap; returns the output folder.
 
-    Under a ``torch.distributed`` process group (or ``torchrun``) only rank 0 writes and prints.
+    Every option, ``--out`` and ``--device`` are checked before the process group is joined and
+    the model is built. Under a ``torch.distributed`` process group (or ``torchrun``) only rank
+    0 writes and prints; every file is written atomically.
     """
     from gradstats._torchrun import torchrun_process_group
 
-    _check_config(config)
+    text = _check_config(config)
     with torchrun_process_group(config.device) as (rank, world):
-        return _run(config, rank, world)
+        return _run(config, text, rank, world)
 
 
-def _check_config(config: FisherConfig) -> None:
+def _check_config(config: FisherConfig) -> str:
+    """Check every option before any compute; return the text."""
     for name in ("mc_samples", "seq_len", "batch_size", "max_batches", "top"):
         if getattr(config, name) < 1:
-            raise ValueError(
+            raise ConfigurationError(
                 f"--{name.replace('_', '-')} must be >= 1; got {getattr(config, name)}"
             )
     if config.seq_len < 2:
-        raise ValueError("--seq-len must be >= 2 (one next-token target)")
+        raise ConfigurationError("--seq-len must be >= 2 (one next-token target)")
+    if config.kind != "mc" and config.mc_samples != 1:
+        raise ConfigurationError("--mc-samples applies to --kind mc only")
+    overrides(config.set)
+    _device(config.device)
+    check_out_dir(config.out)
     if config.text is None:
-        raise ValueError("--text FILE is required")
+        raise ConfigurationError("--text FILE is required")
     if not config.text.is_file():
         raise FileNotFoundError(f"no text file {config.text}")
-    if config.kind != "mc" and config.mc_samples != 1:
-        raise ValueError("--mc-samples applies to --kind mc only")
+    try:
+        return config.text.read_text(encoding="utf-8")
+    except UnicodeDecodeError as error:
+        raise ConfigurationError(
+            f"--text {config.text} is not UTF-8 text (byte {error.start})"
+        ) from None
 
 
-def _run(config: FisherConfig, rank: int, world: int) -> Path:
+def _run(config: FisherConfig, text: str, rank: int, world: int) -> Path:
     from gradstats.fisher import FisherCollector, importance_ranking
 
     device = _device(config.device)
     torch.manual_seed(config.seed)  # the same random initialisation on every rank
-    model, tokenizer, description = load_source(config.source, _overrides(config.set))
+    model, tokenizer, description = load_source(config.source, overrides(config.set))
     model = model.to(device=device, dtype=getattr(torch, config.dtype)).eval()
-    vocab = _vocab_size(model)
-    ids = encode(config.text.read_text(encoding="utf-8"), tokenizer, vocab)
+    rows = _rows(encode(text, tokenizer, vocab_size(model)), config, model)
     fc = FisherCollector(
         model,
         config.kind,
@@ -288,7 +188,7 @@ def _run(config: FisherConfig, rank: int, world: int) -> Path:
         max_exact_passes=10**9,
     )
     fc.collect_loader(
-        _batches(ids, config),
+        _batches(rows, config.batch_size),
         max_batches=config.max_batches,
         progress=config.progress and rank == 0,
         device=device,
@@ -298,7 +198,8 @@ def _run(config: FisherConfig, rank: int, world: int) -> Path:
         return config.out
     out = config.out
     out.mkdir(parents=True, exist_ok=True)
-    fc.save(out / "fisher.safetensors")
+    with atomic_path(out / "fisher.safetensors") as tmp:
+        fc.save(tmp)
     per_unit = [
         f.name for f in fc.families if f.per_unit and f.kind in ("heads", "neurons", "channel")
     ]
@@ -321,7 +222,7 @@ def _run(config: FisherConfig, rank: int, world: int) -> Path:
         "handlers": fc.handlers,
         "top_groups": ranking,
     }
-    (out / "summary.json").write_text(json.dumps(summary, indent=1))
+    write_text_atomic(out / "summary.json", json.dumps(summary, indent=1))
     print(f"{description}: {fc.counts['samples']} sequences, {fc.counts['tokens']} targets")
     if ranking:
         print(format_table([[n, v] for n, v in ranking], ["group", f"{config.rank_by} Fisher"]))

@@ -14,45 +14,115 @@ Keys (format ``gradstats.eqprop.train``, version 1):
   older checkpoints, read as 1). Under W ranks the checkpoint is written by rank 0 only; every
   rank holds the same weights and generator states, and a resume needs the same W.
 
-Writes are atomic (a temporary file renamed over the old one), so an interrupted or failed run
-always leaves the last complete checkpoint.
+:data:`REQUIRED` keys are needed to rebuild the model; a resume also needs :data:`RESUME_KEYS`
+(dotted names reach into nested dicts). A file that misses any of the keys asked for raises a
+:class:`~gradstats.errors.StateError` naming them, before anything is built.
+
+Writes are atomic (a temporary file renamed over the old one; the temporary file is removed when
+the write fails, e.g. on a full disk), so an interrupted or failed run always leaves the last
+complete checkpoint and nothing else.
 """
 
 from __future__ import annotations
 
 import os
+import pickle
+import warnings
+from collections.abc import Iterable
 from pathlib import Path
+from typing import Any
 
 import torch
 
 from gradstats.eqprop.models.baseline import BackpropTransformer
 from gradstats.eqprop.models.transformer import EquilibriumTransformer
+from gradstats.errors import StateError
 
-__all__ = ["FORMAT", "VERSION", "build_from_checkpoint", "load_checkpoint", "save_checkpoint"]
+__all__ = [
+    "FORMAT",
+    "REQUIRED",
+    "RESUME_KEYS",
+    "VERSION",
+    "build_from_checkpoint",
+    "load_checkpoint",
+    "save_checkpoint",
+]
 
 FORMAT, VERSION = "gradstats.eqprop.train", 1
 CHECKPOINT = "checkpoint.pt"
-_CLASSES = {
+REQUIRED = ("config", "model_class", "model_config", "model", "step")
+RESUME_KEYS = ("optimizer", "rng.data", "rng.noise", "rng.torch", "counters", "corpus.sha256")
+_CLASSES: dict[str, type[torch.nn.Module]] = {
     "EquilibriumTransformer": EquilibriumTransformer,
     "BackpropTransformer": BackpropTransformer,
 }
+_TYPES: dict[str, type | tuple[type, ...]] = {
+    "config": dict,
+    "model_class": str,
+    "model_config": dict,
+    "model": dict,
+    "step": int,
+}
 
 
-def save_checkpoint(path: str | Path, payload: dict) -> Path:
-    """Write ``payload`` (plus format/version) atomically to ``path``."""
+def save_checkpoint(path: str | Path, payload: dict[str, Any]) -> Path:
+    """Write ``payload`` (plus format/version) atomically to ``path``.
+
+    The bytes go through a Python file handle, so a full disk raises ``OSError`` (``ENOSPC``)
+    naming ``path`` rather than torch's ``RuntimeError`` from its zip writer; the temporary file
+    is removed on any failure.
+    """
     path = Path(path)
     tmp = path.with_name(path.name + ".tmp")
-    torch.save({"format": FORMAT, "version": VERSION, **payload}, tmp)
-    os.replace(tmp, path)
+    try:
+        with tmp.open("wb") as handle:
+            torch.save({"format": FORMAT, "version": VERSION, **payload}, handle)
+        os.replace(tmp, path)
+    except OSError as error:
+        tmp.unlink(missing_ok=True)
+        reason = error.strerror or str(error) or type(error).__name__
+        raise type(error)(error.errno, f"cannot write the checkpoint {path}: {reason}") from error
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
     return path
 
 
-def load_checkpoint(path: str | Path) -> dict:
+def _lookup(state: dict[str, Any], dotted: str) -> bool:
+    node: object = state
+    for part in dotted.split("."):
+        if not isinstance(node, dict) or part not in node:
+            return False
+        node = node[part]
+    return True
+
+
+def _what(path: Path) -> str:
+    """What a file that torch cannot read looks like, from its first bytes."""
+    with path.open("rb") as handle:
+        head = handle.read(4)
+    if not head:
+        return "an empty file"
+    if head == b"PK\x03\x04":
+        return "a damaged or truncated torch file, or one holding objects other than tensors"
+    if head[:1] == b"\x80":
+        return "a pickle of objects other than tensors"
+    return "not a torch file"
+
+
+def load_checkpoint(path: str | Path, *, require: Iterable[str] = ()) -> dict[str, Any]:
     """Read a run checkpoint (a file, or a run folder holding ``checkpoint.pt``).
+
+    Args:
+        path: the checkpoint file or its run folder.
+        require: keys needed beyond :data:`REQUIRED` (dotted for nested keys, e.g.
+            :data:`RESUME_KEYS` for a resume).
 
     Raises:
         FileNotFoundError: no checkpoint there.
-        ValueError: the file is not a readable gradstats training checkpoint.
+        StateError: the file is not a gradstats training checkpoint (not a torch file, a
+            truncated one, foreign objects, another format or version), misses keys (named), or
+            holds keys of the wrong type.
     """
     path = Path(path)
     if path.is_dir():
@@ -60,39 +130,85 @@ def load_checkpoint(path: str | Path) -> dict:
     if not path.is_file():
         raise FileNotFoundError(f"no checkpoint at {path}")
     try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as error:  # a truncated or foreign file: say so in one line
-        reason = str(error).splitlines()[0] if str(error) else type(error).__name__
-        raise ValueError(f"{path} is not a readable checkpoint ({reason})") from None
+        with warnings.catch_warnings():  # torch warns about foreign pickle protocols
+            warnings.simplefilter("ignore")
+            state = torch.load(path, map_location="cpu", weights_only=True)
+    except OSError:
+        raise
+    except (pickle.UnpicklingError, RuntimeError, EOFError, KeyError, ValueError, TypeError,
+            AttributeError, IndexError, ImportError, UnicodeDecodeError):  # fmt: skip
+        # a text file, a truncated file or a pickle of arbitrary objects; torch's own message
+        # ("re-run with weights_only=False") is the wrong advice for a file that is not ours
+        raise StateError(
+            f"{path} is not a readable checkpoint: not a gradstats checkpoint ({_what(path)})"
+        ) from None
     if not isinstance(state, dict) or state.get("format") != FORMAT:
-        raise ValueError(f"{path} is not a gradstats training checkpoint (format {FORMAT!r})")
+        raise StateError(f"{path} is not a gradstats training checkpoint (format {FORMAT!r})")
     if state.get("version") != VERSION:
-        raise ValueError(
+        raise StateError(
             f"{path} has checkpoint version {state.get('version')!r}; this gradstats reads "
             f"version {VERSION}"
         )
-    missing = [
-        k for k in ("config", "model_class", "model_config", "model", "step") if k not in state
-    ]
+    missing = [k for k in (*REQUIRED, *require) if not _lookup(state, k)]
     if missing:
-        raise ValueError(f"{path} is missing {missing}")
+        raise StateError(f"{path} is an incomplete checkpoint: it misses {', '.join(missing)}")
+    wrong = [
+        f"{k} ({type(state[k]).__name__}, not {getattr(t, '__name__', t)})"
+        for k, t in _TYPES.items()
+        if not isinstance(state[k], t) or (k == "step" and isinstance(state[k], bool))
+    ]
+    if wrong:
+        raise StateError(f"{path} holds keys of the wrong type: {', '.join(wrong)}")
     return state
 
 
-def build_from_checkpoint(state: dict) -> torch.nn.Module:
+def _check_fit(name: str, expected: dict[str, torch.Tensor], weights: dict[str, Any]) -> None:
+    """Raise a StateError (one line) unless ``weights`` has exactly the model's keys and shapes."""
+    missing = [k for k in expected if k not in weights]
+    unexpected = [k for k in weights if k not in expected]
+    shapes = [
+        f"{k} {list(weights[k].shape)} (model: {list(v.shape)})"
+        for k, v in expected.items()
+        if k in weights and weights[k].shape != v.shape
+    ]
+    problems = []
+    for label, keys in (("missing", missing), ("unexpected", unexpected), ("wrong shape", shapes)):
+        if keys:
+            more = f" and {len(keys) - 3} more" if len(keys) > 3 else ""
+            problems.append(f"{len(keys)} {label}: {', '.join(keys[:3])}{more}")
+    if problems:
+        raise StateError(f"the checkpoint's weights do not fit its {name}: {'; '.join(problems)}")
+
+
+def build_from_checkpoint(state: dict[str, Any]) -> torch.nn.Module:
     """The model of a checkpoint, with its weights loaded, in the run's dtype (bitwise).
 
     The dtype is that of the saved floating-point weights (a float64 run stays float64), not
     torch's default dtype.
+
+    Raises:
+        StateError: an unknown model class, constructor arguments the class does not take,
+            mixed dtypes, or weights that do not fit the model (missing, unexpected or
+            wrongly shaped tensors). Nothing is returned half-loaded.
     """
     name = state["model_class"]
     if name not in _CLASSES:
-        raise ValueError(f"unknown model class {name!r} in the checkpoint")
-    model = _CLASSES[name](**state["model_config"])
-    dtypes = {t.dtype for t in state["model"].values() if t.is_floating_point()}
+        known = ", ".join(sorted(_CLASSES))
+        raise StateError(f"unknown model class {name!r} in the checkpoint (known: {known})")
+    try:
+        model = _CLASSES[name](**state["model_config"])
+    except (TypeError, ValueError) as error:
+        raise StateError(
+            f"the checkpoint's model_config does not build a {name}: {error}"
+        ) from None
+    weights = state["model"]
+    if not all(isinstance(t, torch.Tensor) for t in weights.values()):
+        raise StateError("the checkpoint's model weights are not all tensors")
+    dtypes = {t.dtype for t in weights.values() if t.is_floating_point()}
     if len(dtypes) > 1:
-        raise ValueError(f"the checkpoint's weights mix dtypes {sorted(map(str, dtypes))}")
+        raise StateError(f"the checkpoint's weights mix dtypes {sorted(map(str, dtypes))}")
     if dtypes:
         model.to(dtypes.pop())
-    model.load_state_dict(state["model"])
+    _check_fit(name, model.state_dict(), weights)
+    model.load_state_dict(weights)
     return model

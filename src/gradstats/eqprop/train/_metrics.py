@@ -8,15 +8,37 @@ evaluation steps add ``val_ce``, spot-check steps ``cos_implicit`` (all paramete
 ``cos_implicit_min`` with the group that attains it (``cos_implicit_group``) and the residual
 of that reference's adjoint solve (``implicit_res_adjoint``), both at the weights the step's
 estimate used. ``time`` is the wall time since the start.
+
+Rewrites (:meth:`MetricsLog.truncate`) and the figure are written atomically (a temporary file
+renamed over the target, removed when the write fails), so a full disk leaves the previous file
+and no temporary one.
 """
 
 from __future__ import annotations
 
 import json
 import math
+import os
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
+
+from gradstats.errors import StateError
 
 __all__ = ["MetricsLog", "plot_curves", "read_metrics"]
+
+
+@contextmanager
+def _replacing(path: Path) -> Iterator[Path]:
+    """A temporary path next to ``path``, renamed over it on success, removed on failure."""
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp{path.suffix}")
+    try:
+        yield tmp
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
 
 
 class MetricsLog:
@@ -30,17 +52,32 @@ class MetricsLog:
         if not self.path.exists():
             return
         kept = [r for r in read_metrics(self.path) if r.get("step", 0) <= step]
-        self.path.write_text("".join(json.dumps(r) + "\n" for r in kept))
+        with _replacing(self.path) as tmp:
+            tmp.write_text("".join(json.dumps(r) + "\n" for r in kept))
 
-    def write(self, record: dict) -> None:
+    def write(self, record: dict[str, Any]) -> None:
         with self.path.open("a") as handle:
             handle.write(json.dumps(record) + "\n")
 
 
-def read_metrics(path: str | Path) -> list[dict]:
-    """The records of a ``metrics.jsonl`` file."""
-    lines = Path(path).read_text().splitlines()
-    return [json.loads(line) for line in lines if line.strip()]
+def read_metrics(path: str | Path) -> list[dict[str, Any]]:
+    """The records of a ``metrics.jsonl`` file.
+
+    Raises:
+        StateError: a line is not a JSON object (the message names the file and the line).
+    """
+    records = []
+    for number, line in enumerate(Path(path).read_text().splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError:
+            record = None
+        if not isinstance(record, dict):
+            raise StateError(f"{path}, line {number}: not a metrics record (a JSON object)")
+        records.append(record)
+    return records
 
 
 def _smooth(values: list[float], span: int = 20) -> list[float]:
@@ -53,7 +90,7 @@ def _smooth(values: list[float], span: int = 20) -> list[float]:
     return out
 
 
-def plot_curves(runs: dict[str, list[dict]], path: str | Path, title: str = "") -> Path:
+def plot_curves(runs: dict[str, list[dict[str, Any]]], path: str | Path, title: str = "") -> Path:
     """Train/val CE, residuals and cosine spot-checks of one or more runs (``{label: records}``)."""
     import matplotlib
 
@@ -99,6 +136,9 @@ def plot_curves(runs: dict[str, list[dict]], path: str | Path, title: str = "") 
         if ax.get_legend_handles_labels()[0]:
             ax.legend(fontsize=7)
     fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
+    try:
+        with _replacing(Path(path)) as tmp:
+            fig.savefig(tmp, dpi=100, format=Path(path).suffix.lstrip(".") or "png")
+    finally:
+        plt.close(fig)
     return Path(path)
