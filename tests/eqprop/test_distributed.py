@@ -24,6 +24,7 @@ from gradstats.eqprop.train import (
     train,
 )
 from gradstats.eqprop.train._distributed import Group, draw_batch
+from gradstats.errors import StateError
 from gradstats.testing import run_gloo
 
 TEXT = "ROMEO:\nBut soft, what light through yonder window breaks?\n\n" * 40
@@ -271,7 +272,7 @@ def test_a_diverging_run_stops_on_every_rank_at_the_same_step(ranks):
 
 def test_resume_on_a_different_number_of_ranks_is_rejected(ranks, data):
     folder, _ = ranks
-    with pytest.raises(ValueError, match=r"trained on 2 process\(es\).*not 1"):
+    with pytest.raises(StateError, match=r"trained on 2 process\(es\).*not 1"):
         train(_cfg(data, folder / "parts", BATCH, **RUN, resume=True))
 
 

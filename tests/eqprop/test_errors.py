@@ -14,6 +14,7 @@ from gradstats.eqprop import (
     relax,
 )
 from gradstats.eqprop.models import LinearModel, TanhModel
+from gradstats.errors import ConfigurationError, ConfigurationTypeError
 
 from ._cases import gen, tanh_case
 
@@ -40,7 +41,7 @@ def case():
 
 
 def test_unknown_method(case):
-    with pytest.raises(ValueError, match=r"method must be one of .*'aep'.*got 'eqprop'"):
+    with pytest.raises(ConfigurationError, match=r"method must be one of .*'aep'.*got 'eqprop'"):
         estimate_gradient(*case, method="eqprop")
 
 
@@ -58,6 +59,15 @@ def test_unknown_method(case):
         ({"method": "aep", "anchor": "moving"}, "anchor must be one of 'fixed', 'tracking'"),
         ({"method": "implicit", "adjoint_solver": "cg"}, "adjoint_solver must be one of"),
         ({"method": "aep", "on_failure": "ignore"}, "on_failure must be one of"),
+        ({"method": "aep", "nonfinite": "ignore"}, "nonfinite must be one of 'skip', 'raise'"),
+        ({"method": "aep", "nonfinite": None}, "nonfinite must be one of"),
+        ({"method": "aep", "freeze": 1}, "freeze must be a bool"),
+        ({"method": "aep", "check_every": 2.5}, "check_every must be an int"),
+        ({"method": "aep", "stall_checks": -1}, "stall_checks must be an int >= 0"),
+        ({"method": "implicit", "gmres_restart": 0}, "gmres_restart must be an int >= 1"),
+        ({"method": "holomorphic", "correction": "yes"}, "correction must be a bool"),
+        ({"method": "bptt", "steps": 0}, "steps must be an int >= 1"),
+        ({"method": "aep", "beta": "0.1"}, "beta must be a finite float > 0; got str"),
         ({"method": "aep", "divergence_factor": 0.5}, "divergence_factor must be > 1"),
         ({"method": "implicit", "beta": 0.1}, "beta does not apply to method='implicit'"),
         ({"method": "aep", "points": 4}, "points does not apply to method='aep'"),
@@ -67,26 +77,28 @@ def test_unknown_method(case):
     ],
 )
 def test_bad_settings(case, kwargs, match):
-    with pytest.raises((ValueError, TypeError), match=match):
+    with pytest.raises(ConfigurationError, match=match):
         estimate_gradient(*case, **kwargs)
 
 
 def test_points_must_be_an_int(case):
-    with pytest.raises(TypeError, match="points must be an int"):
+    with pytest.raises(ConfigurationTypeError, match="points must be an int"):
         estimate_gradient(*case, method="holomorphic", points=4.0)
 
 
 def test_holomorphic_on_a_real_only_model_names_both(case):
     base, x, y = case
     model = RealOnly(base.W.data, base.U.data, base.b.data, base.C.data)
-    with pytest.raises(ValueError, match=r"method='holomorphic'.*RealOnly.*holomorphic=False"):
+    with pytest.raises(
+        ConfigurationError, match=r"method='holomorphic'.*RealOnly.*holomorphic=False"
+    ):
         estimate_gradient(model, x, y, "holomorphic")
 
 
 def test_a_mode_that_does_not_support_the_method_is_rejected_by_name(case):
     base, x, y = case
     with pytest.raises(
-        ValueError, match=r"method='holomorphic' is not supported by Moded\(mode='real'\)"
+        ConfigurationError, match=r"method='holomorphic' is not supported by Moded\(mode='real'\)"
     ):
         estimate_gradient(Moded(base, "real"), x, y, "holomorphic")
     estimate_gradient(Moded(base, "thick"), x, y, "holomorphic")  # supported there
@@ -96,7 +108,7 @@ def test_holomorphic_needs_real_parameters(case):
     base, x, y = case
     model = TanhModel(base.W.data, base.U.data, base.b.data, base.C.data)
     model.W = torch.nn.Parameter(torch.complex(base.W.data, base.W.data))
-    with pytest.raises(ValueError, match="needs real parameters"):
+    with pytest.raises(ConfigurationError, match="needs real parameters"):
         estimate_gradient(model, x, y, "holomorphic")
 
 
@@ -108,7 +120,7 @@ def test_unknown_model_default_is_rejected(case):
 
     model = Typo(base.W.data, base.U.data, base.b.data, base.C.data)
     with pytest.raises(
-        ValueError, match=r"solver_defaults has unknown setting\(s\) \['stepsize'\]"
+        ConfigurationError, match=r"solver_defaults has unknown setting\(s\) \['stepsize'\]"
     ):
         estimate_gradient(model, x, y, "aep")
 
@@ -131,8 +143,30 @@ def test_model_defaults_are_used_and_explicit_arguments_win(case):
 
 
 def test_not_a_model():
-    with pytest.raises(TypeError, match="model must be an EquilibriumModule"):
+    with pytest.raises(ConfigurationTypeError, match="model must be an EquilibriumModule"):
         estimate_gradient(torch.nn.Linear(2, 2), torch.zeros(1, 2), torch.zeros(1, 2))
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "match"),
+    [
+        ({"x": [[0.0] * 4] * 5}, "x must be a torch.Tensor; got list"),
+        ({"y": 1.0}, "y must be a torch.Tensor; got float"),
+        ({"z0": [0.0]}, "z0 must be a torch.Tensor; got list"),
+        ({"noise": {"mask": torch.ones(1)}}, "noise must be a NoiseRealization; got dict"),
+    ],
+)
+def test_bad_data_arguments(case, kwargs, match):
+    model, x, y = case
+    args = {"x": x, "y": y, **kwargs}
+    with pytest.raises(ConfigurationTypeError, match=match):
+        estimate_gradient(model, method="aep", **args)
+
+
+def test_relax_rejects_a_bad_start(case):
+    model, x, _ = case
+    with pytest.raises(ConfigurationTypeError, match=r"z0 must be a torch\.Tensor; got int"):
+        relax(model, x, z0=0)
 
 
 def test_force_with_wrong_shape(case):
@@ -143,7 +177,9 @@ def test_force_with_wrong_shape(case):
             return super().force(z, x)[:, :3]
 
     model = Bad(base.W.data, base.U.data, base.b.data, base.C.data)
-    with pytest.raises(ValueError, match="force must return a tensor shaped like the state"):
+    with pytest.raises(
+        ConfigurationError, match="force must return a tensor shaped like the state"
+    ):
         estimate_gradient(model, x, y, "aep")
 
 
@@ -155,7 +191,7 @@ def test_non_scalar_loss(case):
             return (z @ self.C.T - y) ** 2
 
     model = Bad(base.W.data, base.U.data, base.b.data, base.C.data)
-    with pytest.raises(ValueError, match="loss must return a scalar"):
+    with pytest.raises(ConfigurationError, match="loss must return a scalar"):
         estimate_gradient(model, x, y, "implicit")
 
 
@@ -168,7 +204,7 @@ def test_non_holomorphic_loss_is_caught(case):
             return 0.5 * (r.abs() ** 2).sum()
 
     model = AbsSquared(base.W.data, base.U.data, base.b.data, base.C.data)
-    with pytest.raises(ValueError, match="use squares, not abs"):
+    with pytest.raises(ConfigurationError, match="use squares, not abs"):
         estimate_gradient(model, x, y, "holomorphic")
 
 
@@ -188,7 +224,7 @@ def test_diverging_relaxation_raises(case, method):
 @pytest.mark.parametrize("method", ["implicit", "aep", "bptt"])
 def test_diverging_relaxation_can_be_skipped_without_nan(case, method):
     model, x, y = _diverging(case)
-    est = estimate_gradient(model, x, y, method, max_steps=2000, tol=0.0, on_failure="skip")
+    est = estimate_gradient(model, x, y, method, max_steps=2000, tol=0.0, nonfinite="skip")
     assert est.skipped
     assert "diverged" in est.reason
     assert all(torch.isfinite(g).all() and (g == 0).all() for g in est.grads.values())
@@ -203,7 +239,7 @@ def test_nan_input_is_never_a_nan_gradient(case):
     x[1, 2] = float("nan")
     with pytest.raises(DivergenceError):
         estimate_gradient(model, x, y, "aep")
-    est = estimate_gradient(model, x, y, "aep", on_failure="skip")
+    est = estimate_gradient(model, x, y, "aep", nonfinite="skip")
     assert est.skipped
     with pytest.raises(DivergenceError):
         relax(model, x)
@@ -237,9 +273,9 @@ def test_abstract_model_methods_say_what_is_missing():
         Empty().init_state(torch.zeros(1))
 
 
-def test_no_warnings_at_default_settings(case):
+@pytest.mark.parametrize("method", ["implicit", "bptt", "ep", "ep_symmetric", "aep", "holomorphic"])
+def test_no_warnings_at_default_settings(case, method):
     model, x, y = case
     with warnings.catch_warnings():
         warnings.simplefilter("error")
-        for method in ("implicit", "bptt", "ep", "ep_symmetric", "aep", "holomorphic"):
-            estimate_gradient(model, x, y, method, generator=gen(0))
+        estimate_gradient(model, x, y, method, generator=gen(0))

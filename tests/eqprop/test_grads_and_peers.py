@@ -4,6 +4,7 @@ import pytest
 import torch
 
 from gradstats.eqprop import estimate_gradient, write_grads
+from gradstats.errors import ConfigurationError, ConfigurationTypeError
 
 from ._cases import TIGHT, tanh_case
 
@@ -22,11 +23,14 @@ def test_write_grads_replaces_or_accumulates():
 
 def test_write_grads_checks_names_and_shapes_before_writing():
     model, _x, _y = tanh_case()
-    with pytest.raises(ValueError, match="not a parameter"):
+    with pytest.raises(ConfigurationError, match="not a parameter"):
         write_grads(model, {"W": torch.zeros(8, 8), "V": torch.zeros(1)})
     assert model.W.grad is None
-    with pytest.raises(ValueError, match="has shape"):
+    with pytest.raises(ConfigurationError, match="has shape"):
         write_grads(model, {"W": torch.zeros(3)})
+    with pytest.raises(ConfigurationTypeError, match=r"grads\['W'\] must be a torch.Tensor"):
+        write_grads(model, {"b": torch.zeros(8), "W": [[0.0] * 8] * 8})
+    assert all(p.grad is None for p in model.parameters())
 
 
 def test_grads_cover_every_trainable_parameter():

@@ -13,6 +13,7 @@ from gradstats.eqprop import (
     holo_logsumexp,
     holo_masked_softmax,
 )
+from gradstats.errors import ConfigurationTypeError
 
 from ._cases import gen
 
@@ -105,7 +106,7 @@ def test_masked_softmax_masked_entries_have_zero_gradient_and_empty_rows_are_zer
 
 
 def test_masked_softmax_rejects_a_non_bool_mask():
-    with pytest.raises(TypeError, match="bool"):
+    with pytest.raises(ConfigurationTypeError, match="mask must be a bool tensor"):
         holo_masked_softmax(torch.zeros(2, 2), torch.ones(2, 2))
 
 

@@ -4,6 +4,7 @@ import pytest
 import torch
 
 from gradstats.eqprop import NoiseRealization, estimate_gradient
+from gradstats.errors import ConfigurationError, ConfigurationTypeError
 from gradstats.testing import reference_implicit_gradient
 
 from ._cases import TIGHT, NoisyTanh, RandomInsideForce, cos, flat, float64, gen, rel, tanh_case
@@ -57,12 +58,12 @@ def test_explicit_noise_is_used_as_given(noisy):
 def test_a_force_that_draws_random_numbers_is_rejected():
     base, x, y = tanh_case()
     model = RandomInsideForce(base.W.data, base.U.data, base.b.data, base.C.data)
-    with pytest.raises(ValueError, match="drew random numbers"):
+    with pytest.raises(ConfigurationError, match="drew random numbers"):
         estimate_gradient(model, x, y, "aep")
 
 
 def test_noise_given_to_a_model_without_noise_argument_is_rejected():
     model, x, y = tanh_case()
     noise = NoiseRealization({"mask": torch.ones(5, 8)})
-    with pytest.raises(TypeError, match="takes no `noise` argument"):
+    with pytest.raises(ConfigurationTypeError, match="takes no `noise` argument"):
         estimate_gradient(model, x, y, "aep", noise=noise)

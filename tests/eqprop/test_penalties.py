@@ -5,6 +5,7 @@ import torch
 
 from gradstats.eqprop import add_penalties, estimate_gradient, penalty_value
 from gradstats.eqprop.models import TanhModel
+from gradstats.errors import ConfigurationError, ConfigurationTypeError
 from gradstats.testing import dense_jacobian
 
 from ._cases import NoisyTanh, gen, hopfield_case, tanh_case
@@ -108,10 +109,48 @@ def test_relative_scale_comes_from_the_pure_task_gradient():
 def test_bad_penalty_arguments():
     model, x, y = tanh_case()
     est = estimate_gradient(model, x, y, "aep")
-    with pytest.raises(ValueError, match="penalty must be one of"):
+    with pytest.raises(ConfigurationError, match="penalty must be one of"):
         add_penalties(est, model, x, {"jacobian_norm": 0.1})
-    with pytest.raises(ValueError, match="must be a float >= 0"):
-        add_penalties(est, model, x, {"residual": -1.0})
     once = add_penalties(est, model, x, {"residual": 0.1})
-    with pytest.raises(ValueError, match="already added"):
+    with pytest.raises(ConfigurationError, match="already added"):
         add_penalties(once, model, x, {"residual": 0.1})
+
+
+@pytest.mark.parametrize(
+    ("weights", "kwargs", "error", "match"),
+    [
+        ({"residual": -1.0}, {}, ConfigurationError, r"weights\['residual'\] must be a finite"),
+        ({"residual": float("inf")}, {}, ConfigurationError, "must be a finite float >= 0"),
+        ({"residual": float("nan")}, {}, ConfigurationError, "must be a finite float >= 0"),
+        ({"residual": True}, {}, ConfigurationTypeError, "must be a finite float >= 0; got bool"),
+        ([("residual", 0.1)], {}, ConfigurationTypeError, "weights must be a mapping"),
+        ({"residual": 0.1}, {"probes": 0}, ConfigurationError, "probes must be an int >= 1"),
+    ],
+)
+def test_bad_penalty_weights_leave_the_estimate_unchanged(weights, kwargs, error, match):
+    model, x, y = tanh_case()
+    est = estimate_gradient(model, x, y, "aep")
+    before = {n: g.clone() for n, g in est.grads.items()}
+    with pytest.raises(error, match=match):
+        add_penalties(est, model, x, weights, **kwargs)
+    assert est.penalties == {}
+    assert est.task_grads is None
+    for name, grad in est.grads.items():
+        torch.testing.assert_close(grad, before[name], rtol=0, atol=0)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "match"),
+    [
+        ({"kind": "frobenius"}, "kind must be one of"),
+        ({"probes": 0}, "probes must be an int >= 1"),
+        ({"shard": (2, 2)}, r"shard must be \(rank, world\) with 0 <= rank < world"),
+        ({"shard": [0, 2]}, r"shard must be a tuple \(rank, world\) of ints; got \[0, 2\]"),
+        ({"shard": (0.0, 2)}, r"shard must be a tuple \(rank, world\) of ints"),
+    ],
+)
+def test_bad_penalty_value_arguments(kwargs, match):
+    model, x, _ = tanh_case()
+    z = torch.zeros(5, 8, dtype=x.dtype)
+    with pytest.raises(ConfigurationError, match=match):
+        penalty_value(model, x, z, **{"kind": "residual", **kwargs})

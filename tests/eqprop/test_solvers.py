@@ -6,6 +6,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 from gradstats.eqprop import Linearization, fixed_point, relax, solve_adjoint
 from gradstats.eqprop._problem import free_residual, prepare
+from gradstats.errors import ConfigurationError, ConfigurationTypeError
 from gradstats.testing import newton_fixed_point
 
 from ._cases import gen, tanh_case
@@ -124,8 +125,52 @@ def test_gmres_needs_far_fewer_vjps_on_a_slow_problem(case):
 
 def test_solve_adjoint_rejects_an_unknown_method(case):
     lin, ell, *_ = _adjoint_problem(case)
-    with pytest.raises(ValueError, match="method must be 'richardson' or 'gmres'"):
+    with pytest.raises(ConfigurationError, match="method must be one of 'richardson', 'gmres'"):
         solve_adjoint(lin.vjp, ell, method="cg")
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "error", "match"),
+    [
+        ({"step_size": 0.0}, ConfigurationError, "step_size must be a finite float > 0"),
+        ({"tol": float("nan")}, ConfigurationError, "tol must be a finite float >= 0"),
+        ({"max_steps": 0}, ConfigurationError, "max_steps must be an int >= 1"),
+        ({"check_every": 1.5}, ConfigurationTypeError, "check_every must be an int"),
+        ({"restart": 0}, ConfigurationError, "restart must be an int >= 1"),
+        ({"divergence_factor": 1.0}, ConfigurationError, "divergence_factor must be > 1"),
+        ({"stall_checks": -2}, ConfigurationError, "stall_checks must be an int >= 0"),
+        ({"lam0": torch.zeros(2)}, ConfigurationError, "lam0 must be a tensor shaped like ell"),
+        ({"ell": [0.0]}, ConfigurationTypeError, "ell must be a torch.Tensor; got list"),
+    ],
+)
+def test_solve_adjoint_rejects_bad_options(case, kwargs, error, match):
+    lin, ell, *_ = _adjoint_problem(case)
+    args = {"ell": ell, **kwargs}
+    with pytest.raises(error, match=match):
+        solve_adjoint(lin.vjp, **args)
+
+
+def test_gmres_rejects_a_complex_rhs(case):
+    lin, ell, *_ = _adjoint_problem(case)
+    with pytest.raises(ConfigurationError, match="method='gmres' solves real adjoints only"):
+        solve_adjoint(lin.vjp, torch.complex(ell, ell), method="gmres")
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "error", "match"),
+    [
+        ({"step_size": -0.5}, ConfigurationError, "step_size must be a finite float > 0"),
+        ({"tol": float("inf")}, ConfigurationError, "tol must be a finite float >= 0"),
+        ({"anderson": -1}, ConfigurationError, "anderson must be an int >= 0"),
+        ({"freeze": "no"}, ConfigurationTypeError, "freeze must be a bool"),
+        ({"z0": torch.tensor(1.0)}, ConfigurationTypeError, r"z0 must be a \[B, \.\.\.\]"),
+        ({"fn": None}, ConfigurationTypeError, "fn must be callable"),
+    ],
+)
+def test_fixed_point_rejects_bad_options(kwargs, error, match):
+    args = {"fn": lambda z: -z, "z0": torch.ones(2, 3), "step_size": 0.5, "tol": 1e-8}
+    with pytest.raises(error, match=match):
+        fixed_point(**{**args, "max_steps": 10, **kwargs})
 
 
 def test_summary_is_plain_python(case):
@@ -143,6 +188,6 @@ def test_relax_uses_model_defaults_and_a_given_start(case):
     z2, stats = relax(model, x, z0=z, tol=1e-10)
     assert int(stats.steps.max()) == 0  # already converged: the first check stops it
     torch.testing.assert_close(z2, z, rtol=0, atol=0)
-    with pytest.raises(ValueError, match="complex states are internal"):
+    with pytest.raises(ConfigurationError, match="complex states are internal"):
         relax(model, x, z0=torch.complex(z, z))
     assert gen(0) is not None

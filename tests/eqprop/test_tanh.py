@@ -86,7 +86,7 @@ def test_holomorphic_beyond_the_radius_fails_clearly(case):
     with pytest.raises(DivergenceError, match="analyticity radius"):
         estimate_gradient(model, x, y, "holomorphic", beta=1.0, points=4, **TIGHT)
     est = estimate_gradient(
-        model, x, y, "holomorphic", beta=1.0, points=4, on_failure="skip", **TIGHT
+        model, x, y, "holomorphic", beta=1.0, points=4, nonfinite="skip", **TIGHT
     )
     assert est.skipped
     assert "analyticity radius" in est.reason

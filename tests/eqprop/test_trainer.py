@@ -15,6 +15,12 @@ from gradstats.eqprop.train import (
     read_metrics,
     train,
 )
+from gradstats.errors import (
+    ConfigurationError,
+    ConfigurationTypeError,
+    DivergenceError,
+    StateError,
+)
 
 TEXT = "ROMEO:\nBut soft, what light through yonder window breaks?\n\n" * 40
 
@@ -120,8 +126,12 @@ def test_holomorphic_training_runs(tmp_path, data):
 def test_diverging_run_stops_and_keeps_the_last_good_checkpoint(tmp_path, data):
     cfg = config(tmp_path, data, method="bptt", lr=1e30, warmup=0, grad_clip=0.0, steps=20,
                  max_skips=2, checkpoint_every=1, eval_every=1)  # fmt: skip
-    with pytest.raises(TrainingDiverged, match=r"diverged at step 1 .*checkpoint \(step 0\)"):
+    with pytest.raises(
+        TrainingDiverged, match=r"diverged at step 1 .*checkpoint \(step 0\)"
+    ) as info:
         train(cfg)
+    assert isinstance(info.value, DivergenceError)
+    assert (info.value.phase, info.value.step) == ("train", 1)
     state = load_checkpoint(cfg.out)
     assert state["step"] == 0
     assert all(torch.isfinite(t).all() for t in state["model"].values())
@@ -129,13 +139,13 @@ def test_diverging_run_stops_and_keeps_the_last_good_checkpoint(tmp_path, data):
 
 def test_resume_with_a_different_option_is_rejected(tmp_path, data):
     train(config(tmp_path, data), until=2)
-    with pytest.raises(ValueError, match=r"lr=0.1 \(run: 0.003\)"):
+    with pytest.raises(ConfigurationError, match=r"lr=0.1 \(run: 0.003\)"):
         train(config(tmp_path, data, resume=True, lr=0.1))
 
 
 def test_existing_run_needs_resume(tmp_path, data):
     train(config(tmp_path, data, steps=1))
-    with pytest.raises(ValueError, match="already holds a run"):
+    with pytest.raises(ConfigurationError, match="already holds a run"):
         train(config(tmp_path, data, steps=1))
 
 
@@ -173,13 +183,56 @@ def test_data_too_short_for_the_block_size(tmp_path):
         ({"method": "sgd"}, "method must be one of"),
         ({"method": "holomorphic", "attn_mode": "real"}, r"EquilibriumTransformer\(mode='real'\)"),
         ({"lr": -1.0}, "lr must be a finite number > 0"),
+        ({"beta": float("nan")}, "beta must be a finite number > 0"),
+        ({"grad_clip": float("inf")}, "grad_clip must be a finite number >= 0"),
         ({"d_model": 10, "n_heads": 4}, "divisible"),
         ({"method": "backprop", "jac_penalty": 0.1}, "penalties act on the equilibrium force"),
     ],
 )
 def test_bad_options(tmp_path, data, kw, match):
-    with pytest.raises(ValueError, match=match):
+    with pytest.raises(ConfigurationError, match=match):
         config(tmp_path, data, **kw)
+
+
+@pytest.mark.parametrize(
+    ("kw", "match"),
+    [
+        ({"qk_norm": 1}, "qk_norm must be bool; got int"),
+        ({"resume": "no"}, "resume must be bool; got str"),
+        ({"progress": None}, "progress must be bool; got NoneType"),
+        ({"method": 3}, "method must be str; got int"),
+        ({"device": 0}, "device must be str; got int"),
+        ({"out": 5}, "out must be Path; got int"),
+        ({"data": 5}, "data must be str or None; got int"),
+        ({"anchor": 1}, "anchor must be str or None; got int"),
+        ({"steps": 2.0}, "steps must be an int"),
+        ({"lr": "0.1"}, "lr must be a number; got str"),
+    ],
+)
+def test_options_of_the_wrong_type_are_rejected(kw, match):
+    with pytest.raises(ConfigurationTypeError, match=match):
+        TrainConfig(**kw)
+
+
+def test_paths_may_be_strings(tmp_path, data):
+    cfg = config(tmp_path, data)
+    again = TrainConfig(**{**cfg.to_dict(), "out": str(cfg.out)})
+    assert again.out == cfg.out
+
+
+@pytest.mark.parametrize(
+    ("values", "match"),
+    [
+        ([["method", "aep"]], "a training config must be a mapping of options; got list"),
+        (
+            {"method": "aep", "lerning_rate": 0.1},
+            r"unknown training option\(s\) \['lerning_rate'\]",
+        ),
+    ],
+)
+def test_from_dict_rejects_what_is_not_a_training_config(values, match):
+    with pytest.raises(StateError, match=match):
+        TrainConfig.from_dict(values)
 
 
 def test_config_round_trips_through_the_checkpoint(tmp_path, data):
@@ -248,7 +301,7 @@ def test_consecutive_failed_steps_survive_a_resume(tmp_path, data, monkeypatch):
     ],
 )
 def test_options_the_method_does_not_use_are_rejected(tmp_path, data, kw, match):
-    with pytest.raises(ValueError, match=match):
+    with pytest.raises(ConfigurationError, match=match):
         config(tmp_path, data, **kw)
 
 

@@ -4,7 +4,8 @@ import pytest
 import torch
 
 from gradstats.eqprop import estimate_gradient, probe
-from gradstats.eqprop.models import EquilibriumTransformer
+from gradstats.eqprop.models import BackpropTransformer, EquilibriumTransformer
+from gradstats.errors import ConfigurationError, ConfigurationTypeError
 from gradstats.testing import dense_jacobian, reference_implicit_gradient
 
 from ._cases import cos, flat, gen
@@ -87,7 +88,9 @@ def test_complex_step_derivative_is_the_real_jvp():
 @pytest.mark.parametrize("mode", ["real", "energy"])
 def test_holomorphic_is_rejected_by_name_in_real_modes(mode):
     model, idx, y = tiny(mode)
-    with pytest.raises(ValueError, match=rf"holomorphic.*EquilibriumTransformer\(mode='{mode}'\)"):
+    with pytest.raises(
+        ConfigurationError, match=rf"holomorphic.*EquilibriumTransformer\(mode='{mode}'\)"
+    ):
         estimate_gradient(model, idx, y, "holomorphic")
     assert "holomorphic" not in model.supported_methods()
 
@@ -172,19 +175,72 @@ def test_force_noise_is_drawn_once_and_never_inside_the_force():
     [
         ({"attn_mode": "mono"}, "attn_mode must be one of"),
         ({"n_heads": 3}, "divisible by n_heads"),
-        ({"damping": -1.0}, "damping must be a float >= 0"),
+        ({"damping": -1.0}, "damping must be a finite float >= 0"),
+        ({"damping": float("nan")}, "damping must be a finite float >= 0"),
+        ({"force_noise": float("inf")}, "force_noise must be a finite float >= 0"),
+        ({"init_std": 0.0}, "init_std must be a finite float > 0"),
+        ({"embed_std": "1"}, "embed_std must be a finite float > 0; got str"),
+        ({"qk_norm": 1}, "qk_norm must be a bool"),
+        ({"ffn_mult": 0}, "ffn_mult must be an int >= 1"),
+        ({"vocab_size": 2.0}, "vocab_size must be an int"),
     ],
 )
 def test_bad_constructor_arguments(kwargs, match):
     args = {"vocab_size": 7, "block_size": 5, "d_model": 8, "n_heads": 2, **kwargs}
-    with pytest.raises(ValueError, match=match):
+    with pytest.raises(ConfigurationError, match=match):
         EquilibriumTransformer(**args)
 
 
-def test_sequence_longer_than_block_size_is_rejected():
+@pytest.mark.parametrize(
+    ("kwargs", "match"),
+    [
+        ({"n_heads": 3}, "divisible by n_heads"),
+        ({"n_layers": 0}, "n_layers must be an int >= 1"),
+        ({"qk_norm": "yes"}, "qk_norm must be a bool"),
+        ({"init_std": -0.1}, "init_std must be a finite float > 0"),
+    ],
+)
+def test_bad_baseline_arguments(kwargs, match):
+    args = {"vocab_size": 7, "block_size": 5, "d_model": 8, "n_heads": 2, **kwargs}
+    with pytest.raises(ConfigurationError, match=match):
+        BackpropTransformer(**args)
+
+
+@pytest.mark.parametrize("model_class", [EquilibriumTransformer, BackpropTransformer])
+def test_sequence_longer_than_block_size_is_rejected(model_class):
+    model = model_class(7, 5, 8, 2)
+    with pytest.raises(ConfigurationError, match="exceeds block_size=5"):
+        model(torch.zeros(1, 6, dtype=torch.int64))
+
+
+@pytest.mark.parametrize(
+    ("idx", "match"),
+    [
+        (torch.zeros(1, 3), "integer tensor of token ids.*got a torch.float32 tensor"),
+        (torch.zeros(3, dtype=torch.int64), r"shaped \[B, T\]; got a torch.int64 tensor of shape"),
+        ([[1, 2]], "got list"),
+    ],
+)
+def test_token_ids_must_be_an_integer_matrix(idx, match):
     model, _, _ = tiny()
-    with pytest.raises(ValueError, match="exceeds block_size=5"):
-        model.inject(torch.zeros(1, 6, dtype=torch.int64))
+    with pytest.raises(ConfigurationTypeError, match=match):
+        model.inject(idx)
+
+
+def test_relaxation_map_rejects_a_bad_step_size():
+    model, _, _ = tiny()
+    with (
+        pytest.raises(ConfigurationError, match="step_size must be a finite float > 0"),
+        model.relaxation_map(-1.0),
+    ):
+        pass
+
+
+def test_complex_state_outside_thick_mode_is_rejected():
+    model, idx, _ = tiny("real")
+    z = torch.zeros(*idx.shape, 8, dtype=torch.complex128)
+    with pytest.raises(ConfigurationError, match="has no complex extension"):
+        model.force(z, model.inject(idx))
 
 
 @pytest.fixture(scope="module")

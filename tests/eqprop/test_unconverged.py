@@ -55,17 +55,17 @@ def test_one_sided_error_follows_free_residual_over_beta(case):
         assert 0.2 * pred < err < 5 * pred
 
 
-def test_estimators_and_bptt_see_the_same_state():
+@pytest.mark.parametrize("t1", [3, 12])
+def test_estimators_and_bptt_see_the_same_state(t1):
     """EP trains at exactly the state BPTT and evaluation use: no refined-state mismatch."""
     model, x, y = tanh_case()
-    for t1 in (3, 12):
-        bptt = estimate_gradient(model, x, y, "bptt", steps=t1)
-        aep = estimate_gradient(model, x, y, "aep", tol=0.0, max_steps=t1)
-        z_eval, stats = relax(model, x, tol=0.0, max_steps=t1)
-        torch.testing.assert_close(aep.state, bptt.state, rtol=0, atol=0)
-        torch.testing.assert_close(z_eval, bptt.state, rtol=0, atol=0)
-        torch.testing.assert_close(aep.loss, model.loss(z_eval, y))
-        assert int(stats.steps.max()) == t1
+    bptt = estimate_gradient(model, x, y, "bptt", steps=t1)
+    aep = estimate_gradient(model, x, y, "aep", tol=0.0, max_steps=t1)
+    z_eval, stats = relax(model, x, tol=0.0, max_steps=t1)
+    torch.testing.assert_close(aep.state, bptt.state, rtol=0, atol=0)
+    torch.testing.assert_close(z_eval, bptt.state, rtol=0, atol=0)
+    torch.testing.assert_close(aep.loss, model.loss(z_eval, y))
+    assert int(stats.steps.max()) == t1
 
 
 def test_estimate_state_is_the_relaxed_state_at_tolerance():

@@ -5,6 +5,12 @@ finds its fixed point; :func:`estimate_gradient` estimates dL/dθ with ``implici
 ``ep``, ``ep_symmetric``, ``aep`` or ``holomorphic`` and reports the residual of every phase;
 :func:`probe` compares estimators with the exact gradient per parameter group and
 :func:`diagnose` names what limits them.
+
+Errors follow the library's family (:mod:`gradstats.errors`): bad arguments raise
+``ConfigurationError`` / ``ConfigurationTypeError`` naming the argument and its valid values; a
+diverged phase raises ``DivergenceError`` (``phase``, ``step``, ``samples``), or, with
+``estimate_gradient(..., nonfinite="skip")``, the estimate is dropped whole (``skipped=True``,
+zero gradients). Warnings (``ConvergenceWarning``, ``AnalyticityWarning``) name the caller's line.
 """
 
 from gradstats.eqprop._autodiff import Linearization, per_sample_norm, transpose_vjp
@@ -28,7 +34,7 @@ from gradstats.eqprop._module import (
     model_fingerprint,
 )
 from gradstats.eqprop._penalties import PENALTIES, add_penalties, penalty_value
-from gradstats.eqprop._probe import SWEEPS, ProbeReport, probe
+from gradstats.eqprop._probe import SWEEPS, ProbeReport, ProbeRow, probe
 from gradstats.eqprop._problem import relax
 from gradstats.eqprop._settings import LIBRARY_DEFAULTS, Settings
 from gradstats.eqprop._solvers import fixed_point, solve_adjoint
@@ -55,6 +61,7 @@ __all__ = [
     "Linearization",
     "NoiseRealization",
     "ProbeReport",
+    "ProbeRow",
     "Settings",
     "SolveStats",
     "add_penalties",

@@ -16,6 +16,8 @@ from collections.abc import Callable
 
 import torch
 
+from gradstats.errors import ConfigurationError
+
 __all__ = ["Linearization", "per_sample_norm", "transpose_vjp"]
 
 
@@ -76,7 +78,9 @@ class Linearization:
         create_graph: bool = False,
     ) -> None:
         if jvp_mode not in ("reverse", "forward"):
-            raise ValueError(f"jvp_mode must be 'reverse' or 'forward'; got {jvp_mode!r}")
+            raise ConfigurationError(
+                f"jvp_mode must be one of 'reverse', 'forward'; got {jvp_mode!r}"
+            )
         self.fn, self.jvp_mode, self.create_graph = fn, jvp_mode, create_graph
         self.point = point.detach()
         with torch.enable_grad():
@@ -111,7 +115,7 @@ class Linearization:
             with torch.enable_grad():
                 return torch.func.jvp(self.fn, (self.point,), (v,))[1]
         with torch.enable_grad():
-            if self._w is None:
+            if self._w is None or self._jtw is None:
                 self._w = torch.zeros_like(self.value, requires_grad=True)
                 (self._jtw,) = torch.autograd.grad(
                     self.value, self._z, self._w, retain_graph=True, create_graph=True

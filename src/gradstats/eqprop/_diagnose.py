@@ -19,7 +19,8 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-from gradstats.eqprop._probe import ProbeReport
+from gradstats.eqprop._probe_report import ProbeReport, ProbeRow
+from gradstats.errors import ConfigurationTypeError
 
 __all__ = ["FINDINGS", "Finding", "diagnose"]
 
@@ -55,56 +56,66 @@ def _slope(xs: list[float], ys: list[float]) -> float:
     return sum((a - mx) * (b - my) for a, b in zip(lx, ly, strict=True)) / den if den else 0.0
 
 
-def _series(report: ProbeReport, method: str, sweep: str):
+def _series(report: ProbeReport, method: str, sweep: str) -> list[ProbeRow]:
     rows = [
         r
         for r in report.select(method=method, sweep=sweep, group="all")
-        if not r["skipped"] and r["rel_err"] == r["rel_err"]
+        if not r.skipped and r.rel_err == r.rel_err and r.value is not None
     ]
-    rows.sort(key=lambda r: r["value"])
+    rows.sort(key=lambda r: r.value if r.value is not None else 0.0)
     return rows
+
+
+def _values(rows: list[ProbeRow]) -> list[float]:
+    return [r.value for r in rows if r.value is not None]
 
 
 def diagnose(report: ProbeReport) -> list[Finding]:
     """Findings for every method of ``report`` (at least one per method)."""
+    if not isinstance(report, ProbeReport):
+        raise ConfigurationTypeError(
+            f"report must be a ProbeReport (from probe()); got {type(report).__name__}"
+        )
     findings: list[Finding] = []
-    for method in dict.fromkeys(r["method"] for r in report.rows):
+    for method in dict.fromkeys(r.method for r in report.rows):
         found: list[Finding] = []
 
-        def add(name: str, evidence: str, method: str = method, found: list = found) -> None:
+        def add(
+            name: str, evidence: str, method: str = method, found: list[Finding] = found
+        ) -> None:
             found.append(Finding(name, method, evidence))
 
-        base = report.select(method=method, sweep=None, group="all")
-        base = base[0] if base else None
+        bases = report.select(method=method, sweep=None, group="all")
+        base = bases[0] if bases else None
         t2 = _series(report, method, "T2")
         t2_flat = True
         if len(t2) >= 2:
-            drop = t2[0]["rel_err"] / max(t2[-1]["rel_err"], 1e-300)
-            res = [r["res_adjoint"] for r in t2]
-            res_drop = res[0] / max(res[-1], 1e-300) if None not in res else 1.0
+            drop = t2[0].rel_err / max(t2[-1].rel_err, 1e-300)
+            res = [r.res_adjoint for r in t2 if r.res_adjoint is not None]
+            res_drop = res[0] / max(res[-1], 1e-300) if len(res) == len(t2) else 1.0
             t2_flat = drop < 1.5
             if drop >= 2 and res_drop >= 2:
                 add(
                     "truncation",
                     f"error falls {drop:.3g}x and r_a {res_drop:.3g}x as T2 goes "
-                    f"{t2[0]['value']} -> {t2[-1]['value']}",
+                    f"{t2[0].value} -> {t2[-1].value}",
                 )
-        if base and base["converged_adjoint"] is False and base["res_adjoint"] is not None:
+        if base and base.converged_adjoint is False and base.res_adjoint is not None:
             add(
                 "truncation",
-                f"the nudged/adjoint phase hit its cap (r_a {base['res_adjoint']:.3g})",
+                f"the nudged/adjoint phase hit its cap (r_a {base.res_adjoint:.3g})",
             )
         beta = _series(report, method, "beta")
         beta_flat = False
         if len(beta) >= 2:
-            xs, ys = [r["value"] for r in beta], [r["rel_err"] for r in beta]
+            xs, ys = _values(beta), [r.rel_err for r in beta]
             slope = _slope(xs, ys)
             if slope >= 0.5 and max(ys) / max(min(ys), 1e-300) >= 2:
                 add("finite-nudge bias", f"error ∝ β^{slope:.2f} over β in [{min(xs)}, {max(xs)}]")
             beta_flat = abs(slope) < 0.3 and min(ys) > _FLOOR
         points = _series(report, method, "points")
         if len(points) >= 2:
-            xs, ys = [r["value"] for r in points], [r["rel_err"] for r in points]
+            xs, ys = _values(points), [r.rel_err for r in points]
             lys = [math.log(max(v, 1e-300)) for v in ys]
             mx = sum(xs) / len(xs)
             den = sum((v - mx) ** 2 for v in xs)
@@ -115,7 +126,7 @@ def diagnose(report: ProbeReport) -> list[Finding]:
         if beta_flat and t2_flat:
             add(
                 "residual asymmetry",
-                f"error flat in β{' and T2' if t2 else ''} at {min(r['rel_err'] for r in beta):.3g}"
+                f"error flat in β{' and T2' if t2 else ''} at {min(r.rel_err for r in beta):.3g}"
                 f"; ‖Jv − Jᵀv‖/‖Jv‖ = {report.asymmetry:.3g}",
             )
         elif (
@@ -123,20 +134,20 @@ def diagnose(report: ProbeReport) -> list[Finding]:
             and not t2
             and method in ("ep", "ep_symmetric")
             and base
-            and base["rel_err"] > _FLOOR
+            and base.rel_err > _FLOOR
             and report.asymmetry > _FLOOR
         ):
             add(
                 "residual asymmetry",
                 f"plain EP with ‖Jv − Jᵀv‖/‖Jv‖ = {report.asymmetry:.3g} "
-                f"(error {base['rel_err']:.3g}; sweep beta to confirm)",
+                f"(error {base.rel_err:.3g}; sweep beta to confirm)",
             )
         t1 = _series(report, method, "T1")
         if len(t1) >= 2:
-            drop = t1[0]["rel_err"] / max(t1[-1]["rel_err"], 1e-300)
-            adj = [r["adj_err"] for r in t1]
-            adj_drop = adj[0] / max(adj[-1], 1e-300) if None not in adj else drop
-            fixed = t1[-1].get("anchor") == "fixed"
+            drop = t1[0].rel_err / max(t1[-1].rel_err, 1e-300)
+            adj = [r.adj_err for r in t1 if r.adj_err is not None]
+            adj_drop = adj[0] / max(adj[-1], 1e-300) if len(adj) == len(t1) else drop
+            fixed = t1[-1].anchor == "fixed"
             if adj_drop >= 2 and fixed:
                 add(
                     "anchor mismatch",
@@ -147,13 +158,13 @@ def diagnose(report: ProbeReport) -> list[Finding]:
                 add(
                     "truncation",
                     f"free phase: the gradient error falls {drop:.3g}x and the adjoint error "
-                    f"{adj_drop:.3g}x as T1 goes {t1[0]['value']} -> {t1[-1]['value']} "
+                    f"{adj_drop:.3g}x as T1 goes {t1[0].value} -> {t1[-1].value} "
                     "(the state at T1 is unconverged: raise T1 or tighten tol)",
                 )
         if not found and base is not None:
-            if base["cos"] >= 0.999:
-                add("ok", f"cos = {base['cos']:.6f}, rel. error {base['rel_err']:.3g}")
+            if base.cos >= 0.999:
+                add("ok", f"cos = {base.cos:.6f}, rel. error {base.rel_err:.3g}")
             else:
-                add("undetermined", f"cos = {base['cos']:.4f}; sweep T2, beta and T1 to locate it")
+                add("undetermined", f"cos = {base.cos:.4f}; sweep T2, beta and T1 to locate it")
         findings.extend(found)
     return findings

@@ -18,6 +18,8 @@ import math
 
 import torch
 
+from gradstats.errors import ConfigurationTypeError
+
 __all__ = [
     "holo_cross_entropy",
     "holo_gelu",
@@ -29,8 +31,8 @@ __all__ = [
 _GELU_C = math.sqrt(2.0 / math.pi)
 
 
-def _as(w: torch.Tensor | None, x: torch.Tensor) -> torch.Tensor | None:
-    return None if w is None else w.to(x.dtype)
+def _as(w: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    return w.to(x.dtype)
 
 
 def holo_layer_norm(
@@ -72,7 +74,7 @@ def holo_masked_softmax(a: torch.Tensor, mask: torch.Tensor, dim: int = -1) -> t
         mask: bool, broadcastable to ``a``; True = valid.
     """
     if mask.dtype != torch.bool:
-        raise TypeError(f"mask must be a bool tensor (True = valid); got {mask.dtype}")
+        raise ConfigurationTypeError(f"mask must be a bool tensor (True = valid); got {mask.dtype}")
     mask = mask.expand_as(a)
     real = a.real if a.is_complex() else a
     shift = real.detach().masked_fill(~mask, -math.inf).amax(dim, keepdim=True)

@@ -11,12 +11,14 @@ the probe echoes) and ``solver_defaults`` (step size, tolerances, β, ... of thi
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from typing import ClassVar
+from types import MappingProxyType
 
 import torch
 from torch import nn
+
+from gradstats.errors import ConfigurationError
 
 __all__ = [
     "METHODS",
@@ -91,18 +93,24 @@ class EquilibriumModule(nn.Module):
         mode: optional name of the model's current dynamics, used in error messages.
     """
 
-    holomorphic: ClassVar[bool] = False
-    solver_defaults: ClassVar[Mapping[str, object]] = {}
-    jvp_mode: ClassVar[str] = "reverse"
+    # Class-level defaults a subclass (or an instance, e.g. per mode) may override.
+    holomorphic: bool = False
+    solver_defaults: Mapping[str, object] = MappingProxyType({})
+    jvp_mode: str = "reverse"
     mode: str | None = None
 
     def init_state(self, x: torch.Tensor) -> torch.Tensor:
         """Initial state z₀ for the (injected) input ``x``."""
         raise NotImplementedError(f"{type(self).__name__} must define init_state(x)")
 
-    def force(self, z: torch.Tensor, x: torch.Tensor, noise: NoiseRealization | None = None):
-        """The force F(z; x, θ) (shaped like ``z``)."""
+    def _undefined_force(
+        self, z: torch.Tensor, x: torch.Tensor, noise: NoiseRealization | None = None
+    ) -> torch.Tensor:
         raise NotImplementedError(f"{type(self).__name__} must define force(z, x)")
+
+    #: The force F(z; x, θ) (shaped like ``z``): ``force(z, x)`` or ``force(z, x, noise=None)``
+    #: — a model that never uses noise may omit the argument, so the type is open.
+    force: Callable[..., torch.Tensor] = _undefined_force
 
     def loss(self, z: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         """The scalar loss L(z, y)."""
@@ -144,7 +152,7 @@ def trainable(model: nn.Module) -> tuple[tuple[str, ...], tuple[nn.Parameter, ..
     """Names and parameters of ``model`` that require gradients (in registration order)."""
     pairs = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
     if not pairs:
-        raise ValueError(f"{type(model).__name__} has no parameters that require gradients")
+        raise ConfigurationError(f"{type(model).__name__} has no parameters that require gradients")
     return tuple(n for n, _ in pairs), tuple(p for _, p in pairs)
 
 

@@ -22,12 +22,22 @@ import torch
 
 from gradstats._validation import check_choice, check_positive_int
 from gradstats.eqprop._autodiff import Linearization
-from gradstats.eqprop._module import EquilibriumModule, trainable
+from gradstats.eqprop._module import EquilibriumModule, NoiseRealization, trainable
+from gradstats.eqprop._settings import check_float
 from gradstats.eqprop._stats import GradientEstimate
+from gradstats.errors import ConfigurationError, ConfigurationTypeError
 
 __all__ = ["PENALTIES", "add_penalties", "penalty_value"]
 
 PENALTIES = ("residual", "jacobian", "asymmetry")
+
+
+def _check_shard(shard: object) -> tuple[int, int]:
+    if isinstance(shard, tuple) and len(shard) == 2:
+        rank, world = shard
+        if all(isinstance(v, int) and not isinstance(v, bool) for v in (rank, world)):
+            return rank, world
+    raise ConfigurationTypeError(f"shard must be a tuple (rank, world) of ints; got {shard!r}")
 
 
 def penalty_value(
@@ -36,7 +46,7 @@ def penalty_value(
     z: torch.Tensor,
     kind: str,
     *,
-    noise=None,
+    noise: NoiseRealization | None = None,
     probes: int = 1,
     generator: torch.Generator | None = None,
     shard: tuple[int, int] | None = None,
@@ -50,9 +60,11 @@ def penalty_value(
     """
     check_choice("kind", kind, PENALTIES)
     check_positive_int("probes", probes)
-    rank, world = (0, 1) if shard is None else shard
+    rank, world = (0, 1) if shard is None else _check_shard(shard)
     if not 0 <= rank < world:
-        raise ValueError(f"shard must be (rank, world) with 0 <= rank < world; got {shard!r}")
+        raise ConfigurationError(
+            f"shard must be (rank, world) with 0 <= rank < world; got {shard!r}"
+        )
     z = z.detach()
     with torch.enable_grad():
         x_in = model.inject(x)
@@ -105,14 +117,21 @@ def add_penalties(
         The new estimate (``task_grads`` keeps the pure task gradient; ``penalties`` records
         each value and scale). A skipped estimate is returned unchanged.
     """
+    if not isinstance(weights, Mapping):
+        raise ConfigurationTypeError(
+            f"weights must be a mapping {{penalty: weight}}; got {type(weights).__name__}"
+        )
     for name, weight in weights.items():
         check_choice("penalty", name, PENALTIES)
-        if isinstance(weight, bool) or not isinstance(weight, (int, float)) or weight < 0:
-            raise ValueError(f"weights[{name!r}] must be a float >= 0; got {weight!r}")
+        check_float(f"weights[{name!r}]", weight, allow_zero=True)
         if name in estimate.penalties:
-            raise ValueError(f"penalty {name!r} was already added to this estimate")
+            raise ConfigurationError(f"penalty {name!r} was already added to this estimate")
+    check_positive_int("probes", probes)
     if estimate.skipped:
         return estimate
+    state = estimate.state
+    if state is None:
+        raise ConfigurationError("estimate has no state: pass the estimate_gradient result")
     task = estimate.task_grads if estimate.task_grads is not None else estimate.grads
     task_norm = _global_norm(task)
     names, params = trainable(model)
@@ -120,12 +139,12 @@ def add_penalties(
     record = dict(estimate.penalties)
     for name, weight in weights.items():
         value = penalty_value(
-            model, x, estimate.state, name, noise=estimate.noise, probes=probes, generator=generator
+            model, x, state, name, noise=estimate.noise, probes=probes, generator=generator
         )
-        grads = torch.autograd.grad(value, params, allow_unused=True)
+        raw = torch.autograd.grad(value, params, allow_unused=True)
         grads = {
             n: torch.zeros_like(p) if g is None else g
-            for n, p, g in zip(names, params, grads, strict=True)
+            for n, p, g in zip(names, params, raw, strict=True)
         }
         if relative:
             norm = _global_norm(grads)

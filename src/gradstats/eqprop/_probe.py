@@ -19,28 +19,37 @@ adjoint/contrast residual (``res_adjoint``) and the steps of each phase. Sweeps 
 from __future__ import annotations
 
 import copy
-import csv
-import json
 import math
 import warnings
-from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
-from pathlib import Path
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
 
 import torch
 
-from gradstats._format import format_table
 from gradstats._validation import check_choice
 from gradstats.eqprop._autodiff import Linearization, per_sample_norm
 from gradstats.eqprop._estimators import check_method_supported, estimate_gradient
-from gradstats.eqprop._module import METHODS, EquilibriumModule, model_fingerprint
+from gradstats.eqprop._module import (
+    METHODS,
+    EquilibriumModule,
+    NoiseRealization,
+    model_fingerprint,
+)
+from gradstats.eqprop._probe_report import FORMAT, VERSION, ProbeReport, ProbeRow
 from gradstats.eqprop._problem import prepare
-from gradstats.eqprop._settings import _APPLIES_TO, SETTING_KEYS
+from gradstats.eqprop._settings import (
+    _APPLIES_TO,
+    SETTING_KEYS,
+    check_float,
+    resolve_settings,
+)
+from gradstats.eqprop._stats import GradientEstimate
+from gradstats.errors import ConfigurationError, ConfigurationTypeError
 
-__all__ = ["SWEEPS", "ProbeReport", "probe"]
+__all__ = ["FORMAT", "SWEEPS", "VERSION", "ProbeReport", "ProbeRow", "probe"]
 
 #: Sweep name -> the settings each value sets.
-SWEEPS = {
+SWEEPS: dict[str, Callable[[float], dict[str, Any]]] = {
     "T2": lambda v: {"max_steps_adjoint": int(v), "tol_adjoint": 0.0},
     "beta": lambda v: {"beta": float(v)},
     "points": lambda v: {"points": int(v)},
@@ -52,14 +61,13 @@ _SWEEP_METHODS = {
     "points": ("holomorphic",),
     "T1": METHODS,
 }
-_REFERENCE = {
+_REFERENCE: dict[str, Any] = {
     "tol": 1e-12,
     "tol_adjoint": 1e-11,
     "max_steps": 100_000,
     "adjoint_solver": "gmres",
     "gmres_restart": 30,
 }
-FORMAT, VERSION = "gradstats.eqprop.probe", 1
 
 
 def _cos(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -82,7 +90,7 @@ def _groups(model: EquilibriumModule) -> dict[str, list[str]]:
     return groups
 
 
-def _for_method(method: str, settings: Mapping[str, object]) -> dict[str, object]:
+def _for_method(method: str, settings: Mapping[str, Any]) -> dict[str, Any]:
     out = {k: v for k, v in settings.items() if k not in _APPLIES_TO or method in _APPLIES_TO[k]}
     if method == "holomorphic" and out.get("correction") is False:
         out.pop("anchor", None)  # the anchor only exists with the AEP correction
@@ -93,108 +101,95 @@ def _worst(t: torch.Tensor | None) -> float | None:
     return None if t is None else float(t.detach().double().max())
 
 
-@dataclass
-class ProbeReport:
-    """Rows of a probe run plus what produced them (JSON/CSV/PNG writers, a table)."""
-
-    rows: list[dict[str, object]]
-    model: dict[str, object]
-    settings: dict[str, object]
-    reference: dict[str, object]
-    asymmetry: float
-    sweeps: dict[str, list[object]] = field(default_factory=dict)
-    warnings: list[str] = field(default_factory=list)
-
-    def to_dict(self) -> dict[str, object]:
-        return {
-            "format": FORMAT,
-            "version": VERSION,
-            "model": self.model,
-            "settings": self.settings,
-            "reference": self.reference,
-            "asymmetry": self.asymmetry,
-            "sweeps": self.sweeps,
-            "rows": self.rows,
-            "warnings": self.warnings,
-        }
-
-    def select(self, **match: object) -> list[dict[str, object]]:
-        """Rows whose fields equal ``match`` (e.g. ``method="aep", sweep="beta"``)."""
-        return [r for r in self.rows if all(r.get(k) == v for k, v in match.items())]
-
-    def table(self, group: str | None = "all") -> str:
-        """The rows of ``group`` (all groups with ``None``) as a text table."""
-        cols = ["method", "sweep", "value", "group", "cos", "rel_err", "adj_err", "cos_bptt"]
-        cols += ["res_free_T1", "res_free_final", "res_adjoint", "steps_free", "steps_adjoint"]
-        rows = [r for r in self.rows if group is None or r["group"] == group]
-
-        def cell(row, col):
-            value = row.get(col)
-            if col in ("cos", "cos_bptt") and isinstance(value, float):
-                return f"{value:.6f}"  # 1 − cos is what matters: keep the digits
-            return value
-
-        return format_table([[cell(r, c) for c in cols] for r in rows], cols)
-
-    def save(self, directory: str | Path, stem: str = "probe") -> dict[str, Path]:
-        """Write ``<stem>.json``, ``<stem>.csv`` and ``<stem>.png``; return their paths."""
-        out = Path(directory)
-        out.mkdir(parents=True, exist_ok=True)
-        paths = {"json": out / f"{stem}.json", "csv": out / f"{stem}.csv"}
-        paths["json"].write_text(json.dumps(self.to_dict(), indent=1))
-        with paths["csv"].open("w", newline="") as handle:
-            writer = csv.DictWriter(handle, fieldnames=list(self.rows[0]))
-            writer.writeheader()
-            writer.writerows(self.rows)
-        paths["png"] = self.plot(out / f"{stem}.png")
-        return paths
-
-    def plot(self, path: str | Path) -> Path:
-        """Relative error and adjoint residual against each swept setting (group ``all``)."""
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-
-        sweeps = sorted({r["sweep"] for r in self.rows if r["sweep"] is not None})
-        ncol = max(len(sweeps), 1)
-        fig, axes = plt.subplots(2, ncol, figsize=(4 * ncol, 6), squeeze=False)
-        for j, sweep in enumerate(sweeps):
-            for method in sorted({r["method"] for r in self.select(sweep=sweep)}):
-                rows = self.select(sweep=sweep, method=method, group="all")
-                xs = [r["value"] for r in rows]
-                axes[0][j].loglog(xs, [max(r["rel_err"], 1e-18) for r in rows], "o-", label=method)
-                res = [r["res_adjoint"] for r in rows]
-                if all(v is not None for v in res):
-                    axes[1][j].loglog(xs, [max(v, 1e-18) for v in res], "o-", label=method)
-            axes[0][j].set_title(f"sweep {sweep}")
-            axes[0][j].set_ylabel("rel. error vs implicit")
-            axes[1][j].set_ylabel("adjoint residual")
-            axes[1][j].set_xlabel(sweep)
-            axes[0][j].legend(fontsize=7)
-        if not sweeps:
-            rows = [r for r in self.rows if r["group"] != "all" and r["sweep"] is None]
-            labels = [f"{r['method']}/{r['group']}" for r in rows]
-            axes[0][0].bar(range(len(rows)), [max(r["rel_err"], 1e-18) for r in rows])
-            axes[0][0].set_yscale("log")
-            axes[0][0].set_xticks(range(len(rows)), labels, rotation=90, fontsize=6)
-            axes[0][0].set_ylabel("rel. error vs implicit")
-            axes[1][0].axis("off")
-        fig.tight_layout()
-        fig.savefig(path, dpi=100)
-        plt.close(fig)
-        return Path(path)
-
-
-def _reference_model(model, x, y, noise, float64: bool):
+def _reference_model(
+    model: EquilibriumModule,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    noise: NoiseRealization | None,
+    float64: bool,
+) -> tuple[EquilibriumModule, torch.Tensor, torch.Tensor, NoiseRealization | None]:
     if not float64:
         return model, x, y, noise
     ref = copy.deepcopy(model).to(torch.float64)
 
-    def cast(t):
+    def cast(t: torch.Tensor) -> torch.Tensor:
         return t.to(torch.float64) if isinstance(t, torch.Tensor) and t.is_floating_point() else t
 
     return ref, cast(x), cast(y), None if noise is None else noise.to(torch.float64)
+
+
+def _check_sweeps(sweeps: Mapping[str, Sequence[float]] | None) -> dict[str, list[float]]:
+    if sweeps is not None and not isinstance(sweeps, Mapping):
+        raise ConfigurationTypeError(
+            f"sweeps must be a mapping {{sweep: [values]}}; got {type(sweeps).__name__}"
+        )
+    out: dict[str, list[float]] = {}
+    for name, values in (sweeps or {}).items():
+        check_choice("sweeps", name, tuple(SWEEPS))
+        if isinstance(values, (str, bytes)) or not isinstance(values, Sequence):
+            raise ConfigurationTypeError(
+                f"sweeps[{name!r}] must be a list of numbers; got {type(values).__name__}"
+            )
+        if not values:
+            raise ConfigurationError(f"sweeps[{name!r}] is empty")
+        numbers = [check_float(f"sweeps[{name!r}] value", v) for v in values]
+        if name in ("T2", "points", "T1") and any(v != int(v) for v in numbers):
+            raise ConfigurationError(
+                f"sweeps[{name!r}] values must be whole numbers; got {list(values)}"
+            )
+        out[name] = list(values)
+    return out
+
+
+def _run_settings(
+    method: str, settings: Mapping[str, Any], override: Mapping[str, Any]
+) -> dict[str, Any]:
+    kw = {**_for_method(method, settings), **_for_method(method, override)}
+    if method == "bptt" and "max_steps" in override:
+        kw["steps"] = override["max_steps"]
+    return kw
+
+
+def _row(
+    method: str,
+    sweep: str | None,
+    value: float | None,
+    group: str,
+    est: GradientEstimate,
+    g_ref: torch.Tensor,
+    names: list[str],
+    *,
+    ref: GradientEstimate,
+    adj_err: float | None,
+    g_bptt: dict[str, torch.Tensor] | None,
+    t1: int,
+) -> ProbeRow:
+    free = est.stats.get("free", est.stats.get("bptt"))
+    adj = est.stats.get("nudged", est.stats.get("adjoint"))
+    cos = rel_err = math.nan
+    if not est.skipped:
+        g = _flat(est.grads, names)
+        cos, rel_err = _cos(g, g_ref), _rel(g, g_ref)
+    anchor = est.settings["anchor"]
+    return ProbeRow(
+        method=method,
+        sweep=sweep,
+        value=value,
+        group=group,
+        cos=cos,
+        rel_err=rel_err,
+        adj_err=adj_err,
+        cos_bptt=None if g_bptt is None else _cos(_flat(g_bptt, names), g_ref),
+        res_free_T1=None if free is None else _worst(free.final_residual),
+        res_free_final=_worst(ref.stats["free"].final_residual),
+        res_adjoint=None if adj is None else _worst(adj.final_residual),
+        steps_free=None if free is None else int(free.steps.max()),
+        steps_adjoint=None if adj is None else int(adj.steps.max()),
+        converged_adjoint=None if adj is None else adj.all_converged(),
+        skipped=est.skipped,
+        T1=t1,
+        anchor=anchor if isinstance(anchor, str) else None,
+    )
 
 
 def probe(
@@ -204,12 +199,12 @@ def probe(
     *,
     methods: Sequence[str] = ("aep",),
     sweeps: Mapping[str, Sequence[float]] | None = None,
-    reference: Mapping[str, object] | None = None,
+    reference: Mapping[str, Any] | None = None,
     float64: bool = True,
     bptt: bool = True,
-    noise=None,
+    noise: NoiseRealization | None = None,
     generator: torch.Generator | None = None,
-    **settings: object,
+    **settings: Any,
 ) -> ProbeReport:
     """Compare estimators with the exact implicit gradient on ``model`` (see module docstring).
 
@@ -226,18 +221,54 @@ def probe(
             if not given).
         **settings: estimator settings applied to every method where they apply (echoed in the
             report as ``settings``).
+
+    Returns:
+        A :class:`ProbeReport` whose ``rows`` are :class:`ProbeRow` records. An estimate that
+        diverges is skipped (``nonfinite="skip"``: its row has ``skipped=True`` and NaN
+        ``cos``/``rel_err``); the reference must not diverge.
+
+    Raises:
+        ConfigurationError: an unknown or unsupported method, setting or sweep (checked before
+            any compute); ``ConfigurationTypeError`` for a wrong type.
+        DivergenceError: the reference (implicit) gradient diverged.
     """
+    if isinstance(methods, str) or not isinstance(methods, Sequence) or not methods:
+        raise ConfigurationTypeError(
+            f"methods must be a non-empty list of method names; got {methods!r}"
+        )
+    if not isinstance(model, EquilibriumModule):
+        raise ConfigurationTypeError(
+            f"model must be an EquilibriumModule; got {type(model).__name__}"
+        )
     for method in methods:
         check_choice("methods", method, METHODS)
         check_method_supported(model, method)
     unknown = sorted(set(settings) - set(SETTING_KEYS))
     if unknown:
-        raise ValueError(f"unknown setting(s) {unknown}; valid: {', '.join(SETTING_KEYS)}")
-    sweeps = dict(sweeps or {})
-    for name, values in sweeps.items():
-        check_choice("sweeps", name, tuple(SWEEPS))
-        if not values:
-            raise ValueError(f"sweeps[{name!r}] is empty")
+        raise ConfigurationError(f"unknown setting(s) {unknown}; valid: {', '.join(SETTING_KEYS)}")
+    if reference is not None and not isinstance(reference, Mapping):
+        raise ConfigurationTypeError(
+            f"reference must be a mapping of settings; got {type(reference).__name__}"
+        )
+    unknown = sorted(set(reference or {}) - set(SETTING_KEYS))
+    if unknown:
+        raise ConfigurationError(
+            f"reference has unknown setting(s) {unknown}; valid: {', '.join(SETTING_KEYS)}"
+        )
+    for flag, given in (("float64", float64), ("bptt", bptt)):
+        if not isinstance(given, bool):
+            raise ConfigurationTypeError(f"{flag} must be a bool; got {type(given).__name__}")
+    checked = _check_sweeps(sweeps)
+    dtype = next(model.parameters()).dtype
+    for method in methods:  # every run's settings are valid before any compute
+        for name, values in checked.items():
+            if method in _SWEEP_METHODS[name]:
+                for swept in values:
+                    kw = _run_settings(method, settings, SWEEPS[name](swept))
+                    resolve_settings(method, model.solver_defaults, dtype, **kw)
+        resolve_settings(
+            method, model.solver_defaults, dtype, **_run_settings(method, settings, {})
+        )
     ref_settings = {**_REFERENCE, **(reference or {})}
     if noise is None:
         with torch.no_grad():
@@ -247,68 +278,62 @@ def probe(
         warnings.simplefilter("always")
         ref_model, rx, ry, rnoise = _reference_model(model, x, y, noise, float64)
         ref = estimate_gradient(ref_model, rx, ry, "implicit", noise=rnoise, **ref_settings)
+        if ref.state is None or ref.adjoint is None:
+            raise ConfigurationError("the reference estimate returned no state")
+        ref_state, ref_adjoint = ref.state, ref.adjoint
         problem = prepare(ref_model, rx, ry, noise=rnoise)
-        lin = Linearization(problem.force, ref.state, ref_model.jvp_mode)
-        gen = torch.Generator(device=ref.state.device).manual_seed(0)
+        lin = Linearization(problem.force, ref_state, ref_model.jvp_mode)
+        gen = torch.Generator(device=ref_state.device).manual_seed(0)
         v = torch.randn(
-            ref.state.shape, generator=gen, dtype=ref.state.dtype, device=ref.state.device
+            ref_state.shape, generator=gen, dtype=ref_state.dtype, device=ref_state.device
         )
         jv = lin.jvp(v)
         asymmetry = float(per_sample_norm(jv - lin.vjp(v)).norm() / per_sample_norm(jv).norm())
         groups = _groups(model)
         bptt_cache: dict[int, dict[str, torch.Tensor]] = {}
 
-        def bptt_grads(t1: int):
+        def bptt_grads(t1: int) -> dict[str, torch.Tensor]:
             if t1 not in bptt_cache:
                 kw = {k: v for k, v in settings.items() if k in ("step_size", "check_every")}
                 est = estimate_gradient(model, x, y, "bptt", noise=noise, steps=t1, **kw)
                 bptt_cache[t1] = est.grads
             return bptt_cache[t1]
 
-        rows: list[dict[str, object]] = []
+        rows: list[ProbeRow] = []
         for method in methods:
-            runs: list[tuple[str | None, object, dict]] = [(None, None, {})]
-            for name, values in sweeps.items():
+            runs: list[tuple[str | None, float | None, dict[str, Any]]] = [(None, None, {})]
+            for name, values in checked.items():
                 if method in _SWEEP_METHODS[name]:
                     runs += [(name, value, SWEEPS[name](value)) for value in values]
             for sweep, value, override in runs:
-                kw = {**_for_method(method, settings), **_for_method(method, override)}
-                if method == "bptt" and "max_steps" in override:
-                    kw["steps"] = override["max_steps"]
-                est = estimate_gradient(model, x, y, method, noise=noise, on_failure="skip", **kw)
-                t1 = int(est.settings["steps"] or est.settings["max_steps"])
+                kw = _run_settings(method, settings, override)
+                est = estimate_gradient(model, x, y, method, noise=noise, nonfinite="skip", **kw)
+                steps, max_steps = est.settings["steps"], est.settings["max_steps"]
+                t1 = steps if isinstance(steps, int) else max_steps
+                if not isinstance(t1, int):
+                    raise ConfigurationError(f"max_steps must be an int; got {t1!r}")
                 g_bptt = bptt_grads(t1) if bptt else None
                 adj_err = None
                 if est.adjoint is not None:
-                    lam = ref.adjoint.double().cpu()
-                    adj_err = _rel(est.adjoint.double().cpu().reshape(-1), lam.reshape(-1))
-                free = est.stats.get("free", est.stats.get("bptt"))
-                adj = est.stats.get("nudged", est.stats.get("adjoint"))
+                    lam = ref_adjoint.double().cpu().reshape(-1)
+                    adj_err = _rel(est.adjoint.double().cpu().reshape(-1), lam)
                 for group, names in groups.items():
                     g_ref = _flat(ref.grads, names)
-                    row = {
-                        "method": method,
-                        "sweep": sweep,
-                        "value": value,
-                        "group": group,
-                        "cos": math.nan,
-                        "rel_err": math.nan,
-                        "adj_err": adj_err,
-                        "cos_bptt": None if g_bptt is None else _cos(_flat(g_bptt, names), g_ref),
-                        "res_free_T1": None if free is None else _worst(free.final_residual),
-                        "res_free_final": _worst(ref.stats["free"].final_residual),
-                        "res_adjoint": None if adj is None else _worst(adj.final_residual),
-                        "steps_free": None if free is None else int(free.steps.max()),
-                        "steps_adjoint": None if adj is None else int(adj.steps.max()),
-                        "converged_adjoint": None if adj is None else adj.all_converged(),
-                        "skipped": est.skipped,
-                        "T1": t1,
-                        "anchor": est.settings["anchor"],
-                    }
-                    if not est.skipped:
-                        g = _flat(est.grads, names)
-                        row["cos"], row["rel_err"] = _cos(g, g_ref), _rel(g, g_ref)
-                    rows.append(row)
+                    rows.append(
+                        _row(
+                            method,
+                            sweep,
+                            value,
+                            group,
+                            est,
+                            g_ref,
+                            names,
+                            ref=ref,
+                            adj_err=adj_err,
+                            g_bptt=g_bptt,
+                            t1=t1,
+                        )
+                    )
         caught = [f"{w.category.__name__}: {w.message}" for w in log]
     return ProbeReport(
         rows=rows,
@@ -328,6 +353,6 @@ def probe(
             "res_adjoint": _worst(ref.stats["adjoint"].final_residual),
         },
         asymmetry=asymmetry,
-        sweeps={k: list(v) for k, v in sweeps.items()},
+        sweeps=checked,
         warnings=caught,
     )

@@ -20,6 +20,7 @@ from gradstats.eqprop._module import EquilibriumModule, NoiseRealization, traina
 from gradstats.eqprop._settings import resolve_settings
 from gradstats.eqprop._solvers import fixed_point
 from gradstats.eqprop._stats import SolveStats
+from gradstats.errors import ConfigurationError, ConfigurationTypeError
 
 __all__ = ["Problem", "assemble", "free_phase", "free_residual", "prepare", "relax"]
 
@@ -42,10 +43,17 @@ class Problem:
 
     model: EquilibriumModule
     x: torch.Tensor
-    y: torch.Tensor
+    y: torch.Tensor | None
     x_in: torch.Tensor
     noise: NoiseRealization | None
     z0: torch.Tensor
+
+    @property
+    def target(self) -> torch.Tensor:
+        """The target ``y`` (a free-phase-only problem, as in :func:`relax`, has none)."""
+        if self.y is None:
+            raise ConfigurationError("this problem has no target y: it was built for relax()")
+        return self.y
 
     def force(self, z: torch.Tensor) -> torch.Tensor:
         """F(z; x_in, θ) with this estimate's noise realisation."""
@@ -66,15 +74,15 @@ class Problem:
         """
         with torch.enable_grad():
             leaves = [z.detach().requires_grad_(True) for z in states]
-            values = [self.model.loss(z, self.y) for z in leaves]
+            values = [self.model.loss(z, self.target) for z in leaves]
             for z, value in zip(leaves, values, strict=True):
                 if not isinstance(value, torch.Tensor) or value.dim() != 0:
                     shape = tuple(value.shape) if isinstance(value, torch.Tensor) else value
-                    raise ValueError(
+                    raise ConfigurationError(
                         f"{self.model.describe()}.loss must return a scalar; got shape {shape}"
                     )
                 if z.is_complex() and not value.is_complex():
-                    raise ValueError(
+                    raise ConfigurationError(
                         f"{self.model.describe()}.loss returned a real value for a complex "
                         "state: a holomorphic loss must be complex-analytic (use squares, not "
                         "abs()**2)"
@@ -89,9 +97,11 @@ class Problem:
 
 def _check_state(model: EquilibriumModule, name: str, t: object, like: torch.Tensor) -> None:
     if not isinstance(t, torch.Tensor):
-        raise TypeError(f"{model.describe()}.{name} must return a tensor; got {type(t).__name__}")
+        raise ConfigurationTypeError(
+            f"{model.describe()}.{name} must return a tensor; got {type(t).__name__}"
+        )
     if t.shape != like.shape:
-        raise ValueError(
+        raise ConfigurationError(
             f"{model.describe()}.{name} must return a tensor shaped like the state "
             f"{tuple(like.shape)}; got {tuple(t.shape)}"
         )
@@ -109,32 +119,42 @@ def prepare(
 ) -> Problem:
     """Inject, draw noise once, build the force closure, and check the model's outputs."""
     if not isinstance(model, EquilibriumModule):
-        raise TypeError(f"model must be an EquilibriumModule; got {type(model).__name__}")
+        raise ConfigurationTypeError(
+            f"model must be an EquilibriumModule; got {type(model).__name__}"
+        )
     if not isinstance(x, torch.Tensor):
-        raise TypeError(f"x must be a torch.Tensor; got {type(x).__name__}")
+        raise ConfigurationTypeError(f"x must be a torch.Tensor; got {type(x).__name__}")
+    if y is not None and not isinstance(y, torch.Tensor):
+        raise ConfigurationTypeError(f"y must be a torch.Tensor; got {type(y).__name__}")
+    if z0 is not None and not isinstance(z0, torch.Tensor):
+        raise ConfigurationTypeError(f"z0 must be a torch.Tensor; got {type(z0).__name__}")
     if noise is not None and not isinstance(noise, NoiseRealization):
-        raise TypeError(f"noise must be a NoiseRealization; got {type(noise).__name__}")
+        raise ConfigurationTypeError(
+            f"noise must be a NoiseRealization; got {type(noise).__name__}"
+        )
     with torch.no_grad():
         x_in = model.inject(x)
         if noise is None:
             noise = model.sample_noise(x_in, generator)
         if noise is not None and not _accepts_noise(model):
-            raise TypeError(
+            raise ConfigurationTypeError(
                 f"{model.describe()}.sample_noise returned a NoiseRealization but its force "
                 "takes no `noise` argument"
             )
         state = model.init_state(x_in) if z0 is None else z0.detach()
         if not isinstance(state, torch.Tensor) or state.dim() < 1:
-            raise TypeError(f"{model.describe()}.init_state must return a [B, ...] tensor")
+            raise ConfigurationTypeError(
+                f"{model.describe()}.init_state must return a [B, ...] tensor"
+            )
         if state.is_complex():
-            raise ValueError("the free state must be real; complex states are internal")
+            raise ConfigurationError("the free state must be real; complex states are internal")
         problem = Problem(model, x, y, x_in, noise, state)
         before = _rng_states(state.device)
         f = problem.force(state)
         after = _rng_states(state.device)
         _check_state(model, "force", f, state)
         if any(not torch.equal(a, b) for a, b in zip(before, after, strict=True)):
-            raise ValueError(
+            raise ConfigurationError(
                 f"{model.describe()}.force drew random numbers (the global RNG advanced): its "
                 "force, JVP and VJP would see different noise. Sample noise once in "
                 "sample_noise() and read it from the `noise` argument (and keep dropout off)"
@@ -142,7 +162,7 @@ def prepare(
         if complex_check:
             fc = problem.force(state.to(torch.promote_types(state.dtype, torch.complex64)))
             if not isinstance(fc, torch.Tensor) or not fc.is_complex():
-                raise ValueError(
+                raise ConfigurationError(
                     f"{model.describe()} declares holomorphic=True but its force returned a "
                     "real tensor for a complex state"
                 )
@@ -162,7 +182,7 @@ def assemble(
     names, params = trainable(model)
     with torch.enable_grad():
         zd = z.detach()
-        loss = model.loss(zd, problem.y)
+        loss = model.loss(zd, problem.target)
         total = loss
         if a is not None:
             x_in = model.inject(problem.x)

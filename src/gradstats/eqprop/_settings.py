@@ -11,13 +11,22 @@ import dataclasses
 import math
 from collections.abc import Mapping
 from dataclasses import dataclass
+from typing import TypeVar
 
 import torch
 
 from gradstats._validation import check_choice, check_positive_int
 from gradstats.eqprop._module import METHODS
+from gradstats.errors import ConfigurationError, ConfigurationTypeError
 
-__all__ = ["LIBRARY_DEFAULTS", "SETTING_KEYS", "Settings", "resolve_settings"]
+__all__ = [
+    "LIBRARY_DEFAULTS",
+    "SETTING_KEYS",
+    "Settings",
+    "check_float",
+    "required",
+    "resolve_settings",
+]
 
 #: Library defaults; ``tol`` and ``tol_adjoint`` are per dtype, ``beta`` per method.
 LIBRARY_DEFAULTS: dict[str, object] = {
@@ -40,6 +49,7 @@ LIBRARY_DEFAULTS: dict[str, object] = {
     "steps": None,  # None: the same as max_steps
 }
 SETTING_KEYS = tuple(LIBRARY_DEFAULTS)
+T = TypeVar("T")
 _NUDGED = ("ep", "ep_symmetric", "aep", "holomorphic")
 #: Settings that only some methods use: passing one explicitly to another method is an error.
 _APPLIES_TO = {
@@ -79,26 +89,40 @@ class Settings:
         return dataclasses.asdict(self)
 
 
-def _positive_float(name: str, value: object, *, allow_zero: bool = False) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise TypeError(f"{name} must be a float; got {type(value).__name__}")
-    value = float(value)
-    bad = math.isnan(value) or math.isinf(value) or value < 0 or (value == 0 and not allow_zero)
-    if bad:
-        bound = ">= 0" if allow_zero else "> 0"
-        raise ValueError(f"{name} must be a finite float {bound}; got {value!r}")
+def required(value: T | None, name: str, method: str) -> T:
+    """``value`` of a setting that :func:`resolve_settings` always fills for ``method``."""
+    if value is None:
+        raise ConfigurationError(f"{name} is not set: method={method!r} needs it")
     return value
 
 
-def _by_dtype(table: Mapping, dtype: torch.dtype) -> float:
+def check_float(name: str, value: object, *, allow_zero: bool = False) -> float:
+    """Return ``value`` as a float if it is a finite real number > 0 (≥ 0 with ``allow_zero``)."""
+    bound = ">= 0" if allow_zero else "> 0"
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise ConfigurationTypeError(
+            f"{name} must be a finite float {bound}; got {type(value).__name__}"
+        )
+    number = float(value)
+    bad = math.isnan(number) or math.isinf(number) or number < 0
+    if bad or (number == 0 and not allow_zero):
+        raise ConfigurationError(f"{name} must be a finite float {bound}; got {value!r}")
+    return number
+
+
+def _by_dtype(table: Mapping[object, object], dtype: torch.dtype) -> object:
     real = torch.empty((), dtype=dtype).real.dtype if dtype.is_complex else dtype
     return table.get(real, table["other"])
 
 
 def _check_defaults(source: str, values: Mapping[str, object]) -> None:
+    if not isinstance(values, Mapping):
+        raise ConfigurationTypeError(
+            f"{source} must be a mapping of settings; got {type(values).__name__}"
+        )
     unknown = sorted(set(values) - set(SETTING_KEYS))
     if unknown:
-        raise ValueError(
+        raise ConfigurationError(
             f"{source} has unknown setting(s) {unknown}; valid: {', '.join(SETTING_KEYS)}"
         )
 
@@ -116,19 +140,21 @@ def resolve_settings(
     given = {k: v for k, v in explicit.items() if v is not None}
     for key, methods in _APPLIES_TO.items():
         if key in given and method not in methods:
-            raise ValueError(
+            raise ConfigurationError(
                 f"{key} does not apply to method={method!r}; it is used by "
                 f"{', '.join(repr(m) for m in methods)}"
             )
     merged: dict[str, object] = {**LIBRARY_DEFAULTS, **model_defaults, **given}
     for key in ("tol", "tol_adjoint"):
-        if isinstance(merged[key], Mapping):
-            merged[key] = _by_dtype(merged[key], dtype)
-    if isinstance(merged["beta"], Mapping):
-        merged["beta"] = merged["beta"].get(method) if method in _NUDGED else None
-    step_size = _positive_float("step_size", merged["step_size"])
-    tol = _positive_float("tol", merged["tol"], allow_zero=True)
-    tol_adjoint = _positive_float("tol_adjoint", merged["tol_adjoint"], allow_zero=True)
+        table = merged[key]
+        if isinstance(table, Mapping):
+            merged[key] = _by_dtype(table, dtype)
+    betas = merged["beta"]
+    if isinstance(betas, Mapping):
+        merged["beta"] = betas.get(method) if method in _NUDGED else None
+    step_size = check_float("step_size", merged["step_size"])
+    tol = check_float("tol", merged["tol"], allow_zero=True)
+    tol_adjoint = check_float("tol_adjoint", merged["tol_adjoint"], allow_zero=True)
     max_steps = check_positive_int("max_steps", merged["max_steps"])
     max_adj = check_positive_int("max_steps_adjoint", merged["max_steps_adjoint"])
     check_every = check_positive_int("check_every", merged["check_every"])
@@ -137,28 +163,36 @@ def resolve_settings(
         "adjoint_solver", merged["adjoint_solver"], ("richardson", "gmres")
     )
     restart = check_positive_int("gmres_restart", merged["gmres_restart"])
-    if not isinstance(merged["freeze"], bool):
-        raise TypeError(f"freeze must be a bool; got {type(merged['freeze']).__name__}")
-    divergence = _positive_float("divergence_factor", merged["divergence_factor"])
+    freeze = merged["freeze"]
+    if not isinstance(freeze, bool):
+        raise ConfigurationTypeError(f"freeze must be a bool; got {type(freeze).__name__}")
+    divergence = check_float("divergence_factor", merged["divergence_factor"])
     if divergence <= 1:
-        raise ValueError(f"divergence_factor must be > 1; got {divergence}")
+        raise ConfigurationError(f"divergence_factor must be > 1; got {divergence}")
     stall_checks = check_positive_int("stall_checks", merged["stall_checks"], minimum=0)
-    beta = points = anchor = correction = steps = None
+    beta: float | None = None
+    points: int | None = None
+    anchor: str | None = None
+    correction: bool | None = None
+    steps: int | None = None
     if method in _NUDGED:
         name = "beta (the radius r for method='holomorphic')" if method == "holomorphic" else "beta"
-        beta = _positive_float(name, merged["beta"])
+        beta = check_float(name, merged["beta"])
     if method == "holomorphic":
         points = check_positive_int("points", merged["points"], minimum=2)
-        correction = merged["correction"]
-        if not isinstance(correction, bool):
-            raise TypeError(f"correction must be a bool; got {type(correction).__name__}")
+        given_correction = merged["correction"]
+        if not isinstance(given_correction, bool):
+            raise ConfigurationTypeError(
+                f"correction must be a bool; got {type(given_correction).__name__}"
+            )
+        correction = given_correction
     if method == "aep" or (method == "holomorphic" and correction):
         anchor = check_choice("anchor", merged["anchor"], ("fixed", "tracking"))
     elif method == "holomorphic" and "anchor" in given:
-        raise ValueError("anchor applies only with correction=True (the AEP correction)")
+        raise ConfigurationError("anchor applies only with correction=True (the AEP correction)")
     if method == "bptt":
-        steps = merged["steps"]
-        steps = max_steps if steps is None else check_positive_int("steps", steps)
+        given_steps = merged["steps"]
+        steps = max_steps if given_steps is None else check_positive_int("steps", given_steps)
     return Settings(
         method=method,
         step_size=step_size,
@@ -170,7 +204,7 @@ def resolve_settings(
         anderson=anderson,
         adjoint_solver=adjoint_solver,
         gmres_restart=restart,
-        freeze=merged["freeze"],
+        freeze=freeze,
         divergence_factor=divergence,
         stall_checks=stall_checks,
         beta=beta,

@@ -1,14 +1,8 @@
 """Iterative solvers with per-sample residual stopping and no per-step host sync.
 
-* :func:`iterate`: the shared loop. A ``step`` proposes the next state and, at check steps,
-  the residual of the *current* state. Every ``check_every`` steps the loop reads two flags from
-  the device (all converged? any diverged?) — the only host syncs. Samples whose residual is at or
-  below ``tol`` are frozen (their state stops changing) when ``freeze`` is set. Divergence (a
-  non-finite residual, or an absolute residual grown past ``divergence_factor`` times its initial
-  value) raises :class:`DivergenceError`; hitting ``max_steps`` warns (``ConvergenceWarning``)
-  unless ``tol == 0`` (which asks for exactly ``max_steps`` steps). A phase whose residual has
-  not improved by 1% for ``stall_checks`` consecutive checks in every unconverged sample (a
-  tolerance below the attainable rounding floor) stops early with ``converged=False`` and warns.
+Both run on :func:`~gradstats.eqprop._iterate.iterate` (per-sample stopping, freezing,
+divergence and stall checks; one host read per check):
+
 * :func:`fixed_point`: damped fixed-point iteration z ← z + ε F(z), optionally with Anderson
   acceleration (type II, memory m, regularised least squares, batched per sample).
 * :func:`solve_adjoint`: Jᵀλ = −ℓ by Richardson iteration λ ← λ + ε(Jᵀλ + ℓ) or by restarted
@@ -17,159 +11,24 @@
 
 from __future__ import annotations
 
-import warnings
 from collections.abc import Callable
-from typing import Any
 
 import torch
 
+from gradstats._validation import check_choice, check_positive_int
+from gradstats._warnings import warn
 from gradstats.eqprop._autodiff import per_sample_norm
+from gradstats.eqprop._iterate import iterate, tiny
+from gradstats.eqprop._settings import check_float
 from gradstats.eqprop._stats import ConvergenceWarning, DivergenceError, SolveStats
+from gradstats.errors import ConfigurationError, ConfigurationTypeError
 
 __all__ = ["fixed_point", "iterate", "solve_adjoint"]
-
-Main = tuple[torch.Tensor, ...]
-StepFn = Callable[[Main, Any, bool], tuple[Main, Any, torch.Tensor | None, torch.Tensor | None]]
-
-
-def _select(mask: torch.Tensor, new: Main, old: Main) -> Main:
-    out = []
-    for n, o in zip(new, old, strict=True):
-        m = mask.reshape((-1,) + (1,) * (n.dim() - 1))
-        out.append(torch.where(m, n, o))
-    return tuple(out)
-
-
-def _tiny(t: torch.Tensor) -> float:
-    return torch.finfo(t.real.dtype if t.is_complex() else t.dtype).tiny
-
-
-def iterate(
-    step: StepFn,
-    main: Main,
-    aux: Any = None,
-    *,
-    phase: str,
-    kind: str,
-    tol: float,
-    max_steps: int,
-    check_every: int,
-    freeze: bool = True,
-    divergence_factor: float = 1e6,
-    stall_checks: int = 20,
-    warn: bool = True,
-    hint: str = "",
-) -> tuple[Main, Any, SolveStats]:
-    """Run ``step`` until every sample's residual is ≤ ``tol`` or ``max_steps`` updates.
-
-    Args:
-        step: ``step(main, aux, check) -> (proposal, aux, rel, abs)``: the proposed next
-            ``main`` (a tuple of ``[B, ...]`` tensors) and, when ``check``, the relative and
-            absolute ``[B]`` residuals of the *current* ``main``.
-        main: the state tensors (first dimension: batch); frozen samples keep theirs.
-        aux: extra state handed back by ``step`` (e.g. Anderson history), never masked.
-        phase, kind: labels stored in the :class:`SolveStats`.
-        tol: per-sample tolerance on the relative residual (0: run exactly ``max_steps``).
-        max_steps: the step cap.
-        check_every: steps between residual checks (each check is one host sync).
-        freeze: stop updating samples once converged.
-        divergence_factor: abs residual bound, relative to the first check.
-        stall_checks: stop when no unconverged sample improved by 1% for this many checks
-            (0: never; ignored when ``tol == 0``).
-        warn: warn when the cap is hit with unconverged samples (and ``tol > 0``).
-        hint: appended to warning and error messages.
-
-    Returns:
-        ``(main, aux, stats)``.
-    """
-    batch = main[0].shape[0]
-    device = main[0].device
-    steps = torch.zeros(batch, dtype=torch.int64, device=device)
-    active = torch.ones(batch, dtype=torch.bool, device=device)
-    trace: list[torch.Tensor] = []
-    trace_steps: list[int] = []
-    abs0: torch.Tensor | None = None
-    final: torch.Tensor | None = None
-    best = torch.full((batch,), torch.inf, device=device)
-    since = torch.zeros(batch, dtype=torch.int64, device=device)
-    stall_limit = stall_checks if stall_checks > 0 and tol > 0 else None
-    stalled = False
-    any_frozen = False  # host copy of "some sample is frozen", refreshed at every check
-    t = 0
-    while True:
-        at_cap = t >= max_steps
-        check = at_cap or t % check_every == 0
-        proposal, new_aux, rel, res_abs = step(main, aux, check)
-        if check:
-            rel, res_abs = rel.detach(), res_abs.detach()
-            trace.append(rel)
-            trace_steps.append(t)
-            final = rel if final is None else torch.where(active, rel, final)
-            if abs0 is None:
-                abs0 = res_abs
-            # rel may be +inf legitimately (‖z‖ = 0 at a zero initial state); NaN never is.
-            bad = torch.isnan(rel) | ~torch.isfinite(res_abs)
-            bad |= (res_abs > divergence_factor * abs0) & (abs0 > 0)
-            if freeze:
-                active = active & ~(rel <= tol)
-            improved = rel.to(best.dtype) < 0.99 * best
-            best = torch.where(improved, rel.to(best.dtype), best)
-            since = torch.where(improved, torch.zeros_like(since), since + 1)
-            settled = (final <= tol) | (since >= (stall_limit or max_steps + 1))
-            flags = torch.stack([(final <= tol).all(), bad.any(), settled.all(), ~active.all()])
-            done, diverged, stalled, any_frozen = flags.tolist()  # sync-ok: one read per check
-            if diverged:
-                idx = torch.nonzero(bad).flatten()[:8].tolist()  # sync-ok: error path
-                raise DivergenceError(
-                    f"{phase} phase diverged at step {t}: the residual ({kind}) is non-finite or "
-                    f"grew more than divergence_factor={divergence_factor:g} times its initial "
-                    f"value for samples {idx}; reduce step_size or check the model{hint}",
-                    phase=phase,
-                    step=t,
-                    samples=idx,
-                )
-            if done or at_cap or stalled:
-                break
-        if proposal is not None:
-            main = _select(active, proposal, main) if freeze and any_frozen else proposal
-        aux = new_aux
-        steps += active.to(torch.int64) if freeze else 1
-        t += 1
-    converged = final <= tol
-    if warn and tol > 0 and not done:
-        worst = float(final.max())  # sync-ok: warning path, once per phase
-        missing = int((~converged).sum())  # sync-ok
-        why = (
-            f"stalled (no 1% improvement in {stall_checks} checks) at step {t}: tol is "
-            "probably below the attainable rounding floor"
-            if stalled and not at_cap
-            else f"within max_steps={max_steps}"
-        )
-        warnings.warn(
-            f"{phase} phase: {missing} of {batch} samples did not reach tol={tol:g} {why} "
-            f"(worst residual {worst:.3g}, {kind}); converged=False{hint}",
-            ConvergenceWarning,
-            stacklevel=3,
-        )
-    stats = SolveStats(
-        phase=phase,
-        kind=kind,
-        steps=steps,
-        converged=converged,
-        final_residual=final,
-        trace=torch.stack(trace),
-        trace_steps=tuple(trace_steps),
-        tol=tol,
-        max_steps=max_steps,
-        diverged=torch.zeros(batch, dtype=torch.bool, device=device),
-        extra={"stalled": (since >= stall_limit) & ~converged} if stall_limit else {},
-    )
-    return main, aux, stats
 
 
 def _free_residual(z: torch.Tensor, f: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     res_abs = per_sample_norm(f)
-    return res_abs / per_sample_norm(z).clamp_min(_tiny(z)), res_abs
+    return res_abs / per_sample_norm(z).clamp_min(tiny(z)), res_abs
 
 
 def fixed_point(
@@ -197,7 +56,27 @@ def fixed_point(
     Returns:
         ``(z, stats)``; ``z`` is the last state (per sample: the state whose residual met
         ``tol`` when it froze).
+
+    Raises:
+        ConfigurationError: a bad option (the message names it and the valid values).
+        DivergenceError: the residual became non-finite or grew past ``divergence_factor``.
     """
+    if not callable(fn):
+        raise ConfigurationTypeError(f"fn must be callable; got {type(fn).__name__}")
+    if not isinstance(z0, torch.Tensor) or z0.dim() < 1:
+        what = f"shape {tuple(z0.shape)}" if isinstance(z0, torch.Tensor) else type(z0).__name__
+        raise ConfigurationTypeError(f"z0 must be a [B, ...] torch.Tensor; got {what}")
+    _check_solver_options(
+        step_size=step_size,
+        tol=tol,
+        max_steps=max_steps,
+        check_every=check_every,
+        divergence_factor=divergence_factor,
+        stall_checks=stall_checks,
+    )
+    check_positive_int("anderson", anderson, minimum=0)
+    if not isinstance(freeze, bool):
+        raise ConfigurationTypeError(f"freeze must be a bool; got {type(freeze).__name__}")
     eps = step_size
 
     def plain(main, aux, check):
@@ -220,7 +99,7 @@ def fixed_point(
             gram = d_r.conj() @ d_r.transpose(1, 2)  # [B, n, n]
             n = gram.shape[-1]
             scale = torch.diagonal(gram, dim1=1, dim2=2).real.mean(-1)
-            ridge = scale * torch.finfo(scale.dtype).eps ** 0.5 + _tiny(scale)
+            ridge = scale * torch.finfo(scale.dtype).eps ** 0.5 + tiny(scale)
             eye = torch.eye(n, dtype=gram.dtype, device=gram.device)
             rhs = (d_r.conj() @ flat_r.unsqueeze(-1)).squeeze(-1)
             gamma = torch.linalg.solve(gram + ridge[:, None, None] * eye, rhs)
@@ -255,7 +134,7 @@ def fixed_point(
 def _richardson(
     vjp, ell, lam0, *, step_size, tol, max_steps, check_every, divergence_factor, stall_checks
 ):
-    ell_norm = per_sample_norm(ell).clamp_min(_tiny(ell))
+    ell_norm = per_sample_norm(ell).clamp_min(tiny(ell))
 
     def step(main, aux, check):
         (lam,) = main
@@ -285,8 +164,8 @@ def _gmres(vjp, ell, lam0, *, tol, max_steps, restart, divergence_factor):
     """Restarted GMRES(m) for Jᵀλ = −ℓ, one Krylov space per sample (batched)."""
     shape, batch = ell.shape, ell.shape[0]
     rhs = -ell.reshape(batch, -1)
-    tiny = _tiny(rhs)
-    rhs_norm = rhs.norm(dim=1).clamp_min(tiny)
+    floor = tiny(rhs)
+    rhs_norm = rhs.norm(dim=1).clamp_min(floor)
 
     def apply(v):
         return vjp(v.reshape(shape)).reshape(batch, -1)
@@ -317,7 +196,7 @@ def _gmres(vjp, ell, lam0, *, tol, max_steps, restart, divergence_factor):
         if done or used >= max_steps:
             break
         m = min(restart, max_steps - used)
-        basis = [resid / res_abs.clamp_min(tiny)[:, None]]
+        basis = [resid / res_abs.clamp_min(floor)[:, None]]
         hess = torch.zeros(batch, m + 1, m, dtype=rhs.dtype, device=rhs.device)
         cs = torch.zeros(batch, m, dtype=rhs.dtype, device=rhs.device)
         sn = torch.zeros_like(cs)
@@ -331,14 +210,14 @@ def _gmres(vjp, ell, lam0, *, tol, max_steps, restart, divergence_factor):
                 w = w - h[:, None] * basis[i]
             h_next = w.norm(dim=1)
             hess[:, j + 1, j] = h_next
-            basis.append(w / h_next.clamp_min(tiny)[:, None])
+            basis.append(w / h_next.clamp_min(floor)[:, None])
             for i in range(j):  # previous Givens rotations on column j
                 a, b = hess[:, i, j].clone(), hess[:, i + 1, j].clone()
                 hess[:, i, j] = cs[:, i] * a + sn[:, i] * b
                 hess[:, i + 1, j] = -sn[:, i] * a + cs[:, i] * b
             a, b = hess[:, j, j].clone(), hess[:, j + 1, j].clone()
             radius = torch.sqrt(a * a + b * b)
-            safe = radius.clamp_min(tiny)
+            safe = radius.clamp_min(floor)
             cs[:, j] = torch.where(radius > 0, a / safe, torch.ones_like(a))
             sn[:, j] = torch.where(radius > 0, b / safe, torch.zeros_like(b))
             hess[:, j, j] = radius
@@ -347,7 +226,7 @@ def _gmres(vjp, ell, lam0, *, tol, max_steps, restart, divergence_factor):
             g[:, j] = cs[:, j] * g[:, j]
         upper = hess[:, :m, :m]
         diag = torch.diagonal(upper, dim1=1, dim2=2)
-        ok = diag.abs() > tiny**0.5
+        ok = diag.abs() > floor**0.5
         upper = upper + torch.diag_embed(torch.where(ok, torch.zeros_like(diag), 1.0))
         y = torch.linalg.solve_triangular(upper, (g[:, :m] * ok).unsqueeze(-1), upper=True)
         update = (torch.stack(basis[:m], 2) @ y).squeeze(-1)
@@ -358,12 +237,11 @@ def _gmres(vjp, ell, lam0, *, tol, max_steps, restart, divergence_factor):
     converged = final <= tol
     if tol > 0 and not done:
         missing, worst = int((~converged).sum()), float(final.max())  # sync-ok: warning path
-        warnings.warn(
+        warn(
             f"adjoint phase (GMRES): {missing} of {batch} samples did not reach "
             f"tol_adjoint={tol:g} within max_steps_adjoint={max_steps} "
             f"(worst residual {worst:.3g}); converged=False",
             ConvergenceWarning,
-            stacklevel=3,
         )
     stats = SolveStats(
         phase="adjoint",
@@ -402,7 +280,29 @@ def solve_adjoint(
         method: ``"richardson"`` (λ ← λ + ε(Jᵀλ + ℓ), converges when the free relaxation does)
             or ``"gmres"`` (restarted GMRES(``restart``); each VJP counts as a step).
         lam0: initial guess (zeros by default).
+
+    Raises:
+        ConfigurationError: a bad option (the message names it and the valid values), or a
+            complex ``ell`` with ``method="gmres"``.
+        DivergenceError: the residual became non-finite or grew past ``divergence_factor``.
     """
+    check_choice("method", method, ("richardson", "gmres"))
+    if not isinstance(ell, torch.Tensor):
+        raise ConfigurationTypeError(f"ell must be a torch.Tensor; got {type(ell).__name__}")
+    _check_solver_options(
+        step_size=step_size,
+        tol=tol,
+        max_steps=max_steps,
+        check_every=check_every,
+        divergence_factor=divergence_factor,
+        stall_checks=stall_checks,
+    )
+    check_positive_int("restart", restart)
+    if lam0 is not None and (not isinstance(lam0, torch.Tensor) or lam0.shape != ell.shape):
+        shape = tuple(lam0.shape) if isinstance(lam0, torch.Tensor) else type(lam0).__name__
+        raise ConfigurationError(
+            f"lam0 must be a tensor shaped like ell {tuple(ell.shape)}; got {shape}"
+        )
     lam0 = torch.zeros_like(ell) if lam0 is None else lam0
     if method == "richardson":
         return _richardson(
@@ -416,16 +316,33 @@ def solve_adjoint(
             divergence_factor=divergence_factor,
             stall_checks=stall_checks,
         )
-    if method == "gmres":
-        if ell.is_complex():
-            raise ValueError("adjoint solves are real; got a complex ℓ")
-        return _gmres(
-            vjp,
-            ell,
-            lam0,
-            tol=tol,
-            max_steps=max_steps,
-            restart=restart,
-            divergence_factor=divergence_factor,
-        )
-    raise ValueError(f"method must be 'richardson' or 'gmres'; got {method!r}")
+    if ell.is_complex():
+        raise ConfigurationError("method='gmres' solves real adjoints only; got a complex ell")
+    return _gmres(
+        vjp,
+        ell,
+        lam0,
+        tol=tol,
+        max_steps=max_steps,
+        restart=restart,
+        divergence_factor=divergence_factor,
+    )
+
+
+def _check_solver_options(
+    *,
+    step_size: object,
+    tol: object,
+    max_steps: object,
+    check_every: object,
+    divergence_factor: object,
+    stall_checks: object,
+) -> None:
+    """Validate the options :func:`fixed_point` and :func:`solve_adjoint` share."""
+    check_float("step_size", step_size)
+    check_float("tol", tol, allow_zero=True)
+    check_positive_int("max_steps", max_steps)
+    check_positive_int("check_every", check_every)
+    check_positive_int("stall_checks", stall_checks, minimum=0)
+    if check_float("divergence_factor", divergence_factor) <= 1:
+        raise ConfigurationError(f"divergence_factor must be > 1; got {divergence_factor!r}")

@@ -15,7 +15,8 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from gradstats.errors import DivergenceError
+from gradstats.eqprop._module import NoiseRealization
+from gradstats.errors import ConfigurationError, ConfigurationTypeError, DivergenceError
 
 __all__ = [
     "RESIDUAL_KINDS",
@@ -106,14 +107,19 @@ def write_grads(model: nn.Module, grads: Mapping[str, torch.Tensor], accumulate:
         accumulate: add to an existing ``.grad`` instead of replacing it.
 
     Raises:
-        ValueError: a name is not a parameter of ``model`` or a shape differs (nothing written).
+        ConfigurationError: a name is not a parameter of ``model`` or a shape differs (nothing
+            written).
     """
     params = dict(model.named_parameters())
     for name, grad in grads.items():
         if name not in params:
-            raise ValueError(f"grads has {name!r}, which is not a parameter of the model")
+            raise ConfigurationError(f"grads has {name!r}, which is not a parameter of the model")
+        if not isinstance(grad, torch.Tensor):
+            raise ConfigurationTypeError(
+                f"grads[{name!r}] must be a torch.Tensor; got {type(grad).__name__}"
+            )
         if grad.shape != params[name].shape:
-            raise ValueError(
+            raise ConfigurationError(
                 f"grads[{name!r}] has shape {tuple(grad.shape)}; the parameter has "
                 f"{tuple(params[name].shape)}"
             )
@@ -143,7 +149,7 @@ class GradientEstimate:
         settings: the resolved settings (explicit > model defaults > library defaults).
         noise: the noise realisation used by every force, JVP and VJP of this estimate.
         skipped: True if the estimate was abandoned (divergence or non-finite values with
-            ``on_failure="skip"``); then ``grads`` are zeros and :meth:`write_grads` is a no-op.
+            ``nonfinite="skip"``); then ``grads`` are zeros and :meth:`write_grads` is a no-op.
         reason: why it was skipped.
         task_grads: the pure task gradients when penalties were added (``grads`` is then the
             total); ``None`` otherwise.
@@ -157,7 +163,7 @@ class GradientEstimate:
     loss: torch.Tensor | None
     stats: dict[str, SolveStats]
     settings: dict[str, object]
-    noise: object = None
+    noise: NoiseRealization | None = None
     skipped: bool = False
     reason: str | None = None
     task_grads: dict[str, torch.Tensor] | None = None

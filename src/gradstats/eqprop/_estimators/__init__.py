@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 
 from gradstats._validation import check_choice
+from gradstats._warnings import deprecated_alias
 from gradstats.eqprop._estimators._phases import AnalyticityWarning
 from gradstats.eqprop._estimators.aep import aep_adjoint
 from gradstats.eqprop._estimators.bptt import bptt_gradients
@@ -15,6 +16,12 @@ from gradstats.eqprop._module import METHODS, EquilibriumModule, NoiseRealizatio
 from gradstats.eqprop._problem import assemble, prepare
 from gradstats.eqprop._settings import resolve_settings
 from gradstats.eqprop._stats import DivergenceError, GradientEstimate
+from gradstats.errors import (
+    ConfigurationError,
+    ConfigurationTypeError,
+    NonFinitePolicy,
+    check_nonfinite,
+)
 
 __all__ = ["AnalyticityWarning", "check_method_supported", "estimate_gradient"]
 
@@ -28,21 +35,26 @@ _ADJOINTS = {
 
 
 def check_method_supported(model: EquilibriumModule, method: str) -> None:
-    """Raise a ``ValueError`` naming the method and the model/mode if it is not supported."""
+    """Raise a :class:`~gradstats.errors.ConfigurationError` (a ``ValueError``) naming the method
+    and the model/mode if it is not supported."""
     check_choice("method", method, METHODS)
+    if not isinstance(model, EquilibriumModule):
+        raise ConfigurationTypeError(
+            f"model must be an EquilibriumModule; got {type(model).__name__}"
+        )
     if method == "holomorphic" and not model.holomorphic:
-        raise ValueError(
+        raise ConfigurationError(
             f"method='holomorphic' needs a force and loss that accept complex states, but "
             f"{model.describe()} declares holomorphic=False"
         )
     if method == "holomorphic" and any(p.is_complex() for p in model.parameters()):
-        raise ValueError(
+        raise ConfigurationError(
             f"method='holomorphic' needs real parameters (it relaxes only one phase of each "
             f"conjugate pair, z(conj β) = conj z(β)); {model.describe()} has complex parameters"
         )
     supported = tuple(model.supported_methods())
     if method not in supported:
-        raise ValueError(
+        raise ConfigurationError(
             f"method={method!r} is not supported by {model.describe()}; it supports "
             f"{', '.join(repr(m) for m in supported)}"
         )
@@ -79,7 +91,8 @@ def estimate_gradient(
     noise: NoiseRealization | None = None,
     generator: torch.Generator | None = None,
     z0: torch.Tensor | None = None,
-    on_failure: str = "raise",
+    nonfinite: NonFinitePolicy = "raise",
+    on_failure: NonFinitePolicy | None = None,
 ) -> GradientEstimate:
     """Estimate dL/dθ of an equilibrium model with one of six estimators.
 
@@ -121,8 +134,14 @@ def estimate_gradient(
         noise: a noise realisation to use (default: ``model.sample_noise(x_in, generator)``).
         generator: passed to ``model.sample_noise``.
         z0: initial free state (default ``model.init_state``).
-        on_failure: ``"raise"`` (a :class:`DivergenceError`) or ``"skip"`` (return an estimate
-            with ``skipped=True``, zero grads and the reason: nothing non-finite escapes).
+        nonfinite: what a diverged phase or a non-finite gradient/loss does (the library's one
+            non-finite policy, :mod:`gradstats.errors`): ``"raise"`` (default) raises a
+            :class:`~gradstats.errors.DivergenceError` naming the phase, step and samples;
+            ``"skip"`` drops the whole estimate and returns one with ``skipped=True``, zero
+            grads and the ``reason`` (callers count it: the trainer's ``skipped`` counter).
+            Either way nothing non-finite reaches ``.grad``. Deciding it costs one host read
+            of the gradients' finiteness per estimate (a documented sync point).
+        on_failure: deprecated alias of ``nonfinite`` (same values; warns ``FutureWarning``).
 
     Defaults: explicit arguments > ``model.solver_defaults`` > library defaults
     (``gradstats.eqprop.LIBRARY_DEFAULTS``).
@@ -131,14 +150,17 @@ def estimate_gradient(
         A :class:`GradientEstimate` (``grads``, ``adjoint``, ``state``, ``loss``, ``stats``).
 
     Raises:
-        ValueError: unknown method, a method the model (or its mode) does not support, bad
-            settings, or a setting that does not apply to ``method``.
-        DivergenceError: a phase diverged (with ``on_failure="raise"``).
+        ConfigurationError: unknown method, a method the model (or its mode) does not support,
+            bad settings, or a setting that does not apply to ``method`` (a ``ValueError``;
+            :class:`~gradstats.errors.ConfigurationTypeError` for a wrong type).
+        DivergenceError: a phase diverged or the gradient is non-finite (``nonfinite="raise"``).
     """
     check_choice("method", method, METHODS)
-    check_choice("on_failure", on_failure, ("raise", "skip"))
-    if not isinstance(model, EquilibriumModule):
-        raise TypeError(f"model must be an EquilibriumModule; got {type(model).__name__}")
+    if on_failure is not None:
+        check_nonfinite("on_failure", on_failure)
+    policy = check_nonfinite(
+        "nonfinite", deprecated_alias("on_failure", "nonfinite", on_failure, nonfinite, "raise")
+    )
     check_method_supported(model, method)
     dtype = z0.dtype if isinstance(z0, torch.Tensor) else torch.get_default_dtype()
     explicit = dict(
@@ -176,11 +198,9 @@ def estimate_gradient(
             raise DivergenceError(
                 f"method={method!r} produced non-finite gradients or loss",
                 phase="gradient",
-                step=-1,
-                samples=[],
             )
     except DivergenceError as error:
-        if on_failure == "raise":
+        if policy == "raise":
             raise
         zeros = {n: torch.zeros_like(p) for n, p in model.named_parameters() if p.requires_grad}
         return GradientEstimate(

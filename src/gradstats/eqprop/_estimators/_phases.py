@@ -23,14 +23,15 @@ from __future__ import annotations
 
 import cmath
 import math
-import warnings
 from dataclasses import dataclass
 
 import torch
 
+from gradstats._warnings import warn
 from gradstats.eqprop._autodiff import Linearization, per_sample_norm
+from gradstats.eqprop._iterate import iterate
 from gradstats.eqprop._problem import Problem
-from gradstats.eqprop._solvers import iterate
+from gradstats.eqprop._settings import Settings
 from gradstats.eqprop._stats import SolveStats
 
 __all__ = ["ALIASING_WARN", "AnalyticityWarning", "Nudge", "circle_nudges", "run_nudged"]
@@ -69,6 +70,14 @@ def circle_nudges(radius: float, points: int) -> list[Nudge]:
     return nudges
 
 
+def _total(terms: list[torch.Tensor]) -> torch.Tensor:
+    """Σ terms (a tensor even for one term; ``sum()`` would start from the int 0)."""
+    out = terms[0]
+    for term in terms[1:]:
+        out = out + term
+    return out
+
+
 def _complex_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.complex128 if dtype == torch.float64 else torch.complex64
 
@@ -90,7 +99,7 @@ def _radius_ratio(
     betas = [radius * cmath.exp(2j * math.pi * k / points) for k in range(points)]
 
     def coefficient(m: int) -> torch.Tensor:
-        total = sum((z - z_ref) * (b ** (-m)) for z, b in zip(full, betas, strict=True))
+        total = _total([(z - z_ref) * (b ** (-m)) for z, b in zip(full, betas, strict=True)])
         return per_sample_norm(total / points) * radius**m
 
     first, last = coefficient(1), coefficient(points - 1)
@@ -105,7 +114,7 @@ def run_nudged(
     *,
     correction: bool,
     anchor: str | None,
-    settings,
+    settings: Settings,
     circle: tuple[float, int] | None = None,
 ) -> tuple[torch.Tensor, SolveStats]:
     """Relax the nudged phases from ``z_ref``; return the adjoint estimate a and the stats."""
@@ -171,8 +180,8 @@ def run_nudged(
             stall_checks=s.stall_checks,
             hint=hint,
         )
-        a = -sum(
-            n.weight * ((z - z_ref) / n.beta).real for n, z in zip(nudges, states, strict=True)
+        a = -_total(
+            [n.weight * ((z - z_ref) / n.beta).real for n, z in zip(nudges, states, strict=True)]
         )
         if circle is not None and circle[1] >= 3:
             ratio = _radius_ratio(list(states), z_ref, *circle)
@@ -180,7 +189,7 @@ def run_nudged(
             stats.extra["aliasing_error"] = ratio ** circle[1]
             worst = float(ratio.max())  # sync-ok: once per estimate
             if worst >= 1.0 or worst ** circle[1] >= ALIASING_WARN:
-                warnings.warn(
+                warn(
                     f"holomorphic phases: the estimated r/R = {worst:.3g} (R: analyticity "
                     f"radius of β ↦ z_β; r = {circle[0]:g}, N = {circle[1]}) puts the aliasing "
                     f"error near {min(worst ** circle[1], 1.0):.2g}"
@@ -190,6 +199,5 @@ def run_nudged(
                         else "; reduce beta (r) or raise points (N)"
                     ),
                     AnalyticityWarning,
-                    stacklevel=4,
                 )
     return a, stats

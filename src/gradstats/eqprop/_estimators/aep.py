@@ -13,7 +13,7 @@ import torch
 
 from gradstats.eqprop._estimators._phases import Nudge, run_nudged
 from gradstats.eqprop._problem import Problem, free_phase
-from gradstats.eqprop._settings import Settings
+from gradstats.eqprop._settings import Settings, required
 from gradstats.eqprop._stats import SolveStats
 
 __all__ = ["aep_adjoint"]
@@ -24,6 +24,7 @@ def aep_adjoint(
 ) -> tuple[torch.Tensor, torch.Tensor, dict[str, SolveStats]]:
     """Return ``(z*, a, stats)``."""
     z, free = free_phase(problem, s)
-    nudges = [Nudge(s.beta, 0.5), Nudge(-s.beta, 0.5)]
+    beta = required(s.beta, "beta", s.method)
+    nudges = [Nudge(beta, 0.5), Nudge(-beta, 0.5)]
     a, nudged = run_nudged(problem, z, nudges, correction=True, anchor=s.anchor, settings=s)
     return z, a, {"free": free, "nudged": nudged}

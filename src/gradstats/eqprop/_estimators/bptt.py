@@ -12,7 +12,7 @@ import torch
 from gradstats.eqprop._autodiff import per_sample_norm
 from gradstats.eqprop._module import trainable
 from gradstats.eqprop._problem import Problem, free_residual
-from gradstats.eqprop._settings import Settings
+from gradstats.eqprop._settings import Settings, required
 from gradstats.eqprop._stats import DivergenceError, SolveStats
 
 __all__ = ["bptt_gradients"]
@@ -24,12 +24,14 @@ def bptt_gradients(
     """Return ``(z_T, grads, loss, stats)``."""
     model = problem.model
     names, params = trainable(model)
-    trace, trace_steps = [], []
+    steps = required(s.steps, "steps", s.method)
+    trace: list[torch.Tensor] = []
+    trace_steps: list[int] = []
     with torch.enable_grad():
         x_in = model.inject(problem.x)
         z = problem.z0 if z0_given else model.init_state(x_in)
         abs0 = None
-        for t in range(s.steps):
+        for t in range(steps):
             f = problem.force_with_input(z, x_in)
             if t % s.check_every == 0:
                 res_abs = per_sample_norm(f.detach())
@@ -46,23 +48,23 @@ def bptt_gradients(
                         samples=torch.nonzero(bad).flatten()[:8].tolist(),  # sync-ok
                     )
             z = z + s.step_size * f
-        loss = model.loss(z, problem.y)
+        loss = model.loss(z, problem.target)
         grads = torch.autograd.grad(loss, params, allow_unused=True)
     z = z.detach()
     final = free_residual(problem, z)
     trace.append(final)
-    trace_steps.append(s.steps)
+    trace_steps.append(steps)
     batch = z.shape[0]
     stats = SolveStats(
         phase="bptt",
         kind="free",
-        steps=torch.full((batch,), s.steps, dtype=torch.int64, device=z.device),
+        steps=torch.full((batch,), steps, dtype=torch.int64, device=z.device),
         converged=final <= s.tol,
         final_residual=final,
         trace=torch.stack(trace),
         trace_steps=tuple(trace_steps),
         tol=s.tol,
-        max_steps=s.steps,
+        max_steps=steps,
         diverged=torch.zeros(batch, dtype=torch.bool, device=z.device),
     )
     out = {

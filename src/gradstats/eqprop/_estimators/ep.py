@@ -13,7 +13,7 @@ import torch
 
 from gradstats.eqprop._estimators._phases import Nudge, run_nudged
 from gradstats.eqprop._problem import Problem, free_phase
-from gradstats.eqprop._settings import Settings
+from gradstats.eqprop._settings import Settings, required
 from gradstats.eqprop._stats import SolveStats
 
 __all__ = ["ep_adjoint"]
@@ -24,7 +24,8 @@ def ep_adjoint(
 ) -> tuple[torch.Tensor, torch.Tensor, dict[str, SolveStats]]:
     """Return ``(z*, a, stats)`` for ``s.method`` in ``("ep", "ep_symmetric")``."""
     z, free = free_phase(problem, s)
-    one_sided = [Nudge(s.beta, 1.0)]
-    nudges = one_sided if s.method == "ep" else [Nudge(s.beta, 0.5), Nudge(-s.beta, 0.5)]
+    beta = required(s.beta, "beta", s.method)
+    one_sided = [Nudge(beta, 1.0)]
+    nudges = one_sided if s.method == "ep" else [Nudge(beta, 0.5), Nudge(-beta, 0.5)]
     a, nudged = run_nudged(problem, z, nudges, correction=False, anchor=None, settings=s)
     return z, a, {"free": free, "nudged": nudged}

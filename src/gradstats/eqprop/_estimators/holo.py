@@ -15,7 +15,7 @@ import torch
 
 from gradstats.eqprop._estimators._phases import circle_nudges, run_nudged
 from gradstats.eqprop._problem import Problem, free_phase
-from gradstats.eqprop._settings import Settings
+from gradstats.eqprop._settings import Settings, required
 from gradstats.eqprop._stats import SolveStats
 
 __all__ = ["holomorphic_adjoint"]
@@ -26,14 +26,15 @@ def holomorphic_adjoint(
 ) -> tuple[torch.Tensor, torch.Tensor, dict[str, SolveStats]]:
     """Return ``(z*, a, stats)``."""
     z, free = free_phase(problem, s)
-    nudges = circle_nudges(s.beta, s.points)
+    radius = required(s.beta, "beta", s.method)
+    points = required(s.points, "points", s.method)
     a, nudged = run_nudged(
         problem,
         z,
-        nudges,
-        correction=s.correction,
+        circle_nudges(radius, points),
+        correction=required(s.correction, "correction", s.method),
         anchor=s.anchor,
         settings=s,
-        circle=(s.beta, s.points),
+        circle=(radius, points),
     )
     return z, a, {"free": free, "nudged": nudged}

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Mapping
-from typing import ClassVar
+from types import MappingProxyType
 
 import torch
 from torch import nn
@@ -40,7 +40,7 @@ class TanhReadoutModel(EquilibriumModule):
     L = ½‖Cz − y‖² summed over the batch. Subclasses define ``force`` (and ``random``'s W)."""
 
     holomorphic = True
-    solver_defaults: ClassVar[Mapping[str, object]] = {"step_size": 0.5}
+    solver_defaults: Mapping[str, object] = MappingProxyType({"step_size": 0.5})
 
     def __init__(self, W: torch.Tensor, U: torch.Tensor, b: torch.Tensor, C: torch.Tensor):
         super().__init__()

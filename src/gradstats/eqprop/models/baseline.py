@@ -22,7 +22,10 @@ import torch.nn.functional as F
 from torch import nn
 
 from gradstats._validation import check_positive_int
-from gradstats.eqprop.models.transformer import CausalAttention, FeedForward
+from gradstats.eqprop._settings import check_float
+from gradstats.eqprop.models._blocks import CausalAttention, Embedding, FeedForward, Readout
+from gradstats.eqprop.models.transformer import check_token_ids
+from gradstats.errors import ConfigurationError, ConfigurationTypeError
 
 __all__ = ["BackpropTransformer"]
 
@@ -69,10 +72,13 @@ class BackpropTransformer(nn.Module):
             ("d_model", d_model),
             ("n_heads", n_heads),
             ("n_layers", n_layers),
+            ("ffn_mult", ffn_mult),
         ):
             check_positive_int(name, value)
         if d_model % n_heads:
-            raise ValueError(f"d_model={d_model} must be divisible by n_heads={n_heads}")
+            raise ConfigurationError(f"d_model={d_model} must be divisible by n_heads={n_heads}")
+        if not isinstance(qk_norm, bool):
+            raise ConfigurationTypeError(f"qk_norm must be a bool; got {type(qk_norm).__name__}")
         self._config = {
             "vocab_size": vocab_size,
             "block_size": block_size,
@@ -81,37 +87,38 @@ class BackpropTransformer(nn.Module):
             "n_layers": n_layers,
             "qk_norm": qk_norm,
             "ffn_mult": ffn_mult,
-            "init_std": float(init_std),
-            "embed_std": float(embed_std),
+            "init_std": check_float("init_std", init_std),
+            "embed_std": check_float("embed_std", embed_std),
         }
         self.block_size = block_size
-        self.embed = nn.Module()
-        self.embed.token = nn.Parameter(torch.empty(vocab_size, d_model))
-        self.embed.position = nn.Parameter(torch.empty(block_size, d_model))
+        self.embed = Embedding(vocab_size, block_size, d_model)
         self.layers = nn.ModuleList(
             _Layer(d_model, n_heads, qk_norm, ffn_mult) for _ in range(n_layers)
         )
-        self.readout = nn.Module()
-        self.readout.norm = nn.LayerNorm(d_model)
-        self.readout.proj = nn.Parameter(torch.empty(vocab_size, d_model))
+        self.readout = Readout(vocab_size, d_model)
         self._init(generator, float(init_std), float(embed_std))
 
+    def each_layer(self) -> list[_Layer]:
+        """The layers, typed."""
+        return [layer for layer in self.layers if isinstance(layer, _Layer)]
+
     @torch.no_grad()
-    def _init(self, generator, std: float, embed_std: float) -> None:
+    def _init(self, generator: torch.Generator | None, std: float, embed_std: float) -> None:
         def normal(p: torch.Tensor, s: float) -> None:
             p.copy_(torch.randn(p.shape, generator=generator, dtype=p.dtype) * s)
 
         normal(self.embed.token, embed_std)
         normal(self.embed.position, std)
-        for layer in self.layers:
-            for head in layer.attn.heads:
+        for layer in self.each_layer():
+            for head in layer.attn.each_head():
                 for name in ("query", "key", "value"):
                     normal(getattr(head, name), std)
                 normal(head.out, std / math.sqrt(2))
             normal(layer.ffn.up.weight, std)
             layer.ffn.up.bias.zero_()
-            normal(layer.ffn.down.weight, std / math.sqrt(2))
-            layer.ffn.down.bias.zero_()
+            if layer.ffn.down is not None:
+                normal(layer.ffn.down.weight, std / math.sqrt(2))
+                layer.ffn.down.bias.zero_()
         normal(self.readout.proj, std)
 
     def config(self) -> dict[str, object]:
@@ -120,14 +127,10 @@ class BackpropTransformer(nn.Module):
 
     def forward(self, idx: torch.Tensor) -> torch.Tensor:
         """Logits ``[B, T, V]`` for token ids ``idx`` ``[B, T]``."""
-        t = idx.shape[1]
-        if t > self.block_size:
-            raise ValueError(f"sequence length {t} exceeds block_size={self.block_size}")
-        x = self.embed.token[idx] + self.embed.position[:t]
+        x = self.embed(check_token_ids(idx, self.block_size))
         for layer in self.layers:
             x = layer(x)
-        h = F.layer_norm(x, x.shape[-1:], self.readout.norm.weight, self.readout.norm.bias)
-        return h @ self.readout.proj.T
+        return self.readout(x)
 
     def loss(self, idx: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         """Σ_{b,t} CE (summed over tokens, like the equilibrium model's loss)."""

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Mapping
-from typing import ClassVar
+from types import MappingProxyType
 
 import torch
 from torch import nn
@@ -25,7 +25,7 @@ class LinearModel(EquilibriumModule):
     """
 
     holomorphic = True
-    solver_defaults: ClassVar[Mapping[str, object]] = {"step_size": 0.5}
+    solver_defaults: Mapping[str, object] = MappingProxyType({"step_size": 0.5})
 
     def __init__(self, A: torch.Tensor, B: torch.Tensor, C: torch.Tensor) -> None:
         super().__init__()

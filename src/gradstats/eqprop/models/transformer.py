@@ -42,109 +42,43 @@ from typing import ClassVar
 
 import torch
 import torch.nn.functional as F
-from torch import nn
 
 from gradstats._validation import check_choice, check_positive_int
 from gradstats.eqprop._autodiff import Linearization
-from gradstats.eqprop._holo_ops import (
-    holo_cross_entropy,
-    holo_gelu,
-    holo_layer_norm,
-    holo_masked_softmax,
-)
+from gradstats.eqprop._holo_ops import holo_cross_entropy
 from gradstats.eqprop._module import METHODS, EquilibriumModule, NoiseRealization
+from gradstats.eqprop._settings import check_float
+from gradstats.eqprop.models._blocks import (
+    CausalAttention,
+    Embedding,
+    FeedForward,
+    Readout,
+    layer_norm,
+)
+from gradstats.errors import ConfigurationError, ConfigurationTypeError
 
-__all__ = ["MODES", "EquilibriumTransformer"]
+# CausalAttention and FeedForward are re-exported (they lived here before).
+__all__ = ["MODES", "CausalAttention", "EquilibriumTransformer", "FeedForward"]
 
 MODES = ("thick", "real", "energy")
 
 
-def _layer_norm(x: torch.Tensor, norm: nn.LayerNorm | None, eps: float = 1e-5) -> torch.Tensor:
-    w = None if norm is None else norm.weight
-    b = None if norm is None else norm.bias
-    if x.is_complex():
-        return holo_layer_norm(x, w, b, eps)
-    return F.layer_norm(x, x.shape[-1:], w, b, eps)
-
-
-def _cast(w: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
-    return w.to(z.dtype) if z.is_complex() else w
-
-
-class _Head(nn.Module):
-    def __init__(self, d_model: int, d_head: int, qk_norm: bool) -> None:
-        super().__init__()
-        self.query = nn.Parameter(torch.empty(d_head, d_model))
-        self.key = nn.Parameter(torch.empty(d_head, d_model))
-        self.value = nn.Parameter(torch.empty(d_head, d_model))
-        self.out = nn.Parameter(torch.empty(d_model, d_head))
-        if qk_norm:
-            self.q_norm = nn.Parameter(torch.ones(d_head))
-            self.k_norm = nn.Parameter(torch.ones(d_head))
-
-
-class CausalAttention(nn.Module):
-    """Multi-head causal softmax attention with untied per-head Q/K/V/O and optional qk-norm.
-
-    Attn(h) = Σ_h softmax_causal(q_h k_hᵀ/√d) v_h W_{o,h}ᵀ, q_h = LN(h W_{q,h}ᵀ) ⊙ g_q (qk-norm).
-    Real inputs use the native ops, complex inputs their holomorphic versions (same values on
-    the real axis).
-    """
-
-    def __init__(self, d_model: int, n_heads: int, qk_norm: bool) -> None:
-        super().__init__()
-        self.n_heads, self.d_head, self.qk_norm = n_heads, d_model // n_heads, qk_norm
-        self.norm = nn.LayerNorm(d_model)
-        self.heads = nn.ModuleList(_Head(d_model, self.d_head, qk_norm) for _ in range(n_heads))
-
-    def _stack(self, name: str, z: torch.Tensor) -> torch.Tensor:
-        return _cast(torch.stack([getattr(h, name) for h in self.heads]), z)
-
-    def forward(self, h: torch.Tensor) -> torch.Tensor:
-        """Attention of the (already normalised) input ``h`` [B, T, C]."""
-        q = torch.einsum("btc,hdc->bhtd", h, self._stack("query", h))
-        k = torch.einsum("btc,hdc->bhtd", h, self._stack("key", h))
-        v = torch.einsum("btc,hdc->bhtd", h, self._stack("value", h))
-        if self.qk_norm:
-            q = _layer_norm(q, None) * self._stack("q_norm", h)[None, :, None, :]
-            k = _layer_norm(k, None) * self._stack("k_norm", h)[None, :, None, :]
-        scores = (q @ k.transpose(-1, -2)) * (1.0 / math.sqrt(self.d_head))
-        t = h.shape[1]
-        mask = torch.ones(t, t, dtype=torch.bool, device=h.device).tril()
-        if scores.is_complex():
-            att = holo_masked_softmax(scores, mask)
-        else:
-            att = torch.softmax(scores.masked_fill(~mask, -math.inf), dim=-1)
-        return torch.einsum("bhtd,hcd->btc", att @ v, self._stack("out", h))
-
-
-class FeedForward(nn.Module):
-    """tanh-GELU MLP, FFN(h) = W₂ gelu(W₁h + b₁) + b₂ (``tied=True``: no W₂, see ``energy``)."""
-
-    def __init__(self, d_model: int, hidden: int, tied: bool = False) -> None:
-        super().__init__()
-        self.norm = nn.LayerNorm(d_model)
-        self.up = nn.Linear(d_model, hidden)
-        self.down = None if tied else nn.Linear(hidden, d_model)
-
-    def forward(self, h: torch.Tensor) -> torch.Tensor:
-        pre = h @ _cast(self.up.weight, h).T + _cast(self.up.bias, h)
-        act = holo_gelu(pre) if h.is_complex() else F.gelu(pre, approximate="tanh")
-        return act @ _cast(self.down.weight, h).T + _cast(self.down.bias, h)
-
-    def energy_force(self, z: torch.Tensor) -> torch.Tensor:
-        """−∇_z E, E(z) = −½ Σ relu(W₁ LN(z) + b₁)²: J_LN(z)ᵀ W₁ᵀ relu(W₁ LN(z) + b₁).
-
-        The LayerNorm VJP is written out: with x̂ = (z − μ)/σ and u = g ⊙ w,
-        J_LNᵀw = (u − mean(u) − x̂ · mean(u ⊙ x̂))/σ.
-        """
-        centred = z - z.mean(-1, keepdim=True)
-        sigma = torch.sqrt((centred * centred).mean(-1, keepdim=True) + self.norm.eps)
-        xhat = centred / sigma
-        h = xhat * self.norm.weight + self.norm.bias
-        w = torch.relu(h @ self.up.weight.T + self.up.bias) @ self.up.weight
-        u = self.norm.weight * w
-        return (u - u.mean(-1, keepdim=True) - xhat * (u * xhat).mean(-1, keepdim=True)) / sigma
+def check_token_ids(idx: object, block_size: int) -> torch.Tensor:
+    """Return ``idx`` if it is an integer tensor of token ids [B, T] with T ≤ ``block_size``."""
+    if not isinstance(idx, torch.Tensor) or idx.dim() != 2 or idx.is_floating_point():
+        what = (
+            f"a {idx.dtype} tensor of shape {tuple(idx.shape)}"
+            if isinstance(idx, torch.Tensor)
+            else type(idx).__name__
+        )
+        raise ConfigurationTypeError(
+            f"idx must be an integer tensor of token ids shaped [B, T]; got {what}"
+        )
+    if idx.shape[1] > block_size:
+        raise ConfigurationError(
+            f"idx has sequence length {idx.shape[1]}, which exceeds block_size={block_size}"
+        )
+    return idx
 
 
 class EquilibriumTransformer(EquilibriumModule):
@@ -196,12 +130,13 @@ class EquilibriumTransformer(EquilibriumModule):
         check_positive_int("ffn_mult", ffn_mult)
         check_choice("attn_mode", attn_mode, MODES)
         if d_model % n_heads:
-            raise ValueError(f"d_model={d_model} must be divisible by n_heads={n_heads}")
+            raise ConfigurationError(f"d_model={d_model} must be divisible by n_heads={n_heads}")
         for name, value in (("damping", damping), ("force_noise", force_noise)):
-            if isinstance(value, bool) or not isinstance(value, (int, float)) or value < 0:
-                raise ValueError(f"{name} must be a float >= 0; got {value!r}")
+            check_float(name, value, allow_zero=True)
+        check_float("init_std", init_std)
+        check_float("embed_std", embed_std)
         if not isinstance(qk_norm, bool):
-            raise TypeError(f"qk_norm must be a bool; got {type(qk_norm).__name__}")
+            raise ConfigurationTypeError(f"qk_norm must be a bool; got {type(qk_norm).__name__}")
         self.vocab_size, self.block_size, self.d_model = vocab_size, block_size, d_model
         self.n_heads, self.damping, self.qk_norm = n_heads, float(damping), qk_norm
         self.ffn_mult, self.force_noise = ffn_mult, float(force_noise)
@@ -220,18 +155,14 @@ class EquilibriumTransformer(EquilibriumModule):
             "beta": {"ep": 0.01, "ep_symmetric": 0.05, "aep": 0.05, "holomorphic": 0.1},
             "points": 4,
         }
-        self.embed = nn.Module()
-        self.embed.token = nn.Parameter(torch.empty(vocab_size, d_model))
-        self.embed.position = nn.Parameter(torch.empty(block_size, d_model))
+        self.embed = Embedding(vocab_size, block_size, d_model)
         self.attn = CausalAttention(d_model, n_heads, qk_norm)
         self.ffn = (
             None
             if attn_mode == "real"
             else FeedForward(d_model, ffn_mult * d_model, tied=attn_mode == "energy")
         )
-        self.readout = nn.Module()
-        self.readout.norm = nn.LayerNorm(d_model)
-        self.readout.proj = nn.Parameter(torch.empty(vocab_size, d_model))
+        self.readout = Readout(vocab_size, d_model)
         self.reset_parameters(generator)
 
     # ----------------------------------------------------------------------------- set-up
@@ -249,7 +180,7 @@ class EquilibriumTransformer(EquilibriumModule):
 
         normal(self.embed.token, self.embed_std)
         normal(self.embed.position, self.init_std)
-        for head in self.attn.heads:
+        for head in self.attn.each_head():
             for name in ("query", "key", "value"):
                 normal(getattr(head, name), self.init_std)
             normal(head.out, self.init_std / math.sqrt(2))
@@ -265,7 +196,7 @@ class EquilibriumTransformer(EquilibriumModule):
             norm.weight.fill_(1.0)
             norm.bias.zero_()
         if self.qk_norm:
-            for head in self.attn.heads:
+            for head in self.attn.each_head():
                 head.q_norm.fill_(1.0)
                 head.k_norm.fill_(1.0)
 
@@ -309,12 +240,8 @@ class EquilibriumTransformer(EquilibriumModule):
     # ----------------------------------------------------------------------------- dynamics
     def inject(self, idx: torch.Tensor) -> torch.Tensor:
         """x_in = tok[idx] + pos[:T] for token ids ``idx`` [B, T] (T ≤ block_size)."""
-        if not isinstance(idx, torch.Tensor) or idx.dim() != 2 or idx.is_floating_point():
-            raise ValueError("idx must be an integer tensor of token ids shaped [B, T]")
-        t = idx.shape[1]
-        if t > self.block_size:
-            raise ValueError(f"sequence length {t} exceeds block_size={self.block_size}")
-        return self.embed.token[idx] + self.embed.position[:t]
+        check_token_ids(idx, self.block_size)
+        return self.embed(idx)
 
     def init_state(self, x: torch.Tensor) -> torch.Tensor:
         """z₀ = x_in/(1 + c): the fixed point when attention and FFN output nothing."""
@@ -346,8 +273,10 @@ class EquilibriumTransformer(EquilibriumModule):
             finally:
                 self._map_step = step
         if z.is_complex() and not self.holomorphic:
-            raise ValueError(f"{self.describe()} has no complex extension (use attn_mode='thick')")
-        attn = self.attn(_layer_norm(z, self.attn.norm))
+            raise ConfigurationError(
+                f"{self.describe()} has no complex extension (use attn_mode='thick')"
+            )
+        attn = self.attn(layer_norm(z, self.attn.norm))
         if noise is not None:
             attn = attn * noise["attn"].to(z.dtype)
         out = x.to(z.dtype) - (1.0 + self.damping) * z + attn
@@ -356,7 +285,7 @@ class EquilibriumTransformer(EquilibriumModule):
         ffn = (
             self.ffn.energy_force(z)
             if self.mode == "energy"
-            else self.ffn(_layer_norm(z, self.ffn.norm))
+            else self.ffn(layer_norm(z, self.ffn.norm))
         )
         if noise is not None:
             ffn = ffn * noise["ffn"].to(z.dtype)
@@ -371,7 +300,8 @@ class EquilibriumTransformer(EquilibriumModule):
         DEQ Jacobian regulariser, which pushes the map towards a contraction. (½‖J‖²_F of the
         force itself is minimised by J = 0, a singular, marginally stable fixed point.)
         """
-        step = self.solver_defaults["step_size"] if step_size is None else float(step_size)
+        given = self.solver_defaults["step_size"] if step_size is None else step_size
+        step = check_float("step_size", given)
         self._map_step = step
         try:
             yield
@@ -380,7 +310,7 @@ class EquilibriumTransformer(EquilibriumModule):
 
     def logits(self, z: torch.Tensor) -> torch.Tensor:
         """Readout LN_r(z) W_outᵀ ([B, T, V])."""
-        return _layer_norm(z, self.readout.norm) @ _cast(self.readout.proj, z).T
+        return self.readout(z)
 
     def loss(self, z: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         """Σ_{b,t} CE(logits(z)_{bt}, y_{bt}) over the targets ≠ −100 (summed over tokens; see

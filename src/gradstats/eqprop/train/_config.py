@@ -9,17 +9,53 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import os
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, TypedDict
 
 import torch
 
 from gradstats._validation import check_choice, check_positive_int
 from gradstats.eqprop.models.baseline import BackpropTransformer
 from gradstats.eqprop.models.transformer import MODES, EquilibriumTransformer
+from gradstats.errors import ConfigurationError, ConfigurationTypeError, StateError
 
-__all__ = ["EP_METHODS", "TRAIN_METHODS", "TrainConfig"]
+__all__ = [
+    "EP_METHODS",
+    "TRAIN_METHODS",
+    "EstimatorSettings",
+    "FreeSettings",
+    "TrainConfig",
+    "TrainModel",
+]
+
+#: The model a run trains: the equilibrium transformer, or the baseline for ``backprop``.
+TrainModel = EquilibriumTransformer | BackpropTransformer
+
+
+class FreeSettings(TypedDict):
+    """Free-phase keyword arguments of ``relax`` shared by training and validation."""
+
+    max_steps: int
+    step_size: float | None
+    tol: float | None
+
+
+class EstimatorSettings(TypedDict, total=False):
+    """Keyword arguments of ``estimate_gradient`` for a run's method."""
+
+    steps: int
+    max_steps: int
+    tol: float | None
+    step_size: float | None
+    max_steps_adjoint: int
+    tol_adjoint: float | None
+    beta: float | None
+    points: int | None
+    anchor: str | None
+
 
 #: Estimators of the equilibrium model the trainer can use.
 EP_METHODS = ("aep", "holomorphic", "ep_symmetric", "implicit", "bptt")
@@ -110,6 +146,7 @@ class TrainConfig:
     progress: bool = _opt(True, "show a progress bar")
 
     def __post_init__(self) -> None:
+        _check_types(self)
         check_choice("method", self.method, TRAIN_METHODS)
         check_choice("attn_mode", self.attn_mode, MODES)
         check_choice("optimizer", self.optimizer, OPTIMIZERS)
@@ -117,7 +154,7 @@ class TrainConfig:
         if self.anchor is not None:
             check_choice("anchor", self.anchor, ("fixed", "tracking"))
         if self.method == "holomorphic" and self.attn_mode != "thick":
-            raise ValueError(
+            raise ConfigurationError(
                 "method='holomorphic' is not supported by "
                 f"EquilibriumTransformer(mode={self.attn_mode!r}); use --attn-mode thick"
             )
@@ -134,7 +171,9 @@ class TrainConfig:
         if self.points is not None:
             check_positive_int("points", self.points, minimum=2)
         if self.d_model % self.n_heads:
-            raise ValueError(f"d_model={self.d_model} must be divisible by n_heads={self.n_heads}")
+            raise ConfigurationError(
+                f"d_model={self.d_model} must be divisible by n_heads={self.n_heads}"
+            )
         for name in ("lr", "init_std"):
             _check_float(name, getattr(self, name), positive=True)
         for name in ("damping", "weight_decay", "grad_clip", "force_noise"):
@@ -146,7 +185,7 @@ class TrainConfig:
             if value is not None:
                 _check_float(name, value, positive=name in ("step_size", "beta"))
         if self.method == "backprop" and self.penalties():
-            raise ValueError(
+            raise ConfigurationError(
                 "the stabiliser penalties act on the equilibrium force: not with backprop"
             )
         unused = self.unused_options()
@@ -154,14 +193,14 @@ class TrainConfig:
             detail = ", ".join(
                 f"{n}={getattr(self, n)!r} (only {'|'.join(APPLIES_TO[n])})" for n in unused
             )
-            raise ValueError(
+            raise ConfigurationError(
                 f"method={self.method!r} does not use {detail}: leave "
                 f"{'it' if len(unused) == 1 else 'them'} unset or choose a method that uses it"
             )
         try:
             torch.device(self.device)
         except (RuntimeError, ValueError, TypeError):
-            raise ValueError(
+            raise ConfigurationError(
                 f"device must be a torch device (cpu, cuda, cuda:1, mps, ...); got {self.device!r}"
             ) from None
 
@@ -189,7 +228,7 @@ class TrainConfig:
         }
         return {k: v for k, v in weights.items() if v > 0}
 
-    def build_model(self, vocab_size: int) -> torch.nn.Module:
+    def build_model(self, vocab_size: int) -> TrainModel:
         """The model this run trains (initialised from ``seed``, in ``dtype``)."""
         generator = torch.Generator().manual_seed(self.seed)
         dtype = getattr(torch, self.dtype)
@@ -200,7 +239,7 @@ class TrainConfig:
         finally:
             torch.set_default_dtype(previous)
 
-    def _build(self, vocab_size: int, generator: torch.Generator) -> torch.nn.Module:
+    def _build(self, vocab_size: int, generator: torch.Generator) -> TrainModel:
         if self.method == "backprop":
             return BackpropTransformer(
                 vocab_size,
@@ -227,21 +266,20 @@ class TrainConfig:
             generator=generator,
         )
 
-    def free_settings(self) -> dict[str, object]:
+    def free_settings(self) -> FreeSettings:
         """The free-phase settings shared by training and validation (one objective).
 
         ``bptt`` evaluates exactly ``t1`` steps (``tol=0``); the fixed-point methods relax to
         ``tol`` with ``t1`` as the cap.
         """
-        out: dict[str, object] = {"max_steps": self.t1, "step_size": self.step_size}
-        out["tol"] = 0.0 if self.method == "bptt" else self.tol
-        return out
+        tol = 0.0 if self.method == "bptt" else self.tol
+        return {"max_steps": self.t1, "step_size": self.step_size, "tol": tol}
 
-    def estimator_settings(self) -> dict[str, object]:
+    def estimator_settings(self) -> EstimatorSettings:
         """Keyword arguments of ``estimate_gradient`` for this run's method."""
         if self.method == "bptt":
             return {"steps": self.t1, "step_size": self.step_size}
-        out = {
+        out: EstimatorSettings = {
             "max_steps": self.t1,
             "tol": self.tol,
             "step_size": self.step_size,
@@ -264,19 +302,27 @@ class TrainConfig:
         return out
 
     @classmethod
-    def from_dict(cls, values: dict[str, object]) -> TrainConfig:
+    def from_dict(cls, values: Mapping[str, Any]) -> TrainConfig:
         """Rebuild from :meth:`to_dict` (unknown keys are an error).
 
         Options the run's method never used (older versions accepted and ignored them; see
         :data:`APPLIES_TO`) are read as their defaults, so such checkpoints still load and
         resume unchanged.
+
+        Raises:
+            StateError: ``values`` is not a mapping or has unknown keys.
+            ConfigurationError: a value is invalid (as for the constructor).
         """
+        if not isinstance(values, Mapping):
+            raise StateError(
+                f"a training config must be a mapping of options; got {type(values).__name__}"
+            )
         names = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(values) - names)
         if unknown:
-            raise ValueError(f"unknown training option(s) {unknown} in the checkpoint config")
+            raise StateError(f"unknown training option(s) {unknown} in the checkpoint config")
         values = dict(values)
-        if "out" in values:
+        if isinstance(values.get("out"), str):
             values["out"] = Path(values["out"])
         method = values.get("method", _defaults()["method"])
         for name, methods in APPLIES_TO.items():
@@ -289,10 +335,39 @@ def _defaults() -> dict[str, object]:
     return {f.name: f.default for f in dataclasses.fields(TrainConfig)}
 
 
+#: Options whose type the constructor checks (numbers are checked by value below).
+_TYPES: dict[str, tuple[type, ...]] = {
+    "method": (str,),
+    "out": (Path,),
+    "data": (str, type(None)),
+    "attn_mode": (str,),
+    "qk_norm": (bool,),
+    "optimizer": (str,),
+    "anchor": (str, type(None)),
+    "device": (str,),
+    "dtype": (str,),
+    "resume": (bool,),
+    "progress": (bool,),
+}
+
+
+def _check_types(config: TrainConfig) -> None:
+    # paths may be given as str or os.PathLike: stored as Path (out) and str (data)
+    if isinstance(config.out, (str, os.PathLike)) and not isinstance(config.out, Path):
+        object.__setattr__(config, "out", Path(config.out))
+    if isinstance(config.data, os.PathLike):
+        object.__setattr__(config, "data", os.fspath(config.data))
+    for name, types in _TYPES.items():
+        value = getattr(config, name)
+        if not isinstance(value, types):
+            valid = " or ".join("None" if t is type(None) else t.__name__ for t in types)
+            raise ConfigurationTypeError(f"{name} must be {valid}; got {type(value).__name__}")
+
+
 def _check_float(name: str, value: object, positive: bool = False) -> None:
     if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise TypeError(f"{name} must be a number; got {type(value).__name__}")
+        raise ConfigurationTypeError(f"{name} must be a number; got {type(value).__name__}")
     if math.isnan(value) or math.isinf(value) or value < 0 or (positive and value == 0):
-        raise ValueError(
+        raise ConfigurationError(
             f"{name} must be a finite number {'> 0' if positive else '>= 0'}; got {value}"
         )

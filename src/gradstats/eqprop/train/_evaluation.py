@@ -15,9 +15,10 @@ import torch
 
 from gradstats.data import CharCorpus
 from gradstats.eqprop._estimators import estimate_gradient
+from gradstats.eqprop._module import EquilibriumModule
 from gradstats.eqprop._problem import relax
-from gradstats.eqprop._stats import ConvergenceWarning, DivergenceError
-from gradstats.eqprop.train._config import TrainConfig
+from gradstats.eqprop._stats import ConvergenceWarning, DivergenceError, GradientEstimate
+from gradstats.eqprop.train._config import FreeSettings, TrainConfig, TrainModel
 from gradstats.eqprop.train._distributed import (
     Group,
     draw_batch,
@@ -30,7 +31,7 @@ __all__ = ["evaluate", "spot_check"]
 
 
 def evaluate(
-    model: torch.nn.Module, cfg: TrainConfig, corpus: CharCorpus, *, group: Group | None = None
+    model: TrainModel, cfg: TrainConfig, corpus: CharCorpus, *, group: Group | None = None
 ) -> float:
     """Mean validation CE per token on ``eval_batches`` fixed windows (same free settings).
 
@@ -43,14 +44,14 @@ def evaluate(
     device = next(model.parameters()).device
     gen = torch.Generator().manual_seed(cfg.seed + 3)
     noise_gen = torch.Generator(device=device).manual_seed(cfg.seed + 4)
-    total, count = 0.0, 0
+    total, count = 0.0, 0.0
     with torch.no_grad(), warnings.catch_warnings():
         warnings.simplefilter("ignore", ConvergenceWarning)
         for _ in range(cfg.eval_batches):
             x, y = draw_batch(corpus, "val", cfg.batch_size, cfg.block_size, gen, group)
             x, y = x.to(device), y.to(device)
             try:
-                if cfg.method == "backprop":
+                if cfg.method == "backprop" or not isinstance(model, EquilibriumModule):
                     loss = model.loss(x, y)
                 else:
                     noise = shard_noise(model, x, noise_gen, group)
@@ -67,11 +68,13 @@ def evaluate(
     return total / max(count, 1)  # NaN if the relaxation diverged (on any rank)
 
 
-def _groups_cos(model, grads, ref) -> tuple[float, float, str]:
-    def flat(g, names):
+def _groups_cos(
+    model: EquilibriumModule, grads: dict[str, torch.Tensor], ref: dict[str, torch.Tensor]
+) -> tuple[float, float, str]:
+    def flat(g: dict[str, torch.Tensor], names: list[str]) -> torch.Tensor:
         return torch.cat([g[n].detach().double().reshape(-1) for n in names])
 
-    def cos(a, b):
+    def cos(a: torch.Tensor, b: torch.Tensor) -> float:
         denom = float(a.norm() * b.norm())
         return float(a @ b) / denom if denom > 0 else math.nan
 
@@ -82,9 +85,22 @@ def _groups_cos(model, grads, ref) -> tuple[float, float, str]:
     return overall, per[worst], worst
 
 
-def spot_check(model, cfg: TrainConfig, x, y, est, group: Group) -> dict[str, object]:
-    free = {"max_steps": max(cfg.t1, 200)} if cfg.method == "bptt" else cfg.free_settings()
-    free = {k: v for k, v in free.items() if k != "tol" or cfg.method != "bptt"}
+def spot_check(
+    model: EquilibriumModule,
+    cfg: TrainConfig,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    est: GradientEstimate,
+    group: Group,
+) -> dict[str, object]:
+    """cos(g_task, g_implicit) overall and for the worst parameter group, at the weights, noise
+    and batch ``est`` used (the reference: GMRES to 1e-6; ``None`` if it failed)."""
+    # bptt trains on exactly t1 steps: the reference relaxes (with the model's step size)
+    free: FreeSettings = (
+        {"max_steps": max(cfg.t1, 200), "step_size": None, "tol": None}
+        if cfg.method == "bptt"
+        else cfg.free_settings()
+    )
     ref = estimate_gradient(
         model,
         x,
@@ -94,7 +110,7 @@ def spot_check(model, cfg: TrainConfig, x, y, est, group: Group) -> dict[str, ob
         tol_adjoint=1e-6,
         max_steps_adjoint=300,
         adjoint_solver="gmres",
-        on_failure="skip",
+        nonfinite="skip",
         **free,
     )
     if group.active:  # the global reference (summed over ranks) vs the global task gradient

@@ -32,9 +32,9 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from gradstats.errors import DivergenceError
 from gradstats.data import load_corpus
 from gradstats.eqprop._estimators import estimate_gradient
+from gradstats.eqprop._module import EquilibriumModule
 from gradstats.eqprop._penalties import add_penalties
 from gradstats.eqprop._stats import ConvergenceWarning, write_grads
 from gradstats.eqprop.train._checkpoint import CHECKPOINT, load_checkpoint, save_checkpoint
@@ -49,6 +49,7 @@ from gradstats.eqprop.train._distributed import (
 )
 from gradstats.eqprop.train._evaluation import evaluate, spot_check
 from gradstats.eqprop.train._metrics import MetricsLog, plot_curves, read_metrics
+from gradstats.errors import ConfigurationError, DivergenceError, StateError
 
 __all__ = ["TrainResult", "TrainingDiverged", "evaluate", "train"]
 
@@ -63,7 +64,8 @@ class TrainingDiverged(DivergenceError):
 
 @dataclass(frozen=True)
 class TrainResult:
-    """Where a run ended: ``step``, last ``val_ce``, counters and the run folder's files."""
+    """Where a run ended: ``step``, last ``val_ce``, counters and the run folder's files
+    (``skipped_steps``: steps dropped by ``nonfinite="skip"``; alias :attr:`skipped`)."""
 
     step: int
     val_ce: float | None
@@ -72,6 +74,11 @@ class TrainResult:
     checkpoint: Path
     metrics: Path
     curves: Path
+
+    @property
+    def skipped(self) -> int:
+        """Steps skipped (the name every gradstats counter uses)."""
+        return self.skipped_steps
 
 
 def _merge_resume(given: TrainConfig, saved: TrainConfig) -> TrainConfig:
@@ -85,7 +92,9 @@ def _merge_resume(given: TrainConfig, saved: TrainConfig) -> TrainConfig:
     ]
     if clash:
         detail = ", ".join(f"{n}={getattr(given, n)!r} (run: {getattr(saved, n)!r})" for n in clash)
-        raise ValueError(f"a resumed run keeps its configuration; these options differ: {detail}")
+        raise ConfigurationError(
+            f"a resumed run keeps its configuration; these options differ: {detail}"
+        )
     return replace(saved, **{name: getattr(given, name) for name in RESUMABLE})
 
 
@@ -129,7 +138,7 @@ def _ep_step(model, cfg, x, y, noise_gen, opt, tokens, group):
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", ConvergenceWarning)  # counted through the stats
         est = estimate_gradient(
-            model, x, y, cfg.method, generator=noise_gen, on_failure="skip",
+            model, x, y, cfg.method, generator=noise_gen, nonfinite="skip",
             noise=shard_noise(model, x, noise_gen, group), **cfg.estimator_settings(),
         )  # fmt: skip
         if group.active:
@@ -200,10 +209,11 @@ def train(config: TrainConfig, *, until: int | None = None) -> TrainResult:
 
     Raises:
         FileNotFoundError: ``--data`` or (with ``resume``) the checkpoint does not exist.
-        ValueError: bad options, data too short for the block size, a corrupt checkpoint, or a
-            resumed run whose options or data differ from the checkpoint's (or that was trained
-            on a different number of ranks, or whose ``steps`` is not beyond the checkpoint's
-            step: nothing to do).
+        ConfigurationError: bad options, data too short for the block size, an ``out`` that
+            already holds a run (without ``resume``), a resumed run whose options differ or
+            whose ``steps`` is not beyond the checkpoint's step (nothing to do).
+        StateError: a corrupt checkpoint, or one trained on other data or another number of
+            ranks (both are ``ValueError``s).
         TrainingDiverged: the run diverged (the last good checkpoint is kept).
     """
     cfg = config
@@ -215,17 +225,19 @@ def train(config: TrainConfig, *, until: int | None = None) -> TrainResult:
         cfg = _merge_resume(cfg, TrainConfig.from_dict(state["config"]))
         ranks = int(state.get("world_size", 1))
         if ranks != group.world:
-            raise ValueError(
+            raise StateError(
                 f"the run in {out} was trained on {ranks} process(es) (global batch "
                 f"{ranks}x{cfg.batch_size}); resume it with the same number, not {group.world}"
             )
         if cfg.steps <= int(state["step"]):
-            raise ValueError(
+            raise ConfigurationError(
                 f"nothing to do: the run in {out} is already at step {state['step']} and "
                 f"steps={cfg.steps}; pass steps > {state['step']} (--steps) to continue it"
             )
     elif (out / CHECKPOINT).exists():
-        raise ValueError(f"{out} already holds a run: pass --resume or choose another --out")
+        raise ConfigurationError(
+            f"{out} already holds a run: pass --resume or choose another --out"
+        )
     group.barrier()  # every rank has checked/read the folder before rank 0 writes to it
     device = rank_device(cfg.device, group)
     if cfg.threads:
@@ -233,7 +245,7 @@ def train(config: TrainConfig, *, until: int | None = None) -> TrainResult:
     corpus = load_corpus(cfg.data)
     corpus.check_block_size(cfg.block_size)
     if state is not None and state["corpus"]["sha256"] != corpus.sha256:
-        raise ValueError(f"the data of {cfg.data or 'shakespeare_char'} differ from the run's")
+        raise StateError(f"the data of {cfg.data or 'shakespeare_char'} differ from the run's")
     if group.main:
         out.mkdir(parents=True, exist_ok=True)
     model = cfg.build_model(corpus.vocab_size).to(device)
@@ -308,7 +320,9 @@ def train(config: TrainConfig, *, until: int | None = None) -> TrainResult:
         return TrainingDiverged(
             f"training diverged at step {step} ({why}); stopped. The last good checkpoint "
             f"(step {last_good}) is kept in {ckpt_path}. Try a lower --lr, a larger --damping or "
-            "a stabiliser (--jac-penalty, --homeostasis, --res-penalty)"
+            "a stabiliser (--jac-penalty, --homeostasis, --res-penalty)",
+            phase="train",
+            step=step,
         )
 
     for step in range(start + 1, stop + 1):
@@ -330,7 +344,8 @@ def train(config: TrainConfig, *, until: int | None = None) -> TrainResult:
             counters["consecutive"] = 0
             params = [p for p in model.parameters() if p.requires_grad]
             clip = cfg.grad_clip if cfg.grad_clip > 0 else math.inf
-            if est is not None and cfg.spot_check_every and step % cfg.spot_check_every == 0:
+            due = cfg.spot_check_every and step % cfg.spot_check_every == 0
+            if due and est is not None and isinstance(model, EquilibriumModule):
                 record.update(spot_check(model, cfg, x, y, est, group))  # at the weights est used
             record["grad_norm"] = float(torch.nn.utils.clip_grad_norm_(params, clip))  # sync-ok
             opt.step()

@@ -1,0 +1,196 @@
+"""What :func:`~gradstats.eqprop.probe` returns: typed rows and the report that holds them.
+
+A :class:`ProbeRow` is one (method, sweep value, parameter group) comparison with the exact
+implicit gradient; it is a frozen dataclass that also reads like the dict it used to be
+(``row["cos"]``, ``row.get("anchor")``, ``dict(row)``). :class:`ProbeReport` holds the rows and
+what produced them, and writes them as JSON (``rows``: one object per row, the field names
+below), CSV and a PNG.
+"""
+
+from __future__ import annotations
+
+import csv
+import dataclasses
+import json
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from gradstats._format import format_table
+from gradstats.errors import ConfigurationError
+
+__all__ = ["FORMAT", "VERSION", "ProbeReport", "ProbeRow"]
+
+FORMAT, VERSION = "gradstats.eqprop.probe", 1
+
+
+@dataclass(frozen=True)
+class ProbeRow(Mapping[str, object]):
+    """One comparison of an estimator with the exact implicit gradient, for one parameter group.
+
+    Attributes:
+        method: the estimator.
+        sweep: the swept setting (``"T2"``, ``"beta"``, ``"points"``, ``"T1"``) or ``None`` for
+            the base run.
+        value: the swept setting's value (``None`` for the base run).
+        group: the parameter group (``"all"``: every trainable parameter).
+        cos: cos(g_est, g_implicit) (NaN if the estimate was skipped).
+        rel_err: ‖g_est − g_implicit‖/‖g_implicit‖ (NaN if skipped).
+        adj_err: ‖a − λ‖/‖λ‖ of the adjoint estimate (``None`` for ``bptt``).
+        cos_bptt: cos(g_bptt(T1), g_implicit) (``None`` without ``bptt=True``).
+        res_free_T1: worst free residual of the state the estimator used.
+        res_free_final: worst free residual of the reference fixed point.
+        res_adjoint: worst adjoint/contrast residual of the estimator (``None``: no such phase).
+        steps_free, steps_adjoint: most steps of the free and nudged/adjoint phases.
+        converged_adjoint: whether the nudged/adjoint phase converged for every sample.
+        skipped: the estimate was skipped (``nonfinite="skip"``).
+        T1: the free-phase step cap (``bptt``: the unrolled steps).
+        anchor: the AEP anchor used (``None`` without the correction).
+    """
+
+    method: str
+    sweep: str | None
+    value: float | None
+    group: str
+    cos: float
+    rel_err: float
+    adj_err: float | None
+    cos_bptt: float | None
+    res_free_T1: float | None
+    res_free_final: float | None
+    res_adjoint: float | None
+    steps_free: int | None
+    steps_adjoint: int | None
+    converged_adjoint: bool | None
+    skipped: bool
+    T1: int
+    anchor: str | None
+
+    def __getitem__(self, key: str) -> object:
+        if key not in _ROW_FIELDS:
+            raise KeyError(key)
+        return getattr(self, key)
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(_ROW_FIELDS)
+
+    def __len__(self) -> int:
+        return len(_ROW_FIELDS)
+
+    def as_dict(self) -> dict[str, object]:
+        """The row as a plain dict (JSON-ready; the field order is the CSV's columns)."""
+        return {name: getattr(self, name) for name in _ROW_FIELDS}
+
+
+_ROW_FIELDS: tuple[str, ...] = tuple(f.name for f in dataclasses.fields(ProbeRow))
+
+
+@dataclass
+class ProbeReport:
+    """Rows of a probe run plus what produced them (JSON/CSV/PNG writers, a table).
+
+    Attributes:
+        rows: one :class:`ProbeRow` per (method, sweep value, parameter group).
+        model: the probed model's class, ``describe()``, ``config()``, fingerprint and dtype.
+        settings: the estimator settings applied to every method.
+        reference: the reference settings and its residuals (``converged``, ``res_free``,
+            ``res_adjoint``).
+        asymmetry: ‖Jv − Jᵀv‖/‖Jv‖ at the reference fixed point (v random).
+        sweeps: ``{sweep: [values]}``.
+        warnings: the warnings raised during the probe (``"Category: message"``).
+    """
+
+    rows: list[ProbeRow]
+    model: dict[str, object]
+    settings: dict[str, object]
+    reference: dict[str, object]
+    asymmetry: float
+    sweeps: dict[str, list[float]] = field(default_factory=dict)
+    warnings: list[str] = field(default_factory=list)
+
+    def to_dict(self) -> dict[str, object]:
+        """The report as plain JSON-ready data (``rows`` as dicts)."""
+        return {
+            "format": FORMAT,
+            "version": VERSION,
+            "model": self.model,
+            "settings": self.settings,
+            "reference": self.reference,
+            "asymmetry": self.asymmetry,
+            "sweeps": self.sweeps,
+            "rows": [row.as_dict() for row in self.rows],
+            "warnings": self.warnings,
+        }
+
+    def select(self, **match: object) -> list[ProbeRow]:
+        """Rows whose fields equal ``match`` (e.g. ``method="aep", sweep="beta"``)."""
+        unknown = sorted(set(match) - set(_ROW_FIELDS))
+        if unknown:
+            raise ConfigurationError(
+                f"select() got unknown field(s) {unknown}; valid: {', '.join(_ROW_FIELDS)}"
+            )
+        return [r for r in self.rows if all(r[k] == v for k, v in match.items())]
+
+    def table(self, group: str | None = "all") -> str:
+        """The rows of ``group`` (all groups with ``None``) as a text table."""
+        cols = ["method", "sweep", "value", "group", "cos", "rel_err", "adj_err", "cos_bptt"]
+        cols += ["res_free_T1", "res_free_final", "res_adjoint", "steps_free", "steps_adjoint"]
+        rows = [r for r in self.rows if group is None or r.group == group]
+
+        def cell(row: ProbeRow, col: str) -> object:
+            value = row[col]
+            if col in ("cos", "cos_bptt") and isinstance(value, float):
+                return f"{value:.6f}"  # 1 − cos is what matters: keep the digits
+            return value
+
+        return format_table([[cell(r, c) for c in cols] for r in rows], cols)
+
+    def save(self, directory: str | Path, stem: str = "probe") -> dict[str, Path]:
+        """Write ``<stem>.json``, ``<stem>.csv`` and ``<stem>.png``; return their paths."""
+        out = Path(directory)
+        out.mkdir(parents=True, exist_ok=True)
+        paths = {"json": out / f"{stem}.json", "csv": out / f"{stem}.csv"}
+        paths["json"].write_text(json.dumps(self.to_dict(), indent=1))
+        with paths["csv"].open("w", newline="") as handle:
+            writer = csv.DictWriter(handle, fieldnames=list(_ROW_FIELDS))
+            writer.writeheader()
+            writer.writerows(row.as_dict() for row in self.rows)
+        paths["png"] = self.plot(out / f"{stem}.png")
+        return paths
+
+    def plot(self, path: str | Path) -> Path:
+        """Relative error and adjoint residual against each swept setting (group ``all``)."""
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+
+        sweeps = sorted({r.sweep for r in self.rows if r.sweep is not None})
+        ncol = max(len(sweeps), 1)
+        fig, axes = plt.subplots(2, ncol, figsize=(4 * ncol, 6), squeeze=False)
+        for j, sweep in enumerate(sweeps):
+            for method in sorted({r.method for r in self.select(sweep=sweep)}):
+                rows = self.select(sweep=sweep, method=method, group="all")
+                xs = [r.value for r in rows]
+                axes[0][j].loglog(xs, [max(r.rel_err, 1e-18) for r in rows], "o-", label=method)
+                res = [r.res_adjoint for r in rows]
+                if all(v is not None for v in res):
+                    ys = [max(v, 1e-18) for v in res if v is not None]
+                    axes[1][j].loglog(xs, ys, "o-", label=method)
+            axes[0][j].set_title(f"sweep {sweep}")
+            axes[0][j].set_ylabel("rel. error vs implicit")
+            axes[1][j].set_ylabel("adjoint residual")
+            axes[1][j].set_xlabel(sweep)
+            axes[0][j].legend(fontsize=7)
+        if not sweeps:
+            rows = [r for r in self.rows if r.group != "all" and r.sweep is None]
+            labels = [f"{r.method}/{r.group}" for r in rows]
+            axes[0][0].bar(range(len(rows)), [max(r.rel_err, 1e-18) for r in rows])
+            axes[0][0].set_yscale("log")
+            axes[0][0].set_xticks(range(len(rows)), labels, rotation=90, fontsize=6)
+            axes[0][0].set_ylabel("rel. error vs implicit")
+            axes[1][0].axis("off")
+        fig.tight_layout()
+        fig.savefig(path, dpi=100)
+        plt.close(fig)
+        return Path(path)
