@@ -140,9 +140,12 @@ def text_corpus(path: str | Path, val_fraction: float = VAL_FRACTION) -> CharCor
 
     Raises:
         FileNotFoundError: no such file.
+        IsADirectoryError: ``path`` is a folder (both are ``OSError``; the CLI prints one line).
         ConfigurationError: the file is not UTF-8 text or is empty (a ``ValueError``).
     """
     path = Path(path)
+    if path.is_dir():
+        raise IsADirectoryError(f"--data: {path} is a folder; give a UTF-8 text file")
     if not path.is_file():
         raise FileNotFoundError(f"--data: no such file: {path}")
     if not 0.0 < val_fraction < 1.0:
