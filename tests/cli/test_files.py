@@ -9,9 +9,9 @@ import stat
 import pytest
 import torch
 
+from gradstats._files import atomic_path, write_text_atomic
 from gradstats.cli._checks import check_out_dir, resolve_device
 from gradstats.cli._demo import MARKER, prepare_out
-from gradstats.cli._files import atomic_path, write_text_atomic
 from gradstats.errors import ConfigurationError, StateError
 
 

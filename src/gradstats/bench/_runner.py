@@ -25,6 +25,7 @@ from pathlib import Path
 from types import ModuleType
 from typing import Any
 
+from gradstats._files import write_text_atomic
 from gradstats._format import format_table
 from gradstats.bench._harness import Comparison, run_comparison
 from gradstats.bench._optional import Skipped, is_optional_import_error
@@ -171,6 +172,6 @@ def run_suites(
             result["comparisons"] = records
         if out is not None:
             out.mkdir(parents=True, exist_ok=True)
-            (out / f"{name}.json").write_text(json.dumps(result, indent=1))
+            write_text_atomic(out / f"{name}.json", json.dumps(result, indent=1))
         results.append(result)
     return results

@@ -7,8 +7,8 @@ import math
 from dataclasses import asdict
 from pathlib import Path
 
+from gradstats._files import write_text_atomic
 from gradstats._format import format_table
-from gradstats.cli._files import write_text_atomic
 
 __all__ = ["write_report"]
 

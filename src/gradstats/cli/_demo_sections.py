@@ -17,7 +17,7 @@ from typing import Protocol
 
 import torch
 
-from gradstats.cli._files import atomic_path
+from gradstats._files import atomic_path
 from gradstats.moments import RunningMoments
 from gradstats.scaling import VarianceGradientScaler
 from gradstats.testing import reference_moments

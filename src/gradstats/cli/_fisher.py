@@ -39,10 +39,10 @@ from pathlib import Path
 
 import torch
 
+from gradstats._files import atomic_path, write_text_atomic
 from gradstats._format import format_table
 from gradstats.cli._checks import check_out_dir, resolve_device
 from gradstats.cli._config import add_config_arguments, config_from_args, option
-from gradstats.cli._files import atomic_path, write_text_atomic
 from gradstats.cli._fisher_source import encode, load_source, max_positions, overrides, vocab_size
 from gradstats.errors import ConfigurationError
 

@@ -16,6 +16,7 @@ from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from gradstats._files import atomic_path, write_text_atomic
 from gradstats._format import format_table
 from gradstats.errors import ConfigurationError
 
@@ -150,12 +151,14 @@ class ProbeReport:
         out = Path(directory)
         out.mkdir(parents=True, exist_ok=True)
         paths = {"json": out / f"{stem}.json", "csv": out / f"{stem}.csv"}
-        paths["json"].write_text(json.dumps(self.to_dict(), indent=1))
-        with paths["csv"].open("w", newline="") as handle:
+        write_text_atomic(paths["json"], json.dumps(self.to_dict(), indent=1))
+        with atomic_path(paths["csv"]) as tmp, tmp.open("w", newline="") as handle:
             writer = csv.DictWriter(handle, fieldnames=list(_ROW_FIELDS))
             writer.writeheader()
             writer.writerows(row.as_dict() for row in self.rows)
-        paths["png"] = self.plot(out / f"{stem}.png")
+        with atomic_path(out / f"{stem}.png") as tmp:
+            self.plot(tmp)
+        paths["png"] = out / f"{stem}.png"
         return paths
 
     def plot(self, path: str | Path) -> Path:
