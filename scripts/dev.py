@@ -2,7 +2,7 @@
 """Set up the project's virtual environment once, then run the demo or the tests in it.
 
     python3 scripts/dev.py demo [ARGS...]   gradstats (pinned torch) -> `gradstats demo ARGS`
-    python3 scripts/dev.py test [ARGS...]   + test tools, HF, RL, Lightning, peers
+    python3 scripts/dev.py test [ARGS...]   + test tools, HF, RL, Lightning, docs tools, peers
                                             -> `python -m pytest ARGS`
 
 Needs only python3 (>= 3.10) and pip. The venv is `.venv` next to this repository (override with
@@ -31,7 +31,7 @@ INPUTS = [ROOT / "pyproject.toml", CONSTRAINTS, PEERS]
 PROFILES: dict[str, list[list[str]]] = {
     "demo": [["-c", str(CONSTRAINTS), "-e", str(ROOT)]],
     "test": [
-        ["-c", str(CONSTRAINTS), "-e", f"{ROOT}[test,hf,bench,rl,integrations]"],
+        ["-c", str(CONSTRAINTS), "-e", f"{ROOT}[test,hf,bench,rl,integrations,docs]"],
         ["--no-deps", "-r", str(PEERS)],
     ],
 }
