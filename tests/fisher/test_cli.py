@@ -163,8 +163,8 @@ def test_help_lists_the_defaults(capsys):
 
 
 def test_gradstats_run_folder_of_an_equilibrium_transformer(tmp_path, capsys):
-    train = pytest.importorskip("gradstats.eqprop.train")
-    models = pytest.importorskip("gradstats.eqprop.models")
+    from gradstats.eqprop import models, train
+
     config = dict(vocab_size=6, block_size=8, d_model=8, n_heads=2)
     model = models.EquilibriumTransformer(**config)
     run = tmp_path / "run"

@@ -1,4 +1,4 @@
-"""Streaming statistics of the collector: splits, merges, decomposition, EMA, rejection, dtypes."""
+"""Streaming statistics of the collector: splits, merges, decomposition, EMA, skipping, dtypes."""
 
 from __future__ import annotations
 
@@ -10,6 +10,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 from torch import nn
 
+from gradstats.errors import ConfigurationError, ConfigurationTypeError, StateError
 from gradstats.fisher import FisherCollector
 from gradstats.testing import per_sample_gradients, reference_ema, reference_fisher
 from tests.fisher.models import mlp
@@ -33,7 +34,7 @@ def _assert_same(a: FisherCollector, b: FisherCollector) -> None:
             torch.testing.assert_close(value, b.group_fisher(kind)[fam])
         for fam, value in a.group_standard_error(kind).items():
             torch.testing.assert_close(value, b.group_standard_error(kind)[fam])
-    ignore = ("batches", "rejected")
+    ignore = ("batches", "skipped")
     assert {k: v for k, v in a.counts.items() if k not in ignore} == {
         k: v for k, v in b.counts.items() if k not in ignore
     }
@@ -89,34 +90,49 @@ def test_reference_values_and_the_decomposition():
         )
 
 
-def test_normalizations():
+@pytest.mark.parametrize("name", ["0.weight", "0.bias", "2.weight", "2.bias"])
+def test_normalizations(name):
     fc = ONE_CALL
-    for name, value in fc.fisher("none").items():
-        torch.testing.assert_close(value / 12, fc.fisher()[name])
-        torch.testing.assert_close(fc.fisher("sample")[name], fc.fisher()[name])
+    torch.testing.assert_close(fc.fisher("none")[name] / 12, fc.fisher()[name])
+    torch.testing.assert_close(fc.fisher("sample")[name], fc.fisher()[name])
 
 
-def test_nan_batch_is_rejected_counted_and_changes_nothing():
+def _skip_counters_removed(state: dict) -> dict:
+    tensors = {k: v for k, v in state["tensors"].items() if not k.endswith("/skipped")}
+    counts = {k: v for k, v in state["spec"]["counts"].items() if k != "skipped"}
+    return {"spec": state["spec"] | {"counts": counts}, "tensors": tensors}
+
+
+def test_nan_batch_is_skipped_counted_and_changes_nothing_else():
     fc = _collector().collect(X[:6], Y[:6])
-    before = {k: v.clone() for k, v in fc._state.tensors().items()}
+    before = fc.state_dict()
     bad = X[6:].clone()
     bad[0, 0] = float("nan")
     fc.collect(bad, Y[6:])
-    assert fc.counts["rejected"] == 1
+    assert fc.counts["skipped"] == 1
+    assert int(fc.skipped) == 1
     assert fc.counts["batches"] == 1
     assert fc.counts["samples"] == 6
-    after = fc._state.tensors()
-    for key, value in before.items():
-        if key != "counts/rejected" and not key.endswith("/rejected"):
-            torch.testing.assert_close(after[key], value, rtol=0, atol=0, equal_nan=True)
+    after = _skip_counters_removed(fc.state_dict())
+    expected = _skip_counters_removed(before)
+    assert after["spec"] == expected["spec"]
+    assert after["tensors"].keys() == expected["tensors"].keys()
+    for key, value in expected["tensors"].items():
+        torch.testing.assert_close(after["tensors"][key], value, rtol=0, atol=0)
     fc.collect(X[6:], Y[6:])
-    _assert_same(fc, ONE_CALL)
+    with pytest.warns(RuntimeWarning, match=r"1 batch\(es\) were skipped as non-finite"):
+        _assert_same(fc, ONE_CALL)
 
 
 def test_a_failing_batch_leaves_the_state_unchanged():
     fc = _collector().collect(X[:6], Y[:6])
-    with pytest.raises(ValueError, match="targets must have shape"):
+    before = fc.state_dict()
+    with pytest.raises(ConfigurationError, match="targets must have shape"):
         fc.collect(X[6:], Y[:3])
+    after = fc.state_dict()
+    assert after["spec"] == before["spec"]
+    for key, value in before["tensors"].items():
+        torch.testing.assert_close(after["tensors"][key], value, rtol=0, atol=0)
     fc.collect(X[6:], Y[6:])
     _assert_same(fc, ONE_CALL)
 
@@ -143,9 +159,9 @@ def test_ema_mode_is_debiased():
 
 def test_ema_mode_cannot_merge_or_save(tmp_path):
     a = FisherCollector(MODEL, mode="ema").collect(X, Y)
-    with pytest.raises(ValueError, match="mode='ema' summaries do not merge"):
+    with pytest.raises(ConfigurationError, match="mode='ema' collectors do not merge"):
         a.merge(FisherCollector(MODEL, mode="ema").collect(X, Y))
-    with pytest.raises(ValueError, match="mode='ema' collectors are not saved"):
+    with pytest.raises(ConfigurationError, match="mode='ema' collectors are not saved"):
         a.save(tmp_path / "f.safetensors")
 
 
@@ -165,7 +181,7 @@ def test_batch_grad_sq_is_the_biased_mistake():
 
 def test_batch_grad_sq_has_no_mask_quantity():
     fc = FisherCollector(MODEL, "batch_grad_sq", "classification").collect(X, Y)
-    with pytest.raises(ValueError, match="no per-unit values"):
+    with pytest.raises(ConfigurationError, match="no per-unit values"):
         fc.group_fisher("mask")
 
 
@@ -214,29 +230,75 @@ def test_collect_loader_formats_and_until_rel_se():
 
 
 def test_collect_loader_rejects_unknown_batches():
-    with pytest.raises(TypeError, match="a loader batch must be"):
+    with pytest.raises(ConfigurationTypeError, match="a loader batch must be"):
         _collector().collect_loader([3], progress=False)
-    with pytest.raises(ValueError, match="until_rel_se must be a positive number"):
-        _collector().collect_loader([], until_rel_se=-1, progress=False)
 
 
-def test_merge_refuses_different_estimands():
-    with pytest.raises(ValueError, match="cannot merge collectors with different kind"):
-        _collector().merge(FisherCollector(MODEL, "exact", element_se=False))
-    with pytest.raises(TypeError, match="other must be a FisherCollector"):
+@pytest.mark.parametrize(
+    ("options", "match"),
+    [
+        ({"until_rel_se": -1}, "until_rel_se must be a positive number"),
+        ({"until_rel_se": True}, "until_rel_se must be a positive number"),
+        ({"max_batches": -1}, "max_batches must be a non-negative int"),
+        ({"max_batches": 2.5}, "max_batches must be a non-negative int"),
+        ({"min_batches": 0}, "min_batches must be an int >= 1"),
+        ({"until_rel_se": 0.1, "se_kind": "sum"}, "kind must be one of 'trace', 'mask'"),
+        ({"until_rel_se": 0.1, "families": ["nope"]}, "families: unknown"),
+        ({"until_rel_se": 0.1, "families": "0"}, "families must be a list"),
+        ({"until_rel_se": 0.1, "distributed": True}, "cannot be combined with distributed"),
+    ],
+)
+def test_collect_loader_rejects_bad_options_before_any_work(options, match):
+    fc = _collector()
+    with pytest.raises(ConfigurationError, match=match):
+        fc.collect_loader([(X, Y)], progress=False, **options)
+    assert fc.counts["batches"] == 0
+
+
+def test_merge_refuses_different_estimands_and_changes_nothing():
+    fc = _collector().collect(X, Y)
+    before = fc.state_dict()
+    with pytest.raises(StateError, match="cannot merge collectors with different kind"):
+        fc.merge(FisherCollector(MODEL, "exact", element_se=False).collect(X))
+    after = fc.state_dict()
+    assert after["spec"] == before["spec"]
+    for key, value in before["tensors"].items():
+        torch.testing.assert_close(after["tensors"][key], value, rtol=0, atol=0)
+
+
+def test_merge_refuses_other_parameters():
+    other = FisherCollector(mlp((3, 6, 4)).double(), "empirical", element_se=True)
+    with pytest.raises(StateError, match=r"different parameters \(names or shapes\)"):
+        _collector().merge(other.collect(X, Y))
+
+
+def test_merge_refuses_other_group_families():
+    other = FisherCollector(MODEL, "empirical", element_se=True, groups=None).collect(X, Y)
+    with pytest.raises(StateError, match="different group families"):
+        _collector().collect(X, Y).merge(other)
+
+
+def test_merge_refuses_what_is_not_a_collector():
+    with pytest.raises(ConfigurationTypeError, match="other must be a FisherCollector; got int"):
         _collector().merge(3)
 
 
-def test_reads_that_were_not_collected_are_clear_errors():
-    fc = FisherCollector(MODEL, "exact", groups=None).collect(X)
-    with pytest.raises(ValueError, match="elementwise standard errors need element_se=True"):
-        fc.standard_error()
-    with pytest.raises(ValueError, match="the mean gradient was not collected"):
-        fc.signal()
-    with pytest.raises(ValueError, match="no group map"):
-        fc.group_fisher()
-    with pytest.raises(ValueError, match="normalization must be one of"):
-        fc.fisher("batch")
+EXACT = FisherCollector(MODEL, "exact", groups=None).collect(X)
+
+
+@pytest.mark.parametrize(
+    ("read", "match"),
+    [
+        (lambda fc: fc.standard_error(), "elementwise standard errors need element_se=True"),
+        (lambda fc: fc.signal(), "the mean gradient was not collected"),
+        (lambda fc: fc.group_fisher(), "no group map"),
+        (lambda fc: fc.fisher("batch"), "normalization must be one of 'unit', 'sample'"),
+        (lambda fc: fc.fisher(dtype=None, normalization=3), "normalization must be one of"),
+    ],
+)
+def test_reads_that_were_not_collected_are_clear_errors(read, match):
+    with pytest.raises(ConfigurationError, match=match):
+        read(EXACT)
 
 
 def test_close_removes_the_hooks():
@@ -245,7 +307,7 @@ def test_close_removes_the_hooks():
     assert sum(len(m._forward_hooks) for m in model.modules()) == 2
     fc.close()
     assert sum(len(m._forward_hooks) for m in model.modules()) == 0
-    with pytest.raises(ValueError, match="no model hooks"):
+    with pytest.raises(ConfigurationError, match="no model hooks"):
         fc.collect(X, Y)
 
 

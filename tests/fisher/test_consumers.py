@@ -6,6 +6,7 @@ import pytest
 import torch
 from torch import nn
 
+from gradstats.errors import ConfigurationError, ConfigurationTypeError
 from gradstats.fisher import (
     FisherCollector,
     ewc_penalty,
@@ -59,7 +60,9 @@ def test_pruning_masks_per_layer_and_min_keep(lm_fisher):
     assert all(int((~m).sum()) == 6 for m in masks.values())  # 12 neurons per layer
     masks = pruning_masks(lm_fisher, 6, structure="heads", min_keep=1)
     assert all(int(m.sum()) >= 1 for m in masks.values())
-    with pytest.raises(ValueError, match="budget removes 8 of 8 groups but 1 per family must stay"):
+    with pytest.raises(
+        ConfigurationError, match="budget removes 8 of 8 groups but 1 per family must stay"
+    ):
         pruning_masks(lm_fisher, 8, structure="heads")
 
 
@@ -83,7 +86,7 @@ def test_channel_pruning_of_a_plain_network():
     ],
 )
 def test_pruning_bad_arguments(lm_fisher, kwargs, message):
-    with pytest.raises(ValueError, match=message):
+    with pytest.raises(ConfigurationError, match=message):
         pruning_masks(lm_fisher, **kwargs)
 
 
@@ -100,29 +103,68 @@ def test_ewc_penalty_is_half_lambda_sum_of_fisher_weighted_squares():
     torch.testing.assert_close(model[0].weight.grad, 3.0 * fc.fisher()["0.weight"] * 0.1)
 
 
-def test_consumers_check_kind_unit_and_shapes():
-    model, fc = _mlp_fisher()
-    anchor = {n: p.detach() for n, p in model.named_parameters()}
+def _anchor(model):
+    return {n: p.detach() for n, p in model.named_parameters()}
+
+
+def _ewc_wrong_kind():
+    model, _ = _mlp_fisher()
     _, wrong_kind = _mlp_fisher(kind="batch_grad_sq", groups=None)
-    with pytest.raises(ValueError, match=r"kind='batch_grad_sq' \(the mistaken squared mini-batch"):
-        ewc_penalty(wrong_kind, model, anchor)
-    with pytest.raises(ValueError, match=r"0.weight: Fisher shape \(5, 3\), params"):
-        ewc_penalty(fc, {**anchor, "0.weight": torch.zeros(2, 2)}, anchor)
-    with pytest.raises(ValueError, match="missing from params or anchor"):
-        ewc_penalty(fc, {}, anchor)
+    ewc_penalty(wrong_kind, model, _anchor(model))
+
+
+def _ewc_wrong_shape():
+    model, fc = _mlp_fisher()
+    anchor = _anchor(model)
+    ewc_penalty(fc, {**anchor, "0.weight": torch.zeros(2, 2)}, anchor)
+
+
+def _ewc_missing():
+    model, fc = _mlp_fisher()
+    ewc_penalty(fc, {}, _anchor(model))
+
+
+def _ewc_token_unit():
     lm = hf_causal_lm("gpt2")
     token = FisherCollector(lm, "empirical", "causal_lm", "token").collect(
         torch.randint(0, 11, (2, 4))
     )
-    with pytest.raises(
-        ValueError, match=r"unit='token'; this consumer needs unit in \('sample',\)"
-    ):
-        ewc_penalty(token, lm, {n: p.detach() for n, p in lm.named_parameters()})
+    ewc_penalty(token, lm, _anchor(lm))
+
+
+def _overlap_other_kind():
+    _, fc = _mlp_fisher()
     _, exact = _mlp_fisher(kind="exact")
-    with pytest.raises(ValueError, match="has kind='exact' but fishers\\[0\\] has 'empirical'"):
-        task_overlap(fc, exact)
-    with pytest.raises(TypeError, match="must be a FisherCollector"):
-        task_overlap(fc, {"0.weight": torch.ones(5, 3)})
+    task_overlap(fc, exact)
+
+
+def _overlap_not_a_collector():
+    _, fc = _mlp_fisher()
+    task_overlap(fc, {"0.weight": torch.ones(5, 3)})
+
+
+@pytest.mark.parametrize(
+    ("call", "error", "match"),
+    [
+        (_ewc_wrong_kind, ConfigurationError, r"kind='batch_grad_sq' \(the mistaken squared"),
+        (_ewc_wrong_shape, ConfigurationError, r"0.weight: Fisher shape \(5, 3\), params"),
+        (_ewc_missing, ConfigurationError, "missing from params or anchor"),
+        (
+            _ewc_token_unit,
+            ConfigurationError,
+            r"unit='token'; this consumer needs unit in \('sample',\)",
+        ),
+        (
+            _overlap_other_kind,
+            ConfigurationError,
+            r"has kind='exact' but fishers\[0\] has 'empirical'",
+        ),
+        (_overlap_not_a_collector, ConfigurationTypeError, "must be a FisherCollector"),
+    ],
+)
+def test_consumers_check_kind_unit_and_shapes(call, error, match):
+    with pytest.raises(error, match=match):
+        call()
 
 
 def test_fisher_merge_weights_each_coordinate_by_its_fisher():
@@ -170,5 +212,5 @@ def test_gradient_conflicts_carry_the_true_sample_ids():
     torch.testing.assert_close(result["cosine"], expected)
     assert result["ids_a"] == [10, 11, 12]
     assert result["ids_b"] == ["x", "y"]
-    with pytest.raises(ValueError, match="every row needs its true sample id"):
+    with pytest.raises(ConfigurationError, match="every row needs its true sample id"):
         gradient_conflicts(ga, gb, ids_a=[1, 2], ids_b=["x", "y"])

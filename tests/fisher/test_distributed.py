@@ -15,6 +15,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from gradstats.errors import ConfigurationError
 from gradstats.fisher import FisherCollector
 from gradstats.testing import run_gloo
 
@@ -43,7 +44,7 @@ def _summary(fc):
         "mean": fc.mean_gradient(),
         "mask": fc.group_fisher("mask"),
         "mask_se": fc.group_standard_error("mask"),
-        "counts": fc.counts,
+        "counts": dict(fc.counts),  # a plain dict: weights_only pickling
     }
 
 
@@ -163,7 +164,9 @@ def test_fisher_command_on_two_ranks_equals_one_process(ranks, tmp_path, capsys)
 
 def test_distributed_loader_refuses_until_rel_se():
     model, x, y = _data()
-    with pytest.raises(ValueError, match="until_rel_se cannot be combined with distributed"):
+    with pytest.raises(
+        ConfigurationError, match="until_rel_se cannot be combined with distributed"
+    ):
         FisherCollector(model).collect_loader(_loader(x, y), distributed=True, until_rel_se=0.1)
 
 

@@ -8,12 +8,9 @@ import warnings
 import pytest
 import torch
 
+from gradstats.eqprop import models
 from gradstats.fisher import FisherCollector, build_groups
 from gradstats.testing import labelled_gradients, reference_fisher, reference_group_values
-
-models = pytest.importorskip("gradstats.eqprop.models")
-if not hasattr(models, "EquilibriumTransformer"):
-    pytest.skip("no EquilibriumTransformer in this version", allow_module_level=True)
 
 
 def _model(attn_mode="thick"):

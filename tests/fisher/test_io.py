@@ -8,6 +8,7 @@ import pytest
 import torch
 from safetensors import safe_open
 
+from gradstats.errors import ConfigurationError, StateError
 from gradstats.fisher import FisherCollector
 from tests.fisher.models import hf_causal_lm, mlp
 
@@ -30,7 +31,7 @@ def test_file_holds_float32_results_float64_state_and_the_spec(tmp_path):
         assert handle.get_tensor("group/0").shape == (5,)
     spec = json.loads(meta["spec"])
     assert meta["format"] == "gradstats.fisher"
-    assert meta["version"] == "1"
+    assert meta["version"] == "2"
     assert spec["kind"] == "empirical"
     assert spec["unit"] == "sample"
     assert spec["counts"]["samples"] == 8
@@ -54,7 +55,7 @@ def test_round_trip_without_a_model_reads_merges_and_saves(tmp_path):
     whole = _collector(model).collect(X, Y)
     for name, value in whole.fisher().items():
         torch.testing.assert_close(loaded.fisher()[name], value)
-    with pytest.raises(ValueError, match=r"pass model= to FisherCollector\.load"):
+    with pytest.raises(ConfigurationError, match=r"pass model= to FisherCollector\.load"):
         loaded.collect(X, Y)
 
 
@@ -71,18 +72,34 @@ def test_loading_with_the_model_keeps_collecting(tmp_path):
         torch.testing.assert_close(resumed.group_fisher("mask")[fam], value)
 
 
-def test_load_checks_the_model_and_the_file(tmp_path):
+@pytest.mark.parametrize("sizes", [(3, 5), (3, 6, 4), (4, 5, 4)])
+def test_load_on_a_different_model_says_so_and_leaves_no_hooks(tmp_path, sizes):
     fc = _collector(mlp((3, 5, 4)).double()).collect(X, Y)
     path = fc.save(tmp_path / "a.safetensors")
-    with pytest.raises(ValueError, match=r"params: unknown parameter '2\.weight'"):
-        FisherCollector.load(path, model=mlp((3, 5)).double())
+    other = mlp(sizes).double()
+    with pytest.raises(StateError, match="was collected on a different model"):
+        FisherCollector.load(path, model=other)
+    assert sum(len(m._forward_hooks) for m in other.modules()) == 0
+
+
+def test_load_of_a_missing_file():
     with pytest.raises(FileNotFoundError, match="no Fisher file"):
-        FisherCollector.load(tmp_path / "missing.safetensors")
+        FisherCollector.load("/nonexistent/missing.safetensors")
+
+
+def test_load_of_another_safetensors_file(tmp_path):
     from safetensors.torch import save_file
 
     save_file({"x": torch.zeros(1)}, str(tmp_path / "other.safetensors"), metadata={"format": "x"})
-    with pytest.raises(ValueError, match="is not a gradstats Fisher file"):
+    with pytest.raises(StateError, match="is not a gradstats Fisher file"):
         FisherCollector.load(tmp_path / "other.safetensors")
+
+
+def test_an_empty_collector_saves_and_loads(tmp_path):
+    fc = _collector(mlp((3, 5, 4)).double())
+    loaded = FisherCollector.load(fc.save(tmp_path / "empty.safetensors"))
+    assert loaded.counts == fc.counts
+    assert loaded.counts["batches"] == 0
 
 
 def test_callable_likelihood_must_be_passed_again(tmp_path):
@@ -91,7 +108,7 @@ def test_callable_likelihood_must_be_passed_again(tmp_path):
 
     model = mlp((3, 5, 4)).double()
     path = FisherCollector(model, "empirical", loss).collect(X, Y).save(tmp_path / "c.safetensors")
-    with pytest.raises(ValueError, match="pass likelihood= to load"):
+    with pytest.raises(ConfigurationError, match="pass likelihood= to load"):
         FisherCollector.load(path, model=model)
     resumed = FisherCollector.load(path, model=model, likelihood=loss)
     assert resumed.collect(X, Y).counts["samples"] == 16

@@ -8,6 +8,7 @@ import pytest
 import torch
 from torch import nn
 
+from gradstats.errors import ConfigurationError
 from gradstats.fisher import FisherCollector
 from gradstats.testing import per_sample_gradients, reference_fisher
 from tests.fisher.models import TokenModel, hf_causal_lm, mlp
@@ -182,10 +183,23 @@ def test_layer_matches_per_sample_loop(case, kind):
         assert handlers[module] == handler
 
 
-def test_fallback_is_announced():
+def test_fallback_is_announced_at_the_callers_line():
     model, _, _ = _case("fallback_vmap")
-    with pytest.warns(UserWarning, match=r"no dedicated per-sample handler for 1; using the torch"):
+    with pytest.warns(
+        UserWarning, match=r"no dedicated per-sample handler for 1; using the torch"
+    ) as got:
         FisherCollector(model, groups=None)
+    assert got[0].filename == __file__
+
+
+def test_vmap_failure_warning_points_at_the_callers_line():
+    model, x, y = _case("fallback_loop")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        fc = FisherCollector(model, groups=None)
+    with pytest.warns(UserWarning, match="using a per-sample loop") as got:
+        fc.collect(x, y)
+    assert got[0].filename == __file__
 
 
 def test_vmap_failure_switches_to_the_loop_with_a_warning():
@@ -202,7 +216,9 @@ def test_batchnorm_in_training_mode_is_refused():
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         fc = FisherCollector(model, groups=None)
-    with pytest.raises(ValueError, match=r"'1' is a BatchNorm in training mode.*model.eval\(\)"):
+    with pytest.raises(
+        ConfigurationError, match=r"'1' is a BatchNorm in training mode.*model.eval\(\)"
+    ):
         fc.collect(torch.randn(4, 3), torch.tensor([0, 1, 0, 1]))
     model.eval()
     fc.collect(torch.randn(4, 3), torch.tensor([0, 1, 0, 1]))
@@ -221,7 +237,8 @@ def test_parameter_used_outside_its_module_is_an_error():
     model = Sneaky().double()
     fc = FisherCollector(model, groups=None)
     with pytest.raises(
-        ValueError, match=r"lin.weight \(module 'lin'\): either the parameter is used outside"
+        ConfigurationError,
+        match=r"lin.weight \(module 'lin'\): either the parameter is used outside",
     ):
         fc.collect(torch.randn(4, 3), torch.tensor([0, 1, 2, 0]))
     assert fc.counts["batches"] == 0
@@ -240,7 +257,7 @@ def test_module_mixing_the_samples_is_an_error_naming_it():
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # fallback notice
         fc = FisherCollector(model, groups=None)
-    with pytest.raises(ValueError, match=r"1.scale \(module '1'\).*mixes the samples"):
+    with pytest.raises(ConfigurationError, match=r"1.scale \(module '1'\).*mixes the samples"):
         fc.collect(torch.randn(4, 3), torch.tensor([0, 1, 1, 0]))
     assert fc.counts["batches"] == 0
 
@@ -256,7 +273,9 @@ def test_module_called_without_a_batch_dimension_is_an_error_naming_it():
             return self.head((self.tok(x) + self.pos(torch.arange(x.shape[1]))).mean(1))
 
     fc = FisherCollector(Positions().double(), groups=None)
-    with pytest.raises(ValueError, match=r"module 'pos': the index input has shape \(5,\) but"):
+    with pytest.raises(
+        ConfigurationError, match=r"module 'pos': the index input has shape \(5,\) but"
+    ):
         fc.collect(torch.randint(0, 7, (3, 5)), torch.tensor([0, 1, 2]))
 
 
@@ -264,7 +283,7 @@ def test_scale_grad_by_freq_embedding_is_refused():
     model = nn.Sequential(
         nn.Embedding(5, 3, scale_grad_by_freq=True), nn.Flatten(), nn.Linear(6, 2)
     )
-    with pytest.raises(ValueError, match="scale_grad_by_freq=True"):
+    with pytest.raises(ConfigurationError, match="scale_grad_by_freq=True"):
         FisherCollector(model)
 
 

@@ -6,6 +6,7 @@ import pytest
 import torch
 from torch import nn
 
+from gradstats.errors import ConfigurationError, ConfigurationTypeError
 from gradstats.fisher import CausalLMLikelihood, FisherCollector
 from gradstats.testing import (
     causal_lm_objective,
@@ -105,7 +106,7 @@ def test_masked_causal_lm_counts_5_active_targets_not_8():
     model = hf_causal_lm("gpt2", vocab=7)
     fc = FisherCollector(model, "empirical", "causal_lm", groups=None).collect(inputs, labels)
     assert inputs["attention_mask"].sum() == 8
-    assert fc.counts == {"samples": 2, "tokens": 5, "batches": 1, "rejected": 0, "units": 2}
+    assert fc.counts == {"samples": 2, "tokens": 5, "batches": 1, "skipped": 0, "units": 2}
     token = FisherCollector(model, "empirical", "causal_lm", "token", groups=None)
     assert token.collect(inputs, labels).counts["units"] == 5
 
@@ -287,11 +288,36 @@ def test_score_check_catches_labels_sampled_at_the_unshifted_position():
 @pytest.mark.parametrize(
     ("likelihood", "targets", "error", "message"),
     [
-        ("classification", torch.tensor([0, 1, 2]), ValueError, r"targets must have shape \(4,\)"),
-        ("classification", torch.zeros(4), TypeError, "integer tensor of class indices"),
-        ("classification", torch.tensor([0, 1, 2, 7]), ValueError, r"targets must lie in \[0, 3\)"),
-        ("regression", torch.zeros(4, 2), ValueError, r"targets must have the output's shape"),
-        ("regression", torch.zeros(4, 3, dtype=torch.long), TypeError, "floating targets"),
+        (
+            "classification",
+            torch.tensor([0, 1, 2]),
+            ConfigurationError,
+            r"targets must have shape \(4,\)",
+        ),
+        (
+            "classification",
+            torch.zeros(4),
+            ConfigurationTypeError,
+            "integer tensor of class indices",
+        ),
+        (
+            "classification",
+            torch.tensor([0, 1, 2, 7]),
+            ConfigurationError,
+            r"targets must lie in \[0, 3\)",
+        ),
+        (
+            "regression",
+            torch.zeros(4, 2),
+            ConfigurationError,
+            r"targets must have the output's shape",
+        ),
+        (
+            "regression",
+            torch.zeros(4, 3, dtype=torch.long),
+            ConfigurationTypeError,
+            "floating targets",
+        ),
     ],
 )
 def test_bad_targets_are_clear_errors(likelihood, targets, error, message):
@@ -305,9 +331,13 @@ def test_bad_targets_are_clear_errors(likelihood, targets, error, message):
 @pytest.mark.parametrize(
     ("labels", "error", "message"),
     [
-        (torch.zeros(2, 4, dtype=torch.long), ValueError, r"targets must have shape \(2, 5\)"),
-        (torch.zeros(2, 5), TypeError, "integer tensor of token labels"),
-        (torch.full((2, 5), 9), ValueError, r"labels must lie in \[0, 7\) or -100"),
+        (
+            torch.zeros(2, 4, dtype=torch.long),
+            ConfigurationError,
+            r"targets must have shape \(2, 5\)",
+        ),
+        (torch.zeros(2, 5), ConfigurationTypeError, "integer tensor of token labels"),
+        (torch.full((2, 5), 9), ConfigurationError, r"labels must lie in \[0, 7\) or -100"),
     ],
 )
 def test_bad_causal_lm_labels(labels, error, message):
@@ -319,31 +349,47 @@ def test_bad_causal_lm_labels(labels, error, message):
 
 def test_empty_batch_is_an_error():
     fc = FisherCollector(mlp((2, 3)))
-    with pytest.raises(ValueError, match="empty batch"):
+    with pytest.raises(ConfigurationError, match="empty batch"):
         fc.collect(torch.zeros(0, 2), torch.zeros(0, dtype=torch.long))
 
 
 def test_empirical_needs_targets():
-    with pytest.raises(ValueError, match=r"kind='empirical' needs targets"):
+    with pytest.raises(ConfigurationError, match=r"kind='empirical' needs targets"):
         FisherCollector(mlp((2, 3))).collect(torch.randn(3, 2))
 
 
 @pytest.mark.parametrize(
     ("kwargs", "error", "message"),
     [
-        ({"kind": "true"}, ValueError, r"kind must be one of 'empirical', 'mc', 'exact'"),
-        ({"likelihood": "poisson"}, ValueError, r"likelihood must be one of 'classification'"),
-        ({"unit": "token"}, ValueError, r"unit='token' needs a likelihood with token positions"),
-        ({"unit": "sequence"}, ValueError, r"unit must be one of 'sample', 'token'"),
-        ({"mc_samples": 3}, ValueError, r"mc_samples applies to kind='mc' only"),
-        ({"kind": "mc", "mc_samples": 0}, ValueError, r"mc_samples must be an int >= 1"),
-        ({"kind": "mc", "element_se": True}, ValueError, r"element_se=True needs kind='empirical'"),
-        ({"kind": "mc", "likelihood": _mean_loss}, ValueError, r"kind='mc' is not available"),
-        ({"mode": "window"}, ValueError, r"mode must be one of 'cumulative', 'ema'"),
-        ({"beta": 1.0}, ValueError, r"beta must lie in the open interval"),
-        ({"params": ["nope"]}, ValueError, r"params: unknown parameter 'nope'"),
-        ({"loss_reduction": "mean"}, ValueError, r"loss_reduction applies to callable"),
-        ({"generator": 3}, TypeError, r"generator must be a torch.Generator"),
+        ({"kind": "true"}, ConfigurationError, r"kind must be one of 'empirical', 'mc', 'exact'"),
+        (
+            {"likelihood": "poisson"},
+            ConfigurationError,
+            r"likelihood must be one of 'classification'",
+        ),
+        (
+            {"unit": "token"},
+            ConfigurationError,
+            r"unit='token' needs a likelihood with token positions",
+        ),
+        ({"unit": "sequence"}, ConfigurationError, r"unit must be one of 'sample', 'token'"),
+        ({"mc_samples": 3}, ConfigurationError, r"mc_samples applies to kind='mc' only"),
+        ({"kind": "mc", "mc_samples": 0}, ConfigurationError, r"mc_samples must be an int >= 1"),
+        (
+            {"kind": "mc", "element_se": True},
+            ConfigurationError,
+            r"element_se=True needs kind='empirical'",
+        ),
+        (
+            {"kind": "mc", "likelihood": _mean_loss},
+            ConfigurationError,
+            r"kind='mc' is not available",
+        ),
+        ({"mode": "window"}, ConfigurationError, r"mode must be one of 'cumulative', 'ema'"),
+        ({"beta": 1.0}, ConfigurationError, r"beta must lie in the open interval"),
+        ({"params": ["nope"]}, ConfigurationError, r"params: unknown parameter 'nope'"),
+        ({"loss_reduction": "mean"}, ConfigurationError, r"loss_reduction applies to callable"),
+        ({"generator": 3}, ConfigurationTypeError, r"generator must be a torch.Generator"),
     ],
 )
 def test_bad_constructor_arguments(kwargs, error, message):
@@ -354,5 +400,7 @@ def test_bad_constructor_arguments(kwargs, error, message):
 def test_exact_refuses_enumerations_longer_than_the_limit():
     model = hf_causal_lm("gpt2", vocab=7)
     fc = FisherCollector(model, "exact", "causal_lm", groups=None, max_exact_passes=10)
-    with pytest.raises(ValueError, match=r"needs 28 backward passes .* max_exact_passes=10"):
+    with pytest.raises(
+        ConfigurationError, match=r"needs 28 backward passes .* max_exact_passes=10"
+    ):
         fc.collect(torch.zeros(2, 5, dtype=torch.long))

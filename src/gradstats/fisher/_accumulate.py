@@ -24,6 +24,8 @@ from dataclasses import dataclass, field
 
 import torch
 
+from gradstats.errors import ConfigurationError
+
 __all__ = ["Request", "UnitLayout", "accumulate_materialised", "compute_dtype"]
 
 
@@ -67,18 +69,25 @@ class UnitLayout:
     mask: list[torch.Tensor] = field(default_factory=list)
 
     @property
+    def active(self) -> torch.Tensor:
+        """The [B, T] token mask (``unit="token"`` layouts only)."""
+        if self.token_mask is None:
+            raise ConfigurationError("unit='token' needs a likelihood with a token mask")
+        return self.token_mask
+
+    @property
     def n_units(self) -> int:
         if self.unit == "sample":
             return self.n_samples
-        return self.token_mask.numel()
+        return self.active.numel()
 
     def rows(self, x: torch.Tensor, what: str) -> torch.Tensor:
         """View ``x`` ([B, *mid, f]) as [N, S, f]: N units, S positions summed within a unit."""
         if self.unit == "sample":
             return x.reshape(self.n_samples, -1, x.shape[-1])
-        shape = tuple(self.token_mask.shape)
+        shape = tuple(self.active.shape)
         if x.dim() < 3 or tuple(x.shape[:2]) != shape:
-            raise ValueError(
+            raise ConfigurationError(
                 f"unit='token' needs {what} of shape [B, T, ...] with [B, T] = {list(shape)}; got "
                 f"{tuple(x.shape)}"
             )
@@ -86,7 +95,7 @@ class UnitLayout:
 
     def token_weights(self) -> torch.Tensor | None:
         """The flat [B·T] mask of active positions for ``unit="token"`` (None for samples)."""
-        return None if self.unit == "sample" else self.token_mask.reshape(-1)
+        return None if self.unit == "sample" else self.active.reshape(-1)
 
     def chunk(self, bytes_per_unit: int) -> int:
         """Units per chunk so that one chunk of per-unit gradients fits ``chunk_bytes``."""
@@ -141,6 +150,8 @@ def accumulate_materialised(
         trace = squares.sum(dims) if dims else squares
         lin = None
         if request.in_mask:
+            if theta is None:
+                raise ConfigurationError(f"{name}: a mask request needs the parameter's values")
             weighted = grads * theta.to(grads.dtype)
             lin = weighted.sum(dims) if dims else weighted
         layout.add_family(request, lo, hi, trace, lin)

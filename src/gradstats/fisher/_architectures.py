@@ -9,12 +9,13 @@ covers is listed under ``unmapped`` with a warning — never grouped by rows sil
 
 from __future__ import annotations
 
-import warnings
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 
 import torch
 from torch import nn
 
+from gradstats._warnings import warn
+from gradstats.errors import ConfigurationError, ConfigurationTypeError
 from gradstats.fisher._groups import (
     _REGISTRY,
     GroupFamily,
@@ -38,7 +39,7 @@ from gradstats.fisher._groups import (
 )
 from gradstats.fisher._persample import is_hf_conv1d
 
-__all__ = ["build_groups"]
+__all__ = ["build_groups", "check_families"]
 
 
 def _llama_like(model, config, params):
@@ -267,7 +268,7 @@ register_architecture("bert", _bert)
 register_architecture("EquilibriumTransformer", _equilibrium_transformer)
 
 
-def _generic(model: nn.Module, params) -> list[GroupFamily]:
+def _generic(model: nn.Module, params) -> list[GroupFamily | None]:
     """Models without a config: output channels of Linear/Conv modules, norms, embedding rows."""
     fams = []
     for name, module in model.named_modules():
@@ -314,52 +315,59 @@ def build_groups(
         if type(model).__name__ in _REGISTRY:  # models registered by class name
             model_type = type(model).__name__
         if model_type is None:
-            result = GroupMap(_generic(model, params), [], "generic")
+            generic = [f for f in _generic(model, params) if f is not None]
+            result = GroupMap(generic, [], "generic")
         elif model_type in _REGISTRY:
             result = GroupMap(_REGISTRY[model_type](model, config, params), [], model_type)
         else:
-            warnings.warn(
+            warn(
                 f"no group map is registered for model_type={model_type!r} (registered: "
                 f"{', '.join(registered_architectures())}); every parameter is 'unmapped'. "
                 "Register one with gradstats.fisher.register_architecture.",
-                stacklevel=3,
             )
             result = GroupMap([], [], model_type)
     else:
-        raise ValueError(
+        raise ConfigurationError(
             f"groups must be 'auto', None, a GroupMap or a list of GroupFamily; got {groups!r}"
         )
     result.families = [f for f in result.families if f is not None]
-    _check(result.families, params)
+    wrong = [f for f in result.families if not isinstance(f, GroupFamily)]
+    if wrong:
+        raise ConfigurationTypeError(
+            f"groups must hold GroupFamily objects; got a {type(wrong[0]).__name__}"
+        )
+    check_families(result.families, {n: tuple(p.shape) for n, p in params.items()})
     covered = {m.param for f in result.families for m in f.members}
     missing = [n for n in params if n not in covered and n not in result.unmapped]
     registered = result.source in _REGISTRY or result.source == "generic"
     if missing and registered:  # (an unregistered type has already been warned about)
-        warnings.warn(
+        warn(
             f"{len(missing)} parameter(s) have no group (reported under 'unmapped'): "
             f"{', '.join(missing[:6])}{' ...' if len(missing) > 6 else ''}",
-            stacklevel=3,
         )
     result.unmapped = [n for n in params if n not in covered]
     return result
 
 
-def _check(families: list[GroupFamily], params) -> None:
+def check_families(families: list[GroupFamily], shapes: Mapping[str, tuple[int, ...]]) -> None:
+    """Family names unique, members on known parameters, assignments fitting their axis."""
     names = set()
     for fam in families:
         if fam.name in names:
-            raise ValueError(f"duplicate group family name {fam.name!r}")
+            raise ConfigurationError(f"duplicate group family name {fam.name!r}")
         names.add(fam.name)
         for m in fam.members:
-            if m.param not in params:
-                raise ValueError(f"group family {fam.name!r} names unknown parameter {m.param!r}")
-            shape = tuple(params[m.param].shape)
-            if m.axis >= len(shape) or shape[m.axis] != len(m.assign):
-                raise ValueError(
+            if m.param not in shapes:
+                raise ConfigurationError(
+                    f"group family {fam.name!r} names unknown parameter {m.param!r}"
+                )
+            shape = tuple(shapes[m.param])
+            if not 0 <= m.axis < len(shape) or shape[m.axis] != len(m.assign):
+                raise ConfigurationError(
                     f"group family {fam.name!r}: assign has {len(m.assign)} entries but "
                     f"{m.param!r} has shape {shape} (axis {m.axis})"
                 )
             if any(a < -1 or a >= fam.size for a in m.assign):
-                raise ValueError(
+                raise ConfigurationError(
                     f"group family {fam.name!r}: assign values must be in [-1, {fam.size})"
                 )

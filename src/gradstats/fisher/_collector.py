@@ -22,64 +22,35 @@ as ``signal()``, ``fisher()`` and ``variance()``.
 
 from __future__ import annotations
 
-import hashlib
 import math
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Iterator
+from pathlib import Path
 
 import torch
 from torch import nn
 
 from gradstats._validation import check_choice, check_open_unit, check_positive_int
-from gradstats.fisher._accumulate import Request, UnitLayout
+from gradstats.errors import (
+    ConfigurationError,
+    ConfigurationTypeError,
+    check_nonfinite,
+)
+from gradstats.fisher._accumulate import Request
 from gradstats.fisher._architectures import build_groups
 from gradstats.fisher._engine import Engine
+from gradstats.fisher._inputs import batch_size, call_model, select_parameters
+from gradstats.fisher._io import load_collector, save_collector
 from gradstats.fisher._likelihoods import CallableLikelihood, Prepared, make_likelihood
 from gradstats.fisher._passes import SpecialPasses
-from gradstats.fisher._reads import FisherReads
+from gradstats.fisher._spec import KINDS, MODES, UNITS, fingerprint
+from gradstats.fisher._streaming import Streaming
 
-__all__ = ["FisherCollector"]
+__all__ = ["KINDS", "MODES", "UNITS", "FisherCollector", "fingerprint"]
 
-KINDS = ("empirical", "mc", "exact", "batch_grad_sq")
-UNITS = ("sample", "token")
-MODES = ("cumulative", "ema")
-
-
-def _call_model(model: nn.Module, inputs: object) -> object:
-    if isinstance(inputs, torch.Tensor):
-        return model(inputs)
-    if isinstance(inputs, Mapping):
-        return model(**inputs)
-    if isinstance(inputs, (tuple, list)):
-        return model(*inputs)
-    raise TypeError(
-        f"inputs must be a tensor, a mapping of keyword arguments or a tuple of positional "
-        f"arguments; got {type(inputs).__name__}"
-    )
+Pass = tuple[torch.Tensor | None, torch.Tensor | None, float]  # objective, direction, weight
 
 
-def _batch_size(inputs: object) -> int:
-    """B from the first tensor of the inputs (0 when there is none)."""
-    if isinstance(inputs, torch.Tensor):
-        leaves = [inputs]
-    elif isinstance(inputs, Mapping):
-        leaves = list(inputs.values())
-    elif isinstance(inputs, (tuple, list)):
-        leaves = list(inputs)
-    else:
-        leaves = []
-    for leaf in leaves:
-        if isinstance(leaf, torch.Tensor) and leaf.dim() > 0:
-            return leaf.shape[0]
-    return 0
-
-
-def fingerprint(shapes: Mapping[str, tuple[int, ...]]) -> str:
-    """A short hash of the collected parameters' names and shapes."""
-    text = ";".join(f"{n}:{'x'.join(map(str, s))}" for n, s in shapes.items())
-    return hashlib.sha256(text.encode()).hexdigest()[:16]
-
-
-class FisherCollector(FisherReads, SpecialPasses):
+class FisherCollector(Streaming, SpecialPasses):
     r"""Collect the diagonal Fisher of ``model`` from exact per-unit gradients.
 
     ``collect()`` any number of times with any batch sizes gives the result of one call on all
@@ -112,11 +83,20 @@ class FisherCollector(FisherReads, SpecialPasses):
             autograd's gradient for every parameter (one host sync) — catches parameters used
             outside their module's forward.
         max_exact_passes: refuse ``kind="exact"`` label enumerations longer than this.
+        nonfinite: a batch whose loss or statistics (Σg², Σg⁴, Σg, group rows) are not finite:
+            ``"skip"`` (default) drops it on the device, without a host sync, and counts it in
+            ``counts["skipped"]`` (reads then warn); ``"raise"`` raises
+            :class:`~gradstats.errors.NonFiniteError` before anything is accumulated, at the
+            cost of one host read per batch (the batch's finite flag).
 
     Host syncs per batch (none on the CUDA hot path beyond these): the first batch's
     completeness check (one read); ``collect_loader(until_rel_se=...)`` reads the
-    standard errors; the ``torch.func`` loop fallback runs Python per sample. Target ranges are
-    checked on CPU tensors only, and on the CPU the batch's finite flag is read (free there).
+    standard errors; ``nonfinite="raise"`` reads the batch's finite flag (one read); the
+    ``torch.func`` loop fallback runs Python per sample. Target ranges are checked on CPU
+    tensors only, and on the CPU the batch's finite flag is read (free there). Reads
+    (``fisher()``, ``group_fisher()``, ...) read two counters each (see
+    :mod:`gradstats.fisher._reads`): a collector without data raises a ``StateError`` instead
+    of returning NaN, and reads after skipped batches warn.
 
     Example (per-sample gradients g = [1, −1, 2, 4]: EF = mean g² = 5.5, in any split):
         >>> import torch
@@ -151,41 +131,54 @@ class FisherCollector(FisherReads, SpecialPasses):
         chunk_bytes: int = 256 * 2**20,
         check_first_batch: bool = True,
         max_exact_passes: int = 4096,
+        nonfinite: str = "skip",
     ) -> None:
         if not isinstance(model, nn.Module):
-            raise TypeError(f"model must be a torch.nn.Module; got {type(model).__name__}")
+            raise ConfigurationTypeError(
+                f"model must be a torch.nn.Module; got {type(model).__name__}"
+            )
         kind = check_choice("kind", kind, KINDS)
         lik = make_likelihood(likelihood, loss_reduction)
         if kind not in lik.kinds:
-            raise ValueError(
+            raise ConfigurationError(
                 f"kind={kind!r} is not available for likelihood {lik.name!r} (available: "
                 f"{', '.join(lik.kinds)}): a callable likelihood cannot sample or enumerate labels"
             )
         unit = check_choice("unit", unit, UNITS)
         if unit == "token" and not (lik.has_tokens or isinstance(lik, CallableLikelihood)):
-            raise ValueError(
+            raise ConfigurationError(
                 f"unit='token' needs a likelihood with token positions ('causal_lm' or a callable "
                 f"returning [B, T] losses); likelihood {lik.name!r} has none"
             )
         mc_samples = check_positive_int("mc_samples", mc_samples)
         if mc_samples != 1 and kind != "mc":
-            raise ValueError(f"mc_samples applies to kind='mc' only; got kind={kind!r}")
+            raise ConfigurationError(f"mc_samples applies to kind='mc' only; got kind={kind!r}")
         if generator is not None and not isinstance(generator, torch.Generator):
-            raise TypeError(f"generator must be a torch.Generator; got {type(generator).__name__}")
+            raise ConfigurationTypeError(
+                f"generator must be a torch.Generator; got {type(generator).__name__}"
+            )
+        for flag, value in (("signal", signal), ("element_se", element_se)):
+            if not isinstance(value, bool):
+                raise ConfigurationTypeError(f"{flag} must be True or False; got {value!r}")
         if isinstance(seed, bool) or not isinstance(seed, int):
-            raise TypeError(f"seed must be an int; got {type(seed).__name__}")
+            raise ConfigurationTypeError(f"seed must be an int; got {type(seed).__name__}")
         mode = check_choice("mode", mode, MODES)
         beta = check_open_unit("beta", beta)
         if element_se and (kind != "empirical" or mode != "cumulative"):
-            raise ValueError(
+            raise ConfigurationError(
                 "element_se=True needs kind='empirical' and mode='cumulative' (one backward "
                 "pass per batch); group standard errors are available for every kind"
             )
         if kind == "batch_grad_sq" and mode != "cumulative":
-            raise ValueError("kind='batch_grad_sq' supports mode='cumulative' only")
+            raise ConfigurationError("kind='batch_grad_sq' supports mode='cumulative' only")
         check_positive_int("chunk_bytes", chunk_bytes)
         check_positive_int("max_exact_passes", max_exact_passes)
-        selected = _select(model, params)
+        self.nonfinite = check_nonfinite("nonfinite", nonfinite)
+        if not isinstance(check_first_batch, bool):
+            raise ConfigurationTypeError(
+                f"check_first_batch must be True or False; got {check_first_batch!r}"
+            )
+        selected = select_parameters(model, params)
         self.model = model
         self.kind, self.unit, self.mode, self.beta = kind, unit, mode, beta
         self.mc_samples, self.seed = mc_samples, seed
@@ -232,8 +225,9 @@ class FisherCollector(FisherReads, SpecialPasses):
 
     def close(self) -> None:
         """Remove the collector's hooks from the model (it can still be read and saved)."""
-        if getattr(self, "_engine", None) is not None:
-            self._engine.close()
+        engine = getattr(self, "_engine", None)
+        if engine is not None:
+            engine.close()
             self._engine = None
 
     def __enter__(self) -> FisherCollector:
@@ -258,29 +252,28 @@ class FisherCollector(FisherReads, SpecialPasses):
         ``targets`` (optional for ``kind="exact"``/``"mc"``; for ``causal_lm`` the labels
         default to ``input_ids`` with ``attention_mask`` zeros ignored).
 
-        A batch whose loss or statistics are not finite is rejected on the device: the state is
-        unchanged and ``counts["rejected"]`` grows. Bad input raises before anything changes.
+        A batch whose loss or statistics are not finite follows ``nonfinite``: ``"skip"`` leaves
+        the state unchanged and ``counts["skipped"]`` grows; ``"raise"`` raises
+        :class:`~gradstats.errors.NonFiniteError`. Bad input raises before anything changes.
         """
-        if self._engine is None:
-            raise ValueError(
-                "this collector has no model hooks (it was closed or loaded without a model); "
-                "pass model= to FisherCollector.load() to keep collecting"
-            )
-        engine = self._engine
+        engine, likelihood = self._live_engine, self._live_likelihood
+        model = self.model
+        if model is None:
+            raise ConfigurationError("this collector has no model; pass model= to load()")
         record = self.kind != "batch_grad_sq"
         try:
             with torch.enable_grad():
                 if record:
-                    with engine.recording(_batch_size(inputs)):
-                        raw = _call_model(self.model, inputs)
+                    with engine.recording(batch_size(inputs)):
+                        raw = call_model(model, inputs)
                 else:
-                    raw = _call_model(self.model, inputs)
-            prepared = self.likelihood.prepare(raw, targets, inputs)
+                    raw = call_model(model, inputs)
+            prepared = likelihood.prepare(raw, targets, inputs)
             empirical = self.kind in ("empirical", "batch_grad_sq")
             if empirical and prepared.output is not None and prepared.targets is None:
-                raise ValueError(f"kind={self.kind!r} needs targets (the data labels)")
+                raise ConfigurationError(f"kind={self.kind!r} needs targets (the data labels)")
             if self.unit == "token" and prepared.token_mask is None:
-                raise ValueError(
+                raise ConfigurationError(
                     "unit='token' needs per-token losses: the likelihood callable returned "
                     "per-sample losses"
                 )
@@ -292,61 +285,43 @@ class FisherCollector(FisherReads, SpecialPasses):
             engine.release()
         return self
 
-    def _layout(self, prepared: Prepared, device: torch.device, check: bool = False) -> UnitLayout:
-        dtype = self._compute_dtype
-        if check:  # the completeness check: samples as units, only Σ_i g_i is read
-            layout = UnitLayout("sample", prepared.n_samples, None, self.chunk_bytes, dtype, lin={})
-        else:
-            mask = prepared.token_mask
-            layout = UnitLayout(self.unit, prepared.n_samples, mask, self.chunk_bytes, dtype)
-        if self.element_se and not check:
-            layout.sq4 = {}
-        n = layout.n_units
-        for fam in self._unit_families:
-            for buffers in (layout.trace, layout.mask_lin, layout.mask):
-                buffers.append(torch.zeros(n, fam.size + 1, dtype=dtype, device=device))
-        return layout
-
     def _collect(self, prepared: Prepared) -> None:
-        engine = self._engine
+        engine, likelihood = self._live_engine, self._live_likelihood
         device = self._state.device
         layout = self._layout(prepared, device)
         names = list(engine.selected)
         g_sum: dict[str, torch.Tensor] = {}
+        passes: Iterator[Pass]
         ok = torch.ones((), dtype=torch.bool, device=device)
         site = self._closed_form_site(prepared) if self.kind == "exact" else None
         self._closed_form = site is not None if self.kind == "exact" else None
         if site is not None:
             if self._check_pending:  # any direction checks Σ_i g_i (parameters used elsewhere)
-                first = next(iter(self.likelihood.exact_directions(prepared)))
+                first = next(iter(likelihood.exact_directions(prepared)))
                 self._check_complete(prepared, names, None, first)
             self._closed_form_pass(prepared, layout, site)
-            count, passes = 0, iter(())
-            ok &= torch.isfinite(prepared.output).all()
+            count, passes = 0, iter([])
+            ok &= torch.isfinite(prepared.logits).all()
         elif self.kind == "exact":
-            count = self.likelihood.exact_passes(prepared)
+            count = likelihood.exact_passes(prepared)
             if count > self.max_exact_passes:
-                raise ValueError(
+                raise ConfigurationError(
                     f"kind='exact' needs {count} backward passes for this batch (label "
                     f"enumeration), more than max_exact_passes={self.max_exact_passes}; use "
                     "kind='mc' or collect only the output layer, without per-unit group "
                     "families for it (closed form)"
                 )
-            passes = ((None, d, 1.0) for d in self.likelihood.exact_directions(prepared))
-            ok &= torch.isfinite(prepared.output).all()
+            passes = ((None, d, 1.0) for d in likelihood.exact_directions(prepared))
+            ok &= torch.isfinite(prepared.logits).all()
         elif self.kind == "mc":
             count, gen = self.mc_samples, self._gen(device)
             passes = (
-                (
-                    self.likelihood.loss(prepared, self.likelihood.sample(prepared, gen)),
-                    None,
-                    1 / count,
-                )
+                (likelihood.loss(prepared, likelihood.sample(prepared, gen)), None, 1 / count)
                 for _ in range(count)
             )
         else:
             count = 1
-            passes = iter([(self.likelihood.loss(prepared, prepared.targets), None, 1.0)])
+            passes = iter([(likelihood.loss(prepared, prepared.targets), None, 1.0)])
         # with token units the mean gradient is summed from the hooks' per-position gradients,
         # so that it covers exactly the positions the Fisher does (prompts and padding dropped)
         from_hooks = self.collect_signal and self.unit == "token"
@@ -357,8 +332,9 @@ class FisherCollector(FisherReads, SpecialPasses):
                 objective = objective * root
             if self._check_pending:
                 self._check_complete(prepared, names, objective, direction)
+            lin: dict[str, torch.Tensor] = {}
             if from_hooks:
-                layout.lin = {}
+                layout.lin = lin
             grads = engine.run_pass(
                 layout,
                 objective=objective,
@@ -368,7 +344,7 @@ class FisherCollector(FisherReads, SpecialPasses):
                 retain=index < count - 1,
             )
             if from_hooks:
-                grads = [layout.lin.get(name) for name in names]
+                grads = [lin.get(name) for name in names]
             if self.collect_signal:
                 for name, grad in zip(names, grads, strict=True):
                     if grad is not None:
@@ -377,93 +353,32 @@ class FisherCollector(FisherReads, SpecialPasses):
         layout.lin = None
         self._finish(prepared, layout, ok, g_sum, draw_weight_sq=1.0 / self.mc_samples)
 
-    def _finish(self, prepared, layout, ok, g_sum, draw_weight_sq) -> None:
-        device = self._state.device
-        sq = {n: layout.sq.get(n) for n in self._state.shapes}
-        for name, shape in self._state.shapes.items():
-            if sq[name] is None:
-                sq[name] = torch.zeros(shape, dtype=self._compute_dtype, device=device)
-        if self.collect_signal:
-            for name in self._state.shapes:
-                g_sum.setdefault(name, torch.zeros_like(sq[name]))
-        trace_rows, mask_rows = {}, {}
-        for fam, trace, mask in zip(self._unit_families, layout.trace, layout.mask, strict=True):
-            trace_rows[fam.name], mask_rows[fam.name] = trace[:, : fam.size], mask[:, : fam.size]
-        # with token units every position is a row; the inactive ones get weight 0 (no boolean
-        # selection, so no host sync) and are no observations of the per-unit statistics
-        row_weight = None
-        if self.unit == "token" and self._unit_families:
-            row_weight = (prepared.token_mask.reshape(-1) > 0).to(device, torch.float64)
-        # every statistic of the batch must be finite (Σ g⁴ can overflow where Σ g² does not);
-        # float64 sums: finite float32 values never overflow them
-        parts = [*sq.values(), *g_sum.values(), *trace_rows.values(), *mask_rows.values()]
-        parts += list((layout.sq4 or {}).values())
-        finite = torch.stack([t.sum(dtype=torch.float64) for t in parts]).isfinite().all()
-        ok = ok & finite
-        n_units = torch.full((), prepared.n_samples, dtype=torch.float64, device=device)
-        if self.unit == "token":
-            n_units = prepared.n_tokens.to(device=device, dtype=torch.float64)
-        self._state.update(
-            ok,
-            n_units,
-            prepared.n_samples,
-            prepared.n_tokens.to(device),
-            draw_weight_sq,
-            sq,
-            layout.sq4,
-            g_sum,
-            trace_rows,
-            mask_rows,
-            row_weight,
-        )
+    # ------------------------------------------------------------ persistence
+    def save(self, path: str | Path) -> Path:
+        """Write a safetensors file: float32 Fisher / mean gradient / group traces, the float64
+        sufficient statistics, and the spec (kind, likelihood, unit, counts, dtypes, model
+        fingerprint) in the metadata. Returns the path."""
+        return save_collector(self, path)
 
-    # ------------------------------------------------------------ combining
-    def merge(self, other: FisherCollector) -> FisherCollector:
-        """Fold ``other``'s statistics into this collector (Chan; exact, order-free)."""
-        if not isinstance(other, FisherReads):
-            raise TypeError(f"other must be a FisherCollector; got {type(other).__name__}")
-        mine, theirs = self.spec(), other.spec()
-        for key in ("kind", "likelihood", "unit", "mode", "signal", "element_se", "fingerprint"):
-            if mine[key] != theirs[key]:
-                raise ValueError(
-                    f"cannot merge collectors with different {key}: {mine[key]!r} vs "
-                    f"{theirs[key]!r}"
-                )
-        if [f.name for f in self._unit_families] != [f.name for f in other._unit_families]:
-            raise ValueError("cannot merge collectors with different group families")
-        self._state.merge(other._state)
-        return self
+    @classmethod
+    def load(
+        cls,
+        path: str | Path,
+        model: nn.Module | None = None,
+        *,
+        likelihood: object = None,
+        device: torch.device | str | None = None,
+    ) -> FisherCollector:
+        """Read a file written by :meth:`save`.
 
-    def all_reduce(self, group: object | None = None) -> FisherCollector:
-        """Sum the statistics over ``torch.distributed`` ranks (every rank gets the result of
-        all ranks' data; a no-op without an initialised process group)."""
-        self._state.all_reduce(group)
-        return self
+        Without ``model`` the result can be read, merged and saved; with ``model`` (whose
+        parameters must match the file's fingerprint) it keeps collecting. A callable likelihood
+        must be passed again as ``likelihood``.
 
-
-def _select(model: nn.Module, params: Iterable[str] | None) -> dict[str, nn.Parameter]:
-    named = dict(model.named_parameters())
-    if params is None:
-        selected = {n: p for n, p in named.items() if p.requires_grad}
-    else:
-        if isinstance(params, str):
-            raise TypeError("params must be an iterable of parameter names, not a string")
-        selected = {}
-        for name in params:
-            if name not in named:
-                raise ValueError(f"params: unknown parameter {name!r}")
-            if not named[name].requires_grad:
-                raise ValueError(f"params: {name!r} does not require grad")
-            selected[name] = named[name]
-    if not selected:
-        raise ValueError("the model has no parameter that requires grad: nothing to collect")
-    devices = {p.device for p in selected.values()}
-    if len(devices) > 1:
-        raise ValueError(f"parameters live on several devices {sorted(map(str, devices))}")
-    bad = [n for n, p in selected.items() if not p.is_floating_point()]
-    if bad:
-        raise TypeError(f"params must be floating; {bad[0]!r} is {selected[bad[0]].dtype}")
-    return selected
-
-
-__all__ += ["fingerprint"]
+        Raises:
+            StateError: the file is not a gradstats Fisher file, is damaged or tampered with
+                (bad metadata, impossible statistics such as NaN sums or negative counts), or
+                ``model`` is not the model it was collected on. Nothing is loaded (no hooks are
+                left on ``model``).
+        """
+        return load_collector(cls, lambda: cls.__new__(cls), path, model, likelihood, device)

@@ -25,7 +25,8 @@ import torch
 from torch import nn
 
 from gradstats._validation import check_choice
-from gradstats.fisher._reads import FisherReads
+from gradstats.errors import ConfigurationError, ConfigurationTypeError
+from gradstats.fisher._group_reads import GroupReads
 
 __all__ = [
     "ewc_penalty",
@@ -40,38 +41,42 @@ FISHER_KINDS = ("empirical", "mc", "exact")
 STRUCTURES = {"heads": ("heads",), "channels": ("channel",), "neurons": ("neurons",)}
 
 
-def _check(fisher: object, what: str, kinds=FISHER_KINDS, units=("sample", "token")) -> FisherReads:
-    if not isinstance(fisher, FisherReads):
-        raise TypeError(
+def _check(fisher: object, what: str, kinds=FISHER_KINDS, units=("sample", "token")) -> GroupReads:
+    if not isinstance(fisher, GroupReads):
+        raise ConfigurationTypeError(
             f"{what} must be a FisherCollector (live or loaded); got {type(fisher).__name__}"
         )
     if fisher.kind not in kinds:
         extra = (
             " (the mistaken squared mini-batch gradient)" if fisher.kind == "batch_grad_sq" else ""
         )
-        raise ValueError(
+        raise ConfigurationError(
             f"{what} has kind={fisher.kind!r}{extra}; this consumer needs one of {', '.join(kinds)}"
         )
     if fisher.unit not in units:
-        raise ValueError(f"{what} has unit={fisher.unit!r}; this consumer needs unit in {units}")
+        raise ConfigurationError(
+            f"{what} has unit={fisher.unit!r}; this consumer needs unit in {units}"
+        )
     return fisher
 
 
-def _same(fishers: Sequence[FisherReads], what: str) -> None:
+def _same(fishers: Sequence[GroupReads], what: str) -> None:
     first = fishers[0]
     for index, other in enumerate(fishers[1:], start=1):
         for key in ("kind", "unit"):
             if getattr(other, key) != getattr(first, key):
-                raise ValueError(
+                raise ConfigurationError(
                     f"{what}[{index}] has {key}={getattr(other, key)!r} but {what}[0] has "
                     f"{getattr(first, key)!r}; Fishers of different {key}s are not comparable"
                 )
         if other._state.shapes != first._state.shapes:
-            raise ValueError(f"{what}[{index}] covers other parameters or shapes than {what}[0]")
+            raise ConfigurationError(
+                f"{what}[{index}] covers other parameters or shapes than {what}[0]"
+            )
 
 
 def importance_ranking(
-    fisher: FisherReads, kind: str = "mask", *, families: Sequence[str] | None = None
+    fisher: GroupReads, kind: str = "mask", *, families: Sequence[str] | None = None
 ) -> list[tuple[str, float]]:
     """[(group name, value)] sorted from most to least important (host read)."""
     _check(fisher, "fisher")
@@ -81,13 +86,13 @@ def importance_ranking(
     rows = []
     for fam in chosen:
         if fam not in values:
-            raise ValueError(f"families: no {kind!r} values for family {fam!r}")
+            raise ConfigurationError(f"families: no {kind!r} values for family {fam!r}")
         rows += list(zip(names[fam], values[fam].tolist(), strict=True))  # sync-ok: a report
     return sorted(rows, key=lambda row: -row[1])
 
 
 def pruning_masks(
-    fisher: FisherReads,
+    fisher: GroupReads,
     budget: float | int,
     *,
     structure: str = "heads",
@@ -106,24 +111,24 @@ def pruning_masks(
     check_choice("structure", structure, STRUCTURES)
     check_choice("scope", scope, ("global", "layer"))
     if isinstance(min_keep, bool) or not isinstance(min_keep, int) or min_keep < 0:
-        raise ValueError(f"min_keep must be a non-negative int; got {min_keep!r}")
+        raise ConfigurationError(f"min_keep must be a non-negative int; got {min_keep!r}")
     fams = [f for f in fisher.families if f.kind in STRUCTURES[structure]]
     if not fams:
-        raise ValueError(f"the collector's group map has no {structure!r} families")
+        raise ConfigurationError(f"the collector's group map has no {structure!r} families")
     values = fisher.group_fisher(kind)
     missing = [f.name for f in fams if f.name not in values]
     if missing:
-        raise ValueError(f"no {kind!r} values for {missing[0]!r} (no per-unit statistics)")
+        raise ConfigurationError(f"no {kind!r} values for {missing[0]!r} (no per-unit statistics)")
     total = sum(f.size for f in fams)
     if isinstance(budget, bool) or not isinstance(budget, (int, float)):
-        raise TypeError(
+        raise ConfigurationTypeError(
             f"budget must be a fraction in (0, 1) or an int; got {type(budget).__name__}"
         )
     if isinstance(budget, float) and not 0.0 < budget < 1.0:
-        raise ValueError(f"budget as a fraction must lie in (0, 1); got {budget}")
+        raise ConfigurationError(f"budget as a fraction must lie in (0, 1); got {budget}")
     count = round(budget * total) if isinstance(budget, float) else budget
     if count < 0 or count > total - min_keep * len(fams):
-        raise ValueError(
+        raise ConfigurationError(
             f"budget removes {count} of {total} groups but {min_keep} per family must stay"
         )
     masks = {f.name: torch.ones(f.size, dtype=torch.bool) for f in fams}
@@ -168,7 +173,7 @@ def _layer_counts(sizes: list[int], count: int, min_keep: int) -> list[int]:
 
 
 def ewc_penalty(
-    fisher: FisherReads,
+    fisher: GroupReads,
     params: Mapping[str, torch.Tensor] | nn.Module,
     anchor: Mapping[str, torch.Tensor],
     *,
@@ -184,54 +189,61 @@ def ewc_penalty(
     _check(fisher, "fisher", units=tuple(units))
     current = dict(params.named_parameters()) if isinstance(params, nn.Module) else dict(params)
     values = fisher.fisher()
-    total = None
+    terms: list[torch.Tensor] = []
     for name, f in values.items():
         if name not in current or name not in anchor:
-            raise ValueError(f"parameter {name!r} of the Fisher is missing from params or anchor")
+            raise ConfigurationError(
+                f"parameter {name!r} of the Fisher is missing from params or anchor"
+            )
         theta, star = current[name], anchor[name]
         if theta.shape != f.shape or star.shape != f.shape:
-            raise ValueError(
+            raise ConfigurationError(
                 f"{name}: Fisher shape {tuple(f.shape)}, params {tuple(theta.shape)}, anchor "
                 f"{tuple(star.shape)} must agree"
             )
-        term = (f.to(theta.dtype) * (theta - star.detach().to(theta.dtype)).square()).sum()
-        total = term if total is None else total + term
-    return 0.5 * strength * total
+        terms.append((f.to(theta.dtype) * (theta - star.detach().to(theta.dtype)).square()).sum())
+    return 0.5 * strength * torch.stack(terms).sum()
 
 
 def fisher_merge(
     params: Sequence[Mapping[str, torch.Tensor]],
-    fishers: Sequence[FisherReads],
+    fishers: Sequence[GroupReads],
     *,
     weights: Sequence[float] | None = None,
     floor: float = 1e-8,
 ) -> dict[str, torch.Tensor]:
     """Elementwise Fisher-weighted average of several models' parameters (see module doc)."""
     if len(params) != len(fishers) or len(params) < 2:
-        raise ValueError("fisher_merge needs as many Fishers as parameter sets, at least two")
-    for index, f in enumerate(fishers):
-        _check(f, f"fishers[{index}]")
+        raise ConfigurationError(
+            "fisher_merge needs as many Fishers as parameter sets, at least two"
+        )
+    for index, one in enumerate(fishers):
+        _check(one, f"fishers[{index}]")
     _same(fishers, "fishers")
     weights = [1.0] * len(params) if weights is None else list(weights)
     if len(weights) != len(params) or any(w < 0 for w in weights) or sum(weights) <= 0:
-        raise ValueError("weights must be one non-negative number per model, not all zero")
+        raise ConfigurationError("weights must be one non-negative number per model, not all zero")
     if not floor > 0:
-        raise ValueError(f"floor must be positive; got {floor}")
+        raise ConfigurationError(f"floor must be positive; got {floor}")
     values = [f.fisher(dtype=torch.float64) for f in fishers]
     merged = {}
     for name in values[0]:
-        numerator = denominator = 0.0
+        numerator: list[torch.Tensor] = []
+        denominator: list[torch.Tensor] = []
         for lam, theta, fisher in zip(weights, params, values, strict=True):
             if name not in theta or theta[name].shape != fisher[name].shape:
-                raise ValueError(f"{name}: missing or of the wrong shape in a parameter set")
-            f = fisher[name].to(theta[name].device).clamp(min=floor) * lam
-            numerator = numerator + f * theta[name].detach().double()
-            denominator = denominator + f
-        merged[name] = (numerator / denominator).to(params[0][name].dtype)
+                raise ConfigurationError(
+                    f"{name}: missing or of the wrong shape in a parameter set"
+                )
+            weighted = fisher[name].to(theta[name].device).clamp(min=floor) * lam
+            numerator.append(weighted * theta[name].detach().double())
+            denominator.append(weighted)
+        total = torch.stack(numerator).sum(0) / torch.stack(denominator).sum(0)
+        merged[name] = total.to(params[0][name].dtype)
     return merged
 
 
-def task_overlap(fisher_a: FisherReads, fisher_b: FisherReads) -> dict[str, object]:
+def task_overlap(fisher_a: GroupReads, fisher_b: GroupReads) -> dict[str, object]:
     """Fisher overlap Σ sqrt(F̂_a F̂_b) (F̂ = F / tr F), globally and per parameter, plus the
     cosine of the two Fisher vectors (host reads)."""
     _check(fisher_a, "fisher_a")
@@ -268,12 +280,12 @@ def gradient_conflicts(
     Returns ``cosine`` [N_a, N_b], ``ids_a``, ``ids_b`` and ``conflict_fraction`` (cos < 0).
     """
     if set(per_sample_a) != set(per_sample_b):
-        raise ValueError("per_sample_a and per_sample_b must cover the same parameters")
+        raise ConfigurationError("per_sample_a and per_sample_b must cover the same parameters")
     names = sorted(per_sample_a)
     flat_a = torch.cat([per_sample_a[n].reshape(per_sample_a[n].shape[0], -1) for n in names], 1)
     flat_b = torch.cat([per_sample_b[n].reshape(per_sample_b[n].shape[0], -1) for n in names], 1)
     if len(ids_a) != flat_a.shape[0] or len(ids_b) != flat_b.shape[0]:
-        raise ValueError(
+        raise ConfigurationError(
             f"ids: {len(ids_a)} and {len(ids_b)} ids for {flat_a.shape[0]} and {flat_b.shape[0]} "
             "per-sample gradients; every row needs its true sample id"
         )

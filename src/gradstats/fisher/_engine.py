@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import contextlib
 import functools
-import warnings
 from collections import Counter
 from dataclasses import dataclass
 
@@ -31,6 +30,8 @@ import torch
 from torch import nn
 from torch.autograd.graph import get_gradient_edge
 
+from gradstats._warnings import warn
+from gradstats.errors import ConfigurationError
 from gradstats.fisher._accumulate import Request, UnitLayout, accumulate_materialised
 from gradstats.fisher._fallback import FunctionalHandler
 from gradstats.fisher._persample import (
@@ -154,10 +155,9 @@ class Engine:
         ]
         fallback = [h.label for h in self.handlers.values() if isinstance(h, FunctionalHandler)]
         if fallback:
-            warnings.warn(
+            warn(
                 f"gradstats.fisher: no dedicated per-sample handler for {', '.join(fallback)}; "
                 "using the torch.func fallback (exact, slower)",
-                stacklevel=3,
             )
 
     def set_requests(self, requests: dict[str, list[Request]]) -> None:
@@ -194,13 +194,19 @@ class Engine:
             self._recording = False
 
     def release(self) -> None:
+        """End a batch: drop its saved tensors and issue the handlers' notices (from here, so
+        that they name the caller's line rather than autograd's)."""
         self.sites, self.edges, self._deferred, self.layout = [], [], [], None
+        for handler in self.handlers.values():
+            for notice in handler.notices:
+                warn(notice)
+            handler.notices.clear()
 
-    def _forward_hook(self, module, args, kwargs, output) -> None:
+    def _forward_hook(self, module, args, kwargs, output) -> object:
         if not self._recording or self._replaying:
             return None
         if isinstance(module, nn.modules.batchnorm._BatchNorm) and module.training:
-            raise ValueError(
+            raise ConfigurationError(
                 f"module {self.handlers[module].label!r} is a BatchNorm in training mode: it mixes "
                 "the samples of a batch, so per-sample gradients are undefined; call model.eval()"
             )
@@ -232,7 +238,7 @@ class Engine:
 
     def _extra_output(self, label: str, grad: torch.Tensor) -> None:
         if bool(grad.ne(0).any()):  # sync-ok: error path of an unsupported module
-            raise ValueError(
+            raise ConfigurationError(
                 f"module {label!r} returns several tensors and a gradient reached output 2 or "
                 "later; per-sample gradients are only formed from its first output"
             )
@@ -240,12 +246,13 @@ class Engine:
     def _on_grad(self, site: Site, grad: torch.Tensor) -> None:
         handler = site.handler
         multi = self.calls[handler.module] > 1
-        direct, deferred = [], []
+        direct: list[str] = []
+        deferred: list[str] = []
         for attr, name in handler.attrs.items():
             (deferred if multi or name in self.static_multi else direct).append(attr)
         if direct:
             wanted = {a: self.requests.get(handler.attrs[a], []) for a in direct}
-            handler.accumulate(self.layout, site.saved, grad, direct, wanted)
+            handler.accumulate(self._layout(), site.saved, grad, direct, wanted)
         if deferred:
             self._deferred.append((site, grad, deferred))
 
@@ -259,10 +266,10 @@ class Engine:
         direction: torch.Tensor | None = None,
         param_grads: bool = False,
         retain: bool = False,
-    ) -> list[torch.Tensor | None] | None:
-        """One backward pass; returns the parameter gradients when ``param_grads``."""
+    ) -> list[torch.Tensor | None]:
+        """One backward pass; returns the parameter gradients when ``param_grads`` (else [])."""
         if not self.edges:
-            raise ValueError(
+            raise ConfigurationError(
                 "no module with selected parameters ran in the forward pass (or none of their "
                 "outputs requires grad): nothing to collect"
             )
@@ -271,6 +278,8 @@ class Engine:
         inputs = params + list(self.edges)
         if objective is not None:
             grads = torch.autograd.grad(objective, inputs, retain_graph=retain, allow_unused=True)
+        elif output is None:
+            raise ConfigurationError("a backward pass needs an objective or an output direction")
         else:
             grads = torch.autograd.grad(
                 output, inputs, grad_outputs=direction, retain_graph=retain, allow_unused=True
@@ -279,10 +288,15 @@ class Engine:
         for lin, total in zip(layout.mask_lin, layout.mask, strict=True):
             total.add_(lin.square())
             lin.zero_()
-        return list(grads[: len(params)]) if param_grads else None
+        return list(grads[: len(params)]) if param_grads else []
+
+    def _layout(self) -> UnitLayout:
+        if self.layout is None:
+            raise RuntimeError("per-sample hooks ran outside a pass of the collector")
+        return self.layout
 
     def _finish_deferred(self) -> None:
-        layout = self.layout
+        layout = self._layout()
         by_param: dict[str, list] = {}
         for site, grad, attrs in self._deferred:
             for attr in attrs:
@@ -307,7 +321,8 @@ class Engine:
                         continue
                     g = handler.materialise(prepared[key], [attr], lo, hi)[attr]
                     total = g if total is None else total.add_(g.to(total.dtype))
-                accumulate_materialised(layout, name, total, lo, wanted, theta)
+                if total is not None:
+                    accumulate_materialised(layout, name, total, lo, wanted, theta)
         self._deferred = []
 
     def report(self) -> dict[str, str]:

@@ -16,11 +16,10 @@ exact — and reports it (``name`` becomes ``"loop"``).
 
 from __future__ import annotations
 
-import warnings
-
 import torch
 from torch.utils._pytree import tree_flatten, tree_unflatten
 
+from gradstats.errors import ConfigurationError, ConfigurationTypeError
 from gradstats.fisher._persample import Handler
 
 __all__ = ["FunctionalHandler", "first_tensor"]
@@ -34,7 +33,7 @@ def first_tensor(output: object) -> torch.Tensor:
         for item in output:
             if isinstance(item, torch.Tensor):
                 return item
-    raise TypeError(f"expected a tensor output; got {type(output).__name__}")
+    raise ConfigurationTypeError(f"expected a tensor output; got {type(output).__name__}")
 
 
 class FunctionalHandler(Handler):
@@ -50,7 +49,7 @@ class FunctionalHandler(Handler):
 
     def prepare(self, layout, saved, grad):
         if layout.unit != "sample":
-            raise ValueError(
+            raise ConfigurationError(
                 f"module {self.label!r} is handled by the torch.func fallback, which has no "
                 "token positions: use unit='sample'"
             )
@@ -63,7 +62,7 @@ class FunctionalHandler(Handler):
             if isinstance(x, torch.Tensor) and x.dim() > 0 and x.shape[0] == n
         ]
         if not batched:
-            raise ValueError(
+            raise ConfigurationError(
                 f"module {self.label!r}: no tensor argument has the batch size {n} as its first "
                 "dimension, so its per-sample gradients are undefined"
             )
@@ -78,10 +77,11 @@ class FunctionalHandler(Handler):
                 return self._vmap(prepared, attrs, lo, hi)
             except Exception as error:
                 self.name = "loop"
-                warnings.warn(
+                # raised inside autograd's backward hooks: the collector warns after the pass,
+                # so that the warning names the user's collect() line, not torch's
+                self.notices.append(
                     f"module {self.label!r}: torch.func.vmap failed ({type(error).__name__}: "
-                    f"{str(error).splitlines()[0][:120]}); using a per-sample loop (slow, exact)",
-                    stacklevel=2,
+                    f"{str(error).splitlines()[0][:120]}); using a per-sample loop (slow, exact)"
                 )
         return self._loop(prepared, attrs, lo, hi)
 

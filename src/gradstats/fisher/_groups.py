@@ -33,6 +33,8 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
+from gradstats.errors import ConfigurationError
+
 __all__ = [
     "GroupFamily",
     "GroupMap",
@@ -79,7 +81,9 @@ class GroupMap:
         for fam in self.families:
             if fam.name == name:
                 return fam
-        raise KeyError(f"no group family {name!r}")
+        raise ConfigurationError(
+            f"no group family {name!r}; families: {[f.name for f in self.families]}"
+        )
 
 
 def blocks(n_groups: int, size: int, total: int, offset: int = 0, stride: int = 0) -> list[int]:
@@ -122,7 +126,7 @@ def _member(params, name, axis, assign, in_mask=True) -> Member | None:
         return None
     shape = tuple(params[name].shape)
     if axis >= len(shape) or shape[axis] != len(assign):
-        raise ValueError(
+        raise ConfigurationError(
             f"parameter {name!r} has shape {shape} but the config implies {len(assign)} entries "
             f"along axis {axis}; the group map does not fit this model"
         )
@@ -144,7 +148,7 @@ def _rows_family(params, name, prefix, kind, size, group, layer=None, transposed
     total = weight.shape[1 if transposed else 0]
     assign = blocks(size, group, total) if size * group == total else None
     if assign is None:
-        raise ValueError(
+        raise ConfigurationError(
             f"{prefix}.weight has {total} output features but the config implies {size}×{group}"
         )
     members = [_member(params, f"{prefix}.weight", 1 if transposed else 0, assign)]
@@ -247,7 +251,7 @@ def _find(params, suffix: str, strip: str = "") -> str | None:
     """The unique parameter name ending in ``suffix`` (minus ``strip``), or None."""
     hits = [n for n in params if n == suffix or n.endswith("." + suffix)]
     if len(hits) > 1:
-        raise ValueError(f"several parameters end in {suffix!r}: {hits}")
+        raise ConfigurationError(f"several parameters end in {suffix!r}: {hits}")
     if not hits:
         return None
     return hits[0][: len(hits[0]) - len(strip)] if strip else hits[0]

@@ -17,14 +17,16 @@ from __future__ import annotations
 import torch
 from torch.autograd.graph import get_gradient_edge
 
+from gradstats.errors import ConfigurationError
 from gradstats.fisher._accumulate import UnitLayout, compute_dtype
+from gradstats.fisher._batch import BatchCore
 from gradstats.fisher._likelihoods import Prepared
 from gradstats.fisher._persample import LinearHandler
 
 __all__ = ["SpecialPasses"]
 
 
-class SpecialPasses:
+class SpecialPasses(BatchCore):
     """Mixin of :class:`~gradstats.fisher.FisherCollector` (see the module docstring)."""
 
     def _check_complete(self, prepared, names, objective, direction) -> None:
@@ -32,7 +34,9 @@ class SpecialPasses:
         must equal autograd's gradient for every parameter (one host sync). Catches parameters
         used outside their module's forward, whose per-unit gradients would be incomplete."""
         layout = self._layout(prepared, self._state.device, check=True)
-        grads = self._engine.run_pass(
+        lin: dict[str, torch.Tensor] = {}
+        layout.lin = lin
+        grads = self._live_engine.run_pass(
             layout,
             objective=objective,
             output=prepared.output,
@@ -45,15 +49,17 @@ class SpecialPasses:
             if grad is None:
                 continue
             grad = grad.detach().to(torch.float64)
-            seen = layout.lin.get(name, torch.zeros_like(grad))
+            seen = lin.get(name, torch.zeros_like(grad))
             tol = {torch.float64: 1e-9, torch.float32: 1e-3}.get(self._dtypes[name], 5e-2)
             scale = grad.abs().max()
             if bool((seen - grad).abs().max() > tol * scale + 1e-30):  # sync-ok: first batch
                 bad.append(name)
         if bad:
-            owner = {n: h.label for h in self._engine.handlers.values() for n in h.attrs.values()}
+            owner = {
+                n: h.label for h in self._live_engine.handlers.values() for n in h.attrs.values()
+            }
             named = ", ".join(f"{n} (module {owner.get(n, '?')!r})" for n in bad[:5])
-            raise ValueError(
+            raise ConfigurationError(
                 f"the per-sample gradients seen by the hooks do not add up to autograd's gradient "
                 f"for {named}: either the parameter is used outside its module's forward (e.g. "
                 "read directly by a parent module), so its per-sample gradients would be "
@@ -70,7 +76,7 @@ class SpecialPasses:
         model output, whose parameters are used nowhere else, and for which no per-unit group
         values (``trace``/``mask`` rows) are requested: the closed form yields the Fisher
         numerator only, so per-unit families fall back to label enumeration."""
-        engine = self._engine
+        engine = self._live_engine
         if prepared.output is None or len(engine.handlers) != 1:
             return None
         ((module, handler),) = engine.handlers.items()
@@ -96,11 +102,11 @@ class SpecialPasses:
         h = site.saved[0].reshape(-1, site.saved[0].shape[-1])
         cdt = compute_dtype(h)
         h2 = h.to(cdt).square()
-        width = prepared.output.shape[-1]
+        width = prepared.logits.shape[-1]
         step = max(1, min(width, self.chunk_bytes // max(1, 8 * h.shape[0])))
         for start in range(0, width, step):
             cols = slice(start, min(width, start + step))
-            lam = self.likelihood.output_fisher_diagonal(prepared, cols)
+            lam = self._live_likelihood.output_fisher_diagonal(prepared, cols)
             lam = lam.reshape(-1, lam.shape[-1]).to(cdt)
             if "weight" in handler.attrs:
                 handler._add_weight(layout, layout.sq, cols, lam.T @ h2)
@@ -109,10 +115,10 @@ class SpecialPasses:
 
     def _batch_grad_sq(self, prepared: Prepared) -> None:
         """The mistaken estimator: (ḡ_B)² with ḡ_B the batch-mean gradient."""
-        names = list(self._engine.selected)
-        objective = self.likelihood.loss(prepared, prepared.targets)
+        names = list(self._live_engine.selected)
+        objective = self._live_likelihood.loss(prepared, prepared.targets)
         grads = torch.autograd.grad(
-            objective, list(self._engine.selected.values()), allow_unused=True
+            objective, list(self._live_engine.selected.values()), allow_unused=True
         )
         device = self._state.device
         n = prepared.n_samples if self.unit == "sample" else prepared.n_tokens

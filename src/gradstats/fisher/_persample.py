@@ -24,15 +24,11 @@ before any square is taken.
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
-from torch import nn
 
-from gradstats.fisher._accumulate import (
-    Request,
-    UnitLayout,
-    accumulate_materialised,
-    compute_dtype,
-)
+from gradstats.errors import ConfigurationError
+from gradstats.fisher._accumulate import compute_dtype
+from gradstats.fisher._handler import Handler, is_hf_conv1d, is_hf_rmsnorm
+from gradstats.fisher._normconv import ConvHandler, NormHandler
 
 __all__ = [
     "ConvHandler",
@@ -43,90 +39,6 @@ __all__ = [
     "is_hf_conv1d",
     "is_hf_rmsnorm",
 ]
-
-Requests = dict[str, list[Request]]
-
-
-class Handler:
-    """Base class: per-unit gradients of the direct parameters ``attrs`` of one module.
-
-    Subclasses implement ``prepare`` (views of the saved input and output gradient, per pass),
-    ``materialise`` (per-unit gradients of units lo..hi) and ``bytes_per_unit``; ``accumulate``
-    defaults to chunked materialisation and may be overridden with a faster closed form.
-    """
-
-    name = "handler"
-    token_units = True  # can positions be units (unit="token")?
-
-    def __init__(self, module: nn.Module, attrs: dict[str, str], label: str) -> None:
-        self.module = module
-        self.attrs = attrs  # attribute -> parameter name
-        self.label = label  # module name, for messages
-        self.replay = None  # context-manager factory set by the engine (re-executing forwards)
-
-    def save(self, args: tuple, kwargs: dict, output: object) -> object:
-        return args[0].detach()
-
-    def configure(self, requests: Requests) -> None:
-        """Told once which group requests its parameters have (to keep what they need)."""
-
-    def prepare(self, layout: UnitLayout, saved: object, grad: torch.Tensor) -> object:
-        raise NotImplementedError
-
-    def materialise(
-        self, prepared: object, attrs: list[str], lo: int, hi: int
-    ) -> dict[str, torch.Tensor]:
-        raise NotImplementedError
-
-    def bytes_per_unit(self, attrs: list[str]) -> int:
-        return sum(3 * 8 * self.module.get_parameter(attr).numel() for attr in attrs)
-
-    def theta(self, attr: str) -> torch.Tensor:
-        return self.module.get_parameter(attr).detach()
-
-    def accumulate(
-        self,
-        layout: UnitLayout,
-        saved: object,
-        grad: torch.Tensor,
-        attrs: list[str],
-        requests: Requests,
-    ) -> None:
-        self.accumulate_chunked(layout, self.prepare(layout, saved, grad), attrs, requests)
-
-    def accumulate_chunked(self, layout, prepared, attrs, requests) -> None:
-        n = layout.n_units
-        step = layout.chunk(self.bytes_per_unit(attrs))
-        for lo in range(0, n, step):
-            grads = self.materialise(prepared, attrs, lo, min(n, lo + step))
-            for attr, g in grads.items():
-                wanted = requests.get(attr, ())
-                theta = self.theta(attr) if any(r.in_mask for r in wanted) else None
-                accumulate_materialised(layout, self.attrs[attr], g, lo, wanted, theta)
-
-    def check_batch(self, layout: UnitLayout, tensor: torch.Tensor, what: str) -> None:
-        if tensor.dim() == 0 or tensor.shape[0] != layout.n_samples:
-            raise ValueError(
-                f"module {self.label!r}: {what} has shape {tuple(tensor.shape)} but the batch has "
-                f"{layout.n_samples} samples; per-sample gradients need batch-first tensors"
-            )
-
-    def masked(self, layout: UnitLayout, b: torch.Tensor) -> torch.Tensor:
-        weights = layout.token_weights()
-        if weights is None:
-            return b
-        return b * weights.to(b.dtype).view(-1, *([1] * (b.dim() - 1)))
-
-
-def is_hf_conv1d(module: nn.Module) -> bool:
-    """Hugging Face ``transformers.pytorch_utils.Conv1D``: y = x W + b with W [in, out]."""
-    return type(module).__name__ == "Conv1D" and hasattr(module, "nf") and module.weight.dim() == 2
-
-
-def is_hf_rmsnorm(module: nn.Module) -> bool:
-    """A Hugging Face-style RMSNorm: class name ending in ``RMSNorm``, only a ``weight``."""
-    names = set(module._parameters)
-    return type(module).__name__.endswith("RMSNorm") and names == {"weight"}
 
 
 class LinearHandler(Handler):
@@ -149,7 +61,7 @@ class LinearHandler(Handler):
         self.keep_output = any(r.in_mask and r.axis == out_axis for r in requests.get("weight", []))
 
     def weight_out_in(self) -> torch.Tensor:
-        weight = self.module.weight.detach()
+        weight = self.module.get_parameter("weight").detach()
         return weight.T if self.transposed else weight
 
     def save(self, args, kwargs, output):
@@ -278,7 +190,7 @@ class EmbeddingHandler(Handler):
     def __init__(self, module, attrs, label) -> None:
         super().__init__(module, attrs, label)
         if module.scale_grad_by_freq:
-            raise ValueError(
+            raise ConfigurationError(
                 f"module {label!r}: nn.Embedding(scale_grad_by_freq=True) scales gradients by "
                 "frequencies within the whole batch, so per-sample gradients are undefined"
             )
@@ -341,121 +253,3 @@ class EmbeddingHandler(Handler):
             weight = self.module.weight
             store[name] = torch.zeros(weight.shape, dtype=layout.dtype, device=weight.device)
         store[name].index_add_(0, rows, values.to(layout.dtype))
-
-
-class NormHandler(Handler):
-    """``nn.LayerNorm``, ``nn.RMSNorm`` and Hugging Face RMSNorm (``kind="hf"``)."""
-
-    def __init__(self, module, attrs, label, kind: str) -> None:
-        super().__init__(module, attrs, label)
-        self.kind = kind
-        self.name = {"layer": "layernorm", "rms": "rmsnorm", "hf": "rmsnorm_hf"}[kind]
-        self.shape = tuple(module.weight.shape)
-
-    def normalized(self, x: torch.Tensor) -> torch.Tensor:
-        module = self.module
-        if self.kind == "layer":  # x̂ = (x − mean) / sqrt(var + eps): the native kernel
-            return F.layer_norm(x.to(compute_dtype(x)), self.shape, None, None, module.eps)
-        if self.kind == "rms":  # x̂ = x / sqrt(mean(x²) + eps), eps defaulting to the input's
-            eps = module.eps if module.eps is not None else torch.finfo(x.dtype).eps
-            return F.rms_norm(x.to(compute_dtype(x)), self.shape, None, eps)
-        weight = module.weight.detach()
-        with self.replay():  # x̂ = ∂y/∂γ · 1 by one forward-mode product (exact for any variant)
-            _, tangent = torch.func.jvp(
-                lambda w: torch.func.functional_call(module, {"weight": w}, (x,)),
-                (weight,),
-                (torch.ones_like(weight),),
-            )
-        return tangent
-
-    def save(self, args, kwargs, output):
-        return {"input": args[0].detach()}  # x̂ is cached here by the first pass
-
-    def prepare(self, layout, saved, grad):
-        x = saved["input"]
-        self.check_batch(layout, x, "the input")
-        cdt = compute_dtype(grad)
-        flat = (*x.shape[: x.dim() - len(self.shape)], -1)
-        if saved.get("xhat") is None:
-            saved["xhat"] = self.normalized(x).to(cdt).reshape(flat)
-        xhat = saved["xhat"]
-        a = layout.rows(xhat, f"the input of {self.label!r}")
-        b = self.masked(layout, layout.rows(grad.to(cdt).reshape(flat), f"output of {self.label}"))
-        return a, b
-
-    def materialise(self, prepared, attrs, lo, hi):
-        a, b = prepared
-        out = {}
-        if "weight" in attrs:
-            out["weight"] = (b[lo:hi] * a[lo:hi]).sum(1).view(hi - lo, *self.shape)
-        if "bias" in attrs:
-            out["bias"] = b[lo:hi].sum(1).view(hi - lo, *self.shape)
-        return out
-
-
-class ConvHandler(Handler):
-    """``nn.Conv1d/2d/3d`` via the grouped-convolution weight gradient of a chunk of samples."""
-
-    token_units = False
-
-    def __init__(self, module, attrs, label) -> None:
-        super().__init__(module, attrs, label)
-        self.dims = module.weight.dim() - 2
-        self.name = f"conv{self.dims}d"
-        self.weight_grad = {
-            1: torch.nn.grad.conv1d_weight,
-            2: torch.nn.grad.conv2d_weight,
-            3: torch.nn.grad.conv3d_weight,
-        }[self.dims]
-
-    def _padded(self, x: torch.Tensor) -> tuple[torch.Tensor, tuple[int, ...]]:
-        m = self.module
-        if m.padding_mode != "zeros":
-            return F.pad(x, m._reversed_padding_repeated_twice, mode=m.padding_mode), (
-                0,
-            ) * self.dims
-        if m.padding == "valid":
-            return x, (0,) * self.dims
-        if m.padding == "same":
-            pads = []
-            for d, k in zip(reversed(m.dilation), reversed(m.kernel_size), strict=True):
-                total = d * (k - 1)
-                pads += [total // 2, total - total // 2]
-            return F.pad(x, pads), (0,) * self.dims
-        return x, tuple(m.padding)
-
-    def prepare(self, layout, saved, grad):
-        if layout.unit != "sample":
-            raise ValueError(
-                f"module {self.label!r} ({self.name}) has no token positions: use unit='sample'"
-            )
-        if saved.dim() != self.dims + 2:
-            raise ValueError(
-                f"module {self.label!r}: per-sample gradients need a batched input of "
-                f"{self.dims + 2} dims; got shape {tuple(saved.shape)}"
-            )
-        self.check_batch(layout, saved, "the input")
-        cdt = compute_dtype(grad)
-        x, padding = self._padded(saved.to(cdt))
-        return x, grad.to(cdt), padding
-
-    def materialise(self, prepared, attrs, lo, hi):
-        x, b, padding = prepared
-        m = self.module
-        n = hi - lo
-        out = {}
-        if "weight" in attrs:
-            c_out, c_in_g, *kernel = m.weight.shape
-            g = self.weight_grad(
-                x[lo:hi].reshape(1, -1, *x.shape[2:]),
-                (n * c_out, c_in_g, *kernel),
-                b[lo:hi].reshape(1, -1, *b.shape[2:]),
-                stride=m.stride,
-                padding=padding,
-                dilation=m.dilation,
-                groups=n * m.groups,
-            )
-            out["weight"] = g.view(n, *m.weight.shape)
-        if "bias" in attrs:
-            out["bias"] = b[lo:hi].sum(tuple(range(2, b.dim())))
-        return out

@@ -17,22 +17,28 @@ In ``mode="ema"`` the batch means replace the sums: :class:`~gradstats.moments.E
 (zero-initialised, divided by 1 − β^k, so a constant input reads exactly that constant) of the
 per-batch mean of x_ij, of ḡ and of the group mask values.
 
-Non-finite batches (any statistic: Σg², Σg⁴, Σg, group rows) are rejected on the device (``ok``
-flag): nothing changes but ``rejected``. In ``mode="ema"`` a batch without units (``unit="token"``,
-no active target) is skipped too: it has no mean to average in.
+Non-finite batches (any statistic: Σg², Σg⁴, Σg, group rows) are skipped on the device (``ok``
+flag): nothing changes but the ``skipped`` count. In ``mode="ema"`` a batch without units
+(``unit="token"``, no active target) is skipped too: it has no mean to average in.
 """
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+
 import torch
 
+from gradstats.errors import ConfigurationError, StateError
 from gradstats.moments import EMAMoments, RunningMoments
 from gradstats.moments._distributed import all_reduce_moments, all_reduce_sum_
 from gradstats.moments._welford import Moments, combine, safe_inverse
 
 __all__ = ["COUNT_KEYS", "FisherState"]
 
-COUNT_KEYS = ("samples", "tokens", "batches", "rejected", "draw_weight_sq")
+COUNT_KEYS = ("samples", "tokens", "batches", "skipped", "draw_weight_sq")
+MOMENT_KEYS = ("count", "weight_sum", "weight_sq_sum", "mean", "m2", "skipped")
+# older files and RunningMoments state dicts name the skip counter "rejected"
+OLD_NAMES = {"skipped": "rejected"}
 
 
 def _accepted(ok: torch.Tensor) -> bool | None:
@@ -72,26 +78,41 @@ class FisherState:
         self.signal, self.element_se = signal, element_se
         self.families = families
         self.device = device
-        f64 = {"dtype": torch.float64, "device": device}
-        self.counts = {key: torch.zeros((), **f64) for key in COUNT_KEYS}
+        self.counts = {key: self._zeros(()) for key in COUNT_KEYS}
+        self.g2_sum: dict[str, torch.Tensor] = {}
+        self.g_sum: dict[str, torch.Tensor] = {}
+        self.g2_m2: dict[str, torch.Tensor] = {}
+        self.trace: dict[str, RunningMoments] = {}
+        self.mask: dict[str, RunningMoments] = {}
+        self.g2_ema: dict[str, EMAMoments] = {}
+        self.g_ema: dict[str, EMAMoments] = {}
+        self.mask_ema: dict[str, EMAMoments] = {}
         if mode == "cumulative":
-            self.g2_sum = {n: torch.zeros(s, **f64) for n, s in shapes.items()}
-            self.g_sum = {n: torch.zeros(s, **f64) for n, s in shapes.items()} if signal else {}
-            self.g2_m2 = {n: torch.zeros(s, **f64) for n, s in shapes.items()} if element_se else {}
+            self.g2_sum = {n: self._zeros(s) for n, s in shapes.items()}
+            self.g_sum = {n: self._zeros(s) for n, s in shapes.items()} if signal else {}
+            self.g2_m2 = {n: self._zeros(s) for n, s in shapes.items()} if element_se else {}
             self.trace = {f: RunningMoments((g,), device=device) for f, g in families}
             self.mask = {f: RunningMoments((g,), device=device) for f, g in families}
         else:
-            ema = {"dtype": torch.float64, "device": device}
-            self.g2_ema = {n: EMAMoments(beta, s, **ema) for n, s in shapes.items()}
-            self.g_ema = (
-                {n: EMAMoments(beta, s, **ema) for n, s in shapes.items()} if signal else {}
-            )
-            self.mask_ema = {f: EMAMoments(beta, (g,), **ema) for f, g in families}
+            self.g2_ema = {n: self._ema(s) for n, s in shapes.items()}
+            self.g_ema = {n: self._ema(s) for n, s in shapes.items()} if signal else {}
+            self.mask_ema = {f: self._ema((g,)) for f, g in families}
+
+    def _zeros(self, shape: tuple[int, ...]) -> torch.Tensor:
+        return torch.zeros(shape, dtype=torch.float64, device=self.device)
+
+    def _ema(self, shape: tuple[int, ...]) -> EMAMoments:
+        return EMAMoments(self.beta, shape, dtype=torch.float64, device=self.device)
 
     # ----------------------------------------------------------------- update
     @property
+    def unit_key(self) -> str:
+        """The count that normalises per unit: ``"samples"`` or ``"tokens"``."""
+        return "samples" if self.unit == "sample" else "tokens"
+
+    @property
     def units(self) -> torch.Tensor:
-        return self.counts["samples" if self.unit == "sample" else "tokens"]
+        return self.counts[self.unit_key]
 
     def update(
         self,
@@ -114,6 +135,8 @@ class FisherState:
         okf = ok.to(torch.float64)
         n_units = n_units.to(torch.float64)
         if self.mode == "cumulative" and self.element_se:
+            if sq4 is None:
+                raise RuntimeError("element_se statistics need the batch's Σ g⁴")
             for name, total in sq.items():
                 total = total.to(torch.float64)
                 old = _moments(self.units, self.g2_sum[name], self.g2_m2[name])
@@ -129,7 +152,7 @@ class FisherState:
                 _masked_add_(self.g_sum[name], total, ok, accepted)
             units = None if row_weight is None else row_weight > 0  # no host sync (no indexing)
             for stats, per_unit in ((self.trace, trace_rows), (self.mask, mask_rows)):
-                for fam, rows in per_unit.items():  # a rejected batch is counted there
+                for fam, rows in per_unit.items():  # a skipped batch is counted there too
                     stats[fam].update(rows, mask=units, accept=ok)
         else:
             inv = safe_inverse(n_units)
@@ -148,7 +171,7 @@ class FisherState:
         counts["samples"] += okf * n_samples
         counts["tokens"] += okf * n_tokens.to(torch.float64)
         counts["batches"] += okf
-        counts["rejected"] += 1.0 - okf
+        counts["skipped"] += 1.0 - okf
         counts["draw_weight_sq"] += okf * draw_weight_sq * n_units
 
     # ------------------------------------------------------------------ reads
@@ -192,7 +215,7 @@ class FisherState:
     # ------------------------------------------------------- merge / reduce
     def merge(self, other: FisherState) -> None:
         if self.mode != "cumulative":
-            raise ValueError(
+            raise ConfigurationError(
                 "mode='ema' summaries do not merge: an EMA weights batches by arrival time; "
                 "use mode='cumulative' to merge collectors"
             )
@@ -212,7 +235,7 @@ class FisherState:
 
     def all_reduce(self, group: object | None = None) -> None:
         if self.mode != "cumulative":
-            raise ValueError(
+            raise ConfigurationError(
                 "mode='ema' summaries cannot be all-reduced; use mode='cumulative' under DDP"
             )
         if self.element_se:
@@ -237,7 +260,7 @@ class FisherState:
     def tensors(self) -> dict[str, torch.Tensor]:
         """Flat name -> tensor view of the sufficient statistics (for files and state dicts)."""
         if self.mode != "cumulative":
-            raise ValueError("mode='ema' state is not saved; save a cumulative collector")
+            raise ConfigurationError("mode='ema' state is not saved; save a cumulative collector")
         out = {f"counts/{k}": v for k, v in self.counts.items()}
         out |= {f"g2_sum/{n}": v for n, v in self.g2_sum.items()}
         out |= {f"g_sum/{n}": v for n, v in self.g_sum.items()}
@@ -245,33 +268,95 @@ class FisherState:
         for fam in self.trace:
             for label, rm in (("trace", self.trace[fam]), ("mask", self.mask[fam])):
                 state = rm.state_dict()
-                for key in ("count", "weight_sum", "weight_sq_sum", "mean", "m2", "rejected"):
-                    out[f"{label}/{fam}/{key}"] = state[key]
+                for key in MOMENT_KEYS:
+                    value = state[key] if key in state else state[OLD_NAMES[key]]
+                    assert isinstance(value, torch.Tensor)
+                    out[f"{label}/{fam}/{key}"] = value
         return out
 
-    def load_tensors(self, tensors: dict[str, torch.Tensor]) -> None:
-        """Inverse of :meth:`tensors`; validates every key and shape before changing anything."""
+    def load_tensors(self, tensors: Mapping[str, object], where: str = "saved state") -> None:
+        """Inverse of :meth:`tensors`. Validates every entry — present (a file that names the skip
+        counter ``rejected`` loads too), a real tensor of the right shape, finite, and possible:
+        counts whole and ≥ 0, sums of squares, M2 and traces ≥ 0 — before changing anything.
+
+        Raises:
+            StateError: naming the entry and what is wrong with it; nothing is changed.
+        """
         expected = self.tensors()
-        missing = [k for k in expected if k not in tensors]
-        if missing:
-            raise ValueError(f"saved state lacks {len(missing)} entries, e.g. {missing[0]!r}")
-        for key, value in expected.items():
-            if tuple(tensors[key].shape) != tuple(value.shape):
-                raise ValueError(
-                    f"saved state {key!r} has shape {tuple(tensors[key].shape)}; expected "
-                    f"{tuple(value.shape)}"
-                )
-        for key in list(expected):
-            value = tensors[key].to(self.device)
+        checked: dict[str, torch.Tensor] = {}
+        for key, template in expected.items():
             kind, _, rest = key.partition("/")
-            if kind in ("trace", "mask"):
-                continue
-            store = {"counts": self.counts, "g2_sum": self.g2_sum, "g_sum": self.g_sum}
-            store["g2_m2"] = self.g2_m2
-            store[kind][rest] = value.to(torch.float64)
-        for fam in self.trace:
-            for label, rm in (("trace", self.trace[fam]), ("mask", self.mask[fam])):
-                state = rm.state_dict()
-                for key in ("count", "weight_sum", "weight_sq_sum", "mean", "m2", "rejected"):
-                    state[key] = tensors[f"{label}/{fam}/{key}"]
-                rm.load_state_dict(state)
+            leaf = rest.rpartition("/")[2] if kind in ("trace", "mask") else rest
+            found = key
+            if key not in tensors and leaf in OLD_NAMES:
+                found = key[: len(key) - len(leaf)] + OLD_NAMES[leaf]
+            checked[key] = _checked_tensor(tensors, found, tuple(template.shape), where)
+        for key, value in checked.items():
+            kind, _, rest = key.partition("/")
+            leaf = rest.rpartition("/")[2]
+            whole = kind == "counts" and rest != "draw_weight_sq"
+            whole = whole or (kind in ("trace", "mask") and leaf in ("count", "skipped"))
+            # only the gradient sums are signed: the rest are counts, sums of squares, M2 or
+            # means of per-unit traces and squared mask values
+            _check_values(value, key, where, nonnegative=kind != "g_sum", whole=whole)
+        units = checked[f"counts/{self.unit_key}"]
+        if bool(checked["counts/batches"] == 0) and bool(units != 0):  # sync-ok: loading
+            raise StateError(f"{where}: {self.unit_key} without any batch is impossible")
+        moments: dict[str, RunningMoments] = {}
+        for fam, size in self.families:
+            for label in ("trace", "mask"):
+                fresh = RunningMoments((size,), device=self.device)
+                state = fresh.state_dict()
+                for key in MOMENT_KEYS:
+                    name = key if key in state else OLD_NAMES[key]
+                    state[name] = checked[f"{label}/{fam}/{key}"]
+                try:
+                    fresh.load_state_dict(state)
+                except (ValueError, TypeError, KeyError) as error:
+                    raise StateError(f"{where}: {label}/{fam}: {error}") from error
+                moments[f"{label}/{fam}"] = fresh
+        # everything is valid: commit
+        for key, value in checked.items():
+            kind, _, rest = key.partition("/")
+            value = value.to(self.device, torch.float64, copy=True)
+            if kind == "counts":
+                self.counts[rest] = value
+            elif kind == "g2_sum":
+                self.g2_sum[rest] = value
+            elif kind == "g_sum":
+                self.g_sum[rest] = value
+            elif kind == "g2_m2":
+                self.g2_m2[rest] = value
+        for fam, _ in self.families:
+            self.trace[fam] = moments[f"trace/{fam}"]
+            self.mask[fam] = moments[f"mask/{fam}"]
+
+
+def _checked_tensor(
+    tensors: Mapping[str, object], key: str, shape: tuple[int, ...], where: str
+) -> torch.Tensor:
+    if key not in tensors:
+        raise StateError(f"{where} lacks the entry {key!r}")
+    value = tensors[key]
+    if not isinstance(value, torch.Tensor):
+        raise StateError(f"{where}: {key!r} must be a tensor; got {type(value).__name__}")
+    if value.is_complex() or value.dtype == torch.bool:
+        raise StateError(f"{where}: {key!r} must be a real tensor; got {value.dtype}")
+    if tuple(value.shape) != shape:
+        raise StateError(f"{where}: {key!r} has shape {tuple(value.shape)}; expected {shape}")
+    return value
+
+
+def _check_values(
+    value: torch.Tensor, key: str, where: str, *, nonnegative: bool, whole: bool
+) -> None:
+    """Impossible values of a saved statistic (one host read each: loading only)."""
+    data = value.detach().to(torch.float64)
+    if not bool(torch.isfinite(data).all()):  # sync-ok: loading reads the values once
+        raise StateError(f"{where}: {key!r} holds NaN or ±inf; a saved statistic is finite")
+    if nonnegative and bool((data < 0).any()):  # sync-ok: loading
+        raise StateError(
+            f"{where}: {key!r} is negative, which is impossible (a count or a sum of squares)"
+        )
+    if whole and not bool((data == data.round()).all()):  # sync-ok: loading
+        raise StateError(f"{where}: {key!r} must hold whole numbers (it is a count)")

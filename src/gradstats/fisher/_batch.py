@@ -1,0 +1,119 @@
+r"""One batch's buffers and how they are folded into the statistics.
+
+For a batch of N units the handlers fill, per parameter, Σ_units g² (and Σ g⁴ with
+``element_se``), per family the per-unit rows of group traces and mask values; the collector
+adds Σ_units g for the mean gradient. The batch is accepted only when every one of these sums is
+finite (checked in float64, on the device); a non-finite batch follows the ``nonfinite`` policy:
+``"skip"`` masks it out on the device (counted in ``skipped``), ``"raise"`` raises
+:class:`~gradstats.errors.NonFiniteError` before the state changes (one host read).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from gradstats.errors import ConfigurationError, NonFiniteError
+from gradstats.fisher._accumulate import UnitLayout
+from gradstats.fisher._engine import Engine
+from gradstats.fisher._likelihood_base import Likelihood, Prepared
+from gradstats.fisher._reads import FisherReads
+
+__all__ = ["BatchCore"]
+
+
+class BatchCore(FisherReads):
+    """Mixin of :class:`~gradstats.fisher.FisherCollector`: batch layout and folding."""
+
+    _compute_dtype: torch.dtype
+    _check_pending: bool
+    max_exact_passes: int
+
+    @property
+    def _live_engine(self) -> Engine:
+        """The model hooks; a collector that was closed or loaded without a model has none."""
+        if self._engine is None:
+            raise ConfigurationError(
+                "this collector has no model hooks (it was closed or loaded without a model); "
+                "pass model= to FisherCollector.load() to keep collecting"
+            )
+        return self._engine
+
+    @property
+    def _live_likelihood(self) -> Likelihood:
+        if self.likelihood is None:
+            raise ConfigurationError(
+                "this collector was loaded without a model and has no likelihood; pass model= "
+                "(and likelihood= for a callable) to FisherCollector.load() to keep collecting"
+            )
+        return self.likelihood
+
+    def _layout(self, prepared: Prepared, device: torch.device, check: bool = False) -> UnitLayout:
+        dtype = self._compute_dtype
+        if check:  # the completeness check: samples as units, only Σ_i g_i is read
+            layout = UnitLayout("sample", prepared.n_samples, None, self.chunk_bytes, dtype, lin={})
+        else:
+            mask = prepared.token_mask
+            layout = UnitLayout(self.unit, prepared.n_samples, mask, self.chunk_bytes, dtype)
+        if self.element_se and not check:
+            layout.sq4 = {}
+        n = layout.n_units
+        for fam in self._unit_families:
+            for buffers in (layout.trace, layout.mask_lin, layout.mask):
+                buffers.append(torch.zeros(n, fam.size + 1, dtype=dtype, device=device))
+        return layout
+
+    def _finish(
+        self,
+        prepared: Prepared,
+        layout: UnitLayout,
+        ok: torch.Tensor,
+        g_sum: dict[str, torch.Tensor],
+        draw_weight_sq: float,
+    ) -> None:
+        """Check the batch's statistics and fold them into the state (or skip / raise)."""
+        device = self._state.device
+        sq = {
+            n: layout.sq[n]
+            if n in layout.sq
+            else torch.zeros(shape, dtype=self._compute_dtype, device=device)
+            for n, shape in self._state.shapes.items()
+        }
+        if self.collect_signal:
+            for name in self._state.shapes:
+                g_sum.setdefault(name, torch.zeros_like(sq[name]))
+        trace_rows: dict[str, torch.Tensor] = {}
+        mask_rows: dict[str, torch.Tensor] = {}
+        for fam, trace, mask in zip(self._unit_families, layout.trace, layout.mask, strict=True):
+            trace_rows[fam.name], mask_rows[fam.name] = trace[:, : fam.size], mask[:, : fam.size]
+        # with token units every position is a row; the inactive ones get weight 0 (no boolean
+        # selection, so no host sync) and are no observations of the per-unit statistics
+        row_weight = None
+        if self.unit == "token" and self._unit_families:
+            row_weight = (prepared.active.reshape(-1) > 0).to(device, torch.float64)
+        # every statistic of the batch must be finite (Σ g⁴ can overflow where Σ g² does not);
+        # float64 sums: finite float32 values never overflow them
+        parts = [*sq.values(), *g_sum.values(), *trace_rows.values(), *mask_rows.values()]
+        parts += list((layout.sq4 or {}).values())
+        finite = torch.stack([t.sum(dtype=torch.float64) for t in parts]).isfinite().all()
+        ok = ok & finite
+        if self.nonfinite == "raise" and not bool(ok):  # sync-ok: nonfinite="raise" (documented)
+            raise NonFiniteError(
+                "non-finite batch (nonfinite='raise'): its loss or per-unit statistics (Σg², Σg, "
+                "Σg⁴ or group values) hold NaN/inf; nothing was accumulated"
+            )
+        n_units = torch.full((), prepared.n_samples, dtype=torch.float64, device=device)
+        if self.unit == "token":
+            n_units = prepared.n_tokens.to(device=device, dtype=torch.float64)
+        self._state.update(
+            ok,
+            n_units,
+            prepared.n_samples,
+            prepared.n_tokens.to(device),
+            draw_weight_sq,
+            sq,
+            layout.sq4,
+            g_sum,
+            trace_rows,
+            mask_rows,
+            row_weight,
+        )
