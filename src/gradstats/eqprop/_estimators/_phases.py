@@ -143,20 +143,24 @@ def run_nudged(
                 centre = sum(n.weight * z.real for n, z in zip(nudges, main, strict=True))
                 lin = Linearization(force, centre, jvp_mode)
         forces = []
-        first_corr = None
+        first_corr: torch.Tensor | None = None
         ells = problem.loss_grads(list(main))
         for k, (n, z) in enumerate(zip(nudges, main, strict=True)):
             f = force(z) - n.beta * ells[k]
             if correction:
                 # mirrored: z_- − z̄ = −(z_+ − z̄), so one JVP/VJP pair serves both phases
-                corr = -first_corr if mirrored and k == 1 else lin.antisymmetric(z - centre)
+                if mirrored and k == 1 and first_corr is not None:
+                    corr = -first_corr
+                else:
+                    corr = lin.antisymmetric(z - centre)
                 first_corr = corr if k == 0 else first_corr
                 f = f - corr
             forces.append(f)
         proposal = tuple(z + s.step_size * f for z, f in zip(main, forces, strict=True))
         if not check:
             return proposal, aux, None, None
-        contrast = -sum(n.weight * (f / n.beta).real for n, f in zip(nudges, forces, strict=True))
+        weighted = (n.weight * (f / n.beta).real for n, f in zip(nudges, forces, strict=True))
+        contrast = -sum(weighted, torch.zeros_like(ell_ref))
         res_abs = per_sample_norm(contrast)
         return proposal, aux, res_abs / ell_norm, res_abs
 
