@@ -8,6 +8,7 @@ import torch
 
 from gradstats import VarianceGradientScaler
 from gradstats.errors import StateError
+from gradstats.testing import assert_state_equal
 
 from ._helpers import assert_same, snapshot
 
@@ -193,3 +194,42 @@ def test_other_version_is_rejected():
     state = VarianceGradientScaler(_model().named_parameters()).state_dict()
     with pytest.raises(StateError, match="version 7; this gradstats reads version 1"):
         VarianceGradientScaler(_model().named_parameters()).load_state_dict({**state, "version": 7})
+
+
+def _trained_fast(dtype=torch.float64):
+    model = _model().to(dtype)
+    vgs = VarianceGradientScaler(model.named_parameters(), confidence=None)
+    for k in range(4):
+        model.zero_grad()
+        x = torch.randn(8, 3, generator=torch.Generator().manual_seed(k), dtype=dtype)
+        model(x).pow(2).mean().backward()
+        vgs.step()
+    return model, vgs
+
+
+def test_checkpoint_of_the_earlier_fast_format_loads():
+    """Earlier versions stored only q = sq_ema = Σ_k w_k‖g_k‖²: Σ_i v_i = q − ‖m‖² on load."""
+    model, vgs = _trained_fast()
+    state = vgs.state_dict()
+    for entry in state["tensors"].values():
+        del entry["var_sum"], entry["mean_sq"]
+    loaded = VarianceGradientScaler(model.named_parameters(), confidence=None)
+    loaded.load_state_dict(state)
+    loaded.refresh()
+    ours, theirs = loaded.statistics(), vgs.statistics()
+    for name in vgs.layout.names:  # (aggregates need a step: they sum the present tensors)
+        assert ours[name].variance == pytest.approx(theirs[name].variance, rel=1e-9)
+        assert ours[name].signal == pytest.approx(theirs[name].signal, rel=1e-12)
+
+
+def test_fast_checkpoint_round_trip_is_bitwise():
+    model, vgs = _trained_fast(torch.float32)
+    loaded = VarianceGradientScaler(model.named_parameters(), confidence=None)
+    loaded.load_state_dict(vgs.state_dict())
+    assert_state_equal(loaded.state_dict(), vgs.state_dict())
+
+
+def test_fast_checkpoint_carries_sq_ema_for_earlier_readers():
+    _, vgs = _trained_fast()
+    for entry in vgs.state_dict()["tensors"].values():
+        assert entry["sq_ema"] == pytest.approx(float(entry["var_sum"] + entry["mean_sq"]))

@@ -109,6 +109,14 @@ CASES = {
     "inf sq_ema": (_set((*T, "sq_ema"), torch.tensor(float("inf"))), r"\['sq_ema'\] holds NaN"),
     "negative sq_ema": (_set((*T, "sq_ema"), torch.tensor(-1.0)), r"\['sq_ema'\] is negative"),
     "sq_ema of shape [3]": (_set((*T, "sq_ema"), torch.zeros(3)), r"\['sq_ema'\] must have shape"),
+    "NaN var_sum": (_set((*T, "var_sum"), torch.tensor(float("nan"))), r"\['var_sum'\] holds NaN"),
+    "negative var_sum": (_set((*T, "var_sum"), torch.tensor(-1.0)), r"\['var_sum'\] is negative"),
+    "var_sum of shape [3]": (
+        _set((*T, "var_sum"), torch.zeros(3)),
+        r"\['var_sum'\] must have shape",
+    ),
+    "inf mean_sq": (_set((*T, "mean_sq"), torch.tensor(float("inf"))), r"\['mean_sq'\] holds NaN"),
+    "negative mean_sq": (_set((*T, "mean_sq"), torch.tensor(-1.0)), r"\['mean_sq'\] is negative"),
 }
 
 

@@ -35,6 +35,14 @@ def _skipped_steps():
         vgs.step()
 
 
+def _one_backward_per_step():
+    model = torch.nn.Linear(2, 1)
+    vgs = VarianceGradientScaler(model.named_parameters(), statistic="same_point")
+    for _ in range(20):
+        model(torch.ones(1, 2)).sum().backward()
+        vgs.step()
+
+
 def _deprecated_field():
     named = params_like(2)
     vgs = VarianceGradientScaler(named)
@@ -52,6 +60,7 @@ def _deprecated_field():
         (_other_beta, UserWarning, "continuing EMA statistics saved with beta=0.5"),
         (_skipped_steps, UserWarning, "1 steps with non-finite gradients were skipped"),
         (_deprecated_field, FutureWarning, "skipped_steps is deprecated"),
+        (_one_backward_per_step, RuntimeWarning, "several micro-batches of one step"),
     ],
 )
 def test_warning_points_at_the_callers_line(call, category, match):

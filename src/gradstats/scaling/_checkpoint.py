@@ -11,8 +11,9 @@ Loading is two phases: :func:`plan_load` checks the *whole* dict (every key pres
 possible: ``_state_checks``) and decides what to load, raising a
 :class:`~gradstats.errors.StateError` before anything changes; :func:`commit_load` then writes
 the plan into the engine. A checkpoint of the reference implementation (``foreach=False``) loads
-into the fast one (its per-coordinate variances are summed into q = Σ_i v_i + ‖m‖²); the other
-way is impossible and is reported as a mismatch.
+into the fast one (its per-coordinate variances are summed into ``var_sum`` = Σ_i v_i), and so
+does one of the earlier fast format (``sq_ema`` = q only: Σ_i v_i = q − ‖m‖², as precise as that
+format was); the other way is impossible and is reported as a mismatch.
 """
 
 from __future__ import annotations
@@ -114,10 +115,18 @@ def _converted(
     """The entry's state under ``keys``, converting reference -> fast; None if impossible."""
     if all(k in entry for k in keys):
         return {k: entry[k] for k in keys}
-    if "sq_ema" in keys and "var" in entry and "mean" in entry:
+    if "var_sum" in keys and "mean" in entry:
         mean = entry["mean"]
-        sq = entry["var"].double().sum() + mean.double().square().sum()
-        return {"count": entry["count"], "mean": mean, "sq_ema": sq}
+        mean_sq = entry.get("mean_sq", mean.double().square().sum())
+        if "var_sum" in entry:
+            var_sum = entry["var_sum"]
+        elif "var" in entry:  # the reference implementation's per-coordinate variances
+            var_sum = entry["var"].double().sum()
+        elif "sq_ema" in entry:  # earlier fast format: q = Σ_k w_k‖g_k‖², Σ_i v_i = q − ‖m‖²
+            var_sum = (entry["sq_ema"].double() - mean_sq).clamp(min=0.0)
+        else:
+            return None
+        return {"count": entry["count"], "mean": mean, "var_sum": var_sum, "mean_sq": mean_sq}
     return None
 
 

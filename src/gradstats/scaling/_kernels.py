@@ -1,17 +1,25 @@
-"""Tensor-list kernels of the scaler: norms, sums and the NaN-safe EMA step, without host syncs.
+r"""Tensor-list kernels of the scaler: scale-safe squared norms and the deviation-form EMA step.
 
-Every function takes lists of gradients (one per parameter tensor that has a gradient this step)
-and returns per-tensor results as one device vector, so that the per-tensor bookkeeping of the
-statistics is vectorised too.
+Every function takes lists of tensors (one per parameter tensor that has a gradient this step),
+issues a fixed number of ``torch._foreach_*`` / whole-buffer ops whatever the number of tensors,
+never syncs with the host, and returns per-tensor results as one float64 device vector.
+
+Scale safety. ``torch._foreach_norm`` squares in the input's precision: in float32 the square
+of |g| > 1.8e19 overflows and that of |g| < 1e-19 underflows (measured: finite gradients of
+1.3e19 read as non-finite, gradients of 1e-24 as zero). Here squares are accumulated in float64:
+the square of every finite float32 (|x| <= 3.4e38, >= 1.4e-45) is a normal float64
+(<= 1.2e77, >= 2e-90), so sums over fewer than 1e230 elements neither overflow nor underflow,
+at any magnitude of float32/float16/bfloat16 gradients. float64 gradients are summed in float64
+(safe for |g| < 1e154).
 """
 
 from __future__ import annotations
 
 import torch
 
-__all__ = ["Scratch", "nan_safe_lerp_", "squared_norms", "state_dtype", "tensor_sums"]
-
-_LOW_PRECISION = (torch.float16, torch.bfloat16)
+__all__ = [
+    "FlatScratch", "deviation_step_", "power_of_two_scale", "squared_norms", "state_dtype"
+]  # fmt: skip
 
 
 def state_dtype(param: torch.Tensor) -> torch.dtype:
@@ -20,64 +28,85 @@ def state_dtype(param: torch.Tensor) -> torch.dtype:
 
 
 def squared_norms(tensors: list[torch.Tensor]) -> torch.Tensor:
-    """‖t_j‖² of every tensor, as one float64 vector (accumulated in float32 or wider).
+    """‖t_j‖² = Σ_i t_ij² of every tensor, accumulated in float64 (one float64 vector).
 
-    NaN/inf anywhere in t_j makes its entry non-finite; that is how the scaler detects non-finite
-    gradients without a separate pass.
+    NaN/inf anywhere in t_j makes its entry non-finite: that is how the scaler detects
+    non-finite gradients without a separate pass. Finite inputs give finite, non-zero-where-
+    nonzero entries at any float32 magnitude (module docstring).
     """
     if not tensors:
         return torch.zeros(0, dtype=torch.float64)
-    low = any(t.dtype in _LOW_PRECISION for t in tensors)
-    norms = (
-        torch._foreach_norm(tensors, 2, dtype=torch.float32)
-        if low
-        else torch._foreach_norm(tensors)
-    )
-    return torch.stack(norms).to(torch.float64).square()
+    return torch.stack(torch._foreach_powsum(tensors, 2, dtype=torch.float64))
 
 
-def tensor_sums(tensors: list[torch.Tensor]) -> torch.Tensor:
-    """Σ_i t_ij of every tensor, as one float64 vector."""
-    if not tensors:
-        return torch.zeros(0, dtype=torch.float64)
-    return torch.stack([t.sum(dtype=torch.float64) for t in tensors])
+class FlatScratch:
+    """One flat buffer per dtype over a fixed list of shapes, and a view of it per tensor.
+
+    The deviations δ_j of one step live here, so that one whole-buffer op can clean them of
+    NaN/inf; allocated on first use (as many elements as the tensors it serves).
+    """
+
+    def __init__(self, like: list[torch.Tensor]) -> None:
+        self._like = like
+        self._views: list[torch.Tensor] | None = None
+        self.flat = torch.empty(0)
+
+    def views(self) -> list[torch.Tensor]:
+        if self._views is None:
+            total = sum(t.numel() for t in self._like)
+            first = self._like[0]
+            self.flat = torch.empty(total, dtype=first.dtype, device=first.device)
+            self._views, offset = [], 0
+            for t in self._like:
+                self._views.append(self.flat[offset : offset + t.numel()].view(t.shape))
+                offset += t.numel()
+        return self._views
 
 
-class Scratch:
-    """One reusable buffer per (device, dtype), as large as the largest tensor seen."""
-
-    def __init__(self) -> None:
-        self._buffers: dict[tuple[torch.device, torch.dtype], torch.Tensor] = {}
-
-    def view(self, like: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-        key = (like.device, dtype)
-        buffer = self._buffers.get(key)
-        if buffer is None or buffer.numel() < like.numel():
-            buffer = torch.empty(like.numel(), dtype=dtype, device=like.device)
-            self._buffers[key] = buffer
-        return buffer[: like.numel()].view(like.shape)
+def power_of_two_scale(mean_square: torch.Tensor) -> torch.Tensor:
+    """c = 2^−e with 2^(e−1) <= sqrt(``mean_square``) < 2^e, e clamped to [−100, 100] (1 where
+    ``mean_square`` is 0 or not finite): multiplying by c is exact and brings values of that
+    root-mean-square to [0.5, 1), so their squares are safe to sum in float32."""
+    ok = torch.isfinite(mean_square) & (mean_square > 0)
+    root = torch.where(ok, mean_square, 1.0).sqrt()
+    exponent = torch.frexp(root).exponent.clamp(-100, 100)
+    return torch.where(ok, torch.ldexp(torch.ones_like(root), -exponent), 1.0)
 
 
-def nan_safe_lerp_(
+def deviation_step_(
     means: list[torch.Tensor],
-    targets: list[torch.Tensor],
+    grads: list[torch.Tensor],
+    deltas: list[torch.Tensor],
+    flat: torch.Tensor,
     weights: torch.Tensor,
-    scratch: Scratch,
+    scale: torch.Tensor,
     multiplier: torch.Tensor | None = None,
-) -> None:
-    """m_j ← m_j + w_j (s·t_j − m_j) for every j, in place; w_j = 0 leaves m_j bitwise unchanged.
+) -> torch.Tensor:
+    r"""The mean half of a deviation-form (West) EMA step, for every tensor j at once.
 
-    A skipped update has w_j = 0, but 0 · NaN is NaN: so each target passes through
-    ``nan_to_num`` into a reused scratch buffer first (one read and one write, no allocation),
-    and a non-finite target can never reach the state. ``multiplier`` s (a device scalar, e.g.
-    1/loss-scale) is applied on the way.
+    With s the ``multiplier`` (1/loss-scale, a device scalar; 1 if None) and c_j = ``scale[j]``
+    a power of two (:func:`power_of_two_scale`, so that every product with it is exact):
+
+        d_j = c_j (s·g_j − m_j)     (into ``deltas``, views of ``flat``)
+        returns ‖d_j‖² / c_j²       = ‖s·g_j − m_j‖² (float64 vector): squares of values of
+                                    order one, so no float32 over/underflow; non-finite iff
+                                    g_j is
+        m_j ← m_j + (w_j/c_j) d_j   = m_j + w_j (s·g_j − m_j), once NaN/±inf in d are zeroed
+
+    so that ``w_j = 0`` leaves m_j unchanged even when g_j holds NaN (0 · NaN would be NaN;
+    the zeroing is one op over ``flat``). The caller forms the variance from the result,
+    Σ_i v_i ← (1 − w_j)(Σ_i v_i + w_j ‖δ_j‖²) (the coordinate sum of the per-coordinate West
+    update), so no large number is ever subtracted from another (unlike q − ‖m‖²).
+
+    Ops: copy, (mul), sub, mul, powsum, nan_to_num, addcmul, whatever ``len(means)``.
     """
-    for mean, target, weight in zip(means, targets, weights.unbind(), strict=True):
-        clean = scratch.view(target, mean.dtype)
-        if multiplier is not None:
-            torch.mul(target, multiplier.to(mean.dtype), out=clean).nan_to_num_(0.0, 0.0, 0.0)
-        elif target.dtype == mean.dtype:
-            torch.nan_to_num(target, 0.0, 0.0, 0.0, out=clean)
-        else:
-            clean.copy_(target).nan_to_num_(0.0, 0.0, 0.0)
-        mean.lerp_(clean, weight.to(mean.dtype))
+    dtype = flat.dtype
+    torch._foreach_copy_(deltas, grads)
+    if multiplier is not None:
+        torch._foreach_mul_(deltas, multiplier.to(dtype))
+    torch._foreach_sub_(deltas, means)
+    torch._foreach_mul_(deltas, list(scale.to(dtype).unbind()))
+    sq = torch.stack(torch._foreach_powsum(deltas, 2)).to(torch.float64) / scale.square()
+    flat.nan_to_num_(0.0, 0.0, 0.0)
+    torch._foreach_addcmul_(means, deltas, list((weights / scale).to(dtype).unbind()))
+    return sq

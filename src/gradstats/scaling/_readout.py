@@ -91,7 +91,16 @@ class ScalerReadout:
         """Per-tensor and aggregate statistics as host numbers (one host read).
 
         Keys: every parameter name, ``"global"``, and ``"group<k>"`` per param group when
-        ``aggregate="param_group"``. See :class:`~gradstats.scaling.TensorStatistics`.
+        ``aggregate="param_group"``. See :class:`~gradstats.scaling.TensorStatistics`; ρ is
+        ``normalized_variance`` (logger key ``vgs/rho``).
+
+        ``effective_sample_size`` is n_eff = 1/Σ_k w_k² of the EMA weights: how many equally
+        weighted steps the estimate is worth (t for the first few steps, then up to
+        (1 + β)/(1 − β), 199 at β = 0.99). The factor is applied once the relative standard
+        error sqrt(2/(n_eff − 1)) of ρ is at most ``confidence`` (n_eff >= 9 at the default
+        0.5). With ``statistic="same_point"`` only steps with two or more micro-batches (or
+        DDP ranks) count: a loop with one backward per step stays at n_eff = 0,
+        ``no_estimate=True``, and warns after 20 updates.
         """
         return build_statistics(self._engine, self.config)
 

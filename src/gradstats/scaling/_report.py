@@ -37,7 +37,14 @@ class TensorStatistics:
         normalized_variance: ρ = noise/signal of the applied gradient (nan: no estimate; inf: no
             detectable signal).  B_noise: ρ × batch_size (the simple noise scale), if known.
         factor: the factor applied to this tensor (aggregates: theirs).
-        count: observations behind the estimate; ``effective_sample_size``: 1/ρ_w.
+        count: observations behind the estimate (steps with a gradient for ``temporal``;
+            steps with >= 2 micro-batches for ``same_point``).
+        effective_sample_size: n_eff = 1/ρ_w = 1/Σ_k w_k², how many equally weighted
+            observations the EMA over ``count`` steps is worth: n_eff = t while t is small and
+            it tends to (1 + β)/(1 − β) (199 at β = 0.99). It sets the precision of ρ: the
+            ``confidence`` gate opens when sqrt(2/(n_eff − 1)) <= confidence (n_eff >= 9 at the
+            default 0.5). Counts steps, not samples; aggregates report the smallest n_eff
+            among their tensors; 0 before any observation.
         has_gradient: whether the tensor had a gradient at the last update.
         gate_open, no_estimate, no_signal, members: aggregate states (None for tensors).
         nonfinite_steps: steps whose gradients held NaN/inf; ``skipped``: steps dropped (the

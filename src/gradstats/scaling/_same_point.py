@@ -27,11 +27,15 @@ from __future__ import annotations
 
 import torch
 
+from gradstats._warnings import warn
 from gradstats.moments import ema_reliability, ema_step_size
 from gradstats.moments._distributed import all_reduce_sum_
 from gradstats.scaling._state import ScalarTensorState, Totals
 
-__all__ = ["SamePointState", "two_batch_estimates"]
+__all__ = ["STARVED_UPDATES", "SamePointState", "two_batch_estimates"]
+
+# Updates in a row without micro-batches after which the scaler warns (once per scaler).
+STARVED_UPDATES = 20
 
 
 def two_batch_estimates(
@@ -63,13 +67,15 @@ class SamePointState(ScalarTensorState):
         self._passes = torch.zeros_like(self.noise_ema)  # number of contributions
         self._staged = torch.zeros_like(self.noise_ema)  # ‖h‖² seen, not yet in .grad
         self._pending = [False] * len(params)
+        self._host_passes = [0] * len(params)  # the same count, known on the host
+        self.starved = 0  # consecutive updates whose rank recorded fewer than 2 passes
+        self.warned = False  # the missing-micro-batches warning was given
         self.last_passes = torch.zeros_like(self.noise_ema)
 
     def stage(self, index: int, grad: torch.Tensor) -> None:
         """Tensor-hook body: hold ‖h‖² of one gradient contribution (on the device, no sync)."""
-        dtype = torch.float32 if grad.dtype in (torch.float16, torch.bfloat16) else None
-        norm = torch.linalg.vector_norm(grad.detach(), dtype=dtype)
-        self._staged[index] = norm.to(torch.float64).square().to(self._staged.device)
+        (square,) = torch._foreach_powsum([grad.detach()], 2, dtype=torch.float64)  # scale-safe
+        self._staged[index] = square.to(self._staged.device)
         self._pending[index] = True
 
     def commit(self, index: int) -> None:
@@ -78,12 +84,14 @@ class SamePointState(ScalarTensorState):
             self._pending[index] = False
             self._sums[index] += self._staged[index]
             self._passes[index] += 1.0
+            self._host_passes[index] += 1
 
     def discard_pending(self) -> None:
         """Forget this step's recorded contributions (the step will not be applied)."""
         self._sums = torch.zeros_like(self._sums)
         self._passes = torch.zeros_like(self._passes)
         self._pending = [False] * len(self._pending)
+        self._host_passes = [0] * len(self._host_passes)
 
     def observe(self, index: int, grad: torch.Tensor) -> None:
         """Record one contribution that is known to be part of ``.grad`` (explicit calls)."""
@@ -102,6 +110,7 @@ class SamePointState(ScalarTensorState):
         """``sq_norms``: unscaled ‖.grad‖²; ``hook_inv``: 1/S if the hooks saw scaled gradients."""
         sums, local = self._sums, self._passes
         self._sums, self._passes = torch.zeros_like(sums), torch.zeros_like(local)
+        self._watch_passes()
         if hook_inv is not None:
             sums = sums * hook_inv.to(device=sums.device, dtype=torch.float64).square()
         total_sums, passes = sums, local
@@ -117,6 +126,26 @@ class SamePointState(ScalarTensorState):
         self.signal_ema = self.signal_ema + step * (
             torch.where(valid, signal, 0.0) - self.signal_ema
         )
+
+    def _watch_passes(self) -> None:
+        """Warn once when K < 2 for ``STARVED_UPDATES`` updates in a row (host counts only)."""
+        passes = max(self._host_passes, default=0)
+        self._host_passes = [0] * len(self._host_passes)
+        if self.distributed or passes >= 2:  # DDP: the ranks are the small batches
+            self.starved = 0
+            return
+        self.starved += 1
+        if self.starved == STARVED_UPDATES and not self.warned:
+            self.warned = True
+            warn(
+                f"statistic='same_point' has had no estimate for {STARVED_UPDATES} updates: "
+                f"each step recorded {passes} backward pass(es), but the two-batch estimator "
+                "needs the gradients of several micro-batches of one step (gradient "
+                "accumulation: call backward() on k >= 2 micro-batches before step(), or "
+                "record them with observe()) or DDP ranks; until then the factor stays 1 and "
+                "rho is NaN. With one backward per step use statistic='temporal'",
+                RuntimeWarning,
+            )
 
     def totals(self) -> Totals:
         return Totals(

@@ -42,7 +42,9 @@ class VarianceGradientScaler(ScalerReadout):
       step sequence produced, V = Σ_i v_i/(1 − ρ_w) and S = Σ_i m_i² − ρ_w V, ρ = V/S
       (``gradstats.scaling._temporal``). Needs one gradient per step.
     * ``"same_point"``: noise at a fixed θ from the micro-batches (gradient accumulation) or DDP
-      ranks of one step — the two-batch estimator (``gradstats.scaling._same_point``).
+      ranks of one step — the two-batch estimator (``gradstats.scaling._same_point``). Needs
+      several backward calls per step: with one (a plain loop) there is never an estimate
+      (factor 1, ρ NaN, ``no_estimate``) and the scaler warns once after 20 such updates.
     * ``"tensor_mean"``, ``"mixed"``, ``"spatial"``: the original implementation's statistics,
       kept as labelled diagnostics; none of them measures noise (``_diagnostics``).
 

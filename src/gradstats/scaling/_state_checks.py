@@ -12,6 +12,7 @@ key                                must be
 ``count``                          a 0-dim integer tensor >= 0
 ``mean`` (temporal)                a floating tensor of shape ``shape``, finite
 ``var`` (temporal reference)       a floating tensor of shape ``shape``, finite, >= 0
+``var_sum``, ``mean_sq`` (temporal) 0-dim floating tensors, finite, >= 0 (Σ_i v_i, ‖m‖²)
 ``sq_ema`` (temporal)              a 0-dim floating tensor, finite, >= 0 (an EMA of ‖g‖²)
 ``noise_ema``, ``signal_ema``      0-dim floating tensors, finite (two-batch estimates are
                                    unbiased and may be negative)
@@ -40,6 +41,8 @@ COUNTERS = ("nonfinite", "consecutive", "skipped")
 _TENSOR_KEYS: dict[str, tuple[bool, bool]] = {
     "mean": (True, False),
     "var": (True, True),
+    "var_sum": (False, True),
+    "mean_sq": (False, True),
     "sq_ema": (False, True),
     "noise_ema": (False, False),
     "signal_ema": (False, False),

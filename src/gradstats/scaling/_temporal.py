@@ -11,15 +11,27 @@ over its t gradient observations (t counts the steps *this tensor* received a fi
 and the inverse signal-to-noise ratio of the applied gradient is ρ = V / S. Sums (not means) over
 coordinates, so that tensors aggregate as a ratio of sums.
 
-Two implementations, pinned equal by a float64 test:
+Both implementations use the deviation (West/Welford) form, with a_t = w_t the step size
+(:func:`gradstats.moments.ema_step_size`) and δ = g_t − m_{t−1}:
 
-* ``foreach`` (fast): one state buffer m per tensor, updated in place by a NaN-safe ``lerp``, and
-  one float64 scalar per tensor, q = Σ_k w_k ‖g_k‖² (an EMA of squared norms). Then
-  Σ_i v_i = q − ‖m‖² exactly (the weighted variance identity, summed over coordinates). The single
-  subtraction happens in float64 on scalars, once per read: its error is about 1e-7 · ‖m‖²,
-  i.e. an absolute error of ~1e-7 on ρ, which cannot move the factor 1/(1 + αρ).
-* reference (``foreach=False``): the readable per-coordinate West/Welford update of m_i and v_i
-  (two buffers per tensor) with :func:`gradstats.moments.ema_update`.
+    m ← m + a δ,        v ← (1 − a)(v + a δ²)
+
+which never subtracts two large numbers, so it is right in float32 whatever the gradients'
+offset (gradients of 1e4 ± 0.1) or scale (1e-24 … 1e19). Pinned equal to each other and to a
+float64 brute force (:func:`gradstats.testing.reference_scaler_statistics`) by tests, in float32
+and float64.
+
+* ``foreach`` (fast): one state buffer m per tensor (float32, or the parameter's dtype if wider)
+  and two float64 scalars per tensor: P = Σ_i v_i, updated as P ← (1 − a)(P + a‖δ‖²) — the
+  coordinate sum of the West update, exact — and Q = ‖m‖², carried by the identity
+  ‖m + aδ‖² = (1 − a)‖m‖² + a‖g‖² − a(1 − a)‖δ‖² (from ‖g‖² = ‖m + δ‖²; every term is
+  non-negative up to the last, which is the small one), so no pass over m is needed to read the
+  signal. δ is formed in a flat scratch buffer (:func:`~gradstats.scaling._kernels.deviation_step_`:
+  seven foreach/whole-buffer ops per dtype, whatever the number of tensors), multiplied by an
+  exact power of two c that brings its coordinates to order one, so that ‖cδ‖² is summed in the
+  state dtype without over- or underflow at any gradient scale (1e-24 … 1e19 in float32).
+* reference (``foreach=False``): the readable per-coordinate update of m_i and v_i, tensor by
+  tensor, in float64 (v_i is kept in float64: δ² of float32 gradients can under/overflow float32).
 """
 
 from __future__ import annotations
@@ -27,7 +39,12 @@ from __future__ import annotations
 import torch
 
 from gradstats.moments import ema_reliability, ema_step_size, ema_update
-from gradstats.scaling._kernels import Scratch, nan_safe_lerp_, state_dtype
+from gradstats.scaling._kernels import (
+    FlatScratch,
+    deviation_step_,
+    power_of_two_scale,
+    state_dtype,
+)
 from gradstats.scaling._state import Totals, reliability_corrected
 
 __all__ = ["TemporalState"]
@@ -46,10 +63,17 @@ class TemporalState:
         self.count = torch.zeros(len(params), dtype=torch.int64, device=device)
         self.mean = [torch.zeros_like(p, dtype=state_dtype(p)) for p in params]
         if foreach:
-            self.sq_ema = torch.zeros(len(params), dtype=torch.float64, device=device)
-            self._scratch = Scratch()
+            zeros = torch.zeros(len(params), dtype=torch.float64, device=device)
+            self.var_sum, self.mean_sq = zeros, zeros.clone()
+            by_dtype: dict[torch.dtype, list[int]] = {}
+            for j, m in enumerate(self.mean):
+                by_dtype.setdefault(m.dtype, []).append(j)
+            self._groups = [
+                (rows, FlatScratch([self.mean[j] for j in rows])) for rows in by_dtype.values()
+            ]
+            self._index: dict[tuple[int, tuple[bool, ...]], tuple[list[int], torch.Tensor]] = {}
         else:
-            self.var = [torch.zeros_like(m) for m in self.mean]
+            self.var = [torch.zeros_like(m, dtype=torch.float64) for m in self.mean]
 
     def update(
         self,
@@ -62,41 +86,72 @@ class TemporalState:
     ) -> None:
         """One step. ``take[j]``: tensor j has a gradient and the step is applied.
 
-        ``sq_norms`` are already unscaled; ``grad_inv`` is 1/S when ``.grad`` still carries an
-        AMP loss scale S (``hook_inv`` is for same-point hooks and unused here).
+        ``sq_norms`` are ‖g_j‖², already unscaled; ``grad_inv`` is 1/S when ``.grad`` still
+        carries an AMP loss scale S (``hook_inv`` is for same-point hooks and unused here).
         """
         self.count = self.count + take.to(torch.int64)
         step = torch.where(take, ema_step_size(self.beta, self.count), 0.0)
-        present = [(j, g) for j, g in enumerate(grads) if g is not None]
-        if not present:
+        if not any(g is not None for g in grads):
             return
         if self.foreach:
-            observed = torch.where(take, sq_norms, self.sq_ema)  # NaN never enters
-            self.sq_ema = self.sq_ema + step * (observed - self.sq_ema)
-            nan_safe_lerp_(
-                [self.mean[j] for j, _ in present],
-                [g for _, g in present],
-                step[[j for j, _ in present]],
-                self._scratch,
+            self._update_foreach(grads, sq_norms, take, step, grad_inv)
+            return
+        for j, g in enumerate(grads):
+            if g is None:
+                continue
+            grad = g.to(torch.float64)
+            if grad_inv is not None:
+                grad = grad * grad_inv.to(torch.float64)
+            clean = torch.nan_to_num(grad, 0.0, 0.0, 0.0)  # step[j] = 0 then: m, v unchanged
+            mean, self.var[j] = ema_update(self.mean[j].double(), self.var[j], clean, step[j])
+            self.mean[j] = mean.to(self.mean[j].dtype)
+
+    def _update_foreach(
+        self,
+        grads: list[torch.Tensor | None],
+        sq_norms: torch.Tensor,
+        take: torch.Tensor,
+        step: torch.Tensor,
+        grad_inv: torch.Tensor | None,
+    ) -> None:
+        # c_j: a power of two that brings ‖g_j‖ and ‖m_j‖ per coordinate to order one
+        scale = power_of_two_scale(torch.maximum(sq_norms, self.mean_sq) / self.numel.clamp(1))
+        dev_sq = torch.zeros_like(self.var_sum)
+        for number, (rows, scratch) in enumerate(self._groups):
+            present = tuple(grads[j] is not None for j in rows)
+            if not any(present):
+                continue
+            key = (number, present)
+            if key not in self._index:
+                local = [k for k, p in enumerate(present) if p]
+                index = torch.tensor([rows[k] for k in local], device=self.count.device)
+                self._index[key] = (local, index)
+            local, index = self._index[key]
+            views = scratch.views()
+            sq = deviation_step_(
+                [self.mean[rows[k]] for k in local],
+                [g for g in (grads[rows[k]] for k in local) if g is not None],
+                [views[k] for k in local],
+                scratch.flat,
+                step[index],
+                scale[index],
                 grad_inv,
             )
-            return
-        for j, g in present:
-            grad = g.to(self.mean[j].dtype)
-            if grad_inv is not None:
-                grad = grad * grad_inv.to(grad.dtype)
-            clean = torch.nan_to_num(grad, 0.0, 0.0, 0.0)
-            self.mean[j], self.var[j] = ema_update(self.mean[j], self.var[j], clean, step[j])
+            dev_sq = dev_sq.index_copy(0, index, sq)
+        a = step  # 0 where not taken
+        dev_sq = torch.where(take, dev_sq, 0.0)  # NaN never enters
+        grad_sq = torch.where(take, sq_norms, 0.0)
+        self.var_sum = torch.where(take, (1.0 - a) * (self.var_sum + a * dev_sq), self.var_sum)
+        carried = (1.0 - a) * self.mean_sq + a * grad_sq - a * (1.0 - a) * dev_sq
+        self.mean_sq = torch.where(take, carried.clamp(min=0.0), self.mean_sq)
 
     def totals(self) -> Totals:
         rho = ema_reliability(self.beta, self.count)
         if self.foreach:
-            norms = list(torch._foreach_norm(self.mean)) if self.mean else []
-            mean_sq = torch.stack(norms).to(torch.float64).square() if norms else self.sq_ema
-            population = (self.sq_ema - mean_sq).clamp(min=0.0)
+            mean_sq, population = self.mean_sq, self.var_sum
         else:
             mean_sq = self._sum([m.double().square() for m in self.mean])
-            population = self._sum([v.double() for v in self.var])
+            population = self._sum(self.var)
         unbiased = reliability_corrected(population, rho, self.count, self.min_count)
         return Totals(
             noise=unbiased,
@@ -114,9 +169,17 @@ class TemporalState:
 
     # -------------------------------------------------------------- persistence
     def tensor_state(self, j: int) -> dict[str, torch.Tensor]:
+        """``count``, ``mean``, and ``var_sum`` = Σ_i v_i and ``mean_sq`` = ‖m‖² (fast) or
+        ``var`` = v (reference).
+
+        The fast state also carries ``sq_ema`` = Σ_i v_i + ‖m‖² = Σ_k w_k ‖g_k‖², the EMA of
+        squared gradient norms that earlier versions stored (read-only: loading uses
+        ``var_sum`` when present)."""
         state = {"count": self.count[j].clone(), "mean": self.mean[j].clone()}
         if self.foreach:
-            state["sq_ema"] = self.sq_ema[j].clone()
+            state["var_sum"] = self.var_sum[j].clone()
+            state["mean_sq"] = self.mean_sq[j].clone()
+            state["sq_ema"] = self.var_sum[j] + self.mean_sq[j]
         else:
             state["var"] = self.var[j].clone()
         return state
@@ -125,10 +188,11 @@ class TemporalState:
         self.count[j] = state["count"]
         self.mean[j].copy_(state["mean"])
         if self.foreach:
-            self.sq_ema[j] = state["sq_ema"]
+            self.var_sum[j] = state["var_sum"]
+            self.mean_sq[j] = state["mean_sq"]
         else:
             self.var[j].copy_(state["var"])
 
     @staticmethod
     def state_keys(foreach: bool) -> tuple[str, ...]:
-        return ("count", "mean", "sq_ema") if foreach else ("count", "mean", "var")
+        return ("count", "mean", "var_sum", "mean_sq") if foreach else ("count", "mean", "var")
