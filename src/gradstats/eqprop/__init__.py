@@ -45,6 +45,7 @@ from gradstats.eqprop._stats import (
     SolveStats,
     write_grads,
 )
+from gradstats.eqprop.models._generate import generate
 
 __all__ = [
     "FINDINGS",
@@ -69,6 +70,7 @@ __all__ = [
     "diagnose",
     "estimate_gradient",
     "fixed_point",
+    "generate",
     "holo_cross_entropy",
     "holo_gelu",
     "holo_layer_norm",
