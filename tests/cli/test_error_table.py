@@ -274,7 +274,7 @@ TABLE: dict[str, tuple] = {
 }  # fmt: skip
 
 _TRIPWIRES = (
-    "gradstats.eqprop.train:train",
+    "gradstats.eqprop.train._loop:_run",
     "gradstats.eqprop:probe",
     "gradstats.fisher:FisherCollector.collect_loader",
     "gradstats.bench:run_suites",

@@ -1,6 +1,7 @@
 """``gradstats eqprop train`` / ``probe``: runs end to end, bad input exits 2 with one line."""
 
 import json
+from pathlib import Path
 
 import pytest
 
@@ -89,7 +90,11 @@ def test_probe_uses_the_runs_beta_only_for_methods_of_its_kind(tmp_path, data, c
     from gradstats.eqprop._probe import ProbeReport
     from gradstats.eqprop.train import TrainConfig, train
 
-    monkeypatch.setattr(ProbeReport, "plot", lambda *args, **kwargs: None)  # slow; tested above
+    def plot(self, path, **kwargs):  # slow; tested above (an empty file keeps save() atomic)
+        Path(path).write_bytes(b"")
+        return Path(path)
+
+    monkeypatch.setattr(ProbeReport, "plot", plot)
     run = tmp_path / "run"
     cfg = TrainConfig(out=run, data=data, beta=0.02, d_model=8, n_heads=2, block_size=4,
                       batch_size=1, progress=False)  # fmt: skip

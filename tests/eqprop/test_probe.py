@@ -143,9 +143,58 @@ def test_diagnose_ok_at_default_settings():
 def test_holomorphic_points_sweep_is_geometric():
     model, x, y = tanh_case()
     report = probe(
-        model, x, y, methods=("holomorphic",), sweeps={"points": [3, 4, 6]}, beta=0.1, bptt=False
-    )
+        model, x, y, methods=("holomorphic",), sweeps={"points": [2, 3, 4, 6]}, beta=0.1,
+        bptt=False,
+    )  # fmt: skip
     assert "finite-nudge bias" in _names(diagnose(report), "holomorphic")
+
+
+def _scaled(report, method, factor):
+    """``report`` with every error of ``method`` multiplied by ``factor`` (same sweeps)."""
+    import dataclasses
+
+    rows = [
+        dataclasses.replace(r, rel_err=r.rel_err * factor) if r.method == method else r
+        for r in report.rows
+    ]
+    return dataclasses.replace(report, rows=rows)
+
+
+@pytest.fixture(scope="module")
+def points_report():
+    with float64():
+        model, x, y = tanh_case()
+        return probe(model, x, y, methods=("holomorphic",), sweeps={"points": [2, 3, 4, 6]},
+                     beta=0.1, bptt=False)  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    ("factor", "expected"),
+    [
+        (1e-5, {"ok"}),  # errors 3e-7..1e-6 that still shrink with N: ok, not a bias
+        (1.0, {"finite-nudge bias"}),  # the same shape above OK_ERROR: the bias is named
+    ],
+)
+def test_diagnose_names_a_cause_only_above_the_threshold(points_report, factor, expected):
+    assert (
+        _names(diagnose(_scaled(points_report, "holomorphic", factor)), "holomorphic") == expected
+    )
+
+
+@pytest.mark.parametrize(("error", "expected"), [(2.5e-2, "undetermined"), (5e-3, "ok")])
+def test_diagnose_ok_is_the_base_error_at_most_ok_error(error, expected):
+    """An AEP error of 2.5e-2 is never "ok" (its cosine is 0.9997); 5e-3 is."""
+    import dataclasses
+
+    from gradstats.eqprop._diagnose import OK_ERROR
+
+    with float64():
+        model, x, y = tanh_case()
+        report = probe(model, x, y, methods=("aep",), bptt=False)
+    rows = [dataclasses.replace(r, rel_err=error) for r in report.rows]
+    (finding,) = diagnose(dataclasses.replace(report, rows=rows))
+    assert finding.name == expected
+    assert f"{OK_ERROR:g}" in finding.evidence
 
 
 def test_save_writes_json_csv_png(sweep_report, tmp_path):

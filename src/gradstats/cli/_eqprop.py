@@ -14,34 +14,113 @@
   the real nudges, ``--r`` the radius. The β/r each method used is printed and stored in
   ``probe.json`` (``beta_used``).
 
-Both check ``--out`` (and ``train`` its ``--device`` and, with ``--resume``, the checkpoint's
-keys) before any compute.
+Both check ``--out`` (and ``train`` its ``--device``; with ``--resume`` the trainer reads and
+checks the whole checkpoint) before any compute. ``train --resume`` refuses any option typed on
+the command line — equal to its default or not — that differs from the run's own (the parser's
+defaults are sentinels, so a typed option is told from an untyped one); only the resumable ones
+(``--steps``, ``--out``, ``--progress``, ``--threads``, ``--device``, ``--timeout``) may change.
+Ctrl-C during ``train`` finishes the current step, saves a checkpoint at it and prints one line
+naming ``--resume`` (exit status 130). Under ``torchrun``, ``--timeout SECONDS`` bounds how long
+a process waits for the others: a rank that stops answering fails the run with one line instead
+of blocking it forever.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
+import sys
 from pathlib import Path
+from typing import Any
 
 from gradstats.cli._checks import check_out_dir, resolve_device
 from gradstats.cli._config import add_config_arguments, config_from_args
 from gradstats.cli._eqprop_probe import ProbeConfig, run_probe
+from gradstats.cli._eqprop_sample import register_sample
+from gradstats.errors import GradstatsError
 
 __all__ = ["ProbeConfig", "register", "run_probe"]
+
+INTERRUPTED = 130
+
+
+class _Default:
+    """A parser default standing for an option that was not typed (``--help`` shows the
+    value)."""
+
+    __slots__ = ("value",)
+
+    def __init__(self, value: Any) -> None:
+        self.value = value
+
+    def __str__(self) -> str:
+        return str(self.value)
+
+    def __repr__(self) -> str:
+        return repr(self.value)
+
+
+def _mark_defaults(parser: argparse.ArgumentParser, config: type) -> None:
+    """Wrap the defaults of ``config``'s options in :class:`_Default` sentinels."""
+    names = {f.name for f in dataclasses.fields(config)}
+    for action in parser._actions:
+        wrapped = isinstance(action.default, _Default) or action.default is argparse.SUPPRESS
+        if action.dest in names and not wrapped:
+            action.default = _Default(action.default)
+
+
+def _given(config: type, args: argparse.Namespace) -> tuple[argparse.Namespace, frozenset[str]]:
+    """The namespace with the sentinels unwrapped, and the names of the typed options."""
+    values = dict(vars(args))
+    typed = set()
+    for field in dataclasses.fields(config):
+        value = values.get(field.name)
+        if isinstance(value, _Default):
+            values[field.name] = value.value
+        else:
+            typed.add(field.name)
+    return argparse.Namespace(**values), frozenset(typed)
+
+
+_GROUP_FAILURES = ("timed out", "timeout", "connection closed", "connection reset", "broken pipe")
+
+
+def _group_failure(error: RuntimeError, message: str) -> bool:
+    """Whether ``error`` is a failed collective (nccl: a DistError; gloo: a RuntimeError whose
+    message says the peer timed out or went away)."""
+    import torch.distributed as dist
+
+    if isinstance(error, dist.DistError):
+        return True
+    return any(key in message.lower() for key in _GROUP_FAILURES)
 
 
 def _train(args: argparse.Namespace) -> int:
     from gradstats.eqprop.train import TrainConfig, train
-    from gradstats.eqprop.train._checkpoint import RESUME_KEYS, load_checkpoint
     from gradstats.eqprop.train._distributed import process_group_from_env
+    from gradstats.eqprop.train._runtime import TrainingInterrupted
 
-    config = config_from_args(TrainConfig, args)
+    namespace, typed = _given(TrainConfig, args)
+    config = config_from_args(TrainConfig, namespace)
     resolve_device(config.device)
     check_out_dir(config.out)
-    if config.resume:  # a checkpoint that cannot be resumed fails here, naming what it lacks
-        load_checkpoint(config.out, require=RESUME_KEYS)
-    with process_group_from_env(config.device) as group:
-        result = train(config)  # a divergence is a DivergenceError: one line, exit 2
+    distributed = False
+    try:
+        with process_group_from_env(config.device, config.timeout) as group:
+            distributed = group.active
+            result = train(config, explicit=typed)  # a divergence is a DivergenceError
+    except TrainingInterrupted as stop:  # the checkpoint holds the last finished step
+        print(f"gradstats eqprop train: {stop}", file=sys.stderr)
+        return INTERRUPTED
+    except RuntimeError as error:  # a collective failed: a rank timed out or exited
+        first = " ".join(str(error).split())[:200] or type(error).__name__
+        if not (distributed and _group_failure(error, first)):
+            raise
+        limit = config.timeout if config.timeout is not None else 1800
+        raise GradstatsError(
+            f"the process group failed: another process stopped answering within --timeout "
+            f"{limit:g} s or exited ({first})"
+        ) from None
     if not group.main:
         return 0
     val = "n/a" if result.val_ce is None else f"{result.val_ce:.4f}"
@@ -84,6 +163,7 @@ def register(commands: argparse._SubParsersAction) -> None:
         ),
     )
     add_config_arguments(train, TrainConfig)
+    _mark_defaults(train, TrainConfig)
     train.set_defaults(run=_train)
     probe = sub.add_parser(
         "probe",
@@ -95,3 +175,4 @@ def register(commands: argparse._SubParsersAction) -> None:
     )
     add_config_arguments(probe, ProbeConfig)
     probe.set_defaults(run=_probe)
+    register_sample(sub)

@@ -14,9 +14,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from gradstats._files import write_text_atomic
 from gradstats.cli._checks import check_out_dir
 from gradstats.cli._config import option
-from gradstats.cli._files import write_text_atomic
 from gradstats.errors import ConfigurationError, StateError
 
 __all__ = ["ProbeConfig", "run_probe"]
@@ -57,6 +57,12 @@ class ProbeConfig:
     points: int | None = option(None, "override: holomorphic N")
     float64: bool = option(True, "compute the reference on a float64 copy")
     out: Path | None = option(None, "output folder (default: the run folder)")
+    threads: int | None = option(
+        None,
+        "torch CPU threads (default: 1 per 2^19 state elements batch*block*d_model of the probe "
+        "batch, at most torch's default: 1 for the small models, which torch's one-per-core "
+        "default slows down by 10-50x on a busy machine)",
+    )
 
 
 _OVERRIDES = {  # probe option -> (training option, estimator setting)
@@ -139,15 +145,34 @@ def _worst(rows: Sequence[Mapping[str, object]]) -> dict[str, tuple[float, str]]
 
 
 def run_probe(config: ProbeConfig) -> dict[str, Path]:
-    """Probe the run ``config.path``, print the findings, write the files; return their paths."""
+    """Probe the run ``config.path``, print the findings, write the files; return their paths.
+
+    Runs with ``config.threads`` CPU threads (default: :func:`auto_threads` of the probe batch)
+    and flushed denormals; both settings are restored afterwards.
+    """
+    from gradstats.eqprop._iterate import flush_denormal
+    from gradstats.eqprop.train._runtime import auto_threads, threads
+
+    if config.threads is not None and (
+        isinstance(config.threads, bool)
+        or not isinstance(config.threads, int)
+        or config.threads < 1
+    ):
+        raise ConfigurationError(f"threads must be an int >= 1; got {config.threads!r}")
+    out = config.out or (config.path if config.path.is_dir() else config.path.parent)
+    check_out_dir(out, "--out" if config.out else "the run folder (the default --out)")
+    state, run, model = _load(config)
+    count = config.threads or auto_threads(config.batch_size * run.block_size * run.d_model)
+    with threads(count), flush_denormal():
+        return _run_probe(config, out, state, run, model)
+
+
+def _run_probe(config: ProbeConfig, out: Path, state, run, model) -> dict[str, Path]:
     import torch
 
     from gradstats.data import load_corpus
     from gradstats.eqprop import diagnose, probe
 
-    out = config.out or (config.path if config.path.is_dir() else config.path.parent)
-    check_out_dir(out, "--out" if config.out else "the run folder (the default --out)")
-    state, run, model = _load(config)
     settings: dict[str, Any] = {
         "step_size": run.step_size,
         "max_steps": run.t1,

@@ -12,6 +12,18 @@ Signatures, read from the ``all`` group of the sweeps:
   on a non-symmetric Jacobian (the report's ``asymmetry`` = ‖Jv − Jᵀv‖/‖Jv‖ says how much).
 * **anchor mismatch** — with a ``fixed`` anchor, the adjoint error ‖a − λ‖/‖λ‖ falls as T1 grows
   (the anchor is the unconverged free state); a ``tracking`` anchor does not show it.
+
+One threshold rule, :data:`OK_ERROR` = 10⁻² on the relative error e = ‖g − g*‖/‖g*‖ against the
+implicit gradient (e ≤ 10⁻² ⇒ cos ≥ 1 − e²/2 = 0.99995; a 1% error is far below a minibatch
+gradient's own noise), applies to every verdict:
+
+* a cause (truncation, finite-nudge bias, residual asymmetry, anchor mismatch) is named only where
+  the error it explains exceeds :data:`OK_ERROR` — the largest error of the sweep that shows the
+  signature, or the base error for evidence read from the base row alone. A holomorphic error of
+  3·10⁻⁷ that still shrinks with r is *not* a finite-nudge bias: it is ok;
+* **ok** — no cause found and the base error (the probe's own settings) is ≤ :data:`OK_ERROR`;
+* **undetermined** — no cause found and the base error is > :data:`OK_ERROR` (an AEP error of
+  2.5·10⁻² is never "ok", whatever its cosine): sweep T2, β and T1 to locate it.
 """
 
 from __future__ import annotations
@@ -22,7 +34,7 @@ from dataclasses import dataclass
 from gradstats.eqprop._probe_report import ProbeReport, ProbeRow
 from gradstats.errors import ConfigurationTypeError
 
-__all__ = ["FINDINGS", "Finding", "diagnose"]
+__all__ = ["FINDINGS", "OK_ERROR", "Finding", "diagnose"]
 
 FINDINGS = (
     "truncation",
@@ -32,7 +44,9 @@ FINDINGS = (
     "ok",
     "undetermined",
 )
-_FLOOR = 1e-3  # errors below this are "small"; a 1e-3 relative error is cos ≈ 0.9999995
+#: The one threshold on a relative gradient error: at or below it an error is "ok" (see above).
+OK_ERROR = 1e-2
+_FLOOR = OK_ERROR
 
 
 @dataclass(frozen=True)
@@ -94,13 +108,14 @@ def diagnose(report: ProbeReport) -> list[Finding]:
             res = [r.res_adjoint for r in t2 if r.res_adjoint is not None]
             res_drop = res[0] / max(res[-1], 1e-300) if len(res) == len(t2) else 1.0
             t2_flat = drop < 1.5
-            if drop >= 2 and res_drop >= 2:
+            if drop >= 2 and res_drop >= 2 and max(r.rel_err for r in t2) > OK_ERROR:
                 add(
                     "truncation",
                     f"error falls {drop:.3g}x and r_a {res_drop:.3g}x as T2 goes "
                     f"{t2[0].value} -> {t2[-1].value}",
                 )
-        if base and base.converged_adjoint is False and base.res_adjoint is not None:
+        capped = base and base.converged_adjoint is False and base.rel_err > OK_ERROR
+        if capped and base and base.res_adjoint is not None:
             add(
                 "truncation",
                 f"the nudged/adjoint phase hit its cap (r_a {base.res_adjoint:.3g})",
@@ -110,7 +125,7 @@ def diagnose(report: ProbeReport) -> list[Finding]:
         if len(beta) >= 2:
             xs, ys = _values(beta), [r.rel_err for r in beta]
             slope = _slope(xs, ys)
-            if slope >= 0.5 and max(ys) / max(min(ys), 1e-300) >= 2:
+            if slope >= 0.5 and max(ys) / max(min(ys), 1e-300) >= 2 and max(ys) > OK_ERROR:
                 add("finite-nudge bias", f"error ∝ β^{slope:.2f} over β in [{min(xs)}, {max(xs)}]")
             beta_flat = abs(slope) < 0.3 and min(ys) > _FLOOR
         points = _series(report, method, "points")
@@ -121,7 +136,7 @@ def diagnose(report: ProbeReport) -> list[Finding]:
             den = sum((v - mx) ** 2 for v in xs)
             rate = sum((a - mx) * (b - sum(lys) / len(lys)) for a, b in zip(xs, lys, strict=True))
             rate = rate / den if den else 0.0
-            if rate < -0.05 and ys[0] / max(ys[-1], 1e-300) >= 2:
+            if rate < -0.05 and ys[0] / max(ys[-1], 1e-300) >= 2 and max(ys) > OK_ERROR:
                 add("finite-nudge bias", f"error ∝ q^N with q ≈ {math.exp(rate):.3g} (holomorphic)")
         if beta_flat and t2_flat:
             add(
@@ -148,6 +163,9 @@ def diagnose(report: ProbeReport) -> list[Finding]:
             adj = [r.adj_err for r in t1 if r.adj_err is not None]
             adj_drop = adj[0] / max(adj[-1], 1e-300) if len(adj) == len(t1) else drop
             fixed = t1[-1].anchor == "fixed"
+            worst = max([r.rel_err for r in t1] + adj)
+            if worst <= OK_ERROR:
+                adj_drop = drop = 1.0  # the T1 dependence explains no error above the threshold
             if adj_drop >= 2 and fixed:
                 add(
                     "anchor mismatch",
@@ -162,9 +180,16 @@ def diagnose(report: ProbeReport) -> list[Finding]:
                     "(the state at T1 is unconverged: raise T1 or tighten tol)",
                 )
         if not found and base is not None:
-            if base.cos >= 0.999:
-                add("ok", f"cos = {base.cos:.6f}, rel. error {base.rel_err:.3g}")
+            if base.rel_err <= OK_ERROR:
+                add(
+                    "ok",
+                    f"rel. error {base.rel_err:.3g} <= {OK_ERROR:g} (cos = {base.cos:.6f})",
+                )
             else:
-                add("undetermined", f"cos = {base.cos:.4f}; sweep T2, beta and T1 to locate it")
+                add(
+                    "undetermined",
+                    f"rel. error {base.rel_err:.3g} > {OK_ERROR:g} (cos = {base.cos:.6f}) and no "
+                    "sweep shows a cause; sweep T2, beta and T1 to locate it",
+                )
         findings.extend(found)
     return findings

@@ -216,7 +216,9 @@ def relax(
     The same call (same settings) is what estimators use for their free phase, so evaluating a
     model with ``relax`` sees exactly the state its gradients were computed at. Settings default
     to the model's ``solver_defaults``, then the library's (see ``estimate_gradient``);
-    ``tol=0`` runs exactly ``max_steps`` steps.
+    ``tol=0`` runs exactly ``max_steps`` steps. The residual is checked (one host read) at steps
+    0, 1, 2, 4, … below ``check_every`` and at every multiple of it, so a fast phase stops within
+    a few steps of converging (see :func:`~gradstats.eqprop._iterate.iterate`).
 
     Returns:
         ``(z, stats)``: the state (no autograd graph) and its :class:`SolveStats`.

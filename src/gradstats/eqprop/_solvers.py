@@ -51,7 +51,9 @@ def fixed_point(
     With ``anderson = m > 0``, Anderson acceleration (type II) replaces the plain step: with
     residuals r_i = εF(z_i) of the last m iterates, γ = argmin ‖r_k − Σ_i γ_i (r_k − r_i)‖
     (ridge-regularised normal equations, per sample) and
-    z_{k+1} = z_k + r_k − Σ_i γ_i [(z_k − z_i) + (r_k − r_i)].
+    z_{k+1} = z_k + r_k − Σ_i γ_i [(z_k − z_i) + (r_k − r_i)]. The history lives in two
+    preallocated ring buffers ``[B, m, D]`` (one slot written per step; γ does not depend on
+    the order of the history, so nothing is restacked).
 
     Returns:
         ``(z, stats)``; ``z`` is the last state (per sample: the state whose residual met
@@ -87,17 +89,17 @@ def fixed_point(
 
     def accelerated(main, aux, check):
         (z,) = main
-        hist_z, hist_r = aux
+        hist_z, hist_r, count = aux  # ring buffers [B, m, D]: slot k % m holds iterate k
         f = fn(z)
         r = eps * f
         rel, res_abs = _free_residual(z, f) if check else (None, None)
-        if hist_z:
-            batch = z.shape[0]
-            flat_z, flat_r = z.reshape(batch, -1), r.reshape(batch, -1)
-            d_z = flat_z.unsqueeze(1) - torch.stack(hist_z, 1)  # [B, n, D]
-            d_r = flat_r.unsqueeze(1) - torch.stack(hist_r, 1)
+        batch = z.shape[0]
+        flat_z, flat_r = z.reshape(batch, -1), r.reshape(batch, -1)
+        n = min(count, anderson)
+        if n:  # the least squares is invariant to the order of the history: no restacking
+            d_z = flat_z.unsqueeze(1) - hist_z[:, :n]  # [B, n, D]
+            d_r = flat_r.unsqueeze(1) - hist_r[:, :n]
             gram = d_r.conj() @ d_r.transpose(1, 2)  # [B, n, n]
-            n = gram.shape[-1]
             scale = torch.diagonal(gram, dim1=1, dim2=2).real.mean(-1)
             ridge = scale * torch.finfo(scale.dtype).eps ** 0.5 + tiny(scale)
             eye = torch.eye(n, dtype=gram.dtype, device=gram.device)
@@ -107,13 +109,15 @@ def fixed_point(
             proposal = mixed.reshape(z.shape)
         else:
             proposal = z + r
-        new_aux = (
-            (*hist_z, z.reshape(z.shape[0], -1))[-anderson:],
-            (*hist_r, r.reshape(z.shape[0], -1))[-anderson:],
-        )
-        return (proposal,), new_aux, rel, res_abs
+            shape = (batch, anderson, flat_z.shape[1])
+            hist_z = flat_z.new_zeros(shape)
+            hist_r = flat_r.new_zeros(shape)
+        slot = count % anderson
+        hist_z[:, slot] = flat_z
+        hist_r[:, slot] = flat_r
+        return (proposal,), (hist_z, hist_r, count + 1), rel, res_abs
 
-    step, aux = (accelerated, ((), ())) if anderson > 0 else (plain, None)
+    step, aux = (accelerated, (None, None, 0)) if anderson > 0 else (plain, None)
     (z,), _, stats = iterate(
         step,
         (z0,),

@@ -7,13 +7,24 @@
   the baseline). Peak memory is measured: EP and implicit keep no graph of the free phase, so
   their memory is flat in T1 while BPTT's grows linearly. "same" checks every candidate against
   the implicit gradient (rtol 2e-2: AEP carries an O(β²) bias).
+  At T1 = 30 a ``bptt, denormals kept`` candidate shows what the flush-denormal setting saves.
 * ``eqprop/relax``: T relaxation steps of the same network, reported as sample-steps per second.
-  Ours checks the residual every 10 steps (one host read per check); the baseline reads the
-  residual back every step (the usual ``.item()`` loop); torchdeq's ``fixed_point_iter`` (a peer)
-  does the same bookkeeping every step.
+  Ours checks the residual at a growing interval (steps 0, 1, 3, 7, … then every 10; one host
+  read per check); the baseline reads the residual back every step (the usual ``.item()``
+  loop); torchdeq's ``fixed_point_iter`` (a peer) does the same bookkeeping every step.
+* ``eqprop/relax_to_tol_fast`` and ``eqprop/relax_to_tol_slow``: relax to a relative residual of
+  1e-4 on a strongly contracting network (n = 1024, ‖W‖₂ = 0.05, ε = 1: 4 steps) and a slowly
+  converging one (‖W‖₂ = 0.8, ε = 0.1: about 110 steps), ours vs torchdeq's
+  ``fixed_point_iter`` with the same tolerance (``stop_mode="rel"``; its residual is relative to
+  the step εF, so its tol is scaled by ε): the cost of stopping, not of the steps.
 * ``eqprop/anderson``: time to relax to a relative residual of 1e-4 on a slowly contracting
   network (ε = 0.1): plain iteration vs our Anderson acceleration vs torchdeq's Anderson solver.
 * ``eqprop/implicit_gradient``: time per exact implicit gradient, ours vs torchdeq's IFT backward.
+
+Every candidate runs with denormal CPU floats flushed to zero
+(:func:`gradstats.eqprop._iterate.flush_denormal`; the trainer does the same): a backward
+through many relaxation steps otherwise computes on subnormal floats, 6-10x slower on x86,
+which would make BPTT an unfairly slow baseline.
 
 Optional: torchdeq (a peer). Without it its candidates are left out with a note.
 
@@ -23,12 +34,14 @@ Run: ``gradstats bench eqprop`` (``--smoke`` for a seconds-long check).
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import replace
 
 import torch
 
 from gradstats.bench._harness import Candidate, Comparison
 from gradstats.bench._optional import missing
 from gradstats.eqprop import estimate_gradient, relax
+from gradstats.eqprop._iterate import flush_denormal
 from gradstats.eqprop.models import TanhModel
 
 __all__ = ["comparisons"]
@@ -36,10 +49,23 @@ __all__ = ["comparisons"]
 EPS = 1.0  # ‖W‖₂ = 0.8 (0.5 in smoke runs), so z ← z + F(z) contracts at rate ≤ ‖W‖₂
 
 
-def _case(smoke: bool, seed: int = 0) -> tuple[TanhModel, torch.Tensor, torch.Tensor]:
-    n, m, p, batch = (32, 16, 8, 8) if smoke else (256, 64, 16, 64)
+def _flushed(fn: Callable[[], object], flush: bool = True) -> Callable[[], object]:
+    """``fn`` run with denormal CPU floats flushed to zero (``flush=False``: kept)."""
+
+    def run() -> object:
+        with flush_denormal(flush):
+            return fn()
+
+    return run
+
+
+def _case(
+    smoke: bool, seed: int = 0, gain: float | None = None, width: int = 256
+) -> tuple[TanhModel, torch.Tensor, torch.Tensor]:
+    n, m, p, batch = (32, 16, 8, 8) if smoke else (width, 64, 16, 64)
     g = torch.Generator().manual_seed(seed)
-    gain = 0.5 if smoke else 0.8  # smoke: faster contraction, so short runs still agree
+    if gain is None:
+        gain = 0.5 if smoke else 0.8  # smoke: faster contraction, so short runs still agree
     model = TanhModel.random(n, m, p, gain=gain, generator=g, dtype=torch.float32)
     x = torch.randn(batch, m, generator=g, dtype=torch.float32)
     y = torch.randn(batch, p, generator=g, dtype=torch.float32)
@@ -62,13 +88,22 @@ def _gradient(t1: int, smoke: bool) -> Comparison:
 
         return fn
 
+    candidates = [
+        Candidate("aep", run("aep"), "tracking anchor, β = 0.01"),
+        Candidate("implicit", run("implicit"), "Richardson adjoint to tol"),
+        Candidate("bptt", run("bptt"), "baseline: autograd through T1 steps"),
+    ]
+    if t1 == 30:
+        candidates.append(
+            Candidate(
+                "bptt, denormals kept",
+                _flushed(run("bptt"), flush=False),
+                "what flush-denormal saves (torch's default on CPU)",
+            )
+        )
     return Comparison(
         name=f"eqprop/gradient_T1={t1}",
-        candidates=[
-            Candidate("aep", run("aep"), "tracking anchor, β = 0.01"),
-            Candidate("implicit", run("implicit"), "Richardson adjoint to tol"),
-            Candidate("bptt", run("bptt"), "baseline: autograd through T1 steps"),
-        ],
+        candidates=candidates,
         baseline="bptt",
         reference="implicit",
         rtol=2e-2,
@@ -131,6 +166,52 @@ def _relax(smoke: bool) -> Comparison:
         work=steps * x.shape[0],
         work_unit="sample-steps",
         params={"steps": steps, "state": list(model.W.shape), "batch": x.shape[0]},
+        unavailable=unavailable,
+    )
+
+
+def _relax_to_tol(speed: str, smoke: bool) -> Comparison:
+    gain, eps = {"fast": (0.05, EPS), "slow": (0.8, 0.1)}[speed]
+    model, x, _ = _case(smoke, seed=3, gain=gain, width=1024)  # the steps dominate, not overhead
+    tol = 1e-4
+    unavailable: dict[str, str] = {}
+
+    def ours() -> object:
+        return relax(model, x, tol=tol, max_steps=5000, step_size=eps)[0]
+
+    candidates = [Candidate("gradstats.relax", ours, "growing check interval, per-sample freeze")]
+    note = missing("torchdeq")
+    if note is not None:
+        unavailable["torchdeq fixed_point_iter"] = note
+    else:
+        from torchdeq.solver import fixed_point_iter
+
+        def deq() -> object:
+            with torch.no_grad():
+                out, _, _ = fixed_point_iter(  # its residual ‖εF‖/‖z + εF‖: tol scaled by ε
+                    lambda z: z + eps * model.force(z, x),
+                    model.init_state(x),
+                    max_iter=5000,
+                    tol=tol * eps,
+                    stop_mode="rel",
+                )
+                return out
+
+        candidates.append(Candidate("torchdeq fixed_point_iter", deq, "peer: reads every step"))
+    baseline = candidates[-1].name
+    return Comparison(
+        name=f"eqprop/relax_to_tol_{speed}",
+        candidates=candidates,
+        baseline=baseline,
+        rtol=1e-2,
+        atol=1e-3,
+        params={
+            "gain": gain,
+            "eps": eps,
+            "tol": tol,
+            "state": list(model.W.shape),
+            "batch": x.shape[0],
+        },
         unavailable=unavailable,
     )
 
@@ -233,11 +314,17 @@ def _implicit(smoke: bool) -> Comparison:
 
 
 def comparisons(smoke: bool) -> list[Comparison]:
-    """The suite: gradient cost per T1, relaxation throughput, Anderson, implicit gradient."""
-    t1s = (20, 40) if smoke else (50, 100, 200, 400)
-    return [
+    """The suite: gradient cost per T1, relaxation throughput and stopping cost, Anderson,
+    implicit gradient."""
+    t1s = (20, 30) if smoke else (30, 120, 400)
+    suite = [
         *(_gradient(t1, smoke) for t1 in t1s),
         _relax(smoke),
+        _relax_to_tol("fast", smoke),
+        _relax_to_tol("slow", smoke),
         _anderson(smoke),
         _implicit(smoke),
+    ]
+    return [  # every candidate with denormals flushed (nested settings restore correctly)
+        replace(c, candidates=[replace(k, fn=_flushed(k.fn)) for k in c.candidates]) for c in suite
     ]

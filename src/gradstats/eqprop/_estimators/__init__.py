@@ -122,7 +122,8 @@ def estimate_gradient(
         tol: free phase: stop a sample when ‖F(z)‖/‖z‖ ≤ tol (0: exactly ``max_steps`` steps).
         tol_adjoint: adjoint/nudged phases: stop when ‖r_a‖/‖ℓ‖ ≤ tol_adjoint.
         max_steps, max_steps_adjoint: step caps (reaching one warns, ``converged=False``).
-        check_every: steps between residual checks (each check is one host sync).
+        check_every: the cap of the residual-check interval: with tol > 0 the residual is checked
+            at steps 1, 2, 4, … below it and at every multiple of it (each check one host sync).
         anderson: Anderson memory for the free phase (0: off).
         adjoint_solver: ``implicit``: ``"richardson"`` or ``"gmres"``.
         gmres_restart: GMRES restart length.

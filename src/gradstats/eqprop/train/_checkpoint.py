@@ -44,6 +44,7 @@ __all__ = [
     "RESUME_KEYS",
     "VERSION",
     "build_from_checkpoint",
+    "check_fit",
     "load_checkpoint",
     "save_checkpoint",
 ]
@@ -122,7 +123,7 @@ def load_checkpoint(path: str | Path, *, require: Iterable[str] = ()) -> dict[st
         FileNotFoundError: no checkpoint there.
         StateError: the file is not a gradstats training checkpoint (not a torch file, a
             truncated one, foreign objects, another format or version), misses keys (named), or
-            holds keys of the wrong type.
+            holds keys of the wrong type or a negative step.
     """
     path = Path(path)
     if path.is_dir():
@@ -159,10 +160,12 @@ def load_checkpoint(path: str | Path, *, require: Iterable[str] = ()) -> dict[st
     ]
     if wrong:
         raise StateError(f"{path} holds keys of the wrong type: {', '.join(wrong)}")
+    if state["step"] < 0:
+        raise StateError(f"{path} is at step {state['step']}: a checkpoint's step is >= 0")
     return state
 
 
-def _check_fit(name: str, expected: dict[str, torch.Tensor], weights: dict[str, Any]) -> None:
+def check_fit(name: str, expected: dict[str, torch.Tensor], weights: dict[str, Any]) -> None:
     """Raise a StateError (one line) unless ``weights`` has exactly the model's keys and shapes."""
     missing = [k for k in expected if k not in weights]
     unexpected = [k for k in weights if k not in expected]
@@ -188,8 +191,8 @@ def build_from_checkpoint(state: dict[str, Any]) -> torch.nn.Module:
 
     Raises:
         StateError: an unknown model class, constructor arguments the class does not take,
-            mixed dtypes, or weights that do not fit the model (missing, unexpected or
-            wrongly shaped tensors). Nothing is returned half-loaded.
+            mixed dtypes, a dtype other than float32/float64, or weights that do not fit the
+            model (missing, unexpected or wrongly shaped tensors). Nothing is returned half-loaded.
     """
     name = state["model_class"]
     if name not in _CLASSES:
@@ -207,8 +210,12 @@ def build_from_checkpoint(state: dict[str, Any]) -> torch.nn.Module:
     dtypes = {t.dtype for t in weights.values() if t.is_floating_point()}
     if len(dtypes) > 1:
         raise StateError(f"the checkpoint's weights mix dtypes {sorted(map(str, dtypes))}")
+    if dtypes - {torch.float32, torch.float64}:
+        raise StateError(
+            f"the checkpoint's weights are {dtypes.pop()}: a run trains in float32 or float64"
+        )
     if dtypes:
         model.to(dtypes.pop())
-    _check_fit(name, model.state_dict(), weights)
+    check_fit(name, model.state_dict(), weights)
     model.load_state_dict(weights)
     return model

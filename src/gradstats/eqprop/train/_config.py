@@ -134,7 +134,17 @@ class TrainConfig:
     seed: int = _opt(0, "seed of initialisation, batches and noise")
     device: str = _opt("cpu", "torch device (cpu, cuda, cuda:1, ...)")
     dtype: str = _opt("float32", "parameter and state dtype: float32|float64")
-    threads: int | None = _opt(None, "torch CPU threads (default: torch's choice)")
+    threads: int | None = _opt(
+        None,
+        "torch CPU threads (default: 1 per 2^19 state elements batch*block*d_model, at most "
+        "torch's default: 1 for the small models; torch's one-per-core default slows small "
+        "models down by 10-50x on a busy machine)",
+    )
+    timeout: float | None = _opt(
+        None,
+        "under torchrun: seconds a process waits for the others in a collective before it "
+        "fails (default: torch's, 30 minutes)",
+    )
     eval_every: int = _opt(100, "steps between validation evaluations")
     eval_batches: int = _opt(4, "validation batches per evaluation (fixed windows)")
     spot_check_every: int = _opt(
@@ -168,6 +178,8 @@ class TrainConfig:
         check_positive_int("spot_check_every", self.spot_check_every, minimum=0)
         if self.threads is not None:
             check_positive_int("threads", self.threads)
+        if self.timeout is not None:
+            _check_float("timeout", self.timeout, positive=True)
         if self.points is not None:
             check_positive_int("points", self.points, minimum=2)
         if self.d_model % self.n_heads:

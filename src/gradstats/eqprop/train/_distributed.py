@@ -96,9 +96,10 @@ def rank_device(device: str, group: Group) -> torch.device:
 
 
 @contextmanager
-def process_group_from_env(device: str) -> Iterator[Group]:
-    """:func:`gradstats._torchrun.torchrun_process_group`, yielding this trainer's ``Group``."""
-    with torchrun_process_group(device):
+def process_group_from_env(device: str, timeout: float | None = None) -> Iterator[Group]:
+    """:func:`gradstats._torchrun.torchrun_process_group` (``timeout``: seconds a collective
+    waits for the other ranks), yielding this trainer's ``Group``."""
+    with torchrun_process_group(device, timeout):
         yield current_group()
 
 

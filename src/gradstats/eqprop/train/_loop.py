@@ -8,7 +8,10 @@ divides by the B·T tokens, clips, and steps the optimizer. Validation relaxes w
 free-phase settings the estimator used (``bptt``: exactly ``t1`` steps), so training and
 validation evaluate one objective. A step whose estimate diverged is skipped and counted;
 ``max_skips`` consecutive failures, a non-finite validation loss or non-finite weights stop the
-run with :class:`TrainingDiverged`, leaving the last good checkpoint in place.
+run with :class:`TrainingDiverged`, leaving the last good checkpoint in place. Ctrl-C finishes
+the current step, saves a checkpoint at it and raises :class:`TrainingInterrupted` (resume with
+``--resume``); the run uses :func:`auto_threads` CPU threads unless ``threads`` is given and
+flushes denormal floats (see ``_runtime``).
 
 Under ``torch.distributed`` (``torchrun --nproc_per_node W gradstats eqprop train ...``, or any
 program that initialised the default process group before calling :func:`train`) the run is
@@ -25,36 +28,39 @@ from __future__ import annotations
 
 import math
 import time
-import warnings
-from dataclasses import dataclass, fields, replace
+from collections.abc import Iterable
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from tqdm.auto import tqdm
 
 from gradstats.data import load_corpus
-from gradstats.eqprop._estimators import estimate_gradient
 from gradstats.eqprop._module import EquilibriumModule
-from gradstats.eqprop._penalties import add_penalties
-from gradstats.eqprop._stats import ConvergenceWarning, write_grads
-from gradstats.eqprop.train._checkpoint import CHECKPOINT, load_checkpoint, save_checkpoint
-from gradstats.eqprop.train._config import TrainConfig
-from gradstats.eqprop.train._distributed import (
-    current_group,
-    draw_batch,
-    rank_device,
-    reduce_backprop,
-    reduce_estimate,
-    shard_noise,
+from gradstats.eqprop.train._checkpoint import (
+    CHECKPOINT,
+    RESUME_KEYS,
+    load_checkpoint,
+    save_checkpoint,
 )
+from gradstats.eqprop.train._config import TrainConfig
+from gradstats.eqprop.train._distributed import current_group, draw_batch, rank_device
 from gradstats.eqprop.train._evaluation import evaluate, spot_check
 from gradstats.eqprop.train._metrics import MetricsLog, plot_curves, read_metrics
+from gradstats.eqprop.train._resume import RESUMABLE, check_resume_state, merge_resume
+from gradstats.eqprop.train._runtime import TrainingInterrupted, auto_threads, run_environment
+from gradstats.eqprop.train._steps import _backprop_step, _ep_step, _optimizer, learning_rate
 from gradstats.errors import ConfigurationError, DivergenceError, StateError
 
-__all__ = ["TrainResult", "TrainingDiverged", "evaluate", "train"]
-
-#: Options a resumed run may change; every other one comes from the checkpoint.
-RESUMABLE = ("steps", "out", "resume", "progress", "threads", "device")
+__all__ = [
+    "RESUMABLE",
+    "TrainResult",
+    "TrainingDiverged",
+    "TrainingInterrupted",
+    "evaluate",
+    "learning_rate",
+    "train",
+]
 
 
 class TrainingDiverged(DivergenceError):
@@ -81,124 +87,39 @@ class TrainResult:
         return self.skipped_steps
 
 
-def _merge_resume(given: TrainConfig, saved: TrainConfig) -> TrainConfig:
-    defaults = TrainConfig()
-    clash = [
-        f.name
-        for f in fields(TrainConfig)
-        if f.name not in RESUMABLE
-        and getattr(given, f.name) != getattr(defaults, f.name)
-        and getattr(given, f.name) != getattr(saved, f.name)
-    ]
-    if clash:
-        detail = ", ".join(f"{n}={getattr(given, n)!r} (run: {getattr(saved, n)!r})" for n in clash)
+def _resumed(cfg: TrainConfig, out: Path, world: int, explicit: Iterable[str] | None):
+    """(checkpoint, config) of the run to resume in ``out``; refuses mismatches."""
+    state = load_checkpoint(out, require=RESUME_KEYS)
+    try:
+        saved = TrainConfig.from_dict(state["config"])
+    except (TypeError, ValueError) as error:
+        raise StateError(f"{out}: the saved run configuration is invalid: {error}") from None
+    cfg = merge_resume(cfg, saved, explicit)
+    ranks = int(state.get("world_size", 1))
+    if ranks != world:
+        raise StateError(
+            f"the run in {out} was trained on {ranks} process(es) (global batch "
+            f"{ranks}x{cfg.batch_size}); resume it with the same number, not {world}"
+        )
+    if cfg.steps <= state["step"]:
         raise ConfigurationError(
-            f"a resumed run keeps its configuration; these options differ: {detail}"
+            f"nothing to do: the run in {out} is already at step {state['step']} and "
+            f"steps={cfg.steps}; pass steps > {state['step']} (--steps) to continue it"
         )
-    return replace(saved, **{name: getattr(given, name) for name in RESUMABLE})
+    return state, cfg
 
 
-def _optimizer(cfg: TrainConfig, model: torch.nn.Module) -> torch.optim.Optimizer:
-    params = [p for p in model.parameters() if p.requires_grad]
-    if cfg.optimizer == "adamw":
-        return torch.optim.AdamW(
-            params, lr=cfg.lr, betas=(0.9, 0.99), weight_decay=cfg.weight_decay
-        )
-    if cfg.optimizer == "adam":
-        return torch.optim.Adam(params, lr=cfg.lr, betas=(0.9, 0.99), weight_decay=cfg.weight_decay)
-    return torch.optim.SGD(params, lr=cfg.lr, momentum=0.9, weight_decay=cfg.weight_decay)
-
-
-def learning_rate(cfg: TrainConfig, step: int) -> float:
-    """Linear warm-up over ``warmup`` steps, then cosine decay from ``lr`` to ``lr/10``."""
-    if cfg.warmup and step <= cfg.warmup:
-        return cfg.lr * step / cfg.warmup
-    span = max(cfg.steps - cfg.warmup, 1)
-    progress = min((step - cfg.warmup) / span, 1.0)
-    return cfg.lr * (0.1 + 0.45 * (1 + math.cos(math.pi * progress)))
-
-
-def _phase_record(est) -> dict[str, object]:
-    free = est.stats.get("free", est.stats.get("bptt"))
-    adj = est.stats.get("nudged", est.stats.get("adjoint"))
-    out: dict[str, object] = {}
-    if free is not None:
-        s = free.summary()
-        out.update(res_free=s["residual_max"], steps_free=s["steps_max"])
-    if adj is not None:
-        s = adj.summary()
-        out.update(res_adjoint=s["residual_max"], steps_adjoint=s["steps_max"])
-    phases = [s for s in est.stats.values() if s.phase != "bptt"]
-    out["phases"] = len(phases)
-    out["unconverged"] = sum(not s.all_converged() for s in phases)
-    return out
-
-
-def _ep_step(model, cfg, x, y, noise_gen, opt, tokens, group):
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", ConvergenceWarning)  # counted through the stats
-        est = estimate_gradient(
-            model, x, y, cfg.method, generator=noise_gen, nonfinite="skip",
-            noise=shard_noise(model, x, noise_gen, group), **cfg.estimator_settings(),
-        )  # fmt: skip
-        if group.active:
-            est, record = reduce_estimate(model, cfg, est, x, noise_gen, tokens, group)
-            return _write(model, opt, est, est.grads, record)
-        weights = cfg.penalties()
-        plain = {k: v for k, v in weights.items() if k != "jacobian"}
-        if not est.skipped and plain:
-            est = add_penalties(
-                est, model, x, plain, probes=cfg.penalty_probes, generator=noise_gen
-            )
-        if not est.skipped and "jacobian" in weights:
-            with model.relaxation_map(cfg.step_size):  # ½‖I + εJ‖²_F of the iterated map
-                est = add_penalties(
-                    est,
-                    model,
-                    x,
-                    {"jacobian": weights["jacobian"]},
-                    probes=cfg.penalty_probes,
-                    generator=noise_gen,
-                )
-    if est.skipped:
-        return est, {"skipped": True, "reason": est.reason}
-    record = {"skipped": False, "train_ce": float(est.loss) / tokens}  # sync-ok: logging
-    record.update(_phase_record(est))
-    for name, pen in est.penalties.items():
-        record[f"penalty.{name}"] = [float(pen["value"]), float(pen["scale"])]  # sync-ok
-    return _write(model, opt, est, {n: g / tokens for n, g in est.grads.items()}, record)
-
-
-def _write(model, opt, est, grads, record):
-    """Write ``grads`` (already divided by the tokens) unless skipped or non-finite."""
-    if record["skipped"]:
-        return est, record
-    if not all(bool(torch.isfinite(g).all()) for g in grads.values()):  # sync-ok: once/step
-        return est, {"skipped": True, "reason": "non-finite gradient after penalties"}
-    opt.zero_grad(set_to_none=True)
-    write_grads(model, grads)
-    return est, record
-
-
-def _backprop_step(model, x, y, opt, tokens, group):
-    opt.zero_grad(set_to_none=True)
-    loss = model.loss(x, y)
-    ok = bool(torch.isfinite(loss))  # sync-ok: once per step
-    if ok:
-        (loss / tokens).backward()
-    if group.active:  # every rank joins the reduce, finite or not
-        return reduce_backprop(model, loss, ok, tokens, group)
-    if not ok:
-        return {"skipped": True, "reason": "non-finite loss"}
-    return {"skipped": False, "train_ce": float(loss.detach()) / tokens}  # sync-ok: logging
-
-
-def train(config: TrainConfig, *, until: int | None = None) -> TrainResult:
+def train(
+    config: TrainConfig, *, until: int | None = None, explicit: Iterable[str] | None = None
+) -> TrainResult:
     """Train (or, with ``resume=True``, continue) the run ``config`` describes.
 
     Args:
         config: the run's options.
         until: stop after this step (writing a checkpoint), as if interrupted there.
+        explicit: with ``resume``, the names of the options the caller gave explicitly (the
+            command line passes those typed on it); each one outside ``RESUMABLE`` must equal
+            the checkpoint's value. ``None``: the options that differ from their defaults.
 
     Under an initialised process group of W ranks every rank calls ``train`` with the same
     ``config``: ``batch_size`` is per rank (global batch W·``batch_size``), gradients are
@@ -210,48 +131,49 @@ def train(config: TrainConfig, *, until: int | None = None) -> TrainResult:
     Raises:
         FileNotFoundError: ``--data`` or (with ``resume``) the checkpoint does not exist.
         ConfigurationError: bad options, data too short for the block size, an ``out`` that
-            already holds a run (without ``resume``), a resumed run whose options differ or
-            whose ``steps`` is not beyond the checkpoint's step (nothing to do).
-        StateError: a corrupt checkpoint, or one trained on other data or another number of
-            ranks (both are ``ValueError``s).
+            already holds a run (without ``resume``), a resumed run given options that differ
+            from its own, or whose ``steps`` is not beyond the checkpoint's step.
+        StateError: a corrupt, incomplete or tampered checkpoint (negative step, weights of
+            another dtype or shape, a foreign optimizer or generator state), or one trained on
+            other data or another number of ranks (both are ``ValueError``s). Nothing is
+            loaded when it is raised.
         TrainingDiverged: the run diverged (the last good checkpoint is kept).
+        TrainingInterrupted: Ctrl-C (a ``KeyboardInterrupt``): the checkpoint holds the last
+            finished step.
     """
     cfg = config
     out = Path(cfg.out)
     group = current_group()
     state = None
     if cfg.resume:
-        state = load_checkpoint(out)
-        cfg = _merge_resume(cfg, TrainConfig.from_dict(state["config"]))
-        ranks = int(state.get("world_size", 1))
-        if ranks != group.world:
-            raise StateError(
-                f"the run in {out} was trained on {ranks} process(es) (global batch "
-                f"{ranks}x{cfg.batch_size}); resume it with the same number, not {group.world}"
-            )
-        if cfg.steps <= int(state["step"]):
-            raise ConfigurationError(
-                f"nothing to do: the run in {out} is already at step {state['step']} and "
-                f"steps={cfg.steps}; pass steps > {state['step']} (--steps) to continue it"
-            )
+        state, cfg = _resumed(cfg, out, group.world, explicit)
     elif (out / CHECKPOINT).exists():
         raise ConfigurationError(
             f"{out} already holds a run: pass --resume or choose another --out"
         )
     group.barrier()  # every rank has checked/read the folder before rank 0 writes to it
     device = rank_device(cfg.device, group)
-    if cfg.threads:
-        torch.set_num_threads(cfg.threads)
     corpus = load_corpus(cfg.data)
     corpus.check_block_size(cfg.block_size)
     if state is not None and state["corpus"]["sha256"] != corpus.sha256:
         raise StateError(f"the data of {cfg.data or 'shakespeare_char'} differ from the run's")
-    if group.main:
-        out.mkdir(parents=True, exist_ok=True)
     model = cfg.build_model(corpus.vocab_size).to(device)
     opt = _optimizer(cfg, model)
     data_gen = torch.Generator().manual_seed(cfg.seed + 1)
     noise_gen = torch.Generator(device=device).manual_seed(cfg.seed + 2)
+    if state is not None:  # everything checked before anything is loaded
+        check_resume_state(state, model, opt, out)
+    if group.main:
+        out.mkdir(parents=True, exist_ok=True)
+    elements = cfg.batch_size * cfg.block_size * cfg.d_model
+    count = cfg.threads or auto_threads(elements)
+    with run_environment(count, single_process=not group.active) as boundary:
+        return _run(cfg, out, group, corpus, model, opt, data_gen, noise_gen, state, until,
+                    boundary, device)  # fmt: skip
+
+
+def _run(cfg, out, group, corpus, model, opt, data_gen, noise_gen, state, until, boundary,
+         device) -> TrainResult:  # fmt: skip
     # "consecutive": failed steps in a row (checkpointed, so a resume stops where the
     # uninterrupted run would)
     counters = {"skipped": 0, "consecutive": 0, "phases": 0, "unconverged": 0}
@@ -365,20 +287,19 @@ def train(config: TrainConfig, *, until: int | None = None) -> TrainResult:
             raise diverged(step, why)
         if val_ce is not None and not math.isfinite(val_ce):
             raise diverged(step, "non-finite validation loss")
-        frac = counters["unconverged"] / max(counters["phases"], 1)
-        post = {"ce": f"{record.get('train_ce', math.nan):.3f}", "val": f"{val_ce or math.nan:.3f}"}
-        if "res_free" in record:
-            post["res"] = f"{record['res_free']:.1e}"
-        if "res_adjoint" in record:
-            post["adj"] = f"{record['res_adjoint']:.1e}"
-        if cfg.method != "backprop":
-            post["unconv"] = f"{100 * frac:.1f}%"
-        bar.set_postfix(post, refresh=False)
+        bar.set_postfix(_postfix(cfg, record, val_ce, counters), refresh=False)
         bar.update(1)
-        if step % cfg.checkpoint_every == 0 or step == stop:
+        if step % cfg.checkpoint_every == 0 or step == stop or boundary.pending:
             checkpoint(step)
-            if group.main:
+            if group.main and not boundary.pending:
                 _plot(out, cfg)
+        if boundary.pending and step < stop:  # (at the last step the run simply ends)
+            bar.close()
+            raise TrainingInterrupted(
+                f"interrupted: step {step} saved in {ckpt_path}; continue with "
+                f"'gradstats eqprop train --out {out} --resume'",
+                step=step,
+            )
     bar.close()
     group.barrier()  # the run folder is complete when train returns on any rank
     return TrainResult(
@@ -390,6 +311,18 @@ def train(config: TrainConfig, *, until: int | None = None) -> TrainResult:
         metrics=log.path,
         curves=out / "curves.png",
     )
+
+
+def _postfix(cfg: TrainConfig, record, val_ce: float | None, counters) -> dict[str, str]:
+    frac = counters["unconverged"] / max(counters["phases"], 1)
+    post = {"ce": f"{record.get('train_ce', math.nan):.3f}", "val": f"{val_ce or math.nan:.3f}"}
+    if "res_free" in record:
+        post["res"] = f"{record['res_free']:.1e}"
+    if "res_adjoint" in record:
+        post["adj"] = f"{record['res_adjoint']:.1e}"
+    if cfg.method != "backprop":
+        post["unconv"] = f"{100 * frac:.1f}%"
+    return post
 
 
 def _plot(out: Path, cfg: TrainConfig) -> None:

@@ -9,9 +9,11 @@ evaluation steps add ``val_ce``, spot-check steps ``cos_implicit`` (all paramete
 of that reference's adjoint solve (``implicit_res_adjoint``), both at the weights the step's
 estimate used. ``time`` is the wall time since the start.
 
-Rewrites (:meth:`MetricsLog.truncate`) and the figure are written atomically (a temporary file
-renamed over the target, removed when the write fails), so a full disk leaves the previous file
-and no temporary one.
+Rewrites (:meth:`MetricsLog.truncate`, at every resume) and the figure are written atomically (a
+temporary file, flushed to disk, renamed over the target; removed when the write fails), so a
+kill or a full disk during a rewrite leaves the previous file and no temporary one. An append
+cut short (a kill or a full disk mid-line) leaves a truncated last line: :func:`read_metrics`
+drops it with a warning, and the resume's rewrite removes it.
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
+from gradstats._warnings import warn
 from gradstats.errors import StateError
 
 __all__ = ["MetricsLog", "plot_curves", "read_metrics"]
@@ -52,8 +55,10 @@ class MetricsLog:
         if not self.path.exists():
             return
         kept = [r for r in read_metrics(self.path) if r.get("step", 0) <= step]
-        with _replacing(self.path) as tmp:
-            tmp.write_text("".join(json.dumps(r) + "\n" for r in kept))
+        with _replacing(self.path) as tmp, tmp.open("w") as handle:
+            handle.write("".join(json.dumps(r) + "\n" for r in kept))
+            handle.flush()
+            os.fsync(handle.fileno())  # the data on disk before the rename makes it visible
 
     def write(self, record: dict[str, Any]) -> None:
         with self.path.open("a") as handle:
@@ -63,11 +68,18 @@ class MetricsLog:
 def read_metrics(path: str | Path) -> list[dict[str, Any]]:
     """The records of a ``metrics.jsonl`` file.
 
+    A last line without its newline that is not a JSON object is what an interrupted append
+    (a kill, a full disk) leaves: it is dropped with a warning, and the next rewrite
+    (:meth:`MetricsLog.truncate` at a resume) removes it from the file.
+
     Raises:
-        StateError: a line is not a JSON object (the message names the file and the line).
+        StateError: a complete line is not a JSON object (the message names the file and the
+            line).
     """
+    text = Path(path).read_text()
+    lines = text.splitlines()
     records = []
-    for number, line in enumerate(Path(path).read_text().splitlines(), start=1):
+    for number, line in enumerate(lines, start=1):
         if not line.strip():
             continue
         try:
@@ -75,6 +87,13 @@ def read_metrics(path: str | Path) -> list[dict[str, Any]]:
         except json.JSONDecodeError:
             record = None
         if not isinstance(record, dict):
+            if number == len(lines) and not text.endswith("\n"):
+                warn(
+                    f"{path}, line {number}: dropped a truncated last record (an interrupted "
+                    f"write): {line[:40]!r}",
+                    UserWarning,
+                )
+                break
             raise StateError(f"{path}, line {number}: not a metrics record (a JSON object)")
         records.append(record)
     return records
