@@ -143,12 +143,10 @@ def _richardson(
     def step(main, aux, check):
         (lam,) = main
         r = vjp(lam) + ell
-        if check:
-            res_abs = per_sample_norm(r)
-            rel = res_abs / ell_norm
-        else:
-            rel = res_abs = None
-        return (lam + step_size * r,), aux, rel, res_abs
+        if not check:
+            return (lam + step_size * r,), aux, None, None
+        res_abs = per_sample_norm(r)
+        return (lam + step_size * r,), aux, res_abs / ell_norm, res_abs
 
     (lam,), _, stats = iterate(
         step,

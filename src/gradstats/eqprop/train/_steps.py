@@ -85,9 +85,10 @@ def _ep_step(model, cfg, x, y, noise_gen, opt, tokens, group):
                     probes=cfg.penalty_probes,
                     generator=noise_gen,
                 )
-    if est.skipped:
+    loss = est.loss  # present on every estimate that was not skipped
+    if est.skipped or loss is None:
         return est, {"skipped": True, "reason": est.reason}
-    record = {"skipped": False, "train_ce": float(est.loss) / tokens}  # sync-ok: logging
+    record = {"skipped": False, "train_ce": float(loss) / tokens}  # sync-ok: logging
     record.update(_phase_record(est))
     for name, pen in est.penalties.items():
         record[f"penalty.{name}"] = [float(pen["value"]), float(pen["scale"])]  # sync-ok
