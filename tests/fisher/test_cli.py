@@ -137,6 +137,19 @@ def test_hugging_face_folder_with_weights_and_tokenizer(tmp_path, text, capsys):
         (["RUN", "--text", "TEXT"], "checkpoint.pt is not a readable checkpoint"),
         (["EMPTY", "--text", "TEXT"], "neither a Hugging Face model folder (config.json) nor"),
         (["gpt2", "--text", "TEXT", "--seq-len", "5000", *TINY], "fewer than --seq-len 5000"),
+        (
+            ["llama", "--text", "TEXT", "--set", "n_layer=2", "n_embd=64"],
+            "llama configs have no key 'n_layer' (did you mean num_hidden_layers?); valid keys: ",
+        ),
+        (
+            ["gpt2", "--text", "TEXT", "--set", "n_layers=2"],
+            "gpt2 configs have no key 'n_layers' (did you mean n_layer?)",
+        ),
+        (["llama", "--text", "TEXT"], "has 6.74B parameters, above the 400M limit"),
+        (
+            ["gpt2", "--text", "TEXT", "--kind", "exact", "--seq-len", "16", *TINY],
+            "more than max_exact_passes=4096",
+        ),
     ],
 )
 def test_bad_input_exits_2_with_one_line(args, message, tmp_path, text, capsys):
@@ -209,3 +222,101 @@ def test_device_cuda_without_a_gpu_is_a_one_line_error(tmp_path, text, capsys):
     assert status == 2
     assert "--device cuda: no CUDA device is available" in captured.err
     assert not (tmp_path / "out").exists()
+
+
+def test_the_parameter_count_is_printed_before_building(tmp_path, text, capsys):
+    args = ["gpt2", "--text", str(text), "--out", str(tmp_path / "out"), "--seq-len", "16"]
+    status, captured = _run([*args, "--max-batches", "1", *TINY], capsys)
+    assert status == 0, captured.err
+    first = captured.out.splitlines()[0]
+    assert first.startswith("model type 'gpt2' (random weights): ")
+    assert "parameters" in first
+
+
+@pytest.mark.parametrize("weights", [True, False], ids=["save_pretrained", "config only"])
+def test_hugging_face_folder_without_tokenizer_files_uses_bytes(weights, tmp_path, text, capsys):
+    """transformers 5.x returns an empty-vocabulary tokenizer here: the byte fallback is used."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    folder = tmp_path / "hf"
+    config = GPT2Config(n_layer=1, n_embd=8, n_head=2, vocab_size=300, n_positions=32)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        if weights:
+            GPT2LMHeadModel(config).save_pretrained(folder)
+        else:
+            config.save_pretrained(folder)
+    out = tmp_path / "out"
+    args = [str(folder), "--text", str(text), "--out", str(out), "--seq-len", "8"]
+    status, captured = _run([*args, "--max-batches", "1"], capsys)
+    assert status == 0, captured.err
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["tokenizer"] == "byte-level fallback"
+    assert summary["counts"]["samples"] == 4
+
+
+def _run_folder(tmp_path, corpus_text):
+    from gradstats.data import text_corpus
+    from gradstats.eqprop import models, train
+
+    data = tmp_path / "corpus.txt"
+    data.write_text(corpus_text)
+    corpus = text_corpus(data)
+    model = models.EquilibriumTransformer(
+        vocab_size=corpus.vocab_size, block_size=8, d_model=8, n_heads=2
+    )
+    run = tmp_path / "run"
+    run.mkdir()
+    train._checkpoint.save_checkpoint(
+        run / "checkpoint.pt",
+        {
+            "config": {"data": str(data)},
+            "model_class": "EquilibriumTransformer",
+            "model_config": model.config(),
+            "model": model.state_dict(),
+            "step": 3,
+            "corpus": {"name": "tiny", "sha256": corpus.sha256, "vocab": corpus.vocab},
+        },
+    )
+    return run, data
+
+
+def test_a_run_folder_defaults_to_its_corpus_with_one_note_line(tmp_path, capsys):
+    run, _ = _run_folder(tmp_path, "abc de cab bad ace " * 40)
+    out = tmp_path / "out"
+    args = [str(run), "--out", str(out), "--seq-len", "8", "--max-batches", "1"]
+    status, captured = _run(args, capsys)
+    assert status == 0, captured.err
+    assert json.loads((out / "summary.json").read_text())["counts"]["samples"] == 4
+    notes = captured.err.strip().splitlines()
+    assert notes == [
+        "gradstats fisher: note: EquilibriumTransformer: per-sequence gradients by the implicit "
+        "function theorem at the fixed point, one sequence at a time (exact, slow)"
+    ]
+
+
+def test_a_run_folder_whose_corpus_changed_needs_text(tmp_path, capsys):
+    run, data = _run_folder(tmp_path, "abc de cab bad ace " * 40)
+    data.write_text("something else entirely " * 40)
+    status, captured = _run([str(run), "--out", str(tmp_path / "out")], capsys)
+    assert status == 2
+    assert "changed since training (SHA-256 differs); pass --text FILE" in captured.err
+
+
+def test_the_heatmap_names_the_model_and_labels_its_colorbar(tmp_path, text, capsys, monkeypatch):
+    from matplotlib.figure import Figure
+
+    figures = []
+    original = Figure.savefig
+
+    def record(self, *args, **kwargs):
+        figures.append((self.axes[0].get_title(), self.axes[1].get_ylabel()))
+        return original(self, *args, **kwargs)
+
+    monkeypatch.setattr(Figure, "savefig", record)
+    args = ["gpt2", "--text", str(text), "--out", str(tmp_path / "out"), "--seq-len", "16"]
+    status, captured = _run([*args, "--max-batches", "1", *TINY], capsys)
+    assert status == 0, captured.err
+    ((title, colorbar),) = figures
+    assert title.startswith("gpt2: mask Fisher per head")
+    assert colorbar == "mask Fisher E[(Σ θ·g)²] of the head"

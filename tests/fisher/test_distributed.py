@@ -67,7 +67,7 @@ def _cli_args(text: Path, out: Path) -> list[str]:
     ]
 
 
-def _tiny_source(source, overrides):
+def _tiny_source(source, overrides, **options):
     """A causal LM without transformers (whose import would dominate the spawned ranks)."""
     model = torch.nn.Sequential(
         torch.nn.Embedding(256, 4), torch.nn.Tanh(), torch.nn.Linear(4, 256)

@@ -219,3 +219,27 @@ def test_a_version_1_file_with_the_old_counter_name_loads(saved, tmp_path):
     assert loaded.counts == original.counts
     for name, value in original.fisher().items():
         torch.testing.assert_close(loaded.fisher()[name], value, rtol=0, atol=0)
+
+
+def test_group_counts_that_differ_between_families_are_impossible(saved, tmp_path):
+    """Every family counts the same units (one combined RunningMoments holds them all)."""
+
+    def change(data):
+        key = "state/trace/2/count"
+        data[key] = data[key] + 1.0
+        for other in ("weight_sum", "weight_sq_sum"):
+            name = f"state/trace/2/{other}"
+            data[name] = data[name] + 1.0
+
+    path = _rewrite(saved, tmp_path, tensors=change)
+    with pytest.raises(StateError, match=r"trace/\*/count differs between the families"):
+        FisherCollector.load(path)
+
+
+def test_the_file_keeps_one_entry_set_per_family(saved):
+    data, _ = _read(saved)
+    for fam in ("0", "2"):
+        for key in ("count", "mean", "m2", "skipped"):
+            assert f"state/trace/{fam}/{key}" in data
+    assert data["state/trace/0/mean"].shape == (5,)
+    assert data["state/trace/2/mean"].shape == (4,)

@@ -6,15 +6,23 @@ SOURCE is one of
   otherwise the model is randomly initialised, with a warning; a tokenizer in the folder is used);
 * a config JSON file with a ``model_type`` key, or a registered model type name (``gpt2``,
   ``llama``, ...) — built from the config, randomly initialised; ``--set KEY=VALUE`` overrides
-  config entries (e.g. ``--set n_layer=2 n_embd=64``);
+  config entries (e.g. ``--set n_layer=2 n_embd=64`` for gpt2; a key the config does not have
+  is refused, listing the valid ones). The parameter count is printed before building, and a
+  model above 400M parameters is refused unless ``--allow-large``;
 * a gradstats run folder (``checkpoint.pt`` written by ``gradstats eqprop train``): the model
   (equilibrium transformer or its backprop baseline) with its weights and the run's character
   vocabulary (characters outside it are dropped, with a warning). The equilibrium transformer
   is differentiated at its fixed point by the implicit function theorem, one sequence at a time
-  (exact, slow).
+  (exact, slow). Without ``--text`` the run's own training corpus is used (its config's
+  ``data``, checked against the SHA-256 in the checkpoint).
 
-Without a tokenizer the text is mapped byte by byte: token id = UTF-8 byte value when the
-vocabulary has at least 256 entries, else byte value mod vocabulary size (documented fallback).
+``--kind exact`` keeps the library's cap on label enumerations (``max_exact_passes``): through a
+whole language model it needs V^T backward passes per sequence and is refused with one line
+(use ``--kind mc``). Library warnings of the collection are printed as one ``note:`` line each.
+
+Without a tokenizer (or with the empty-vocabulary tokenizer that transformers 5.x returns
+for a folder without tokenizer files) the text is mapped byte by byte: token id = UTF-8 byte
+value when the vocabulary has at least 256 entries, else byte value mod vocabulary size.
 The text is cut into sequences of ``--seq-len`` tokens (at most the model's positions),
 ``--batch-size`` per batch.
 
@@ -33,6 +41,8 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import sys
+import warnings
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -43,10 +53,21 @@ from gradstats._files import atomic_path, write_text_atomic
 from gradstats._format import format_table
 from gradstats.cli._checks import check_out_dir, resolve_device
 from gradstats.cli._config import add_config_arguments, config_from_args, option
-from gradstats.cli._fisher_source import encode, load_source, max_positions, overrides, vocab_size
+from gradstats.cli._fisher_source import (
+    MAX_PARAMETERS,
+    encode,
+    is_run_source,
+    load_source,
+    max_positions,
+    overrides,
+    run_corpus_text,
+    vocab_size,
+)
 from gradstats.errors import ConfigurationError
 
 __all__ = ["FisherConfig", "register", "run_fisher"]
+
+LABELS = {"mask": "mask Fisher E[(Σ θ·g)²] of the head", "trace": "trace Fisher Σ F_jj of the head"}
 
 
 @dataclass(frozen=True)
@@ -54,7 +75,9 @@ class FisherConfig:
     source: str = option(
         "", "HF model folder, config JSON, model type name, or a run folder", positional=True
     )
-    text: Path | None = option(None, "UTF-8 text file to collect on (required)")
+    text: Path | None = option(
+        None, "UTF-8 text file to collect on (required, except for a run folder: its corpus)"
+    )
     out: Path = option(Path("gradstats-fisher"), "output folder")
     kind: str = option("empirical", "estimand", choices=("empirical", "mc", "exact"))
     unit: str = option("sample", "unit of the statistics", choices=("sample", "token"))
@@ -73,6 +96,9 @@ class FisherConfig:
     )
     progress: bool = option(True, "show a progress bar")
     device: str = option("cpu", "device of the model (cpu, cuda, cuda:1, ...)")
+    allow_large: bool = option(
+        False, f"build models above {MAX_PARAMETERS // 10**6}M parameters (refused otherwise)"
+    )
 
 
 def _rows(ids: list[int], config: FisherConfig, model: torch.nn.Module) -> torch.Tensor:
@@ -96,7 +122,7 @@ def _batches(rows: torch.Tensor, batch_size: int) -> Iterator[torch.Tensor]:
         yield rows[start : start + batch_size]
 
 
-def _heatmap(values: dict[str, torch.Tensor], families, path: Path, title: str) -> bool:
+def _heatmap(values: dict[str, torch.Tensor], families, path: Path, title: str, label: str) -> bool:
     rows = sorted((f.layer, f.name) for f in families if f.kind == "heads" and f.name in values)
     if not rows:
         return False
@@ -112,7 +138,7 @@ def _heatmap(values: dict[str, torch.Tensor], families, path: Path, title: str) 
     image = ax.imshow(grid, aspect="auto", cmap="viridis")
     ax.set(xlabel="head", ylabel="layer", title=title)
     ax.set_yticks(range(len(rows)), [str(layer) for layer, _ in rows])
-    fig.colorbar(image, ax=ax)
+    fig.colorbar(image, ax=ax, label=label)
     fig.tight_layout()
     try:
         with atomic_path(path) as tmp:
@@ -144,8 +170,9 @@ def run_fisher(config: FisherConfig) -> Path:
         return _run(config, text, rank, world)
 
 
-def _check_config(config: FisherConfig) -> str:
-    """Check every option before any compute; return the text."""
+def _check_config(config: FisherConfig) -> str | None:
+    """Check every option before any compute; return the text (None: a run folder's corpus,
+    read once the run is loaded)."""
     for name in ("mc_samples", "seq_len", "batch_size", "max_batches", "top"):
         if getattr(config, name) < 1:
             raise ConfigurationError(
@@ -159,7 +186,11 @@ def _check_config(config: FisherConfig) -> str:
     _device(config.device)
     check_out_dir(config.out)
     if config.text is None:
-        raise ConfigurationError("--text FILE is required")
+        if is_run_source(config.source):
+            return None
+        raise ConfigurationError(
+            "--text FILE is required (only a gradstats run folder defaults to its corpus)"
+        )
     if not config.text.is_file():
         raise FileNotFoundError(f"no text file {config.text}")
     try:
@@ -170,30 +201,55 @@ def _check_config(config: FisherConfig) -> str:
         ) from None
 
 
-def _run(config: FisherConfig, text: str, rank: int, world: int) -> Path:
+def _notes(caught: list[warnings.WarningMessage], model: torch.nn.Module, rank: int) -> None:
+    """The library's warnings of the collection as one plain line each (no source lines)."""
+    if rank != 0:
+        return
+    seen: list[str] = []
+    for item in caught:
+        message = " ".join(str(item.message).split())
+        if "torch.func" in message and type(model).__name__ == "EquilibriumTransformer":
+            message = (
+                "EquilibriumTransformer: per-sequence gradients by the implicit function "
+                "theorem at the fixed point, one sequence at a time (exact, slow)"
+            )
+        if message not in seen:
+            seen.append(message)
+            sys.stderr.write(f"gradstats fisher: note: {message}\n")
+
+
+def _run(config: FisherConfig, text: str | None, rank: int, world: int) -> Path:
     from gradstats.fisher import FisherCollector, importance_ranking
 
     device = _device(config.device)
     torch.manual_seed(config.seed)  # the same random initialisation on every rank
-    model, tokenizer, description = load_source(config.source, overrides(config.set))
+    model, tokenizer, description = load_source(
+        config.source, overrides(config.set), allow_large=config.allow_large
+    )
+    if text is None:  # a run folder without --text: the run's own training corpus
+        text = run_corpus_text(config.source)
     model = model.to(device=device, dtype=getattr(torch, config.dtype)).eval()
     rows = _rows(encode(text, tokenizer, vocab_size(model)), config, model)
-    fc = FisherCollector(
-        model,
-        config.kind,
-        "causal_lm",
-        config.unit,
-        mc_samples=config.mc_samples,
-        seed=config.seed + rank,
-        max_exact_passes=10**9,
-    )
-    fc.collect_loader(
-        _batches(rows, config.batch_size),
-        max_batches=config.max_batches,
-        progress=config.progress and rank == 0,
-        device=device,
-        distributed=True,
-    )
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        # max_exact_passes keeps the library's cap: an exact label enumeration through a
+        # language model needs V^T passes per sequence, refused there with a one-line error
+        fc = FisherCollector(
+            model,
+            config.kind,
+            "causal_lm",
+            config.unit,
+            mc_samples=config.mc_samples,
+            seed=config.seed + rank,
+        )
+        fc.collect_loader(
+            _batches(rows, config.batch_size),
+            max_batches=config.max_batches,
+            progress=config.progress and rank == 0,
+            device=device,
+            distributed=True,
+        )
+    _notes(caught, model, rank)
     if rank != 0:
         return config.out
     out = config.out
@@ -207,11 +263,13 @@ def _run(config: FisherConfig, text: str, rank: int, world: int) -> Path:
         importance_ranking(fc, config.rank_by, families=per_unit)[: config.top] if per_unit else []
     )
     values = fc.group_fisher(config.rank_by)
+    name = getattr(getattr(model, "config", None), "model_type", None) or type(model).__name__
     drew = _heatmap(
         values,
         fc.families,
         out / "heads_heatmap.png",
-        f"{config.rank_by} Fisher per head ({config.kind})",
+        f"{name}: {config.rank_by} Fisher per head ({config.kind}, {fc.counts['samples']} seq.)",
+        LABELS[config.rank_by],
     )
     summary = {
         "source": description,

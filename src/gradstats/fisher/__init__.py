@@ -5,7 +5,8 @@
   or a user loss; per-sample or per-token units; exact per-unit squares inside backward hooks.
 * Groups from an architecture registry (:func:`register_architecture`): heads, KV heads, FFN
   neurons, channels, tokens; ``group_fisher(kind="trace" | "mask")``.
-* Consumers: importance ranking and pruning masks, EWC penalty, Fisher merging, task overlap.
+* Consumers: importance ranking and pruning masks (:func:`apply_masks` applies them to the
+  model through hooks), EWC penalty, Fisher merging, task overlap.
 """
 
 from gradstats.fisher._architectures import build_groups
@@ -31,6 +32,7 @@ from gradstats.fisher._likelihoods import (
     Likelihood,
     RegressionLikelihood,
 )
+from gradstats.fisher._masking import MaskHandle, apply_masks
 
 __all__ = [
     "CausalLMLikelihood",
@@ -39,8 +41,10 @@ __all__ = [
     "GroupFamily",
     "GroupMap",
     "Likelihood",
+    "MaskHandle",
     "Member",
     "RegressionLikelihood",
+    "apply_masks",
     "build_groups",
     "ewc_penalty",
     "fisher_merge",

@@ -6,7 +6,13 @@ For one batch the collector runs one or more backward *passes* (one for ``"empir
 (w_k = 1/K for ``"mc"``), so that every handler simply squares what it sees:
 
 * ``sq[p]``   += Σ_units g_{i,p}²        (the Fisher numerator)
-* ``sq4[p]``  += Σ_units g_{i,p}⁴        (only with ``element_se``; single-pass kinds)
+* with ``element_se`` (single-pass kinds), for x_ip = g_ip² and a per-element reference
+  c_p = m_p² chosen from the batch itself (``ref[p]`` = m_p, the batch mean gradient, or a
+  rank-1 product of means for the Linear closed form): ``dev[p]`` += Σ_units (x_ip − c_p)
+  and ``dev2[p]`` += Σ_units (x_ip − c_p)². Centring before squaring keeps float32 sums
+  right when the per-unit gradients sit on a large offset (the uncentred Σx² − (Σx)²/n
+  loses every digit once Var(x)/x² < 1e-7); the state turns them into the batch mean
+  c + dev/n and M2 = dev2 − dev²/n (float64) and merges them with Chan's formula.
 * ``lin[p]``  += Σ_units g_{i,p}         (only while validating the first batch)
 * ``trace[f]``[i, k] += Σ_{j ∈ group k} g_ij²          (per-unit group traces, family f)
 * ``mask_lin[f]``[i, k] += Σ_{j ∈ mask set of k} θ_j g_ij  (reset every pass; its square is
@@ -19,6 +25,7 @@ running statistics are float64 and absorb each batch once.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
@@ -62,7 +69,10 @@ class UnitLayout:
     chunk_bytes: int
     dtype: torch.dtype = torch.float64
     sq: dict[str, torch.Tensor] = field(default_factory=dict)
-    sq4: dict[str, torch.Tensor] | None = None
+    se: bool = False  # element_se: fill ref / dev / dev2 (see the module docstring)
+    ref: dict[str, torch.Tensor] = field(default_factory=dict)
+    dev: dict[str, torch.Tensor] = field(default_factory=dict)
+    dev2: dict[str, torch.Tensor] = field(default_factory=dict)
     lin: dict[str, torch.Tensor] | None = None
     trace: list[torch.Tensor] = field(default_factory=list)
     mask_lin: list[torch.Tensor] = field(default_factory=list)
@@ -83,19 +93,60 @@ class UnitLayout:
 
     def rows(self, x: torch.Tensor, what: str) -> torch.Tensor:
         """View ``x`` ([B, *mid, f]) as [N, S, f]: N units, S positions summed within a unit."""
-        if self.unit == "sample":
-            return x.reshape(self.n_samples, -1, x.shape[-1])
+        if self.unit == "sample":  # explicit sizes: a zero-width layer has no -1 to infer
+            return x.reshape(self.n_samples, math.prod(x.shape[1:-1]), x.shape[-1])
         shape = tuple(self.active.shape)
         if x.dim() < 3 or tuple(x.shape[:2]) != shape:
             raise ConfigurationError(
                 f"unit='token' needs {what} of shape [B, T, ...] with [B, T] = {list(shape)}; got "
                 f"{tuple(x.shape)}"
             )
-        return x.reshape(shape[0] * shape[1], -1, x.shape[-1])
+        return x.reshape(shape[0] * shape[1], math.prod(x.shape[2:-1]), x.shape[-1])
 
     def token_weights(self) -> torch.Tensor | None:
         """The flat [B·T] mask of active positions for ``unit="token"`` (None for samples)."""
         return None if self.unit == "sample" else self.active.reshape(-1)
+
+    def row_weights(self, lo: int, hi: int, dtype: torch.dtype) -> torch.Tensor | None:
+        """[hi − lo] weights (1: a unit, 0: an inactive position) of rows lo..hi, or None."""
+        weights = self.token_weights()
+        return None if weights is None else (weights[lo:hi] > 0).to(dtype)
+
+    def n_active(self, device: torch.device) -> torch.Tensor:
+        """The number of units in the batch, as a tensor (no host read)."""
+        weights = self.token_weights()
+        if weights is None:
+            return torch.full((), float(self.n_samples), dtype=self.dtype, device=device)
+        return (weights > 0).sum().to(device, self.dtype)
+
+    def add_centred(self, name: str, g: torch.Tensor, weights: torch.Tensor | None) -> None:
+        r"""Add per-unit gradients ``g`` ([n, *shape], rows weighted 0/1 by ``weights``) to
+        ``dev``/``dev2`` about c = m², m (``ref``) the mean of the first rows seen:
+
+        d_i = (g_i − m)(g_i + m) = g_i² − c,  dev += Σ_i w_i d_i,  dev2 += Σ_i w_i d_i²
+        (the factored difference stays right in float32 when g sits on a large offset)."""
+        g = g.to(self.dtype)
+        view = (-1, *([1] * (g.dim() - 1)))
+        if name not in self.ref:
+            if weights is None:
+                self.ref[name] = g.mean(0)
+            else:
+                total = (g * weights.view(view)).sum(0)
+                self.ref[name] = total / weights.sum().clamp(min=1.0)
+        m = self.ref[name]
+        d = (g - m) * (g + m)
+        if weights is not None:
+            d = d * weights.view(view)
+        self.add(self.dev, name, d.sum(0))
+        self.add(self.dev2, name, d.square_().sum(0))
+
+    def set_centred(
+        self, name: str, ref: torch.Tensor, dev: torch.Tensor, dev2: torch.Tensor
+    ) -> None:
+        """Store a closed-form (ref, dev, dev2) of one parameter (the only contribution)."""
+        if name in self.ref:
+            raise RuntimeError(f"{name}: a closed-form centred sum must be the only contribution")
+        self.ref[name], self.dev[name], self.dev2[name] = ref, dev, dev2
 
     def chunk(self, bytes_per_unit: int) -> int:
         """Units per chunk so that one chunk of per-unit gradients fits ``chunk_bytes``."""
@@ -137,14 +188,14 @@ def accumulate_materialised(
 
     ``grads`` is a fresh tensor owned by the caller; it is squared in place when nothing else
     needs it."""
+    hi = lo + grads.shape[0]
+    if layout.se:
+        layout.add_centred(name, grads, layout.row_weights(lo, hi, layout.dtype))
     keep = layout.lin is not None or any(r.in_mask for r in requests)
     squares = grads.square() if keep else grads.square_()
     layout.add(layout.sq, name, squares.sum(0))
-    if layout.sq4 is not None:
-        layout.add(layout.sq4, name, squares.square().sum(0))
     if layout.lin is not None:
         layout.add(layout.lin, name, grads.sum(0))
-    hi = lo + squares.shape[0]
     for request in requests:
         dims = [d for d in range(1, grads.dim()) if d != request.axis + 1]
         trace = squares.sum(dims) if dims else squares

@@ -75,7 +75,9 @@ class FisherCollector(Streaming, SpecialPasses):
         mode: ``"cumulative"`` (exact sums, mergeable) or ``"ema"`` (debiased EMA of batch means).
         beta: EMA decay for ``mode="ema"``.
         signal: also accumulate the mean gradient (costs the usual weight-gradient GEMMs).
-        element_se: also accumulate Σ g⁴ for elementwise standard errors (``kind="empirical"``).
+        element_se: also accumulate per-batch sums of g² − c and (g² − c)² about a reference
+            c from the batch (Chan-merged, float64) for elementwise standard errors
+            (``kind="empirical"``); right for float32 models even at large gradient offsets.
         loss_reduction: for callables returning a scalar: ``"sum"`` or ``"mean"`` over the B
             samples (a mean is undone: the objective is multiplied by B).
         chunk_bytes: memory budget of one chunk of materialised per-unit gradients.
@@ -207,9 +209,11 @@ class FisherCollector(Streaming, SpecialPasses):
             for member in fam.members:
                 assign = torch.tensor(member.assign, dtype=torch.long, device=device)
                 assign = torch.where(assign < 0, fam.size, assign)
-                size = len(member.assign) // fam.size
-                contiguous = size * fam.size == len(member.assign) and all(
-                    k == j // size for j, k in enumerate(member.assign)
+                size = len(member.assign) // fam.size if fam.size else 0  # zero-width layer
+                contiguous = (
+                    size > 0
+                    and size * fam.size == len(member.assign)
+                    and all(k == j // size for j, k in enumerate(member.assign))
                 )
                 request = Request(
                     index, member.axis, assign, member.in_mask, size if contiguous else 0
@@ -255,11 +259,16 @@ class FisherCollector(Streaming, SpecialPasses):
         A batch whose loss or statistics are not finite follows ``nonfinite``: ``"skip"`` leaves
         the state unchanged and ``counts["skipped"]`` grows; ``"raise"`` raises
         :class:`~gradstats.errors.NonFiniteError`. Bad input raises before anything changes.
+
+        Raises:
+            StateError: a submodule or parameter of the model was replaced after the collector
+                was built (its gradients would be left out silently); build a new collector.
         """
         engine, likelihood = self._live_engine, self._live_likelihood
         model = self.model
         if model is None:
             raise ConfigurationError("this collector has no model; pass model= to load()")
+        engine.check_attached()  # a submodule replaced since construction: StateError
         record = self.kind != "batch_grad_sq"
         try:
             with torch.enable_grad():

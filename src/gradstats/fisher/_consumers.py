@@ -76,12 +76,34 @@ def _same(fishers: Sequence[GroupReads], what: str) -> None:
 
 
 def importance_ranking(
-    fisher: GroupReads, kind: str = "mask", *, families: Sequence[str] | None = None
+    fisher: GroupReads,
+    kind: str = "mask",
+    *,
+    families: Sequence[str] | None = None,
+    structure: str | None = None,
 ) -> list[tuple[str, float]]:
-    """[(group name, value)] sorted from most to least important (host read)."""
+    """[(group name, value)] sorted from most to least important (host read).
+
+    Which groups are ranked: ``families`` (names), else the families of ``structure``
+    (``"heads"``, ``"neurons"`` or ``"channels"``), else — by default — the attention heads
+    when the group map has any, and every family otherwise. Values of different structures
+    are not comparable: the mask value of a LayerNorm is the Fisher of scaling the whole
+    residual stream and dwarfs any head's, so a ranking over everything put the norms first.
+    """
     _check(fisher, "fisher")
+    if families is not None and structure is not None:
+        raise ConfigurationError("pass families= or structure=, not both")
     values = fisher.group_fisher(kind)
     names = fisher.group_names()
+    if structure is not None:
+        check_choice("structure", structure, STRUCTURES)
+        families = [f.name for f in fisher.families if f.kind in STRUCTURES[structure]]
+        families = [f for f in families if f in values]
+        if not families:
+            raise ConfigurationError(f"the collector's group map has no {structure!r} families")
+    elif families is None:
+        heads = [f.name for f in fisher.families if f.kind == "heads" and f.name in values]
+        families = heads or None
     chosen = list(values) if families is None else list(families)
     rows = []
     for fam in chosen:

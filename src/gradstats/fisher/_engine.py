@@ -31,7 +31,7 @@ from torch import nn
 from torch.autograd.graph import get_gradient_edge
 
 from gradstats._warnings import warn
-from gradstats.errors import ConfigurationError
+from gradstats.errors import ConfigurationError, StateError
 from gradstats.fisher._accumulate import Request, UnitLayout, accumulate_materialised
 from gradstats.fisher._fallback import FunctionalHandler
 from gradstats.fisher._persample import (
@@ -138,6 +138,7 @@ class Engine:
                 attrs.setdefault(module, {})[attr] = name
                 labels[module] = mname or type(model).__name__
         self.handlers = {m: make_handler(m, a, labels[m]) for m, a in attrs.items()}
+        self.paths = {m: mname for found in owners.values() for mname, m, _ in found}
         for handler in self.handlers.values():
             handler.replay = self.replay
         self.static_multi = {name for name, found in owners.items() if len(found) > 1}
@@ -159,6 +160,41 @@ class Engine:
                 f"gradstats.fisher: no dedicated per-sample handler for {', '.join(fallback)}; "
                 "using the torch.func fallback (exact, slower)",
             )
+
+    def check_attached(self) -> None:
+        """The modules and parameters the hooks were put on must still be the model's.
+
+        A submodule (or parameter) replaced after the collector was built would carry no hooks
+        and its gradients would silently be left out (the old module's statistics simply stop
+        growing), so this is an error, not a re-attachment: the statistics collected so far
+        belong to the old parameters.
+
+        Raises:
+            StateError: naming the replaced module or parameter.
+        """
+        for module, handler in self.handlers.items():
+            path = self.paths[module]
+            try:
+                current = self.model.get_submodule(path) if path else self.model
+            except AttributeError:
+                current = None
+            if current is not module:
+                raise StateError(
+                    f"module {handler.label!r} was replaced or removed after the FisherCollector "
+                    "was built: its hooks are on the old module, so its gradients would be left "
+                    "out silently; build a new FisherCollector for the changed model"
+                )
+            for attr, name in handler.attrs.items():
+                try:
+                    param = module.get_parameter(attr)
+                except AttributeError:
+                    param = None
+                if param is not self.selected[name]:
+                    raise StateError(
+                        f"parameter {name!r} (module {handler.label!r}) was replaced after the "
+                        "FisherCollector was built; build a new FisherCollector for the changed "
+                        "model"
+                    )
 
     def set_requests(self, requests: dict[str, list[Request]]) -> None:
         """Group requests per parameter name; each handler is told about its own."""

@@ -155,6 +155,6 @@ def _family_trace(fam: GroupFamily, fisher: dict[str, torch.Tensor]) -> torch.Te
         f = fisher[m.param]
         dims = [d for d in range(f.dim()) if d != m.axis]
         marginal = f.sum(dims) if dims else f
-        assign = torch.tensor(m.assign, device=f.device)
+        assign = torch.tensor(m.assign, dtype=torch.long, device=f.device)
         value.index_add_(0, torch.where(assign < 0, fam.size, assign), marginal)
     return value[: fam.size]

@@ -46,7 +46,7 @@ class SpecialPasses(BatchCore):
         )
         bad = []
         for name, grad in zip(names, grads, strict=True):
-            if grad is None:
+            if grad is None or grad.numel() == 0:  # a zero-size parameter has nothing to check
                 continue
             grad = grad.detach().to(torch.float64)
             seen = lin.get(name, torch.zeros_like(grad))

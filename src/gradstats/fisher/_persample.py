@@ -26,7 +26,7 @@ from __future__ import annotations
 import torch
 
 from gradstats.errors import ConfigurationError
-from gradstats.fisher._accumulate import compute_dtype
+from gradstats.fisher._accumulate import UnitLayout, compute_dtype
 from gradstats.fisher._handler import Handler, is_hf_conv1d, is_hf_rmsnorm
 from gradstats.fisher._normconv import ConvHandler, NormHandler
 
@@ -99,7 +99,7 @@ class LinearHandler(Handler):
             return
         a, b = a[:, 0], b[:, 0]
         a2 = a.square()
-        a4 = a2.square() if layout.sq4 is not None else None
+        centred = _Centred(layout, a, a2) if layout.se else None
         n, width = b.shape
         step = max(1, min(width, layout.chunk_bytes // max(1, 8 * n)))
         for start in range(0, width, step):  # output features, chunked for large vocabularies
@@ -107,16 +107,19 @@ class LinearHandler(Handler):
             b_c = b[:, rows]
             b2 = b_c.square()
             if "weight" in attrs:
-                self._add_weight(layout, layout.sq, rows, b2.T @ a2)
-                if a4 is not None:
-                    self._add_weight(layout, layout.sq4, rows, b2.square().T @ a4)
+                if centred is None:
+                    self._add_weight(layout, layout.sq, rows, b2.T @ a2)
+                else:
+                    for store, value in zip(centred.stores, centred.weight(b_c), strict=True):
+                        self._add_weight(layout, store, rows, value)
                 if layout.lin is not None:
                     self._add_weight(layout, layout.lin, rows, b_c.T @ a)
             if "bias" in attrs:
                 name = self.attrs["bias"]
                 self._add_rows(layout, layout.sq, name, rows, b2.sum(0))
-                if layout.sq4 is not None:
-                    self._add_rows(layout, layout.sq4, name, rows, b2.square().sum(0))
+                if centred is not None:
+                    for store, value in zip(centred.stores[1:], centred.bias(b_c), strict=True):
+                        self._add_rows(layout, store, name, rows, value)
                 if layout.lin is not None:
                     self._add_rows(layout, layout.lin, name, rows, b_c.sum(0))
         if any(requests.values()):
@@ -182,6 +185,50 @@ class LinearHandler(Handler):
                 layout.add_family(request, 0, n, get(f"{side}_trace"), lin)
 
 
+class _Centred:
+    r"""Centred sums of x_i = b_i² ⊗ a_i² (one position per unit) by GEMMs, about the rank-1
+    reference c = m² with m = m_b ⊗ m_a, the batch means of b and a over the units.
+
+    With β = m_b², α = m_a², u_i = (b_i − m_b)(b_i + m_b) = b_i² − β and
+    v_i = (a_i − m_a)(a_i + m_a) = a_i² − α (both 0 on inactive rows; the factored form keeps
+    them right to float32 precision at any offset), x_i − c = u_i a_i² + β v_i, so
+    Σ(x − c) = uᵀa² + β ⊗ Σv and Σ(x − c)² = (u²)ᵀa⁴ + 2β ⊙ uᵀ(a² v) + β² ⊗ Σv²: sums of
+    small centred products, and Σx = N·c + Σ(x − c) replaces the plain GEMM (b²)ᵀa²."""
+
+    def __init__(self, layout: UnitLayout, a: torch.Tensor, a2: torch.Tensor) -> None:
+        self.stores = (layout.sq, layout.ref, layout.dev, layout.dev2)
+        self.w = layout.row_weights(0, a.shape[0], a.dtype)
+        self.count = layout.n_active(a.device).to(a.dtype)
+        self.inv = 1.0 / self.count.clamp(min=1.0)
+        self.m_a = self._mean(a)
+        v = self._centred(a, self.m_a)
+        self.alpha = self.m_a.square()
+        self.a2, self.a4, self.a2v = a2, a2.square(), a2 * v
+        self.sv, self.sv2 = v.sum(0), v.square().sum(0)
+
+    def _mean(self, x: torch.Tensor) -> torch.Tensor:
+        return (x if self.w is None else x * self.w[:, None]).sum(0) * self.inv
+
+    def _centred(self, x: torch.Tensor, m: torch.Tensor) -> torch.Tensor:
+        d = (x - m) * (x + m)
+        return d if self.w is None else d * self.w[:, None]
+
+    def weight(self, b: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """(Σx, m, Σ(x − c), Σ(x − c)²) of the weight rows of ``b`` ([n, out chunk])."""
+        m_b = self._mean(b)
+        u, beta = self._centred(b, m_b), m_b.square()[:, None]
+        dev = u.T @ self.a2 + beta * self.sv[None, :]
+        dev2 = u.square().T @ self.a4 + 2.0 * beta * (u.T @ self.a2v)
+        dev2 = dev2 + beta.square() * self.sv2[None, :]
+        return beta * self.alpha[None, :] * self.count + dev, m_b[:, None] * self.m_a, dev, dev2
+
+    def bias(self, b: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """(m, Σ(x − c), Σ(x − c)²) of the bias with x_i = b_i²."""
+        m_b = self._mean(b)
+        u = self._centred(b, m_b)
+        return m_b, u.sum(0), u.square().sum(0)
+
+
 class EmbeddingHandler(Handler):
     """``nn.Embedding``: per-unit rows summed before squaring; ``padding_idx`` excluded."""
 
@@ -220,7 +267,8 @@ class EmbeddingHandler(Handler):
         offsets = torch.arange(n, device=ids.device).unsqueeze(1) * vocab
         g = torch.zeros(n * vocab, d, dtype=b.dtype, device=b.device) if into is None else into
         g = g.view(n * vocab, d)
-        g.index_add_(0, (offsets + ids[lo:hi]).reshape(-1), b[lo:hi].reshape(-1, d).to(g.dtype))
+        rows = b[lo:hi].reshape(n * ids.shape[1], d)  # explicit sizes: d may be 0
+        g.index_add_(0, (offsets + ids[lo:hi]).reshape(-1), rows.to(g.dtype))
         return {"weight": g.view(n, vocab, d)}
 
     def accumulate(self, layout, saved, grad, attrs, requests):
@@ -230,7 +278,7 @@ class EmbeddingHandler(Handler):
             return
         vocab, d = self.module.weight.shape
         name = self.attrs["weight"]
-        flat_b = b.reshape(-1, d)
+        flat_b = b.reshape(ids.numel(), d)
         if ids.shape[1] == 1:  # one position per unit: rows are already per unit
             rows, sums = ids.reshape(-1), flat_b
         else:  # sum b over equal (unit, token) keys: sort + segment sum, no [B, V, d] buffer
@@ -243,10 +291,32 @@ class EmbeddingHandler(Handler):
             rows = torch.zeros_like(keys).scatter_(0, segment, keys % vocab)
         squares = sums.square()
         self._index_add(layout, layout.sq, name, rows, squares)
-        if layout.sq4 is not None:
-            self._index_add(layout, layout.sq4, name, rows, squares.square())
+        if layout.se:
+            self._centred(layout, name, rows, sums)
         if layout.lin is not None:
             self._index_add(layout, layout.lin, name, rows, sums)
+
+    def _centred(self, layout, name, rows, sums):
+        r"""Centred sums about c = m², m_v = Σ_units g / N (g = 0 for a unit without row v):
+        with d = (g − m)(g + m) = x − c on the T_v units that touch row v (inactive positions
+        count nowhere), dev = Σ d − (N − T_v) c and dev2 = Σ d² + (N − T_v) c²."""
+        count = layout.n_active(sums.device).to(layout.dtype)
+        vocab, width = self.module.weight.shape
+        sums = sums.to(layout.dtype)
+        zeros = torch.zeros(vocab, width, dtype=layout.dtype, device=sums.device)
+        ref = zeros.index_add(0, rows, sums) / count.clamp(min=1.0)
+        touched = layout.row_weights(0, rows.shape[0], layout.dtype)  # token units: positions
+        if touched is None:
+            touched = torch.ones(rows.shape[0], dtype=layout.dtype, device=rows.device)
+        m = ref[rows]
+        d = (sums - m) * (sums + m) * touched[:, None]
+        hits = torch.zeros(vocab, dtype=layout.dtype, device=rows.device).index_add_(
+            0, rows, touched
+        )
+        missing, c = (count - hits)[:, None], ref.square()
+        dev = zeros.index_add(0, rows, d) - missing * c
+        dev2 = zeros.index_add(0, rows, d.square()) + missing * c.square()
+        layout.set_centred(name, ref, dev, dev2)
 
     def _index_add(self, layout, store, name, rows, values):
         if name not in store:
