@@ -87,6 +87,8 @@ class FunctionalHandler(Handler):
 
     def _call(self, leaves, spec, params=None):
         args, kwargs = tree_unflatten(leaves, spec)
+        if self.replay is None:
+            raise RuntimeError("FunctionalHandler.replay is set by the engine before any pass")
         with self.replay():
             if params is None:
                 return first_tensor(self.module(*args, **kwargs))

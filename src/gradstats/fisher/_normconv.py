@@ -79,6 +79,7 @@ class NormHandler(Handler):
 class ConvHandler(Handler):
     """``nn.Conv1d/2d/3d`` via the grouped-convolution weight gradient of a chunk of samples."""
 
+    module: nn.modules.conv._ConvNd
     token_units = False
 
     def __init__(self, module, attrs, label) -> None:

@@ -24,6 +24,7 @@ before any square is taken.
 from __future__ import annotations
 
 import torch
+from torch import nn
 
 from gradstats.errors import ConfigurationError
 from gradstats.fisher._accumulate import UnitLayout, compute_dtype
@@ -44,6 +45,7 @@ __all__ = [
 class LinearHandler(Handler):
     """``nn.Linear`` and Hugging Face ``Conv1D`` (``transposed=True``)."""
 
+    module: nn.Linear  # or a Hugging Face Conv1D: the same ``weight``/``bias``, transposed
     name = "linear"
 
     def __init__(self, module, attrs, label, transposed: bool = False) -> None:
@@ -232,6 +234,7 @@ class _Centred:
 class EmbeddingHandler(Handler):
     """``nn.Embedding``: per-unit rows summed before squaring; ``padding_idx`` excluded."""
 
+    module: nn.Embedding
     name = "embedding"
 
     def __init__(self, module, attrs, label) -> None:
