@@ -17,7 +17,7 @@ import torch
 
 from gradstats.eqprop._autodiff import per_sample_norm
 from gradstats.eqprop._module import EquilibriumModule, NoiseRealization, trainable
-from gradstats.eqprop._settings import resolve_settings
+from gradstats.eqprop._settings import Settings, resolve_settings
 from gradstats.eqprop._solvers import fixed_point
 from gradstats.eqprop._stats import SolveStats
 from gradstats.errors import ConfigurationError, ConfigurationTypeError
@@ -250,21 +250,10 @@ def relax(
     return free_phase(problem, s)
 
 
-def free_phase(problem: Problem, s) -> tuple[torch.Tensor, SolveStats]:
+def free_phase(problem: Problem, s: Settings) -> tuple[torch.Tensor, SolveStats]:
     """The free relaxation of ``problem`` with resolved settings ``s`` (no graph)."""
     with torch.no_grad():
-        return fixed_point(
-            problem.force,
-            problem.z0,
-            step_size=s.step_size,
-            tol=s.tol,
-            max_steps=s.max_steps,
-            check_every=s.check_every,
-            anderson=s.anderson,
-            freeze=s.freeze,
-            divergence_factor=s.divergence_factor,
-            stall_checks=s.stall_checks,
-        )
+        return fixed_point(problem.force, problem.z0, **s.free_phase_options())
 
 
 def free_residual(problem: Problem, z: torch.Tensor) -> torch.Tensor:

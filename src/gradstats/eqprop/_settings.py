@@ -11,7 +11,7 @@ import dataclasses
 import math
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import TypeVar
+from typing import TypedDict, TypeVar
 
 import torch
 
@@ -61,6 +61,20 @@ _APPLIES_TO = {
 }
 
 
+class FreePhaseOptions(TypedDict):
+    """The keyword arguments of :func:`~gradstats.eqprop.fixed_point` a free phase takes from
+    its :class:`Settings` (one place, so callers do not forward them one by one)."""
+
+    step_size: float
+    tol: float
+    max_steps: int
+    check_every: int
+    anderson: int
+    freeze: bool
+    divergence_factor: float
+    stall_checks: int
+
+
 @dataclass(frozen=True)
 class Settings:
     """Resolved settings of one estimate (see :func:`~gradstats.eqprop.estimate_gradient`)."""
@@ -87,6 +101,19 @@ class Settings:
     def as_dict(self) -> dict[str, object]:
         """The settings as a plain dict (JSON-ready)."""
         return dataclasses.asdict(self)
+
+    def free_phase_options(self) -> FreePhaseOptions:
+        """``fixed_point(fn, z0, **settings.free_phase_options())`` relaxes a free phase."""
+        return FreePhaseOptions(
+            step_size=self.step_size,
+            tol=self.tol,
+            max_steps=self.max_steps,
+            check_every=self.check_every,
+            anderson=self.anderson,
+            freeze=self.freeze,
+            divergence_factor=self.divergence_factor,
+            stall_checks=self.stall_checks,
+        )
 
 
 def required(value: T | None, name: str, method: str) -> T:

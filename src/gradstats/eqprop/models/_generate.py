@@ -141,19 +141,7 @@ class _Equilibrium:
 
     def _solve(self, fn: Callable[[torch.Tensor], torch.Tensor], z0: torch.Tensor) -> torch.Tensor:
         s = self.s
-        z, stats = fixed_point(
-            fn,
-            z0,
-            step_size=s.step_size,
-            tol=s.tol,
-            max_steps=s.max_steps,
-            check_every=s.check_every,
-            anderson=s.anderson,
-            freeze=s.freeze,
-            divergence_factor=s.divergence_factor,
-            stall_checks=s.stall_checks,
-            warn=False,
-        )
+        z, stats = fixed_point(fn, z0, **s.free_phase_options(), warn=False)
         self.converged.append(stats.converged.all())
         return z
 
