@@ -102,6 +102,23 @@ def located_gradients(layout: ParamLayout, grads: object) -> list[tuple[int, int
             )
         items = list(enumerate(listed))
     located = []
+    for j, grad in items:  # every entry is checked before the caller records any of them
+        if grad is None:
+            continue
+        param = layout.tensors[j]
+        if not isinstance(grad, torch.Tensor):
+            raise ConfigurationTypeError(
+                f"grads[{names[j]!r}] must be a torch.Tensor or None; got {type(grad).__name__}"
+            )
+        if grad.shape != param.shape or grad.device != param.device:
+            raise ConfigurationError(
+                f"grads[{names[j]!r}] must have the parameter's shape {tuple(param.shape)} on "
+                f"{param.device}; got {tuple(grad.shape)} on {grad.device}"
+            )
+        if not grad.is_floating_point():
+            raise ConfigurationTypeError(
+                f"grads[{names[j]!r}] must be a floating-point tensor; got {grad.dtype}"
+            )
     for j, grad in items:
         if grad is None:
             continue

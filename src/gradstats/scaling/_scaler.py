@@ -18,7 +18,7 @@ from gradstats.scaling._apply import (
 )
 from gradstats.scaling._config import ScalerConfig
 from gradstats.scaling._diagnostics import DIAGNOSTICS
-from gradstats.scaling._engine import ScalerEngine
+from gradstats.scaling._engine import Observation, ScalerEngine
 from gradstats.scaling._hooks import GradientTracker
 from gradstats.scaling._nonfinite import ConsecutiveLimit
 from gradstats.scaling._params import ParamLayout, layout_from
@@ -229,7 +229,9 @@ class VarianceGradientScaler(ScalerReadout):
                 multiplied by its scale S and are divided by it.
             scaled: ``.grad`` still carries the loss scale S (``unscale_`` has not run yet);
                 every observation is then divided by S on the device. Needs ``grad_scaler``.
-            skip: a bool (or 0-dim bool tensor) that turns this update into a no-op.
+            skip: a bool or a 0-dim tensor (non-zero: skip; AMP's ``found_inf`` works) that
+                turns this update into a counted no-op; a skipped update never raises under
+                ``nonfinite="raise"``.
         """
         if not self.enabled:
             return
@@ -237,9 +239,10 @@ class VarianceGradientScaler(ScalerReadout):
             raise ConfigurationError(
                 "scaled=True needs the grad_scaler whose scale the gradients carry"
             )
+        _check_skip(skip)
         config, engine = self.config, self._engine
         observation = engine.observe()
-        if config.nonfinite == "raise" and not bool(observation.finite):  # sync-ok: "raise"
+        if config.nonfinite == "raise" and skip is not True and not _acceptable(observation, skip):
             engine.discard_pending()
             raise NonFiniteError(
                 f"the gradients of update {engine.updates + 1} hold NaN or inf "
@@ -317,16 +320,16 @@ class VarianceGradientScaler(ScalerReadout):
             raise ConfigurationError(
                 "apply_to='lr' needs the optimizer: pass it to apply() or the constructor"
             )
-        self.step()
         groups = len(optimizer.param_groups)
-        factors = self._engine.previous
-        if self.config.aggregate == "global":
-            factors = factors.expand(groups)
-        elif groups != self._engine.groups:
-            raise ConfigurationError(
+        if self.config.aggregate != "global" and groups != self._engine.groups:
+            raise ConfigurationError(  # checked before the statistics read these gradients
                 f"optimizer has {groups} param groups but the scaler aggregates over "
                 f"{self._engine.groups}"
             )
+        self.step()
+        factors = self._engine.previous
+        if self.config.aggregate == "global":
+            factors = factors.expand(groups)
         with scaled_learning_rates(optimizer, factors):
             yield
 
@@ -336,3 +339,28 @@ class VarianceGradientScaler(ScalerReadout):
             f"VarianceGradientScaler(statistic={c.statistic!r}, alpha={c.alpha}, beta={c.beta}, "
             f"apply_to={c.apply_to!r}, aggregate={c.aggregate!r}, tensors={len(self.layout.names)})"
         )
+
+
+def _check_skip(skip: object) -> None:
+    """``skip`` is None, a bool, or a 0-dim tensor (bool, or numeric: non-zero means skip, as
+    AMP's ``found_inf``); anything else is refused before the scaler changes."""
+    if skip is None or isinstance(skip, bool):
+        return
+    if not isinstance(skip, torch.Tensor):
+        raise ConfigurationTypeError(
+            f"skip must be a bool or a 0-dim tensor; got {type(skip).__name__}"
+        )
+    if skip.dim() != 0 or skip.is_complex():
+        raise ConfigurationError(
+            f"skip must be a 0-dim bool or real tensor; got shape {tuple(skip.shape)}, "
+            f"dtype {skip.dtype}"
+        )
+
+
+def _acceptable(observation: Observation, skip: torch.Tensor | bool | None) -> bool:
+    """nonfinite="raise": the gradients are finite, or the caller skips this update anyway
+    (one host read)."""
+    ok = observation.finite
+    if isinstance(skip, torch.Tensor):
+        ok = ok | skip.to(device=ok.device, dtype=torch.bool)
+    return bool(ok)  # sync-ok: nonfinite="raise" decides on the host
