@@ -69,10 +69,15 @@ def test_warn_points_at_the_callers_line():
 
 def test_deprecated_alias_forwards_and_warns():
     with pytest.warns(FutureWarning, match="old= is deprecated; use new="):
-        assert deprecated_alias("old", "new", "x", "default", "default") == "x"
-    assert deprecated_alias("old", "new", None, "y", "default") == "y"
+        assert deprecated_alias("old", "new", "x", None, "default") == "x"
 
 
-def test_deprecated_alias_refuses_both_names():
+@pytest.mark.parametrize(("given", "expected"), [("y", "y"), (None, "default")])
+def test_deprecated_alias_without_the_old_name(given, expected):
+    assert deprecated_alias("old", "new", None, given, "default") == expected
+
+
+@pytest.mark.parametrize("new_value", ["y", "default"], ids=["different", "equal-to-default"])
+def test_deprecated_alias_refuses_both_names(new_value):
     with pytest.raises(errors.ConfigurationError, match="not both"):
-        deprecated_alias("old", "new", "x", "y", "default")
+        deprecated_alias("old", "new", "x", new_value, "default")

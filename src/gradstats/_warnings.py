@@ -38,14 +38,15 @@ def warn(message: str, category: type[Warning] = UserWarning) -> None:
 def deprecated_alias(old: str, new: str, old_value: object, new_value: object, default: object):
     """Resolve a renamed keyword argument: return the value to use for ``new``.
 
-    ``old_value`` is what the caller passed under the old name (``None`` when not given). Passing
-    both names is an error; passing only the old one warns (``FutureWarning``) and forwards it.
+    Both names default to ``None`` in the caller's signature, so that "not given" is told from
+    "given, equal to the default". Passing both is an error; only the old one warns
+    (``FutureWarning``) and forwards it; neither gives ``default``.
     """
     from gradstats.errors import ConfigurationError
 
     if old_value is None:
-        return new_value
-    if new_value is not default and new_value != default:
+        return default if new_value is None else new_value
+    if new_value is not None:
         raise ConfigurationError(f"pass {new}= only ({old}= is its deprecated alias), not both")
     warn(f"{old}= is deprecated; use {new}= (same values)", FutureWarning)
     return old_value

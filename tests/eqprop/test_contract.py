@@ -99,10 +99,12 @@ def test_on_failure_raise_still_raises():
         estimate_gradient(model, x, y, "aep", max_steps=2000, tol=0.0, on_failure="raise")
 
 
-def test_on_failure_and_nonfinite_together_is_an_error():
+@pytest.mark.parametrize("nonfinite", ["skip", "raise"], ids=["other", "the-default"])
+def test_on_failure_and_nonfinite_together_is_an_error(nonfinite):
+    """Both names given is an error even when nonfinite= is given its default value."""
     model, x, y = tanh_case()
     with pytest.raises(errors.ConfigurationError, match="pass nonfinite= only"):
-        estimate_gradient(model, x, y, "aep", nonfinite="skip", on_failure="skip")
+        estimate_gradient(model, x, y, "aep", nonfinite=nonfinite, on_failure="skip")
 
 
 def test_train_result_counter_is_named_skipped():

@@ -91,7 +91,7 @@ def estimate_gradient(
     noise: NoiseRealization | None = None,
     generator: torch.Generator | None = None,
     z0: torch.Tensor | None = None,
-    nonfinite: NonFinitePolicy = "raise",
+    nonfinite: NonFinitePolicy | None = None,
     on_failure: NonFinitePolicy | None = None,
 ) -> GradientEstimate:
     """Estimate dL/dθ of an equilibrium model with one of six estimators.
