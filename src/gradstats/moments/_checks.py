@@ -129,4 +129,6 @@ def state_tensor(
         raise StateError(f"{where} is negative, which is impossible for {nonnegative}")
     if whole and data.is_floating_point() and not bool((data == data.round()).all()):  # sync-ok
         raise StateError(f"{where} must hold whole numbers (it is a count)")
+    if whole and data.is_floating_point() and bool((data.abs() >= 2.0**63).any()):  # sync-ok
+        raise StateError(f"{where} is beyond the int64 range of a count")
     return value
