@@ -42,6 +42,13 @@ def test_running_moments_accept_false_is_a_skip_under_either_policy():
     assert (rm.count.item(), rm.skipped.item()) == (1, 1)
 
 
+def test_running_moments_refused_nan_batch_is_a_skip_under_raise():
+    """accept=False wins over nonfinite='raise': the caller already refused the batch."""
+    rm = RunningMoments(nonfinite="raise").update(torch.tensor([1.0]))
+    rm.update(torch.tensor([NAN]), accept=torch.tensor(False))
+    assert (rm.count.item(), rm.skipped.item()) == (1, 1)
+
+
 def test_running_moments_skip_is_the_default():
     rm = RunningMoments()
     assert rm.nonfinite == "skip"

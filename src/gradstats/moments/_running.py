@@ -188,7 +188,12 @@ class RunningMoments:
         # NaN/inf anywhere in x (or an overflow) makes the batch M2 non-finite: a check over
         # ``shape`` elements instead of the n × shape of x.
         finite = torch.isfinite(batch.m2).all()
-        if self.nonfinite == "raise" and not bool(finite):  # sync-ok: nonfinite="raise"
+        refused = (
+            torch.zeros((), dtype=torch.bool, device=finite.device)
+            if accept is None
+            else ~accept.to(finite.device)
+        )
+        if self.nonfinite == "raise" and not bool(finite | refused):  # sync-ok: "raise"
             raise NonFiniteError(
                 "x holds NaN or ±inf (or its squared deviations overflow "
                 f"{str(self.dtype).removeprefix('torch.')}); nothing was added "
