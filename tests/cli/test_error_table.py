@@ -125,6 +125,16 @@ def _files(tmp_path: Path, run: Path) -> dict[str, str]:
     nonempty = tmp_path / "user-folder"
     nonempty.mkdir()
     (nonempty / "thesis.tex").write_text("mine")
+    os.mkfifo(tmp_path / "fifo")
+    (tmp_path / "loop-a").symlink_to(tmp_path / "loop-b")
+    (tmp_path / "loop-b").symlink_to(tmp_path / "loop-a")
+    read_only = tmp_path / "read-only.json"
+    read_only.write_text("{}")
+    read_only.chmod(0o444)
+    (tmp_path / "no-suites").mkdir()
+    bad_suites = tmp_path / "bad-suites"
+    bad_suites.mkdir()
+    (bad_suites / "bench_broken.py").write_text("x = (\n")
     metrics = tmp_path / "bad-metrics"
     _checkpoint(metrics, run, lambda s: None)
     (metrics / "metrics.jsonl").write_text('{"step": 0}\nnot json\n')
@@ -169,6 +179,11 @@ def _files(tmp_path: Path, run: Path) -> dict[str, str]:
         "NONEMPTY": str(nonempty),
         "BAD_METRICS": str(metrics),
         "TMP": str(tmp_path),
+        "FIFO": str(tmp_path / "fifo"),
+        "LOOP": str(tmp_path / "loop-a"),
+        "READ_ONLY": str(read_only),
+        "NO_SUITES": str(tmp_path / "no-suites"),
+        "BAD_SUITES": str(bad_suites),
     }
 
 
@@ -265,6 +280,31 @@ TABLE: dict[str, tuple] = {
                                 True, {}, 2, ()),
     "bench-repeats-zero": (["bench", "--repeats", "0", "--out", "OUT"], "--repeats must be >= 1",
                            True, {}, 2, ()),
+    # --out of sample is a file: never a device or FIFO (the atomic rename would replace the node
+    # itself: /dev/null, as root), a link loop or a read-only file
+    "sample-out-fifo": (["eqprop", "sample", "RUN", "--tokens", "2", "--out", "FIFO"],
+                        "is not a regular file", True, {}, 2, ()),
+    "sample-out-link-loop": (["eqprop", "sample", "RUN", "--tokens", "2", "--out", "LOOP"],
+                             "is a broken symbolic link (or a loop of links)", True, {}, 2, ()),
+    "sample-out-read-only": (["eqprop", "sample", "RUN", "--tokens", "2", "--out", "READ_ONLY"],
+                             "is a read-only file", True, {}, 2, ()),
+    "fisher-set-wrong-type": (["fisher", "gpt2", "--text", "TEXT", "--out", "OUT", "--set",
+                               "n_layer=abc", "n_embd=8", "n_head=2", "--no-progress"],
+                              "n_layer", True, {}, 2, ()),
+    "fisher-set-negative-layers": (["fisher", "gpt2", "--text", "TEXT", "--out", "OUT", "--set",
+                                    "n_layer=-1", "n_embd=8", "n_head=2", "--no-progress"],
+                                   "num_hidden_layers must be >= 1; got -1", True, {}, 2, ()),
+    # the probe runs one group of methods after another: every value is checked before the first
+    "probe-r-zero": (["eqprop", "probe", "RUN", "--r", "0", "--out", "OUT"],
+                     "--r must be a finite number > 0", True, {}, 2, ()),
+    "probe-points-sweep-zero": (["eqprop", "probe", "RUN", "--points-sweep", "0", "--out", "OUT"],
+                                "--points-sweep values must be >= 1", True, {}, 2, ()),
+    "probe-t2-override-zero": (["eqprop", "probe", "RUN", "--t2", "0", "--out", "OUT"],
+                               "--t2 must be >= 1", True, {}, 2, ()),
+    "bench-dir-without-suites": (["bench", "--dir", "NO_SUITES", "--smoke", "--out", "OUT"],
+                                 "no bench_<name>.py suites", True, {}, 2, ()),
+    "bench-suite-syntax-error": (["bench", "broken", "--dir", "BAD_SUITES", "--smoke", "--out",
+                                  "OUT"], "bench_broken.py: SyntaxError", False, {}, 2, ()),
     "interrupted": (["fisher", "gpt2", "--text", "TEXT", "--out", "OUT"], "fisher: interrupted",
                     True, {"gradstats.cli._fisher:run_fisher": _interrupt}, 130, ()),
     "subprocess-probe-text-file": (["!SUBPROCESS", "eqprop", "probe", "FILE"],
@@ -342,3 +382,24 @@ def test_debug_keeps_the_traceback(tmp_path, monkeypatch):
 
     with pytest.raises(ConfigurationError, match="is a file, not a folder"):
         main(["bench", "--out", str(file)])
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["eqprop", "train", "--out", ""],
+        ["eqprop", "sample", ""],
+        ["fisher", "gpt2", "--text", ""],
+        ["bench", "--out", ""],
+        ["demo", "--out", ""],
+    ],
+    ids=["train-out", "sample-run", "fisher-text", "bench-out", "demo-out"],
+)
+def test_an_empty_path_is_refused_not_read_as_the_current_folder(argv, capsys):
+    """``Path("")`` is ``.``: ``train --out ""`` used to write its run into the current folder."""
+    with pytest.raises(SystemExit) as stop:
+        main(argv)
+    err = capsys.readouterr().err
+    assert stop.value.code == 2
+    assert "Traceback" not in err
+    assert err.strip().splitlines()[-1].endswith("an empty path; give a file or folder name")

@@ -46,14 +46,24 @@ def run(args: argparse.Namespace) -> int:
         raise ConfigurationError(
             f"--repeats must be >= 1 and --warmup >= 0; got {repeats}, {warmup}"
         )
-    run_suites(
-        list(config.names),
-        directory=directory,
-        out=config.out,
-        smoke=config.smoke,
-        warmup=warmup,
-        repeats=repeats,
-    )
+    if directory is not None and not find_suites(directory):
+        raise ConfigurationError(f"--dir {directory}: no bench_<name>.py suites in this folder")
+    try:
+        run_suites(
+            list(config.names),
+            directory=directory,
+            out=config.out,
+            smoke=config.smoke,
+            warmup=warmup,
+            repeats=repeats,
+        )
+    except (SyntaxError, ImportError) as error:  # a suite file that does not import
+        filename = getattr(error, "filename", None)
+        where = f"{filename}: " if filename else ""
+        reason = " ".join(str(error).split()) or type(error).__name__
+        raise ConfigurationError(
+            f"a benchmark suite cannot be imported: {where}{type(error).__name__}: {reason}"
+        ) from None
     print(f"JSON records written to {config.out.resolve()}")
     return 0
 

@@ -38,6 +38,13 @@ def _scalar_type(annotation: Any) -> type:
     return annotation
 
 
+def _path(text: str) -> Path:
+    """A path option's value; an empty one is refused (``Path("")`` would silently be ``.``)."""
+    if not text:
+        raise argparse.ArgumentTypeError("an empty path; give a file or folder name")
+    return Path(text)
+
+
 def add_config_arguments(parser: argparse.ArgumentParser, config: type) -> None:
     """Add one option per field of the dataclass ``config`` to ``parser``."""
     hints = typing.get_type_hints(config)
@@ -52,7 +59,7 @@ def add_config_arguments(parser: argparse.ArgumentParser, config: type) -> None:
         if kind is bool:
             kwargs["action"] = argparse.BooleanOptionalAction
         else:
-            kwargs["type"] = Path if kind is Path else kind
+            kwargs["type"] = _path if kind is Path else kind
             kwargs["metavar"] = meta.get("metavar", field.name.upper())
         if "nargs" in meta:
             kwargs["nargs"] = meta["nargs"]

@@ -144,6 +144,40 @@ def _worst(rows: Sequence[Mapping[str, object]]) -> dict[str, tuple[float, str]]
     return worst
 
 
+def _check_values(config: ProbeConfig) -> None:
+    """Every override and sweep value, checked before anything is loaded or computed (the probe
+    runs one group of methods after another: a bad ``--r`` would fail only after the real
+    nudges' group had been computed)."""
+    import math
+
+    def bad_int(value: object) -> bool:
+        return isinstance(value, bool) or not isinstance(value, int) or value < 1
+
+    for name in ("t1", "t2", "points"):
+        value = getattr(config, name)
+        if value is not None and bad_int(value):
+            raise ConfigurationError(f"--{name.replace('_', '-')} must be >= 1; got {value!r}")
+    for name in ("t2_sweep", "t1_sweep", "points_sweep"):
+        for value in getattr(config, name):
+            if bad_int(value):
+                flag = "--" + name.replace("_", "-")
+                raise ConfigurationError(f"{flag} values must be >= 1; got {value!r}")
+    for name in ("beta", "r"):
+        value = getattr(config, name)
+        if value is not None and not (math.isfinite(value) and value > 0):
+            raise ConfigurationError(f"--{name} must be a finite number > 0; got {value!r}")
+    for name in ("beta_sweep", "r_sweep"):
+        for value in getattr(config, name):
+            if not (math.isfinite(value) and value > 0):
+                flag = "--" + name.replace("_", "-")
+                raise ConfigurationError(f"{flag} values must be finite and > 0; got {value!r}")
+    for name in ("tol", "tol_adjoint"):
+        value = getattr(config, name)
+        if value is not None and not (math.isfinite(value) and value >= 0):
+            flag = "--" + name.replace("_", "-")
+            raise ConfigurationError(f"{flag} must be a finite number >= 0; got {value!r}")
+
+
 def run_probe(config: ProbeConfig) -> dict[str, Path]:
     """Probe the run ``config.path``, print the findings, write the files; return their paths.
 
@@ -159,6 +193,7 @@ def run_probe(config: ProbeConfig) -> dict[str, Path]:
         or config.threads < 1
     ):
         raise ConfigurationError(f"threads must be an int >= 1; got {config.threads!r}")
+    _check_values(config)
     out = config.out or (config.path if config.path.is_dir() else config.path.parent)
     check_out_dir(out, "--out" if config.out else "the run folder (the default --out)")
     state, run, model = _load(config)

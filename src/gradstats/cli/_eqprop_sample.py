@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import stat
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -73,10 +74,35 @@ def _load(path: Path) -> tuple[dict[str, Any], Any, Any, str]:
     return state, run, model, vocab
 
 
-def _check_out_file(out: Path) -> None:
+def _check_out_file(out: Path) -> Path:
+    """The file to write for ``--out``: ``out``, or the file a link ``out`` points to.
+
+    Refused: a folder, a broken link or a link loop, anything but a regular file (``/dev/null``,
+    a FIFO: the atomic rename would replace the device node itself), a read-only file, and a
+    file in a folder this process cannot write in.
+    """
     if out.is_dir():
         raise ConfigurationError(f"--out {out} is a folder; give a file name (e.g. sample.json)")
+    if out.is_symlink():
+        try:
+            target = out.resolve(strict=True)
+        except (OSError, RuntimeError):  # RuntimeError: a link loop (Python < 3.13)
+            raise ConfigurationError(
+                f"--out {out} is a broken symbolic link (or a loop of links)"
+            ) from None
+        if target.is_dir():
+            raise ConfigurationError(f"--out {out} links to a folder; give a file name")
+        out = target
+    if out.exists():
+        mode = out.stat().st_mode
+        if not stat.S_ISREG(mode):
+            raise ConfigurationError(
+                f"--out {out} is not a regular file (a device, FIFO or socket); give a file name"
+            )
+        if not mode & 0o222:
+            raise ConfigurationError(f"--out {out} is a read-only file")
     check_out_dir(out.parent, f"--out {out}: its folder")
+    return out
 
 
 def run_sample(config: SampleConfig) -> str:
@@ -86,8 +112,7 @@ def run_sample(config: SampleConfig) -> str:
     from gradstats._files import write_text_atomic
     from gradstats.eqprop.models import EquilibriumTransformer, generate
 
-    if config.record is not None:
-        _check_out_file(config.record)
+    record = None if config.record is None else _check_out_file(config.record)
     if config.tokens < 0:
         raise ConfigurationError(f"--tokens must be >= 0; got {config.tokens}")
     if not config.temperature >= 0:  # NaN included
@@ -123,7 +148,7 @@ def run_sample(config: SampleConfig) -> str:
     )
     text = "".join(vocab[i] for i in out[len(prompt) :].tolist())
     print(prompt + text)
-    if config.record is not None:
+    if record is not None:
         data = {
             "checkpoint": {"path": str(config.path), "step": state["step"], "method": run.method},
             "model": model.config(),
@@ -135,7 +160,7 @@ def run_sample(config: SampleConfig) -> str:
             "seed": config.seed,
             "solver": {k: v for k, v in settings.items() if v is not None},
         }
-        write_text_atomic(config.record, json.dumps(data, indent=1) + "\n")
+        write_text_atomic(record, json.dumps(data, indent=1) + "\n")
     return text
 
 

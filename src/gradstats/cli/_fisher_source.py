@@ -98,9 +98,32 @@ _ALIASES = {
 }
 
 
+def _strict_errors() -> tuple[type[Exception], ...]:
+    """huggingface_hub's validation error of a config field set to a value of the wrong type
+    (``--set n_layer=abc``): an ``Exception``, not a ``ValueError``, in recent versions."""
+    try:
+        from huggingface_hub.errors import StrictDataclassError
+    except ImportError:
+        return ()
+    return (StrictDataclassError,)
+
+
+_SIZES = ("num_hidden_layers", "hidden_size", "num_attention_heads", "vocab_size")
+
+
+def _check_sizes(config: Any, what: str) -> None:
+    """The config's layer count, width, heads and vocabulary must be >= 1 (``--set
+    n_layer=-1`` builds a model that fails only in the middle of the collection)."""
+    for name in _SIZES:
+        value = getattr(config, name, None)
+        if isinstance(value, int) and not isinstance(value, bool) and value < 1:
+            raise ConfigurationError(f"{what}: {name} must be >= 1; got {value}")
+
+
 def _checked_size(hf: Any, config: Any, what: str, allow_large: bool) -> None:
     """State the parameter count (built on the meta device: no memory) before building, and
     refuse models above :data:`MAX_PARAMETERS` unless ``allow_large``."""
+    _check_sizes(config, what)
     try:
         with torch.device("meta"):
             meta = hf.AutoModelForCausalLM.from_config(config)
@@ -129,6 +152,8 @@ def _hf_folder(
 ) -> tuple[Any, Any, str]:
     hf = _transformers()
     what = f"Hugging Face folder {path}"
+    errors: tuple[type[Exception], ...] = (OSError, KeyError, ValueError, TypeError)
+    errors += _strict_errors()
     try:
         config = hf.AutoConfig.from_pretrained(path, local_files_only=True)
         _check_keys(type(config), list(overrides), what)
@@ -140,7 +165,7 @@ def _hf_folder(
             model = hf.AutoModelForCausalLM.from_pretrained(path, local_files_only=True)
             return model, _tokenizer(path), what
         model = hf.AutoModelForCausalLM.from_config(config)
-    except (OSError, KeyError, ValueError, TypeError) as error:
+    except errors as error:
         if isinstance(error, ConfigurationError):
             raise
         reason = " ".join(str(error).split())[:160] or type(error).__name__
@@ -271,11 +296,13 @@ def _from_config(
     if model_type not in hf.CONFIG_MAPPING:
         raise ConfigurationError(f"{what}: {_unknown_type(model_type)}")
     _check_keys(hf.CONFIG_MAPPING[model_type], list(overrides), what)
+    errors: tuple[type[Exception], ...] = (ValueError, TypeError, KeyError, AttributeError)
+    errors += _strict_errors()
     try:
         config = hf.AutoConfig.for_model(model_type, **(config_dict | overrides))
         _checked_size(hf, config, what, allow_large)
         model = hf.AutoModelForCausalLM.from_config(config)
-    except (ValueError, TypeError, KeyError, AttributeError) as error:
+    except errors as error:
         if isinstance(error, ConfigurationError):
             raise
         reason = " ".join(str(error).split())[:160] or type(error).__name__
