@@ -8,6 +8,7 @@ interrupt leaves the previous file (or none) and no temporary file behind.
 from __future__ import annotations
 
 import contextlib
+import errno
 import os
 from collections.abc import Iterator
 from pathlib import Path
@@ -31,6 +32,15 @@ def atomic_path(path: str | os.PathLike[str]) -> Iterator[Path]:
     re-raised (an ``OSError`` re-stated to name ``path``).
     """
     target = Path(path)
+    if target.is_symlink():  # write the file the link points to, never replace the link
+        try:
+            target = target.resolve(strict=False)
+        except (OSError, RuntimeError) as error:  # a loop of links
+            raise OSError(errno.ELOOP, f"cannot write {path}: {error}") from error
+    if target.exists() and not target.is_file():
+        raise IsADirectoryError(
+            f"cannot write {target}: it is not a regular file (a folder, device or FIFO)"
+        )
     # a name of this process (not mkstemp's private 0600 file: the writer creates it with the
     # usual permissions)
     tmp = target.with_name(f".{target.name}.{os.getpid()}.tmp{target.suffix}")

@@ -99,3 +99,9 @@ def test_a_suite_file_without_comparisons_is_a_configuration_error(tmp_path):
     assert list(find_suites(tmp_path)) == ["empty"]
     with pytest.raises(ConfigurationError, match="does not define comparisons"):
         run_suites([], directory=tmp_path, out=None, **RUN)
+
+
+def test_a_dir_suite_that_raises_on_import_is_a_configuration_error(tmp_path):
+    (tmp_path / "bench_boom.py").write_text("raise RuntimeError('boom')\n")
+    with pytest.raises(ConfigurationError, match=r"bench_boom.py failed to import: RuntimeError"):
+        run_suites(["boom"], directory=tmp_path, out=None, **RUN)

@@ -166,3 +166,29 @@ def test_prepare_out_refuses_a_folder_that_is_not_a_demos(tmp_path):
     with pytest.raises(ConfigurationError, match="is not empty and is not the output"):
         prepare_out(tmp_path)
     assert _listing(tmp_path) == ["thesis.tex"]
+
+
+def test_atomic_write_through_a_link_writes_its_target_and_keeps_the_link(tmp_path):
+    real = tmp_path / "real.json"
+    real.write_text("old")
+    link = tmp_path / "link.json"
+    link.symlink_to(real)
+    write_text_atomic(link, "new")
+    assert link.is_symlink()
+    assert real.read_text() == "new"
+
+
+def test_atomic_write_refuses_what_is_not_a_regular_file(tmp_path):
+    fifo = tmp_path / "pipe"
+    os.mkfifo(fifo)
+    with pytest.raises(IsADirectoryError, match="not a regular file"):
+        write_text_atomic(fifo, "x")
+    assert stat.S_ISFIFO(fifo.stat().st_mode)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["pipe"]
+
+
+def test_atomic_write_through_a_link_loop_is_one_oserror(tmp_path):
+    loop = tmp_path / "loop.json"
+    loop.symlink_to(loop)
+    with pytest.raises(OSError, match="cannot write"):
+        write_text_atomic(loop, "x")

@@ -73,7 +73,15 @@ def _load(source: str | Path) -> ModuleType:
         if spec is None or spec.loader is None:
             raise ConfigurationError(f"{source} is not a Python file that can be imported")
         module = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(module)
+        try:
+            spec.loader.exec_module(module)
+        except ImportError:
+            raise  # an optional peer is skipped by the caller; a gradstats import fails
+        except Exception as error:  # a user's suite file (--dir) that cannot run
+            first = str(error).splitlines()[0] if str(error) else ""
+            raise ConfigurationError(
+                f"the suite {source} failed to import: {type(error).__name__}: {first}"
+            ) from error
     if not callable(getattr(module, "comparisons", None)):
         raise ConfigurationError(f"{source} does not define comparisons(smoke: bool)")
     return module
