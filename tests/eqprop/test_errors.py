@@ -60,7 +60,7 @@ def test_unknown_method(case):
         ({"method": "implicit", "adjoint_solver": "cg"}, "adjoint_solver must be one of"),
         ({"method": "aep", "on_failure": "ignore"}, "on_failure must be one of"),
         ({"method": "aep", "nonfinite": "ignore"}, "nonfinite must be one of 'skip', 'raise'"),
-        ({"method": "aep", "nonfinite": None}, "nonfinite must be one of"),
+        ({"method": "aep", "nonfinite": 1}, "nonfinite must be one of"),
         ({"method": "aep", "freeze": 1}, "freeze must be a bool"),
         ({"method": "aep", "check_every": 2.5}, "check_every must be an int"),
         ({"method": "aep", "stall_checks": -1}, "stall_checks must be an int >= 0"),
