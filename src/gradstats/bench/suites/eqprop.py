@@ -113,6 +113,42 @@ def _gradient(t1: int, smoke: bool) -> Comparison:
     )
 
 
+def _add_torchdeq_iteration(
+    candidates: list[Candidate],
+    unavailable: dict[str, str],
+    model: TanhModel,
+    x: torch.Tensor,
+    eps: float,
+    *,
+    max_iter: int,
+    tol: float,
+    return_final: bool,
+    note: str,
+) -> None:
+    """torchdeq's ``fixed_point_iter`` on z ← z + εF(z) as a peer candidate (or the note that
+    torchdeq is missing)."""
+    name = "torchdeq fixed_point_iter"
+    why = missing("torchdeq")
+    if why is not None:
+        unavailable[name] = why
+        return
+    from torchdeq.solver import fixed_point_iter
+
+    def deq() -> object:
+        with torch.no_grad():
+            out, _, _ = fixed_point_iter(
+                lambda z: z + eps * model.force(z, x),
+                model.init_state(x),
+                max_iter=max_iter,
+                tol=tol,
+                stop_mode="rel",
+                return_final=return_final,
+            )
+            return out
+
+    candidates.append(Candidate(name, deq, note))
+
+
 def _relax(smoke: bool) -> Comparison:
     model, x, _ = _case(smoke)
     steps = 20 if smoke else 400
@@ -136,26 +172,10 @@ def _relax(smoke: bool) -> Comparison:
             return z
 
     candidates.append(Candidate("item() every step", item_loop, "baseline: host read per step"))
-    note = missing("torchdeq")
-    if note is not None:
-        unavailable["torchdeq fixed_point_iter"] = note
-    else:
-        from torchdeq.solver import fixed_point_iter
-
-        def deq() -> object:
-            with torch.no_grad():
-                z0 = model.init_state(x)
-                out, _, _ = fixed_point_iter(
-                    lambda z: z + EPS * model.force(z, x),
-                    z0,
-                    max_iter=steps,
-                    tol=0.0,
-                    stop_mode="rel",
-                    return_final=True,
-                )
-                return out
-
-        candidates.append(Candidate("torchdeq fixed_point_iter", deq, "peer"))
+    _add_torchdeq_iteration(
+        candidates, unavailable, model, x, EPS, max_iter=steps, tol=0.0, return_final=True,
+        note="peer",
+    )  # fmt: skip
     return Comparison(
         name="eqprop/relax",
         candidates=candidates,
@@ -180,24 +200,10 @@ def _relax_to_tol(speed: str, smoke: bool) -> Comparison:
         return relax(model, x, tol=tol, max_steps=5000, step_size=eps)[0]
 
     candidates = [Candidate("gradstats.relax", ours, "growing check interval, per-sample freeze")]
-    note = missing("torchdeq")
-    if note is not None:
-        unavailable["torchdeq fixed_point_iter"] = note
-    else:
-        from torchdeq.solver import fixed_point_iter
-
-        def deq() -> object:
-            with torch.no_grad():
-                out, _, _ = fixed_point_iter(  # its residual ‖εF‖/‖z + εF‖: tol scaled by ε
-                    lambda z: z + eps * model.force(z, x),
-                    model.init_state(x),
-                    max_iter=5000,
-                    tol=tol * eps,
-                    stop_mode="rel",
-                )
-                return out
-
-        candidates.append(Candidate("torchdeq fixed_point_iter", deq, "peer: reads every step"))
+    _add_torchdeq_iteration(  # its residual ‖εF‖/‖z + εF‖: tol scaled by ε
+        candidates, unavailable, model, x, eps, max_iter=5000, tol=tol * eps, return_final=False,
+        note="peer: reads every step",
+    )  # fmt: skip
     baseline = candidates[-1].name
     return Comparison(
         name=f"eqprop/relax_to_tol_{speed}",
