@@ -279,7 +279,9 @@ def test_merge_refuses_other_group_families():
 
 
 def test_merge_refuses_what_is_not_a_collector():
-    with pytest.raises(ConfigurationTypeError, match="other must be a FisherCollector; got int"):
+    with pytest.raises(
+        ConfigurationTypeError, match="other must be a FisherCollector or a FisherResult; got int"
+    ):
         _collector().merge(3)
 
 

@@ -3,13 +3,18 @@
 A :class:`Comparison` lists :class:`Candidate` implementations of the same computation (ours, a
 baseline, peers). :func:`run_comparison` warms each up, then times them in rotating order
 (repeat r starts with candidate r mod k, so drift and thermal effects hit all alike), with a
-device synchronisation before and after every call. It reports the median and inter-quartile
+device synchronisation before and after every call. The clock (recorded as ``"clock"``): on the
+CPU the CPU time of the calling thread (``time.thread_time``; with one intra-op thread that is
+all the work, and other processes on a shared machine do not inflate it), or of the whole
+process (``time.process_time``) when torch runs several threads; on an accelerator the wall
+time (``time.perf_counter``) between synchronisations. It reports the median and inter-quartile
 range per candidate, the ratio of each median to the baseline's, optional peak memory, and
 whether each candidate's output matches the reference candidate's ("same numbers").
 """
 
 from __future__ import annotations
 
+import math
 import statistics
 import time
 from collections.abc import Callable, Mapping, Sequence
@@ -21,7 +26,7 @@ from tqdm.auto import tqdm
 from gradstats.bench._memory import peak_memory_bytes
 from gradstats.errors import ConfigurationError, ConfigurationTypeError
 
-__all__ = ["Candidate", "Comparison", "run_comparison"]
+__all__ = ["CLOCKS", "Candidate", "Comparison", "clock_name", "run_comparison"]
 
 
 @dataclass(frozen=True)
@@ -122,11 +127,27 @@ def _agreement(output: object, reference: object, rtol: float, atol: float) -> d
     return {"agrees": agrees, "max_abs_diff": abs_diff, "max_rel_diff": rel_diff}
 
 
+CLOCKS: dict[str, Callable[[], float]] = {
+    "thread_time": time.thread_time,
+    "process_time": time.process_time,
+    "perf_counter": time.perf_counter,
+}
+
+
+def clock_name(device: torch.device) -> str:
+    """The clock :func:`run_comparison` uses on ``device`` (see the module docstring)."""
+    if device.type != "cpu":
+        return "perf_counter"
+    return "thread_time" if torch.get_num_threads() == 1 else "process_time"
+
+
 def run_comparison(
     comparison: Comparison, *, warmup: int = 3, repeats: int = 20, progress: bool = True
 ) -> dict[str, object]:
     """Time the candidates of ``comparison`` side by side; return a JSON-ready record."""
     device = torch.device(comparison.device)
+    clock_used = clock_name(device)
+    clock = CLOCKS[clock_used]
     candidates = list(comparison.candidates)
     outputs: dict[str, object] = {}
     for candidate in candidates:  # warm-up; keep the first output for the agreement check
@@ -144,10 +165,10 @@ def run_comparison(
         shift = repeat % len(candidates)
         for candidate in candidates[shift:] + candidates[:shift]:
             _sync(device)
-            start = time.perf_counter()
+            start = clock()
             candidate.fn()
             _sync(device)
-            times[candidate.name].append(time.perf_counter() - start)
+            times[candidate.name].append(clock() - start)
             bar.update(1)
     bar.close()
     baseline_median = statistics.median(times[comparison.baseline])
@@ -162,7 +183,7 @@ def run_comparison(
             "median_s": median,
             "iqr_s": quartiles[2] - quartiles[0],
             "times_s": times[candidate.name],
-            "ratio_to_baseline": median / baseline_median,
+            "ratio_to_baseline": median / baseline_median if baseline_median > 0 else math.nan,
         }
         if comparison.work:
             row["throughput"] = comparison.work / median
@@ -179,6 +200,7 @@ def run_comparison(
         "baseline": comparison.baseline,
         "reference": comparison.reference_name if comparison.check else None,
         "device": str(device),
+        "clock": clock_used,
         "warmup": warmup,
         "repeats": repeats,
         "work_unit": comparison.work_unit,

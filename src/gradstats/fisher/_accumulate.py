@@ -74,9 +74,17 @@ class UnitLayout:
     dev: dict[str, torch.Tensor] = field(default_factory=dict)
     dev2: dict[str, torch.Tensor] = field(default_factory=dict)
     lin: dict[str, torch.Tensor] | None = None
-    trace: list[torch.Tensor] = field(default_factory=list)
-    mask_lin: list[torch.Tensor] = field(default_factory=list)
-    mask: list[torch.Tensor] = field(default_factory=list)
+    # per family f (size G_f): [n, G_f] (or [n, G_f + 1] with the dump column), built lazily —
+    # the first full-width write is stored as it is; None until something is written
+    family_sizes: list[int] = field(default_factory=list)
+    trace: list[torch.Tensor | None] = field(default_factory=list)
+    mask_lin: list[torch.Tensor | None] = field(default_factory=list)
+    mask: list[torch.Tensor | None] = field(default_factory=list)
+    # finiteness proxies: name -> scalars whose sum is finite iff every element of sq[name] is
+    proxy: dict[str, list[torch.Tensor]] = field(default_factory=dict)
+    # deferred products (CPU, cumulative, no element_se): sq[name][index] += m1 @ m2, added by
+    # the state straight into its pending buffers once the batch is accepted (see _state_pending)
+    gemms: list[tuple[str, tuple | None, torch.Tensor, torch.Tensor]] | None = None
 
     @property
     def active(self) -> torch.Tensor:
@@ -162,18 +170,81 @@ class UnitLayout:
         self, request: Request, lo: int, hi: int, trace: torch.Tensor, lin: torch.Tensor | None
     ) -> None:
         """Add per-unit marginals (rows lo..hi, along the request's axis) to the family buffers."""
-        targets = [(self.trace[request.family], trace)]
+        self._family_add(self.trace, request, lo, hi, trace)
         if lin is not None:
-            targets.append((self.mask_lin[request.family], lin))
-        for buffer, value in targets:
-            value = value.to(self.dtype)
-            if request.block == 1:  # group k is index k
-                buffer[lo:hi, : value.shape[1]] += value
-            elif request.block:
-                size = buffer.shape[1] - 1
-                buffer[lo:hi, :size] += value.view(value.shape[0], size, request.block).sum(-1)
-            else:
-                buffer[lo:hi].index_add_(1, request.assign, value)
+            self._family_add(self.mask_lin, request, lo, hi, lin)
+
+    def _family_add(
+        self, buffers: list, request: Request, lo: int, hi: int, value: torch.Tensor
+    ) -> None:
+        fam = request.family
+        size = self.family_sizes[fam]
+        value = value.to(self.dtype)
+        dense = None  # the value as [rows, G] group columns, when no dump column is needed
+        if request.block == 1 and value.shape[1] == size:
+            dense = value
+        elif request.block > 1:
+            dense = value.view(value.shape[0], size, request.block).sum(-1)
+        current = buffers[fam]
+        if dense is not None and lo == 0 and hi == self.n_units:
+            if current is None:  # borrowed: every later write to this slot is out of place
+                buffers[fam] = dense
+            elif current.shape[1] == size:
+                buffers[fam] = current + dense
+            else:  # an owned buffer with the dump column
+                current[:, :size] += dense
+            return
+        if current is None:
+            current = torch.zeros(self.n_units, size + 1, dtype=self.dtype, device=value.device)
+        elif current.shape[1] == size:  # (also makes a borrowed buffer an owned one)
+            current = torch.cat([current, current.new_zeros(self.n_units, 1)], dim=1)
+        buffers[fam] = current
+        if dense is not None:
+            current[lo:hi, :size] += dense
+        elif request.block == 1:  # group k is index k
+            current[lo:hi, : value.shape[1]] += value
+        else:
+            current[lo:hi].index_add_(1, request.assign, value)
+
+    def family_rows(self, buffers: list, fam: int, device: torch.device) -> torch.Tensor:
+        """Family ``fam``'s per-unit rows [n, G] (zeros when nothing was written)."""
+        value = buffers[fam]
+        size = self.family_sizes[fam]
+        if value is None:
+            return torch.zeros(self.n_units, size, dtype=self.dtype, device=device)
+        return value if value.shape[1] == size else value[:, :size]
+
+    def end_pass(self) -> None:
+        """Square the pass's mask values into ``mask`` and reset them (one per pass)."""
+        for fam, lin in enumerate(self.mask_lin):
+            if lin is None:
+                continue
+            size = self.family_sizes[fam]
+            square = (lin if lin.shape[1] == size else lin[:, :size]).square()
+            total = self.mask[fam]
+            self.mask[fam] = square if total is None else total + square
+            self.mask_lin[fam] = None
+
+    def add_proxy(self, name: str, value: torch.Tensor) -> None:
+        """Record a scalar whose finiteness stands for that of ``name``'s Σg² contribution."""
+        self.proxy.setdefault(name, []).append(value)
+
+    def add_sq_product(
+        self, name: str, index: tuple | None, m1: torch.Tensor, m2: torch.Tensor, shape
+    ) -> None:
+        """sq[name][index] += m1 @ m2: deferred into the pending state when ``gemms`` is on,
+        else formed now (a fresh full-width product is stored without zeros + add)."""
+        if self.gemms is not None:
+            self.gemms.append((name, index, m1, m2))
+            return
+        value = m1 @ m2
+        if name not in self.sq and index is None:
+            self.sq[name] = value.to(self.dtype)
+            return
+        if name not in self.sq:
+            self.sq[name] = torch.zeros(shape, dtype=self.dtype, device=value.device)
+        target = self.sq[name] if index is None else self.sq[name][index]
+        target += value
 
 
 def accumulate_materialised(

@@ -57,10 +57,14 @@ class BatchCore(FisherReads):
             layout = UnitLayout(self.unit, prepared.n_samples, mask, self.chunk_bytes, dtype)
         if self.element_se and not check:
             layout.se = True
-        n = layout.n_units
-        for fam in self._unit_families:
-            for buffers in (layout.trace, layout.mask_lin, layout.mask):
-                buffers.append(torch.zeros(n, fam.size + 1, dtype=dtype, device=device))
+        # on the CPU (where the batch's acceptance is read for free) Σg² products go straight
+        # into the pending sums once the batch is accepted (cumulative sums only)
+        if not check and device.type == "cpu" and self._state.defers_products:
+            layout.gemms = []
+        families = self._unit_families
+        layout.family_sizes = [fam.size for fam in families]
+        for buffers in (layout.trace, layout.mask_lin, layout.mask):
+            buffers.extend([None] * len(families))
         return layout
 
     def _finish(
@@ -73,20 +77,24 @@ class BatchCore(FisherReads):
     ) -> None:
         """Check the batch's statistics and fold them into the state (or skip / raise)."""
         device = self._state.device
+        deferred = set() if layout.gemms is None else {g[0] for g in layout.gemms}
         sq = {
             n: layout.sq[n]
             if n in layout.sq
             else torch.zeros(shape, dtype=self._compute_dtype, device=device)
             for n, shape in self._state.shapes.items()
+            if n not in deferred or n in layout.sq
         }
         if self.collect_signal:
             for name in self._state.shapes:
                 if name not in g_sum:  # (not setdefault: that would allocate zeros every time)
-                    g_sum[name] = torch.zeros_like(sq[name])
+                    shape = self._state.shapes[name]
+                    g_sum[name] = torch.zeros(shape, dtype=self._compute_dtype, device=device)
         trace_rows: dict[str, torch.Tensor] = {}
         mask_rows: dict[str, torch.Tensor] = {}
-        for fam, trace, mask in zip(self._unit_families, layout.trace, layout.mask, strict=True):
-            trace_rows[fam.name], mask_rows[fam.name] = trace[:, : fam.size], mask[:, : fam.size]
+        for index, fam in enumerate(self._unit_families):
+            trace_rows[fam.name] = layout.family_rows(layout.trace, index, device)
+            mask_rows[fam.name] = layout.family_rows(layout.mask, index, device)
         # with token units every position is a row; the inactive ones get weight 0 (no boolean
         # selection, so no host sync) and are no observations of the per-unit statistics
         row_weight = None
@@ -96,9 +104,19 @@ class BatchCore(FisherReads):
         # not): one sum per tensor in its own dtype (NaN and ±inf propagate; 9× cheaper than
         # float64 sums). A false alarm needs a tensor whose elements add up past 3.4e38 — a
         # Fisher total no float32 statistic could hold anyway.
-        parts = [*sq.values(), *g_sum.values(), *trace_rows.values(), *mask_rows.values()]
+        # A Linear layer's Σg² of one position per unit comes with a proxy instead (see
+        # LinearHandler): Σ_i ‖b_i‖²‖a_i‖² is the sum of all elements of (b²)ᵀ(a²), finite
+        # iff each of them is (they are non-negative), at the cost of O(n) sums, not O(P).
+        # Σg needs no check of its own: it sums the same per-unit gradients whose squares Σg²
+        # holds, so |Σ_i g_i| ≤ sqrt(N · Σ_i g_i²) is finite whenever Σg² is, and a NaN/inf in
+        # any g_i is one in Σg² too (the first batch's check ties autograd's Σg to the hooks')
+        proxied = set() if layout.se else set(layout.proxy)
+        parts = [t for n, t in sq.items() if n not in proxied]
+        parts += [*trace_rows.values(), *mask_rows.values()]
         parts += [*layout.dev.values(), *layout.dev2.values()]
         sums = [t.sum() for t in parts if t.numel()]
+        if proxied:
+            sums += [v for n in proxied for v in layout.proxy[n]]
         finite = torch.stack(sums).isfinite().all() if sums else torch.ones_like(ok)
         ok = ok & finite
         if self.nonfinite == "raise" and not bool(ok):  # sync-ok: nonfinite="raise" (documented)
@@ -121,4 +139,5 @@ class BatchCore(FisherReads):
             trace_rows,
             mask_rows,
             row_weight,
+            gemms=layout.gemms,
         )

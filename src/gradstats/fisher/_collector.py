@@ -1,23 +1,18 @@
 r"""``FisherCollector``: the diagonal Fisher information from exact per-unit gradients.
 
-Estimands (declared, stored with every result). With per-unit loss l_i = −log p(y_i | x_i),
-sum-reduced over the unit's targets, and g_i = ∇_θ l_i:
-
-* ``kind="empirical"``: EF_jj = (1/N) Σ_i g_ij² at the data labels.
-* ``kind="mc"``: labels y ~ p_θ(·|x), K = ``mc_samples`` per unit: (1/N) Σ_i (1/K) Σ_k g_ikj²,
-  unbiased for the Fisher.
-* ``kind="exact"``: the expectation over labels in closed form, (1/N) Σ_i diag(J_iᵀ Λ_i J_i)
-  (softmax: Λ = diag(p) − ppᵀ; Gaussian σ² = 1: Λ = I), by label enumeration through the
-  network, or by (p(1−p))ᵀ(h²) when only the output layer's parameters are collected.
-* ``kind="batch_grad_sq"``: the *mistaken* estimator (1/#batches) Σ_B (ḡ_B)² of the mean-batch
-  gradient squared, kept to reproduce it. Its expectation is μ² + σ²/m for batches of m i.i.d.
-  units (μ²+ σ²/m · (N−m)/(N−1) for batches drawn without replacement from N units) — it
-  depends on the batch size and is never the Fisher. Never a default.
+Estimands (declared, stored with every result; see :mod:`gradstats.fisher._estimands`). With
+per-unit loss l_i = −log p(y_i | x_i), sum-reduced over the unit's targets, and g_i = ∇_θ l_i:
+``"empirical"`` EF_jj = (1/N) Σ_i g_ij² at the data labels; ``"mc"`` (1/N) Σ_i (1/K) Σ_k g_ikj²
+with labels y ~ p_θ(·|x), unbiased for F; ``"exact"`` (1/N) Σ_i diag(J_iᵀ Λ_i J_i), the
+expectation over labels in closed form; ``"batch_grad_sq"`` the *mistaken* (1/#batches)
+Σ_B (ḡ_B)², with expectation μ² + σ²/m for batches of m i.i.d. units (μ² + σ²/m · (N−m)/(N−1)
+without replacement) — never the Fisher, never a default.
 
 Units: ``unit="sample"`` (a sequence for language models: G_i = Σ_t g_it) or ``unit="token"``
 (per-position gradients: exact for the output layer, a labelled *position-wise* approximation
 elsewhere, with positions without an active target dropped). Identity: EF = (ḡ)² + Var, reported
-as ``signal()``, ``fisher()`` and ``variance()``.
+as ``signal()``, ``fisher()`` and ``variance()``. The statistics live in a
+:class:`~gradstats.fisher.FisherResult` (``fc.result``), which :func:`resume` continues.
 """
 
 from __future__ import annotations
@@ -29,25 +24,19 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from gradstats._validation import check_choice, check_open_unit, check_positive_int
-from gradstats.errors import (
-    ConfigurationError,
-    ConfigurationTypeError,
-    check_nonfinite,
-)
-from gradstats.fisher._accumulate import Request
+from gradstats.errors import ConfigurationError, ConfigurationTypeError, StateError
 from gradstats.fisher._architectures import build_groups
 from gradstats.fisher._engine import Engine
+from gradstats.fisher._estimands import Pass
 from gradstats.fisher._inputs import batch_size, call_model, select_parameters
-from gradstats.fisher._io import load_collector, save_collector
-from gradstats.fisher._likelihoods import CallableLikelihood, Prepared, make_likelihood
-from gradstats.fisher._passes import SpecialPasses
-from gradstats.fisher._spec import KINDS, MODES, UNITS, fingerprint
+from gradstats.fisher._io import same_shapes
+from gradstats.fisher._likelihoods import Likelihood, Prepared
+from gradstats.fisher._passes import SpecialPasses, unit_requests
+from gradstats.fisher._result import FisherResult, load
+from gradstats.fisher._spec import DEFAULT, KINDS, MODES, UNITS, FisherSpec, fingerprint
 from gradstats.fisher._streaming import Streaming
 
-__all__ = ["KINDS", "MODES", "UNITS", "FisherCollector", "fingerprint"]
-
-Pass = tuple[torch.Tensor | None, torch.Tensor | None, float]  # objective, direction, weight
+__all__ = ["KINDS", "MODES", "UNITS", "FisherCollector", "fingerprint", "resume"]
 
 
 class FisherCollector(Streaming, SpecialPasses):
@@ -59,32 +48,39 @@ class FisherCollector(Streaming, SpecialPasses):
     Args:
         model: the network. Its output is the logits/prediction tensor, a mapping or
             ``ModelOutput`` with ``logits``, or a tuple whose first element it is.
-        kind: ``"empirical"``, ``"mc"``, ``"exact"`` or ``"batch_grad_sq"``.
+        kind: ``"empirical"`` (default), ``"mc"``, ``"exact"`` or ``"batch_grad_sq"``.
         likelihood: ``"classification"``, ``"regression"``, ``"causal_lm"``, a
             :class:`~gradstats.fisher.Likelihood`, or a callable ``fn(output, targets)`` returning
-            per-unit losses (see ``loss_reduction``).
-        unit: ``"sample"`` or ``"token"`` (token likelihoods only).
-        mc_samples: K labels drawn per unit for ``kind="mc"``.
+            per-unit losses (see ``loss_reduction``); default ``"classification"``.
+        unit: ``"sample"`` (default) or ``"token"`` (token likelihoods only).
+        spec: every option of this list bar ``generator``, ``params`` and ``groups`` at once, as
+            a :class:`~gradstats.fisher.FisherSpec` (then pass none of them separately). An
+            option not passed takes the ``FisherSpec`` field's default (shown below).
+        mc_samples: K labels drawn per unit for ``kind="mc"`` (default 1).
         generator: the ``torch.Generator`` (on the model's device) for ``kind="mc"``; default: a
             new one seeded with ``seed``.
-        seed: seed of the default generator.
+        seed: seed of the default generator (default 0). A file does not store the generator's
+            state: pass ``generator=`` to :func:`~gradstats.fisher.resume` to continue a draw.
         params: names of the parameters to collect (default: all that require grad).
         groups: ``"auto"`` (architecture registry from ``model.config``; output channels for
             models without a config), ``None``, a :class:`~gradstats.fisher.GroupMap` or a list
             of :class:`~gradstats.fisher.GroupFamily`.
-        mode: ``"cumulative"`` (exact sums, mergeable) or ``"ema"`` (debiased EMA of batch means).
-        beta: EMA decay for ``mode="ema"``.
-        signal: also accumulate the mean gradient (costs the usual weight-gradient GEMMs).
+        mode: ``"cumulative"`` (default: exact sums, mergeable) or ``"ema"`` (debiased EMA of
+            batch means).
+        beta: EMA decay for ``mode="ema"`` (default 0.99).
+        signal: also accumulate the mean gradient (default True, for the kinds that have one:
+            ``"empirical"``, ``"mc"``; costs the usual weight-gradient GEMMs).
         element_se: also accumulate per-batch sums of g² − c and (g² − c)² about a reference
             c from the batch (Chan-merged, float64) for elementwise standard errors
-            (``kind="empirical"``); right for float32 models even at large gradient offsets.
-        loss_reduction: for callables returning a scalar: ``"sum"`` or ``"mean"`` over the B
-            samples (a mean is undone: the objective is multiplied by B).
-        chunk_bytes: memory budget of one chunk of materialised per-unit gradients.
+            (``kind="empirical"``; default False); right for float32 models even at large
+            gradient offsets.
+        loss_reduction: for callables returning a scalar: ``"sum"`` (default) or ``"mean"``
+            over the B samples (a mean is undone: the objective is multiplied by B).
+        chunk_bytes: memory budget of one chunk of materialised per-unit gradients (256 MiB).
         check_first_batch: on the first batch, check that the hooks' per-unit gradients add up to
             autograd's gradient for every parameter (one host sync) — catches parameters used
-            outside their module's forward.
-        max_exact_passes: refuse ``kind="exact"`` label enumerations longer than this.
+            outside their module's forward (default True).
+        max_exact_passes: refuse ``kind="exact"`` label enumerations longer than this (4096).
         nonfinite: a batch whose loss or statistics (Σg², Σg⁴, Σg, group rows) are not finite:
             ``"skip"`` (default) drops it on the device, without a host sync, and counts it in
             ``counts["skipped"]`` (reads then warn); ``"raise"`` raises
@@ -97,8 +93,12 @@ class FisherCollector(Streaming, SpecialPasses):
     ``torch.func`` loop fallback runs Python per sample. Target ranges are checked on CPU
     tensors only, and on the CPU the batch's finite flag is read (free there). Reads
     (``fisher()``, ``group_fisher()``, ...) read two counters each (see
-    :mod:`gradstats.fisher._reads`): a collector without data raises a ``StateError`` instead
-    of returning NaN, and reads after skipped batches warn.
+    :mod:`gradstats.fisher._element_reads`): a collector without data raises a ``StateError``
+    instead of returning NaN, and reads after skipped batches warn.
+
+    The statistics and every read belong to ``fc.result``, a
+    :class:`~gradstats.fisher.FisherResult` (the collector's reads delegate to it); ``fc.config``
+    is the :class:`~gradstats.fisher.FisherSpec`, ``fc.spec()`` the dict stored in files.
 
     Example (per-sample gradients g = [1, −1, 2, 4]: EF = mean g² = 5.5, in any split):
         >>> import torch
@@ -116,122 +116,82 @@ class FisherCollector(Streaming, SpecialPasses):
     def __init__(
         self,
         model: nn.Module,
-        kind: str = "empirical",
-        likelihood: object = "classification",
-        unit: str = "sample",
+        kind: str = DEFAULT,
+        likelihood: object = DEFAULT,
+        unit: str = DEFAULT,
         *,
-        mc_samples: int = 1,
+        spec: FisherSpec | None = None,
+        mc_samples: int = DEFAULT,
         generator: torch.Generator | None = None,
-        seed: int = 0,
+        seed: int = DEFAULT,
         params: Iterable[str] | None = None,
         groups: object = "auto",
-        mode: str = "cumulative",
-        beta: float = 0.99,
-        signal: bool = True,
-        element_se: bool = False,
-        loss_reduction: str = "sum",
-        chunk_bytes: int = 256 * 2**20,
-        check_first_batch: bool = True,
-        max_exact_passes: int = 4096,
-        nonfinite: str = "skip",
+        mode: str = DEFAULT,
+        beta: float = DEFAULT,
+        signal: bool = DEFAULT,
+        element_se: bool = DEFAULT,
+        loss_reduction: str = DEFAULT,
+        chunk_bytes: int = DEFAULT,
+        check_first_batch: bool = DEFAULT,
+        max_exact_passes: int = DEFAULT,
+        nonfinite: str = DEFAULT,
     ) -> None:
         if not isinstance(model, nn.Module):
             raise ConfigurationTypeError(
                 f"model must be a torch.nn.Module; got {type(model).__name__}"
             )
-        kind = check_choice("kind", kind, KINDS)
-        lik = make_likelihood(likelihood, loss_reduction)
-        if kind not in lik.kinds:
+        given = {k: v for k, v in locals().items() if k in FisherSpec.OPTIONS and v is not DEFAULT}
+        if spec is None:
+            spec = FisherSpec(**given)  # validated there
+        elif not isinstance(spec, FisherSpec):
+            raise ConfigurationTypeError(f"spec must be a FisherSpec or None; got {spec!r}")
+        elif given:
             raise ConfigurationError(
-                f"kind={kind!r} is not available for likelihood {lik.name!r} (available: "
-                f"{', '.join(lik.kinds)}): a callable likelihood cannot sample or enumerate labels"
+                f"pass spec= or the options it holds, not both; got spec= and {', '.join(given)}"
             )
-        unit = check_choice("unit", unit, UNITS)
-        if unit == "token" and not (lik.has_tokens or isinstance(lik, CallableLikelihood)):
-            raise ConfigurationError(
-                f"unit='token' needs a likelihood with token positions ('causal_lm' or a callable "
-                f"returning [B, T] losses); likelihood {lik.name!r} has none"
-            )
-        mc_samples = check_positive_int("mc_samples", mc_samples)
-        if mc_samples != 1 and kind != "mc":
-            raise ConfigurationError(f"mc_samples applies to kind='mc' only; got kind={kind!r}")
         if generator is not None and not isinstance(generator, torch.Generator):
             raise ConfigurationTypeError(
                 f"generator must be a torch.Generator; got {type(generator).__name__}"
             )
-        for flag, value in (("signal", signal), ("element_se", element_se)):
-            if not isinstance(value, bool):
-                raise ConfigurationTypeError(f"{flag} must be True or False; got {value!r}")
-        if isinstance(seed, bool) or not isinstance(seed, int):
-            raise ConfigurationTypeError(f"seed must be an int; got {type(seed).__name__}")
-        mode = check_choice("mode", mode, MODES)
-        beta = check_open_unit("beta", beta)
-        if element_se and (kind != "empirical" or mode != "cumulative"):
-            raise ConfigurationError(
-                "element_se=True needs kind='empirical' and mode='cumulative' (one backward "
-                "pass per batch); group standard errors are available for every kind"
-            )
-        if kind == "batch_grad_sq" and mode != "cumulative":
-            raise ConfigurationError("kind='batch_grad_sq' supports mode='cumulative' only")
-        check_positive_int("chunk_bytes", chunk_bytes)
-        check_positive_int("max_exact_passes", max_exact_passes)
-        self.nonfinite = check_nonfinite("nonfinite", nonfinite)
-        if not isinstance(check_first_batch, bool):
-            raise ConfigurationTypeError(
-                f"check_first_batch must be True or False; got {check_first_batch!r}"
-            )
+        lik = spec.make_likelihood()
         selected = select_parameters(model, params)
-        self.model = model
-        self.kind, self.unit, self.mode, self.beta = kind, unit, mode, beta
-        self.mc_samples, self.seed = mc_samples, seed
-        self.likelihood = lik
-        self.collect_signal = signal and kind in ("empirical", "mc")
-        self.element_se = element_se
-        self.chunk_bytes, self.max_exact_passes = chunk_bytes, max_exact_passes
+        result = FisherResult(
+            spec,
+            {n: tuple(p.shape) for n, p in selected.items()},
+            {n: p.dtype for n, p in selected.items()},
+            group_map=build_groups(model, {n: p.detach() for n, p in selected.items()}, groups),
+            device=next(iter(selected.values())).device,
+        )
+        self._start(model, lik, result, Engine(model, selected), generator)
+
+    def _start(
+        self,
+        model: nn.Module | None,
+        likelihood: Likelihood | None,
+        result: FisherResult,
+        engine: Engine | None,
+        generator: torch.Generator | None,
+    ) -> None:
+        """Bind the collector's parts (the one initialiser of live and read-only collectors)."""
+        self.model, self.likelihood, self.result, self._engine = model, likelihood, result, engine
         self._generator = generator
-        self._check_pending = check_first_batch and kind != "batch_grad_sq"
+        self._check_pending = result.config.check_first_batch and result.estimand.per_unit
         self._closed_form: bool | None = None
-        shapes = {n: tuple(p.shape) for n, p in selected.items()}
-        device = next(iter(selected.values())).device
-        self.group_map = build_groups(model, {n: p.detach() for n, p in selected.items()}, groups)
-        per_unit = kind != "batch_grad_sq"
-        self._setup(shapes, device, per_unit)
-        self._dtypes = {n: p.dtype for n, p in selected.items()}
-        wide = any(p.dtype == torch.float64 for p in selected.values())
+        wide = any(d == torch.float64 for d in result.dtypes.values())
         self._compute_dtype = torch.float64 if wide else torch.float32
-        self._engine = Engine(model, selected)
-        self._engine.set_requests(self._requests(device))
+        if engine is not None:
+            engine.set_requests(unit_requests(self._unit_families, result.device))
 
     # ------------------------------------------------------------- plumbing
-    def _requests(self, device: torch.device) -> dict[str, list[Request]]:
-        requests: dict[str, list[Request]] = {}
-        for index, fam in enumerate(self._unit_families):
-            for member in fam.members:
-                assign = torch.tensor(member.assign, dtype=torch.long, device=device)
-                assign = torch.where(assign < 0, fam.size, assign)
-                size = len(member.assign) // fam.size if fam.size else 0  # zero-width layer
-                contiguous = (
-                    size > 0
-                    and size * fam.size == len(member.assign)
-                    and all(k == j // size for j, k in enumerate(member.assign))
-                )
-                request = Request(
-                    index, member.axis, assign, member.in_mask, size if contiguous else 0
-                )
-                requests.setdefault(member.param, []).append(request)
-        return requests
-
     def reset(self) -> FisherCollector:
         """Forget every observation (keeps the model hooks, settings and group map)."""
-        state = self._state
-        self._setup(state.shapes, state.device, self.kind != "batch_grad_sq")
+        self.result = self.result.empty_like()
         return self
 
     def close(self) -> None:
         """Remove the collector's hooks from the model (it can still be read and saved)."""
-        engine = getattr(self, "_engine", None)
-        if engine is not None:
-            engine.close()
+        if self._engine is not None:
+            self._engine.close()
             self._engine = None
 
     def __enter__(self) -> FisherCollector:
@@ -269,68 +229,57 @@ class FisherCollector(Streaming, SpecialPasses):
         if model is None:
             raise ConfigurationError("this collector has no model; pass model= to load()")
         engine.check_attached()  # a submodule replaced since construction: StateError
-        record = self.kind != "batch_grad_sq"
+        estimand = self.estimand
         try:
             with torch.enable_grad():
-                if record:
+                if estimand.per_unit:
                     with engine.recording(batch_size(inputs)):
                         raw = call_model(model, inputs)
                 else:
                     raw = call_model(model, inputs)
             prepared = likelihood.prepare(raw, targets, inputs)
-            empirical = self.kind in ("empirical", "batch_grad_sq")
-            if empirical and prepared.output is not None and prepared.targets is None:
+            if estimand.needs_targets and prepared.output is not None and prepared.targets is None:
                 raise ConfigurationError(f"kind={self.kind!r} needs targets (the data labels)")
             if self.unit == "token" and prepared.token_mask is None:
                 raise ConfigurationError(
                     "unit='token' needs per-token losses: the likelihood callable returned "
                     "per-sample losses"
                 )
-            if self.kind == "batch_grad_sq":
-                self._batch_grad_sq(prepared)
-            else:
+            if estimand.per_unit:
                 self._collect(prepared)
+            else:
+                self._batch_grad_sq(prepared)
         finally:
             engine.release()
         return self
 
     def _collect(self, prepared: Prepared) -> None:
-        engine, likelihood = self._live_engine, self._live_likelihood
+        """One batch of per-unit passes: the estimand's (objective, direction, weight) each."""
+        engine, likelihood, estimand = self._live_engine, self._live_likelihood, self.estimand
         device = self._state.device
         layout = self._layout(prepared, device)
         names = list(engine.selected)
         g_sum: dict[str, torch.Tensor] = {}
-        passes: Iterator[Pass]
         ok = torch.ones((), dtype=torch.bool, device=device)
-        site = self._closed_form_site(prepared) if self.kind == "exact" else None
-        self._closed_form = site is not None if self.kind == "exact" else None
+        site = self._closed_form_site(prepared) if estimand.closed_form else None
+        self._closed_form = site is not None if estimand.closed_form else None
+        if estimand.closed_form:  # label-free: the batch is finite when its logits are
+            ok &= torch.isfinite(prepared.logits).all()
+        passes: Iterator[Pass]
         if site is not None:
             if self._check_pending:  # any direction checks Σ_i g_i (parameters used elsewhere)
                 first = next(iter(likelihood.exact_directions(prepared)))
                 self._check_complete(prepared, names, None, first)
             self._closed_form_pass(prepared, layout, site)
             count, passes = 0, iter([])
-            ok &= torch.isfinite(prepared.logits).all()
-        elif self.kind == "exact":
-            count = likelihood.exact_passes(prepared)
-            if count > self.max_exact_passes:
-                raise ConfigurationError(
-                    f"kind='exact' needs {count} backward passes for this batch (label "
-                    f"enumeration), more than max_exact_passes={self.max_exact_passes}; use "
-                    "kind='mc' or collect only the output layer, without per-unit group "
-                    "families for it (closed form)"
-                )
-            passes = ((None, d, 1.0) for d in likelihood.exact_directions(prepared))
-            ok &= torch.isfinite(prepared.logits).all()
-        elif self.kind == "mc":
-            count, gen = self.mc_samples, self._gen(device)
-            passes = (
-                (likelihood.loss(prepared, likelihood.sample(prepared, gen)), None, 1 / count)
-                for _ in range(count)
-            )
         else:
-            count = 1
-            passes = iter([(likelihood.loss(prepared, prepared.targets), None, 1.0)])
+            count, passes = estimand.passes(
+                likelihood,
+                prepared,
+                mc_samples=self.mc_samples,
+                generator=self._gen(device) if estimand.sampled else None,
+                max_passes=self.max_exact_passes,
+            )
         # with token units the mean gradient is summed from the hooks' per-position gradients,
         # so that it covers exactly the positions the Fisher does (prompts and padding dropped)
         from_hooks = self.collect_signal and self.unit == "token"
@@ -364,10 +313,8 @@ class FisherCollector(Streaming, SpecialPasses):
 
     # ------------------------------------------------------------ persistence
     def save(self, path: str | Path) -> Path:
-        """Write a safetensors file: float32 Fisher / mean gradient / group traces, the float64
-        sufficient statistics, and the spec (kind, likelihood, unit, counts, dtypes, model
-        fingerprint) in the metadata. Returns the path."""
-        return save_collector(self, path)
+        """Write the result to a safetensors file: :meth:`FisherResult.save`. Returns the path."""
+        return self.result.save(path)
 
     @classmethod
     def load(
@@ -378,11 +325,13 @@ class FisherCollector(Streaming, SpecialPasses):
         likelihood: object = None,
         device: torch.device | str | None = None,
     ) -> FisherCollector:
-        """Read a file written by :meth:`save`.
+        """Read a file written by :meth:`save` as a collector (``gradstats.fisher.load`` reads it
+        as a :class:`~gradstats.fisher.FisherResult`).
 
-        Without ``model`` the result can be read, merged and saved; with ``model`` (whose
-        parameters must match the file's fingerprint) it keeps collecting. A callable likelihood
-        must be passed again as ``likelihood``.
+        Without ``model`` the collector can be read, merged and saved; with ``model`` (whose
+        parameters must match the file's fingerprint) it keeps collecting
+        (:func:`~gradstats.fisher.resume`). A callable likelihood must be passed again as
+        ``likelihood``.
 
         Raises:
             StateError: the file is not a gradstats Fisher file, is damaged or tampered with
@@ -390,4 +339,61 @@ class FisherCollector(Streaming, SpecialPasses):
                 ``model`` is not the model it was collected on. Nothing is loaded (no hooks are
                 left on ``model``).
         """
-        return load_collector(cls, lambda: cls.__new__(cls), path, model, likelihood, device)
+        if model is not None and not isinstance(model, nn.Module):
+            raise ConfigurationTypeError(
+                f"model must be a torch.nn.Module or None; got {type(model).__name__}"
+            )
+        result = load(path, device=device)
+        if model is None:
+            reader = cls.__new__(cls)  # a collector without model hooks: only _start binds it
+            reader._start(None, None, result, None, None)
+            return reader
+        try:
+            return resume(result, model, likelihood=likelihood)
+        except StateError as error:
+            raise StateError(f"{path}: {error}") from None
+
+
+def resume(
+    result: FisherResult,
+    model: nn.Module,
+    *,
+    likelihood: object = None,
+    generator: torch.Generator | None = None,
+) -> FisherCollector:
+    """A collector on ``model`` that keeps collecting from (a copy of) ``result``.
+
+    Save → :func:`~gradstats.fisher.load` → ``resume`` → collect the rest gives the statistics of
+    one uninterrupted collection (float64, exact). ``likelihood``: the callable again, for a
+    collection with a callable likelihood. ``generator``: where ``kind="mc"`` continues to draw
+    labels (a file does not store the generator's state; default: a new one seeded with the
+    spec's ``seed``). ``result`` itself is not changed.
+
+    Raises:
+        StateError: ``model`` lacks a parameter of ``result`` (names and shapes: the
+            fingerprint), nothing is attached to the model.
+        ConfigurationError: a callable likelihood was not passed again.
+    """
+    if not isinstance(result, FisherResult):
+        raise ConfigurationTypeError(f"result must be a FisherResult; got {type(result).__name__}")
+    if not isinstance(model, nn.Module):
+        raise ConfigurationTypeError(f"model must be a torch.nn.Module; got {type(model).__name__}")
+    if not same_shapes(model, result.shapes):
+        raise StateError(
+            "the result was collected on a different model: its parameters (names and shapes, "
+            f"fingerprint {result.fingerprint}) are not all in this model"
+        )
+    config = result.config if likelihood is None else result.config.with_likelihood(likelihood)
+    fc = FisherCollector(
+        model,
+        spec=config,
+        params=list(result.shapes),
+        groups=result.group_map,
+        generator=generator,
+    )
+    try:  # an exact copy onto the collector's device (validated again)
+        fc.result.state.load_tensors(result.state.tensors(), "the resumed result")
+    except BaseException:
+        fc.close()
+        raise
+    return fc

@@ -1,4 +1,6 @@
-r"""Consumers: what people collect a Fisher for. Every one checks kind, unit and shapes.
+r"""Consumers: what people collect a Fisher for. Every one takes a
+:class:`~gradstats.fisher.FisherResult` or a collector (live or loaded) and checks kind, unit and
+shapes.
 
 * :func:`importance_ranking` — groups sorted by ``trace`` or ``mask`` Fisher.
 * :func:`pruning_masks` — structured masks (heads, channels, FFN neurons) removing the least
@@ -26,7 +28,8 @@ from torch import nn
 
 from gradstats._validation import check_choice
 from gradstats.errors import ConfigurationError, ConfigurationTypeError
-from gradstats.fisher._group_reads import GroupReads
+from gradstats.fisher._reads import FisherReads
+from gradstats.fisher._result import FisherResult, as_result
 
 __all__ = [
     "ewc_penalty",
@@ -38,18 +41,17 @@ __all__ = [
 ]
 
 FISHER_KINDS = ("empirical", "mc", "exact")
+Fisher = FisherResult | FisherReads  # a result, or a collector (live or loaded)
 STRUCTURES = {"heads": ("heads",), "channels": ("channel",), "neurons": ("neurons",)}
 
 
-def _check(fisher: object, what: str, kinds=FISHER_KINDS, units=("sample", "token")) -> GroupReads:
-    if not isinstance(fisher, GroupReads):
-        raise ConfigurationTypeError(
-            f"{what} must be a FisherCollector (live or loaded); got {type(fisher).__name__}"
-        )
+def _check(
+    fisher: object, what: str, kinds=FISHER_KINDS, units=("sample", "token")
+) -> FisherResult:
+    """The result of ``fisher`` (a collector or a result), after checking its kind and unit."""
+    fisher = as_result(fisher, what)
     if fisher.kind not in kinds:
-        extra = (
-            " (the mistaken squared mini-batch gradient)" if fisher.kind == "batch_grad_sq" else ""
-        )
+        extra = "" if fisher.estimand.is_fisher else " (the mistaken squared mini-batch gradient)"
         raise ConfigurationError(
             f"{what} has kind={fisher.kind!r}{extra}; this consumer needs one of {', '.join(kinds)}"
         )
@@ -60,7 +62,7 @@ def _check(fisher: object, what: str, kinds=FISHER_KINDS, units=("sample", "toke
     return fisher
 
 
-def _same(fishers: Sequence[GroupReads], what: str) -> None:
+def _same(fishers: Sequence[FisherResult], what: str) -> None:
     first = fishers[0]
     for index, other in enumerate(fishers[1:], start=1):
         for key in ("kind", "unit"):
@@ -69,14 +71,14 @@ def _same(fishers: Sequence[GroupReads], what: str) -> None:
                     f"{what}[{index}] has {key}={getattr(other, key)!r} but {what}[0] has "
                     f"{getattr(first, key)!r}; Fishers of different {key}s are not comparable"
                 )
-        if other._state.shapes != first._state.shapes:
+        if other.shapes != first.shapes:
             raise ConfigurationError(
                 f"{what}[{index}] covers other parameters or shapes than {what}[0]"
             )
 
 
 def importance_ranking(
-    fisher: GroupReads,
+    fisher: Fisher,
     kind: str = "mask",
     *,
     families: Sequence[str] | None = None,
@@ -90,7 +92,7 @@ def importance_ranking(
     are not comparable: the mask value of a LayerNorm is the Fisher of scaling the whole
     residual stream and dwarfs any head's, so a ranking over everything put the norms first.
     """
-    _check(fisher, "fisher")
+    fisher = _check(fisher, "fisher")
     if families is not None and structure is not None:
         raise ConfigurationError("pass families= or structure=, not both")
     values = fisher.group_fisher(kind)
@@ -114,7 +116,7 @@ def importance_ranking(
 
 
 def pruning_masks(
-    fisher: GroupReads,
+    fisher: Fisher,
     budget: float | int,
     *,
     structure: str = "heads",
@@ -129,7 +131,7 @@ def pruning_masks(
     fraction from each family (largest-remainder rounding, so the families' counts add up to
     the budget exactly). Every family keeps at least ``min_keep`` groups.
     """
-    _check(fisher, "fisher")
+    fisher = _check(fisher, "fisher")
     check_choice("structure", structure, STRUCTURES)
     check_choice("scope", scope, ("global", "layer"))
     if isinstance(min_keep, bool) or not isinstance(min_keep, int) or min_keep < 0:
@@ -195,7 +197,7 @@ def _layer_counts(sizes: list[int], count: int, min_keep: int) -> list[int]:
 
 
 def ewc_penalty(
-    fisher: GroupReads,
+    fisher: Fisher,
     params: Mapping[str, torch.Tensor] | nn.Module,
     anchor: Mapping[str, torch.Tensor],
     *,
@@ -208,7 +210,7 @@ def ewc_penalty(
     after the old task. The Fisher must be a per-sample Fisher (``units``) of kind empirical,
     mc or exact.
     """
-    _check(fisher, "fisher", units=tuple(units))
+    fisher = _check(fisher, "fisher", units=tuple(units))
     current = dict(params.named_parameters()) if isinstance(params, nn.Module) else dict(params)
     values = fisher.fisher()
     terms: list[torch.Tensor] = []
@@ -229,7 +231,7 @@ def ewc_penalty(
 
 def fisher_merge(
     params: Sequence[Mapping[str, torch.Tensor]],
-    fishers: Sequence[GroupReads],
+    fishers: Sequence[Fisher],
     *,
     weights: Sequence[float] | None = None,
     floor: float = 1e-8,
@@ -239,15 +241,14 @@ def fisher_merge(
         raise ConfigurationError(
             "fisher_merge needs as many Fishers as parameter sets, at least two"
         )
-    for index, one in enumerate(fishers):
-        _check(one, f"fishers[{index}]")
-    _same(fishers, "fishers")
+    results = [_check(one, f"fishers[{index}]") for index, one in enumerate(fishers)]
+    _same(results, "fishers")
     weights = [1.0] * len(params) if weights is None else list(weights)
     if len(weights) != len(params) or any(w < 0 for w in weights) or sum(weights) <= 0:
         raise ConfigurationError("weights must be one non-negative number per model, not all zero")
     if not floor > 0:
         raise ConfigurationError(f"floor must be positive; got {floor}")
-    values = [f.fisher(dtype=torch.float64) for f in fishers]
+    values = [f.fisher(dtype=torch.float64) for f in results]
     merged = {}
     for name in values[0]:
         numerator: list[torch.Tensor] = []
@@ -265,11 +266,10 @@ def fisher_merge(
     return merged
 
 
-def task_overlap(fisher_a: GroupReads, fisher_b: GroupReads) -> dict[str, object]:
+def task_overlap(fisher_a: Fisher, fisher_b: Fisher) -> dict[str, object]:
     """Fisher overlap Σ sqrt(F̂_a F̂_b) (F̂ = F / tr F), globally and per parameter, plus the
     cosine of the two Fisher vectors (host reads)."""
-    _check(fisher_a, "fisher_a")
-    _check(fisher_b, "fisher_b")
+    fisher_a, fisher_b = _check(fisher_a, "fisher_a"), _check(fisher_b, "fisher_b")
     _same([fisher_a, fisher_b], "fishers")
     fa, fb = fisher_a.fisher(dtype=torch.float64), fisher_b.fisher(dtype=torch.float64)
 

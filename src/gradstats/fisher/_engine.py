@@ -303,14 +303,25 @@ class Engine:
         param_grads: bool = False,
         retain: bool = False,
     ) -> list[torch.Tensor | None]:
-        """One backward pass; returns the parameter gradients when ``param_grads`` (else [])."""
+        """One backward pass; returns the parameter gradients when ``param_grads`` (else []).
+
+        The gradients Σ_units g_i are summed by the hooks from the per-unit gradients they
+        form anyway (``layout.lin``), so autograd computes activation gradients only — no
+        weight-gradient GEMMs (with sequences a sum over the materialised per-unit gradients
+        replaces each of them). A parameter no hook saw this pass gets None, as an unused one
+        does from autograd. A layout whose ``lin`` is already set (the first batch's
+        completeness check, token units) gets autograd's gradients: the check compares both.
+        """
         if not self.edges:
             raise ConfigurationError(
                 "no module with selected parameters ran in the forward pass (or none of their "
                 "outputs requires grad): nothing to collect"
             )
         self.layout, self._deferred = layout, []
-        params = list(self.selected.values()) if param_grads else []
+        from_hooks = param_grads and layout.lin is None
+        if from_hooks:
+            layout.lin = {}
+        params = list(self.selected.values()) if param_grads and not from_hooks else []
         inputs = params + list(self.edges)
         if objective is not None:
             grads = torch.autograd.grad(objective, inputs, retain_graph=retain, allow_unused=True)
@@ -321,9 +332,11 @@ class Engine:
                 output, inputs, grad_outputs=direction, retain_graph=retain, allow_unused=True
             )
         self._finish_deferred()
-        for lin, total in zip(layout.mask_lin, layout.mask, strict=True):
-            total.add_(lin.square())
-            lin.zero_()
+        layout.end_pass()
+        if from_hooks:
+            lin, layout.lin = layout.lin, None
+            assert lin is not None
+            return [lin.get(name) for name in self.selected]
         return list(grads[: len(params)]) if param_grads else []
 
     def _layout(self) -> UnitLayout:

@@ -1,4 +1,5 @@
-r"""Group reads of a collector: group traces and mask Fisher, their standard errors.
+r"""Group reads of a :class:`~gradstats.fisher.FisherResult`: group traces and mask Fisher, their
+standard errors.
 
 For a family of G groups and a group k with parameter elements j ∈ k:
 
@@ -7,7 +8,7 @@ For a family of G groups and a group k with parameter elements j ∈ k:
   multiplicative mask on the group's output;
 * SE_k = sqrt(Var_units(value_k) / N) with the units as observations.
 
-Every read checks what was accumulated as described in :mod:`gradstats.fisher._reads`.
+Every read checks what was accumulated as described in :mod:`gradstats.fisher._element_reads`.
 """
 
 from __future__ import annotations
@@ -19,20 +20,16 @@ import torch
 
 from gradstats._validation import check_choice
 from gradstats.errors import ConfigurationError
+from gradstats.fisher._element_reads import ElementReads
 from gradstats.fisher._groups import GroupFamily, GroupMap
-from gradstats.fisher._reads import FisherReads
 
 __all__ = ["GroupReads"]
 
 GROUP_KINDS = ("trace", "mask")
 
 
-class GroupReads(FisherReads):
+class GroupReads(ElementReads):
     """Group-level reads (see the module docstring)."""
-
-    @property
-    def families(self) -> list[GroupFamily]:
-        return [] if self.group_map is None else list(self.group_map.families)
 
     def _need_groups(self) -> GroupMap:
         if self.group_map is None:
@@ -62,9 +59,9 @@ class GroupReads(FisherReads):
         check_choice("kind", kind, GROUP_KINDS)
         self._check_normalization(normalization)
         self._need_groups()
-        if kind == "mask" and self.kind == "batch_grad_sq":
+        if kind == "mask" and not self.estimand.per_unit:
             raise ConfigurationError(
-                "kind='batch_grad_sq' has no per-unit values: no 'mask' quantity (use 'trace')"
+                f"kind={self.kind!r} has no per-unit values: no 'mask' quantity (use 'trace')"
             )
         self._checked()
         return self._group_fisher(kind, normalization)
@@ -77,9 +74,9 @@ class GroupReads(FisherReads):
             if groups.unmapped:
                 out["unmapped"] = torch.stack([fisher[n].sum() for n in groups.unmapped])
             return out
-        state = self._state
+        state = self.state
         out = {}
-        for fam in self._unit_families:
+        for fam in self.unit_families:
             if self.mode == "cumulative":
                 out[fam.name] = state.mask[fam.name].mean * (
                     state.units / state.norm(normalization)
@@ -97,15 +94,15 @@ class GroupReads(FisherReads):
     def _check_group_se(self, kind: str) -> None:
         check_choice("kind", kind, GROUP_KINDS)
         self._need_groups()
-        if self.mode != "cumulative" or self.kind == "batch_grad_sq":
+        if self.mode != "cumulative" or not self.estimand.per_unit:
             raise ConfigurationError(
                 "group standard errors need mode='cumulative' per-unit statistics; got "
                 f"mode={self.mode!r}, kind={self.kind!r}"
             )
 
     def _group_standard_error(self, kind: str) -> dict[str, torch.Tensor]:
-        stats = self._state.trace if kind == "trace" else self._state.mask
-        return {f.name: stats[f.name].standard_error() for f in self._unit_families}
+        stats = self.state.trace if kind == "trace" else self.state.mask
+        return {f.name: stats[f.name].standard_error() for f in self.unit_families}
 
     def relative_standard_error(
         self, kind: str = "trace", families: Sequence[str] | None = None
@@ -121,7 +118,7 @@ class GroupReads(FisherReads):
             raise ConfigurationError(
                 f"families must be a list of family names or None; got {families!r}"
             )
-        known = [f.name for f in self._unit_families]
+        known = [f.name for f in self.unit_families]
         unknown = [n for n in (families or ()) if n not in known]
         if unknown:
             raise ConfigurationError(
@@ -133,7 +130,7 @@ class GroupReads(FisherReads):
         self, kind: str, families: Sequence[str] | None
     ) -> dict[str, torch.Tensor]:
         se = self._group_standard_error(kind)
-        stats = self._state.trace if kind == "trace" else self._state.mask
+        stats = self.state.trace if kind == "trace" else self.state.mask
         names = list(se) if families is None else list(families)
         out = {}
         for name in names:

@@ -1,4 +1,5 @@
-r"""Saving and loading a collector as safetensors, with its specification in the metadata.
+r"""Saving and loading a :class:`~gradstats.fisher.FisherResult` as safetensors, with its
+specification in the metadata.
 
 File layout (``format`` = ``"gradstats.fisher"``, ``version`` = 2; version 1 files, whose skip
 counter was named ``rejected``, load too):
@@ -8,7 +9,8 @@ counter was named ``rejected``, load too):
 * ``group/<family>`` — float32 group traces per unit (these three are absent from the file of
   a collector that holds no batch yet: there is no mean to store);
 * ``state/...`` — the float64 sufficient statistics (counts, Σ x, Σ g, M2, per-family moments),
-  so a loaded collector can keep collecting, merge and all-reduce exactly;
+  so a loaded result can keep collecting (:func:`~gradstats.fisher.resume`), merge and
+  all-reduce exactly;
 * ``assign/<family>/<member>`` — int32 group assignments.
 
 Metadata (strings): ``format``, ``version``, ``spec`` (JSON: kind, likelihood, unit, counts, dtype,
@@ -24,9 +26,10 @@ a ``model`` whose parameters differ from the file's — each is a
 from __future__ import annotations
 
 import json
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
+from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, TypeVar
+from typing import TYPE_CHECKING, cast
 
 import torch
 from safetensors.torch import save_file
@@ -35,51 +38,51 @@ from gradstats.errors import ConfigurationError, ConfigurationTypeError, StateEr
 from gradstats.fisher._architectures import check_families
 from gradstats.fisher._groups import GroupFamily, GroupMap, Member
 from gradstats.fisher._inputs import check_device
-from gradstats.fisher._spec import check_spec, fingerprint
-from gradstats.fisher._state import FisherState
+from gradstats.fisher._spec import FisherSpec, fingerprint
 
 if TYPE_CHECKING:
     from torch import nn
 
-    from gradstats.fisher._group_reads import GroupReads
-
-__all__ = ["FORMAT", "VERSION", "load_collector", "read_file", "save_collector"]
+__all__ = ["FORMAT", "VERSION", "Saved", "read_file", "read_saved", "same_shapes", "write_file"]
 
 FORMAT = "gradstats.fisher"
 VERSION = 2
 READABLE_VERSIONS = ("1", "2")
 FLOAT_DTYPES = ("float16", "bfloat16", "float32", "float64")
 
-C = TypeVar("C", bound="GroupReads")
+
+@dataclass(frozen=True)
+class Saved:
+    """The validated contents of a file: everything a result is built from."""
+
+    config: FisherSpec
+    shapes: dict[str, tuple[int, ...]]
+    dtypes: dict[str, torch.dtype]
+    group_map: GroupMap | None
+    state: dict[str, torch.Tensor]  # the float64 sufficient statistics, for load_tensors
+    where: str
+    device: torch.device | None
 
 
-def save_collector(collector: GroupReads, path: str | Path) -> Path:
-    """Write ``collector`` to ``path`` (safetensors); returns the path."""
-    if collector.mode != "cumulative":
-        raise ConfigurationError(
-            "mode='ema' collectors are not saved (an EMA is not a sufficient statistic); use "
-            "mode='cumulative'"
-        )
+def write_file(
+    path: str | Path,
+    *,
+    spec: Mapping[str, object],
+    dtypes: Mapping[str, torch.dtype],
+    shapes: Mapping[str, tuple[int, ...]],
+    group_map: GroupMap | None,
+    tensors: Mapping[str, torch.Tensor],
+) -> Path:
+    """Write a result's ``tensors`` (named as in the module docstring, bar ``assign/``) with the
+    metadata to ``path`` (safetensors); returns the path."""
     path = Path(path)
-    tensors: dict[str, torch.Tensor] = {}
-    empty = collector.counts["batches"] == 0  # an empty collector saves (and loads) too
-    if not empty:
-        for name, value in collector._fisher("unit", torch.float32).items():
-            tensors[f"fisher/{name}"] = value
-        if collector.collect_signal:
-            for name, value in collector._mean_gradient(torch.float32).items():
-                tensors[f"mean_gradient/{name}"] = value
-        if collector.group_map is not None:
-            for fam, value in collector._group_fisher("trace", "unit").items():
-                tensors[f"group/{fam}"] = value.to(torch.float32)
-    for key, value in collector._state.tensors().items():
-        tensors[f"state/{key}"] = value
+    out = dict(tensors)
     families: list[dict[str, object]] = []
-    if collector.group_map is not None:
-        for f_index, family in enumerate(collector.group_map.families):
+    if group_map is not None:
+        for f_index, family in enumerate(group_map.families):
             members = []
             for m_index, m in enumerate(family.members):
-                tensors[f"assign/{f_index}/{m_index}"] = torch.tensor(m.assign, dtype=torch.int32)
+                out[f"assign/{f_index}/{m_index}"] = torch.tensor(m.assign, dtype=torch.int32)
                 members.append({"param": m.param, "axis": m.axis, "in_mask": m.in_mask})
             families.append(
                 {
@@ -91,30 +94,25 @@ def save_collector(collector: GroupReads, path: str | Path) -> Path:
                     "members": members,
                 }
             )
-    tensors = {k: v.detach().contiguous().cpu() for k, v in tensors.items()}
-    spec = collector.spec() | {"counts": dict(collector.counts)}
+    out = {k: v.detach().contiguous().cpu() for k, v in out.items()}
     params = {
-        n: {"shape": list(s), "dtype": str(collector._dtypes[n]).removeprefix("torch.")}
-        for n, s in collector._state.shapes.items()
+        n: {"shape": list(s), "dtype": str(dtypes[n]).removeprefix("torch.")}
+        for n, s in shapes.items()
     }
     groups = (
         None
-        if collector.group_map is None
-        else {
-            "source": collector.group_map.source,
-            "unmapped": collector.group_map.unmapped,
-            "families": families,
-        }
+        if group_map is None
+        else {"source": group_map.source, "unmapped": group_map.unmapped, "families": families}
     )
     metadata = {
         "format": FORMAT,
         "version": str(VERSION),
-        "spec": json.dumps(spec),
+        "spec": json.dumps(dict(spec)),
         "params": json.dumps(params),
         "groups": json.dumps(groups),
     }
     path.parent.mkdir(parents=True, exist_ok=True)
-    save_file(tensors, str(path), metadata=metadata)
+    save_file(out, str(path), metadata=metadata)
     return path
 
 
@@ -230,94 +228,25 @@ def _group_map(
     return result
 
 
-def _model_shapes(model: nn.Module, names: list[str]) -> dict[str, tuple[int, ...]] | None:
+def same_shapes(model: nn.Module, shapes: Mapping[str, tuple[int, ...]]) -> bool:
+    """Whether every parameter of ``shapes`` is in ``model`` with that shape."""
     named = dict(model.named_parameters())
-    if any(n not in named for n in names):
-        return None
-    return {n: tuple(named[n].shape) for n in names}
+    return all(n in named and tuple(named[n].shape) == tuple(s) for n, s in shapes.items())
 
 
-def load_collector(
-    build: Callable[..., C],
-    blank: Callable[[], C],
-    path: str | Path,
-    model: nn.Module | None = None,
-    likelihood: object = None,
-    device: torch.device | str | None = None,
-) -> C:
-    """Rebuild a collector from ``path``; with ``model`` it keeps collecting (hooks attached).
-
-    ``build`` is the collector class (called like its constructor), ``blank`` makes an instance
-    without running the constructor (a collector without a model)."""
+def read_saved(path: object, device: object = None) -> Saved:
+    """Read and validate a file written by :func:`write_file` (nothing is built from it yet:
+    the statistics are checked when a result loads them)."""
     target = check_device("device", device)
-    if model is not None and not isinstance(model, torch.nn.Module):
-        raise ConfigurationTypeError(
-            f"model must be a torch.nn.Module or None; got {type(model).__name__}"
-        )
     if not isinstance(path, (str, Path)):
         raise ConfigurationTypeError(f"path must be a str or Path; got {type(path).__name__}")
     tensors, metadata = read_file(path)
     where = str(path)
-    spec = check_spec(_json(metadata, "spec", where), where)
+    spec = _json(metadata, "spec", where)
+    config = FisherSpec.from_saved(spec, where)
     shapes, dtypes = _params(_json(metadata, "params", where), where)
-    if spec.fingerprint != fingerprint(shapes):
+    if cast("Mapping[str, object]", spec)["fingerprint"] != fingerprint(shapes):  # checked
         raise StateError(f"{where}: the spec's fingerprint does not match its params")
     group_map = _group_map(_json(metadata, "groups", where), tensors, shapes, where)
-    per_unit = spec.kind != "batch_grad_sq"
-    families = group_map.families if group_map is not None else []
-    state = FisherState(
-        shapes,
-        torch.device("cpu"),
-        unit=spec.unit,
-        mode="cumulative",
-        beta=spec.beta,
-        signal=spec.signal,
-        element_se=spec.element_se,
-        families=[(f.name, f.size) for f in families if f.per_unit and per_unit],
-    )
-    state_tensors = {k[6:]: v for k, v in tensors.items() if k.startswith("state/")}
-    state.load_tensors(state_tensors, where)  # validates everything; raises StateError
-    config = spec.likelihood_config
-    if model is not None:
-        if _model_shapes(model, list(shapes)) != shapes:
-            raise StateError(
-                f"{where} was collected on a different model: its parameters (names and shapes, "
-                f"fingerprint {spec.fingerprint}) are not all in this model"
-            )
-        lik = likelihood
-        if lik is None:
-            if str(config["likelihood"]).startswith("callable:"):
-                raise ConfigurationError(
-                    f"{where} was collected with a callable likelihood ({config['likelihood']}); "
-                    "pass likelihood= to load() to keep collecting"
-                )
-            lik = config["likelihood"]
-        collector = build(
-            model,
-            spec.kind,
-            lik,
-            spec.unit,
-            mc_samples=spec.mc_samples,
-            seed=spec.seed,
-            params=list(shapes),
-            groups=group_map,
-            mode="cumulative",
-            beta=spec.beta,
-            signal=spec.signal,
-            element_se=spec.element_se,
-            loss_reduction=config.get("loss_reduction", "sum"),
-            nonfinite=spec.nonfinite,
-        )
-    else:
-        collector = blank()
-        collector.model, collector._engine, collector.likelihood = None, None, None
-        collector._likelihood_config = dict(config)
-        collector.kind, collector.unit, collector.mode = spec.kind, spec.unit, "cumulative"
-        collector.beta, collector.nonfinite = spec.beta, spec.nonfinite
-        collector.mc_samples, collector.seed = spec.mc_samples, spec.seed
-        collector.collect_signal, collector.element_se = spec.signal, spec.element_se
-        collector.group_map = group_map
-        collector._dtypes = dtypes
-        collector._setup(shapes, target or torch.device("cpu"), per_unit)
-    collector._state.load_tensors(state_tensors, where)  # already validated: cannot fail
-    return collector
+    state = {k[6:]: v for k, v in tensors.items() if k.startswith("state/")}
+    return Saved(config, shapes, dtypes, group_map, state, where, target)

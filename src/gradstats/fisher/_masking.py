@@ -64,7 +64,8 @@ def _families(groups: object) -> dict[str, GroupFamily]:
     group_map = getattr(groups, "group_map", groups)
     if not isinstance(group_map, GroupMap):
         raise ConfigurationTypeError(
-            f"groups must be a FisherCollector or a GroupMap; got {type(groups).__name__}"
+            "groups must be a FisherCollector, a FisherResult or a GroupMap; got "
+            f"{type(groups).__name__}"
         )
     return {f.name: f for f in group_map.families}
 

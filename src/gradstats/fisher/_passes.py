@@ -1,5 +1,6 @@
 r"""The collector's special passes: the first-batch completeness check, the closed form of the
-output layer's exact Fisher, and the mistaken ``batch_grad_sq`` estimator.
+output layer's exact Fisher, the mistaken ``batch_grad_sq`` estimator, and what the hooks fill
+per unit for the group families (:func:`unit_requests`).
 
 * Completeness: on the first batch one extra pass with samples as units checks that the
   hooks' Σ_i g_i equals autograd's gradient for every parameter — a parameter read outside its
@@ -18,12 +19,13 @@ import torch
 from torch.autograd.graph import get_gradient_edge
 
 from gradstats.errors import ConfigurationError
-from gradstats.fisher._accumulate import UnitLayout, compute_dtype
+from gradstats.fisher._accumulate import Request, UnitLayout, compute_dtype
 from gradstats.fisher._batch import BatchCore
+from gradstats.fisher._groups import GroupFamily
 from gradstats.fisher._likelihoods import Prepared
 from gradstats.fisher._persample import LinearHandler
 
-__all__ = ["SpecialPasses"]
+__all__ = ["SpecialPasses", "unit_requests"]
 
 
 class SpecialPasses(BatchCore):
@@ -129,3 +131,21 @@ class SpecialPasses(BatchCore):
                 layout.sq[name] = (grad.detach().to(torch.float64) * inv).square()
         ok = torch.isfinite(objective)
         self._finish(prepared, layout, ok, {}, draw_weight_sq=1.0)
+
+
+def unit_requests(families: list[GroupFamily], device: torch.device) -> dict[str, list[Request]]:
+    """Parameter name -> what the hooks fill per unit for each family with per-unit values."""
+    requests: dict[str, list[Request]] = {}
+    for index, fam in enumerate(families):
+        for member in fam.members:
+            assign = torch.tensor(member.assign, dtype=torch.long, device=device)
+            assign = torch.where(assign < 0, fam.size, assign)
+            size = len(member.assign) // fam.size if fam.size else 0  # zero-width layer
+            contiguous = (
+                size > 0
+                and size * fam.size == len(member.assign)
+                and all(k == j // size for j, k in enumerate(member.assign))
+            )
+            request = Request(index, member.axis, assign, member.in_mask, size if contiguous else 0)
+            requests.setdefault(member.param, []).append(request)
+    return requests

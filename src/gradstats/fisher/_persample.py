@@ -104,13 +104,21 @@ class LinearHandler(Handler):
         centred = _Centred(layout, a, a2) if layout.se else None
         n, width = b.shape
         step = max(1, min(width, layout.chunk_bytes // max(1, 8 * n)))
+        a2_rows = None if centred is not None else a2.sum(1)  # for the finiteness proxies
+        b2_full = None
         for start in range(0, width, step):  # output features, chunked for large vocabularies
             rows = slice(start, min(width, start + step))
-            b_c = b[:, rows]
+            b_c = b if step >= width else b[:, rows]
             b2 = b_c.square()
+            if step >= width:
+                b2_full = b2
+            b2_rows = None if a2_rows is None else b2.sum(1)
             if "weight" in attrs:
-                if centred is None:
-                    self._add_weight(layout, layout.sq, rows, b2.T @ a2)
+                if a2_rows is not None and b2_rows is not None:  # (not centred)
+                    self._add_sq_weight(layout, rows, step >= width, a2, b2)
+                    layout.add_proxy(self.attrs["weight"], a2_rows @ b2_rows)
+                elif centred is None:
+                    raise RuntimeError("unreachable: no centred sums and no proxy rows")
                 else:
                     for store, value in zip(centred.stores, centred.weight(b_c), strict=True):
                         self._add_weight(layout, store, rows, value)
@@ -119,13 +127,21 @@ class LinearHandler(Handler):
             if "bias" in attrs:
                 name = self.attrs["bias"]
                 self._add_rows(layout, layout.sq, name, rows, b2.sum(0))
+                if b2_rows is not None:
+                    layout.add_proxy(name, b2_rows.sum())
                 if centred is not None:
                     for store, value in zip(centred.stores[1:], centred.bias(b_c), strict=True):
                         self._add_rows(layout, store, name, rows, value)
                 if layout.lin is not None:
                     self._add_rows(layout, layout.lin, name, rows, b_c.sum(0))
         if any(requests.values()):
-            self._families(layout, requests, a, b, a2, saved[1])
+            self._families(layout, requests, a, b, a2, saved[1], b2_full, a2_rows)
+
+    def _add_sq_weight(self, layout, rows, full, a2, b2):
+        """sq[weight] (+)= (b²)ᵀ(a²) of output features ``rows``, in the weight's layout."""
+        index = None if full else ((slice(None), rows) if self.transposed else (rows,))
+        m1, m2 = (a2.T, b2) if self.transposed else (b2.T, a2)
+        layout.add_sq_product(self.attrs["weight"], index, m1, m2, self.module.weight.shape)
 
     def _store(self, layout, store, name):
         if name not in store:
@@ -149,42 +165,87 @@ class LinearHandler(Handler):
         else:
             self._store(layout, store, name)[rows] += value
 
-    def _families(self, layout, requests, a, b, a2, output):
+    def _families(self, layout, requests, a, b, a2, output, b2=None, a2_rows=None):
         """Per-unit marginals along output features (rows of nn.Linear, columns of Conv1D) or
-        input features: trace Σ g² and mask Σ θ g, each computed once per kind."""
-        b2 = b.square()
+        input features: trace Σ g² and mask Σ θ g, each computed once per kind.
+
+        A family that takes a channel's weight row *and* its bias (the default output-channel
+        groups) gets both at once: trace b²(‖a‖² + 1) and mask value b·y with y = W a + bias
+        the layer's output (kept by ``save``), one write per family instead of two."""
+        b2 = b.square() if b2 is None else b2
         n = b.shape[0]
         cache: dict[str, torch.Tensor] = {}
+        bias = self.module.bias
+
+        def a2_sum():
+            if "a2_sum" not in cache:
+                cache["a2_sum"] = (a2.sum(1) if a2_rows is None else a2_rows)[:, None]
+            return cache["a2_sum"]
+
+        def output_z(with_bias: bool):
+            key = "y" if with_bias else "z"
+            if key not in cache:
+                if output is not None:
+                    z = output.reshape(n, -1).to(b.dtype)
+                    if not with_bias and bias is not None:
+                        z = z - bias.detach().to(b.dtype)
+                else:
+                    z = a @ self.weight_out_in().to(b.dtype).T
+                    if with_bias and bias is not None:
+                        z = z + bias.detach().to(b.dtype)
+                cache[key] = z
+            return cache[key]
 
         def get(key):
             if key not in cache:
-                weight = self.weight_out_in().to(b.dtype)
                 if key == "out_trace":
-                    cache[key] = b2 * a2.sum(1, keepdim=True)
+                    cache[key] = b2 * a2_sum()
                 elif key == "in_trace":
                     cache[key] = a2 * b2.sum(1, keepdim=True)
                 elif key == "out_mask":  # Σ_in W_o,in b_o a_in = b_o z_o, z = W a
-                    if output is not None:
-                        z = output.reshape(n, -1).to(b.dtype)
-                        if self.module.bias is not None:
-                            z = z - self.module.bias.detach().to(b.dtype)
-                    else:
-                        z = a @ weight.T
-                    cache[key] = b * z
+                    cache[key] = b * output_z(False)
                 else:  # in_mask: Σ_o W_o,in b_o a_in = a_in (Wᵀ b)_in
-                    cache[key] = a * (b @ weight)
+                    cache[key] = a * (b @ self.weight_out_in().to(b.dtype))
             return cache[key]
 
         out_axis = 1 if self.transposed else 0
+        fused = self._fused_pairs(requests, out_axis)
+        for weight_request, _ in fused:
+            lin = b * output_z(True) if weight_request.in_mask else None
+            layout.add_family(weight_request, 0, n, b2 * (a2_sum() + 1.0), lin)
+        done = {id(r) for pair in fused for r in pair}  # (ids: a Request holds a tensor)
         for attr, wanted in requests.items():
             for request in wanted:
+                if id(request) in done:
+                    continue
                 if attr == "bias":
-                    lin = b * self.module.bias.detach().to(b.dtype) if request.in_mask else None
+                    lin = b * bias.detach().to(b.dtype) if request.in_mask else None
                     layout.add_family(request, 0, n, b2, lin)
                     continue
                 side = "out" if request.axis == out_axis else "in"
                 lin = get(f"{side}_mask") if request.in_mask else None
                 layout.add_family(request, 0, n, get(f"{side}_trace"), lin)
+
+    @staticmethod
+    def _fused_pairs(requests, out_axis):
+        """[(weight request, bias request)] of the same family over output features with the
+        same grouping (identity or equal blocks) and the same mask membership."""
+        pairs = []
+        biases = list(requests.get("bias", ()))
+        for w in requests.get("weight", ()):
+            if w.axis != out_axis or not w.block:
+                continue
+            for bias_request in biases:
+                same = (bias_request.family, bias_request.block, bias_request.in_mask) == (
+                    w.family,
+                    w.block,
+                    w.in_mask,
+                )
+                if same and bias_request.assign.shape == w.assign.shape:
+                    pairs.append((w, bias_request))
+                    biases = [r for r in biases if r is not bias_request]
+                    break
+        return pairs
 
 
 class _Centred:

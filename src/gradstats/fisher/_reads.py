@@ -1,30 +1,23 @@
-r"""Reading a collector: the Fisher, its decomposition and standard errors, files and counts.
+r"""The read side of a :class:`~gradstats.fisher.FisherCollector`: its options and every read,
+delegated to the :class:`~gradstats.fisher.FisherResult` it holds (``fc.result``).
 
-Everything returned is a fresh tensor; values are float64 internally and returned in the
-parameter's dtype (float32 for bf16/fp16 parameters — never fp16, where values below 6e-8
-underflow) unless ``dtype`` says otherwise. Reads that return Python numbers (``counts``,
-``score_check``) are explicit host reads.
-
-**Reads check what was accumulated** (one host read of two counters per read, marked
-``# sync-ok``; reads are never on a per-step hot path): a read of a collector that holds no unit
-(nothing collected yet, or every batch skipped as non-finite) raises a
-:class:`~gradstats.errors.StateError` instead of returning NaN tensors, and a read after batches
-were skipped (``nonfinite="skip"``) warns once per read (``RuntimeWarning``, attributed to the
-caller's line): the result covers the accepted batches only.
+The collector adds batches to ``fc.result``; every read here is the result's read of the same
+name and signature (see :mod:`gradstats.fisher._element_reads` for the checks each read makes:
+a collector without data raises a ``StateError``, reads after skipped batches warn).
 """
 
 from __future__ import annotations
 
-import math
+from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
 import torch
 
-from gradstats._validation import check_choice
-from gradstats._warnings import warn
-from gradstats.errors import ConfigurationError, StateError
+from gradstats.fisher._element_reads import Counts
+from gradstats.fisher._estimands import Estimand
 from gradstats.fisher._groups import GroupFamily, GroupMap
-from gradstats.fisher._spec import ESTIMANDS, fingerprint
+from gradstats.fisher._result import FisherResult
+from gradstats.fisher._spec import FisherSpec
 from gradstats.fisher._state import FisherState
 
 if TYPE_CHECKING:
@@ -33,260 +26,162 @@ if TYPE_CHECKING:
     from gradstats.fisher._engine import Engine
     from gradstats.fisher._likelihood_base import Likelihood
 
-__all__ = ["Counts", "FisherReads"]
-
-NORMALIZATIONS = ("unit", "sample", "token", "none")
-
-
-def _result_dtype(dtype: torch.dtype) -> torch.dtype:
-    return dtype if dtype in (torch.float32, torch.float64) else torch.float32
-
-
-class Counts(dict[str, int]):
-    """``{"samples", "tokens", "units", "batches", "skipped"}`` as Python ints; ``"rejected"`` is a
-    deprecated alias of ``"skipped"`` (reading it warns with a ``FutureWarning``)."""
-
-    def __missing__(self, key: str) -> int:
-        if key == "rejected":
-            warn('counts["rejected"] is deprecated; use counts["skipped"]', FutureWarning)
-            return int(self["skipped"])
-        raise KeyError(key)
+__all__ = ["FisherReads"]
 
 
 class FisherReads:
-    """Read-side methods shared by live and loaded collectors (and the attributes they read)."""
+    """Options and reads of a collector, from ``self.result`` (see the module docstring)."""
 
     model: nn.Module | None
-    kind: str
-    unit: str
-    mode: str
-    beta: float
-    mc_samples: int
-    seed: int
-    nonfinite: str
-    collect_signal: bool
-    element_se: bool
-    chunk_bytes: int
-    group_map: GroupMap | None
     likelihood: Likelihood | None
-    _likelihood_config: dict[str, object]
+    result: FisherResult
     _engine: Engine | None
-    _state: FisherState
-    _unit_families: list[GroupFamily]
-    _dtypes: dict[str, torch.dtype]
-    _fingerprint: str
 
-    def _setup(self, shapes: dict[str, tuple[int, ...]], device: torch.device, per_unit: bool):
-        families = self.group_map.families if self.group_map is not None else []
-        self._unit_families = [f for f in families if f.per_unit] if per_unit else []
-        self._state = self._new_state(shapes, device)
-        self._fingerprint = fingerprint(shapes)
+    # ------------------------------------------------------------- options
+    @property
+    def config(self) -> FisherSpec:
+        """The validated options, a frozen :class:`~gradstats.fisher.FisherSpec` (``spec()`` is
+        the dict stored in files)."""
+        return self.result.config
 
-    def _new_state(self, shapes: dict[str, tuple[int, ...]], device: torch.device) -> FisherState:
-        return FisherState(
-            shapes,
-            device,
-            unit=self.unit,
-            mode=self.mode,
-            beta=self.beta,
-            signal=self.collect_signal,
-            element_se=self.element_se,
-            families=[(f.name, f.size) for f in self._unit_families],
-        )
+    @property
+    def estimand(self) -> Estimand:
+        return self.result.estimand
 
-    # ------------------------------------------------------------------ spec
+    @property
+    def kind(self) -> str:
+        return self.config.kind
+
+    @property
+    def unit(self) -> str:
+        return self.config.unit
+
+    @property
+    def mode(self) -> str:
+        return self.config.mode
+
+    @property
+    def beta(self) -> float:
+        return self.config.beta
+
+    @property
+    def mc_samples(self) -> int:
+        return self.config.mc_samples
+
+    @property
+    def seed(self) -> int:
+        return self.config.seed
+
+    @property
+    def nonfinite(self) -> str:
+        return self.config.nonfinite
+
+    @property
+    def collect_signal(self) -> bool:
+        """Whether the mean gradient is collected (``signal=True`` and the kind has one)."""
+        return self.config.signal
+
+    @property
+    def element_se(self) -> bool:
+        return self.config.element_se
+
+    @property
+    def chunk_bytes(self) -> int:
+        return self.config.chunk_bytes
+
+    @property
+    def max_exact_passes(self) -> int:
+        return self.config.max_exact_passes
+
+    @property
+    def group_map(self) -> GroupMap | None:
+        return self.result.group_map
+
+    @property
+    def _state(self) -> FisherState:
+        return self.result.state
+
+    @property
+    def _unit_families(self) -> list[GroupFamily]:
+        return self.result.unit_families
+
+    @property
+    def _dtypes(self) -> dict[str, torch.dtype]:
+        return self.result.dtypes
+
+    # ------------------------------------------------------------- reads
     def spec(self) -> dict[str, object]:
         """What was estimated, how, and on which parameters (stored in every saved file)."""
-        likelihood = self.likelihood
-        config = likelihood.config() if likelihood is not None else dict(self._likelihood_config)
-        return {
-            "kind": self.kind,
-            "likelihood": config["likelihood"],
-            "likelihood_config": config,
-            "unit": self.unit,
-            "mc_samples": self.mc_samples,
-            "seed": self.seed,
-            "mode": self.mode,
-            "beta": self.beta,
-            "signal": self.collect_signal,
-            "element_se": self.element_se,
-            "nonfinite": self.nonfinite,
-            "groups": None if self.group_map is None else self.group_map.source,
-            "fingerprint": self._fingerprint,
-            "statistics_dtype": "float64",
-            "storage_dtype": "float32",
-            "estimand": ESTIMANDS[self.kind],
-        }
+        return self.result.spec()
 
     @property
     def names(self) -> list[str]:
-        return list(self._state.shapes)
+        return self.result.names
 
     @property
     def counts(self) -> Counts:
-        """{"samples", "tokens", "units", "batches", "skipped"} as Python ints (host read).
-
-        ``skipped`` counts the batches dropped as non-finite (``nonfinite="skip"``); the old name
-        ``"rejected"`` still reads it (deprecated)."""
-        keys = ("samples", "tokens", "batches", "skipped")
-        read = torch.stack([self._state.counts[k] for k in keys]).tolist()  # sync-ok: host read
-        values = Counts({k: round(v) for k, v in zip(keys, read, strict=True)})
-        values["units"] = values["samples" if self.unit == "sample" else "tokens"]
-        return values
+        """{"samples", "tokens", "units", "batches", "skipped"} as Python ints (host read)."""
+        return self.result.counts
 
     @property
     def skipped(self) -> torch.Tensor:
         """Batches skipped as non-finite, an int64 scalar on the collector's device (no sync)."""
-        return self._state.counts["skipped"].to(torch.int64)
+        return self.result.skipped
 
-    def _checked(self) -> None:
-        """The read check of the module docstring (one host read)."""
-        counts = self._state.counts
-        key = "batches" if self.kind == "batch_grad_sq" else self._state.unit_key
-        held, skipped = torch.stack([counts[key], counts["skipped"]]).tolist()  # sync-ok: read
-        if skipped > 0:
-            warn(
-                f"{round(skipped)} batch(es) were skipped as non-finite (nonfinite='skip'); this "
-                "read covers the accepted batches only",
-                RuntimeWarning,
-            )
-        if held <= 0:
-            what = "no batch" if self.kind == "batch_grad_sq" else f"no {self._state.unit_key}"
-            why = f" ({round(skipped)} batch(es) skipped as non-finite)" if skipped > 0 else ""
-            raise StateError(
-                f"nothing to read: the collector holds {what}{why}; collect() data first"
-            )
+    @property
+    def families(self) -> list[GroupFamily]:
+        return self.result.families
 
-    def _out(self, name: str, value: torch.Tensor, dtype: torch.dtype | None) -> torch.Tensor:
-        if dtype is not None and not (isinstance(dtype, torch.dtype) and dtype.is_floating_point):
-            raise ConfigurationError(
-                f"dtype must be a floating torch.dtype (torch.float32, torch.float64) or None; "
-                f"got {dtype!r}"
-            )
-        return value.to(dtype or _result_dtype(self._dtypes[name]))
-
-    # ----------------------------------------------------------------- Fisher
     def fisher(
         self, normalization: str = "unit", dtype: torch.dtype | None = None
     ) -> dict[str, torch.Tensor]:
-        """{parameter name: F} with F_jj = Σ_units x_ij / (normalizer).
-
-        ``normalization``: ``"unit"`` (the mean over units: the Fisher), ``"sample"`` (per
-        sequence), ``"token"`` (per active target) or ``"none"`` (the sum Σ_units x_ij).
-        ``kind="batch_grad_sq"`` is always the mean over batches of (ḡ_B)². In ``mode="ema"``
-        only the mean over units exists (an EMA of per-batch means has no sum, and rescaling
-        it by a ratio of total counts would mix every batch's weights): ``"unit"`` or the name
-        of the unit itself; any other normalization is a ``ConfigurationError``.
-
-        Raises:
-            StateError: nothing was accumulated (see the module docstring).
-        """
-        self._check_normalization(normalization)
-        self._checked()
-        return self._fisher(normalization, dtype)
-
-    def _fisher(self, normalization: str, dtype: torch.dtype | None) -> dict[str, torch.Tensor]:
-        state = self._state
-        out = {}
-        for name in state.shapes:
-            if self.kind == "batch_grad_sq":
-                batches = state.counts["batches"]
-                value = torch.where(batches > 0, state.g2_sum[name] / batches, 0.0)
-            else:
-                value = state.fisher(name, normalization)
-            out[name] = self._out(name, value, dtype)
-        return out
-
-    def _check_normalization(self, normalization: str) -> None:
-        check_choice("normalization", normalization, NORMALIZATIONS)
-        if self.mode == "ema" and normalization not in ("unit", self.unit):
-            raise ConfigurationError(
-                f"normalization={normalization!r} is not available in mode='ema' (an EMA of "
-                f"per-batch means over units has no sum to renormalise); use normalization="
-                f"'unit' (or {self.unit!r}), or mode='cumulative'"
-            )
-
-    def _need_signal(self) -> None:
-        if not self.collect_signal:
-            raise ConfigurationError(
-                "the mean gradient was not collected: construct with signal=True and "
-                "kind='empirical' or 'mc' (for kind='exact' the mean score is 0 by definition)"
-            )
+        """{parameter name: F}: :meth:`FisherResult.fisher`."""
+        return self.result.fisher(normalization, dtype)
 
     def mean_gradient(self, dtype: torch.dtype | None = None) -> dict[str, torch.Tensor]:
-        """{name: ḡ} = Σ_{i,k} w_k g_ik / N, the mean per-unit gradient."""
-        self._need_signal()
-        self._checked()
-        return self._mean_gradient(dtype)
-
-    def _mean_gradient(self, dtype: torch.dtype | None) -> dict[str, torch.Tensor]:
-        return {n: self._out(n, self._state.mean_gradient(n), dtype) for n in self.names}
+        """{name: ḡ}: :meth:`FisherResult.mean_gradient`."""
+        return self.result.mean_gradient(dtype)
 
     def signal(self, dtype: torch.dtype | None = None) -> dict[str, torch.Tensor]:
-        """{name: ḡ²}: the squared mean gradient, the first term of EF = ḡ² + Var."""
-        self._need_signal()
-        self._checked()
-        return {n: self._out(n, self._state.mean_gradient(n).square(), dtype) for n in self.names}
+        """{name: ḡ²}: :meth:`FisherResult.signal`."""
+        return self.result.signal(dtype)
 
     def variance(self, dtype: torch.dtype | None = None) -> dict[str, torch.Tensor]:
-        """{name: Var} = F − ḡ²: the population variance of the per-unit gradients."""
-        self._need_signal()
-        self._checked()
-        state = self._state
-        return {
-            n: self._out(n, state.fisher(n) - state.mean_gradient(n).square(), dtype)
-            for n in self.names
-        }
+        """{name: F − ḡ²}: :meth:`FisherResult.variance`."""
+        return self.result.variance(dtype)
 
     def standard_error(self, dtype: torch.dtype | None = None) -> dict[str, torch.Tensor]:
-        """{name: SE(F_jj)} = sqrt(Var_i(x_ij) / N) with units as observations (NaN while
-        N = 1: one unit has no spread)."""
-        if not self.element_se:
-            raise ConfigurationError(
-                "elementwise standard errors need element_se=True at construction; group "
-                "standard errors: group_standard_error()"
-            )
-        self._checked()
-        return {n: self._out(n, self._state.fisher_standard_error(n), dtype) for n in self.names}
+        """{name: SE(F_jj)}: :meth:`FisherResult.standard_error`."""
+        return self.result.standard_error(dtype)
 
     def mean_gradient_standard_error(self) -> dict[str, torch.Tensor]:
-        """{name: SE(ḡ)} with the (unit, draw) pairs as observations (float64)."""
-        self._need_signal()
-        self._checked()
-        return self._mean_gradient_standard_error()
-
-    def _mean_gradient_standard_error(self) -> dict[str, torch.Tensor]:
-        return {n: self._state.mean_gradient_standard_error(n) for n in self.names}
+        """{name: SE(ḡ)}: :meth:`FisherResult.mean_gradient_standard_error`."""
+        return self.result.mean_gradient_standard_error()
 
     def score_check(self) -> dict[str, float]:
-        """Self-check of sampled labels: z_j = ḡ_j / SE(ḡ_j) over all elements with SE > 0 and
-        F_jj above rounding level (F_jj > ε · the largest F_jj of all parameters).
+        """The sampled-label self-check: :meth:`FisherResult.score_check`."""
+        return self.result.score_check()
 
-        For ``kind="mc"`` the score has mean zero, so ``mean_z2`` ≈ 1 and ``max_abs_z`` stays
-        at the size of the largest of n standard normals (≈ sqrt(2 ln n)). A sampler that draws
-        labels at the wrong position, or data labels away from an optimum, gives mean_z2 ≫ 1.
-        """
-        self._need_signal()
-        self._checked()
-        g, se = self._mean_gradient(torch.float64), self._mean_gradient_standard_error()
-        fisher = self._fisher("unit", torch.float64)
-        top = torch.stack([f.max() for f in fisher.values()]).max()
-        parts = []
-        for n in self.names:  # elements whose Fisher is at rounding level carry no information
-            keep = (se[n] > 0) & (fisher[n] > torch.finfo(self._dtypes[n]).eps * top)
-            parts.append((g[n] / se[n])[keep].reshape(-1))
-        z = torch.cat(parts)
-        if z.numel() == 0:
-            return {"n": 0, "mean_z2": math.nan, "max_abs_z": math.nan}
-        return {
-            "n": int(z.numel()),
-            "mean_z2": float(z.square().mean()),  # sync-ok: explicit read
-            "max_abs_z": float(z.abs().max()),  # sync-ok: explicit read
-        }
+    def group_names(self) -> dict[str, list[str]]:
+        """{family: group names}: :meth:`FisherResult.group_names`."""
+        return self.result.group_names()
 
-    # ------------------------------------------------------------ persistence
+    def group_fisher(
+        self, kind: str = "trace", normalization: str = "unit"
+    ) -> dict[str, torch.Tensor]:
+        """{family: tensor [G]}: :meth:`FisherResult.group_fisher`."""
+        return self.result.group_fisher(kind, normalization)
+
+    def group_standard_error(self, kind: str = "trace") -> dict[str, torch.Tensor]:
+        """{family: SE [G]}: :meth:`FisherResult.group_standard_error`."""
+        return self.result.group_standard_error(kind)
+
+    def relative_standard_error(
+        self, kind: str = "trace", families: Sequence[str] | None = None
+    ) -> dict[str, torch.Tensor]:
+        """{family: SE / mean [G]}: :meth:`FisherResult.relative_standard_error`."""
+        return self.result.relative_standard_error(kind, families)
+
     def state_dict(self) -> dict[str, object]:
-        """A snapshot (copies) of everything the collector holds: ``spec`` (with ``counts``) and
-        ``tensors``, the float64 sufficient statistics by name (``mode="cumulative"`` only)."""
-        tensors = {k: v.detach().clone() for k, v in self._state.tensors().items()}
-        return {"spec": self.spec() | {"counts": dict(self.counts)}, "tensors": tensors}
+        """A snapshot of the statistics: :meth:`FisherResult.state_dict`."""
+        return self.result.state_dict()

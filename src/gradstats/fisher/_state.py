@@ -9,7 +9,7 @@ Per parameter element j, over units i (samples or tokens) and passes k with weig
   Var_j = Σ_{i,k} w_k (g_ikj − ḡ_j)² / N (the "signal", "second moment" and "variance" of
   the Fisher decomposition EF = (ḡ)² + Var).
 * ``g2_m2`` (``element_se``) = Σ_i (x_ij − F_jj)², merged batch by batch with Chan's formula
-  (:func:`gradstats.moments._welford.combine`), so SE(F_jj) = sqrt(g2_m2 / (N − 1) / N). Each
+  (:func:`gradstats.moments.combine`), so SE(F_jj) = sqrt(g2_m2 / (N − 1) / N). Each
   batch arrives as sums centred on a reference c_j taken from the batch itself —
   Σ_i (x_ij − c_j) and Σ_i (x_ij − c_j)², computed in the model's dtype — so float32 models
   get float64-grade standard errors even when g sits on an offset far above its spread
@@ -32,36 +32,25 @@ from collections.abc import Mapping
 
 import torch
 
-from gradstats.errors import ConfigurationError, StateError
+from gradstats.errors import ConfigurationError
+from gradstats.fisher._state_load import load_tensors
 from gradstats.fisher._state_parts import (
-    MOMENT_KEYS,
-    OLD_NAMES,
     FamilyMoments,
-    check_values,
-    checked_tensor,
 )
-from gradstats.moments import EMAMoments, RunningMoments
-from gradstats.moments._distributed import all_reduce_moments, all_reduce_sum_
-from gradstats.moments._welford import Moments, combine, safe_inverse
+from gradstats.fisher._state_pending import PendingGroups, PendingSums, accepted_flag, masked_add_
+from gradstats.moments import (
+    EMAMoments,
+    Moments,
+    RunningMoments,
+    all_reduce_moments,
+    all_reduce_sum_,
+    combine,
+    safe_inverse,
+)
 
 __all__ = ["COUNT_KEYS", "FisherState"]
 
 COUNT_KEYS = ("samples", "tokens", "batches", "skipped", "draw_weight_sq")
-
-
-def _accepted(ok: torch.Tensor) -> bool | None:
-    """On the CPU the batch flag is read (free: there is no device to wait for), which skips
-    the masking work of an accepted batch; elsewhere None: mask on the device, never sync."""
-    return bool(ok) if ok.device.type == "cpu" else None  # sync-ok: CPU only
-
-
-def _masked_add_(target: torch.Tensor, value: torch.Tensor, ok: torch.Tensor, accepted) -> None:
-    if accepted is None:
-        target.add_(torch.where(ok, value, 0.0))
-    elif accepted:
-        # on the CPU a float32 → float64 add_ through type promotion is 1.4× slower than
-        # converting first (measured, 400k elements); only the CPU path reads ``accepted``
-        target.add_(value if value.dtype == target.dtype else value.to(target.dtype))
 
 
 def _moments(count: torch.Tensor, total: torch.Tensor, m2: torch.Tensor) -> Moments:
@@ -89,8 +78,11 @@ class FisherState:
         self.families = families
         self.device = device
         self.counts = {key: self._zeros(()) for key in COUNT_KEYS}
-        self.g2_sum: dict[str, torch.Tensor] = {}
-        self.g_sum: dict[str, torch.Tensor] = {}
+        self._g2_sum: dict[str, torch.Tensor] = {}
+        self._g_sum: dict[str, torch.Tensor] = {}
+        # accepted batches not yet folded in (see gradstats.fisher._state_pending)
+        self._pending = PendingSums()
+        self._pending_rows = (PendingGroups(), PendingGroups())
         self.g2_m2: dict[str, torch.Tensor] = {}
         # one RunningMoments per quantity over all families side by side (every family sees the
         # same rows, so the counts agree): 2 updates per batch instead of 2 per family
@@ -100,8 +92,8 @@ class FisherState:
         self.g_ema: dict[str, EMAMoments] = {}
         self.mask_ema: dict[str, EMAMoments] = {}
         if mode == "cumulative":
-            self.g2_sum = {n: self._zeros(s) for n, s in shapes.items()}
-            self.g_sum = {n: self._zeros(s) for n, s in shapes.items()} if signal else {}
+            self._g2_sum = {n: self._zeros(s) for n, s in shapes.items()}
+            self._g_sum = {n: self._zeros(s) for n, s in shapes.items()} if signal else {}
             self.g2_m2 = {n: self._zeros(s) for n, s in shapes.items()} if element_se else {}
             if families:
                 total = sum(g for _, g in families)
@@ -117,6 +109,46 @@ class FisherState:
 
     def _ema(self, shape: tuple[int, ...]) -> EMAMoments:
         return EMAMoments(self.beta, shape, dtype=torch.float64, device=self.device)
+
+    # ------------------------------------------------------------ deferred
+    def flush(self) -> None:
+        """Fold every pending batch into the float64 statistics (before any read)."""
+        pending = self._pending
+        if pending.batches:
+            targets = {("sq", n): v for n, v in self._g2_sum.items()}
+            targets |= {("g", n): v for n, v in self._g_sum.items()}
+            pending.fold(targets)  # type: ignore[arg-type]
+        for stash, stats in zip(self._pending_rows, (self.trace_all, self.mask_all), strict=True):
+            if stats is not None:
+                stash.fold(stats)
+
+    @property
+    def g2_sum(self) -> dict[str, torch.Tensor]:
+        """{name: Σ_i x_ij} (float64; folds pending batches first)."""
+        self.flush()
+        return self._g2_sum
+
+    @g2_sum.setter
+    def g2_sum(self, value: dict[str, torch.Tensor]) -> None:
+        self._g2_sum = value
+
+    @property
+    def g_sum(self) -> dict[str, torch.Tensor]:
+        """{name: Σ_i Σ_k w_k g_ikj} (float64; folds pending batches first)."""
+        self.flush()
+        return self._g_sum
+
+    @g_sum.setter
+    def g_sum(self, value: dict[str, torch.Tensor]) -> None:
+        self._g_sum = value
+
+    @property
+    def defers_products(self) -> bool:
+        """Whether :meth:`update` takes deferred Σg² products (cumulative sums, no Chan merge)."""
+        return self.mode == "cumulative" and not self.element_se
+
+    def _sq_shape(self, key: tuple[str, str]) -> tuple[int, ...]:
+        return self.shapes[key[1]]
 
     # ----------------------------------------------------------------- update
     @property
@@ -141,6 +173,7 @@ class FisherState:
         trace_rows: dict[str, torch.Tensor],
         mask_rows: dict[str, torch.Tensor],
         row_weight: torch.Tensor | None = None,
+        gemms: list | None = None,
     ) -> None:
         """Fold one batch in (every argument on the state's device; nothing read to the host).
 
@@ -148,7 +181,9 @@ class FisherState:
         values are units (token units: the positions with an active target). ``centred``
         (``element_se``): per parameter the reference m (c = m²), Σ(x − c) and Σ(x − c)² of x = g²
         over the batch's n units, whose batch mean c + Σ(x − c)/n and M2
-        Σ(x − c)² − (Σ(x − c))²/n are merged into ``g2_m2`` with Chan's formula."""
+        Σ(x − c)² − (Σ(x − c))²/n are merged into ``g2_m2`` with Chan's formula. ``gemms``
+        (only where :attr:`defers_products`): deferred parts of Σg², (name, index, m1, m2)
+        meaning Σg²[name][index] += m1 @ m2, added straight into the pending sums."""
         okf = ok.to(torch.float64)
         n_units = n_units.to(torch.float64)
         if self.mode == "cumulative" and self.element_se:
@@ -174,16 +209,32 @@ class FisherState:
                 totals[name] = mean_b * n_units
             sq = totals
         if self.mode == "cumulative":
-            accepted = _accepted(ok)
-            for name, total in sq.items():
-                _masked_add_(self.g2_sum[name], total, ok, accepted)
-            for name, total in g_sum.items():
-                _masked_add_(self.g_sum[name], total, ok, accepted)
+            accepted = accepted_flag(ok)
+            if self.element_se:  # each batch's totals are float64 already: add them now
+                for name, total in sq.items():
+                    masked_add_(self._g2_sum[name], total, ok, accepted)
+                for name, total in g_sum.items():
+                    masked_add_(self._g_sum[name], total, ok, accepted)
+            else:
+                if gemms and self.element_se:
+                    raise RuntimeError("deferred Σg² products need mode='cumulative' sums")
+                values = {("sq", n): v for n, v in sq.items()}
+                values |= {("g", n): v for n, v in g_sum.items()}
+                products = [(("sq", n), i, m1, m2) for n, i, m1, m2 in gemms or ()]
+                self._pending.add(values, ok, accepted, products, self._sq_shape)  # type: ignore[arg-type]
+                if self._pending.due():
+                    self.flush()
             units = None if row_weight is None else row_weight > 0  # no host sync (no indexing)
-            for stats, per_unit in ((self.trace_all, trace_rows), (self.mask_all, mask_rows)):
+            pairs = zip(
+                (self.trace_all, self.mask_all),
+                (trace_rows, mask_rows),
+                self._pending_rows,
+                strict=True,
+            )
+            for stats, per_unit, stash in pairs:
                 if stats is not None and per_unit:  # a skipped batch is counted there too
                     rows = torch.cat([per_unit[f] for f, _ in self.families], dim=1)
-                    stats.update(rows, mask=units, accept=ok)
+                    stash.add(stats, rows, units, ok, accepted)
         else:
             inv = safe_inverse(n_units)
             skip = ~ok | (n_units <= 0)  # a batch without units is no observation of the mean
@@ -249,6 +300,8 @@ class FisherState:
                 "mode='ema' summaries do not merge: an EMA weights batches by arrival time; "
                 "use mode='cumulative' to merge collectors"
             )
+        self.flush()
+        other.flush()
         for name in self.g2_sum:
             if self.element_se:
                 mine = _moments(self.units, self.g2_sum[name], self.g2_m2[name])
@@ -269,6 +322,7 @@ class FisherState:
             raise ConfigurationError(
                 "mode='ema' summaries cannot be all-reduced; use mode='cumulative' under DDP"
             )
+        self.flush()
         if self.element_se:
             for name in self.g2_sum:
                 local = _moments(self.units, self.g2_sum[name], self.g2_m2[name])
@@ -307,6 +361,7 @@ class FisherState:
         out: dict[str, FamilyMoments] = {}
         if stats is None:
             return out
+        self.flush()
         start = 0
         for fam, size in self.families:
             out[fam] = FamilyMoments(stats, start, start + size)
@@ -324,68 +379,9 @@ class FisherState:
         return self._views(self.mask_all)
 
     def load_tensors(self, tensors: Mapping[str, object], where: str = "saved state") -> None:
-        """Inverse of :meth:`tensors`. Validates every entry — present (a file that names the skip
-        counter ``rejected`` loads too), a real tensor of the right shape, finite, and possible:
-        counts whole and ≥ 0, sums of squares, M2 and traces ≥ 0 — before changing anything.
+        """Inverse of :meth:`tensors` (see :func:`gradstats.fisher._state_load.load_tensors`).
 
         Raises:
             StateError: naming the entry and what is wrong with it; nothing is changed.
         """
-        expected = self.tensors()
-        checked: dict[str, torch.Tensor] = {}
-        for key, template in expected.items():
-            kind, _, rest = key.partition("/")
-            leaf = rest.rpartition("/")[2] if kind in ("trace", "mask") else rest
-            found = key
-            if key not in tensors and leaf in OLD_NAMES:
-                found = key[: len(key) - len(leaf)] + OLD_NAMES[leaf]
-            checked[key] = checked_tensor(tensors, found, tuple(template.shape), where)
-        for key, value in checked.items():
-            kind, _, rest = key.partition("/")
-            leaf = rest.rpartition("/")[2]
-            whole = kind == "counts" and rest != "draw_weight_sq"
-            whole = whole or (kind in ("trace", "mask") and leaf in ("count", "skipped"))
-            # only the gradient sums are signed: the rest are counts, sums of squares, M2 or
-            # means of per-unit traces and squared mask values
-            check_values(value, key, where, nonnegative=kind != "g_sum", whole=whole)
-        units = checked[f"counts/{self.unit_key}"]
-        if bool(checked["counts/batches"] == 0) and bool(units != 0):  # sync-ok: loading
-            raise StateError(f"{where}: {self.unit_key} without any batch is impossible")
-        combined: dict[str, RunningMoments] = {}
-        for label in ("trace", "mask") if self.families else ():
-            fresh = RunningMoments((sum(g for _, g in self.families),), device=self.device)
-            state = fresh.state_dict()
-            parts = {
-                key: [checked[f"{label}/{f}/{key}"] for f, _ in self.families]
-                for key in MOMENT_KEYS
-            }
-            for key, values in parts.items():
-                name = key if key in state else OLD_NAMES[key]
-                if key in ("mean", "m2"):
-                    state[name] = torch.cat([v.reshape(-1).to(torch.float64) for v in values])
-                    continue
-                if any(bool(v != values[0]) for v in values[1:]):  # sync-ok: loading
-                    raise StateError(
-                        f"{where}: {label}/*/{key} differs between the families, which is "
-                        "impossible (every family counts the same units)"
-                    )
-                state[name] = values[0]
-            try:
-                fresh.load_state_dict(state)
-            except (ValueError, TypeError, KeyError) as error:
-                raise StateError(f"{where}: {label}: {error}") from error
-            combined[label] = fresh
-        # everything is valid: commit
-        for key, value in checked.items():
-            kind, _, rest = key.partition("/")
-            value = value.to(self.device, torch.float64, copy=True)
-            if kind == "counts":
-                self.counts[rest] = value
-            elif kind == "g2_sum":
-                self.g2_sum[rest] = value
-            elif kind == "g_sum":
-                self.g_sum[rest] = value
-            elif kind == "g2_m2":
-                self.g2_m2[rest] = value
-        if self.families:
-            self.trace_all, self.mask_all = combined["trace"], combined["mask"]
+        load_tensors(self, tensors, where)

@@ -1,9 +1,6 @@
-r"""Combining and streaming: :meth:`merge` (Chan, exact and order-free), :meth:`all_reduce` over
-``torch.distributed`` ranks, and :meth:`collect_loader` over a data loader.
-
-Sums of per-unit statistics are additive, so merging A and B gives, for every statistic S,
-S(A ∪ B) = S(A) + S(B) and for the M2 terms Chan's formula
-M2 = M2_A + M2_B + δ² · n_A n_B / (n_A + n_B), δ = mean_B − mean_A.
+r"""Combining and streaming on a collector: :meth:`merge` (Chan, exact and order-free; see
+:class:`~gradstats.fisher.FisherResult`), :meth:`all_reduce` over ``torch.distributed`` ranks,
+and :meth:`collect_loader` over a data loader.
 """
 
 from __future__ import annotations
@@ -14,65 +11,38 @@ from typing import TYPE_CHECKING, cast
 import torch
 from tqdm.auto import tqdm
 
-from gradstats.errors import ConfigurationError, ConfigurationTypeError, StateError
-from gradstats.fisher._group_reads import GroupReads
+from gradstats.errors import ConfigurationError, ConfigurationTypeError
 from gradstats.fisher._inputs import check_device
+from gradstats.fisher._reads import FisherReads
+from gradstats.fisher._result import FisherResult
 
 __all__ = ["Streaming"]
 
-MERGE_KEYS = ("kind", "likelihood", "unit", "mode", "signal", "element_se", "fingerprint")
 
-
-class Streaming(GroupReads):
+class Streaming(FisherReads):
     """Merge, all-reduce and loader streaming (see the module docstring)."""
 
     if TYPE_CHECKING:
 
         def collect(self, inputs: object, targets: torch.Tensor | None = None) -> Streaming: ...
 
-    def merge(self, other: Streaming) -> Streaming:
-        """Fold ``other``'s statistics into this collector (Chan; exact, order-free).
+    def merge(self, other: FisherReads | FisherResult) -> Streaming:
+        """Fold ``other``'s statistics (a collector or a :class:`~gradstats.fisher.FisherResult`)
+        into this collector: :meth:`FisherResult.merge`.
 
         Raises:
-            ConfigurationTypeError: ``other`` is not a collector.
+            ConfigurationTypeError: ``other`` is neither a collector nor a result.
             ConfigurationError: a ``mode="ema"`` collector (an EMA weights batches by arrival).
             StateError: the collectors estimate different things or cover different parameters
                 or group families; nothing is changed.
         """
-        if not isinstance(other, GroupReads):
-            raise ConfigurationTypeError(
-                f"other must be a FisherCollector; got {type(other).__name__}"
-            )
-        if self.mode != "cumulative" or other.mode != "cumulative":
-            raise ConfigurationError(
-                "mode='ema' collectors do not merge: an EMA weights batches by arrival time; "
-                "use mode='cumulative' to merge collectors"
-            )
-        mine, theirs = self.spec(), other.spec()
-        for key in MERGE_KEYS:
-            if mine[key] != theirs[key]:
-                what = "parameters (names or shapes)" if key == "fingerprint" else key
-                raise StateError(
-                    f"cannot merge collectors with different {what}: {mine[key]!r} vs "
-                    f"{theirs[key]!r}"
-                )
-        families = [(f.name, f.size) for f in self._unit_families]
-        if families != [(f.name, f.size) for f in other._unit_families]:
-            raise StateError(
-                "cannot merge collectors with different group families: "
-                f"{[n for n, _ in families][:4]} vs {[f.name for f in other._unit_families][:4]}"
-            )
-        self._state.merge(other._state)
+        self.result.merge(other)
         return self
 
     def all_reduce(self, group: object | None = None) -> Streaming:
         """Sum the statistics over ``torch.distributed`` ranks (every rank gets the result of
         all ranks' data; a no-op without an initialised process group)."""
-        if self.mode != "cumulative":
-            raise ConfigurationError(
-                "mode='ema' summaries cannot be all-reduced; use mode='cumulative' under DDP"
-            )
-        self._state.all_reduce(group)
+        self.result.all_reduce(group)
         return self
 
     def collect_loader(
@@ -124,7 +94,7 @@ class Streaming(GroupReads):
                     "until_rel_se cannot be combined with distributed=True (ranks would stop at "
                     "different batches); collect a fixed max_batches instead"
                 )
-            self._check_relative(se_kind, families)  # validates before any work
+            self.result._check_relative(se_kind, families)  # validates before any work
         if max_batches is not None and (
             isinstance(max_batches, bool) or not isinstance(max_batches, int) or max_batches < 0
         ):
@@ -151,7 +121,7 @@ class Streaming(GroupReads):
                 seen += 1
                 bar.update(1)
                 if until_rel_se is not None and seen >= min_batches:
-                    rel = self._relative_standard_error(se_kind, families)
+                    rel = self.result._relative_standard_error(se_kind, families)
                     worst = max((float(v.max()) for v in rel.values()), default=0.0)  # sync-ok
                     bar.set_postfix(rel_se=f"{worst:.3g}")
                     if worst < until_rel_se:

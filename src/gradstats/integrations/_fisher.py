@@ -54,7 +54,7 @@ def collect_after_training(
         raise ConfigurationTypeError(f"model must be a torch.nn.Module; got {type(model).__name__}")
     was_training = model.training
     fc = FisherCollector(model, kind, likelihood, unit, **(collector_kwargs or {}))
-    device = fc._state.device  # the parameters' device (checked by the collector)
+    device = fc.result.device  # the parameters' device (checked by the collector)
     try:
         model.eval()
         with torch.inference_mode(False):
@@ -127,13 +127,9 @@ def check_options(
     collector_kwargs: dict[str, Any] | None = None,
 ) -> None:
     """Validate a callback's collector options when it is built (not after training)."""
-    from gradstats._validation import check_choice
-    from gradstats.fisher._collector import KINDS, UNITS
-    from gradstats.fisher._likelihoods import make_likelihood
+    from gradstats.fisher import FisherSpec
 
-    check_choice("kind", kind, KINDS)
-    check_choice("unit", unit, UNITS)
-    make_likelihood(likelihood)
+    FisherSpec(kind, likelihood, unit)  # validates the three (and their combination)
     if max_batches is not None and (
         isinstance(max_batches, bool) or not isinstance(max_batches, int) or max_batches < 1
     ):

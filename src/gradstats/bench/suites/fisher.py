@@ -30,17 +30,24 @@ import copy
 import itertools
 import warnings
 from collections.abc import Callable
+from dataclasses import replace
 
 import torch
 from torch import nn
 
 from gradstats.bench._harness import Candidate, Comparison
 from gradstats.bench._optional import Skipped, missing
+from gradstats.bench.suites._fisher_floors import (
+    count_ops,
+    ef_floor,
+    ef_groups_floor,
+    floor_same_numbers,
+)
 from gradstats.fisher import FisherCollector
 
 __all__ = ["comparisons"]
 
-LM_CASES = ("fisher/lm_sequence", "fisher/lm_same_numbers")
+LM_CASES = ("fisher/lm_sequence", "fisher/lm_sequence_t256", "fisher/lm_same_numbers")
 
 
 def _mlp(smoke: bool) -> tuple[nn.Module, torch.Tensor, torch.Tensor, dict[str, object]]:
@@ -168,34 +175,15 @@ def _clone(model: nn.Module) -> nn.Module:
 def _mlp_comparisons(smoke: bool) -> list[Comparison]:
     model, x, y, params = _mlp(smoke)
     peers, unavailable = _peers(model, x, y)
-    ours = Candidate(
-        "gradstats (EF only)", _ours(model, x, y, ef_only=True), "signal=False, groups=None"
-    )
+    out = []
+    for batch in (8, 16) if smoke else (32, 256):
+        out.append(_mlp_cost(model, x[:batch], y[:batch], params | {"batch": batch}, smoke))
     checked = Candidate(
         "gradstats (EF only)", _ours(model, x, y, read=True, ef_only=True), "fresh state + read"
     )
-    default = Candidate(
-        "gradstats (defaults)", _ours(model, x, y), "+ mean gradient + channel groups"
-    )
-    cost = Comparison(
-        name="fisher/mlp_ef",
-        candidates=[
-            Candidate("plain backward", _plain(model, x, y), "baseline: loss.backward()"),
-            ours,
-            default,
-            *peers,
-        ],
-        baseline="plain backward",
-        check=False,
-        memory=True,
-        work=x.shape[0],
-        work_unit="samples",
-        params=params,
-        unavailable=unavailable,
-    )
     same = Comparison(
         name="fisher/mlp_ef_same_numbers",
-        candidates=[checked, *peers],
+        candidates=[checked, *peers, Candidate("floor: EF", _floor_read(model, x, y), "")],
         baseline="gradstats (EF only)",
         reference="torch.func vmap(grad)",
         rtol=1e-4,  # float32: GEMM-on-squares vs per-sample squares sum in another order
@@ -203,10 +191,55 @@ def _mlp_comparisons(smoke: bool) -> list[Comparison]:
         params=params,
         unavailable=unavailable,
     )
-    return [cost, same]
+    return [*out, same, floor_same_numbers(model, x, y, params)]
 
 
-def _lm(smoke: bool) -> tuple[nn.Module, torch.Tensor, dict[str, object]]:
+def _mlp_cost(
+    model: nn.Module, x: torch.Tensor, y: torch.Tensor, params: dict[str, object], smoke: bool
+) -> Comparison:
+    """Every candidate at one batch size, as ratios to a plain backward; ops per call."""
+    peers, unavailable = _peers(model, x, y)
+    ours = [
+        Candidate("plain backward", _plain(model, x, y), "baseline: loss.backward()"),
+        Candidate("gradstats (defaults)", _ours(model, x, y), "+ mean gradient + channel groups"),
+        Candidate(
+            "gradstats (EF only)", _ours(model, x, y, ef_only=True), "signal=False, groups=None"
+        ),
+        Candidate("floor: EF", ef_floor(_clone(model), x, y), "activation grads + (b²)ᵀ(a²)"),
+        Candidate(
+            "floor: EF + mean gradient + channel groups",
+            ef_groups_floor(_clone(model), x, y),
+            "+ weight grads + group rows",
+        ),
+    ]
+    ops = {c.name: count_ops(c.fn) for c in ours}
+    ours = [replace(c, note=f"{c.note}; {ops[c.name]} ops/call") for c in ours]
+    return Comparison(
+        name="fisher/mlp_ef" if x.shape[0] == (16 if smoke else 256) else "fisher/mlp_ef_b32",
+        candidates=[*ours, *peers],
+        baseline="plain backward",
+        check=False,
+        memory=True,
+        work=x.shape[0],
+        work_unit="samples",
+        params=params | {"ops_per_call": ops},
+        unavailable=unavailable,
+    )
+
+
+def _floor_read(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> Callable[[], object]:
+    """The EF floor on a fresh copy: {name: Σ_i g_i²} (the floors only add)."""
+    names = [n for n, _ in model.named_parameters()]
+
+    def run() -> object:
+        sq = ef_floor(_clone(model), x, y)()["sq"]  # type: ignore[index]
+        order = names[0::2] + names[1::2]  # weights, then biases
+        return dict(zip(order, sq, strict=True))
+
+    return run
+
+
+def _lm(smoke: bool, long: bool = False) -> tuple[nn.Module, torch.Tensor, dict[str, object]]:
     import transformers
     from transformers import GPT2Config, GPT2LMHeadModel
 
@@ -215,6 +248,8 @@ def _lm(smoke: bool) -> tuple[nn.Module, torch.Tensor, dict[str, object]]:
         layers, width, heads, vocab, positions, batch, length = 1, 16, 2, 64, 16, 2, 16
     else:
         layers, width, heads, vocab, positions, batch, length = 4, 128, 4, 2048, 128, 8, 128
+    if long:  # the same model on sequences twice as long
+        positions, length = 2 * positions, 2 * length
     sizes = {
         "n_layer": layers,
         "n_embd": width,
@@ -250,26 +285,65 @@ def _lm_comparisons(smoke: bool) -> list[Comparison | Skipped]:
     note = missing("transformers")
     if note is not None:
         return [Skipped(name, note) for name in LM_CASES]
+    out: list[Comparison | Skipped] = []
+    for long in (False, True):
+        model, ids, params = _lm(smoke, long)
+        ours = _lm_candidates(model, ids, defaults=not long)
+        ops = {c.name: count_ops(c.fn) for c in ours if "loop" not in c.name}
+        ours = [
+            replace(c, note=f"{c.note}; {ops[c.name]} ops/call") if c.name in ops else c
+            for c in ours
+        ]
+        out.append(
+            Comparison(
+                name=LM_CASES[1] if long else LM_CASES[0],
+                candidates=ours,
+                baseline="plain backward",
+                check=False,
+                memory=True,
+                work=ids.numel(),
+                work_unit="tokens",
+                params=params | {"ops_per_call": ops},
+            )
+        )
     model, ids, params = _lm(smoke)
+    checked = Candidate("gradstats (EF only)", _lm_ours(model, ids, True, True), "read")
+    loop = next(c for c in _lm_candidates(model, ids, False) if "loop" in c.name)
+    same = Comparison(
+        name=LM_CASES[2],
+        candidates=[checked, loop],
+        baseline="gradstats (EF only)",
+        reference="loop over sequences",
+        rtol=1e-4,  # float32 reductions in another order
+        atol=1e-7,
+        params=params,
+    )
+    return [*out, same]
+
+
+def _lm_ours(
+    model: nn.Module, ids: torch.Tensor, read: bool, ef_only: bool
+) -> Callable[[], object]:
+    fc = FisherCollector(
+        model, "empirical", "causal_lm", signal=not ef_only, groups=_groups(ef_only)
+    )
+
+    def run() -> object:
+        if not read:
+            fc.collect(ids)
+            return None
+        fc.reset().collect(ids)
+        return fc.fisher("none")
+
+    return run
+
+
+def _lm_candidates(model: nn.Module, ids: torch.Tensor, defaults: bool) -> list[Candidate]:
     weights = list(model.parameters())
     names = [n for n, _ in model.named_parameters()]
 
     def plain():
         return torch.autograd.grad(_lm_loss(model, ids), weights)
-
-    def ours_with(read: bool = False, ef_only: bool = False) -> Callable[[], object]:
-        fc = FisherCollector(
-            model, "empirical", "causal_lm", signal=not ef_only, groups=_groups(ef_only)
-        )
-
-        def run() -> object:
-            if not read:
-                fc.collect(ids)
-                return None
-            fc.reset().collect(ids)
-            return fc.fisher("none")
-
-        return run
 
     def loop():
         total = {n: torch.zeros_like(p) for n, p in model.named_parameters()}
@@ -279,29 +353,19 @@ def _lm_comparisons(smoke: bool) -> list[Comparison | Skipped]:
                 total[n] += g.square()
         return total
 
-    ours = Candidate("gradstats (EF only)", ours_with(ef_only=True), "per sequence")
-    default = Candidate("gradstats (defaults)", ours_with(), "+ mean gradient + head/neuron groups")
-    cost = Comparison(
-        name=LM_CASES[0],
-        candidates=[Candidate("plain backward", plain, "baseline: loss.backward()"), ours, default],
-        baseline="plain backward",
-        check=False,
-        memory=True,
-        work=ids.numel(),
-        work_unit="tokens",
-        params=params,
-    )
-    checked = Candidate("gradstats (EF only)", ours_with(read=True, ef_only=True), "read")
-    same = Comparison(
-        name=LM_CASES[1],
-        candidates=[checked, Candidate("loop over sequences", loop, "B backward passes")],
-        baseline="gradstats (EF only)",
-        reference="loop over sequences",
-        rtol=1e-4,  # float32 reductions in another order
-        atol=1e-7,
-        params=params,
-    )
-    return [cost, same]
+    out = [
+        Candidate("plain backward", plain, "baseline: loss.backward()"),
+        Candidate("gradstats (EF only)", _lm_ours(model, ids, False, True), "per sequence"),
+    ]
+    if defaults:
+        out.append(
+            Candidate(
+                "gradstats (defaults)",
+                _lm_ours(model, ids, False, False),
+                "+ mean gradient + head/neuron groups",
+            )
+        )
+    return [*out, Candidate("loop over sequences", loop, "B backward passes")]
 
 
 def comparisons(smoke: bool) -> list[Comparison | Skipped]:

@@ -1,0 +1,142 @@
+r"""Cost floors of the Fisher suite: hand-minimal implementations, and an op counter.
+
+* :func:`ef_floor` — the least work that yields the per-sample empirical Fisher diagonal of an
+  MLP of ``nn.Linear`` layers: the forward, one ``torch.autograd.grad`` for the activation
+  gradients b of the layer outputs only (no weight-gradient GEMMs), and per layer
+  Σ_i g_i² = (b²)ᵀ(a²) added by one ``addmm_`` into a float32 buffer (bias: Σ_i b_i²).
+* :func:`ef_groups_floor` — that, plus the mean gradient (autograd's weight gradients, added
+  into float32 buffers with one ``_foreach_add_``) and the per-unit output-channel group values
+  of each layer (weight and bias of channel k together): the trace t_ik = b_ik² (‖a_i‖² + 1)
+  and the mask value m_ik = (b_ik y_ik)² (y = W a + bias: Σ_j θ_j g_ij over the channel), whose
+  sums Σ_i and Σ_i of squares over the batch go into one concatenated float32 buffer.
+
+Neither checks finiteness, keeps float64 statistics or standard errors: they are floors, not
+collectors. :func:`count_ops` counts the ATen ops one call issues (a ``TorchDispatchMode``).
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Callable
+
+import torch
+from torch import nn
+from torch.utils._python_dispatch import TorchDispatchMode
+
+from gradstats.bench._harness import Candidate, Comparison
+from gradstats.fisher import FisherCollector
+
+__all__ = ["count_ops", "ef_floor", "ef_groups_floor", "floor_same_numbers"]
+
+
+class _OpCounter(TorchDispatchMode):
+    def __init__(self) -> None:
+        super().__init__()
+        self.count = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.count += 1
+        return func(*args, **(kwargs or {}))
+
+
+def count_ops(fn: Callable[[], object], calls: int = 16) -> float:
+    """ATen ops (views included) per call of ``fn``: the mean over ``calls`` calls after one
+    untimed call (a collector folds its pending sums every 16 batches)."""
+    fn()
+    with _OpCounter() as counter:
+        for _ in range(calls):
+            fn()
+    return round(counter.count / calls, 1)
+
+
+def _record(model: nn.Module) -> tuple[list[nn.Linear], list[tuple[torch.Tensor, torch.Tensor]]]:
+    """The model's Linear layers and a list that forward hooks fill with (input, output)."""
+    linears = [m for m in model.modules() if type(m) is nn.Linear]
+    calls: list[tuple[torch.Tensor, torch.Tensor]] = []
+    for module in linears:
+        module.register_forward_hook(lambda _m, args, out: calls.append((args[0], out)))
+    return linears, calls
+
+
+def ef_floor(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> Callable[[], object]:
+    """Σ_i g_i² of every Linear weight and bias (``model`` is hooked: pass a copy)."""
+    linears, calls = _record(model)
+    sq_w = [torch.zeros_like(m.weight) for m in linears]
+    sq_b = [torch.zeros_like(m.bias) for m in linears]
+
+    def run() -> object:
+        calls.clear()
+        loss = nn.functional.cross_entropy(model(x), y, reduction="sum")
+        grads = torch.autograd.grad(loss, [out for _, out in calls])
+        for (a, _), b, w, bias in zip(calls, grads, sq_w, sq_b, strict=True):
+            b2 = b.square()
+            w.addmm_(b2.T, a.square())
+            bias.add_(b2.sum(0))
+        calls.clear()
+        return {"sq": [*sq_w, *sq_b]}
+
+    return run
+
+
+def ef_groups_floor(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> Callable[[], object]:
+    """:func:`ef_floor` + the mean gradient + output-channel traces and mask values."""
+    linears, calls = _record(model)
+    params = [p for m in linears for p in (m.weight, m.bias)]
+    sq = [torch.zeros_like(p) for p in params]
+    g_sum = [torch.zeros_like(p) for p in params]
+    width = sum(m.out_features for m in linears)
+    group_sums = torch.zeros(2, 2 * width)  # [Σ_i, Σ_i of squares] × [traces | masks]
+
+    def run() -> object:
+        calls.clear()
+        loss = nn.functional.cross_entropy(model(x), y, reduction="sum")
+        grads = torch.autograd.grad(loss, params + [out for _, out in calls])
+        torch._foreach_add_(g_sum, grads[: len(params)])
+        traces, masks = [], []
+        for index, ((a, out), b) in enumerate(zip(calls, grads[len(params) :], strict=True)):
+            a2, b2 = a.square(), b.square()
+            sq[2 * index].addmm_(b2.T, a2)
+            sq[2 * index + 1].add_(b2.sum(0))
+            traces.append(b2 * (a2.sum(1, keepdim=True) + 1.0))
+            masks.append(b * out.detach())
+        rows = torch.cat(traces + masks, dim=1)
+        rows[:, width:].square_()
+        group_sums[0].add_(rows.sum(0))
+        group_sums[1].add_(rows.square().sum(0))
+        calls.clear()
+        return {"sq": sq, "g_sum": g_sum, "trace_sum": group_sums[0, :width]}
+
+    return run
+
+
+def floor_same_numbers(
+    model: nn.Module, x: torch.Tensor, y: torch.Tensor, params: dict[str, object]
+) -> Comparison:
+    """The groups floor against the collector: Σg², Σg and the channel-trace sums."""
+    names = [n for n, _ in model.named_parameters()]
+
+    def collector() -> object:
+        fc = FisherCollector(model, "empirical", "classification")
+        fc.collect(x, y)
+        n = x.shape[0]
+        traces = fc.group_fisher("trace", "none")
+        return {
+            "sq": [fc.fisher("none")[k] for k in names],
+            "g_sum": [fc.mean_gradient()[k] * n for k in names],
+            "trace_sum": torch.cat([traces[f] for f in traces if f != "unmapped"]),
+        }
+
+    def floor() -> object:
+        return ef_groups_floor(copy.deepcopy(model), x, y)()
+
+    return Comparison(
+        name="fisher/mlp_floor_same_numbers",
+        candidates=[
+            Candidate("gradstats (defaults)", collector, "fresh state + read"),
+            Candidate("floor: EF + mean gradient + channel groups", floor, "one call"),
+        ],
+        baseline="gradstats (defaults)",
+        rtol=1e-4,  # float32 sums in another order
+        atol=1e-6,
+        params=params,
+    )
