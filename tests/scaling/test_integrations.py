@@ -74,7 +74,7 @@ def test_stable_baselines3_ppo_on_cartpole(tmp_path):
     sb3 = pytest.importorskip("stable_baselines3")
     from stable_baselines3.common.logger import configure
 
-    from gradstats.scaling.sb3 import VarianceScalingCallback
+    from gradstats.integrations.sb3 import VarianceScalingCallback
 
     torch.set_default_dtype(torch.float32)  # SB3 policies meet float32 observations
     model = sb3.PPO(
@@ -123,3 +123,16 @@ def test_attach_with_accumulation_reads_only_when_the_predicate_says_the_step_en
     assert vgs.get_normalized_variance() == pytest.approx(
         reference.get_normalized_variance(), rel=1e-12
     )
+
+
+def test_the_old_sb3_path_still_imports_with_a_future_warning():
+    pytest.importorskip("stable_baselines3")
+    import importlib
+    import sys
+
+    from gradstats.integrations.sb3 import VarianceScalingCallback
+
+    sys.modules.pop("gradstats.scaling.sb3", None)
+    with pytest.warns(FutureWarning, match="moved to gradstats.integrations.sb3"):
+        old = importlib.import_module("gradstats.scaling.sb3")
+    assert old.VarianceScalingCallback is VarianceScalingCallback

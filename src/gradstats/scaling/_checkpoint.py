@@ -33,6 +33,7 @@ from gradstats.scaling._state_checks import (
     check_counters,
     check_entry,
     check_factor,
+    check_progress,
     check_updates,
     need,
 )
@@ -69,6 +70,7 @@ class LoadPlan:
     tensors: tuple[tuple[int, int, dict[str, torch.Tensor]], ...]  # (block, index, state)
     counters: dict[str, torch.Tensor]
     factor: torch.Tensor | None  # None: other number of aggregates, not loaded
+    progress: torch.Tensor
     updates: int
     consecutive: int  # the loaded counters, on the host
     nonfinite: int
@@ -105,6 +107,7 @@ def save(engine: ScalerEngine, config: ScalerConfig) -> dict[str, object]:
             "skipped": engine.skipped.clone(),
         },
         "factor": engine.previous.clone(),
+        "progress": engine.progress.clone(),
         "tensors": tensors,
     }
 
@@ -163,6 +166,7 @@ def plan_load(
     updates = check_updates(need(state_dict, "updates", ""))
     counters = check_counters(need(state_dict, "counters", ""), updates)  # host int64 tensors
     factor = check_factor(need(state_dict, "factor", ""))
+    progress = check_progress(state_dict.get("progress"), updates, counters["skipped"])
     entries = need(state_dict, "tensors", "")
     if not isinstance(entries, dict):
         raise StateError(f"state_dict['tensors'] must be a dict; got {type(entries).__name__}")
@@ -211,6 +215,7 @@ def plan_load(
         tensors=tuple(plan),
         counters={k: v.to(home) for k, v in counters.items()},
         factor=factor.to(home, torch.float64) if factor.shape == engine.previous.shape else None,
+        progress=progress.to(home),
         updates=updates,
         consecutive=int(counters["consecutive"]),  # sync-ok: host tensors (check_counters)
         nonfinite=int(counters["nonfinite"]),  # sync-ok: host tensors
@@ -230,6 +235,7 @@ def commit_load(engine: ScalerEngine, plan: LoadPlan) -> None:
     engine.skipped = plan.counters["skipped"]
     if plan.factor is not None:
         engine.previous = plan.factor
+    engine.progress = plan.progress
     engine.updates = plan.updates
 
 

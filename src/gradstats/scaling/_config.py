@@ -7,10 +7,12 @@ from dataclasses import asdict, dataclass
 
 from gradstats._validation import check_choice, check_open_unit, check_positive_int
 from gradstats.errors import ConfigurationError, ConfigurationTypeError, check_nonfinite
+from gradstats.scaling._rules import check_rule_settings
 
-__all__ = ["AGGREGATES", "APPLY_TO", "STATISTICS", "ScalerConfig"]
+__all__ = ["AGGREGATES", "APPLY_TO", "STATISTICS", "UNITS", "ScalerConfig", "one_config"]
 
-STATISTICS = ("temporal", "same_point", "tensor_mean", "mixed", "spatial")
+STATISTICS = ("temporal", "same_point", "per_sample", "tensor_mean", "mixed", "spatial")
+UNITS = ("sample", "token")
 APPLY_TO = ("grad", "lr")
 AGGREGATES = ("global", "param_group", "tensor")
 
@@ -29,6 +31,13 @@ def _check_number(name: str, value: object, low: float, high: float) -> float:
 class ScalerConfig:
     """Settings of :class:`VarianceGradientScaler` (see its docstring for their meaning).
 
+    ``unit`` (``statistic="per_sample"`` only): ``"sample"`` (a sequence is one unit) or
+    ``"token"`` (every position is a unit).
+
+    ``rule`` is a name from :func:`~gradstats.scaling.registered_rules` (``"shrink"``, the
+    default, uses ``alpha`` and ``min_scale``; ``"adascale"`` needs ``scale`` = S, or
+    ``batch_size`` and ``base_batch_size`` with S = batch_size / base_batch_size).
+
     Every float must be finite: ``alpha``, ``eps``, ``max_rate`` and ``confidence`` in
     [0, ∞), ``min_scale`` in [0, 1], ``beta`` in (0, 1).
 
@@ -39,6 +48,8 @@ class ScalerConfig:
     """
 
     statistic: str = "temporal"
+    unit: str = "sample"
+    rule: str = "shrink"
     alpha: float = 1.0
     beta: float = 0.99
     eps: float = 0.0
@@ -51,12 +62,20 @@ class ScalerConfig:
     enabled: bool = True
     foreach: bool = True
     batch_size: int | None = None
+    base_batch_size: int | None = None
+    scale: float | None = None
     log_every: int = 100
     max_nonfinite_steps: int | None = 100
     nonfinite: str = "skip"
 
     def __post_init__(self) -> None:
         check_choice("statistic", self.statistic, STATISTICS)
+        check_choice("unit", self.unit, UNITS)
+        if self.unit != "sample" and self.statistic != "per_sample":
+            raise ConfigurationError(
+                f"unit={self.unit!r} is an option of statistic='per_sample' (the units of the "
+                f"per-example gradients); got statistic={self.statistic!r}"
+            )
         check_choice("apply_to", self.apply_to, APPLY_TO)
         check_choice("aggregate", self.aggregate, AGGREGATES)
         check_nonfinite("nonfinite", self.nonfinite)
@@ -74,6 +93,7 @@ class ScalerConfig:
                 raise ConfigurationTypeError(f"{name} must be a bool; got {getattr(self, name)!r}")
         if self.batch_size is not None:
             check_positive_int("batch_size", self.batch_size)
+        check_rule_settings(self)
         check_positive_int("log_every", self.log_every)
         if self.max_nonfinite_steps is not None:
             check_positive_int("max_nonfinite_steps", self.max_nonfinite_steps)
@@ -85,3 +105,21 @@ class ScalerConfig:
 
     def to_dict(self) -> dict[str, object]:
         return asdict(self)
+
+
+_DEFAULTS = ScalerConfig()
+
+
+def one_config(config: ScalerConfig | None, options: ScalerConfig) -> ScalerConfig:
+    """``config=`` or keyword options, not both (a keyword would be silently overridden)."""
+    if config is None:
+        return options
+    if not isinstance(config, ScalerConfig):
+        raise ConfigurationTypeError(f"config must be a ScalerConfig; got {type(config).__name__}")
+    given = [k for k, v in options.to_dict().items() if v != getattr(_DEFAULTS, k)]
+    if given:
+        raise ConfigurationError(
+            f"pass the settings either as config=ScalerConfig(...) or as keywords, not both; "
+            f"got config and {', '.join(given)}"
+        )
+    return config

@@ -27,6 +27,8 @@ from gradstats.scaling._diagnostics import DiagnosticState
 from gradstats.scaling._factor import Aggregates, Factors, FactorSettings, aggregate, scaling_factor
 from gradstats.scaling._kernels import squared_norms
 from gradstats.scaling._params import ParamLayout
+from gradstats.scaling._per_sample import PerSampleState
+from gradstats.scaling._rules import make_rule
 from gradstats.scaling._same_point import SamePointState
 from gradstats.scaling._state import StatisticState, Totals
 from gradstats.scaling._temporal import TemporalState
@@ -51,6 +53,8 @@ def _make_state(
         return TemporalState(tensors, config.beta, config.foreach)
     if config.statistic == "same_point":
         return SamePointState(tensors, config.beta, distributed, group)
+    if config.statistic == "per_sample":
+        return PerSampleState(tensors, config.beta, distributed, group)
     return DiagnosticState(tensors, config.beta, config.statistic)
 
 
@@ -80,6 +84,8 @@ class ScalerEngine:
         self.groups = groups
         zero = torch.zeros((), dtype=torch.int64, device=home)
         self.nonfinite, self.consecutive, self.skipped = zero, zero.clone(), zero.clone()
+        self.progress = torch.zeros((), dtype=torch.float64, device=home)
+        self.last_applied = torch.zeros((), dtype=torch.bool, device=home)
         self.previous = torch.ones(groups, dtype=torch.float64, device=home)
         self.present = torch.zeros(count, dtype=torch.bool, device=home)
         self.result: tuple[Aggregates, Factors] | None = None
@@ -175,6 +181,7 @@ class ScalerEngine:
         self.nonfinite = self.nonfinite + (~finite).to(torch.int64)
         self.consecutive = torch.where(finite, 0, self.consecutive + 1)
         self.skipped = self.skipped + (~apply).to(torch.int64)
+        self.last_applied = apply
         self.updates += 1
 
     def discard_pending(self) -> None:
@@ -193,7 +200,7 @@ class ScalerEngine:
         min_count = self.states[0].min_count
         include = self.present & (totals.count >= min_count)
         settings = FactorSettings(
-            alpha=config.alpha, beta=config.beta, eps=config.eps, min_scale=config.min_scale,
+            rule=make_rule(config), beta=config.beta, eps=config.eps,
             confidence=config.confidence, min_count=min_count,
             warm=self.updates > config.warmup_steps,
         )  # fmt: skip
@@ -209,3 +216,10 @@ class ScalerEngine:
             overall = aggregate(*args, self.global_index, 1)
             ones = torch.ones_like(overall.noise)
             self.overall = (overall, scaling_factor(overall, ones, settings, max_rate=None))
+
+    def advance_progress(self) -> None:
+        """τ += the model-wide factor of the update just applied (a skipped update adds 0): the
+        progress clock, in steps of the base batch (``rule="adascale"``)."""
+        if self.overall is not None:
+            factor = self.overall[1].factor[0]
+            self.progress = self.progress + torch.where(self.last_applied, factor, 0.0)

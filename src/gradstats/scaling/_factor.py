@@ -4,14 +4,17 @@ Aggregate k (the whole model, one param group, or one tensor) has the ratio of s
 tensors that have a gradient this step and an estimate (tensors without gradients are left out,
 never counted as zero):
 
-    N_k = Σ_{j∈k} noise_j,   S_k = Σ_{j∈k} signal_j,   ρ_k = N_k / S_k,   c_k = 1 / (1 + α ρ_k).
+    N_k = Σ_{j∈k} noise_j,   S_k = Σ_{j∈k} signal_j,   ρ_k = N_k / S_k,   c_k = rule(ρ_k)
+
+(``rule="shrink"``: c_k = 1 / (1 + α ρ_k); ``"adascale"``: (1 + Sρ_k)/(1 + ρ_k); see ``_rules``).
 
 States instead of divisions by eps: *no estimate* (fewer observations than the statistic needs:
-c = 1), *no detectable signal* (S_k <= eps: ρ = ∞, c = min_scale), *gated* (warm-up, or the
-relative standard error of ρ above ``confidence``: c = 1). The relative standard error is the
+c = 1), *no detectable signal* (S_k <= eps: ρ = ∞), *gated* (warm-up, or the
+relative standard error of ρ above ``confidence``: c = 1; no detectable signal: the rule's
+value at ρ = ∞). The relative standard error is the
 count-based bound sqrt(2 / (n_eff − 1)) of a variance estimated from n_eff = 1/ρ_w effective
 observations (the smallest n_eff among the aggregate's tensors), which ignores the averaging over
-coordinates and so errs on the side of waiting. Optional bounds [min_scale, 1] and a rate limit
+coordinates and so errs on the side of waiting. An optional rate limit
 |log c_t − log c_{t−1}| <= max_rate.
 """
 
@@ -23,6 +26,7 @@ from dataclasses import dataclass
 import torch
 
 from gradstats.moments import ema_reliability
+from gradstats.scaling._rules import Rule
 
 __all__ = ["Aggregates", "FactorSettings", "Factors", "aggregate", "scaling_factor"]
 
@@ -58,10 +62,9 @@ class Factors:
 class FactorSettings:
     """The configuration :func:`scaling_factor` needs (besides the rate limit)."""
 
-    alpha: float
+    rule: Rule
     beta: float
     eps: float
-    min_scale: float
     confidence: float | None
     min_count: int
     warm: bool
@@ -99,12 +102,11 @@ def scaling_factor(
 ) -> Factors:
     """The factor of every aggregate, with its ρ and gate states (all device vectors)."""
     noise, signal, count = totals.noise, totals.signal, totals.count
-    alpha, beta, eps = settings.alpha, settings.beta, settings.eps
-    min_scale, confidence, min_count = settings.min_scale, settings.confidence, settings.min_count
+    beta, eps = settings.beta, settings.eps
+    confidence, min_count = settings.confidence, settings.min_count
     has_signal = signal > eps
     rho = torch.where(has_signal, noise / torch.where(has_signal, signal, 1.0), math.inf)
-    raw = torch.ones_like(rho) if alpha == 0 else 1.0 / (1.0 + alpha * rho)
-    raw = raw.clamp(min=min_scale, max=1.0)
+    raw = settings.rule.factor(rho, previous)
     estimate = count >= min_count
     effective = 1.0 / ema_reliability(beta, count)
     spread = effective - 1.0

@@ -6,6 +6,8 @@
 * ``statistic="same_point"``: a tensor hook sees each backward's contribution h before it is
   accumulated (and, under DDP, before the all-reduce) and stages ‖h‖²; the post-accumulate hook
   commits it once it reached ``.grad``, so ``torch.autograd.grad`` calls never count.
+* ``statistic="per_sample"``: hooks on the model's modules (:mod:`gradstats.scaling._per_sample`)
+  record Σ_i ‖c_i‖² of the per-unit contributions of each backward.
 """
 
 from __future__ import annotations
@@ -16,8 +18,10 @@ import weakref
 from collections.abc import Iterator, Sequence
 
 import torch
+from torch import nn
 
 from gradstats.scaling._params import ParamLayout
+from gradstats.scaling._per_sample import PerSampleHooks, PerSampleState
 from gradstats.scaling._same_point import SamePointState
 from gradstats.scaling._state import StatisticState
 
@@ -30,18 +34,30 @@ class GradientTracker:
     def __init__(self) -> None:
         self._handles: list[torch.utils.hooks.RemovableHandle] = []
         self.events = 0  # gradient accumulations seen
-        self.capture = True  # record same-point micro-batches
+        self.capture = True  # record same-point micro-batches / per-sample norms
+        self.modules: PerSampleHooks | None = None
 
-    def register(self, layout: ParamLayout, states: Sequence[StatisticState]) -> None:
-        """(Re)attach the hooks to ``layout``'s tensors (removing any previous ones)."""
+    def register(
+        self,
+        layout: ParamLayout,
+        states: Sequence[StatisticState],
+        model: nn.Module | None = None,
+        unit: str = "sample",
+    ) -> None:
+        """(Re)attach the hooks to ``layout``'s tensors (removing any previous ones); with
+        ``statistic="per_sample"`` states, also to ``model``'s modules."""
         self.remove()
         self.events = 0
         owner = weakref.ref(self)
+        per_sample = [s for s in states if isinstance(s, PerSampleState)]
+        if per_sample:
+            capture = functools.partial(_capturing, owner)
+            self.modules = PerSampleHooks(model, layout, per_sample, unit, capture)  # type: ignore[arg-type]
         for tensor in layout.tensors:
             count = functools.partial(_count_hook, owner)
             self._handles.append(tensor.register_post_accumulate_grad_hook(count))
         for (start, stop), state in zip(layout.blocks, states, strict=True):
-            if not isinstance(state, SamePointState):
+            if not isinstance(state, SamePointState) or not state.parameter_hooks:
                 continue
             for local, tensor in enumerate(layout.tensors[start:stop]):
                 stage = functools.partial(_stage_hook, owner, state, local)
@@ -53,6 +69,9 @@ class GradientTracker:
         for handle in self._handles:
             handle.remove()
         self._handles = []
+        if self.modules is not None:
+            self.modules.remove()
+            self.modules = None
 
     def token(self, layout: ParamLayout) -> tuple[object, ...]:
         """Identifies the current gradients: hook events plus the identity of every ``.grad``."""
@@ -68,6 +87,11 @@ class GradientTracker:
             yield
         finally:
             self.capture = previous
+
+
+def _capturing(owner: weakref.ref[GradientTracker]) -> bool:
+    tracker = owner()
+    return tracker is not None and tracker.capture
 
 
 def _count_hook(owner: weakref.ref[GradientTracker], _param: torch.Tensor) -> None:

@@ -24,9 +24,9 @@ from __future__ import annotations
 import torch
 
 from gradstats._warnings import warn
-from gradstats.errors import NonFiniteError
+from gradstats.errors import ConfigurationError, ConfigurationTypeError, NonFiniteError
 
-__all__ = ["ConsecutiveLimit"]
+__all__ = ["ConsecutiveLimit", "check_skip"]
 
 
 class ConsecutiveLimit:
@@ -79,3 +79,19 @@ class ConsecutiveLimit:
                 "is diverging"
             )
         self.schedule(updates, limit, c)
+
+
+def check_skip(skip: object) -> None:
+    """``skip`` is None, a bool, or a 0-dim tensor (bool, or numeric: non-zero means skip, as
+    AMP's ``found_inf``); anything else is refused before the scaler changes."""
+    if skip is None or isinstance(skip, bool):
+        return
+    if not isinstance(skip, torch.Tensor):
+        raise ConfigurationTypeError(
+            f"skip must be a bool or a 0-dim tensor; got {type(skip).__name__}"
+        )
+    if skip.dim() != 0 or skip.is_complex():
+        raise ConfigurationError(
+            f"skip must be a 0-dim bool or real tensor; got shape {tuple(skip.shape)}, "
+            f"dtype {skip.dtype}"
+        )

@@ -27,6 +27,7 @@ class ScalerReadout:
 
     config: ScalerConfig
     optimizer: torch.optim.Optimizer | None
+    _model: torch.nn.Module | None
     _engine: ScalerEngine
     _limit: ConsecutiveLimit
 
@@ -48,6 +49,14 @@ class ScalerReadout:
         """Steps dropped so far (non-finite, or skipped by the caller): an int64 device scalar
         (no sync; ``int(vgs.skipped)`` reads it)."""
         return self._engine.skipped
+
+    @property
+    def progress(self) -> torch.Tensor:
+        """The progress clock τ = Σ_t f_t over the applied updates (a float64 device scalar; no
+        sync). With ``rule="adascale"`` it counts base-batch steps: drive a schedule written for
+        the base batch by τ, e.g. ``LambdaLR(opt, lambda _: schedule(float(vgs.progress)))``
+        (one host read per step)."""
+        return self._engine.progress
 
     @property
     def enabled(self) -> bool:
@@ -145,13 +154,21 @@ class ScalerReadout:
         self._limit.reset(plan.updates, plan.consecutive, plan.nonfinite)
         return plan.report
 
-    def rebind(self, params: object, optimizer: torch.optim.Optimizer | None = None) -> LoadReport:
+    def rebind(
+        self,
+        params: object,
+        optimizer: torch.optim.Optimizer | None = None,
+        model: torch.nn.Module | None = None,
+    ) -> LoadReport:
         """Point the scaler at new parameter tensors (model/optimizer recreated), keeping the
-        statistics of every name whose shape still matches. Returns what was kept/dropped."""
+        statistics of every name whose shape still matches. Returns what was kept/dropped.
+        ``model``: the re-created model (``statistic="per_sample"``; default: the old one)."""
         layout = layout_from(params, optimizer)
         state = self.state_dict()
         if optimizer is not None:
             self.optimizer = optimizer
+        if model is not None and self._model is not None:
+            self._model = model
         self._build(layout)
         return self._load(state, strict=False, use_checkpoint_config=False, quiet=True)
 

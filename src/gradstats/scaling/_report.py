@@ -35,7 +35,12 @@ class TensorStatistics:
             1 − ρ_w.  signal: squared EMA mean; ``signal_unbiased``: minus ρ_w × the unbiased
             variance (what the factor uses).
         normalized_variance: ρ = noise/signal of the applied gradient (nan: no estimate; inf: no
-            detectable signal).  B_noise: ρ × batch_size (the simple noise scale), if known.
+            detectable signal).  B_noise: ρ × batch_size (the simple noise scale
+            tr Σ/‖G‖²), if ``batch_size`` is known. ``B_noise_se`` (aggregates): its standard
+            error, B_noise × the relative standard error of ρ (see ``effective_sample_size``).
+            ``suggested_batch_size`` (aggregates): B_noise rounded, at least 1 — McCandlish et
+            al.'s critical batch B_crit ≈ B_noise, where doubling the batch still nearly halves
+            the steps (beyond it, mostly compute is spent); None while B_noise is not finite.
         factor: the factor applied to this tensor (aggregates: theirs).
         count: observations behind the estimate (steps with a gradient for ``temporal``;
             steps with >= 2 micro-batches for ``same_point``).
@@ -50,7 +55,8 @@ class TensorStatistics:
         nonfinite_steps: steps whose gradients held NaN/inf; ``skipped``: steps dropped (the
             non-finite ones and those the caller skipped); ``updates``: statistics updates
             (counters: ``"global"`` only). ``skipped_steps`` is the deprecated name of
-            ``skipped``.
+            ``skipped``. ``progress`` (``"global"`` only): the progress clock τ (see
+            :attr:`~gradstats.VarianceGradientScaler.progress`).
     """
 
     variance: float
@@ -70,6 +76,9 @@ class TensorStatistics:
     nonfinite_steps: int | None = None
     skipped: int | None = None
     updates: int | None = None
+    B_noise_se: float | None = None
+    suggested_batch_size: int | None = None
+    progress: float | None = None
 
     @property
     def skipped_steps(self) -> int | None:
@@ -102,7 +111,7 @@ def build_statistics(engine: ScalerEngine, config: ScalerConfig) -> dict[str, Te
     home = engine.home
     totals = engine.totals()
     numel = torch.cat([s.numel.to(home) for s in engine.states])
-    per_coordinate = config.statistic in ("temporal", "same_point")
+    per_coordinate = config.statistic in ("temporal", "same_point", "per_sample")
     scale = numel if per_coordinate else torch.ones_like(numel)
     rho = totals.reliability
     unbiased = totals.noise
@@ -151,20 +160,33 @@ def _aggregate_row(
     columns = [
         summed.noise, summed.signal, factors.rho, factors.factor, summed.count, summed.members,
         factors.effective_sample_size, factors.gate_open, factors.no_estimate, factors.no_signal,
+        factors.rel_se,
     ]  # fmt: skip
     values = torch.stack([c[g].to(torch.float64) for c in columns]).cpu().tolist()  # sync-ok
-    noise, signal, rho, factor, count, members, n_eff, gate_open, no_estimate, no_signal = values
+    noise, signal, rho, factor, count, members, n_eff, gate_open, no_estimate, no_signal = values[
+        :10
+    ]
     rho = math.nan if no_estimate else rho
+    b_noise = None if batch is None else rho * batch
+    b_noise_se = suggested = None
+    if b_noise is not None and math.isfinite(b_noise):
+        b_noise_se = b_noise * values[10]
+        suggested = max(1, round(b_noise))
     nonfinite = skipped = updates = None
+    progress = None
     if counters:
-        counts = torch.stack([engine.nonfinite, engine.skipped]).cpu().tolist()  # sync-ok
+        counts = torch.stack(
+            [engine.nonfinite.double(), engine.skipped.double(), engine.progress]
+        ).cpu()  # sync-ok: statistics() is an explicit host read
         nonfinite, skipped, updates = int(counts[0]), int(counts[1]), engine.updates
+        progress = float(counts[2])
     return TensorStatistics(
         variance=noise, variance_unbiased=noise, signal=signal, signal_unbiased=signal,
-        normalized_variance=rho, B_noise=None if batch is None else rho * batch, factor=factor,
+        normalized_variance=rho, B_noise=b_noise, factor=factor,
         count=int(count), effective_sample_size=n_eff, gate_open=bool(gate_open),
         no_estimate=bool(no_estimate), no_signal=bool(no_signal), members=int(members),
-        nonfinite_steps=nonfinite, skipped=skipped, updates=updates,
+        nonfinite_steps=nonfinite, skipped=skipped, updates=updates, B_noise_se=b_noise_se,
+        suggested_batch_size=suggested, progress=progress,
     )  # fmt: skip
 
 
@@ -183,10 +205,15 @@ def log_metrics(engine: ScalerEngine, config: ScalerConfig) -> Metrics:
             "vgs/no_signal": float(bool(overall.no_signal)),
             "vgs/nonfinite_steps": float(overall.nonfinite_steps or 0),
             "vgs/skipped": float(overall.skipped or 0),
+            "vgs/progress": float(overall.progress or 0.0),
         }
     )
     if overall.B_noise is not None:
         metrics["vgs/B_noise"] = overall.B_noise
+    if overall.B_noise_se is not None:
+        metrics["vgs/B_noise_se"] = overall.B_noise_se
+    if overall.suggested_batch_size is not None:
+        metrics["vgs/suggested_batch_size"] = float(overall.suggested_batch_size)
     for name, row in stats.items():
         if name.startswith("group"):
             metrics[f"vgs/factor/{name}"] = row.factor

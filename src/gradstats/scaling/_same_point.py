@@ -51,6 +51,7 @@ class SamePointState(ScalarTensorState):
     """Scalar-per-tensor state of the same-point statistic for the tensors of one device."""
 
     statistic = "same_point"
+    parameter_hooks = True  # fed by the parameter hooks of GradientTracker
     min_count = 1  # every step's estimate is already unbiased
     _KEYS = ("count", "noise_ema", "signal_ema")
 

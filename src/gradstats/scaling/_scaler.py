@@ -16,27 +16,32 @@ from gradstats.scaling._apply import (
     scaled_learning_rates,
     warn_if_adaptive,
 )
-from gradstats.scaling._config import ScalerConfig
+from gradstats.scaling._config import ScalerConfig, one_config
 from gradstats.scaling._diagnostics import DIAGNOSTICS
 from gradstats.scaling._engine import Observation, ScalerEngine
 from gradstats.scaling._hooks import GradientTracker
-from gradstats.scaling._nonfinite import ConsecutiveLimit
+from gradstats.scaling._nonfinite import ConsecutiveLimit, check_skip
 from gradstats.scaling._params import ParamLayout, layout_from
 from gradstats.scaling._readout import ScalerReadout
 from gradstats.scaling._report import log_metrics
 from gradstats.scaling._same_point import SamePointState
 
-__all__ = ["VarianceGradientScaler"]
+__all__ = ["IDLE_STEPS", "VarianceGradientScaler"]
+
+IDLE_STEPS = 20  # consecutive step() calls without new gradients before the rebind() warning
 
 _D = ScalerConfig()
 
 
 class VarianceGradientScaler(ScalerReadout):
-    r"""Shrinks each step by the measured inverse signal-to-noise ratio of its gradient.
+    r"""Measures the gradient noise of each step and turns it into a step factor (``rule``).
 
-    With ρ = tr Cov(ĝ) / ‖E ĝ‖² the inverse SNR of the applied (mini-batch) gradient ĝ, the factor
-    is c = 1 / (1 + α ρ). α = 1 is the MSE-optimal shrinkage of a noisy gradient, McCandlish et
-    al.'s ε_opt(B)/ε_max and SVAG's factor. How ρ is measured (``statistic``):
+    With ρ = tr Cov(ĝ) / ‖E ĝ‖² the inverse SNR of the applied (mini-batch) gradient ĝ of B
+    samples (B_noise = ρ·B), the factor is ``rule="shrink"``: c = 1 / (1 + α ρ) (the original's;
+    optimal only if the base lr is the large-batch optimum), or ``rule="adascale"``: AdaScale's
+    gain r = (1 + Sρ)/(1 + ρ) for a batch S× the one the lr was tuned for, with the progress
+    clock :attr:`progress` (see :mod:`gradstats.scaling._rules`). How ρ is measured
+    (``statistic``):
 
     * ``"temporal"`` (default): per-coordinate noise over an EMA window of the gradients this
       step sequence produced, V = Σ_i v_i/(1 − ρ_w) and S = Σ_i m_i² − ρ_w V, ρ = V/S
@@ -45,6 +50,10 @@ class VarianceGradientScaler(ScalerReadout):
       ranks of one step — the two-batch estimator (``gradstats.scaling._same_point``). Needs
       several backward calls per step: with one (a plain loop) there is never an estimate
       (factor 1, ρ NaN, ``no_estimate``) and the scaler warns once after 20 such updates.
+    * ``"per_sample"``: the same estimator with B_small = 1 from the per-example gradients of
+      one backward (``unit="sample"`` or ``"token"``), formed by hooks on ``model``'s modules
+      (``gradstats.scaling._per_sample``): tr Σ = (Σ‖g_i‖² − B‖ĝ‖²)/(B − 1) and
+      ‖G‖² = ‖ĝ‖² − tr Σ/B, both unbiased, at about the cost of a plain backward.
     * ``"tensor_mean"``, ``"mixed"``, ``"spatial"``: the original implementation's statistics,
       kept as labelled diagnostics; none of them measures noise (``_diagnostics``).
 
@@ -90,13 +99,17 @@ class VarianceGradientScaler(ScalerReadout):
     Args:
         params: tensors, ``(name, tensor)`` pairs (``model.named_parameters()``) or param-group
             dicts. Checkpoints are keyed by these names.
-        statistic, alpha, beta, eps, warmup_steps, min_scale, max_rate, apply_to, aggregate,
-            confidence, enabled, foreach, batch_size, log_every, max_nonfinite_steps, nonfinite: see
-            :class:`~gradstats.scaling.ScalerConfig`; ``eps`` is the signal level at or below
-            which there is "no detectable signal" (never a divisor), ``confidence`` the largest
-            relative standard error of ρ at which the factor is applied (``None``: no gate),
-            ``batch_size`` the samples per step (only to report B_noise = ρ·B), ``foreach=False``
+        statistic, unit, rule, alpha, beta, eps, warmup_steps, min_scale, max_rate, apply_to,
+            aggregate, confidence, enabled, foreach, batch_size, base_batch_size, scale, log_every,
+            max_nonfinite_steps, nonfinite: see :class:`~gradstats.scaling.ScalerConfig`
+            (or pass ``config=ScalerConfig(...)`` instead of keywords); ``eps`` is the signal
+            level at or below which there is "no detectable signal" (never a divisor),
+            ``confidence`` the largest relative standard error of ρ at which the factor is
+            applied (``None``: no gate),
+            ``batch_size`` the samples per step (B_noise = ρ·B; with ``base_batch_size``, the
+            batch the lr was tuned for, it sets adascale's S), ``foreach=False``
             selects the readable per-coordinate reference implementation.
+        model: the module whose parameters are tracked (``statistic="per_sample"`` only).
         logger: ``callable(metrics: dict[str, float], step: int)`` receiving ``vgs/...`` keys.
         optimizer: the optimizer (param-group membership; adaptive-optimizer warning; ``apply``).
         distributed: same-point estimation across DDP ranks (default: when a process group with
@@ -119,6 +132,8 @@ class VarianceGradientScaler(ScalerReadout):
         params: object,
         *,
         statistic: str = _D.statistic,
+        unit: str = _D.unit,
+        rule: str = _D.rule,
         alpha: float = _D.alpha,
         beta: float = _D.beta,
         eps: float = _D.eps,
@@ -131,6 +146,8 @@ class VarianceGradientScaler(ScalerReadout):
         enabled: bool = _D.enabled,
         foreach: bool = _D.foreach,
         batch_size: int | None = _D.batch_size,
+        base_batch_size: int | None = _D.base_batch_size,
+        scale: float | None = _D.scale,
         log_every: int = _D.log_every,
         max_nonfinite_steps: int | None = _D.max_nonfinite_steps,
         nonfinite: str = _D.nonfinite,
@@ -138,13 +155,18 @@ class VarianceGradientScaler(ScalerReadout):
         optimizer: torch.optim.Optimizer | None = None,
         distributed: bool | None = None,
         process_group: object | None = None,
+        config: ScalerConfig | None = None,
+        model: torch.nn.Module | None = None,
     ) -> None:
-        self.config = ScalerConfig(
-            statistic=statistic, alpha=alpha, beta=beta, eps=eps, warmup_steps=warmup_steps,
-            min_scale=min_scale, max_rate=max_rate, apply_to=apply_to, aggregate=aggregate,
-            confidence=confidence, enabled=enabled, foreach=foreach, batch_size=batch_size,
+        options = ScalerConfig(
+            statistic=statistic, unit=unit, rule=rule, alpha=alpha, beta=beta, eps=eps,
+            warmup_steps=warmup_steps, min_scale=min_scale, max_rate=max_rate,
+            apply_to=apply_to, aggregate=aggregate, confidence=confidence, enabled=enabled,
+            foreach=foreach, batch_size=batch_size, base_batch_size=base_batch_size, scale=scale,
             log_every=log_every, max_nonfinite_steps=max_nonfinite_steps, nonfinite=nonfinite,
         )  # fmt: skip
+        self.config = one_config(config, options)
+        statistic = self.config.statistic
         if logger is not None and not callable(logger):
             raise ConfigurationTypeError(
                 f"logger must be callable(metrics, step); got {type(logger).__name__}"
@@ -153,7 +175,14 @@ class VarianceGradientScaler(ScalerReadout):
             raise ConfigurationTypeError(
                 f"optimizer must be a torch.optim.Optimizer; got {type(optimizer).__name__}"
             )
+        if (model is None) != (statistic != "per_sample"):
+            raise ConfigurationError(
+                "statistic='per_sample' needs model=<the nn.Module whose parameters are tracked>"
+                if model is None
+                else f"model= is used by statistic='per_sample' only; got {statistic!r}"
+            )
         self.logger, self.optimizer, self.process_group = logger, optimizer, process_group
+        self._model = model
         if distributed is None:
             distributed = distributed_ready() and torch.distributed.get_world_size() > 1
         self.distributed = bool(distributed)
@@ -175,7 +204,9 @@ class VarianceGradientScaler(ScalerReadout):
         self._read_token: tuple[object, ...] | None = None
         self._scaled_token: tuple[object, ...] | None = None
         self._limit.reset(updates=0, consecutive=0, seen=0)
-        self._tracker.register(layout, self._engine.states)
+        self._idle_steps = 0
+        unit = self.config.unit
+        self._tracker.register(layout, self._engine.states, self._model, unit)
 
     def observe(self, grads: object) -> None:
         """Record one micro-batch's gradients explicitly (``statistic="same_point"``).
@@ -198,12 +229,14 @@ class VarianceGradientScaler(ScalerReadout):
 
     @contextlib.contextmanager
     def paused(self) -> Iterator[None]:
-        """Backward passes inside this block are not recorded as same-point micro-batches."""
+        """Backward passes inside this block are not recorded (same-point micro-batches,
+        per-sample norms)."""
         with self._tracker.paused():
             yield
 
     def remove_hooks(self) -> None:
-        """Detach every hook this scaler put on the parameters (it stops tracking them)."""
+        """Detach every hook this scaler put on the parameters and modules (it stops
+        tracking them)."""
         self._tracker.remove()
 
     def _token(self) -> tuple[object, ...]:
@@ -239,7 +272,7 @@ class VarianceGradientScaler(ScalerReadout):
             raise ConfigurationError(
                 "scaled=True needs the grad_scaler whose scale the gradients carry"
             )
-        _check_skip(skip)
+        check_skip(skip)
         config, engine = self.config, self._engine
         observation = engine.observe()
         if config.nonfinite == "raise" and skip is not True and not _acceptable(observation, skip):
@@ -254,6 +287,7 @@ class VarianceGradientScaler(ScalerReadout):
         engine.apply(observation, skip=skip, grad_inv=grad_inv, hook_inv=hook_inv)
         self._read_token = self._token()
         engine.refresh_factor(config)
+        engine.advance_progress()
         if self.logger is not None and engine.updates % config.log_every == 0:
             self.logger(log_metrics(engine, config), engine.updates)
         if config.nonfinite == "skip":
@@ -272,10 +306,23 @@ class VarianceGradientScaler(ScalerReadout):
 
         Call it right after ``backward()`` (and AMP ``unscale_``). Called after
         ``optimizer.step()`` in the original's order, it finds no new gradients and reads
-        nothing. A no-op when ``enabled`` is False.
+        nothing. A no-op when ``enabled`` is False. After ``IDLE_STEPS`` (20) consecutive calls
+        without new gradients it warns once (a re-created model needs :meth:`rebind`).
         """
-        if self.enabled and self._token() != self._read_token:
+        if not self.enabled:
+            return
+        if self._token() != self._read_token:
+            self._idle_steps = 0
             self.update_statistics(grad_scaler=grad_scaler, scaled=scaled, skip=skip)
+            return
+        self._idle_steps += 1
+        if self._idle_steps == IDLE_STEPS:
+            warn(
+                f"{IDLE_STEPS} consecutive step() calls found no new gradient on the "
+                f"{len(self.layout.names)} tracked parameters: if the model or optimizer was "
+                "re-created, call vgs.rebind(model.named_parameters()) (the scaler is not "
+                "updating)"
+            )
 
     # --------------------------------------------------------------- applying
     def scale_gradients(self) -> None:
@@ -338,22 +385,6 @@ class VarianceGradientScaler(ScalerReadout):
         return (
             f"VarianceGradientScaler(statistic={c.statistic!r}, alpha={c.alpha}, beta={c.beta}, "
             f"apply_to={c.apply_to!r}, aggregate={c.aggregate!r}, tensors={len(self.layout.names)})"
-        )
-
-
-def _check_skip(skip: object) -> None:
-    """``skip`` is None, a bool, or a 0-dim tensor (bool, or numeric: non-zero means skip, as
-    AMP's ``found_inf``); anything else is refused before the scaler changes."""
-    if skip is None or isinstance(skip, bool):
-        return
-    if not isinstance(skip, torch.Tensor):
-        raise ConfigurationTypeError(
-            f"skip must be a bool or a 0-dim tensor; got {type(skip).__name__}"
-        )
-    if skip.dim() != 0 or skip.is_complex():
-        raise ConfigurationError(
-            f"skip must be a 0-dim bool or real tensor; got shape {tuple(skip.shape)}, "
-            f"dtype {skip.dtype}"
         )
 
 

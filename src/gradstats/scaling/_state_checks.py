@@ -23,7 +23,8 @@ key                                must be
 and for the whole checkpoint: ``updates`` an int >= 0; ``counters`` with ``nonfinite``,
 ``consecutive`` and ``skipped``, 0-dim integer tensors with
 0 <= consecutive <= nonfinite <= skipped <= updates; ``factor`` a 1-dim floating tensor with
-values in [0, 1].
+finite values >= 0 (above 1 for ``rule="adascale"``); ``progress`` (optional) a finite 0-dim
+floating tensor >= 0.
 """
 
 from __future__ import annotations
@@ -34,7 +35,15 @@ import torch
 
 from gradstats.errors import StateError
 
-__all__ = ["COUNTERS", "check_counters", "check_entry", "check_factor", "check_updates", "need"]
+__all__ = [
+    "COUNTERS",
+    "check_counters",
+    "check_entry",
+    "check_factor",
+    "check_progress",
+    "check_updates",
+    "need",
+]
 
 COUNTERS = ("nonfinite", "consecutive", "skipped")
 # key -> (per coordinate: shape of the parameter, else 0-dim; must be >= 0)
@@ -111,10 +120,25 @@ def check_factor(factor: object) -> torch.Tensor:
             else type(factor).__name__
         )
         raise StateError(f"state_dict['factor'] must be a 1-dim floating tensor; got {found}")
-    valid = bool(((factor >= 0) & (factor <= 1)).all())  # sync-ok: loading; NaN fails too
+    valid = bool(((factor >= 0) & torch.isfinite(factor)).all())  # sync-ok: loading
     if not valid:
-        raise StateError("state_dict['factor'] must hold factors in [0, 1] (no NaN)")
+        raise StateError("state_dict['factor'] must hold finite factors >= 0 (no NaN)")
     return factor
+
+
+def check_progress(progress: object, updates: int, skipped: torch.Tensor) -> torch.Tensor:
+    """The progress clock τ (float64 0-dim), finite and >= 0. Checkpoints written before it
+    existed start it at the number of applied updates (a factor of 1 each)."""
+    if progress is None:
+        return (updates - skipped).to(torch.float64)
+    if not isinstance(progress, torch.Tensor) or not progress.is_floating_point():
+        found = progress.dtype if isinstance(progress, torch.Tensor) else type(progress).__name__
+        raise StateError(f"state_dict['progress'] must be a floating 0-dim tensor; got {found}")
+    if progress.dim() != 0:
+        raise StateError(f"state_dict['progress'] must be 0-dim; got shape {tuple(progress.shape)}")
+    if not bool(torch.isfinite(progress) & (progress >= 0)):  # sync-ok: loading a checkpoint
+        raise StateError("state_dict['progress'] must be finite and >= 0")
+    return progress.to(torch.float64)
 
 
 def _shape(entry: Mapping[str, object], where: str) -> tuple[int, ...]:

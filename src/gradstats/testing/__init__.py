@@ -21,6 +21,7 @@ from gradstats.testing._fisher import (
     reference_group_values,
 )
 from gradstats.testing._moments import reference_ema, reference_moments, welford_loop
+from gradstats.testing._per_sample import reference_per_sample_noise
 from gradstats.testing._scaling import reference_scaler_statistics, reference_two_batch
 from gradstats.testing._state import assert_state_equal
 
@@ -39,6 +40,7 @@ __all__ = [
     "reference_group_values",
     "reference_implicit_gradient",
     "reference_moments",
+    "reference_per_sample_noise",
     "reference_scaler_statistics",
     "reference_two_batch",
     "run_gloo",

@@ -15,6 +15,10 @@
   in float32 at large offsets) and cleaned NaN tensor by tensor (~630 ops at 100 tensors).
 * ``scaling/same-numbers`` — ours and the ``.item()`` implementation on the same gradient
   sequence give the same ρ.
+* ``scaling/per-sample-mlp`` and ``scaling/per-sample-gpt2`` — ``statistic="per_sample"``
+  (forward + backward with the module hooks + ``step()``) ÷ a plain forward + backward, on the
+  MLP 784-512-512-10 at batch 256 and a GPT-2 config (4 layers, width 128, vocab 2048) at
+  8×128 tokens. Goal: <= 1.1x.
 
 Persistent extra memory (state) is recorded in the comparison's params: the temporal statistic
 keeps one buffer per parameter (AdamW keeps two), the others only per-tensor scalars.
@@ -24,12 +28,17 @@ Run: ``gradstats bench scaling`` (``--smoke`` for a seconds-long check).
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import copy
+import itertools
+import warnings
+from collections.abc import Callable, Sequence
 
 import torch
+import torch.nn.functional as F
 
 from gradstats import VarianceGradientScaler
 from gradstats.bench._harness import Candidate, Comparison
+from gradstats.bench._optional import Skipped, missing
 
 __all__ = ["comparisons"]
 
@@ -154,6 +163,94 @@ def _same_numbers(smoke: bool) -> Comparison:
     )
 
 
-def comparisons(smoke: bool) -> list[Comparison]:
+def _per_sample_cost(
+    name: str, model: torch.nn.Module, loss: Callable[[torch.nn.Module], torch.Tensor], **params
+) -> Comparison:
+    """Forward + backward (+ the scaler's step) with and without the per-sample hooks."""
+    plain, hooked = model, copy.deepcopy(model)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        vgs = VarianceGradientScaler(
+            hooked.named_parameters(), statistic="per_sample", model=hooked, beta=0.99
+        )
+
+    def backward() -> None:
+        plain.zero_grad(set_to_none=False)
+        loss(plain).backward()
+
+    def per_sample() -> None:
+        hooked.zero_grad(set_to_none=False)
+        loss(hooked).backward()
+        vgs.step()
+
+    return Comparison(
+        name=name,
+        candidates=[
+            Candidate("plain backward", backward, "baseline: forward + backward"),
+            Candidate("gradstats per_sample", per_sample, "forward + backward + step"),
+        ],
+        baseline="plain backward",
+        check=False,
+        device=DEVICE,
+        params=params,
+    )
+
+
+def _per_sample_mlp(smoke: bool) -> Comparison:
+    sizes, batch = ((32, 16, 16, 10), 8) if smoke else ((784, 512, 512, 10), 256)
+    torch.manual_seed(0)
+    layers: list[torch.nn.Module] = []
+    for a, b in itertools.pairwise(sizes):
+        layers += [torch.nn.Linear(a, b), torch.nn.ReLU()]
+    model = torch.nn.Sequential(*layers[:-1]).to(DEVICE)
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(batch, sizes[0], generator=g).to(DEVICE)
+    y = torch.randint(0, sizes[-1], (batch,), generator=g).to(DEVICE)
+    return _per_sample_cost(
+        "scaling/per-sample-mlp",
+        model,
+        lambda m: F.cross_entropy(m(x), y),
+        sizes=list(sizes),
+        batch=batch,
+    )
+
+
+def _per_sample_gpt2(smoke: bool) -> Comparison | Skipped:
+    note = missing("transformers")
+    if note is not None:
+        return Skipped("scaling/per-sample-gpt2", note)
+    import transformers
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    transformers.logging.set_verbosity_error()
+    layers, width, heads, vocab, batch, length = (
+        (1, 16, 2, 64, 2, 16) if smoke else (4, 128, 4, 2048, 8, 128)
+    )
+    config = GPT2Config(
+        n_layer=layers, n_embd=width, n_head=heads, vocab_size=vocab, n_positions=length,
+        attn_pdrop=0.0, resid_pdrop=0.0, embd_pdrop=0.0,
+    )  # fmt: skip
+    torch.manual_seed(0)
+    model: torch.nn.Module = GPT2LMHeadModel(config)
+    model = model.to(DEVICE)
+    g = torch.Generator().manual_seed(2)
+    ids = torch.randint(0, vocab, (batch, length), generator=g).to(DEVICE)
+
+    def loss(m: torch.nn.Module) -> torch.Tensor:
+        logits = m(ids).logits[:, :-1]
+        return F.cross_entropy(logits.reshape(-1, vocab), ids[:, 1:].reshape(-1))
+
+    return _per_sample_cost(
+        "scaling/per-sample-gpt2", model, loss, n_layer=layers, n_embd=width,
+        vocab_size=vocab, batch=batch, length=length, tied_embeddings=True,
+    )  # fmt: skip
+
+
+def comparisons(smoke: bool) -> list[Comparison | Skipped]:
     """The suite's comparisons (``smoke``: tiny sizes)."""
-    return [_step_cost(smoke), _same_numbers(smoke)]
+    return [
+        _step_cost(smoke),
+        _same_numbers(smoke),
+        _per_sample_mlp(smoke),
+        _per_sample_gpt2(smoke),
+    ]

@@ -1,0 +1,306 @@
+r"""The ``per_sample`` statistic: exact same-point noise from the per-unit gradients of a backward.
+
+Math. Backward hooks on the modules see, for every tracked tensor, the per-unit contributions
+c_i to ``.grad`` (Σ_i c_i = ĝ = ``.grad`` exactly, whatever the loss reduction). With B units
+and g_i = B·c_i (the per-unit gradient if the loss is the mean over the units; under a summed
+loss everything scales by B and ρ is unchanged), per tensor:
+
+    A = (1/B) Σ_i ‖g_i‖² = B Σ_i ‖c_i‖²,      D = ‖ĝ‖²,
+    E[A] = ‖G‖² + tr Σ,                       E[D] = ‖G‖² + tr Σ / B,
+    tr Σ  = (A − D) / (1 − 1/B) = (Σ_i ‖g_i‖² − B‖ĝ‖²)/(B − 1)        (unbiased),
+    ‖G‖² = (B·D − A) / (B − 1)  = ‖ĝ‖² − tr Σ / B                      (unbiased).
+
+This is the two-batch estimator of spec/scaling.md §3 with B_small = 1, B_big = B, and it is
+computed by :func:`~gradstats.scaling._same_point.two_batch_estimates` with K = B: its noise is
+(A − D)/(B − 1) = tr Σ / B = tr Cov(ĝ), the noise of the *applied* gradient, exactly the units
+of ``same_point`` (whose noise is tr Cov of the big-batch gradient), so ρ = (tr Σ / B)/‖G‖² and
+B_noise = ρ·B = tr Σ / ‖G‖². Golden (B = 4, one coordinate, g = 1, 2, 3, 6): ĝ = 3,
+tr Σ = 14/3, ‖G‖² = 47/6. The EMAs, debiasing, counts, checkpoint keys and the DDP reduction
+are :class:`~gradstats.scaling._same_point.SamePointState`'s (``small`` = local²·Σ‖c‖²/K is
+A for K units, also across ranks). B = 1 gives no estimate that step.
+
+Units: ``unit="sample"`` (a sequence is one unit: the positions are summed inside the norm) or
+``unit="token"`` (every position of every sequence is a unit, as in the Fisher collector: the
+position-wise decomposition; exact only where position t affects only loss t). Token units
+count all B·T positions, padded or unlabelled ones included.
+
+Several backward calls per step (micro-batches) are treated as one step of Σ_m B_m units, which
+is right when each micro-batch loss is divided so that ``.grad`` is the mean over all units
+(equal micro-batches, loss / M). A contribution counts only once a post-accumulate hook saw it
+reach ``.grad``, so ``torch.autograd.grad`` calls (penalties, probes) never enter the statistic.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+from collections import defaultdict
+from collections.abc import Callable, Iterator
+
+import torch
+from torch import nn
+
+from gradstats._warnings import warn
+from gradstats.errors import ConfigurationError
+from gradstats.fisher._accumulate import UnitLayout
+from gradstats.fisher._engine import _owners, make_handler
+from gradstats.fisher._fallback import FunctionalHandler
+from gradstats.fisher._inputs import batch_size
+from gradstats.scaling._params import ParamLayout
+from gradstats.scaling._per_sample_sites import Part, shared_norm, site_norms
+from gradstats.scaling._same_point import SamePointState
+
+__all__ = ["CHUNK_BYTES", "PerSampleHooks", "PerSampleState"]
+
+CHUNK_BYTES = 64 * 2**20  # memory budget of one chunk of materialised per-unit gradients
+
+
+class PerSampleState(SamePointState):
+    """Same-point state fed by module hooks: K = the number of units of the step."""
+
+    statistic = "per_sample"
+    parameter_hooks = False  # fed by PerSampleHooks, not by the parameter hooks of same_point
+
+    def add_units(self, rows: list[int], values: list[torch.Tensor], units: list[int]) -> None:
+        """Σ_i ‖c_i‖² and the unit count of one backward for tensors ``rows`` (no sync)."""
+        index = torch.tensor(rows, dtype=torch.int64).to(self._sums.device, non_blocking=True)
+        value = torch.stack([v.to(self._sums.device) for v in values])
+        count = torch.tensor(units, dtype=torch.float64).to(self._sums.device, non_blocking=True)
+        self._sums = self._sums.index_add(0, index, value)
+        self._passes = self._passes.index_add(0, index, count)
+        for row, n in zip(rows, units, strict=True):
+            self._host_passes[row] += n
+
+    def _watch_passes(self) -> None:
+        """Warn once when no per-example norm was recorded for ``STARVED_UPDATES`` updates."""
+        units = max(self._host_passes, default=0)
+        self._host_passes = [0] * len(self._host_passes)
+        self.starved = 0 if units >= 2 else self.starved + 1
+        if self.starved == 20 and not self.warned:
+            self.warned = True
+            warn(
+                "statistic='per_sample' has had no estimate for 20 updates: the hooks on the "
+                "model's modules recorded fewer than 2 units per step (a batch of one, a "
+                "forward that does not run through the model given to the scaler, or backward "
+                "inside paused()); the factor stays 1 and rho is NaN",
+                RuntimeWarning,
+            )
+
+
+def _expand(value: object, batch: int) -> object:
+    if isinstance(value, torch.Tensor) and value.dim() > 0 and value.shape[0] == 1:
+        return value.expand(batch, *value.shape[1:])
+    return value
+
+
+class PerSampleHooks:
+    """Forward/backward hooks on the modules owning the tracked tensors (see module docstring)."""
+
+    def __init__(
+        self,
+        model: nn.Module,
+        layout: ParamLayout,
+        states: list[PerSampleState],
+        unit: str,
+        capture: Callable[[], bool],
+        chunk_bytes: int = CHUNK_BYTES,
+    ) -> None:
+        if not isinstance(model, nn.Module):
+            raise ConfigurationError(
+                "statistic='per_sample' needs the model's modules: pass model=<nn.Module> "
+                f"(got {type(model).__name__})"
+            )
+        self.unit, self.capture, self.chunk_bytes = unit, capture, chunk_bytes
+        self.rows: dict[str, tuple[int, int]] = {}
+        for block, (start, stop) in enumerate(layout.blocks):
+            for j in range(start, stop):
+                self.rows[layout.names[j]] = (block, j - start)
+        self.states = states
+        known = {id(p) for p in model.parameters()}
+        selected = dict(zip(layout.names, layout.tensors, strict=True))
+        foreign = [name for name, t in selected.items() if id(t) not in known]
+        if foreign:
+            raise ConfigurationError(
+                f"statistic='per_sample': tracked tensors {foreign[:5]} are not parameters of "
+                "the model passed as model= (pass the model whose named_parameters() you track)"
+            )
+        owners = _owners(model, selected)  # type: ignore[arg-type]
+        attrs: dict[nn.Module, dict[str, str]] = {}
+        labels: dict[nn.Module, str] = {}
+        for name, found in owners.items():
+            for mname, module, attr in found:
+                attrs.setdefault(module, {})[attr] = name
+                labels[module] = mname or type(model).__name__
+        self.handlers = {m: make_handler(m, a, labels[m]) for m, a in attrs.items()}
+        self._check_supported()
+        self.static_multi = {name for name, found in owners.items() if len(found) > 1}
+        for handler in self.handlers.values():
+            handler.replay = self._replay
+        fallback = [h.label for h in self.handlers.values() if isinstance(h, FunctionalHandler)]
+        if fallback:
+            warn(
+                f"statistic='per_sample': no dedicated per-example handler for "
+                f"{', '.join(fallback)}; using the torch.func fallback (exact, slower)"
+            )
+        self._replaying = 0
+        self._forward = 0  # forward id: units of different forwards are different units
+        self._batch = 0
+        self._calls: dict[tuple[int, nn.Module], int] = defaultdict(int)
+        self._layouts: dict[tuple[object, ...], UnitLayout] = {}
+        self._reset_backward()
+        self._handles = [model.register_forward_pre_hook(self._pre_hook, with_kwargs=True)]
+        self._handles += [
+            m.register_forward_hook(self._forward_hook, with_kwargs=True) for m in self.handlers
+        ]
+        for name, tensor in selected.items():
+            if name in {n for a in attrs.values() for n in a.values()}:
+                hook = functools.partial(_accumulated, self, name)
+                self._handles.append(tensor.register_post_accumulate_grad_hook(hook))
+
+    def _check_supported(self) -> None:
+        bad = []
+        for module, handler in self.handlers.items():
+            if isinstance(module, nn.modules.batchnorm._BatchNorm) and module.training:
+                bad.append(f"{handler.label!r} ({type(module).__name__}: mixes the samples)")
+            elif self.unit == "token" and not handler.token_units:
+                bad.append(f"{handler.label!r} ({type(module).__name__}: no token positions)")
+        if bad:
+            raise ConfigurationError(
+                f"statistic='per_sample' (unit={self.unit!r}) cannot form per-example gradients "
+                f"of the modules {', '.join(bad)}; supported: Linear, Conv1d/2d/3d, Embedding, "
+                "LayerNorm/RMSNorm, Hugging Face Conv1D/RMSNorm and (unit='sample') any module "
+                "without batch statistics via torch.func; call model.eval() for BatchNorm or use "
+                "unit='sample' / statistic='temporal'"
+            )
+
+    def remove(self) -> None:
+        for handle in self._handles:
+            handle.remove()
+        self._handles = []
+
+    @contextlib.contextmanager
+    def _replay(self) -> Iterator[None]:
+        self._replaying += 1
+        try:
+            yield
+        finally:
+            self._replaying -= 1
+
+    def _reset_backward(self) -> None:
+        self._staged: dict[str, torch.Tensor] = {}
+        self._units: dict[str, int] = defaultdict(int)
+        self._seen: set[tuple[int, str]] = set()
+        self._deferred: dict[tuple[int, str], list[Part]] = defaultdict(list)
+        self._reached: set[str] = set()
+        self._queued = False
+
+    # ---------------------------------------------------------------- forward
+    def _pre_hook(self, _module: nn.Module, args: tuple, kwargs: dict) -> None:
+        if self._replaying:
+            return
+        self._forward += 1
+        self._calls = defaultdict(int)
+        self._batch = batch_size(tuple(args) + tuple(kwargs.values()))
+
+    def _forward_hook(self, module, args, kwargs, output) -> object:
+        if self._replaying or not self.capture() or not torch.is_grad_enabled():
+            return None
+        handler = self.handlers[module]
+        if isinstance(module, nn.modules.batchnorm._BatchNorm) and module.training:
+            raise ConfigurationError(
+                f"module {handler.label!r} is a BatchNorm in training mode: it mixes the samples "
+                "of a batch, so statistic='per_sample' is undefined; call model.eval()"
+            )
+        batch = self._batch
+        broadcast = (
+            isinstance(output, torch.Tensor)
+            and batch > 1
+            and output.dim() > 0
+            and output.shape[0] == 1
+            and output.requires_grad
+        )
+        if broadcast:  # e.g. position embeddings of position_ids [1, T]: one row per sample
+            output = output.expand(batch, *output.shape[1:])
+            args = tuple(_expand(a, batch) for a in args)
+            kwargs = {k: _expand(v, batch) for k, v in kwargs.items()}
+        outputs = [output] if isinstance(output, torch.Tensor) else list(output)
+        tensors = [t for t in outputs if isinstance(t, torch.Tensor) and t.requires_grad]
+        if not tensors:
+            return None
+        self._calls[(self._forward, module)] += 1
+        site = (handler, handler.save(args, kwargs, output), self._forward, self._calls)
+        tensors[0].register_hook(functools.partial(_on_grad, self, site))
+        return output if broadcast else None
+
+    # --------------------------------------------------------------- backward
+    def layout(self, grad: torch.Tensor) -> UnitLayout:
+        """How the rows of an output gradient are cut into units (cached per shape)."""
+        shape = tuple(grad.shape[:2]) if self.unit == "token" else tuple(grad.shape[:1])
+        key = (shape, grad.device)
+        if key not in self._layouts:
+            if self.unit == "token" and grad.dim() < 3:
+                raise ConfigurationError(
+                    f"unit='token' needs module outputs [B, T, ...]; got {tuple(grad.shape)}"
+                )
+            mask = torch.ones(shape, device=grad.device) if self.unit == "token" else None
+            self._layouts[key] = UnitLayout(self.unit, shape[0], mask, self.chunk_bytes)
+        return self._layouts[key]
+
+    def on_grad(self, site: tuple, grad: torch.Tensor) -> None:
+        handler, saved, forward, calls = site
+        if not self.capture():
+            return
+        if not self._queued:
+            self._queued = True
+            torch.autograd.Variable._execution_engine.queue_callback(self.finish)
+        layout = self.layout(grad)
+        prepared = handler.prepare(layout, saved, grad)
+        multi = calls[(forward, handler.module)] > 1
+        direct = []
+        for attr, name in handler.attrs.items():
+            if (forward, name) not in self._seen:
+                self._seen.add((forward, name))
+                self._units[name] += layout.n_units
+            if multi or name in self.static_multi:
+                self._deferred[(forward, name)].append(Part(handler, layout, prepared, attr))
+            else:
+                direct.append(attr)
+        if direct:
+            for attr, value in site_norms(handler, layout, prepared, direct).items():
+                self._stage(handler.attrs[attr], value)
+
+    def _stage(self, name: str, value: torch.Tensor) -> None:
+        self._staged[name] = value if name not in self._staged else self._staged[name] + value
+
+    def reached(self, name: str) -> None:
+        if self.capture():
+            self._reached.add(name)
+
+    def finish(self) -> None:
+        """End of one backward: sites of shared parameters, then commit what reached .grad."""
+        try:
+            for (_, name), parts in self._deferred.items():
+                self._stage(name, shared_norm(name, parts))
+            by_block: dict[int, tuple[list[int], list[torch.Tensor], list[int]]] = {}
+            for name, value in self._staged.items():
+                if name not in self._reached:
+                    continue  # torch.autograd.grad: never reached .grad
+                block, row = self.rows[name]
+                rows, values, units = by_block.setdefault(block, ([], [], []))
+                rows.append(row)
+                values.append(value)
+                units.append(self._units[name])
+            for block, (rows, values, units) in by_block.items():
+                self.states[block].add_units(rows, values, units)
+        finally:
+            self._reset_backward()
+            self._forward += 1  # a model run by its submodules: one forward per backward
+            self._calls = defaultdict(int)
+
+
+def _on_grad(owner: PerSampleHooks, site: tuple, grad: torch.Tensor) -> None:
+    owner.on_grad(site, grad)
+
+
+def _accumulated(owner: PerSampleHooks, name: str, _param: torch.Tensor) -> None:
+    owner.reached(name)
