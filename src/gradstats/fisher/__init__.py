@@ -10,7 +10,8 @@
 * Groups from an architecture registry (:func:`register_architecture`): heads, KV heads, FFN
   neurons, channels, tokens; ``group_fisher(kind="trace" | "mask")``.
 * Consumers: importance ranking and pruning masks (:func:`apply_masks` applies them to the
-  model through hooks), EWC penalty, Fisher merging, task overlap.
+  model through hooks; :func:`rescale_masks` refits the kept mask values by least squares on
+  layer outputs, as Kwon et al. 2022), EWC penalty, Fisher merging, task overlap.
 """
 
 from gradstats.fisher._architectures import build_groups
@@ -37,6 +38,7 @@ from gradstats.fisher._likelihoods import (
     RegressionLikelihood,
 )
 from gradstats.fisher._masking import MaskHandle, apply_masks
+from gradstats.fisher._rescale import rescale_masks
 from gradstats.fisher._result import FisherResult, load
 from gradstats.fisher._spec import FisherSpec
 
@@ -62,6 +64,7 @@ __all__ = [
     "pruning_masks",
     "register_architecture",
     "registered_architectures",
+    "rescale_masks",
     "resume",
     "task_overlap",
 ]
