@@ -22,14 +22,14 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from gradstats._version import __version__
-from gradstats.cli import _bench, _demo, _eqprop, _fisher
+from gradstats.cli import _bench, _demo, _eqprop, _fisher, _noise
 from gradstats.cli._checks import check_out_dir
 from gradstats.cli._parser import Parser
 from gradstats.errors import GradstatsError
 
 __all__ = ["CLIError", "build_parser", "main"]
 
-_SUBCOMMANDS = (_demo, _bench, _eqprop, _fisher)
+_SUBCOMMANDS = (_demo, _bench, _eqprop, _fisher, _noise)
 INTERRUPTED = 130  # the shell's status for a process ended by SIGINT
 
 

@@ -40,7 +40,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 import warnings
 from collections.abc import Iterator
@@ -51,18 +50,17 @@ import torch
 
 from gradstats._files import atomic_path, write_text_atomic
 from gradstats._format import format_table
-from gradstats.cli._checks import check_out_dir, resolve_device
+from gradstats.cli._checks import check_out_dir
 from gradstats.cli._config import add_config_arguments, config_from_args, option
 from gradstats.cli._fisher_source import (
     MAX_PARAMETERS,
     encode,
-    is_run_source,
     load_source,
-    max_positions,
     overrides,
     run_corpus_text,
     vocab_size,
 )
+from gradstats.cli._lm_text import rank_device, read_text, token_rows
 from gradstats.errors import ConfigurationError
 
 __all__ = ["FisherConfig", "register", "run_fisher"]
@@ -103,18 +101,7 @@ class FisherConfig:
 
 def _rows(ids: list[int], config: FisherConfig, model: torch.nn.Module) -> torch.Tensor:
     """The text as [n, seq_len] token rows; checks it fills one and fits the model."""
-    n = len(ids) // config.seq_len
-    if n == 0:
-        raise ConfigurationError(
-            f"the text has {len(ids)} tokens, fewer than --seq-len {config.seq_len}"
-        )
-    limit = max_positions(model)
-    if limit is not None and config.seq_len > limit[0]:
-        raise ConfigurationError(
-            f"--seq-len {config.seq_len} exceeds the model's {limit[0]} positions "
-            f"({limit[1]}); pass --seq-len {limit[0]} or less"
-        )
-    return torch.tensor(ids[: n * config.seq_len]).view(n, config.seq_len)
+    return token_rows(ids, config.seq_len, model)
 
 
 def _batches(rows: torch.Tensor, batch_size: int) -> Iterator[torch.Tensor]:
@@ -150,10 +137,7 @@ def _heatmap(values: dict[str, torch.Tensor], families, path: Path, title: str, 
 
 def _device(name: str) -> torch.device:
     """The checked ``--device``; a bare ``cuda`` is ``cuda:LOCAL_RANK`` (one GPU per rank)."""
-    device = resolve_device(name)
-    if device.type == "cuda" and device.index is None:
-        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
-    return device
+    return rank_device(name)
 
 
 def run_fisher(config: FisherConfig) -> Path:
@@ -185,20 +169,7 @@ def _check_config(config: FisherConfig) -> str | None:
     overrides(config.set)
     _device(config.device)
     check_out_dir(config.out)
-    if config.text is None:
-        if is_run_source(config.source):
-            return None
-        raise ConfigurationError(
-            "--text FILE is required (only a gradstats run folder defaults to its corpus)"
-        )
-    if not config.text.is_file():
-        raise FileNotFoundError(f"no text file {config.text}")
-    try:
-        return config.text.read_text(encoding="utf-8")
-    except UnicodeDecodeError as error:
-        raise ConfigurationError(
-            f"--text {config.text} is not UTF-8 text (byte {error.start})"
-        ) from None
+    return read_text(config.text, config.source)
 
 
 def _notes(caught: list[warnings.WarningMessage], model: torch.nn.Module, rank: int) -> None:
