@@ -13,6 +13,9 @@ Keys (format ``gradstats.eqprop.train``, version 1):
 * ``world_size``: ranks of the process group that trained it (1: a single process; absent in
   older checkpoints, read as 1). Under W ranks the checkpoint is written by rank 0 only; every
   rank holds the same weights and generator states, and a resume needs the same W.
+* ``controller`` (runs with ``contraction_target``): the contraction controller's state
+  (``_controller``); ``ema`` (runs with ``ema_decay``): the parameter EMA's raw buffer and
+  count (``_ema``). Both are absent otherwise (and in older checkpoints: controller off, no EMA).
 
 :data:`REQUIRED` keys are needed to rebuild the model; a resume also needs :data:`RESUME_KEYS`
 (dotted names reach into nested dicts). A file that misses any of the keys asked for raises a
@@ -34,8 +37,10 @@ from typing import Any
 
 import torch
 
+from gradstats._validation import check_choice
 from gradstats.eqprop.models.baseline import BackpropTransformer
 from gradstats.eqprop.models.transformer import EquilibriumTransformer
+from gradstats.eqprop.train._ema import ema_weights
 from gradstats.errors import StateError
 
 __all__ = [
@@ -183,11 +188,13 @@ def check_fit(name: str, expected: dict[str, torch.Tensor], weights: dict[str, A
         raise StateError(f"the checkpoint's weights do not fit its {name}: {'; '.join(problems)}")
 
 
-def build_from_checkpoint(state: dict[str, Any]) -> torch.nn.Module:
+def build_from_checkpoint(state: dict[str, Any], *, weights: str = "ema") -> torch.nn.Module:
     """The model of a checkpoint, with its weights loaded, in the run's dtype (bitwise).
 
     The dtype is that of the saved floating-point weights (a float64 run stays float64), not
-    torch's default dtype.
+    torch's default dtype. ``weights="ema"`` (the default): a run trained with ``ema_decay``
+    gets its debiased parameter EMA θ_ema (what probing, sampling and Fisher evaluate); a run
+    without one its trained weights. ``weights="raw"``: always the trained weights.
 
     Raises:
         StateError: an unknown model class, constructor arguments the class does not take,
@@ -204,10 +211,11 @@ def build_from_checkpoint(state: dict[str, Any]) -> torch.nn.Module:
         raise StateError(
             f"the checkpoint's model_config does not build a {name}: {error}"
         ) from None
-    weights = state["model"]
-    if not all(isinstance(t, torch.Tensor) for t in weights.values()):
+    check_choice("weights", weights, ("ema", "raw"))
+    saved = state["model"]
+    if not all(isinstance(t, torch.Tensor) for t in saved.values()):
         raise StateError("the checkpoint's model weights are not all tensors")
-    dtypes = {t.dtype for t in weights.values() if t.is_floating_point()}
+    dtypes = {t.dtype for t in saved.values() if t.is_floating_point()}
     if len(dtypes) > 1:
         raise StateError(f"the checkpoint's weights mix dtypes {sorted(map(str, dtypes))}")
     if dtypes - {torch.float32, torch.float64}:
@@ -216,6 +224,14 @@ def build_from_checkpoint(state: dict[str, Any]) -> torch.nn.Module:
         )
     if dtypes:
         model.to(dtypes.pop())
-    check_fit(name, model.state_dict(), weights)
-    model.load_state_dict(weights)
+    check_fit(name, model.state_dict(), saved)
+    model.load_state_dict(saved)
+    averaged = ema_weights(state) if weights == "ema" else None
+    if averaged is not None:
+        params = {n: p for n, p in model.named_parameters() if p.requires_grad}
+        if set(averaged) != set(params) or any(
+            t.shape != params[k].shape for k, t in averaged.items()
+        ):
+            raise StateError("the checkpoint's EMA weights do not fit its model")
+        model.load_state_dict(averaged, strict=False)
     return model

@@ -20,6 +20,7 @@ import torch
 from gradstats._validation import check_choice, check_positive_int
 from gradstats.eqprop.models.baseline import BackpropTransformer
 from gradstats.eqprop.models.transformer import MODES, EquilibriumTransformer
+from gradstats.eqprop.train._controller import DEFAULT_GAIN, HELP, check_controller_options
 from gradstats.errors import ConfigurationError, ConfigurationTypeError, StateError
 
 __all__ = [
@@ -80,6 +81,8 @@ APPLIES_TO: dict[str, tuple[str, ...]] = {
     "attn_mode": EP_METHODS,
     "force_noise": EP_METHODS,
     "penalty_probes": EP_METHODS,
+    "contraction_target": EP_METHODS,
+    "controller_gain": EP_METHODS,
     "layers": ("backprop",),
 }
 
@@ -130,6 +133,10 @@ class TrainConfig:
     homeostasis: float = _opt(0.0, "stabiliser: Jacobian homeostasis 1/2||J-J^T||_F^2 weight")
     res_penalty: float = _opt(0.0, "stabiliser: free-residual penalty 1/2||F(z)||^2 weight")
     penalty_probes: int = _opt(1, "Hutchinson vectors per penalty evaluation")
+    # adaptive stabilisation and parameter EMA (laws: train/_controller.py, train/_ema.py)
+    contraction_target: float | None = _opt(None, HELP["contraction_target"])
+    controller_gain: float = _opt(DEFAULT_GAIN, HELP["controller_gain"])
+    ema_decay: float | None = _opt(None, HELP["ema_decay"])
     # bookkeeping
     seed: int = _opt(0, "seed of initialisation, batches and noise")
     device: str = _opt("cpu", "torch device (cpu, cuda, cuda:1, ...)")
@@ -209,6 +216,9 @@ class TrainConfig:
                 f"method={self.method!r} does not use {detail}: leave "
                 f"{'it' if len(unused) == 1 else 'them'} unset or choose a method that uses it"
             )
+        check_controller_options(
+            self.contraction_target, self.controller_gain, self.jac_penalty, self.ema_decay
+        )
         try:
             torch.device(self.device)
         except (RuntimeError, ValueError, TypeError):

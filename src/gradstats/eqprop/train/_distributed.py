@@ -145,18 +145,18 @@ def _all_reduce(parts: list[torch.Tensor], block: torch.Tensor, group: Group):
     return out, slots.view(group.world, -1).tolist()  # sync-ok: the step's one read
 
 
-def _penalty_order(cfg) -> dict[str, float]:
+def _penalty_order(cfg, weights=None) -> dict[str, float]:
     """The single-process trainer's order: the plain penalties, then ``jacobian``."""
-    weights = cfg.penalties()
+    weights = cfg.penalties() if weights is None else weights
     order = [k for k in weights if k != "jacobian"] + [k for k in weights if k == "jacobian"]
     return {k: weights[k] for k in order}
 
 
-def _penalty_grads(model, cfg, est, x, generator, params, group: Group):
+def _penalty_grads(model, cfg, est, x, generator, params, group: Group, weights=None):
     """Raw penalty values and gradients, in :func:`_penalty_order` (Hutchinson vectors drawn
     for the global batch, this rank's rows)."""
     out = {}
-    for name in _penalty_order(cfg):
+    for name in _penalty_order(cfg, weights):
         context = model.relaxation_map(cfg.step_size) if name == "jacobian" else nullcontext()
         with context:
             value = penalty_value(model, x, est.state, name, noise=est.noise,
@@ -170,21 +170,22 @@ def _penalty_grads(model, cfg, est, x, generator, params, group: Group):
     return out
 
 
-def reduce_estimate(model, cfg, est, x, generator, tokens: int, group: Group):
+def reduce_estimate(model, cfg, est, x, generator, tokens: int, group: Group, weights=None):
     """All-reduce one rank's estimate: ``(global_estimate, record)``, the same on every rank.
 
     ``global_estimate`` is ``est`` with ``grads`` the global total divided by ``tokens`` (the
     global batch's), ``task_grads`` the global task-gradient *sum* (what the spot check
     compares), ``loss`` and ``penalties`` global; its ``stats`` stay local. ``record`` is the
     step's metrics record, ``{"skipped": True, ...}`` if any rank's estimate failed.
+    ``weights``: the step's penalty weights (default ``cfg.penalties()``).
     """
     names = [n for n, p in model.named_parameters() if p.requires_grad]
     params = [p for n, p in model.named_parameters() if p.requires_grad]
-    weights = _penalty_order(cfg)
+    weights = _penalty_order(cfg, weights)
     pens = (
         {}
         if est.skipped or not weights
-        else _penalty_grads(model, cfg, est, x, generator, params, group)
+        else _penalty_grads(model, cfg, est, x, generator, params, group, weights)
     )
     ref = params[0]
     zero = ref.new_zeros(())

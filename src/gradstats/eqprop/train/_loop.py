@@ -11,7 +11,10 @@ validation evaluate one objective. A step whose estimate diverged is skipped and
 run with :class:`TrainingDiverged`, leaving the last good checkpoint in place. Ctrl-C finishes
 the current step, saves a checkpoint at it and raises :class:`TrainingInterrupted` (resume with
 ``--resume``); the run uses :func:`auto_threads` CPU threads unless ``threads`` is given and
-flushes denormal floats (see ``_runtime``).
+flushes denormal floats (see ``_runtime``). With ``contraction_target`` the penalty weights
+come from the contraction controller (``_controller``: updated after each step from the free
+phase's observed rate); with ``ema_decay`` a parameter EMA (``_ema``) is updated after each
+optimizer step and validation evaluates it. Both are checkpointed and resume bitwise.
 
 Under ``torch.distributed`` (``torchrun --nproc_per_node W gradstats eqprop train ...``, or any
 program that initialised the default process group before calling :func:`train`) the run is
@@ -44,7 +47,14 @@ from gradstats.eqprop.train._checkpoint import (
     save_checkpoint,
 )
 from gradstats.eqprop.train._config import TrainConfig
-from gradstats.eqprop.train._distributed import current_group, draw_batch, rank_device
+from gradstats.eqprop.train._controller import ContractionController, observed_rate
+from gradstats.eqprop.train._distributed import (
+    current_group,
+    draw_batch,
+    rank_device,
+    reduce_sums,
+)
+from gradstats.eqprop.train._ema import ParameterEMA
 from gradstats.eqprop.train._evaluation import evaluate, spot_check
 from gradstats.eqprop.train._metrics import MetricsLog, plot_curves, read_metrics
 from gradstats.eqprop.train._resume import RESUMABLE, check_resume_state, merge_resume
@@ -161,19 +171,43 @@ def train(
     opt = _optimizer(cfg, model)
     data_gen = torch.Generator().manual_seed(cfg.seed + 1)
     noise_gen = torch.Generator(device=device).manual_seed(cfg.seed + 2)
+    controller, ema = _adaptive(cfg, model)
     if state is not None:  # everything checked before anything is loaded
-        check_resume_state(state, model, opt, out)
+        check_resume_state(state, model, opt, out, controller=controller, ema=ema)
     if group.main:
         out.mkdir(parents=True, exist_ok=True)
     elements = cfg.batch_size * cfg.block_size * cfg.d_model
     count = cfg.threads or auto_threads(elements)
     with run_environment(count, single_process=not group.active) as boundary:
         return _run(cfg, out, group, corpus, model, opt, data_gen, noise_gen, state, until,
-                    boundary, device)  # fmt: skip
+                    boundary, device, controller, ema)  # fmt: skip
+
+
+def _adaptive(cfg: TrainConfig, model):
+    """The run's contraction controller and parameter EMA (each ``None`` when off)."""
+    controller = None
+    if cfg.contraction_target is not None:
+        controller = ContractionController(
+            cfg.contraction_target, cfg.jac_penalty, cfg.res_penalty, cfg.controller_gain
+        )
+    ema = ParameterEMA(model, cfg.ema_decay) if cfg.ema_decay is not None else None
+    return controller, ema
+
+
+def _contraction(est, group, device) -> float | None:
+    """q_t of the step's free phase (global under a process group; ``None``: no sample)."""
+    free = est.stats.get("free", est.stats.get("bptt"))
+    if free is None:
+        return None
+    total, count = observed_rate(free)
+    if group.active:
+        total, reduced = reduce_sums([total, count], device)
+        count = round(reduced)
+    return math.exp(total / count) if count else None
 
 
 def _run(cfg, out, group, corpus, model, opt, data_gen, noise_gen, state, until, boundary,
-         device) -> TrainResult:  # fmt: skip
+         device, controller=None, ema=None) -> TrainResult:  # fmt: skip
     # "consecutive": failed steps in a row (checkpointed, so a resume stops where the
     # uninterrupted run would)
     counters = {"skipped": 0, "consecutive": 0, "phases": 0, "unconverged": 0}
@@ -186,6 +220,10 @@ def _run(cfg, out, group, corpus, model, opt, data_gen, noise_gen, state, until,
         noise_gen.set_state(state["rng"]["noise"])
         torch.set_rng_state(state["rng"]["torch"])
         counters.update(state["counters"])
+        if controller is not None:
+            controller.load_state_dict(state["controller"])
+        if ema is not None:
+            ema.load_state_dict(state["ema"])
         start = int(state["step"])
         if group.main:
             log.truncate(start)
@@ -218,6 +256,8 @@ def _run(cfg, out, group, corpus, model, opt, data_gen, noise_gen, state, until,
                 "counters": dict(counters),
                 "corpus": {"name": corpus.name, "sha256": corpus.sha256, "vocab": corpus.vocab},
                 "world_size": group.world,
+                **({} if controller is None else {"controller": controller.state_dict()}),
+                **({} if ema is None else {"ema": ema.state_dict()}),
             },
         )
 
@@ -257,7 +297,11 @@ def _run(cfg, out, group, corpus, model, opt, data_gen, noise_gen, state, until,
         if cfg.method == "backprop":
             record = _backprop_step(model, x, y, opt, tokens, group)
         else:
-            est, record = _ep_step(model, cfg, x, y, noise_gen, opt, tokens, group)
+            weights = None if controller is None else controller.weights(cfg.penalties())
+            est, record = _ep_step(model, cfg, x, y, noise_gen, opt, tokens, group, weights)
+            if weights is not None:
+                record["jac_penalty"] = weights["jacobian"]
+                record["res_penalty"] = weights.get("residual", 0.0)
         record = {"step": step, "lr": lr, **record}
         if record["skipped"]:
             counters["skipped"] += 1
@@ -271,10 +315,19 @@ def _run(cfg, out, group, corpus, model, opt, data_gen, noise_gen, state, until,
                 record.update(spot_check(model, cfg, x, y, est, group))  # at the weights est used
             record["grad_norm"] = float(torch.nn.utils.clip_grad_norm_(params, clip))  # sync-ok
             opt.step()
+            if ema is not None:
+                ema.update(model)
+            if est is not None:
+                record["contraction"] = _contraction(est, group, device)
+                if controller is not None:
+                    controller.update(record["contraction"])
+                    record["contraction_smoothed"] = controller.smoothed
             counters["phases"] += record.get("phases", 0)
             counters["unconverged"] += record.get("unconverged", 0)
         if step % cfg.eval_every == 0 or step == stop:
-            val_ce = evaluate(model, cfg, corpus, group=group)
+            if ema is not None:
+                record["val_ce_raw"] = evaluate(model, cfg, corpus, group=group)
+            val_ce = evaluate(model if ema is None else ema.model(model), cfg, corpus, group=group)
             record["val_ce"] = val_ce
         record["time"] = time.perf_counter() - begun
         if group.main:

@@ -7,7 +7,11 @@ cap or stalled), ``skipped`` and the stabiliser penalties (``penalty.<name>``: v
 evaluation steps add ``val_ce``, spot-check steps ``cos_implicit`` (all parameters) and
 ``cos_implicit_min`` with the group that attains it (``cos_implicit_group``) and the residual
 of that reference's adjoint solve (``implicit_res_adjoint``), both at the weights the step's
-estimate used. ``time`` is the wall time since the start.
+estimate used. Equilibrium steps add ``contraction`` (the free phase's observed rate
+q = (r_T/r_0)^(1/T), see ``_controller``); with ``contraction_target`` also ``jac_penalty`` and
+``res_penalty`` (the weights the step used) and ``contraction_smoothed`` (the controller's q̄);
+with ``ema_decay``, ``val_ce`` is the EMA weights' and ``val_ce_raw`` the trained weights'.
+``time`` is the wall time since the start.
 
 Rewrites (:meth:`MetricsLog.truncate`, at every resume) and the figure are written atomically (a
 temporary file, flushed to disk, renamed over the target; removed when the write fails), so a

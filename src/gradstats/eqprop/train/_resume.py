@@ -25,6 +25,8 @@ import torch
 
 from gradstats.eqprop.train._checkpoint import check_fit
 from gradstats.eqprop.train._config import TrainConfig
+from gradstats.eqprop.train._controller import ContractionController, check_controller_state
+from gradstats.eqprop.train._ema import ParameterEMA, check_ema_state
 from gradstats.errors import ConfigurationError, StateError
 
 __all__ = ["COUNTERS", "RESUMABLE", "check_resume_state", "merge_resume"]
@@ -111,9 +113,16 @@ def _check_optimizer(opt: torch.optim.Optimizer, saved: object) -> None:
 
 
 def check_resume_state(
-    state: Mapping[str, Any], model: torch.nn.Module, opt: torch.optim.Optimizer, out: Path
+    state: Mapping[str, Any],
+    model: torch.nn.Module,
+    opt: torch.optim.Optimizer,
+    out: Path,
+    *,
+    controller: ContractionController | None = None,
+    ema: ParameterEMA | None = None,
 ) -> None:
-    """Raise a :class:`~gradstats.errors.StateError` unless ``state`` fits ``model``/``opt``.
+    """Raise a :class:`~gradstats.errors.StateError` unless ``state`` fits ``model``/``opt``
+    (and the run's contraction ``controller`` and parameter ``ema``, when it has them).
 
     Nothing is loaded here; a passing check means ``load_state_dict`` and the generators'
     ``set_state`` cannot fail half-way.
@@ -135,6 +144,15 @@ def check_resume_state(
             f"{', '.join(wrong[:3])}{more}"
         )
     _check_optimizer(opt, state["optimizer"])
+    for key, part in (("controller", controller), ("ema", ema)):
+        if part is not None and key not in state:
+            raise StateError(f"the checkpoint in {out} misses its {key} state")
+    if controller is not None:
+        check_controller_state(state["controller"])
+    if ema is not None:
+        check_ema_state(state["ema"], ema.params)
+        if state["ema"]["decay"] != ema.decay:
+            raise StateError("the checkpoint's EMA decay differs from the run's ema_decay")
     rng = state["rng"]
     device = next(model.parameters()).device
     _check_generator("data", rng["data"])

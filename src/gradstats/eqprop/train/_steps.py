@@ -59,7 +59,10 @@ def _phase_record(est) -> dict[str, object]:
     return out
 
 
-def _ep_step(model, cfg, x, y, noise_gen, opt, tokens, group):
+def _ep_step(model, cfg, x, y, noise_gen, opt, tokens, group, weights=None):
+    """``weights``: the step's ``{penalty: weight}`` (default ``cfg.penalties()``; the
+    contraction controller passes its own)."""
+    weights = cfg.penalties() if weights is None else weights
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", ConvergenceWarning)  # counted through the stats
         est = estimate_gradient(
@@ -67,9 +70,8 @@ def _ep_step(model, cfg, x, y, noise_gen, opt, tokens, group):
             noise=shard_noise(model, x, noise_gen, group), **cfg.estimator_settings(),
         )  # fmt: skip
         if group.active:
-            est, record = reduce_estimate(model, cfg, est, x, noise_gen, tokens, group)
+            est, record = reduce_estimate(model, cfg, est, x, noise_gen, tokens, group, weights)
             return _write(model, opt, est, est.grads, record)
-        weights = cfg.penalties()
         plain = {k: v for k, v in weights.items() if k != "jacobian"}
         if not est.skipped and plain:
             est = add_penalties(
