@@ -180,6 +180,14 @@ def tune(task: Task, seeds: list[int]) -> tuple[float, dict[float, float]]:
     return min(scores, key=lambda k: scores[k]), scores
 
 
+def _mean_std(values: list[float]) -> tuple[float, float]:
+    """Mean and sample std; NaN for both when a run diverged (a NaN or inf loss)."""
+    if not all(math.isfinite(v) for v in values):
+        return math.nan, math.nan
+    mean = statistics.fmean(values)
+    return mean, statistics.stdev(values) if len(values) > 1 else 0.0
+
+
 def summarise(runs: list[dict]) -> list[dict]:
     """Mean ± std of the final loss and of its ratio to the same seed's S = 1 run."""
     base = {(r["task"], r["seed"]): r["val_loss"] for r in runs if r["scale"] == 1}
@@ -193,13 +201,14 @@ def summarise(runs: list[dict]) -> list[dict]:
                     continue
                 losses = [r["val_loss"] for r in cell]
                 ratios = [r["val_loss"] / base[(task, r["seed"])] for r in cell]
+                loss_mean, loss_std = _mean_std(losses)
+                ratio_mean, ratio_std = _mean_std(ratios)
                 rows.append(
                     {
                         "task": task, "scale": scale, "rule": rule,
-                        "val_loss_mean": statistics.fmean(losses),
-                        "val_loss_std": statistics.stdev(losses) if len(losses) > 1 else 0.0,
-                        "ratio_mean": statistics.fmean(ratios),
-                        "ratio_std": statistics.stdev(ratios) if len(ratios) > 1 else 0.0,
+                        "val_loss_mean": loss_mean, "val_loss_std": loss_std,
+                        "ratio_mean": ratio_mean, "ratio_std": ratio_std,
+                        "diverged": sum(not math.isfinite(v) for v in losses),
                         "samples": statistics.fmean(r["samples"] for r in cell),
                         "mean_gain": statistics.fmean(r["mean_gain"] for r in cell),
                     }
@@ -253,6 +262,10 @@ def main(argv: list[str] | None = None) -> dict[str, object]:
     parser.add_argument("--seeds", type=int, default=3, help="seeds per configuration")
     parser.add_argument("--smoke", action="store_true", help="tiny runs: checks the script runs")
     parser.add_argument("--threads", type=int, default=1, help="torch threads")
+    parser.add_argument("--lr", type=float, default=None, help="base lr (skips the S = 1 grid)")
+    parser.add_argument(
+        "--rules", default=",".join(RULES), help=f"comma-separated subset of {', '.join(RULES)}"
+    )
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     makers = {"mlp": mlp_task, "lm": lm_task}
@@ -260,16 +273,22 @@ def main(argv: list[str] | None = None) -> dict[str, object]:
     unknown = [t for t in names if t not in makers]
     if unknown:
         parser.error(f"--tasks: unknown {unknown}; choose from {sorted(makers)}")
+    rules = tuple(r for r in args.rules.split(",") if r)
+    if not rules or any(r not in RULES for r in rules):
+        parser.error(f"--rules: choose from {', '.join(RULES)}; got {args.rules!r}")
     seeds = list(range(1 if args.smoke else args.seeds))
     scales = (1, 2) if args.smoke else SCALES
     runs, tuning = [], {}
     for name in names:
         task = makers[name](args.smoke)
-        lr, scores = tune(task, seeds)
+        if args.lr is None:
+            lr, scores = tune(task, seeds)
+        else:
+            lr, scores = args.lr, {}
         tuning[name] = {"lr": lr, "grid": {str(k): v for k, v in scores.items()}}
         print(f"{name}: base lr {lr} (S = 1 grid: {scores})", flush=True)
         for scale in scales:
-            for rule in ("none",) if scale == 1 else RULES:
+            for rule in ("none",) if scale == 1 else rules:
                 for seed in seeds:
                     runs.append(run(task, scale, rule, lr, seed))
                     loss = runs[-1]["val_loss"]

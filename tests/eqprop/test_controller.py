@@ -214,7 +214,8 @@ def test_bad_ema_decay_exits_2_with_one_line(tmp_path, data, capsys, value):
 @pytest.mark.parametrize(
     ("kw", "match"),
     [
-        ({"jac_penalty": 0.0}, "initial weight jac_penalty > 0"),
+        ({"jac_penalty": 0.0}, r"jac_penalty \(--jac-penalty\) must lie in \[0.0001, 10\]"),
+        ({"jac_penalty": 100.0}, r"must lie in \[0.0001, 10\], the controller's range; got 100"),
         ({"contraction_target": None}, "controller_gain is used only with"),
         ({"controller_gain": 0.0}, "controller_gain must be"),
         ({"method": "backprop", "jac_penalty": 0.0, "res_penalty": 0.0, "t2": 100},

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from gradstats import VarianceGradientScaler
-from gradstats.errors import ConfigurationError, ConfigurationTypeError
+from gradstats.errors import ConfigurationError, ConfigurationTypeError, StateError
 from gradstats.scaling import (
     AdaScaleRule,
     ScalerConfig,
@@ -250,3 +250,79 @@ def test_bad_rule_settings(kwargs, error, match):
         ScalerConfig(**kwargs)
     with pytest.raises(error, match=match):
         VarianceGradientScaler(params_like(2), **kwargs)
+
+
+def test_progress_follows_the_rate_limited_factor_with_param_groups():
+    """With aggregate="param_group" the clock advances by the model-wide factor under the same
+    rate limit as the applied ones (it used to ignore max_rate and run far ahead)."""
+    a = torch.nn.Parameter(torch.zeros(4, dtype=torch.float64))
+    b = torch.nn.Parameter(torch.zeros(3, dtype=torch.float64))
+    groups = [{"params": [("a", a)]}, {"params": [("b", b)]}]
+    g = torch.Generator().manual_seed(0)
+    vgs = VarianceGradientScaler(
+        groups, rule="adascale", scale=8.0, aggregate="param_group", max_rate=0.01, beta=0.5,
+        confidence=None,
+    )  # fmt: skip
+    applied = []
+    for _ in range(30):
+        a.grad = 0.1 + torch.randn(4, generator=g, dtype=torch.float64)
+        b.grad = 0.1 + torch.randn(3, generator=g, dtype=torch.float64)
+        vgs.step()
+        applied.append(vgs.get_scaling_factor())
+    assert float(vgs.progress) == pytest.approx(sum(applied), rel=1e-12)
+    assert max(applied) <= math.exp(0.01 * 30) + 1e-12  # the rate limit holds on the clock
+    saved = vgs.state_dict()
+    assert saved["overall_factor"].shape == (1,)
+
+
+def test_negative_noise_estimates_never_leave_the_rules_range():
+    """An unbiased noise estimate below zero is a noise-free gradient (ρ = 0), not a factor
+    outside [1, S] or a zero step."""
+    rho = torch.tensor([-0.5, -1e-3], dtype=torch.float64)
+    assert AdaScaleRule(8.0).factor(rho, torch.ones(2)).tolist() == [1.0, 1.0]
+    named = params_like(2)
+    steps = [[torch.tensor([1.0, 1.0]) * (1.0 + 1e-9 * k)] for k in range(8)]
+    vgs = feed(make(named, rule="adascale", scale=4.0, beta=0.5), named, steps)
+    assert 1.0 <= vgs.get_scaling_factor() <= 4.0
+
+
+def test_a_checkpoint_from_another_rule_is_refused_unless_adopted():
+    named = params_like(3)
+    steps = [[torch.randn(3, generator=torch.Generator().manual_seed(k), dtype=torch.float64)
+              + 0.01] for k in range(12)]  # fmt: skip
+    ada = feed(make(named, rule="adascale", scale=8.0, beta=0.5), named, steps)
+    saved = ada.state_dict()
+    assert float(saved["factor"][0]) > 1.0
+    shrink = make(named, beta=0.5)
+    with pytest.raises(StateError, match=r"outside \[0.0, 1.0\], the range of rule='shrink'"):
+        shrink.load_state_dict(saved)
+    assert shrink.updates == 0
+    shrink.load_state_dict(saved, use_checkpoint_config=True)
+    assert shrink.config.rule == "adascale"
+    assert torch.equal(shrink.scaling_factors(), saved["factor"])
+
+
+def test_a_failed_rebind_leaves_the_scaler_as_it_was():
+    torch.manual_seed(0)
+    model = torch.nn.Linear(3, 1).double()
+    vgs = VarianceGradientScaler(
+        model.named_parameters(), statistic="per_sample", model=model, confidence=None
+    )
+    x = torch.randn(8, 3, dtype=torch.float64)
+    for _ in range(4):
+        model.zero_grad()
+        model(x).pow(2).mean().backward()
+        vgs.step()
+    before = vgs.state_dict()
+    fresh = torch.nn.Linear(3, 1).double()
+    with pytest.raises(ConfigurationError):  # new parameters, old model: refused
+        vgs.rebind(fresh.named_parameters())
+    assert_same(vgs.state_dict(), before)
+    model.zero_grad()
+    model(x).pow(2).mean().backward()
+    vgs.step()  # the hooks are back on the old model
+    assert vgs.updates == 5
+    with pytest.raises(ConfigurationError, match=r"rebind\(model=\.\.\.\) is for"):
+        VarianceGradientScaler(model.named_parameters()).rebind(
+            model.named_parameters(), model=model
+        )

@@ -29,6 +29,7 @@ from gradstats._warnings import warn
 from gradstats.errors import ConfigurationError, StateError
 from gradstats.scaling._config import ScalerConfig
 from gradstats.scaling._engine import ScalerEngine
+from gradstats.scaling._rules import factor_bounds, make_rule
 from gradstats.scaling._state_checks import (
     check_counters,
     check_entry,
@@ -47,7 +48,8 @@ VERSION = 1
 # Settings a checkpoint may carry over with use_checkpoint_config=True (the rest shape the state).
 _ADOPTABLE = (
     "alpha", "beta", "eps", "warmup_steps", "min_scale", "max_rate", "apply_to", "confidence",
-    "enabled", "batch_size", "log_every", "max_nonfinite_steps", "nonfinite",
+    "enabled", "batch_size", "log_every", "max_nonfinite_steps", "nonfinite", "rule", "scale",
+    "base_batch_size",
 )  # fmt: skip
 
 
@@ -71,6 +73,7 @@ class LoadPlan:
     counters: dict[str, torch.Tensor]
     factor: torch.Tensor | None  # None: other number of aggregates, not loaded
     progress: torch.Tensor
+    overall_factor: torch.Tensor | None  # None: checkpoints written before it (start at 1)
     updates: int
     consecutive: int  # the loaded counters, on the host
     nonfinite: int
@@ -108,6 +111,7 @@ def save(engine: ScalerEngine, config: ScalerConfig) -> dict[str, object]:
         },
         "factor": engine.previous.clone(),
         "progress": engine.progress.clone(),
+        "overall_factor": engine.overall_previous.clone(),
         "tensors": tensors,
     }
 
@@ -167,6 +171,8 @@ def plan_load(
     counters = check_counters(need(state_dict, "counters", ""), updates)  # host int64 tensors
     factor = check_factor(need(state_dict, "factor", ""))
     progress = check_progress(state_dict.get("progress"), updates, counters["skipped"])
+    overall = state_dict.get("overall_factor")
+    overall = None if overall is None else check_factor(overall, "overall_factor")
     entries = need(state_dict, "tensors", "")
     if not isinstance(entries, dict):
         raise StateError(f"state_dict['tensors'] must be a dict; got {type(entries).__name__}")
@@ -183,6 +189,15 @@ def plan_load(
             raise StateError(
                 f"state_dict['config'] is not a valid configuration: {error}"
             ) from error
+    bounds = factor_bounds(make_rule(config))
+    if bounds is not None and not bool(  # sync-ok: loading a checkpoint
+        ((factor >= bounds[0]) & (factor <= bounds[1])).all()
+    ):
+        raise StateError(
+            f"state_dict['factor'] holds factors outside [{bounds[0]}, {bounds[1]}], the range "
+            f"of rule={config.rule!r}: it was saved under another rule (construct the scaler "
+            "with the checkpoint's rule, or pass use_checkpoint_config=True)"
+        )
     names = engine.layout.names
     keys = engine.states[0].state_keys(ours.foreach)
     loaded, mismatched, plan = [], [], []
@@ -216,6 +231,9 @@ def plan_load(
         counters={k: v.to(home) for k, v in counters.items()},
         factor=factor.to(home, torch.float64) if factor.shape == engine.previous.shape else None,
         progress=progress.to(home),
+        overall_factor=None
+        if overall is None or overall.shape != (1,)
+        else overall.to(home, torch.float64),
         updates=updates,
         consecutive=int(counters["consecutive"]),  # sync-ok: host tensors (check_counters)
         nonfinite=int(counters["nonfinite"]),  # sync-ok: host tensors
@@ -236,6 +254,8 @@ def commit_load(engine: ScalerEngine, plan: LoadPlan) -> None:
     if plan.factor is not None:
         engine.previous = plan.factor
     engine.progress = plan.progress
+    if plan.overall_factor is not None:
+        engine.overall_previous = plan.overall_factor
     engine.updates = plan.updates
 
 

@@ -87,6 +87,9 @@ class ScalerEngine:
         self.progress = torch.zeros((), dtype=torch.float64, device=home)
         self.last_applied = torch.zeros((), dtype=torch.bool, device=home)
         self.previous = torch.ones(groups, dtype=torch.float64, device=home)
+        # the model-wide factor under the same rate limit (the progress clock and global reads
+        # of a non-global aggregate; the same tensor as ``previous`` for aggregate="global")
+        self.overall_previous = torch.ones(1, dtype=torch.float64, device=home)
         self.present = torch.zeros(count, dtype=torch.bool, device=home)
         self.result: tuple[Aggregates, Factors] | None = None
         self.overall: tuple[Aggregates, Factors] | None = None
@@ -214,8 +217,11 @@ class ScalerEngine:
             self.overall = self.result
         else:
             overall = aggregate(*args, self.global_index, 1)
-            ones = torch.ones_like(overall.noise)
-            self.overall = (overall, scaling_factor(overall, ones, settings, max_rate=None))
+            factors = scaling_factor(
+                overall, self.overall_previous, settings, max_rate=config.max_rate
+            )
+            self.overall = (overall, factors)
+        self.overall_previous = self.overall[1].factor
 
     def advance_progress(self) -> None:
         """τ += the model-wide factor of the update just applied (a skipped update adds 0): the

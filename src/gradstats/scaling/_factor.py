@@ -105,7 +105,11 @@ def scaling_factor(
     beta, eps = settings.beta, settings.eps
     confidence, min_count = settings.confidence, settings.min_count
     has_signal = signal > eps
-    rho = torch.where(has_signal, noise / torch.where(has_signal, signal, 1.0), math.inf)
+    # an unbiased noise estimate can come out negative (a small difference of norms): the
+    # ratio is clamped at 0 (a noise-free gradient), so every rule sees ρ >= 0
+    rho = torch.where(
+        has_signal, noise.clamp(min=0.0) / torch.where(has_signal, signal, 1.0), math.inf
+    )
     raw = settings.rule.factor(rho, previous)
     estimate = count >= min_count
     effective = 1.0 / ema_reliability(beta, count)

@@ -1,7 +1,11 @@
 r"""The ``per_sample`` statistic: exact same-point noise from the per-unit gradients of a backward.
 
 Math. Backward hooks on the modules see, for every tracked tensor, the per-unit contributions
-c_i to ``.grad`` (Σ_i c_i = ĝ = ``.grad`` exactly, whatever the loss reduction). With B units
+c_i to ``.grad`` (Σ_i c_i = ĝ = ``.grad`` whatever the loss reduction, **provided every
+term of the loss is a per-unit term computed inside the modules' forward**: a parameter also
+used outside its module (a tied embedding multiplied by hand, ``h @ emb.weight.T``) or a loss
+term that is not per unit (a weight penalty) breaks it and the noise of that tensor is wrong —
+unlike the Fisher collector there is no first-batch completeness check yet). With B units
 and g_i = B·c_i (the per-unit gradient if the loss is the mean over the units; under a summed
 loss everything scales by B and ρ is unchanged), per tensor:
 

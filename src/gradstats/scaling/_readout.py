@@ -7,14 +7,17 @@ read or runs off the per-step path) and saves or restores it.
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 from typing import Any
 
 import torch
 
+from gradstats.errors import ConfigurationError
 from gradstats.scaling._checkpoint import LoadReport, load, save
 from gradstats.scaling._config import ScalerConfig
 from gradstats.scaling._engine import ScalerEngine
+from gradstats.scaling._hooks import GradientTracker
 from gradstats.scaling._nonfinite import ConsecutiveLimit
 from gradstats.scaling._params import ParamLayout, layout_from
 from gradstats.scaling._report import TensorStatistics, build_statistics
@@ -30,6 +33,10 @@ class ScalerReadout:
     _model: torch.nn.Module | None
     _engine: ScalerEngine
     _limit: ConsecutiveLimit
+    _tracker: GradientTracker
+    _read_token: tuple[object, ...] | None
+    _scaled_token: tuple[object, ...] | None
+    _idle_steps: int
 
     def _build(self, layout: ParamLayout) -> None:
         raise NotImplementedError
@@ -163,13 +170,28 @@ class ScalerReadout:
         """Point the scaler at new parameter tensors (model/optimizer recreated), keeping the
         statistics of every name whose shape still matches. Returns what was kept/dropped.
         ``model``: the re-created model (``statistic="per_sample"``; default: the old one)."""
+        if model is not None and self._model is None:
+            raise ConfigurationError(
+                f"rebind(model=...) is for statistic='per_sample'; this scaler tracks "
+                f"{self.config.statistic!r}"
+            )
         layout = layout_from(params, optimizer)
         state = self.state_dict()
+        saved = (self._engine, self._model, self.optimizer, copy.copy(self._limit))
+        tokens = (self._read_token, self._scaled_token, self._idle_steps)
         if optimizer is not None:
             self.optimizer = optimizer
-        if model is not None and self._model is not None:
+        if model is not None:
             self._model = model
-        self._build(layout)
+        try:
+            self._build(layout)
+        except BaseException:  # nothing half-updated: the old statistics and hooks come back
+            self._engine, self._model, self.optimizer, self._limit = saved
+            self._read_token, self._scaled_token, self._idle_steps = tokens
+            self._tracker.register(
+                self._engine.layout, self._engine.states, self._model, self.config.unit
+            )
+            raise
         return self._load(state, strict=False, use_checkpoint_config=False, quiet=True)
 
     def update_parameters(self, params: object) -> LoadReport:

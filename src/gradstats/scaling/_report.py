@@ -36,8 +36,12 @@ class TensorStatistics:
             variance (what the factor uses).
         normalized_variance: ρ = noise/signal of the applied gradient (nan: no estimate; inf: no
             detectable signal).  B_noise: ρ × batch_size (the simple noise scale
-            tr Σ/‖G‖²), if ``batch_size`` is known. ``B_noise_se`` (aggregates): its standard
-            error, B_noise × the relative standard error of ρ (see ``effective_sample_size``).
+            tr Σ/‖G‖²), if ``batch_size`` is known. ``B_noise_se`` (aggregates): a conservative
+            standard error, B_noise × the count-based bound sqrt(2/(n_eff − 1)) on the relative
+            standard error of ρ (see ``effective_sample_size``; it ignores the averaging over
+            samples and coordinates within each update, so it overstates the error of
+            ``same_point``/``per_sample`` estimates; ``gradstats noise`` gives an SE over
+            batches). With ``unit="token"`` pass the tokens per step as ``batch_size``.
             ``suggested_batch_size`` (aggregates): B_noise rounded, at least 1 — McCandlish et
             al.'s critical batch B_crit ≈ B_noise, where doubling the batch still nearly halves
             the steps (beyond it, mostly compute is spent); None while B_noise is not finite.

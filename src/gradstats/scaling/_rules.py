@@ -41,6 +41,7 @@ __all__ = [
     "Rule",
     "RuleSettings",
     "ShrinkRule",
+    "factor_bounds",
     "make_rule",
     "register_rule",
     "registered_rules",
@@ -77,6 +78,12 @@ class Rule(Protocol):
     def factor(self, rho: torch.Tensor, previous: torch.Tensor) -> torch.Tensor: ...
 
 
+def factor_bounds(rule: Rule) -> tuple[float, float] | None:
+    """The interval a rule's factors lie in (``bounds()``, optional for custom rules)."""
+    bounds = getattr(rule, "bounds", None)
+    return bounds() if callable(bounds) else None
+
+
 class ShrinkRule:
     """f = 1/(1 + αρ) in [min_scale, 1]; see the module docstring for its assumption."""
 
@@ -88,6 +95,9 @@ class ShrinkRule:
     @classmethod
     def from_config(cls, config: RuleSettings) -> ShrinkRule:
         return cls(config.alpha, config.min_scale)
+
+    def bounds(self) -> tuple[float, float]:
+        return (0.0, 1.0)
 
     def factor(self, rho: torch.Tensor, previous: torch.Tensor) -> torch.Tensor:
         if self.alpha == 0:
@@ -110,8 +120,11 @@ class AdaScaleRule:
     def from_config(cls, config: RuleSettings) -> AdaScaleRule:
         return cls(batch_scale(config))
 
+    def bounds(self) -> tuple[float, float]:
+        return (min(1.0, self.scale), max(1.0, self.scale))
+
     def factor(self, rho: torch.Tensor, previous: torch.Tensor) -> torch.Tensor:
-        finite = torch.where(torch.isinf(rho), 0.0, rho)
+        finite = torch.where(torch.isinf(rho), 0.0, rho.clamp(min=0.0))
         gain = (1.0 + self.scale * finite) / (1.0 + finite)
         return torch.where(torch.isinf(rho), self.scale, gain)
 

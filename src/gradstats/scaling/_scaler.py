@@ -307,7 +307,8 @@ class VarianceGradientScaler(ScalerReadout):
         Call it right after ``backward()`` (and AMP ``unscale_``). Called after
         ``optimizer.step()`` in the original's order, it finds no new gradients and reads
         nothing. A no-op when ``enabled`` is False. After ``IDLE_STEPS`` (20) consecutive calls
-        without new gradients it warns once (a re-created model needs :meth:`rebind`).
+        without new gradients it warns (once per such streak; a re-created model needs
+        :meth:`rebind`).
         """
         if not self.enabled:
             return

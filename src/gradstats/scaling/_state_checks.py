@@ -112,17 +112,17 @@ def check_counters(counters: object, updates: int) -> dict[str, torch.Tensor]:
     return {k: torch.tensor(v, dtype=torch.int64) for k, v in values.items()}
 
 
-def check_factor(factor: object) -> torch.Tensor:
+def check_factor(factor: object, key: str = "factor") -> torch.Tensor:
     if not isinstance(factor, torch.Tensor) or not factor.is_floating_point() or factor.dim() != 1:
         found = (
             f"shape {tuple(factor.shape)}, dtype {factor.dtype}"
             if isinstance(factor, torch.Tensor)
             else type(factor).__name__
         )
-        raise StateError(f"state_dict['factor'] must be a 1-dim floating tensor; got {found}")
+        raise StateError(f"state_dict[{key!r}] must be a 1-dim floating tensor; got {found}")
     valid = bool(((factor >= 0) & torch.isfinite(factor)).all())  # sync-ok: loading
     if not valid:
-        raise StateError("state_dict['factor'] must hold finite factors >= 0 (no NaN)")
+        raise StateError(f"state_dict[{key!r}] must hold finite factors >= 0 (no NaN)")
     return factor
 
 

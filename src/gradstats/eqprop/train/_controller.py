@@ -60,7 +60,7 @@ __all__ = [
 SMOOTHING = 0.9
 #: Bound δ on |Δ log λ| per update.
 MAX_STEP = 0.05
-#: Bounds of the controlled (relative) Jacobian-penalty weight.
+#: Bounds of the controlled Jacobian-penalty weight λ (absolute).
 LAMBDA_MIN, LAMBDA_MAX = 1e-4, 10.0
 #: Default gain k (``controller_gain``).
 DEFAULT_GAIN = 1.0
@@ -93,7 +93,7 @@ def check_controller_options(
 
     Raises:
         ConfigurationError: ``contraction_target`` not in (0, 1), ``controller_gain`` not a
-            finite number > 0, a target without an initial ``jac_penalty`` > 0, or
+            finite number > 0, a target with an initial ``jac_penalty`` outside [λ_min, λ_max], or
             ``ema_decay`` not in [0, 1).
     """
     gain = _number("controller_gain", controller_gain)
@@ -109,10 +109,11 @@ def check_controller_options(
             raise ConfigurationError(
                 f"contraction_target must be a rate q* with 0 < q* < 1; got {target}"
             )
-        if not jac_penalty > 0:
+        if not LAMBDA_MIN <= jac_penalty <= LAMBDA_MAX:
             raise ConfigurationError(
-                "contraction_target controls the Jacobian penalty: give its initial weight "
-                f"jac_penalty > 0 (--jac-penalty); got {jac_penalty}"
+                "contraction_target controls the Jacobian penalty: its initial weight "
+                f"jac_penalty (--jac-penalty) must lie in [{LAMBDA_MIN:g}, {LAMBDA_MAX:g}], the "
+                f"controller's range; got {jac_penalty}"
             )
     if ema_decay is not None:
         decay = _number("ema_decay", ema_decay)
