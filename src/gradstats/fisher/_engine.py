@@ -124,6 +124,34 @@ def _expand(value: object, batch: int) -> object:
     return value
 
 
+def batch_rows(
+    output: torch.Tensor | tuple, args: tuple, kwargs: dict, batch: int
+) -> tuple[torch.Tensor | tuple, tuple, dict, list[torch.Tensor], bool]:
+    """A module's call as one row per sample: (output, args, kwargs, the outputs that need a
+    gradient, whether the call was expanded).
+
+    A module called on a batch of one while the model's batch has ``batch`` > 1 rows (e.g.
+    position embeddings of ``position_ids`` [1, T], broadcast when added) has its output and
+    its batch-of-one arguments expanded to ``batch`` rows (a forward hook then returns the
+    expanded output).
+    """
+    expanded = False
+    if (
+        isinstance(output, torch.Tensor)
+        and batch > 1
+        and output.dim() > 0
+        and output.shape[0] == 1
+        and output.requires_grad
+    ):
+        output = output.expand(batch, *output.shape[1:])
+        args = tuple(_expand(a, batch) for a in args)
+        kwargs = {k: _expand(v, batch) for k, v in kwargs.items()}
+        expanded = True
+    outputs = [output] if isinstance(output, torch.Tensor) else list(output)
+    tensors = [t for t in outputs if isinstance(t, torch.Tensor) and t.requires_grad]
+    return output, args, kwargs, tensors, expanded
+
+
 class Engine:
     """Per-sample machinery of one collector (see the module docstring)."""
 
@@ -247,20 +275,7 @@ class Engine:
                 "the samples of a batch, so per-sample gradients are undefined; call model.eval()"
             )
         handler = self.handlers[module]
-        batch = self.batch_size
-        broadcast = (
-            isinstance(output, torch.Tensor)
-            and batch > 1
-            and output.dim() > 0
-            and output.shape[0] == 1
-            and output.requires_grad
-        )
-        if broadcast:  # e.g. position embeddings of position_ids [1, T]: one row per sample
-            output = output.expand(batch, *output.shape[1:])
-            args = tuple(_expand(a, batch) for a in args)
-            kwargs = {k: _expand(v, batch) for k, v in kwargs.items()}
-        outputs = [output] if isinstance(output, torch.Tensor) else list(output)
-        tensors = [t for t in outputs if isinstance(t, torch.Tensor) and t.requires_grad]
+        output, args, kwargs, tensors, broadcast = batch_rows(output, args, kwargs, self.batch_size)
         if not tensors:
             return None
         site = Site(handler, handler.save(args, kwargs, output), id(tensors[0]))

@@ -47,7 +47,7 @@ from torch import nn
 from gradstats._warnings import warn
 from gradstats.errors import ConfigurationError
 from gradstats.fisher._accumulate import UnitLayout
-from gradstats.fisher._engine import _owners, make_handler
+from gradstats.fisher._engine import _owners, batch_rows, make_handler
 from gradstats.fisher._fallback import FunctionalHandler
 from gradstats.fisher._inputs import batch_size
 from gradstats.scaling._params import ParamLayout
@@ -89,12 +89,6 @@ class PerSampleState(SamePointState):
                 "inside paused()); the factor stays 1 and rho is NaN",
                 RuntimeWarning,
             )
-
-
-def _expand(value: object, batch: int) -> object:
-    if isinstance(value, torch.Tensor) and value.dim() > 0 and value.shape[0] == 1:
-        return value.expand(batch, *value.shape[1:])
-    return value
 
 
 class PerSampleHooks:
@@ -215,20 +209,7 @@ class PerSampleHooks:
                 f"module {handler.label!r} is a BatchNorm in training mode: it mixes the samples "
                 "of a batch, so statistic='per_sample' is undefined; call model.eval()"
             )
-        batch = self._batch
-        broadcast = (
-            isinstance(output, torch.Tensor)
-            and batch > 1
-            and output.dim() > 0
-            and output.shape[0] == 1
-            and output.requires_grad
-        )
-        if broadcast:  # e.g. position embeddings of position_ids [1, T]: one row per sample
-            output = output.expand(batch, *output.shape[1:])
-            args = tuple(_expand(a, batch) for a in args)
-            kwargs = {k: _expand(v, batch) for k, v in kwargs.items()}
-        outputs = [output] if isinstance(output, torch.Tensor) else list(output)
-        tensors = [t for t in outputs if isinstance(t, torch.Tensor) and t.requires_grad]
+        output, args, kwargs, tensors, broadcast = batch_rows(output, args, kwargs, self._batch)
         if not tensors:
             return None
         self._calls[(self._forward, module)] += 1
