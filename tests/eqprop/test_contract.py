@@ -18,7 +18,7 @@ from gradstats.eqprop import (
     relax,
     solve_adjoint,
 )
-from gradstats.eqprop.models import LinearModel
+from gradstats.eqprop.models import LinearModel, TanhModel
 from gradstats.eqprop.train import TrainingDiverged, TrainResult
 
 from ._cases import TIGHT, float64, tanh_case
@@ -202,3 +202,22 @@ def test_no_import_cycles_inside_the_pillar():
     for module in sorted(graph):
         if module not in state:
             visit(module, [module])
+
+
+class _RealOnlyTanh(TanhModel):
+    """A user model that forgets to cast its real weights to the (complex) state's dtype."""
+
+    def force(self, z: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        return -z + torch.tanh(z) @ self.W.T + x @ self.U.T + self.b
+
+
+def test_a_model_that_is_not_complex_ready_gets_a_clear_holomorphic_error():
+    model, x, y = tanh_case()
+    user = _RealOnlyTanh(model.W, model.U, model.b, model.C)
+    estimate_gradient(user, x, y, "aep")  # real arithmetic: fine
+    with pytest.raises(
+        errors.ConfigurationError,
+        match=r"method='holomorphic' relaxes the nudged phases in complex arithmetic.*"
+        r"W\.to\(z\.dtype\)",
+    ):
+        estimate_gradient(user, x, y, "holomorphic")

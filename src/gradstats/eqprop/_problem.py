@@ -10,7 +10,9 @@ backward pass at the free state.
 
 from __future__ import annotations
 
+import contextlib
 import inspect
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 import torch
@@ -22,7 +24,15 @@ from gradstats.eqprop._solvers import fixed_point
 from gradstats.eqprop._stats import SolveStats
 from gradstats.errors import ConfigurationError, ConfigurationTypeError
 
-__all__ = ["Problem", "assemble", "free_phase", "free_residual", "prepare", "relax"]
+__all__ = [
+    "Problem",
+    "assemble",
+    "complex_dtype_errors",
+    "free_phase",
+    "free_residual",
+    "prepare",
+    "relax",
+]
 
 
 def _accepts_noise(model: EquilibriumModule) -> bool:
@@ -107,6 +117,25 @@ def _check_state(model: EquilibriumModule, name: str, t: object, like: torch.Ten
         )
 
 
+@contextlib.contextmanager
+def complex_dtype_errors(active: bool, method: str, dtype: torch.dtype) -> Iterator[None]:
+    """Turn torch's raw dtype error of a model that is not complex-ready into one that names the
+    method and the cast (complex nudges β_k = r e^{2πik/N} relax a complex state)."""
+    try:
+        yield
+    except RuntimeError as error:
+        text = str(error)
+        if not active or not any(k in text for k in ("dtype", "Complex", "complex")):
+            raise
+        raise ConfigurationError(
+            f"method={method!r} relaxes the nudged phases in complex arithmetic (state dtype "
+            f"{dtype}); the model's force or loss combined that complex state with a real "
+            f"tensor and torch refused ({text.splitlines()[0]}). Cast what the model combines "
+            "with z to z's dtype inside force()/loss() (e.g. W.to(z.dtype), as the built-in "
+            "models do), or use a real method such as 'aep'"
+        ) from error
+
+
 def prepare(
     model: EquilibriumModule,
     x: torch.Tensor,
@@ -160,7 +189,9 @@ def prepare(
                 "sample_noise() and read it from the `noise` argument (and keep dropout off)"
             )
         if complex_check:
-            fc = problem.force(state.to(torch.promote_types(state.dtype, torch.complex64)))
+            complex_dtype = torch.promote_types(state.dtype, torch.complex64)
+            with complex_dtype_errors(True, "holomorphic", complex_dtype):
+                fc = problem.force(state.to(complex_dtype))
             if not isinstance(fc, torch.Tensor) or not fc.is_complex():
                 raise ConfigurationError(
                     f"{model.describe()} declares holomorphic=True but its force returned a "

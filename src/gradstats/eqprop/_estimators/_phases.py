@@ -30,7 +30,7 @@ import torch
 from gradstats._warnings import warn
 from gradstats.eqprop._autodiff import Linearization, per_sample_norm
 from gradstats.eqprop._iterate import iterate
-from gradstats.eqprop._problem import Problem
+from gradstats.eqprop._problem import Problem, complex_dtype_errors
 from gradstats.eqprop._settings import Settings
 from gradstats.eqprop._stats import SolveStats
 
@@ -170,7 +170,8 @@ def run_nudged(
             "; for method='holomorphic' the radius r may be beyond the analyticity radius of "
             "β ↦ z_β: reduce beta"
         )
-    with torch.no_grad():
+    complex_phases = any(not n.is_real for n in nudges)
+    with torch.no_grad(), complex_dtype_errors(complex_phases, s.method, complex_dtype):
         states, _, stats = iterate(
             step,
             start,
