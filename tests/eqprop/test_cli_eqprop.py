@@ -7,17 +7,9 @@ import pytest
 
 from gradstats.cli import main
 
-TEXT = "ROMEO:\nBut soft, what light through yonder window breaks?\n\n" * 40
 SMALL = ["--d-model", "16", "--n-heads", "2", "--block-size", "12", "--batch-size", "3",
          "--eval-every", "2", "--eval-batches", "1", "--checkpoint-every", "2",
          "--no-progress", "--init-std", "0.1"]  # fmt: skip
-
-
-@pytest.fixture
-def data(tmp_path):
-    path = tmp_path / "text.txt"
-    path.write_text(TEXT)
-    return str(path)
 
 
 def _error_line(capsys) -> str:

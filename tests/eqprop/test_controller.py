@@ -19,24 +19,12 @@ from gradstats.eqprop.train._controller import (
 )
 from gradstats.errors import ConfigurationError, StateError
 
-TEXT = "ROMEO:\nBut soft, what light through yonder window breaks?\n\n" * 40
 SMALL = ["--method", "aep", "--d-model", "8", "--n-heads", "2", "--block-size", "6",
          "--batch-size", "2", "--t2", "40", "--eval-every", "2", "--eval-batches", "1",
          "--checkpoint-every", "2", "--spot-check-every", "0", "--no-progress"]  # fmt: skip
 
 
-@pytest.fixture
-def data(tmp_path):
-    path = tmp_path / "text.txt"
-    path.write_text(TEXT)
-    return str(path)
-
-
-@pytest.fixture(autouse=True)
-def _no_plot(monkeypatch):
-    import gradstats.eqprop.train._loop as loop
-
-    monkeypatch.setattr(loop, "_plot", lambda *args: None)  # slow, and not what is tested here
+pytestmark = pytest.mark.usefixtures("no_plot")  # curves.png: slow, not tested here
 
 
 def _cfg(tmp_path, data, name="run", **kw):

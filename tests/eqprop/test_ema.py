@@ -16,21 +16,7 @@ from gradstats.eqprop.train._checkpoint import save_checkpoint
 from gradstats.eqprop.train._ema import ParameterEMA
 from gradstats.errors import StateError
 
-TEXT = "ROMEO:\nBut soft, what light through yonder window breaks?\n\n" * 40
-
-
-@pytest.fixture
-def data(tmp_path):
-    path = tmp_path / "text.txt"
-    path.write_text(TEXT)
-    return str(path)
-
-
-@pytest.fixture(autouse=True)
-def _no_plot(monkeypatch):
-    import gradstats.eqprop.train._loop as loop
-
-    monkeypatch.setattr(loop, "_plot", lambda *args: None)  # slow, and not what is tested here
+pytestmark = pytest.mark.usefixtures("no_plot")  # curves.png: slow, not tested here
 
 
 def _cfg(tmp_path, data, name="run", **kw):

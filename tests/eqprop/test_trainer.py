@@ -22,15 +22,6 @@ from gradstats.errors import (
     StateError,
 )
 
-TEXT = "ROMEO:\nBut soft, what light through yonder window breaks?\n\n" * 40
-
-
-@pytest.fixture
-def data(tmp_path):
-    path = tmp_path / "text.txt"
-    path.write_text(TEXT)
-    return str(path)
-
 
 def config(tmp_path, data, name="run", **kw):
     base = {

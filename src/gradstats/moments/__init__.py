@@ -28,7 +28,7 @@ Example (merge [1, 2] with [3, 4]: n 4, mean 2.5, M2 5.0):
     >>> a = Moments(2 * one, 2 * one, 2 * one, 1.5 * one, 0.5 * one)
     >>> b = Moments(2 * one, 2 * one, 2 * one, 3.5 * one, 0.5 * one)
     >>> merged = combine(a, b)
-    >>> merged.count.item(), merged.mean.item(), merged.m2.item()
+    >>> merged.count.item(), merged.mean.item(), merged.m2.item()  # sync-ok: an example
     (4.0, 2.5, 5.0)
 """
 
