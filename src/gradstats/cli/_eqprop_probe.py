@@ -65,36 +65,37 @@ class ProbeConfig:
     )
 
 
-_OVERRIDES = {  # probe option -> (training option, estimator setting)
-    "t1": ("t1", "max_steps"),
-    "tol": ("tol", "tol"),
-    "t2": ("t2", "max_steps_adjoint"),
-    "tol_adjoint": ("tol_adjoint", "tol_adjoint"),
-    "points": ("points", "points"),
-}
-_RUN_BETA = {  # the run's --beta is a real nudge for these methods, the radius r for holomorphic
-    "aep": ("aep", "ep_symmetric"),
-    "ep_symmetric": ("aep", "ep_symmetric"),
-    "holomorphic": ("holomorphic",),
-}
+#: Probe options that override one of the run's settings (the same names as the trainer's).
+_OVERRIDES = ("t1", "tol", "t2", "tol_adjoint", "points")
 
 
 def _betas(run, config: ProbeConfig, model, methods: list[str]) -> dict[str, tuple[float, str]]:
-    """Per probed method, the beta (holomorphic: r) the probe uses and where it comes from.
+    """Per probed nudged method, the beta (holomorphic: r) the probe uses and where it comes from.
 
     An override (``--beta`` for the real nudges, ``--r`` for holomorphic) first; else the run's
-    ``beta`` for the methods of the run's kind (an aep/ep_symmetric run's beta for aep and
-    ep_symmetric, a holomorphic run's r for holomorphic); else the model's per-method default.
+    ``beta`` for the methods that share the run's nudge (:meth:`Estimator.shares_nudge`: an
+    aep/ep_symmetric run's beta for aep and ep_symmetric, a holomorphic run's r for
+    holomorphic); else the model's default for the method.
     """
+    from gradstats.eqprop import get_estimator
+    from gradstats.eqprop._settings import resolve_settings
+
     out = {}
-    for method in (m for m in methods if m in model.solver_defaults["beta"]):
-        override = config.r if method == "holomorphic" else config.beta
+    trained = get_estimator(run.method) if run.method != "backprop" else None
+    for estimator in (get_estimator(m) for m in methods):
+        if not estimator.nudged:
+            continue
+        override = config.r if "real" not in estimator.model_kinds else config.beta
         if override is not None:
-            out[method] = (float(override), "override")
-        elif run.beta is not None and method in _RUN_BETA.get(run.method, ()):
-            out[method] = (float(run.beta), f"the {run.method} run's")
+            out[estimator.name] = (float(override), "override")
+        elif run.beta is not None and trained is not None and estimator.shares_nudge(trained):
+            out[estimator.name] = (float(run.beta), f"the {run.method} run's")
         else:
-            out[method] = (float(model.solver_defaults["beta"][method]), "model default")
+            dtype = next(model.parameters()).dtype
+            resolved = resolve_settings(estimator.name, model.solver_defaults, dtype)
+            beta = resolved.as_dict()["beta"]
+            assert isinstance(beta, float)  # every nudged estimator resolves a beta
+            out[estimator.name] = (beta, "model default")
     return out
 
 
@@ -202,63 +203,52 @@ def run_probe(config: ProbeConfig) -> dict[str, Path]:
         return _run_probe(config, out, state, run, model)
 
 
-def _run_probe(config: ProbeConfig, out: Path, state, run, model) -> dict[str, Path]:
-    import torch
+@dataclass(frozen=True)
+class _Plan:
+    """What one probe of a run does: the run's settings with the overrides, the methods, the
+    β/r of each nudged one, and the echo of the overrides."""
 
-    from gradstats.data import load_corpus
-    from gradstats.eqprop import diagnose, probe
+    settings: dict[str, Any]
+    echoed: list[str]
+    methods: list[str]
+    betas: dict[str, tuple[float, str]]
 
-    settings: dict[str, Any] = {
-        "step_size": run.step_size,
-        "max_steps": run.t1,
-        "tol": run.tol,
-        "max_steps_adjoint": run.t2,
-        "tol_adjoint": run.tol_adjoint,
-        "points": run.points,
-        "anchor": run.anchor,
-    }
+
+def _plan(config: ProbeConfig, run, model) -> _Plan:
+    """The run's settings (T1/T2 as the registry maps them), overridden by the probe's options."""
+    from gradstats.eqprop._registry import T1_KEY, T2_KEY
+
+    keys = {"t1": T1_KEY, "tol": "tol", "t2": T2_KEY, "tol_adjoint": "tol_adjoint"}
+    names = {"step_size": "step_size", **keys, "points": "points", "anchor": "anchor"}
+    settings = {key: getattr(run, name) for name, key in names.items()}
     settings = {k: v for k, v in settings.items() if v is not None}
     echoed = []
-    for name, (train_name, key) in _OVERRIDES.items():
+    for name in _OVERRIDES:
         value = getattr(config, name)
         if value is not None:
-            echoed.append(f"{name}={value!r} (run: {getattr(run, train_name)!r})")
-            settings[key] = value
+            echoed.append(f"{name}={value!r} (run: {getattr(run, name)!r})")
+            settings[keys.get(name, name)] = value
     for name, kind in (("beta", "real nudge beta"), ("r", "holomorphic r")):
         value = getattr(config, name)
         if value is not None:
             echoed.append(f"{name}={value!r} ({kind}; run: {run.method} beta={run.beta!r})")
-    where = f"step {state['step']}, {model.describe()}, trained with {run.method}"
-    print(f"probe of {config.path} ({where})")
-    print("overrides: " + (", ".join(echoed) if echoed else "none (the run's settings)"))
     methods = [m for m in config.methods if m in model.supported_methods()]
-    skipped = sorted(set(config.methods) - set(methods))
-    if skipped:
-        print(f"skipping {skipped}: not supported by {model.describe()}")
-    if not methods:
-        raise ConfigurationError(
-            f"none of the methods {list(config.methods)} is supported by {model.describe()}"
-        )
-    corpus = load_corpus(run.data)
-    if corpus.sha256 != state["corpus"]["sha256"]:
-        raise StateError("the corpus differs from the one the run was trained on")
-    x, y = corpus.batch(
-        "val",
-        config.batch_size,
-        run.block_size,
-        generator=torch.Generator().manual_seed(config.seed),
-    )
+    return _Plan(settings, echoed, methods, _betas(run, config, model, methods))
+
+
+def _probe_all(config: ProbeConfig, plan: _Plan, model, x, y):
+    """One ``probe()`` per (nudge kind, β) group of methods, merged into one report."""
+    import torch
+
+    from gradstats.eqprop import probe
+
     common: dict[str, list[float]] = {}
     if config.t2_sweep:
         common["T2"] = list(config.t2_sweep)
     if config.t1_sweep:
         common["T1"] = list(config.t1_sweep)
-    betas = _betas(run, config, model, methods)
-    used = [f"{m} {'r' if m == 'holomorphic' else 'beta'}={v:g} ({src})" for m, (v, src) in
-            betas.items()]  # fmt: skip
-    print("beta/r: " + (", ".join(used) or "none"))
     report = None
-    for (holo, base), group in _groups(methods, betas).items():
+    for (holo, base), group in _groups(plan.methods, plan.betas).items():
         sweeps = dict(common)
         if base is not None:
             given = config.r_sweep if holo else config.beta_sweep
@@ -274,7 +264,7 @@ def _run_probe(config: ProbeConfig, out: Path, state, run, model) -> dict[str, P
             sweeps=sweeps,
             float64=config.float64,
             generator=torch.Generator().manual_seed(config.seed + 1),  # one noise draw for all
-            **settings,
+            **plan.settings,
             **extra,
         )
         if report is None:
@@ -284,12 +274,41 @@ def _run_probe(config: ProbeConfig, out: Path, state, run, model) -> dict[str, P
             report.sweeps.update({f"{'+'.join(group)}.{k}": v for k, v in part.sweeps.items()})
             report.warnings += part.warnings
     assert report is not None  # methods is not empty: at least one group ran
+    return report
+
+
+def _run_probe(config: ProbeConfig, out: Path, state, run, model) -> dict[str, Path]:
+    import torch
+
+    from gradstats.data import load_corpus
+    from gradstats.eqprop import diagnose
+
+    plan = _plan(config, run, model)
+    where = f"step {state['step']}, {model.describe()}, trained with {run.method}"
+    print(f"probe of {config.path} ({where})")
+    print("overrides: " + (", ".join(plan.echoed) if plan.echoed else "none (the run's settings)"))
+    skipped = sorted(set(config.methods) - set(plan.methods))
+    if skipped:
+        print(f"skipping {skipped}: not supported by {model.describe()}")
+    if not plan.methods:
+        raise ConfigurationError(
+            f"none of the methods {list(config.methods)} is supported by {model.describe()}"
+        )
+    corpus = load_corpus(run.data)
+    if corpus.sha256 != state["corpus"]["sha256"]:
+        raise StateError("the corpus differs from the one the run was trained on")
+    generator = torch.Generator().manual_seed(config.seed)
+    x, y = corpus.batch("val", config.batch_size, run.block_size, generator=generator)
+    used = [f"{m} {'r' if m == 'holomorphic' else 'beta'}={v:g} ({src})" for m, (v, src) in
+            plan.betas.items()]  # fmt: skip
+    print("beta/r: " + (", ".join(used) or "none"))
+    report = _probe_all(config, plan, model, x, y)
     findings = diagnose(report)
     paths = report.save(out)
     data = json.loads(paths["json"].read_text())
     data["checkpoint"] = {"path": str(config.path), "step": state["step"], "method": run.method}
-    data["overrides"] = echoed
-    data["beta_used"] = {m: {"value": v, "source": src} for m, (v, src) in betas.items()}
+    data["overrides"] = plan.echoed
+    data["beta_used"] = {m: {"value": v, "source": src} for m, (v, src) in plan.betas.items()}
     data["diagnose"] = [
         {"name": f.name, "method": f.method, "evidence": f.evidence} for f in findings
     ]

@@ -3,6 +3,9 @@
 A model is an :class:`EquilibriumModule` (``init_state``, ``force``, ``loss``); :func:`relax`
 finds its fixed point; :func:`estimate_gradient` estimates dL/dθ with ``implicit``, ``bptt``,
 ``ep``, ``ep_symmetric``, ``aep`` or ``holomorphic`` and reports the residual of every phase;
+each estimator is one :class:`Estimator` object in :data:`ESTIMATORS` (``get_estimator(name)``)
+declaring its phases, its own settings dataclass, the models it supports and its probe sweeps,
+beside the shared :class:`SolverSettings`;
 :func:`probe` compares estimators with the exact gradient per parameter group and
 :func:`diagnose` names what limits them.
 
@@ -16,9 +19,14 @@ zero gradients). Warnings (``ConvergenceWarning``, ``AnalyticityWarning``) name 
 from gradstats.eqprop._autodiff import Linearization, per_sample_norm, transpose_vjp
 from gradstats.eqprop._diagnose import FINDINGS, Finding, diagnose
 from gradstats.eqprop._estimators import (
+    ESTIMATORS,
+    LIBRARY_DEFAULTS,
+    METHODS,
     AnalyticityWarning,
     check_method_supported,
     estimate_gradient,
+    get_estimator,
+    supported_estimators,
 )
 from gradstats.eqprop._holo_ops import (
     holo_cross_entropy,
@@ -27,16 +35,12 @@ from gradstats.eqprop._holo_ops import (
     holo_logsumexp,
     holo_masked_softmax,
 )
-from gradstats.eqprop._module import (
-    METHODS,
-    EquilibriumModule,
-    NoiseRealization,
-    model_fingerprint,
-)
+from gradstats.eqprop._module import EquilibriumModule, NoiseRealization, model_fingerprint
 from gradstats.eqprop._penalties import PENALTIES, add_penalties, penalty_value
 from gradstats.eqprop._probe import SWEEPS, ProbeReport, ProbeRow, probe
 from gradstats.eqprop._problem import relax
-from gradstats.eqprop._settings import LIBRARY_DEFAULTS, Settings
+from gradstats.eqprop._registry import Estimator, Options
+from gradstats.eqprop._settings import Settings, SolverSettings
 from gradstats.eqprop._solvers import fixed_point, solve_adjoint
 from gradstats.eqprop._stats import (
     ConvergenceWarning,
@@ -48,6 +52,7 @@ from gradstats.eqprop._stats import (
 from gradstats.eqprop.models._generate import generate
 
 __all__ = [
+    "ESTIMATORS",
     "FINDINGS",
     "LIBRARY_DEFAULTS",
     "METHODS",
@@ -57,20 +62,24 @@ __all__ = [
     "ConvergenceWarning",
     "DivergenceError",
     "EquilibriumModule",
+    "Estimator",
     "Finding",
     "GradientEstimate",
     "Linearization",
     "NoiseRealization",
+    "Options",
     "ProbeReport",
     "ProbeRow",
     "Settings",
     "SolveStats",
+    "SolverSettings",
     "add_penalties",
     "check_method_supported",
     "diagnose",
     "estimate_gradient",
     "fixed_point",
     "generate",
+    "get_estimator",
     "holo_cross_entropy",
     "holo_gelu",
     "holo_layer_norm",
@@ -82,6 +91,7 @@ __all__ = [
     "probe",
     "relax",
     "solve_adjoint",
+    "supported_estimators",
     "transpose_vjp",
     "write_grads",
 ]

@@ -18,19 +18,15 @@ from types import MappingProxyType
 import torch
 from torch import nn
 
+from gradstats.eqprop._registry import ESTIMATORS
 from gradstats.errors import ConfigurationError
 
 __all__ = [
-    "METHODS",
     "EquilibriumModule",
     "NoiseRealization",
     "model_fingerprint",
     "trainable",
 ]
-
-#: Every estimator ``estimate_gradient`` knows.
-METHODS = ("implicit", "bptt", "ep", "ep_symmetric", "aep", "holomorphic")
-_REAL_METHODS = METHODS[:-1]
 
 
 @dataclass(frozen=True)
@@ -127,8 +123,10 @@ class EquilibriumModule(nn.Module):
         return None
 
     def supported_methods(self) -> tuple[str, ...]:
-        """Estimators this model (in its current mode) supports."""
-        return METHODS if self.holomorphic else _REAL_METHODS
+        """Estimators this model (in its current mode) supports: by default every registered
+        estimator whose model kinds include this model's (``holomorphic`` needs
+        ``holomorphic = True``). Override to restrict further."""
+        return tuple(name for name, e in ESTIMATORS.items() if e.supports(self))
 
     def parameter_groups(self) -> dict[str, list[str]]:
         """``{group: [parameter names]}``; default: by the first component of the name."""

@@ -13,6 +13,9 @@ adjoint/contrast residual (``res_adjoint``) and the steps of each phase. Sweeps 
 * ``points``: N (``holomorphic``);
 * ``T1``: the free-phase step count (run exactly: ``tol=0``; BPTT uses the same T1).
 
+Which sweeps apply to a method, and which settings a sweep value sets for it, is declared by the
+method's :class:`~gradstats.eqprop.Estimator` (``sweeps``, ``sweep_settings``).
+
 :func:`~gradstats.eqprop.diagnose` reads a report and names what limits each estimator.
 """
 
@@ -22,45 +25,37 @@ import copy
 import math
 import warnings
 from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 
 from gradstats._validation import check_choice
 from gradstats.eqprop._autodiff import Linearization, per_sample_norm
-from gradstats.eqprop._estimators import check_method_supported, estimate_gradient
-from gradstats.eqprop._module import (
-    METHODS,
-    EquilibriumModule,
-    NoiseRealization,
-    model_fingerprint,
+from gradstats.eqprop._estimators import (
+    ESTIMATORS,
+    check_method_supported,
+    estimate_gradient,
+    get_estimator,
 )
+from gradstats.eqprop._module import EquilibriumModule, NoiseRealization, model_fingerprint
 from gradstats.eqprop._probe_report import FORMAT, VERSION, ProbeReport, ProbeRow
 from gradstats.eqprop._problem import prepare
-from gradstats.eqprop._settings import (
-    _APPLIES_TO,
-    SETTING_KEYS,
-    check_float,
-    resolve_settings,
-)
+from gradstats.eqprop._registry import SWEEP_AXES, Estimator
+from gradstats.eqprop._settings import SOLVER_KEYS, check_float, resolve_settings, setting_keys
 from gradstats.eqprop._stats import GradientEstimate
 from gradstats.errors import ConfigurationError, ConfigurationTypeError
 
 __all__ = ["FORMAT", "SWEEPS", "VERSION", "ProbeReport", "ProbeRow", "probe"]
 
-#: Sweep name -> the settings each value sets.
-SWEEPS: dict[str, Callable[[float], dict[str, Any]]] = {
-    "T2": lambda v: {"max_steps_adjoint": int(v), "tol_adjoint": 0.0},
-    "beta": lambda v: {"beta": float(v)},
-    "points": lambda v: {"points": int(v)},
-    "T1": lambda v: {"max_steps": int(v), "tol": 0.0},
-}
-_SWEEP_METHODS = {
-    "T2": ("implicit", "ep", "ep_symmetric", "aep", "holomorphic"),
-    "beta": ("ep", "ep_symmetric", "aep", "holomorphic"),
-    "points": ("holomorphic",),
-    "T1": METHODS,
-}
+
+def _axis(name: str) -> Callable[[float], dict[str, Any]]:
+    return lambda value: get_estimator("holomorphic").sweep_settings(name, value)
+
+
+#: Sweep name -> the settings each value sets (an estimator with every axis; per estimator:
+#: ``get_estimator(method).sweep_settings(name, value)``).
+SWEEPS: dict[str, Callable[[float], dict[str, Any]]] = {name: _axis(name) for name in SWEEP_AXES}
 _REFERENCE: dict[str, Any] = {
     "tol": 1e-12,
     "tol_adjoint": 1e-11,
@@ -68,6 +63,38 @@ _REFERENCE: dict[str, Any] = {
     "adjoint_solver": "gmres",
     "gmres_restart": 30,
 }
+
+
+@dataclass(frozen=True)
+class _Run:
+    """One estimate the probe makes: an estimator at one sweep value (``None``: the base run)."""
+
+    estimator: Estimator
+    sweep: str | None
+    value: float | None
+    settings: dict[str, Any]
+
+
+@dataclass(frozen=True)
+class _Request:
+    """A checked probe request: every run's settings are valid before anything is computed."""
+
+    runs: tuple[_Run, ...]
+    settings: dict[str, Any]
+    reference: dict[str, Any]
+    sweeps: dict[str, list[float]]
+    float64: bool
+    bptt: bool
+
+
+@dataclass(frozen=True)
+class _Reference:
+    """The exact gradient (and what the rows compare with), computed once per probe."""
+
+    estimate: GradientEstimate
+    adjoint: torch.Tensor
+    asymmetry: float
+    groups: dict[str, list[str]]
 
 
 def _cos(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -88,13 +115,6 @@ def _groups(model: EquilibriumModule) -> dict[str, list[str]]:
     groups = dict(model.parameter_groups())
     groups["all"] = [n for n, p in model.named_parameters() if p.requires_grad]
     return groups
-
-
-def _for_method(method: str, settings: Mapping[str, Any]) -> dict[str, Any]:
-    out = {k: v for k, v in settings.items() if k not in _APPLIES_TO or method in _APPLIES_TO[k]}
-    if method == "holomorphic" and out.get("correction") is False:
-        out.pop("anchor", None)  # the anchor only exists with the AEP correction
-    return out
 
 
 def _worst(t: torch.Tensor | None) -> float | None:
@@ -125,7 +145,7 @@ def _check_sweeps(sweeps: Mapping[str, Sequence[float]] | None) -> dict[str, lis
         )
     out: dict[str, list[float]] = {}
     for name, values in (sweeps or {}).items():
-        check_choice("sweeps", name, tuple(SWEEPS))
+        check_choice("sweeps", name, tuple(SWEEP_AXES))
         if isinstance(values, (str, bytes)) or not isinstance(values, Sequence):
             raise ConfigurationTypeError(
                 f"sweeps[{name!r}] must be a list of numbers; got {type(values).__name__}"
@@ -141,29 +161,92 @@ def _check_sweeps(sweeps: Mapping[str, Sequence[float]] | None) -> dict[str, lis
     return out
 
 
-def _run_settings(
-    method: str, settings: Mapping[str, Any], override: Mapping[str, Any]
-) -> dict[str, Any]:
-    kw = {**_for_method(method, settings), **_for_method(method, override)}
-    if method == "bptt" and "max_steps" in override:
-        kw["steps"] = override["max_steps"]
-    return kw
+def _check_settings(name: str, values: Mapping[str, Any] | None) -> dict[str, Any]:
+    if values is not None and not isinstance(values, Mapping):
+        raise ConfigurationTypeError(
+            f"{name} must be a mapping of settings; got {type(values).__name__}"
+        )
+    keys = setting_keys()
+    unknown = sorted(set(values or {}) - set(keys))
+    if unknown:
+        where = "" if name == "settings" else f"{name} has "
+        raise ConfigurationError(f"{where}unknown setting(s) {unknown}; valid: {', '.join(keys)}")
+    return dict(values or {})
 
 
-def _row(
-    method: str,
-    sweep: str | None,
-    value: float | None,
-    group: str,
-    est: GradientEstimate,
-    g_ref: torch.Tensor,
-    names: list[str],
-    *,
-    ref: GradientEstimate,
-    adj_err: float | None,
-    g_bptt: dict[str, torch.Tensor] | None,
-    t1: int,
-) -> ProbeRow:
+def _runs(
+    estimator: Estimator, settings: Mapping[str, Any], sweeps: Mapping[str, list[float]]
+) -> list[_Run]:
+    """The base run and one run per value of each sweep that applies to ``estimator``."""
+    base = estimator.select(settings, SOLVER_KEYS)
+    runs = [_Run(estimator, None, None, base)]
+    for name, values in sweeps.items():
+        if name in estimator.sweeps:
+            for value in values:
+                override = estimator.select(estimator.sweep_settings(name, value), SOLVER_KEYS)
+                runs.append(_Run(estimator, name, value, {**base, **override}))
+    return runs
+
+
+def _request(
+    model: EquilibriumModule,
+    methods: Sequence[str],
+    sweeps: Mapping[str, Sequence[float]] | None,
+    reference: Mapping[str, Any] | None,
+    flags: Mapping[str, object],
+    settings: Mapping[str, Any],
+) -> _Request:
+    """Check everything (types, names, every run's settings) before any compute."""
+    if isinstance(methods, str) or not isinstance(methods, Sequence) or not methods:
+        raise ConfigurationTypeError(
+            f"methods must be a non-empty list of method names; got {methods!r}"
+        )
+    if not isinstance(model, EquilibriumModule):
+        raise ConfigurationTypeError(
+            f"model must be an EquilibriumModule; got {type(model).__name__}"
+        )
+    estimators = []
+    for method in methods:
+        check_choice("methods", method, tuple(ESTIMATORS))
+        estimators.append(check_method_supported(model, method))
+    given = _check_settings("settings", settings)
+    ref = {**_REFERENCE, **_check_settings("reference", reference)}
+    for flag, value in flags.items():
+        if not isinstance(value, bool):
+            raise ConfigurationTypeError(f"{flag} must be a bool; got {type(value).__name__}")
+    checked = _check_sweeps(sweeps)
+    runs = [run for e in estimators for run in _runs(e, given, checked)]
+    dtype = next(model.parameters()).dtype
+    for run in runs:
+        resolve_settings(run.estimator.name, model.solver_defaults, dtype, **run.settings)
+    return _Request(tuple(runs), given, ref, checked, bool(flags["float64"]), bool(flags["bptt"]))
+
+
+def _reference(
+    model: EquilibriumModule,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    noise: NoiseRealization | None,
+    request: _Request,
+) -> _Reference:
+    """g_implicit at tight tolerances (a float64 copy with ``float64``), λ and ‖Jv − Jᵀv‖/‖Jv‖."""
+    ref_model, rx, ry, rnoise = _reference_model(model, x, y, noise, request.float64)
+    ref = estimate_gradient(ref_model, rx, ry, "implicit", noise=rnoise, **request.reference)
+    if ref.state is None or ref.adjoint is None:
+        raise ConfigurationError("the reference estimate returned no state")
+    state = ref.state
+    problem = prepare(ref_model, rx, ry, noise=rnoise)
+    lin = Linearization(problem.force, state, ref_model.jvp_mode)
+    gen = torch.Generator(device=state.device).manual_seed(0)
+    v = torch.randn(state.shape, generator=gen, dtype=state.dtype, device=state.device)
+    jv = lin.jvp(v)
+    asymmetry = float(per_sample_norm(jv - lin.vjp(v)).norm() / per_sample_norm(jv).norm())
+    return _Reference(ref, ref.adjoint, asymmetry, _groups(model))
+
+
+def _row(run: _Run, group: str, est: GradientEstimate, ref: _Reference, **extra: Any) -> ProbeRow:
+    names = ref.groups[group]
+    g_ref = _flat(ref.estimate.grads, names)
     free = est.stats.get("free", est.stats.get("bptt"))
     adj = est.stats.get("nudged", est.stats.get("adjoint"))
     cos = rel_err = math.nan
@@ -171,25 +254,68 @@ def _row(
         g = _flat(est.grads, names)
         cos, rel_err = _cos(g, g_ref), _rel(g, g_ref)
     anchor = est.settings["anchor"]
+    g_bptt = extra.pop("g_bptt")
     return ProbeRow(
-        method=method,
-        sweep=sweep,
-        value=value,
+        method=run.estimator.name,
+        sweep=run.sweep,
+        value=run.value,
         group=group,
         cos=cos,
         rel_err=rel_err,
-        adj_err=adj_err,
         cos_bptt=None if g_bptt is None else _cos(_flat(g_bptt, names), g_ref),
         res_free_T1=None if free is None else _worst(free.final_residual),
-        res_free_final=_worst(ref.stats["free"].final_residual),
+        res_free_final=_worst(ref.estimate.stats["free"].final_residual),
         res_adjoint=None if adj is None else _worst(adj.final_residual),
         steps_free=None if free is None else int(free.steps.max()),
         steps_adjoint=None if adj is None else int(adj.steps.max()),
         converged_adjoint=None if adj is None else adj.all_converged(),
         skipped=est.skipped,
-        T1=t1,
         anchor=anchor if isinstance(anchor, str) else None,
+        **extra,
     )
+
+
+class _BPTT:
+    """g_bptt(T1) for each T1 the runs use, each computed once."""
+
+    def __init__(self, model, x, y, noise, settings: Mapping[str, Any]) -> None:
+        self.args = (model, x, y)
+        self.noise = noise
+        self.settings = {k: v for k, v in settings.items() if k in ("step_size", "check_every")}
+        self.cache: dict[int, dict[str, torch.Tensor]] = {}
+
+    def __call__(self, t1: int) -> dict[str, torch.Tensor]:
+        if t1 not in self.cache:
+            est = estimate_gradient(*self.args, "bptt", noise=self.noise, steps=t1, **self.settings)
+            self.cache[t1] = est.grads
+        return self.cache[t1]
+
+
+def _measure(
+    model: EquilibriumModule,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    noise: NoiseRealization | None,
+    run: _Run,
+    ref: _Reference,
+    bptt: _BPTT | None,
+) -> list[ProbeRow]:
+    """The rows of one run: its estimate against the reference, per parameter group."""
+    est = estimate_gradient(
+        model, x, y, run.estimator.name, noise=noise, nonfinite="skip", **run.settings
+    )
+    steps, max_steps = est.settings["steps"], est.settings["max_steps"]
+    t1 = steps if isinstance(steps, int) else max_steps
+    if not isinstance(t1, int):
+        raise ConfigurationError(f"max_steps must be an int; got {t1!r}")
+    adj_err = None
+    if est.adjoint is not None:
+        lam = ref.adjoint.double().cpu().reshape(-1)
+        adj_err = _rel(est.adjoint.double().cpu().reshape(-1), lam)
+    g_bptt = None if bptt is None else bptt(t1)
+    return [
+        _row(run, group, est, ref, adj_err=adj_err, g_bptt=g_bptt, T1=t1) for group in ref.groups
+    ]
 
 
 def probe(
@@ -212,7 +338,8 @@ def probe(
         model: the model to analyse — the object itself, so its exact dynamics are probed.
         x, y: one batch.
         methods: estimators to compare (any of ``METHODS``).
-        sweeps: ``{"T2"|"beta"|"points"|"T1": [values]}``.
+        sweeps: ``{"T2"|"beta"|"points"|"T1": [values]}``; each applies to the methods whose
+            :attr:`Estimator.sweeps <gradstats.eqprop.Estimator.sweeps>` name it.
         reference: overrides of the reference settings (default: tol 1e-12, tol_adjoint 1e-11,
             GMRES, up to 100 000 steps).
         float64: compute the reference on a float64 copy of the model.
@@ -232,127 +359,30 @@ def probe(
             any compute); ``ConfigurationTypeError`` for a wrong type.
         DivergenceError: the reference (implicit) gradient diverged.
     """
-    if isinstance(methods, str) or not isinstance(methods, Sequence) or not methods:
-        raise ConfigurationTypeError(
-            f"methods must be a non-empty list of method names; got {methods!r}"
-        )
-    if not isinstance(model, EquilibriumModule):
-        raise ConfigurationTypeError(
-            f"model must be an EquilibriumModule; got {type(model).__name__}"
-        )
-    for method in methods:
-        check_choice("methods", method, METHODS)
-        check_method_supported(model, method)
-    unknown = sorted(set(settings) - set(SETTING_KEYS))
-    if unknown:
-        raise ConfigurationError(f"unknown setting(s) {unknown}; valid: {', '.join(SETTING_KEYS)}")
-    if reference is not None and not isinstance(reference, Mapping):
-        raise ConfigurationTypeError(
-            f"reference must be a mapping of settings; got {type(reference).__name__}"
-        )
-    unknown = sorted(set(reference or {}) - set(SETTING_KEYS))
-    if unknown:
-        raise ConfigurationError(
-            f"reference has unknown setting(s) {unknown}; valid: {', '.join(SETTING_KEYS)}"
-        )
-    for flag, given in (("float64", float64), ("bptt", bptt)):
-        if not isinstance(given, bool):
-            raise ConfigurationTypeError(f"{flag} must be a bool; got {type(given).__name__}")
-    checked = _check_sweeps(sweeps)
-    dtype = next(model.parameters()).dtype
-    for method in methods:  # every run's settings are valid before any compute
-        for name, values in checked.items():
-            if method in _SWEEP_METHODS[name]:
-                for swept in values:
-                    kw = _run_settings(method, settings, SWEEPS[name](swept))
-                    resolve_settings(method, model.solver_defaults, dtype, **kw)
-        resolve_settings(
-            method, model.solver_defaults, dtype, **_run_settings(method, settings, {})
-        )
-    ref_settings = {**_REFERENCE, **(reference or {})}
+    flags = {"float64": float64, "bptt": bptt}
+    request = _request(model, methods, sweeps, reference, flags, settings)
     if noise is None:
         with torch.no_grad():
             noise = model.sample_noise(model.inject(x), generator)
-    caught: list[str] = []
     with warnings.catch_warnings(record=True) as log:
         warnings.simplefilter("always")
-        ref_model, rx, ry, rnoise = _reference_model(model, x, y, noise, float64)
-        ref = estimate_gradient(ref_model, rx, ry, "implicit", noise=rnoise, **ref_settings)
-        if ref.state is None or ref.adjoint is None:
-            raise ConfigurationError("the reference estimate returned no state")
-        ref_state, ref_adjoint = ref.state, ref.adjoint
-        problem = prepare(ref_model, rx, ry, noise=rnoise)
-        lin = Linearization(problem.force, ref_state, ref_model.jvp_mode)
-        gen = torch.Generator(device=ref_state.device).manual_seed(0)
-        v = torch.randn(
-            ref_state.shape, generator=gen, dtype=ref_state.dtype, device=ref_state.device
-        )
-        jv = lin.jvp(v)
-        asymmetry = float(per_sample_norm(jv - lin.vjp(v)).norm() / per_sample_norm(jv).norm())
-        groups = _groups(model)
-        bptt_cache: dict[int, dict[str, torch.Tensor]] = {}
-
-        def bptt_grads(t1: int) -> dict[str, torch.Tensor]:
-            if t1 not in bptt_cache:
-                kw = {k: v for k, v in settings.items() if k in ("step_size", "check_every")}
-                est = estimate_gradient(model, x, y, "bptt", noise=noise, steps=t1, **kw)
-                bptt_cache[t1] = est.grads
-            return bptt_cache[t1]
-
-        rows: list[ProbeRow] = []
-        for method in methods:
-            runs: list[tuple[str | None, float | None, dict[str, Any]]] = [(None, None, {})]
-            for name, values in checked.items():
-                if method in _SWEEP_METHODS[name]:
-                    runs += [(name, value, SWEEPS[name](value)) for value in values]
-            for sweep, value, override in runs:
-                kw = _run_settings(method, settings, override)
-                est = estimate_gradient(model, x, y, method, noise=noise, nonfinite="skip", **kw)
-                steps, max_steps = est.settings["steps"], est.settings["max_steps"]
-                t1 = steps if isinstance(steps, int) else max_steps
-                if not isinstance(t1, int):
-                    raise ConfigurationError(f"max_steps must be an int; got {t1!r}")
-                g_bptt = bptt_grads(t1) if bptt else None
-                adj_err = None
-                if est.adjoint is not None:
-                    lam = ref_adjoint.double().cpu().reshape(-1)
-                    adj_err = _rel(est.adjoint.double().cpu().reshape(-1), lam)
-                for group, names in groups.items():
-                    g_ref = _flat(ref.grads, names)
-                    rows.append(
-                        _row(
-                            method,
-                            sweep,
-                            value,
-                            group,
-                            est,
-                            g_ref,
-                            names,
-                            ref=ref,
-                            adj_err=adj_err,
-                            g_bptt=g_bptt,
-                            t1=t1,
-                        )
-                    )
+        ref = _reference(model, x, y, noise, request)
+        g_bptt = _BPTT(model, x, y, noise, request.settings) if request.bptt else None
+        rows = [
+            row for run in request.runs for row in _measure(model, x, y, noise, run, ref, g_bptt)
+        ]
         caught = [f"{w.category.__name__}: {w.message}" for w in log]
+    est = ref.estimate
+    described = {"class": type(model).__name__, "describe": model.describe()}
     return ProbeReport(
         rows=rows,
-        model={
-            "class": type(model).__name__,
-            "describe": model.describe(),
-            "config": model.config(),
-            "fingerprint": model_fingerprint(model),
-            "dtype": str(next(model.parameters()).dtype),
-        },
-        settings=dict(settings),
-        reference={
-            **ref_settings,
-            "float64": float64,
-            "converged": ref.converged(),
-            "res_free": _worst(ref.stats["free"].final_residual),
-            "res_adjoint": _worst(ref.stats["adjoint"].final_residual),
-        },
-        asymmetry=asymmetry,
-        sweeps=checked,
+        model={**described, "config": model.config(), "fingerprint": model_fingerprint(model),
+               "dtype": str(next(model.parameters()).dtype)},
+        settings=dict(request.settings),
+        reference={**request.reference, "float64": request.float64, "converged": est.converged(),
+                   "res_free": _worst(est.stats["free"].final_residual),
+                   "res_adjoint": _worst(est.stats["adjoint"].final_residual)},
+        asymmetry=ref.asymmetry,
+        sweeps=request.sweeps,
         warnings=caught,
-    )
+    )  # fmt: skip

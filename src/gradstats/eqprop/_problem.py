@@ -14,6 +14,7 @@ import contextlib
 import inspect
 from collections.abc import Iterator
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
 
@@ -25,6 +26,7 @@ from gradstats.eqprop._stats import SolveStats
 from gradstats.errors import ConfigurationError, ConfigurationTypeError
 
 __all__ = [
+    "Outcome",
     "Problem",
     "assemble",
     "complex_dtype_errors",
@@ -47,6 +49,18 @@ def _rng_states(device: torch.device) -> list[torch.Tensor]:
     return states
 
 
+class Outcome(NamedTuple):
+    """What an estimator's ``compute(problem, settings)`` returns: the state the gradient is
+    evaluated at, the adjoint estimate a (``None``: the estimator returns ``grads`` itself), the
+    stats of every phase, and the gradients and loss (``None``: assembled from a)."""
+
+    state: torch.Tensor
+    adjoint: torch.Tensor | None
+    stats: dict[str, SolveStats]
+    grads: dict[str, torch.Tensor] | None = None
+    loss: torch.Tensor | None = None
+
+
 @dataclass
 class Problem:
     """Everything one estimate holds fixed (see module docstring)."""
@@ -57,6 +71,7 @@ class Problem:
     x_in: torch.Tensor
     noise: NoiseRealization | None
     z0: torch.Tensor
+    z0_given: bool = False  # the caller passed z0 (else it is init_state(x_in))
 
     @property
     def target(self) -> torch.Tensor:
@@ -177,7 +192,7 @@ def prepare(
             )
         if state.is_complex():
             raise ConfigurationError("the free state must be real; complex states are internal")
-        problem = Problem(model, x, y, x_in, noise, state)
+        problem = Problem(model, x, y, x_in, noise, state, z0 is not None)
         before = _rng_states(state.device)
         f = problem.force(state)
         after = _rng_states(state.device)

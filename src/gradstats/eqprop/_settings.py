@@ -1,6 +1,9 @@
 """Settings of a solve or an estimate: one place for defaults, one resolution order.
 
-Resolution: an explicit argument > the model's ``solver_defaults`` > the library defaults below.
+The shared solver settings (:class:`SolverSettings`, defaults :data:`SOLVER_DEFAULTS`) are the
+same for every estimator; each estimator's own settings are its registered options dataclass
+(:mod:`gradstats.eqprop._registry`). Resolution: an explicit argument > the model's
+``solver_defaults`` > the library defaults.
 Tolerances default by dtype (a float32 state cannot reach a float64 tolerance). Every value is
 validated before anything runs; errors name the argument and the valid values.
 """
@@ -16,20 +19,24 @@ from typing import TypedDict, TypeVar
 import torch
 
 from gradstats._validation import check_choice, check_positive_int
-from gradstats.eqprop._module import METHODS
+from gradstats.eqprop._registry import ESTIMATORS, Options, get_estimator
 from gradstats.errors import ConfigurationError, ConfigurationTypeError
 
 __all__ = [
-    "LIBRARY_DEFAULTS",
-    "SETTING_KEYS",
+    "SOLVER_DEFAULTS",
+    "SOLVER_KEYS",
     "Settings",
+    "SolverSettings",
     "check_float",
+    "library_defaults",
     "required",
     "resolve_settings",
+    "setting_keys",
 ]
 
-#: Library defaults; ``tol`` and ``tol_adjoint`` are per dtype, ``beta`` per method.
-LIBRARY_DEFAULTS: dict[str, object] = {
+#: Library defaults of the shared solver settings; ``tol`` and ``tol_adjoint`` are per dtype.
+#: The estimators' own settings default in their :class:`~gradstats.eqprop.Estimator`.
+SOLVER_DEFAULTS: dict[str, object] = {
     "step_size": 0.5,
     "tol": {torch.float64: 1e-9, torch.float32: 1e-5, "other": 1e-3},
     "tol_adjoint": {torch.float64: 1e-8, torch.float32: 1e-4, "other": 1e-2},
@@ -42,23 +49,42 @@ LIBRARY_DEFAULTS: dict[str, object] = {
     "freeze": True,
     "divergence_factor": 1e6,
     "stall_checks": 20,
-    "beta": {"ep": 0.01, "ep_symmetric": 0.05, "aep": 0.05, "holomorphic": 0.1},
-    "points": 4,
-    "anchor": "tracking",
-    "correction": True,
-    "steps": None,  # None: the same as max_steps
 }
-SETTING_KEYS = tuple(LIBRARY_DEFAULTS)
+#: The shared settings every estimator accepts (the fields of :class:`SolverSettings`).
+SOLVER_KEYS = tuple(SOLVER_DEFAULTS)
 T = TypeVar("T")
-_NUDGED = ("ep", "ep_symmetric", "aep", "holomorphic")
-#: Settings that only some methods use: passing one explicitly to another method is an error.
-_APPLIES_TO = {
-    "beta": _NUDGED,
-    "points": ("holomorphic",),
-    "anchor": ("aep", "holomorphic"),
-    "correction": ("holomorphic",),
-    "steps": ("bptt",),
-}
+
+
+@dataclass(frozen=True)
+class SolverSettings:
+    """The solver settings every estimator shares, as one typed record (``None``: not given).
+
+    What a caller (the trainer, the probe, the command line) passes instead of forwarding each
+    keyword: ``estimate_gradient(model, x, y, method, solver=SolverSettings(max_steps=30))``.
+    The meaning of each field is documented at :func:`~gradstats.eqprop.estimate_gradient`;
+    unset fields resolve to the model's ``solver_defaults``, then :data:`SOLVER_DEFAULTS`.
+    """
+
+    step_size: float | None = None
+    tol: float | None = None
+    tol_adjoint: float | None = None
+    max_steps: int | None = None
+    max_steps_adjoint: int | None = None
+    check_every: int | None = None
+    anderson: int | None = None
+    adjoint_solver: str | None = None
+    gmres_restart: int | None = None
+    freeze: bool | None = None
+    divergence_factor: float | None = None
+    stall_checks: int | None = None
+
+    def given(self) -> dict[str, object]:
+        """The fields that are set, as keyword arguments."""
+        return {k: v for k, v in dataclasses.asdict(self).items() if v is not None}
+
+    def replace(self, **changes: object) -> SolverSettings:
+        """A copy with ``changes`` (``None`` unsets a field)."""
+        return dataclasses.replace(self, **changes)  # type: ignore[arg-type]
 
 
 class FreePhaseOptions(TypedDict):
@@ -77,7 +103,8 @@ class FreePhaseOptions(TypedDict):
 
 @dataclass(frozen=True)
 class Settings:
-    """Resolved settings of one estimate (see :func:`~gradstats.eqprop.estimate_gradient`)."""
+    """Resolved settings of one estimate (see :func:`~gradstats.eqprop.estimate_gradient`):
+    the shared solver values and the estimator's own :attr:`options`."""
 
     method: str
     step_size: float
@@ -92,15 +119,17 @@ class Settings:
     freeze: bool
     divergence_factor: float
     stall_checks: int
-    beta: float | None
-    points: int | None
-    anchor: str | None
-    correction: bool | None
-    steps: int | None
+    options: Options = dataclasses.field(default_factory=Options)
 
     def as_dict(self) -> dict[str, object]:
-        """The settings as a plain dict (JSON-ready)."""
-        return dataclasses.asdict(self)
+        """The settings as a plain flat dict (JSON-ready): every setting any estimator takes,
+        ``None`` where it does not apply to this method."""
+        out: dict[str, object] = {
+            f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name != "options"
+        }
+        out.update(dict.fromkeys(_option_keys()))
+        out.update(dataclasses.asdict(self.options))
+        return out
 
     def free_phase_options(self) -> FreePhaseOptions:
         """``fixed_point(fn, z0, **settings.free_phase_options())`` relaxes a free phase."""
@@ -114,6 +143,33 @@ class Settings:
             divergence_factor=self.divergence_factor,
             stall_checks=self.stall_checks,
         )
+
+
+def _option_keys() -> tuple[str, ...]:
+    """Every estimator's own settings, first appearance in registry order."""
+    names: dict[str, None] = {}
+    for estimator in ESTIMATORS.values():
+        names.update(dict.fromkeys(estimator.option_names))
+    return tuple(names)
+
+
+def setting_keys() -> tuple[str, ...]:
+    """Every setting name ``estimate_gradient`` knows: the shared ones, then the estimators'."""
+    return SOLVER_KEYS + tuple(k for k in _option_keys() if k not in SOLVER_KEYS)
+
+
+def library_defaults() -> dict[str, object]:
+    """The library defaults of every setting (per-method values as ``{method: value}``)."""
+    out: dict[str, object] = dict(SOLVER_DEFAULTS)
+    for key in _option_keys():
+        per = {
+            e.name: e.option_defaults()[key]
+            for e in ESTIMATORS.values()
+            if key in e.option_names and key in e.option_defaults()
+        }
+        values = list(per.values())
+        out[key] = per if any(v != values[0] for v in values) else values[0]
+    return out
 
 
 def required(value: T | None, name: str, method: str) -> T:
@@ -147,11 +203,38 @@ def _check_defaults(source: str, values: Mapping[str, object]) -> None:
         raise ConfigurationTypeError(
             f"{source} must be a mapping of settings; got {type(values).__name__}"
         )
-    unknown = sorted(set(values) - set(SETTING_KEYS))
+    keys = setting_keys()
+    unknown = sorted(set(values) - set(keys))
     if unknown:
         raise ConfigurationError(
-            f"{source} has unknown setting(s) {unknown}; valid: {', '.join(SETTING_KEYS)}"
+            f"{source} has unknown setting(s) {unknown}; valid: {', '.join(keys)}"
         )
+
+
+def _shared(merged: Mapping[str, object]) -> dict[str, object]:
+    """The shared solver values of ``merged``, validated."""
+    divergence = check_float("divergence_factor", merged["divergence_factor"])
+    if divergence <= 1:
+        raise ConfigurationError(f"divergence_factor must be > 1; got {divergence}")
+    freeze = merged["freeze"]
+    if not isinstance(freeze, bool):
+        raise ConfigurationTypeError(f"freeze must be a bool; got {type(freeze).__name__}")
+    return {
+        "step_size": check_float("step_size", merged["step_size"]),
+        "tol": check_float("tol", merged["tol"], allow_zero=True),
+        "tol_adjoint": check_float("tol_adjoint", merged["tol_adjoint"], allow_zero=True),
+        "max_steps": check_positive_int("max_steps", merged["max_steps"]),
+        "max_steps_adjoint": check_positive_int("max_steps_adjoint", merged["max_steps_adjoint"]),
+        "check_every": check_positive_int("check_every", merged["check_every"]),
+        "anderson": check_positive_int("anderson", merged["anderson"], minimum=0),
+        "adjoint_solver": check_choice(
+            "adjoint_solver", merged["adjoint_solver"], ("richardson", "gmres")
+        ),
+        "gmres_restart": check_positive_int("gmres_restart", merged["gmres_restart"]),
+        "freeze": freeze,
+        "divergence_factor": divergence,
+        "stall_checks": check_positive_int("stall_checks", merged["stall_checks"], minimum=0),
+    }
 
 
 def resolve_settings(
@@ -159,84 +242,33 @@ def resolve_settings(
 ) -> Settings:
     """Resolve and validate the settings of ``method`` (explicit > model > library).
 
-    ``explicit`` holds the caller's arguments; ``None`` means "not given".
+    ``explicit`` holds the caller's arguments; ``None`` means "not given". A setting that only
+    other estimators accept (see :attr:`Estimator.option_names
+    <gradstats.eqprop.Estimator.option_names>`) is an error when given explicitly.
     """
-    check_choice("method", method, METHODS)
+    estimator = get_estimator(method)
     _check_defaults("the model's solver_defaults", model_defaults)
     _check_defaults("estimate_gradient", explicit)
     given = {k: v for k, v in explicit.items() if v is not None}
-    for key, methods in _APPLIES_TO.items():
-        if key in given and method not in methods:
+    for key in given:
+        if key not in SOLVER_KEYS and key not in estimator.option_names:
+            users = [e.name for e in ESTIMATORS.values() if key in e.option_names]
             raise ConfigurationError(
                 f"{key} does not apply to method={method!r}; it is used by "
-                f"{', '.join(repr(m) for m in methods)}"
+                f"{', '.join(repr(m) for m in users)}"
             )
-    merged: dict[str, object] = {**LIBRARY_DEFAULTS, **model_defaults, **given}
+    library = {**SOLVER_DEFAULTS, **estimator.option_defaults()}
+    merged: dict[str, object] = {**library, **model_defaults, **given}
     for key in ("tol", "tol_adjoint"):
         table = merged[key]
         if isinstance(table, Mapping):
             merged[key] = _by_dtype(table, dtype)
-    betas = merged["beta"]
-    if isinstance(betas, Mapping):
-        merged["beta"] = betas.get(method) if method in _NUDGED else None
-    step_size = check_float("step_size", merged["step_size"])
-    tol = check_float("tol", merged["tol"], allow_zero=True)
-    tol_adjoint = check_float("tol_adjoint", merged["tol_adjoint"], allow_zero=True)
-    max_steps = check_positive_int("max_steps", merged["max_steps"])
-    max_adj = check_positive_int("max_steps_adjoint", merged["max_steps_adjoint"])
-    check_every = check_positive_int("check_every", merged["check_every"])
-    anderson = check_positive_int("anderson", merged["anderson"], minimum=0)
-    adjoint_solver = check_choice(
-        "adjoint_solver", merged["adjoint_solver"], ("richardson", "gmres")
-    )
-    restart = check_positive_int("gmres_restart", merged["gmres_restart"])
-    freeze = merged["freeze"]
-    if not isinstance(freeze, bool):
-        raise ConfigurationTypeError(f"freeze must be a bool; got {type(freeze).__name__}")
-    divergence = check_float("divergence_factor", merged["divergence_factor"])
-    if divergence <= 1:
-        raise ConfigurationError(f"divergence_factor must be > 1; got {divergence}")
-    stall_checks = check_positive_int("stall_checks", merged["stall_checks"], minimum=0)
-    beta: float | None = None
-    points: int | None = None
-    anchor: str | None = None
-    correction: bool | None = None
-    steps: int | None = None
-    if method in _NUDGED:
-        name = "beta (the radius r for method='holomorphic')" if method == "holomorphic" else "beta"
-        beta = check_float(name, merged["beta"])
-    if method == "holomorphic":
-        points = check_positive_int("points", merged["points"], minimum=2)
-        given_correction = merged["correction"]
-        if not isinstance(given_correction, bool):
-            raise ConfigurationTypeError(
-                f"correction must be a bool; got {type(given_correction).__name__}"
-            )
-        correction = given_correction
-    if method == "aep" or (method == "holomorphic" and correction):
-        anchor = check_choice("anchor", merged["anchor"], ("fixed", "tracking"))
-    elif method == "holomorphic" and "anchor" in given:
-        raise ConfigurationError("anchor applies only with correction=True (the AEP correction)")
-    if method == "bptt":
-        given_steps = merged["steps"]
-        steps = max_steps if given_steps is None else check_positive_int("steps", given_steps)
-    return Settings(
-        method=method,
-        step_size=step_size,
-        tol=tol,
-        tol_adjoint=tol_adjoint,
-        max_steps=max_steps,
-        max_steps_adjoint=max_adj,
-        check_every=check_every,
-        anderson=anderson,
-        adjoint_solver=adjoint_solver,
-        gmres_restart=restart,
-        freeze=freeze,
-        divergence_factor=divergence,
-        stall_checks=stall_checks,
-        beta=beta,
-        points=points,
-        anchor=anchor,
-        correction=correction,
-        steps=steps,
-    )
+    for key in estimator.option_names:  # a model may give per-method values: {method: value}
+        value = merged.get(key)
+        if isinstance(value, Mapping):
+            merged[key] = value.get(method, library.get(key))
+    shared = _shared(merged)
+    max_steps = shared["max_steps"]
+    assert isinstance(max_steps, int)  # checked by _shared
+    options = estimator.options.resolve(method, merged, given, max_steps)
+    return Settings(method=method, options=options, **shared)  # type: ignore[arg-type]

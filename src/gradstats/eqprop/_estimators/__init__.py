@@ -1,20 +1,25 @@
-"""``estimate_gradient``: one entry point for every estimator, each reporting its residuals."""
+"""``estimate_gradient``: one entry point for every estimator, each reporting its residuals.
+
+Importing this package registers every estimator (:mod:`gradstats.eqprop._registry`) in the
+order of :data:`METHODS`; ``estimate_gradient`` resolves the settings against the estimator's
+declaration and calls its ``compute``.
+"""
 
 from __future__ import annotations
 
 import torch
 
-from gradstats._validation import check_choice
 from gradstats._warnings import deprecated_alias
 from gradstats.eqprop._estimators._phases import AnalyticityWarning
-from gradstats.eqprop._estimators.aep import aep_adjoint
-from gradstats.eqprop._estimators.bptt import bptt_gradients
-from gradstats.eqprop._estimators.ep import ep_adjoint
-from gradstats.eqprop._estimators.holo import holomorphic_adjoint
-from gradstats.eqprop._estimators.implicit import implicit_adjoint
-from gradstats.eqprop._module import METHODS, EquilibriumModule, NoiseRealization
+from gradstats.eqprop._estimators.aep import AEP
+from gradstats.eqprop._estimators.bptt import BPTT
+from gradstats.eqprop._estimators.ep import EP, EP_SYMMETRIC
+from gradstats.eqprop._estimators.holo import HOLOMORPHIC
+from gradstats.eqprop._estimators.implicit import IMPLICIT
+from gradstats.eqprop._module import EquilibriumModule, NoiseRealization
 from gradstats.eqprop._problem import assemble, prepare
-from gradstats.eqprop._settings import resolve_settings
+from gradstats.eqprop._registry import ESTIMATORS, Estimator, Options, get_estimator, register
+from gradstats.eqprop._settings import SolverSettings, library_defaults, resolve_settings
 from gradstats.eqprop._stats import DivergenceError, GradientEstimate
 from gradstats.errors import (
     ConfigurationError,
@@ -23,33 +28,41 @@ from gradstats.errors import (
     check_nonfinite,
 )
 
-__all__ = ["AnalyticityWarning", "check_method_supported", "estimate_gradient"]
+__all__ = [
+    "ESTIMATORS",
+    "LIBRARY_DEFAULTS",
+    "METHODS",
+    "AnalyticityWarning",
+    "check_method_supported",
+    "estimate_gradient",
+    "get_estimator",
+    "supported_estimators",
+]
 
-_ADJOINTS = {
-    "implicit": implicit_adjoint,
-    "ep": ep_adjoint,
-    "ep_symmetric": ep_adjoint,
-    "aep": aep_adjoint,
-    "holomorphic": holomorphic_adjoint,
-}
+register(IMPLICIT, BPTT, EP, EP_SYMMETRIC, AEP, HOLOMORPHIC)
+#: Every estimator ``estimate_gradient`` knows (the names of :data:`ESTIMATORS`).
+METHODS = tuple(ESTIMATORS)
+#: Library defaults of every setting (``tol``/``tol_adjoint`` per dtype, ``beta`` per method).
+LIBRARY_DEFAULTS = library_defaults()
 
 
-def check_method_supported(model: EquilibriumModule, method: str) -> None:
-    """Raise a :class:`~gradstats.errors.ConfigurationError` (a ``ValueError``) naming the method
-    and the model/mode if it is not supported."""
-    check_choice("method", method, METHODS)
+def check_method_supported(model: EquilibriumModule, method: str) -> Estimator:
+    """The estimator ``method`` if ``model`` supports it; otherwise raise a
+    :class:`~gradstats.errors.ConfigurationError` (a ``ValueError``) naming the method and the
+    model/mode."""
+    estimator = get_estimator(method)
     if not isinstance(model, EquilibriumModule):
         raise ConfigurationTypeError(
             f"model must be an EquilibriumModule; got {type(model).__name__}"
         )
-    if method == "holomorphic" and not model.holomorphic:
+    if not estimator.supports(model):
         raise ConfigurationError(
-            f"method='holomorphic' needs a force and loss that accept complex states, but "
+            f"method={method!r} needs a force and loss that accept complex states, but "
             f"{model.describe()} declares holomorphic=False"
         )
-    if method == "holomorphic" and any(p.is_complex() for p in model.parameters()):
+    if "real" not in estimator.model_kinds and any(p.is_complex() for p in model.parameters()):
         raise ConfigurationError(
-            f"method='holomorphic' needs real parameters (it relaxes only one phase of each "
+            f"method={method!r} needs real parameters (it relaxes only one phase of each "
             f"conjugate pair, z(conj β) = conj z(β)); {model.describe()} has complex parameters"
         )
     supported = tuple(model.supported_methods())
@@ -58,6 +71,39 @@ def check_method_supported(model: EquilibriumModule, method: str) -> None:
             f"method={method!r} is not supported by {model.describe()}; it supports "
             f"{', '.join(repr(m) for m in supported)}"
         )
+    return estimator
+
+
+def supported_estimators(model: EquilibriumModule) -> tuple[Estimator, ...]:
+    """The registered estimators ``model`` (in its current mode) supports."""
+    names = set(model.supported_methods())
+    return tuple(e for e in ESTIMATORS.values() if e.name in names and e.supports(model))
+
+
+def _with_records(
+    estimator: Estimator,
+    keywords: dict[str, object],
+    solver: SolverSettings | None,
+    options: Options | None,
+) -> dict[str, object]:
+    """The explicit settings: the keywords merged with the ``solver``/``options`` records (a
+    setting given both ways is an error)."""
+    if solver is not None and not isinstance(solver, SolverSettings):
+        raise ConfigurationTypeError(
+            f"solver must be a SolverSettings; got {type(solver).__name__}"
+        )
+    if options is not None and not isinstance(options, estimator.options):
+        raise ConfigurationTypeError(
+            f"options of method={estimator.name!r} must be a {estimator.options.__name__}; "
+            f"got {type(options).__name__}"
+        )
+    out = dict(keywords)
+    for record in (solver, options):
+        for key, value in ({} if record is None else record.given()).items():
+            if keywords.get(key) is not None:
+                raise ConfigurationError(f"{key} is given as a keyword and in a settings record")
+            out[key] = value
+    return out
 
 
 def _finite(grads: dict[str, torch.Tensor]) -> bool:
@@ -93,6 +139,8 @@ def estimate_gradient(
     z0: torch.Tensor | None = None,
     nonfinite: NonFinitePolicy | None = None,
     on_failure: NonFinitePolicy | None = None,
+    solver: SolverSettings | None = None,
+    options: Options | None = None,
 ) -> GradientEstimate:
     """Estimate dL/dθ of an equilibrium model with one of six estimators.
 
@@ -143,6 +191,10 @@ def estimate_gradient(
             Either way nothing non-finite reaches ``.grad``. Deciding it costs one host read
             of the gradients' finiteness per estimate (a documented sync point).
         on_failure: deprecated alias of ``nonfinite`` (same values; warns ``FutureWarning``).
+        solver: the shared solver settings as one :class:`~gradstats.eqprop.SolverSettings`
+            record (instead of, not as well as, the same keywords).
+        options: the estimator's own settings as its options record
+            (``get_estimator(method).options``), instead of the keywords.
 
     Defaults: explicit arguments > ``model.solver_defaults`` > library defaults
     (``gradstats.eqprop.LIBRARY_DEFAULTS``).
@@ -156,7 +208,7 @@ def estimate_gradient(
             :class:`~gradstats.errors.ConfigurationTypeError` for a wrong type).
         DivergenceError: a phase diverged or the gradient is non-finite (``nonfinite="raise"``).
     """
-    check_choice("method", method, METHODS)
+    estimator = get_estimator(method)
     if on_failure is not None:
         check_nonfinite("on_failure", on_failure)
     policy = check_nonfinite(
@@ -164,7 +216,7 @@ def estimate_gradient(
     )
     check_method_supported(model, method)
     dtype = z0.dtype if isinstance(z0, torch.Tensor) else torch.get_default_dtype()
-    explicit = dict(
+    keywords: dict[str, object] = dict(
         beta=beta,
         points=points,
         anchor=anchor,
@@ -183,17 +235,15 @@ def estimate_gradient(
         divergence_factor=divergence_factor,
         stall_checks=stall_checks,
     )
+    explicit = _with_records(estimator, keywords, solver, options)
     resolve_settings(method, model.solver_defaults, dtype, **explicit)  # fail before any work
     problem = prepare(
         model, x, y, noise=noise, generator=generator, z0=z0, complex_check=method == "holomorphic"
     )
     s = resolve_settings(method, model.solver_defaults, problem.z0.dtype, **explicit)
     try:
-        if method == "bptt":
-            state, grads, loss, stats = bptt_gradients(problem, s, z0 is not None)
-            a = None
-        else:
-            state, a, stats = _ADJOINTS[method](problem, s)
+        state, a, stats, grads, loss = estimator.compute(problem, s)
+        if grads is None or loss is None:
             grads, loss = assemble(problem, state, a)
         if not _finite(grads) or not bool(torch.isfinite(loss)):  # sync-ok: once per estimate
             raise DivergenceError(

@@ -7,29 +7,51 @@ model evaluated with exactly T steps.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+from dataclasses import dataclass
+from types import MappingProxyType
+from typing import ClassVar
+
 import torch
 
+from gradstats._validation import check_positive_int
 from gradstats.eqprop._autodiff import per_sample_norm
 from gradstats.eqprop._module import trainable
-from gradstats.eqprop._problem import Problem, free_residual
+from gradstats.eqprop._problem import Outcome, Problem, free_residual
+from gradstats.eqprop._registry import T1_KEY, Estimator, Options
 from gradstats.eqprop._settings import Settings, required
 from gradstats.eqprop._stats import DivergenceError, SolveStats
 
-__all__ = ["bptt_gradients"]
+__all__ = ["BPTT", "BPTTOptions", "bptt_gradients"]
 
 
-def bptt_gradients(
-    problem: Problem, s: Settings, z0_given: bool
-) -> tuple[torch.Tensor, dict[str, torch.Tensor], torch.Tensor, dict[str, SolveStats]]:
-    """Return ``(z_T, grads, loss, stats)``."""
+@dataclass(frozen=True)
+class BPTTOptions(Options):
+    """Settings of BPTT: exactly ``steps`` unrolled steps (default: ``max_steps``)."""
+
+    DEFAULTS: ClassVar[Mapping[str, object]] = MappingProxyType({"steps": None})
+    steps: int | None = None
+
+    @classmethod
+    def resolve(
+        cls, method: str, merged: Mapping[str, object], given: Mapping[str, object], max_steps: int
+    ) -> BPTTOptions:
+        steps = merged.get("steps")
+        return cls(steps=max_steps if steps is None else check_positive_int("steps", steps))
+
+
+def bptt_gradients(problem: Problem, s: Settings) -> Outcome:
+    """Return ``(z_T, None, stats, grads, loss)`` (no adjoint: autograd gives the grads)."""
     model = problem.model
     names, params = trainable(model)
-    steps = required(s.steps, "steps", s.method)
+    options = s.options
+    assert isinstance(options, BPTTOptions)
+    steps = required(options.steps, "steps", s.method)
     trace: list[torch.Tensor] = []
     trace_steps: list[int] = []
     with torch.enable_grad():
         x_in = model.inject(problem.x)
-        z = problem.z0 if z0_given else model.init_state(x_in)
+        z = problem.z0 if problem.z0_given else model.init_state(x_in)
         abs0 = None
         for t in range(steps):
             f = problem.force_with_input(z, x_in)
@@ -71,4 +93,17 @@ def bptt_gradients(
         n: torch.zeros_like(p) if g is None else g
         for n, p, g in zip(names, params, grads, strict=True)
     }
-    return z, out, loss.detach(), {"bptt": stats}
+    return Outcome(z, None, {"bptt": stats}, out, loss.detach())
+
+
+BPTT = Estimator(
+    name="bptt",
+    estimate="autograd through exactly steps steps",
+    exact_when="defines the finite-T objective",
+    compute=bptt_gradients,
+    options=BPTTOptions,
+    phases=("bptt",),
+    sweeps=("T1",),
+    t1_keys=(T1_KEY, "steps"),
+    train_rank=4,
+)

@@ -10,18 +10,16 @@ from __future__ import annotations
 import torch
 
 from gradstats.eqprop._autodiff import Linearization
-from gradstats.eqprop._problem import Problem, free_phase
+from gradstats.eqprop._problem import Outcome, Problem, free_phase
+from gradstats.eqprop._registry import T2_KEY, Estimator, Options
 from gradstats.eqprop._settings import Settings
 from gradstats.eqprop._solvers import solve_adjoint
-from gradstats.eqprop._stats import SolveStats
 
-__all__ = ["implicit_adjoint"]
+__all__ = ["IMPLICIT", "implicit_adjoint"]
 
 
-def implicit_adjoint(
-    problem: Problem, s: Settings
-) -> tuple[torch.Tensor, torch.Tensor, dict[str, SolveStats]]:
-    """Return ``(z*, λ, stats)``."""
+def implicit_adjoint(problem: Problem, s: Settings) -> Outcome:
+    """Return ``(z*, λ, stats)`` (the gradient is assembled from λ)."""
     z, free = free_phase(problem, s)
     ell = problem.loss_grad(z)
     lin = Linearization(problem.force, z, problem.model.jvp_mode)
@@ -38,4 +36,17 @@ def implicit_adjoint(
             divergence_factor=s.divergence_factor,
             stall_checks=s.stall_checks,
         )
-    return z, lam, {"free": free, "adjoint": adjoint}
+    return Outcome(z, lam, {"free": free, "adjoint": adjoint})
+
+
+IMPLICIT = Estimator(
+    name="implicit",
+    estimate="λ solving Jᵀλ = −ℓ to tol_adjoint",
+    exact_when="free and adjoint converged (the reference)",
+    compute=implicit_adjoint,
+    options=Options,  # no settings of its own: the adjoint solver's are shared
+    phases=("free", "adjoint"),
+    sweeps=("T2", "T1"),
+    t2_keys=(T2_KEY,),
+    train_rank=3,
+)

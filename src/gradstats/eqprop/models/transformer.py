@@ -46,7 +46,7 @@ import torch.nn.functional as F
 from gradstats._validation import check_choice, check_positive_int
 from gradstats.eqprop._autodiff import Linearization
 from gradstats.eqprop._holo_ops import holo_cross_entropy
-from gradstats.eqprop._module import METHODS, EquilibriumModule, NoiseRealization
+from gradstats.eqprop._module import EquilibriumModule, NoiseRealization
 from gradstats.eqprop._settings import check_float
 from gradstats.eqprop.models._blocks import (
     CausalAttention,
@@ -215,10 +215,6 @@ class EquilibriumTransformer(EquilibriumModule):
             "init_std": self.init_std,
             "embed_std": self.embed_std,
         }
-
-    def supported_methods(self) -> tuple[str, ...]:
-        """Every estimator in ``thick`` mode; all but ``holomorphic`` in ``real``/``energy``."""
-        return METHODS if self.holomorphic else tuple(m for m in METHODS if m != "holomorphic")
 
     def parameter_groups(self) -> dict[str, list[str]]:
         """Groups by block part — ``embed``, ``attn``, ``ffn``, ``ln``, ``readout`` — and per

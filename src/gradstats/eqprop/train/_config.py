@@ -18,6 +18,9 @@ from typing import Any, TypedDict
 import torch
 
 from gradstats._validation import check_choice, check_positive_int
+from gradstats.eqprop._estimators import ESTIMATORS, get_estimator
+from gradstats.eqprop._registry import MODEL_KINDS, Estimator, Options
+from gradstats.eqprop._settings import SolverSettings
 from gradstats.eqprop.models.baseline import BackpropTransformer
 from gradstats.eqprop.models.transformer import MODES, EquilibriumTransformer
 from gradstats.eqprop.train._controller import DEFAULT_GAIN, HELP, check_controller_options
@@ -47,42 +50,40 @@ class FreeSettings(TypedDict):
 class EstimatorSettings(TypedDict, total=False):
     """Keyword arguments of ``estimate_gradient`` for a run's method."""
 
-    steps: int
-    max_steps: int
-    tol: float | None
-    step_size: float | None
-    max_steps_adjoint: int
-    tol_adjoint: float | None
-    beta: float | None
-    points: int | None
-    anchor: str | None
+    solver: SolverSettings
+    options: Options
 
 
-#: Estimators of the equilibrium model the trainer can use.
-EP_METHODS = ("aep", "holomorphic", "ep_symmetric", "implicit", "bptt")
+def _offered() -> tuple[Estimator, ...]:  # the trainer's estimators, by train_rank
+    ranked = [e for e in ESTIMATORS.values() if e.train_rank is not None]
+    return tuple(sorted(ranked, key=lambda e: e.train_rank or 0))
+
+
+EP_METHODS = tuple(e.name for e in _offered())
 #: ``--method`` values: the estimators plus ``backprop`` (the feed-forward baseline).
 TRAIN_METHODS = (*EP_METHODS, "backprop")
 OPTIMIZERS = ("adamw", "adam", "sgd")
-_NUDGED = ("aep", "holomorphic", "ep_symmetric")
-_FIXED_POINT = (*_NUDGED, "implicit")  # relax to a tolerance, then a nudged/adjoint phase
 _DEFAULT_OUT = Path("eqprop-run")
-#: Options only some methods use: option -> the methods it applies to. Setting one to a
-#: non-default value with another method is an error (it would be silently ignored). ``t1`` is
-#: accepted by every method (``backprop`` ignores it), so one command line serves a comparison.
+_EP_ONLY = ("step_size", "damping", "attn_mode", "force_noise", "penalty_probes",
+            "contraction_target", "controller_gain")  # fmt: skip
+#: Run options that set an estimator's own settings (the fields of its options dataclass).
+_OPTION_FIELDS = ("beta", "points", "anchor")
+
+
+def _using(test) -> tuple[str, ...]:  # the offered estimators passing ``test``
+    return tuple(e.name for e in _offered() if test(e))
+
+
+#: Options only some methods use: option -> the methods it applies to (read from the
+#: registry). Setting one to a non-default value with another method is an error (it would be
+#: silently ignored). ``t1`` is accepted by every method (``backprop`` ignores it), so one
+#: command line serves a comparison.
 APPLIES_TO: dict[str, tuple[str, ...]] = {
-    "tol": _FIXED_POINT,
-    "t2": _FIXED_POINT,
-    "tol_adjoint": _FIXED_POINT,
-    "beta": _NUDGED,
-    "points": ("holomorphic",),
-    "anchor": ("aep", "holomorphic"),
-    "step_size": EP_METHODS,
-    "damping": EP_METHODS,
-    "attn_mode": EP_METHODS,
-    "force_noise": EP_METHODS,
-    "penalty_probes": EP_METHODS,
-    "contraction_target": EP_METHODS,
-    "controller_gain": EP_METHODS,
+    "tol": _using(lambda e: "free" in e.phases),
+    "t2": _using(lambda e: bool(e.t2_keys)),
+    "tol_adjoint": _using(lambda e: e.second_phase is not None),
+    **{name: _using(lambda e, n=name: n in e.option_names) for name in _OPTION_FIELDS},
+    **dict.fromkeys(_EP_ONLY, EP_METHODS),
     "layers": ("backprop",),
 }
 
@@ -170,9 +171,10 @@ class TrainConfig:
         check_choice("dtype", self.dtype, ("float32", "float64"))
         if self.anchor is not None:
             check_choice("anchor", self.anchor, ("fixed", "tracking"))
-        if self.method == "holomorphic" and self.attn_mode != "thick":
+        kinds = MODEL_KINDS if self.attn_mode == "thick" else MODEL_KINDS[:1]  # of the model
+        if self.is_equilibrium and not set(get_estimator(self.method).model_kinds) & set(kinds):
             raise ConfigurationError(
-                "method='holomorphic' is not supported by "
+                f"method={self.method!r} is not supported by "
                 f"EquilibriumTransformer(mode={self.attn_mode!r}); use --attn-mode thick"
             )
         for name in ("steps", "d_model", "n_heads", "block_size", "batch_size", "ffn_mult"):
@@ -294,27 +296,30 @@ class TrainConfig:
         ``bptt`` evaluates exactly ``t1`` steps (``tol=0``); the fixed-point methods relax to
         ``tol`` with ``t1`` as the cap.
         """
-        tol = 0.0 if self.method == "bptt" else self.tol
+        tol = self.tol if "free" in get_estimator(self.method).phases else 0.0
         return {"max_steps": self.t1, "step_size": self.step_size, "tol": tol}
 
+    def solver_settings(self) -> SolverSettings:
+        """The run's shared solver settings for its method (T1/T2 as the registry maps them)."""
+        estimator = get_estimator(self.method)
+        values: dict[str, object] = {"step_size": self.step_size}
+        if "free" in estimator.phases:
+            values.update(max_steps=self.t1, tol=self.tol)
+        if estimator.second_phase is not None:
+            values.update(max_steps_adjoint=self.t2, tol_adjoint=self.tol_adjoint)
+        return SolverSettings(**values)  # type: ignore[arg-type]
+
+    def method_options(self) -> Options:
+        """The run's settings of its method's own options dataclass (``bptt``: ``steps=t1``)."""
+        estimator = get_estimator(self.method)
+        values = {k: getattr(self, k) for k in _OPTION_FIELDS if k in estimator.option_names}
+        values.update({k: self.t1 for k in estimator.t1_keys if k in estimator.option_names})
+        return estimator.options(**values)
+
     def estimator_settings(self) -> EstimatorSettings:
-        """Keyword arguments of ``estimate_gradient`` for this run's method."""
-        if self.method == "bptt":
-            return {"steps": self.t1, "step_size": self.step_size}
-        out: EstimatorSettings = {
-            "max_steps": self.t1,
-            "tol": self.tol,
-            "step_size": self.step_size,
-            "max_steps_adjoint": self.t2,
-            "tol_adjoint": self.tol_adjoint,
-        }
-        if self.method in _NUDGED:
-            out["beta"] = self.beta
-        if self.method == "holomorphic":
-            out["points"] = self.points
-        if self.method in ("aep", "holomorphic"):
-            out["anchor"] = self.anchor
-        return out
+        """Keyword arguments of ``estimate_gradient`` for this run's method: its
+        :meth:`solver_settings` and :meth:`method_options` records."""
+        return {"solver": self.solver_settings(), "options": self.method_options()}
 
     # ----------------------------------------------------------------------------- storage
     def to_dict(self) -> dict[str, object]:
