@@ -10,7 +10,9 @@ Format (``torch.save``-able, loads with ``weights_only=True``)::
 Loading is two phases: :func:`plan_load` checks the *whole* dict (every key present, every value
 possible: ``_state_checks``) and decides what to load, raising a
 :class:`~gradstats.errors.StateError` before anything changes; :func:`commit_load` then writes
-the plan into the engine. A checkpoint of the reference implementation (``foreach=False``) loads
+the plan into a :class:`~gradstats.scaling.ScalerState`. Both read and write the state's
+public fields only (its ``statistics``' ``tensor_state``/``load_tensor_state``, counters,
+factor, clock). A checkpoint of the reference implementation (``foreach=False``) loads
 into the fast one (its per-coordinate variances are summed into ``var_sum`` = Σ_i v_i), and so
 does one of the earlier fast format (``sq_ema`` = q only: Σ_i v_i = q − ‖m‖², as precise as that
 format was); the other way is impossible and is reported as a mismatch.
@@ -19,7 +21,7 @@ format was); the other way is impossible and is reported as a mismatch.
 from __future__ import annotations
 
 import dataclasses
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import torch
@@ -28,8 +30,8 @@ from gradstats._validation import check_state_header
 from gradstats._warnings import warn
 from gradstats.errors import ConfigurationError, StateError
 from gradstats.scaling._config import ScalerConfig
-from gradstats.scaling._engine import ScalerEngine
 from gradstats.scaling._rules import factor_bounds, make_rule
+from gradstats.scaling._scaler_state import ScalerState
 from gradstats.scaling._state_checks import (
     check_counters,
     check_entry,
@@ -38,6 +40,7 @@ from gradstats.scaling._state_checks import (
     check_updates,
     need,
 )
+from gradstats.scaling._statistic import get_statistic
 
 __all__ = [
     "FORMAT", "VERSION", "LoadPlan", "LoadReport", "commit_load", "load", "plan_load", "save"
@@ -81,37 +84,37 @@ class LoadPlan:
     saved_beta: object
 
 
-def _positions(engine: ScalerEngine) -> list[tuple[int, int, int]]:
+def _positions(state: ScalerState) -> list[tuple[int, int, int]]:
     return [
         (block, local, start + local)
-        for block, (start, stop) in enumerate(engine.layout.blocks)
+        for block, (start, stop) in enumerate(state.layout.blocks)
         for local in range(stop - start)
     ]
 
 
-def save(engine: ScalerEngine, config: ScalerConfig) -> dict[str, object]:
-    """The checkpoint of ``engine`` (copies; later updates do not change it)."""
+def save(state: ScalerState, config: ScalerConfig) -> dict[str, object]:
+    """The checkpoint of ``state`` (copies; later updates do not change it)."""
     tensors = {}
-    for block, local, j in _positions(engine):
-        tensor = engine.layout.tensors[j]
-        tensors[engine.layout.names[j]] = {
-            "shape": list(engine.shapes[j]),
+    for block, local, j in _positions(state):
+        tensor = state.layout.tensors[j]
+        tensors[state.layout.names[j]] = {
+            "shape": list(state.shapes[j]),
             "dtype": str(tensor.dtype).removeprefix("torch."),
-            **engine.states[block].tensor_state(local),
+            **state.statistics[block].tensor_state(local),
         }
     return {
         "format": FORMAT,
         "version": VERSION,
         "config": config.to_dict(),
-        "updates": engine.updates,
+        "updates": state.updates,
         "counters": {
-            "nonfinite": engine.nonfinite.clone(),
-            "consecutive": engine.consecutive.clone(),
-            "skipped": engine.skipped.clone(),
+            "nonfinite": state.nonfinite.clone(),
+            "consecutive": state.consecutive.clone(),
+            "skipped": state.skipped.clone(),
         },
-        "factor": engine.previous.clone(),
-        "progress": engine.progress.clone(),
-        "overall_factor": engine.overall_previous.clone(),
+        "factor": state.factor.clone(),
+        "progress": state.progress.clone(),
+        "overall_factor": state.overall_factor.clone(),
         "tensors": tensors,
     }
 
@@ -158,7 +161,7 @@ def _header(state_dict: object, ours: ScalerConfig) -> tuple[dict[str, object], 
 
 
 def plan_load(
-    engine: ScalerEngine,
+    state: ScalerState,
     ours: ScalerConfig,
     state_dict: object,
     *,
@@ -198,20 +201,20 @@ def plan_load(
             f"of rule={config.rule!r}: it was saved under another rule (construct the scaler "
             "with the checkpoint's rule, or pass use_checkpoint_config=True)"
         )
-    names = engine.layout.names
-    keys = engine.states[0].state_keys(ours.foreach)
+    names = state.layout.names
+    keys = get_statistic(ours.statistic).state_keys(ours.foreach)
     loaded, mismatched, plan = [], [], []
-    for block, local, j in _positions(engine):
+    for block, local, j in _positions(state):
         name = names[j]
         if name not in checked:
             continue
         shape, entry = checked[name]
-        state = _converted(entry, keys)
-        if shape != engine.shapes[j] or state is None:
+        converted = _converted(entry, keys)
+        if shape != state.shapes[j] or converted is None:
             mismatched.append(name)
             continue
-        device = engine.states[block].count.device
-        plan.append((block, local, {k: v.to(device) for k, v in state.items()}))
+        device = state.layout.devices[block]
+        plan.append((block, local, {k: v.to(device) for k, v in converted.items()}))
         loaded.append(name)
     missing = [n for n in names if n not in checked]
     unexpected = [str(n) for n in checked if n not in names]
@@ -224,12 +227,12 @@ def plan_load(
     report = LoadReport(
         tuple(loaded), tuple(missing), tuple(unexpected), tuple(mismatched), differences
     )
-    home = engine.home
+    home = state.home
     return LoadPlan(
         config=config,
         tensors=tuple(plan),
         counters={k: v.to(home) for k, v in counters.items()},
-        factor=factor.to(home, torch.float64) if factor.shape == engine.previous.shape else None,
+        factor=factor.to(home, torch.float64) if factor.shape == state.factor.shape else None,
         progress=progress.to(home),
         overall_factor=None
         if overall is None or overall.shape != (1,)
@@ -242,40 +245,43 @@ def plan_load(
     )
 
 
-def commit_load(engine: ScalerEngine, plan: LoadPlan) -> None:
-    """Write a checked plan into the engine (nothing here can fail on a valid plan)."""
-    for state in engine.states:
-        state.beta = plan.config.beta
+def commit_load(state: ScalerState, plan: LoadPlan) -> ScalerState:
+    """The state with a checked plan written into it (nothing here can fail on a valid plan).
+    In place: ``state``'s statistic buffers receive the loaded values and become the result's."""
+    for statistic in state.statistics:
+        statistic.beta = plan.config.beta
     for block, local, tensors in plan.tensors:
-        engine.states[block].load_tensor_state(local, tensors)
-    engine.nonfinite = plan.counters["nonfinite"]
-    engine.consecutive = plan.counters["consecutive"]
-    engine.skipped = plan.counters["skipped"]
-    if plan.factor is not None:
-        engine.previous = plan.factor
-    engine.progress = plan.progress
-    if plan.overall_factor is not None:
-        engine.overall_previous = plan.overall_factor
-    engine.updates = plan.updates
+        state.statistics[block].load_tensor_state(local, tensors)
+    return replace(
+        state,
+        nonfinite=plan.counters["nonfinite"],
+        consecutive=plan.counters["consecutive"],
+        skipped=plan.counters["skipped"],
+        factor=state.factor if plan.factor is None else plan.factor,
+        progress=plan.progress,
+        overall_factor=state.overall_factor if plan.overall_factor is None else plan.overall_factor,
+        updates=plan.updates,
+    )
 
 
 def load(
-    engine: ScalerEngine,
+    state: ScalerState,
     config: ScalerConfig,
     state_dict: object,
     strict: bool,
     use_checkpoint_config: bool,
     quiet: bool,
-) -> LoadPlan:
-    """Check, then write ``state_dict`` into ``engine``; warn about what did not carry over.
-    Returns the plan (its ``config`` is the scaler's configuration from now on)."""
+) -> tuple[ScalerState, LoadPlan]:
+    """Check, then write ``state_dict`` into ``state`` (in place, :func:`commit_load`); warn
+    about what did not carry over. Returns the loaded state and the plan (its ``config`` is the
+    scaler's configuration from now on)."""
     plan = plan_load(
-        engine, config, state_dict, strict=strict, use_checkpoint_config=use_checkpoint_config
+        state, config, state_dict, strict=strict, use_checkpoint_config=use_checkpoint_config
     )
-    commit_load(engine, plan)
+    loaded = commit_load(state, plan)
     report = plan.report
     if quiet:
-        return plan
+        return loaded, plan
     if "beta" in report.config_differences and not use_checkpoint_config:
         warn(
             f"continuing EMA statistics saved with beta={plan.saved_beta} under beta={config.beta}"
@@ -285,4 +291,4 @@ def load(
             f"scaler checkpoint partially loaded: missing {list(report.missing)}, "
             f"unexpected {list(report.unexpected)}, mismatched {list(report.mismatched)}"
         )
-    return plan
+    return loaded, plan

@@ -8,10 +8,10 @@ from dataclasses import asdict, dataclass
 from gradstats._validation import check_choice, check_open_unit, check_positive_int
 from gradstats.errors import ConfigurationError, ConfigurationTypeError, check_nonfinite
 from gradstats.scaling._rules import check_rule_settings
+from gradstats.scaling._statistic import STATISTICS, get_statistic, registered_statistics
 
 __all__ = ["AGGREGATES", "APPLY_TO", "STATISTICS", "UNITS", "ScalerConfig", "one_config"]
 
-STATISTICS = ("temporal", "same_point", "per_sample", "tensor_mean", "mixed", "spatial")
 UNITS = ("sample", "token")
 APPLY_TO = ("grad", "lr")
 AGGREGATES = ("global", "param_group", "tensor")
@@ -69,11 +69,16 @@ class ScalerConfig:
     nonfinite: str = "skip"
 
     def __post_init__(self) -> None:
-        check_choice("statistic", self.statistic, STATISTICS)
+        statistic = get_statistic(self.statistic)  # the registry: a clear error naming them
         check_choice("unit", self.unit, UNITS)
-        if self.unit != "sample" and self.statistic != "per_sample":
+        if self.unit not in statistic.units:
+            takers = " or ".join(
+                f"statistic={name!r}"
+                for name in registered_statistics()
+                if self.unit in get_statistic(name).units
+            )
             raise ConfigurationError(
-                f"unit={self.unit!r} is an option of statistic='per_sample' (the units of the "
+                f"unit={self.unit!r} is an option of {takers} (the units of the "
                 f"per-example gradients); got statistic={self.statistic!r}"
             )
         check_choice("apply_to", self.apply_to, APPLY_TO)

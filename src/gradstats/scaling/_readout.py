@@ -1,8 +1,9 @@
 """The scaler's host reads and persistence: factor, ρ, statistics, checkpoints, rebinding.
 
 :class:`ScalerReadout` is the half of :class:`~gradstats.scaling.VarianceGradientScaler` that
-reads its :class:`~gradstats.scaling._engine.ScalerEngine` (every method here is an explicit host
-read or runs off the per-step path) and saves or restores it.
+reads its :class:`~gradstats.scaling.ScalerState` (every method here is an explicit host read or
+runs off the per-step path) and saves or restores it; all of it goes through the functions of the
+state (``_report``, ``_checkpoint``, ``_engine.refresh``).
 """
 
 from __future__ import annotations
@@ -16,11 +17,12 @@ import torch
 from gradstats.errors import ConfigurationError
 from gradstats.scaling._checkpoint import LoadReport, load, save
 from gradstats.scaling._config import ScalerConfig
-from gradstats.scaling._engine import ScalerEngine
+from gradstats.scaling._engine import refresh
 from gradstats.scaling._hooks import GradientTracker
 from gradstats.scaling._nonfinite import ConsecutiveLimit
 from gradstats.scaling._params import ParamLayout, layout_from
 from gradstats.scaling._report import TensorStatistics, build_statistics
+from gradstats.scaling._scaler_state import ScalerState
 
 __all__ = ["ScalerReadout"]
 
@@ -31,7 +33,7 @@ class ScalerReadout:
     config: ScalerConfig
     optimizer: torch.optim.Optimizer | None
     _model: torch.nn.Module | None
-    _engine: ScalerEngine
+    _state: ScalerState
     _limit: ConsecutiveLimit
     _tracker: GradientTracker
     _read_token: tuple[object, ...] | None
@@ -42,20 +44,27 @@ class ScalerReadout:
         raise NotImplementedError
 
     @property
+    def state(self) -> ScalerState:
+        """The current :class:`~gradstats.scaling.ScalerState` (statistics, counters, factor,
+        clock). Read it, do not change it: the scaler updates it in place; pass a copy
+        (``gradstats.scaling.update`` leaves its argument unchanged) to experiment."""
+        return self._state
+
+    @property
     def layout(self) -> ParamLayout:
         """Names, tensors, param groups and device blocks of the tracked parameters."""
-        return self._engine.layout
+        return self._state.layout
 
     @property
     def updates(self) -> int:
         """Statistics updates so far (skipped steps included)."""
-        return self._engine.updates
+        return self._state.updates
 
     @property
     def skipped(self) -> torch.Tensor:
         """Steps dropped so far (non-finite, or skipped by the caller): an int64 device scalar
         (no sync; ``int(vgs.skipped)`` reads it)."""
-        return self._engine.skipped
+        return self._state.skipped
 
     @property
     def progress(self) -> torch.Tensor:
@@ -63,7 +72,7 @@ class ScalerReadout:
         sync). With ``rule="adascale"`` it counts base-batch steps: drive a schedule written for
         the base batch by τ, e.g. ``LambdaLR(opt, lambda _: schedule(float(vgs.progress)))``
         (one host read per step)."""
-        return self._engine.progress
+        return self._state.progress
 
     @property
     def enabled(self) -> bool:
@@ -84,14 +93,14 @@ class ScalerReadout:
     # ------------------------------------------------------------------- reads
     def get_scaling_factor(self) -> float:
         """The model-wide factor c (1.0 before any estimate). Host read (a sync)."""
-        overall = self._engine.overall
+        overall = self._state.overall
         if not self.enabled or overall is None:
             return 1.0
         return float(overall[1].factor[0])  # sync-ok: explicit host read
 
     def get_normalized_variance(self) -> float:
         """The model-wide ρ = noise/signal (nan: no estimate, inf: no signal). Host read."""
-        overall = self._engine.overall
+        overall = self._state.overall
         if overall is None:
             return float("nan")
         factors = overall[1]
@@ -101,7 +110,7 @@ class ScalerReadout:
 
     def scaling_factors(self) -> torch.Tensor:
         """The applied factor of every aggregate (device tensor; no sync)."""
-        return self._engine.previous
+        return self._state.factor
 
     def statistics(self) -> dict[str, TensorStatistics]:
         """Per-tensor and aggregate statistics as host numbers (one host read).
@@ -118,13 +127,13 @@ class ScalerReadout:
         DDP ranks) count: a loop with one backward per step stays at n_eff = 0,
         ``no_estimate=True``, and warns after 20 updates.
         """
-        return build_statistics(self._engine, self.config)
+        return build_statistics(self._state, self.config)
 
     def refresh(self) -> None:
         """Recompute ρ and the factor from the statistics as they are now (no sync), e.g. to
         read ``statistics()["global"]`` right after a load. ``step`` does this after every
         update; with ``max_rate`` each call is one rate-limited move of the factor."""
-        self._engine.refresh_factor(self.config)
+        self._state = refresh(self._state, self.config)
 
     # ------------------------------------------------------------- state
     def reset_statistics(self) -> None:
@@ -134,7 +143,7 @@ class ScalerReadout:
     def state_dict(self) -> dict[str, object]:
         """Checkpoint keyed by parameter name (shape, dtype, statistic state), plus ``version``
         and ``config``; loadable with ``torch.load(weights_only=True)``."""
-        return save(self._engine, self.config)
+        return save(self._state, self.config)
 
     def load_state_dict(
         self,
@@ -156,7 +165,9 @@ class ScalerReadout:
     def _load(
         self, state_dict: object, strict: bool, use_checkpoint_config: bool, quiet: bool
     ) -> LoadReport:
-        plan = load(self._engine, self.config, state_dict, strict, use_checkpoint_config, quiet)
+        self._state, plan = load(
+            self._state, self.config, state_dict, strict, use_checkpoint_config, quiet
+        )
         self.config = plan.config
         self._limit.reset(plan.updates, plan.consecutive, plan.nonfinite)
         return plan.report
@@ -177,7 +188,7 @@ class ScalerReadout:
             )
         layout = layout_from(params, optimizer)
         state = self.state_dict()
-        saved = (self._engine, self._model, self.optimizer, copy.copy(self._limit))
+        saved = (self._state, self._model, self.optimizer, copy.copy(self._limit))
         tokens = (self._read_token, self._scaled_token, self._idle_steps)
         if optimizer is not None:
             self.optimizer = optimizer
@@ -186,10 +197,10 @@ class ScalerReadout:
         try:
             self._build(layout)
         except BaseException:  # nothing half-updated: the old statistics and hooks come back
-            self._engine, self._model, self.optimizer, self._limit = saved
+            self._state, self._model, self.optimizer, self._limit = saved
             self._read_token, self._scaled_token, self._idle_steps = tokens
             self._tracker.register(
-                self._engine.layout, self._engine.states, self._model, self.config.unit
+                self._state.layout, list(self._state.statistics), self._model, self.config.unit
             )
             raise
         return self._load(state, strict=False, use_checkpoint_config=False, quiet=True)

@@ -1,7 +1,8 @@
 """Host-side reports of the scaler: ``statistics()`` and the ``vgs/...`` logger metrics.
 
-Everything here reads device values back to the host; it is only called explicitly (or every
-``log_every`` updates for the logger), never on the per-step path.
+Both are functions of a :class:`~gradstats.scaling.ScalerState` and its configuration (they read
+the state's public fields only). Everything here reads device values back to the host; it is only
+called explicitly (or every ``log_every`` updates for the logger), never on the per-step path.
 """
 
 from __future__ import annotations
@@ -13,8 +14,10 @@ import torch
 
 from gradstats._warnings import warn
 from gradstats.scaling._config import ScalerConfig
-from gradstats.scaling._engine import ScalerEngine
+from gradstats.scaling._engine import totals as statistic_totals
 from gradstats.scaling._factor import Aggregates, Factors
+from gradstats.scaling._scaler_state import ScalerState
+from gradstats.scaling._statistic import get_statistic
 
 __all__ = ["Metrics", "TensorStatistics", "build_statistics", "log_metrics"]
 
@@ -110,13 +113,13 @@ def _ratio(noise: float, signal: float, eps: float, valid: bool) -> float:
     return noise / signal if signal > eps else math.inf
 
 
-def build_statistics(engine: ScalerEngine, config: ScalerConfig) -> dict[str, TensorStatistics]:
+def build_statistics(state: ScalerState, config: ScalerConfig) -> dict[str, TensorStatistics]:
     """Every tensor's row, ``"global"`` and (``aggregate="param_group"``) ``"group<k>"``."""
-    home = engine.home
-    totals = engine.totals()
-    numel = torch.cat([s.numel.to(home) for s in engine.states])
-    per_coordinate = config.statistic in ("temporal", "same_point", "per_sample")
-    scale = numel if per_coordinate else torch.ones_like(numel)
+    home = state.home
+    totals = statistic_totals(state)
+    numel = torch.cat([s.numel.to(home) for s in state.statistics])
+    statistic = get_statistic(config.statistic)
+    scale = numel if statistic.per_coordinate else torch.ones_like(numel)
     rho = totals.reliability
     unbiased = totals.noise
     rows = torch.stack(
@@ -127,16 +130,16 @@ def build_statistics(engine: ScalerEngine, config: ScalerConfig) -> dict[str, Te
             totals.signal / scale,
             totals.count.to(torch.float64),
             torch.where(totals.count > 0, 1.0 / rho, 0.0),
-            engine.present.to(torch.float64),
-            engine.factor_per_tensor,
+            state.present.to(torch.float64),
+            state.factor_per_tensor,
             unbiased,
             totals.signal,
         ]
     ).cpu()  # sync-ok: statistics() is an explicit host read
     eps, batch = config.eps, config.batch_size
-    min_count = engine.states[0].min_count
+    min_count = statistic.min_count
     out: dict[str, TensorStatistics] = {}
-    for j, name in enumerate(engine.layout.names):
+    for j, name in enumerate(state.layout.names):
         col = rows[:, j].tolist()  # sync-ok: already on the host
         ratio = _ratio(col[8], col[9], eps, col[4] >= min_count)
         out[name] = TensorStatistics(
@@ -145,16 +148,16 @@ def build_statistics(engine: ScalerEngine, config: ScalerConfig) -> dict[str, Te
             factor=col[7], count=int(col[4]), effective_sample_size=col[5],
             has_gradient=bool(col[6]),
         )  # fmt: skip
-    if engine.overall is not None:
-        out["global"] = _aggregate_row(engine, engine.overall, 0, batch, counters=True)
-        if config.aggregate == "param_group" and engine.result is not None:
-            for g in range(engine.groups):
-                out[f"group{g}"] = _aggregate_row(engine, engine.result, g, batch, counters=False)
+    if state.overall is not None:
+        out["global"] = _aggregate_row(state, state.overall, 0, batch, counters=True)
+        if config.aggregate == "param_group" and state.readout is not None:
+            for g in range(state.groups):
+                out[f"group{g}"] = _aggregate_row(state, state.readout, g, batch, counters=False)
     return out
 
 
 def _aggregate_row(
-    engine: ScalerEngine,
+    state: ScalerState,
     result: tuple[Aggregates, Factors],
     g: int,
     batch: int | None,
@@ -180,9 +183,9 @@ def _aggregate_row(
     progress = None
     if counters:
         counts = torch.stack(
-            [engine.nonfinite.double(), engine.skipped.double(), engine.progress]
+            [state.nonfinite.double(), state.skipped.double(), state.progress]
         ).cpu()  # sync-ok: statistics() is an explicit host read
-        nonfinite, skipped, updates = int(counts[0]), int(counts[1]), engine.updates
+        nonfinite, skipped, updates = int(counts[0]), int(counts[1]), state.updates
         progress = float(counts[2])
     return TensorStatistics(
         variance=noise, variance_unbiased=noise, signal=signal, signal_unbiased=signal,
@@ -194,9 +197,9 @@ def _aggregate_row(
     )  # fmt: skip
 
 
-def log_metrics(engine: ScalerEngine, config: ScalerConfig) -> Metrics:
+def log_metrics(state: ScalerState, config: ScalerConfig) -> Metrics:
     """The ``vgs/...`` metrics handed to the logger callback (one host read)."""
-    stats = build_statistics(engine, config)
+    stats = build_statistics(state, config)
     overall = stats["global"]
     metrics = Metrics(
         {

@@ -10,6 +10,7 @@ import torch
 from gradstats._warnings import warn
 from gradstats.errors import ConfigurationError, ConfigurationTypeError, NonFiniteError
 from gradstats.moments._distributed import distributed_ready
+from gradstats.scaling._amp import loss_scale_of
 from gradstats.scaling._apply import (
     located_gradients,
     multiply_gradients,
@@ -17,14 +18,14 @@ from gradstats.scaling._apply import (
     warn_if_adaptive,
 )
 from gradstats.scaling._config import ScalerConfig, one_config
-from gradstats.scaling._diagnostics import DIAGNOSTICS
-from gradstats.scaling._engine import Observation, ScalerEngine
+from gradstats.scaling._engine import acceptable, discard_pending, observe, update_
 from gradstats.scaling._hooks import GradientTracker
 from gradstats.scaling._nonfinite import ConsecutiveLimit, check_skip
 from gradstats.scaling._params import ParamLayout, layout_from
 from gradstats.scaling._readout import ScalerReadout
 from gradstats.scaling._report import log_metrics
-from gradstats.scaling._same_point import SamePointState
+from gradstats.scaling._scaler_state import init
+from gradstats.scaling._statistic import get_statistic, registered_statistics
 
 __all__ = ["IDLE_STEPS", "VarianceGradientScaler"]
 
@@ -78,6 +79,8 @@ class VarianceGradientScaler(ScalerReadout):
     never back from scaled or clipped gradients. New gradients are recognised by a
     post-accumulate hook on every parameter (and by ``.grad`` being replaced);
     ``update_statistics()`` reads the current gradients unconditionally.
+
+    A stateful shell over :class:`~gradstats.scaling.ScalerState` (``vgs.state``) and ``update``.
 
     No host sync happens in ``step``/``update_statistics``/``scale_gradients``: all state lives
     on the parameters' devices and non-finite gradients are detected and skipped on the device.
@@ -166,7 +169,7 @@ class VarianceGradientScaler(ScalerReadout):
             log_every=log_every, max_nonfinite_steps=max_nonfinite_steps, nonfinite=nonfinite,
         )  # fmt: skip
         self.config = one_config(config, options)
-        statistic = self.config.statistic
+        spec = get_statistic(self.config.statistic)
         if logger is not None and not callable(logger):
             raise ConfigurationTypeError(
                 f"logger must be callable(metrics, step); got {type(logger).__name__}"
@@ -175,11 +178,14 @@ class VarianceGradientScaler(ScalerReadout):
             raise ConfigurationTypeError(
                 f"optimizer must be a torch.optim.Optimizer; got {type(optimizer).__name__}"
             )
-        if (model is None) != (statistic != "per_sample"):
+        if (model is None) == spec.needs_model:
+            users = " or ".join(
+                f"statistic={n!r}" for n in registered_statistics() if get_statistic(n).needs_model
+            )
             raise ConfigurationError(
-                "statistic='per_sample' needs model=<the nn.Module whose parameters are tracked>"
+                f"statistic={spec.name!r} needs model=<the nn.Module whose parameters are tracked>"
                 if model is None
-                else f"model= is used by statistic='per_sample' only; got {statistic!r}"
+                else f"model= is used by {users} only; got {spec.name!r}"
             )
         self.logger, self.optimizer, self.process_group = logger, optimizer, process_group
         self._model = model
@@ -187,10 +193,10 @@ class VarianceGradientScaler(ScalerReadout):
             distributed = distributed_ready() and torch.distributed.get_world_size() > 1
         self.distributed = bool(distributed)
         layout = layout_from(params, optimizer)
-        if statistic in DIAGNOSTICS:
+        if spec.diagnostic:
             warn(
-                f"statistic={statistic!r} is a legacy diagnostic of the original scaler; it does "
-                "not measure gradient noise (use 'temporal' or 'same_point')"
+                f"statistic={spec.name!r} is a legacy diagnostic of the original scaler; it "
+                "does not measure gradient noise (use 'temporal' or 'same_point')"
             )
         self._tracker = GradientTracker()
         self._limit = ConsecutiveLimit()
@@ -200,13 +206,15 @@ class VarianceGradientScaler(ScalerReadout):
 
     # --------------------------------------------------------------- structure
     def _build(self, layout: ParamLayout) -> None:
-        self._engine = ScalerEngine(layout, self.config, self.distributed, self.process_group)
+        self._state = init(
+            self.config, layout, distributed=self.distributed, process_group=self.process_group
+        )
         self._read_token: tuple[object, ...] | None = None
         self._scaled_token: tuple[object, ...] | None = None
         self._limit.reset(updates=0, consecutive=0, seen=0)
         self._idle_steps = 0
         unit = self.config.unit
-        self._tracker.register(layout, self._engine.states, self._model, unit)
+        self._tracker.register(layout, list(self._state.statistics), self._model, unit)
 
     def observe(self, grads: object) -> None:
         """Record one micro-batch's gradients explicitly (``statistic="same_point"``).
@@ -216,16 +224,14 @@ class VarianceGradientScaler(ScalerReadout):
         ``.grad`` must hold their mean when :meth:`step` runs. Backward passes are recorded
         automatically by hooks and need no call.
         """
-        if self.config.statistic != "same_point":
+        if not get_statistic(self.config.statistic).micro_batches:
+            takers = [n for n in registered_statistics() if get_statistic(n).micro_batches]
             raise RuntimeError(
-                "observe() records micro-batches for statistic='same_point'; this scaler "
-                f"tracks {self.config.statistic!r}"
+                f"observe() records micro-batches for statistic={' or '.join(map(repr, takers))}"
+                f"; this scaler tracks {self.config.statistic!r}"
             )
-        located = located_gradients(self.layout, grads)
-        for block, local, grad in located:
-            state = self._engine.states[block]
-            if isinstance(state, SamePointState):
-                state.observe(local, grad)
+        for block, local, grad in located_gradients(self.layout, grads):
+            self._state.statistics[block].observe(local, grad)  # type: ignore[attr-defined]
 
     @contextlib.contextmanager
     def paused(self) -> Iterator[None]:
@@ -249,6 +255,7 @@ class VarianceGradientScaler(ScalerReadout):
         grad_scaler: torch.amp.GradScaler | None = None,
         scaled: bool = False,
         skip: torch.Tensor | bool | None = None,
+        loss_scale: torch.Tensor | float | None = None,
     ) -> None:
         """Read the current gradients and update the statistics and the factor (no host sync).
 
@@ -259,40 +266,40 @@ class VarianceGradientScaler(ScalerReadout):
 
         Args:
             grad_scaler: the AMP ``GradScaler`` of this step. Same-point hooks saw gradients
-                multiplied by its scale S and are divided by it.
+                multiplied by its scale S and are divided by it (S is read on the device as
+                ``grad_scaler.scale(1)``: no sync, no private attribute; ``_amp``).
             scaled: ``.grad`` still carries the loss scale S (``unscale_`` has not run yet);
                 every observation is then divided by S on the device. Needs ``grad_scaler``.
             skip: a bool or a 0-dim tensor (non-zero: skip; AMP's ``found_inf`` works) that
                 turns this update into a counted no-op; a skipped update never raises under
                 ``nonfinite="raise"``.
+            loss_scale: S itself (a device tensor, or a number) instead of ``grad_scaler``, for
+                other loss scalers.
         """
         if not self.enabled:
             return
-        if scaled and grad_scaler is None:
+        if scaled and grad_scaler is None and loss_scale is None:
             raise ConfigurationError(
-                "scaled=True needs the grad_scaler whose scale the gradients carry"
+                "scaled=True needs the grad_scaler (or loss_scale) whose scale the gradients carry"
             )
         check_skip(skip)
-        config, engine = self.config, self._engine
-        observation = engine.observe()
-        if config.nonfinite == "raise" and skip is not True and not _acceptable(observation, skip):
-            engine.discard_pending()
+        config, state = self.config, self._state
+        loss_scale = loss_scale_of(grad_scaler, loss_scale, state.home)
+        scaled = scaled and loss_scale is not None  # a disabled GradScaler scales nothing
+        observation = observe(state, skip=skip, loss_scale=loss_scale, scaled=scaled)
+        if config.nonfinite == "raise" and skip is not True and not acceptable(observation):
+            discard_pending(state, config)
             raise NonFiniteError(
-                f"the gradients of update {engine.updates + 1} hold NaN or inf "
+                f"the gradients of update {state.updates + 1} hold NaN or inf "
                 "(nonfinite='raise'; the scaler is unchanged)"
             )
-        scale = grad_scaler._scale if grad_scaler is not None and grad_scaler.is_enabled() else None
-        hook_inv = scale.double().reciprocal() if scale is not None else None
-        grad_inv = hook_inv if scaled else None
-        engine.apply(observation, skip=skip, grad_inv=grad_inv, hook_inv=hook_inv)
+        self._state = state = update_(state, observation, config)
         self._read_token = self._token()
-        engine.refresh_factor(config)
-        engine.advance_progress()
-        if self.logger is not None and engine.updates % config.log_every == 0:
-            self.logger(log_metrics(engine, config), engine.updates)
+        if self.logger is not None and state.updates % config.log_every == 0:
+            self.logger(log_metrics(state, config), state.updates)
         if config.nonfinite == "skip":
             self._limit.check(
-                engine.updates, config.max_nonfinite_steps, engine.consecutive, engine.nonfinite
+                state.updates, config.max_nonfinite_steps, state.consecutive, state.nonfinite
             )
 
     def step(
@@ -301,6 +308,7 @@ class VarianceGradientScaler(ScalerReadout):
         grad_scaler: torch.amp.GradScaler | None = None,
         scaled: bool = False,
         skip: torch.Tensor | bool | None = None,
+        loss_scale: torch.Tensor | float | None = None,
     ) -> None:
         """Update the statistics if new gradients arrived since they were last read.
 
@@ -314,7 +322,9 @@ class VarianceGradientScaler(ScalerReadout):
             return
         if self._token() != self._read_token:
             self._idle_steps = 0
-            self.update_statistics(grad_scaler=grad_scaler, scaled=scaled, skip=skip)
+            self.update_statistics(
+                grad_scaler=grad_scaler, scaled=scaled, skip=skip, loss_scale=loss_scale
+            )
             return
         self._idle_steps += 1
         if self._idle_steps == IDLE_STEPS:
@@ -342,7 +352,7 @@ class VarianceGradientScaler(ScalerReadout):
         if self._token() == self._scaled_token:
             return
         shared = self.config.aggregate == "global"
-        multiply_gradients(self.layout, self._engine.factor_per_tensor, shared)
+        multiply_gradients(self.layout, self._state.factor_per_tensor, shared)
         self._scaled_token = self._token()
 
     @contextlib.contextmanager
@@ -369,13 +379,13 @@ class VarianceGradientScaler(ScalerReadout):
                 "apply_to='lr' needs the optimizer: pass it to apply() or the constructor"
             )
         groups = len(optimizer.param_groups)
-        if self.config.aggregate != "global" and groups != self._engine.groups:
+        if self.config.aggregate != "global" and groups != self._state.groups:
             raise ConfigurationError(  # checked before the statistics read these gradients
                 f"optimizer has {groups} param groups but the scaler aggregates over "
-                f"{self._engine.groups}"
+                f"{self._state.groups}"
             )
         self.step()
-        factors = self._engine.previous
+        factors = self._state.factor
         if self.config.aggregate == "global":
             factors = factors.expand(groups)
         with scaled_learning_rates(optimizer, factors):
@@ -387,12 +397,3 @@ class VarianceGradientScaler(ScalerReadout):
             f"VarianceGradientScaler(statistic={c.statistic!r}, alpha={c.alpha}, beta={c.beta}, "
             f"apply_to={c.apply_to!r}, aggregate={c.aggregate!r}, tensors={len(self.layout.names)})"
         )
-
-
-def _acceptable(observation: Observation, skip: torch.Tensor | bool | None) -> bool:
-    """nonfinite="raise": the gradients are finite, or the caller skips this update anyway
-    (one host read)."""
-    ok = observation.finite
-    if isinstance(skip, torch.Tensor):
-        ok = ok | skip.to(device=ok.device, dtype=torch.bool)
-    return bool(ok)  # sync-ok: nonfinite="raise" decides on the host
