@@ -30,6 +30,7 @@ import torch
 from gradstats._warnings import warn
 from gradstats.moments import ema_reliability, ema_step_size
 from gradstats.moments._distributed import all_reduce_sum_
+from gradstats.scaling._kernels import squared_norms
 from gradstats.scaling._state import ScalarTensorState, Totals
 
 __all__ = ["STARVED_UPDATES", "SamePointState", "two_batch_estimates"]
@@ -64,31 +65,37 @@ class SamePointState(ScalarTensorState):
         self.count = torch.zeros(len(params), dtype=torch.int64, device=device)
         self.noise_ema = torch.zeros(len(params), dtype=torch.float64, device=device)
         self.signal_ema = torch.zeros_like(self.noise_ema)
-        self._sums = torch.zeros_like(self.noise_ema)  # Σ‖h‖² of this step's contributions
-        self._passes = torch.zeros_like(self.noise_ema)  # number of contributions
-        self._staged = torch.zeros_like(self.noise_ema)  # ‖h‖² seen, not yet in .grad
+        self._sums = torch.zeros_like(self.noise_ema)  # Σ‖h‖² added as device vectors
+        self._passes = torch.zeros_like(self.noise_ema)  # and their number (subclasses)
+        # contributions committed one by one, summed once per update (no device op per
+        # tensor and pass): the tensor of each, its ‖h‖² (a one-element float64 vector)
+        self._rows: list[int] = []
+        self._values: list[torch.Tensor] = []
+        self._staged: list[torch.Tensor | None] = [None] * len(params)  # not yet in .grad
         self._pending = [False] * len(params)
-        self._host_passes = [0] * len(params)  # the same count, known on the host
+        self._host_passes = [0] * len(params)  # contributions per tensor (host counts)
         self.starved = 0  # consecutive updates whose rank recorded fewer than 2 passes
         self.warned = False  # the missing-micro-batches warning was given
         self.last_passes = torch.zeros_like(self.noise_ema)
 
     def stage(self, index: int, grad: torch.Tensor) -> None:
         """Tensor-hook body: hold ‖h‖² of one gradient contribution (on the device, no sync)."""
-        (square,) = torch._foreach_powsum([grad.detach()], 2, dtype=torch.float64)  # scale-safe
-        self._staged[index] = square.to(self._staged.device)
+        self._staged[index] = squared_norms([grad.detach()])  # scale-safe, float64
         self._pending[index] = True
 
     def commit(self, index: int) -> None:
         """Post-accumulate-hook body: the staged contribution reached ``.grad``; count it."""
         if self._pending[index]:
             self._pending[index] = False
-            self._sums[index] += self._staged[index]
-            self._passes[index] += 1.0
-            self._host_passes[index] += 1
+            staged = self._staged[index]
+            if staged is not None:
+                self._rows.append(index)
+                self._values.append(staged)
+                self._host_passes[index] += 1
 
     def discard_pending(self) -> None:
         """Forget this step's recorded contributions (the step will not be applied)."""
+        self._rows, self._values = [], []
         self._sums = torch.zeros_like(self._sums)
         self._passes = torch.zeros_like(self._passes)
         self._pending = [False] * len(self._pending)
@@ -109,8 +116,7 @@ class SamePointState(ScalarTensorState):
         hook_inv: torch.Tensor | None = None,
     ) -> None:
         """``sq_norms``: unscaled ‖.grad‖²; ``hook_inv``: 1/S if the hooks saw scaled gradients."""
-        sums, local = self._sums, self._passes
-        self._sums, self._passes = torch.zeros_like(sums), torch.zeros_like(local)
+        sums, local = self._collect()
         self._watch_passes()
         if hook_inv is not None:
             sums = sums * hook_inv.to(device=sums.device, dtype=torch.float64).square()
@@ -127,6 +133,20 @@ class SamePointState(ScalarTensorState):
         self.signal_ema = self.signal_ema + step * (
             torch.where(valid, signal, 0.0) - self.signal_ema
         )
+
+    def _collect(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(Σ‖h‖², number of contributions) per tensor of this step, and forget them: two
+        index_adds and one small host-to-device copy, however many tensors and passes."""
+        sums, passes = self._sums, self._passes
+        self._sums, self._passes = torch.zeros_like(sums), torch.zeros_like(passes)
+        if self._rows:
+            device = sums.device
+            rows = torch.tensor(self._rows, dtype=torch.int64).to(device, non_blocking=True)
+            ones = torch.ones(len(self._rows), dtype=torch.float64, device=device)
+            sums = sums.index_add(0, rows, torch.cat([v.to(device) for v in self._values]))
+            passes = passes.index_add(0, rows, ones)
+            self._rows, self._values = [], []
+        return sums, passes
 
     def _watch_passes(self) -> None:
         """Warn once when K < 2 for ``STARVED_UPDATES`` updates in a row (host counts only)."""

@@ -26,10 +26,15 @@ and float64.
   coordinate sum of the West update, exact — and Q = ‖m‖², carried by the identity
   ‖m + aδ‖² = (1 − a)‖m‖² + a‖g‖² − a(1 − a)‖δ‖² (from ‖g‖² = ‖m + δ‖²; every term is
   non-negative up to the last, which is the small one), so no pass over m is needed to read the
-  signal. δ is formed in a flat scratch buffer (:func:`~gradstats.scaling._kernels.deviation_step_`:
-  seven foreach/whole-buffer ops per dtype, whatever the number of tensors), multiplied by an
-  exact power of two c that brings its coordinates to order one, so that ‖cδ‖² is summed in the
-  state dtype without over- or underflow at any gradient scale (1e-24 … 1e19 in float32).
+  signal. On the CPU with a C compiler, one fused pass per dtype group
+  (:class:`~gradstats.scaling._kernels.NativeDeviation`) forms δ = g − m in float64 registers,
+  sums δ² in float64 and writes m + aδ: it reads g and m and writes m (12 B/element in float32,
+  16 B with the engine's ‖g‖² pass), and skips tensors with a = 0. Elsewhere (no compiler,
+  other devices) δ is formed in a flat scratch buffer
+  (:func:`~gradstats.scaling._kernels.deviation_step_`: seven foreach/whole-buffer ops per
+  dtype, whatever the number of tensors), multiplied by an exact power of two c that brings its
+  coordinates to order one, so that ‖cδ‖² is summed in the state dtype without over- or
+  underflow at any gradient scale (1e-24 … 1e19 in float32).
 * reference (``foreach=False``): the readable per-coordinate update of m_i and v_i, tensor by
   tensor, in float64 (v_i is kept in float64: δ² of float32 gradients can under/overflow float32).
 """
@@ -41,6 +46,7 @@ import torch
 from gradstats.moments import ema_reliability, ema_step_size, ema_update
 from gradstats.scaling._kernels import (
     FlatScratch,
+    NativeDeviation,
     deviation_step_,
     power_of_two_scale,
     state_dtype,
@@ -71,7 +77,9 @@ class TemporalState:
             self._groups = [
                 (rows, FlatScratch([self.mean[j] for j in rows])) for rows in by_dtype.values()
             ]
-            self._index: dict[tuple[int, tuple[bool, ...]], tuple[list[int], torch.Tensor]] = {}
+            self._index: dict[
+                tuple[int, tuple[bool, ...]], tuple[list[int], torch.Tensor, NativeDeviation]
+            ] = {}
         else:
             self.var = [torch.zeros_like(m, dtype=torch.float64) for m in self.mean]
 
@@ -114,8 +122,7 @@ class TemporalState:
         step: torch.Tensor,
         grad_inv: torch.Tensor | None,
     ) -> None:
-        # c_j: a power of two that brings ‖g_j‖ and ‖m_j‖ per coordinate to order one
-        scale = power_of_two_scale(torch.maximum(sq_norms, self.mean_sq) / self.numel.clamp(1))
+        scale: torch.Tensor | None = None
         dev_sq = torch.zeros_like(self.var_sum)
         for number, (rows, scratch) in enumerate(self._groups):
             present = tuple(grads[j] is not None for j in rows)
@@ -125,18 +132,25 @@ class TemporalState:
             if key not in self._index:
                 local = [k for k, p in enumerate(present) if p]
                 index = torch.tensor([rows[k] for k in local], device=self.count.device)
-                self._index[key] = (local, index)
-            local, index = self._index[key]
-            views = scratch.views()
-            sq = deviation_step_(
-                [self.mean[rows[k]] for k in local],
-                [g for g in (grads[rows[k]] for k in local) if g is not None],
-                [views[k] for k in local],
-                scratch.flat,
-                step[index],
-                scale[index],
-                grad_inv,
-            )
+                native = NativeDeviation([self.mean[rows[k]] for k in local])
+                self._index[key] = (local, index, native)
+            local, index, native = self._index[key]
+            present_grads = [g for g in (grads[rows[k]] for k in local) if g is not None]
+            sq = native(present_grads, step[index], grad_inv)
+            if sq is None:  # no compiler, not the CPU, ...: the foreach kernel
+                if scale is None:  # c_j: brings ‖g_j‖, ‖m_j‖ per coordinate to order one
+                    ratio = torch.maximum(sq_norms, self.mean_sq) / self.numel.clamp(1)
+                    scale = power_of_two_scale(ratio)
+                views = scratch.views()
+                sq = deviation_step_(
+                    native.means,
+                    present_grads,
+                    [views[k] for k in local],
+                    scratch.flat,
+                    step[index],
+                    scale[index],
+                    grad_inv,
+                )
             dev_sq = dev_sq.index_copy(0, index, sq)
         a = step  # 0 where not taken
         dev_sq = torch.where(take, dev_sq, 0.0)  # NaN never enters

@@ -3,16 +3,28 @@
 * ``scaling/step-cost`` — a ~5M-parameter, 100-tensor model with gradients in place. Baseline:
   one ``AdamW(fused=True)`` step (the bandwidth floor of an optimizer step: it reads p, g, m, v
   and writes p, m, v, 28 B/element in float32), beside ``AdamW(foreach=True)``. Candidates: the
-  scaler's update + factor (``temporal``, ``same_point`` with two recorded micro-batches), and a
-  per-tensor implementation of the same temporal statistic that reads each tensor's sums with
-  ``.item()`` (the original's style). Goals: ``temporal`` <= 1.0x the fused AdamW step, >= 10x
-  faster than the ``.item()`` implementation (mostly a GPU effect: every ``.item()`` syncs).
-  Traffic of the ``temporal`` update, float32, per element: ‖g‖² summed in float64 4 B (on CPU
-  torch materialises a float64 copy for it); c·(g − m) into a scratch buffer (copy 8 B,
-  subtract 12 B, scale 8 B); ‖c·δ‖² 4 B; NaN clean 8 B; m += (a/c)·(c·δ) 12 B — 56 B, seven
-  foreach ops per dtype whatever the number of tensors (no pass over m to read the signal:
-  ‖m‖² is carried). The earlier update moved 28 B but formed the variance as q − ‖m‖² (wrong
-  in float32 at large offsets) and cleaned NaN tensor by tensor (~630 ops at 100 tensors).
+  scaler's update + factor (``temporal`` with the native kernels it uses on the CPU when a C
+  compiler exists, and with the foreach kernels it falls back to; ``same_point`` with two
+  recorded micro-batches), and a per-tensor implementation of the same temporal statistic that
+  reads each tensor's sums with ``.item()`` (the original's style). Goals: ``temporal`` <= 1.0x
+  the fused AdamW step, <= 16 B/element, O(1) ops per dtype group; >= 10x faster than the
+  ``.item()`` implementation (mostly a GPU effect: every ``.item()`` syncs).
+* ``scaling/step-cost-vs-foreach`` — the same ``temporal`` update ÷ one ``AdamW(foreach=True)``
+  step, timed side by side in the same run.
+
+  Traffic and op counts are measured, not assumed: one untimed steady-state call of each runs under
+  a ``TorchDispatchMode`` that counts every aten op and the bytes of its tensor arguments
+  (inputs read; arguments the op's schema marks as mutated, and fresh outputs, written; a copy
+  does not read its destination), plus the native kernel calls, which a dispatcher cannot see,
+  with the bytes each reads and writes (:func:`gradstats.scaling._kernels.native_traffic`).
+  Recorded in the params: ``<candidate>_bytes_per_element`` (total ÷ parameter count),
+  ``<candidate>_ops`` (every op of the call, small per-tensor-scalar ops included) and
+  ``<candidate>_bulk_ops`` (those moving >= 1 B per parameter element). Native ``temporal``:
+  ‖g‖² read 4 B + one fused pass reading g and m and writing m 12 B = 16 B, two bulk calls.
+  (The count follows the schemas: ``_fused_adamw_`` marks the gradients mutable, so fused AdamW
+  counts 32 B although it writes them only when unscaling: its real traffic is 28 B.)
+  Foreach ``temporal``: ‖g‖² in float64 (torch casts to float64 on the CPU), then copy, (mul),
+  subtract, scale, ‖cδ‖², NaN clean, m += (a/c)·(c·δ) — seven bulk ops per dtype group.
 * ``scaling/same-numbers`` — ours and the ``.item()`` implementation on the same gradient
   sequence give the same ρ.
 * ``scaling/per-sample-mlp`` and ``scaling/per-sample-gpt2`` — ``statistic="per_sample"``
@@ -21,7 +33,8 @@
   8×128 tokens. Goal: <= 1.1x.
 
 Persistent extra memory (state) is recorded in the comparison's params: the temporal statistic
-keeps one buffer per parameter (AdamW keeps two), the others only per-tensor scalars.
+keeps one buffer per parameter (AdamW keeps two; the foreach fallback one more scratch buffer),
+the others only per-tensor scalars.
 
 Run: ``gradstats bench scaling`` (``--smoke`` for a seconds-long check).
 """
@@ -35,10 +48,13 @@ from collections.abc import Callable, Sequence
 
 import torch
 import torch.nn.functional as F
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_leaves
 
 from gradstats import VarianceGradientScaler
 from gradstats.bench._harness import Candidate, Comparison
 from gradstats.bench._optional import Skipped, missing
+from gradstats.scaling._kernels import native_kernels_available, native_traffic, set_native_kernels
 
 __all__ = ["comparisons"]
 
@@ -86,17 +102,81 @@ class ItemwiseTemporal:
         return noise / signal if self.t > 1 and signal > 0 else float("nan")
 
 
-def _step_cost(smoke: bool) -> Comparison:
+def _nbytes(value: object) -> int:
+    return sum(
+        t.numel() * t.element_size() for t in tree_leaves(value) if isinstance(t, torch.Tensor)
+    )
+
+
+class _Traffic(TorchDispatchMode):
+    """Count aten ops and the bytes they move (see the module docstring)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.ops: list[tuple[str, int]] = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        out = func(*args, **kwargs)
+        schema, moved = func._schema, 0
+        for i, arg in enumerate(schema.arguments):
+            value = args[i] if i < len(args) else kwargs.get(arg.name)
+            written = arg.alias_info is not None and arg.alias_info.is_write
+            reads = not (written and schema.name.endswith("copy_"))  # a copy overwrites
+            moved += _nbytes(value) * (int(reads) + int(written))
+        returns = schema.returns
+        if returns and all(r.alias_info is not None for r in returns) and not schema.is_mutable:
+            moved = 0  # a view (detach, select, ...) moves nothing
+        elif not schema.name.startswith("aten::empty"):
+            fresh = [r.alias_info is None for r in schema.returns]
+            outs = out if isinstance(out, tuple) else (out,)
+            moved += sum(_nbytes(o) for o, f in zip(outs, fresh, strict=False) if f)
+        self.ops.append((str(func), moved))
+        return out
+
+
+def _traffic(fn: Callable[[], object], numel: int, label: str) -> dict[str, object]:
+    """One untimed steady-state call of ``fn`` (after one that may allocate lazily
+    initialised state): bytes per element and op counts (aten + native)."""
+    fn()
+    with native_traffic() as native, _Traffic() as aten:
+        fn()
+    ops = aten.ops + [(name, read + written) for name, read, written in native]
+    total = sum(moved for _, moved in ops)
+    return {
+        f"{label}_bytes_per_element": round(total / numel, 2),
+        f"{label}_ops": len(ops),
+        f"{label}_bulk_ops": sum(moved >= numel for _, moved in ops),
+    }
+
+
+def _foreach_kernels(fn: Callable[[], object]) -> Callable[[], None]:
+    """``fn`` with the scaler's native kernels switched off (its fallback path)."""
+
+    def run() -> None:
+        previous = set_native_kernels(False)
+        try:
+            fn()
+        finally:
+            set_native_kernels(previous)
+
+    return run
+
+
+def _step_cost(smoke: bool) -> list[Comparison]:
     named = _params(smoke)
     params = [p for _, p in named]
     adamw = torch.optim.AdamW(params, lr=1e-3, foreach=True)
     fused = torch.optim.AdamW(params, lr=1e-3, fused=True)
     temporal = VarianceGradientScaler(named, beta=0.99)
+    fallback = VarianceGradientScaler(named, beta=0.99)
     same_point = VarianceGradientScaler(named, statistic="same_point", beta=0.99)
     itemwise = ItemwiseTemporal(params, beta=0.99)
     grads = [p.grad for p in params]
+    foreach_temporal = _foreach_kernels(fallback.update_statistics)
     for _ in range(2):  # an estimate exists from the start
         temporal.update_statistics()
+        foreach_temporal()
         itemwise.step()
 
     def ours_same_point():
@@ -105,30 +185,72 @@ def _step_cost(smoke: bool) -> Comparison:
         same_point.update_statistics()
 
     numel = sum(p.numel() for p in params)
-    return Comparison(
-        name="scaling/step-cost",
-        candidates=[
-            Candidate("AdamW(fused) step", fused.step, "baseline: bandwidth floor"),
-            Candidate("AdamW(foreach) step", adamw.step, "28 B/element, foreach"),
-            Candidate("gradstats temporal", temporal.update_statistics, "update + factor"),
-            Candidate("gradstats same_point", ours_same_point, "2 micro-batches + update"),
-            Candidate("per-tensor .item()", itemwise.step, "same statistic, host reads"),
-        ],
-        baseline="AdamW(fused) step",
-        check=False,
-        memory=True,
-        device=DEVICE,
-        params={
-            "parameters": numel,
-            "tensors": len(params),
-            "state_bytes_adamw": 2 * 4 * numel,
-            "state_bytes_temporal": 4 * numel + 16 * len(params),
-            "scratch_bytes_temporal": 4 * numel,
-            "traffic_bytes_per_element_temporal": 56,
-            "traffic_bytes_per_element_adamw": 28,
-            "state_bytes_same_point": 32 * len(params),
-        },
+    native = native_kernels_available()
+    measured: dict[str, object] = {"native_kernels": native}
+    for label, fn in (
+        ("adamw_fused", fused.step),
+        ("adamw_foreach", adamw.step),
+        ("temporal", temporal.update_statistics),
+        ("temporal_foreach_kernels", foreach_temporal),
+        ("same_point", ours_same_point),
+    ):
+        measured.update(_traffic(fn, numel, label))
+
+    def note(label: str, what: str) -> str:
+        traffic, bulk = measured[f"{label}_bytes_per_element"], measured[f"{label}_bulk_ops"]
+        return f"{what}; {traffic} B/el, {bulk} bulk ops"
+
+    ours = Candidate(
+        "gradstats temporal",
+        temporal.update_statistics,
+        note("temporal", "native kernels" if native else "no compiler: foreach kernels"),
     )
+    foreach_step = Candidate("AdamW(foreach) step", adamw.step, note("adamw_foreach", "foreach"))
+    params_record = {
+        "parameters": numel,
+        "tensors": len(params),
+        "state_bytes_adamw": 2 * 4 * numel,
+        "state_bytes_temporal": 4 * numel + 16 * len(params),
+        "scratch_bytes_temporal": 0 if native else 4 * numel,
+        "state_bytes_same_point": 32 * len(params),
+        **measured,
+    }
+    return [
+        Comparison(
+            name="scaling/step-cost",
+            candidates=[
+                Candidate(
+                    "AdamW(fused) step", fused.step, note("adamw_fused", "baseline: one pass")
+                ),
+                foreach_step,
+                ours,
+                Candidate(
+                    "temporal, foreach kernels",
+                    foreach_temporal,
+                    note("temporal_foreach_kernels", "the fallback path"),
+                ),
+                Candidate(
+                    "gradstats same_point",
+                    ours_same_point,
+                    note("same_point", "2 micro-batches + update"),
+                ),
+                Candidate("per-tensor .item()", itemwise.step, "same statistic, host reads"),
+            ],
+            baseline="AdamW(fused) step",
+            check=False,
+            memory=True,
+            device=DEVICE,
+            params=params_record,
+        ),
+        Comparison(
+            name="scaling/step-cost-vs-foreach",
+            candidates=[foreach_step, ours],
+            baseline="AdamW(foreach) step",
+            check=False,
+            device=DEVICE,
+            params={"parameters": numel, "tensors": len(params), "native_kernels": native},
+        ),
+    ]
 
 
 def _same_numbers(smoke: bool) -> Comparison:
@@ -249,7 +371,7 @@ def _per_sample_gpt2(smoke: bool) -> Comparison | Skipped:
 def comparisons(smoke: bool) -> list[Comparison | Skipped]:
     """The suite's comparisons (``smoke``: tiny sizes)."""
     return [
-        _step_cost(smoke),
+        *_step_cost(smoke),
         _same_numbers(smoke),
         _per_sample_mlp(smoke),
         _per_sample_gpt2(smoke),
