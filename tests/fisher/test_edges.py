@@ -131,6 +131,33 @@ def _assert_equal(actual, expected):
         assert actual == expected
 
 
+def test_a_replaced_ancestor_container_is_detected():
+    """The hooked Linear itself is unchanged, but the container holding it was swapped for a
+    copy: the model no longer calls the hooked module (every link of the path is checked)."""
+    model = nn.Sequential(nn.Sequential(nn.Linear(4, 3), nn.Tanh()), nn.Linear(3, 2)).double()
+    y = torch.randn(5, 2, dtype=torch.float64)
+    fc = FisherCollector(model, "empirical", "regression").collect(X, y)
+    model[0] = nn.Sequential(*model[0])  # a new container around the *same* children
+    fc.collect(X, y)  # same modules on the path's ends, same hooks: still right
+    model[0] = nn.Sequential(nn.Linear(4, 3).double(), nn.Tanh())
+    with pytest.raises(StateError, match=r"module '0\.0' was replaced"):
+        fc.collect(X, y)
+
+
+def test_large_finite_statistics_are_not_taken_for_overflow():
+    """Batch acceptance sums every statistic's total in float64: float32 totals that are each
+    finite (near 3e38 together) must not add up to a false inf."""
+    model = nn.Sequential(nn.Linear(1, 1, bias=False), nn.Linear(1, 1, bias=False))
+    with torch.no_grad():
+        model[0].weight.fill_(1.0)
+        model[1].weight.fill_(1.0)
+    x = torch.full((1, 1), 1.2e19)  # (y − t)² / 2 with y ≈ 1.2e19: g = 1.2e19 · 1.2e19 …
+    fc = FisherCollector(model, "empirical", "regression", signal=False, groups=None)
+    fc.collect(x * 1e-10, torch.zeros(1, 1))  # g² ≈ (1.4e18)² ≈ 2e36 per layer: finite
+    assert fc.counts["skipped"] == 0
+    assert torch.isfinite(fc.fisher()["0.weight"]).all()
+
+
 def test_an_unchanged_model_keeps_collecting():
     model = _mlp()
     y = torch.randn(5, 2, dtype=torch.float64)

@@ -71,11 +71,13 @@ class BatchCore(FisherReads):
         self,
         prepared: Prepared,
         layout: UnitLayout,
-        ok: torch.Tensor,
+        checks: list[torch.Tensor],
         g_sum: dict[str, torch.Tensor],
         draw_weight_sq: float,
     ) -> None:
-        """Check the batch's statistics and fold them into the state (or skip / raise)."""
+        """Check the batch's statistics and fold them into the state (or skip / raise).
+
+        ``checks``: scalars (the pass objectives, …) that must be finite too."""
         device = self._state.device
         deferred = set() if layout.gemms is None else {g[0] for g in layout.gemms}
         sq = {
@@ -117,8 +119,13 @@ class BatchCore(FisherReads):
         sums = [t.sum() for t in parts if t.numel()]
         if proxied:
             sums += [v for n in proxied for v in layout.proxy[n]]
-        finite = torch.stack(sums).isfinite().all() if sums else torch.ones_like(ok)
-        ok = ok & finite
+        sums += checks
+        if sums:  # s − s is 0 exactly when s is finite (NaN and ±inf give NaN); summed in
+            # float64 so that finite float32 parts never add up to a false inf
+            total = torch.stack(sums).sum(dtype=torch.float64)
+            ok = (total - total) == 0
+        else:
+            ok = torch.ones((), dtype=torch.bool, device=device)
         if self.nonfinite == "raise" and not bool(ok):  # sync-ok: nonfinite="raise" (documented)
             raise NonFiniteError(
                 "non-finite batch (nonfinite='raise'): its loss or per-unit statistics (Σg², Σg, "

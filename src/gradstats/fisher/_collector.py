@@ -260,11 +260,11 @@ class FisherCollector(Streaming, SpecialPasses):
         layout = self._layout(prepared, device)
         names = list(engine.selected)
         g_sum: dict[str, torch.Tensor] = {}
-        ok = torch.ones((), dtype=torch.bool, device=device)
+        checks: list[torch.Tensor] = []  # scalars that must be finite for the batch to count
         site = self._closed_form_site(prepared) if estimand.closed_form else None
         self._closed_form = site is not None if estimand.closed_form else None
         if estimand.closed_form:  # label-free: the batch is finite when its logits are
-            ok &= torch.isfinite(prepared.logits).all()
+            checks.append(prepared.logits.detach().sum())
         passes: Iterator[Pass]
         if site is not None:
             if self._check_pending:  # any direction checks Σ_i g_i (parameters used elsewhere)
@@ -286,8 +286,9 @@ class FisherCollector(Streaming, SpecialPasses):
         for index, (objective, direction, weight) in enumerate(passes):
             root = math.sqrt(weight)
             if objective is not None:
-                ok &= torch.isfinite(objective)
-                objective = objective * root
+                checks.append(objective.detach())
+                if root != 1.0:
+                    objective = objective * root
             if self._check_pending:
                 self._check_complete(prepared, names, objective, direction)
             lin: dict[str, torch.Tensor] = {}
@@ -306,10 +307,10 @@ class FisherCollector(Streaming, SpecialPasses):
             if self.collect_signal:
                 for name, grad in zip(names, grads, strict=True):
                     if grad is not None:
-                        value = grad.detach() if root == 1.0 else grad.detach() * root
+                        value = grad if root == 1.0 else grad * root  # (no graph: no detach)
                         g_sum[name] = g_sum[name] + value if name in g_sum else value
         layout.lin = None
-        self._finish(prepared, layout, ok, g_sum, draw_weight_sq=1.0 / self.mc_samples)
+        self._finish(prepared, layout, checks, g_sum, draw_weight_sq=1.0 / self.mc_samples)
 
     # ------------------------------------------------------------ persistence
     def save(self, path: str | Path) -> Path:

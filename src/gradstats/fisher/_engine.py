@@ -7,11 +7,13 @@ whose output has no batch dimension at all cannot be told apart from a batched o
 supported.)
 
 Forward hooks (registered once, idle unless a batch is being recorded) save each call's input
-and register a tensor hook on its output together with the output's ``GradientEdge`` (taken
-before any later in-place op). A *pass* is one ``torch.autograd.grad`` call whose ``inputs``
-are those edges: autograd then computes only activation gradients — no weight-gradient GEMMs
-unless the mean gradient is wanted — and each tensor hook reduces its module's per-unit
-gradients the moment the output gradient exists, then lets it go.
+and its output's ``GradientEdge`` (taken before any later in-place op). A *pass* is one
+``torch.autograd.grad`` call whose ``inputs`` are those edges: autograd then computes only
+activation gradients — no weight-gradient GEMMs unless the mean gradient is wanted — and
+returns the gradient of every recorded output, from which each module's handler reduces its
+per-unit gradients. (autograd holds the gradient of every requested input until it returns
+anyway, so reducing them after the call costs no memory over tensor hooks, and saves a Python
+hook call per module and pass.)
 
 A parameter with several *sites* (tied weights such as GPT-2's ``wte`` / ``lm_head``, or a module
 called more than once per forward) must be summed per unit before squaring: its sites keep their
@@ -34,6 +36,7 @@ from gradstats._warnings import warn
 from gradstats.errors import ConfigurationError, StateError
 from gradstats.fisher._accumulate import Request, UnitLayout, accumulate_materialised
 from gradstats.fisher._fallback import FunctionalHandler
+from gradstats.fisher._inputs import batch_rows
 from gradstats.fisher._persample import (
     ConvHandler,
     EmbeddingHandler,
@@ -44,7 +47,7 @@ from gradstats.fisher._persample import (
     is_hf_rmsnorm,
 )
 
-__all__ = ["Engine", "make_handler"]
+__all__ = ["Engine", "batch_rows", "make_handler"]
 
 # Modules whose forward uses their children's parameters directly (not through the children's
 # forward): the module owns those parameters and is handled as one unit by the fallback. A
@@ -118,40 +121,6 @@ def _owners(model: nn.Module, selected: dict[str, nn.Parameter]) -> dict[str, li
     return owners
 
 
-def _expand(value: object, batch: int) -> object:
-    if isinstance(value, torch.Tensor) and value.dim() > 0 and value.shape[0] == 1:
-        return value.expand(batch, *value.shape[1:])
-    return value
-
-
-def batch_rows(
-    output: torch.Tensor | tuple, args: tuple, kwargs: dict, batch: int
-) -> tuple[torch.Tensor | tuple, tuple, dict, list[torch.Tensor], bool]:
-    """A module's call as one row per sample: (output, args, kwargs, the outputs that need a
-    gradient, whether the call was expanded).
-
-    A module called on a batch of one while the model's batch has ``batch`` > 1 rows (e.g.
-    position embeddings of ``position_ids`` [1, T], broadcast when added) has its output and
-    its batch-of-one arguments expanded to ``batch`` rows (a forward hook then returns the
-    expanded output).
-    """
-    expanded = False
-    if (
-        isinstance(output, torch.Tensor)
-        and batch > 1
-        and output.dim() > 0
-        and output.shape[0] == 1
-        and output.requires_grad
-    ):
-        output = output.expand(batch, *output.shape[1:])
-        args = tuple(_expand(a, batch) for a in args)
-        kwargs = {k: _expand(v, batch) for k, v in kwargs.items()}
-        expanded = True
-    outputs = [output] if isinstance(output, torch.Tensor) else list(output)
-    tensors = [t for t in outputs if isinstance(t, torch.Tensor) and t.requires_grad]
-    return output, args, kwargs, tensors, expanded
-
-
 class Engine:
     """Per-sample machinery of one collector (see the module docstring)."""
 
@@ -167,6 +136,7 @@ class Engine:
                 labels[module] = mname or type(model).__name__
         self.handlers = {m: make_handler(m, a, labels[m]) for m, a in attrs.items()}
         self.paths = {m: mname for found in owners.values() for mname, m, _ in found}
+        self._paths = self._module_paths()
         for handler in self.handlers.values():
             handler.replay = self.replay
         self.static_multi = {name for name, found in owners.items() if len(found) > 1}
@@ -195,34 +165,46 @@ class Engine:
         A submodule (or parameter) replaced after the collector was built would carry no hooks
         and its gradients would silently be left out (the old module's statistics simply stop
         growing), so this is an error, not a re-attachment: the statistics collected so far
-        belong to the old parameters.
+        belong to the old parameters. (Each module's path is walked through the children
+        dicts, a few microseconds per batch; a container swapped for one holding the same
+        children is no change.)
 
         Raises:
             StateError: naming the replaced module or parameter.
         """
-        for module, handler in self.handlers.items():
-            path = self.paths[module]
-            try:
-                current = self.model.get_submodule(path) if path else self.model
-            except AttributeError:
-                current = None
+        for module, keys, params in self._paths:
+            current: nn.Module | None = self.model
+            for key in keys:
+                current = current._modules.get(key) if current is not None else None
+            handler = self.handlers[module]
             if current is not module:
                 raise StateError(
                     f"module {handler.label!r} was replaced or removed after the FisherCollector "
                     "was built: its hooks are on the old module, so its gradients would be left "
                     "out silently; build a new FisherCollector for the changed model"
                 )
-            for attr, name in handler.attrs.items():
-                try:
-                    param = module.get_parameter(attr)
-                except AttributeError:
-                    param = None
-                if param is not self.selected[name]:
+            for owner_keys, leaf, name in params:
+                owner: nn.Module | None = module
+                for key in owner_keys:
+                    owner = owner._modules.get(key) if owner is not None else None
+                if owner is None or owner._parameters.get(leaf) is not self.selected[name]:
                     raise StateError(
                         f"parameter {name!r} (module {handler.label!r}) was replaced after the "
                         "FisherCollector was built; build a new FisherCollector for the changed "
                         "model"
                     )
+
+    def _module_paths(self) -> list[tuple[nn.Module, list[str], list[tuple[list[str], str, str]]]]:
+        """(hooked module, its path's keys, [(keys to the owner, attribute, parameter name)])."""
+        out = []
+        for module, handler in self.handlers.items():
+            path = self.paths[module]
+            params = []
+            for attr, name in handler.attrs.items():
+                *hops, leaf = attr.split(".")
+                params.append((hops, leaf, name))
+            out.append((module, path.split(".") if path else [], params))
+        return out
 
     def set_requests(self, requests: dict[str, list[Request]]) -> None:
         """Group requests per parameter name; each handler is told about its own."""
@@ -282,7 +264,6 @@ class Engine:
         self.calls[module] += 1
         self.sites.append(site)
         self.edges.append(get_gradient_edge(tensors[0]))
-        tensors[0].register_hook(functools.partial(self._on_grad, site))
         for extra in tensors[1:]:
             extra.register_hook(functools.partial(self._extra_output, handler.label))
         return output if broadcast else None
@@ -295,6 +276,8 @@ class Engine:
             )
 
     def _on_grad(self, site: Site, grad: torch.Tensor) -> None:
+        """Reduce one recorded output's gradient (its module called once: now; else at the end
+        of the pass, summed over the module's sites per unit)."""
         handler = site.handler
         multi = self.calls[handler.module] > 1
         direct: list[str] = []
@@ -346,7 +329,13 @@ class Engine:
             grads = torch.autograd.grad(
                 output, inputs, grad_outputs=direction, retain_graph=retain, allow_unused=True
             )
-        self._finish_deferred()
+        with torch.no_grad():  # as inside autograd's own hooks
+            # last call first, the order in which autograd reaches them
+            outputs = grads[len(params) :]
+            for site, grad in zip(reversed(self.sites), reversed(outputs), strict=True):
+                if grad is not None:  # (None: that output did not reach the objective)
+                    self._on_grad(site, grad)
+            self._finish_deferred()
         layout.end_pass()
         if from_hooks:
             lin, layout.lin = layout.lin, None

@@ -1,5 +1,5 @@
-"""The collector's inputs: calling the model on a batch, the batch size, and the selection of
-the parameters to collect."""
+"""The collector's inputs: calling the model on a batch, the batch size, one row per sample of
+a module call (:func:`batch_rows`), and the selection of the parameters to collect."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ from torch import nn
 
 from gradstats.errors import ConfigurationError, ConfigurationTypeError
 
-__all__ = ["batch_size", "call_model", "check_device", "select_parameters"]
+__all__ = ["batch_rows", "batch_size", "call_model", "check_device", "select_parameters"]
 
 
 def check_device(name: str, device: object) -> torch.device | None:
@@ -93,3 +93,37 @@ def select_parameters(model: nn.Module, params: Iterable[str] | None) -> dict[st
             f"params must be floating; {bad[0]!r} is {selected[bad[0]].dtype}"
         )
     return selected
+
+
+def _expand(value: object, batch: int) -> object:
+    if isinstance(value, torch.Tensor) and value.dim() > 0 and value.shape[0] == 1:
+        return value.expand(batch, *value.shape[1:])
+    return value
+
+
+def batch_rows(
+    output: torch.Tensor | tuple, args: tuple, kwargs: dict, batch: int
+) -> tuple[torch.Tensor | tuple, tuple, dict, list[torch.Tensor], bool]:
+    """A module's call as one row per sample: (output, args, kwargs, the outputs that need a
+    gradient, whether the call was expanded).
+
+    A module called on a batch of one while the model's batch has ``batch`` > 1 rows (e.g.
+    position embeddings of ``position_ids`` [1, T], broadcast when added) has its output and
+    its batch-of-one arguments expanded to ``batch`` rows (a forward hook then returns the
+    expanded output).
+    """
+    expanded = False
+    if (
+        isinstance(output, torch.Tensor)
+        and batch > 1
+        and output.dim() > 0
+        and output.shape[0] == 1
+        and output.requires_grad
+    ):
+        output = output.expand(batch, *output.shape[1:])
+        args = tuple(_expand(a, batch) for a in args)
+        kwargs = {k: _expand(v, batch) for k, v in kwargs.items()}
+        expanded = True
+    outputs = [output] if isinstance(output, torch.Tensor) else list(output)
+    tensors = [t for t in outputs if isinstance(t, torch.Tensor) and t.requires_grad]
+    return output, args, kwargs, tensors, expanded

@@ -151,6 +151,9 @@ def _check_range(values: torch.Tensor, upper: int, what: str, allow_ignore: bool
     """Range check of class indices; reads values only for CPU tensors (no device sync)."""
     if values.device.type != "cpu" or values.numel() == 0:
         return
+    low, high = (int(v) for v in torch.aminmax(values))  # sync-ok: CPU tensor; one pass
+    if low >= 0 and high < upper:
+        return
     valid = (values >= 0) & (values < upper)
     if allow_ignore:
         valid |= values == IGNORE_INDEX

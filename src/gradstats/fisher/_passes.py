@@ -129,8 +129,7 @@ class SpecialPasses(BatchCore):
         for name, grad in zip(names, grads, strict=True):
             if grad is not None:
                 layout.sq[name] = (grad.detach().to(torch.float64) * inv).square()
-        ok = torch.isfinite(objective)
-        self._finish(prepared, layout, ok, {}, draw_weight_sq=1.0)
+        self._finish(prepared, layout, [objective.detach()], {}, draw_weight_sq=1.0)
 
 
 def unit_requests(families: list[GroupFamily], device: torch.device) -> dict[str, list[Request]]:

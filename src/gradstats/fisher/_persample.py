@@ -1,4 +1,4 @@
-r"""Exact per-unit gradients inside backward hooks, one handler per layer type.
+r"""Exact per-unit gradients from each module call's output gradient, one handler per layer type.
 
 A handler sees, for one call of its module, the saved input ``a`` and the gradient ``b`` of the
 module's output (for the pass objective Σ_units l_i), and reduces the per-unit gradients of the
@@ -95,11 +95,18 @@ class LinearHandler(Handler):
         return out
 
     def accumulate(self, layout, saved, grad, attrs, requests):
-        a, b = self.prepare(layout, saved, grad)
-        if a.shape[1] != 1:
-            self.accumulate_chunked(layout, (a, b), attrs, requests)
-            return
-        a, b = a[:, 0], b[:, 0]
+        inputs = saved[0]
+        if layout.unit == "sample" and inputs.dim() == 2 and grad.dim() == 2:  # [B, f]: as is
+            self.check_batch(layout, inputs, "the input")
+            self.check_batch(layout, grad, "the output gradient")
+            cdt = compute_dtype(grad)
+            a, b = inputs.to(cdt), grad.to(cdt)
+        else:
+            a, b = self.prepare(layout, saved, grad)
+            if a.shape[1] != 1:
+                self.accumulate_chunked(layout, (a, b), attrs, requests)
+                return
+            a, b = a[:, 0], b[:, 0]
         a2 = a.square()
         centred = _Centred(layout, a, a2) if layout.se else None
         n, width = b.shape
@@ -160,7 +167,7 @@ class LinearHandler(Handler):
             self._store(layout, store, name)[rows] += value
 
     def _add_rows(self, layout, store, name, rows, value):
-        if name not in store and value.shape[0] == self.module.get_parameter("bias").shape[0]:
+        if name not in store and value.shape[0] == self.module.bias.shape[0]:
             store[name] = value.to(layout.dtype)
         else:
             self._store(layout, store, name)[rows] += value

@@ -37,7 +37,13 @@ from gradstats.fisher._state_load import load_tensors
 from gradstats.fisher._state_parts import (
     FamilyMoments,
 )
-from gradstats.fisher._state_pending import PendingGroups, PendingSums, accepted_flag, masked_add_
+from gradstats.fisher._state_pending import (
+    PendingGroups,
+    PendingSums,
+    accepted_flag,
+    add_counts,
+    masked_add_,
+)
 from gradstats.moments import (
     EMAMoments,
     Moments,
@@ -184,8 +190,8 @@ class FisherState:
         Σ(x − c)² − (Σ(x − c))²/n are merged into ``g2_m2`` with Chan's formula. ``gemms``
         (only where :attr:`defers_products`): deferred parts of Σg², (name, index, m1, m2)
         meaning Σg²[name][index] += m1 @ m2, added straight into the pending sums."""
-        okf = ok.to(torch.float64)
         n_units = n_units.to(torch.float64)
+        accepted = accepted_flag(ok)  # known on the CPU (free), None on a device
         if self.mode == "cumulative" and self.element_se:
             if centred is None:
                 raise RuntimeError("element_se statistics need the batch's centred sums")
@@ -209,7 +215,6 @@ class FisherState:
                 totals[name] = mean_b * n_units
             sq = totals
         if self.mode == "cumulative":
-            accepted = accepted_flag(ok)
             if self.element_se:  # each batch's totals are float64 already: add them now
                 for name, total in sq.items():
                     masked_add_(self._g2_sum[name], total, ok, accepted)
@@ -248,12 +253,8 @@ class FisherState:
                 else:
                     mean = (rows.to(torch.float64) * row_weight[:, None]).sum(0) * inv
                 self.mask_ema[fam].update(mean, skip=skip)
-        counts = self.counts
-        counts["samples"] += okf * n_samples
-        counts["tokens"] += okf * n_tokens.to(torch.float64)
-        counts["batches"] += okf
-        counts["skipped"] += 1.0 - okf
-        counts["draw_weight_sq"] += okf * draw_weight_sq * n_units
+        dw_units = draw_weight_sq * (n_samples if self.unit == "sample" else n_units)
+        add_counts(self.counts, ok, accepted, n_samples, n_tokens, dw_units)
 
     # ------------------------------------------------------------------ reads
     def norm(self, normalization: str) -> torch.Tensor:

@@ -46,6 +46,38 @@ def masked_add_(target: torch.Tensor, value: torch.Tensor, ok: torch.Tensor, acc
         target.add_(value if value.dtype == target.dtype else value.to(target.dtype))
 
 
+def add_counts(
+    counts: dict[str, torch.Tensor],
+    ok: torch.Tensor,
+    accepted: bool | None,
+    n_samples: int,
+    n_tokens: torch.Tensor,
+    draw_weight_units: torch.Tensor | float,
+) -> None:
+    """counts += the batch's (samples, tokens, batches, draw_weight_sq = w² · units) when it
+    is accepted, else skipped += 1; ``accepted`` known (CPU): two or three ops, else masked on
+    the device by ``ok`` without a host read."""
+    if accepted is None:
+        okf = ok.to(torch.float64)
+        counts["samples"] += okf * n_samples
+        counts["tokens"] += okf * n_tokens.to(torch.float64)
+        counts["batches"] += okf
+        counts["skipped"] += 1.0 - okf
+        counts["draw_weight_sq"] += okf * draw_weight_units
+    elif not accepted:
+        counts["skipped"] += 1.0
+    else:
+        keys = ["samples", "batches"]
+        values: list[float] = [float(n_samples), 1.0]
+        if isinstance(draw_weight_units, torch.Tensor):
+            counts["draw_weight_sq"] += draw_weight_units
+        else:
+            keys.append("draw_weight_sq")
+            values.append(draw_weight_units)
+        torch._foreach_add_([counts[k] for k in keys], values)
+        counts["tokens"] += n_tokens
+
+
 class PendingSums:
     """Compute-dtype sums of accepted batches, not yet in the float64 ``targets``."""
 
