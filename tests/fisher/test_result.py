@@ -57,8 +57,41 @@ def test_save_load_resume_equals_one_uninterrupted_collection(tmp_path, kind):
         torch.testing.assert_close(resumed.fisher()[name], value, rtol=1e-12, atol=0)
 
 
+@pytest.mark.parametrize("seeded", [False, True], ids=["default generator", "generator="])
+def test_mc_resumes_exactly_from_the_generator_state_in_the_file(tmp_path, seeded):
+    """No generator passed to resume: the file's saved state continues the label draws."""
+    spec = FisherSpec("mc", mc_samples=3, seed=5)
+    make = (lambda: {"generator": torch.Generator().manual_seed(7)}) if seeded else dict
+    whole = FisherCollector(MODEL, spec=spec, **make()).collect(X[:4]).collect(X[4:])
+    first = FisherCollector(MODEL, spec=spec, **make()).collect(X[:4])
+    path = first.save(tmp_path / "mc.safetensors")
+    first.close()
+    result = load(path)
+    assert result.generator_state is not None
+    resumed = resume(result, MODEL).collect(X[4:])
+    _assert_identical(resumed.result, whole.result)
+    again = resume(load(resumed.save(tmp_path / "again.safetensors")), MODEL)
+    resumed.close()
+    assert torch.equal(again.result.generator_state, resumed.result.generator_state)
+
+
+def test_a_tampered_generator_state_is_refused(tmp_path):
+    from safetensors import safe_open
+    from safetensors.torch import load_file, save_file
+
+    fc = FisherCollector(MODEL, spec=FisherSpec("mc")).collect(X[:4])
+    path = fc.save(tmp_path / "mc.safetensors")
+    with safe_open(str(path), "pt") as handle:
+        metadata = handle.metadata()
+    tensors = load_file(str(path))
+    tensors["rng/generator"] = tensors["rng/generator"].float()
+    save_file(tensors, str(path), metadata=metadata)
+    with pytest.raises(StateError, match="rng/generator must be a 1-D uint8"):
+        load(path)
+
+
 def test_mc_resumes_exactly_with_the_generator_continued(tmp_path):
-    # a file does not store the generator's state: pass the generator that continues the draw
+    # the generator passed to resume wins over the file's state
     def generator():
         return torch.Generator().manual_seed(7)
 
@@ -211,3 +244,10 @@ def test_one_estimand_per_kind_declares_what_it_needs():
     assert [k for k in KINDS if not estimand(k).is_fisher] == ["batch_grad_sq"]
     assert FisherSpec("exact").signal is False  # normalised to what is collected
     assert FisherCollector(MODEL, "exact").spec()["estimand"] == ESTIMANDS["exact"]
+
+
+def test_a_generator_state_of_another_device_kind_is_a_clear_error():
+    result = FisherCollector(MODEL, spec=FisherSpec("mc")).collect(X[:4]).result
+    result.generator_state = torch.zeros(16, dtype=torch.uint8)  # a CUDA generator's size
+    with pytest.raises(StateError, match="pass generator= to resume"):
+        resume(result, MODEL).collect(X[4:])

@@ -59,17 +59,14 @@ class FisherCollector(Streaming, SpecialPasses):
         mc_samples: K labels drawn per unit for ``kind="mc"`` (default 1).
         generator: the ``torch.Generator`` (on the model's device) for ``kind="mc"``; default: a
             new one seeded with ``seed``.
-        seed: seed of the default generator (default 0). A file does not store the generator's
-            state: pass ``generator=`` to :func:`~gradstats.fisher.resume` to continue a draw.
+        seed: seed of the default generator (default 0); files store the generator's state.
         params: names of the parameters to collect (default: all that require grad).
         groups: ``"auto"`` (architecture registry from ``model.config``; output channels for
             models without a config), ``None``, a :class:`~gradstats.fisher.GroupMap` or a list
             of :class:`~gradstats.fisher.GroupFamily`.
-        mode: ``"cumulative"`` (default: exact sums, mergeable) or ``"ema"`` (debiased EMA of
-            batch means).
+        mode: ``"cumulative"`` (default: exact sums, mergeable) or ``"ema"`` (debiased EMA).
         beta: EMA decay for ``mode="ema"`` (default 0.99).
-        signal: also accumulate the mean gradient (default True, for the kinds that have one:
-            ``"empirical"``, ``"mc"``; costs the usual weight-gradient GEMMs).
+        signal: also accumulate the mean gradient (default True: ``"empirical"``, ``"mc"``).
         element_se: also accumulate per-batch sums of g² − c and (g² − c)² about a reference
             c from the batch (Chan-merged, float64) for elementwise standard errors
             (``kind="empirical"``; default False); right for float32 models even at large
@@ -88,9 +85,8 @@ class FisherCollector(Streaming, SpecialPasses):
             cost of one host read per batch (the batch's finite flag).
 
     Host syncs per batch (none on the CUDA hot path beyond these): the first batch's
-    completeness check (one read); ``collect_loader(until_rel_se=...)`` reads the
-    standard errors; ``nonfinite="raise"`` reads the batch's finite flag (one read); the
-    ``torch.func`` loop fallback runs Python per sample. Target ranges are checked on CPU
+    completeness check; ``collect_loader(until_rel_se=...)`` reads the standard errors;
+    ``nonfinite="raise"`` reads the batch's finite flag; the ``torch.func`` loop fallback. Target ranges are checked on CPU
     tensors only, and on the CPU the batch's finite flag is read (free there). Reads
     (``fisher()``, ``group_fisher()``, ...) read two counters each (see
     :mod:`gradstats.fisher._element_reads`): a collector without data raises a ``StateError``
@@ -206,8 +202,9 @@ class FisherCollector(Streaming, SpecialPasses):
         return {} if self._engine is None else self._engine.report()
 
     def _gen(self, device: torch.device) -> torch.Generator:
-        if self._generator is None:
-            self._generator = torch.Generator(device=device).manual_seed(self.seed)
+        if self._generator is None:  # a resumed mc collection continues the saved stream
+            fresh = torch.Generator(device=device).manual_seed
+            self._generator = self.result.restored_generator(device) or fresh(self.seed)
         return self._generator
 
     # --------------------------------------------------------------- collect
@@ -314,7 +311,9 @@ class FisherCollector(Streaming, SpecialPasses):
 
     # ------------------------------------------------------------ persistence
     def save(self, path: str | Path) -> Path:
-        """Write the result to a safetensors file: :meth:`FisherResult.save`. Returns the path."""
+        """:meth:`FisherResult.save` (with the mc label generator's state). Returns the path."""
+        if self._generator is not None:
+            self.result.generator_state = self._generator.get_state()
         return self.result.save(path)
 
     @classmethod
@@ -367,7 +366,7 @@ def resume(
     Save → :func:`~gradstats.fisher.load` → ``resume`` → collect the rest gives the statistics of
     one uninterrupted collection (float64, exact). ``likelihood``: the callable again, for a
     collection with a callable likelihood. ``generator``: where ``kind="mc"`` continues to draw
-    labels (a file does not store the generator's state; default: a new one seeded with the
+    labels (default: the generator state saved with the file, else a new one seeded with the
     spec's ``seed``). ``result`` itself is not changed.
 
     Raises:
@@ -394,6 +393,7 @@ def resume(
     )
     try:  # an exact copy onto the collector's device (validated again)
         fc.result.state.load_tensors(result.state.tensors(), "the resumed result")
+        fc.result.generator_state = result.generator_state  # (used if generator= is None)
     except BaseException:
         fc.close()
         raise

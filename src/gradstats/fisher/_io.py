@@ -11,7 +11,8 @@ counter was named ``rejected``, load too):
 * ``state/...`` — the float64 sufficient statistics (counts, Σ x, Σ g, M2, per-family moments),
   so a loaded result can keep collecting (:func:`~gradstats.fisher.resume`), merge and
   all-reduce exactly;
-* ``assign/<family>/<member>`` — int32 group assignments.
+* ``assign/<family>/<member>`` — int32 group assignments;
+* ``rng/generator`` — ``kind="mc"``: the label generator's uint8 state when it was saved.
 
 Metadata (strings): ``format``, ``version``, ``spec`` (JSON: kind, likelihood, unit, counts, dtype,
 model fingerprint, ...), ``params`` (JSON names, shapes and dtypes) and ``groups`` (JSON families).
@@ -48,6 +49,7 @@ __all__ = ["FORMAT", "VERSION", "Saved", "read_file", "read_saved", "same_shapes
 FORMAT = "gradstats.fisher"
 VERSION = 2
 READABLE_VERSIONS = ("1", "2")
+GENERATOR_KEY = "rng/generator"
 FLOAT_DTYPES = ("float16", "bfloat16", "float32", "float64")
 
 
@@ -62,6 +64,7 @@ class Saved:
     state: dict[str, torch.Tensor]  # the float64 sufficient statistics, for load_tensors
     where: str
     device: torch.device | None
+    generator_state: torch.Tensor | None = None  # kind="mc": the label generator's state
 
 
 def write_file(
@@ -249,4 +252,11 @@ def read_saved(path: object, device: object = None) -> Saved:
         raise StateError(f"{where}: the spec's fingerprint does not match its params")
     group_map = _group_map(_json(metadata, "groups", where), tensors, shapes, where)
     state = {k[6:]: v for k, v in tensors.items() if k.startswith("state/")}
-    return Saved(config, shapes, dtypes, group_map, state, where, target)
+    rng = tensors.get(GENERATOR_KEY)
+    if rng is not None and (
+        not config.estimand.sampled or rng.dtype != torch.uint8 or rng.dim() != 1
+    ):
+        raise StateError(
+            f"{where}: {GENERATOR_KEY} must be a 1-D uint8 generator state of a kind='mc' file"
+        )
+    return Saved(config, shapes, dtypes, group_map, state, where, target, rng)

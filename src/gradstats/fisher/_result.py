@@ -23,7 +23,7 @@ import torch
 
 from gradstats.errors import ConfigurationError, ConfigurationTypeError, StateError
 from gradstats.fisher._group_reads import GroupReads
-from gradstats.fisher._io import read_saved, write_file
+from gradstats.fisher._io import GENERATOR_KEY, read_saved, write_file
 
 __all__ = ["FisherResult", "load"]
 
@@ -50,6 +50,30 @@ class FisherResult(GroupReads):
         >>> result.fisher()["weight"].item(), result.counts["samples"], result.kind
         (5.5, 4, 'empirical')
     """
+
+    #: ``kind="mc"``: the label generator's state when the collector saved (a CPU/CUDA
+    #: ``Generator.get_state()``), stored in the file, so that :func:`resume` draws the labels
+    #: an uninterrupted collection would have drawn; None otherwise
+    generator_state: torch.Tensor | None = None
+
+    def restored_generator(self, device: torch.device) -> torch.Generator | None:
+        """A generator on ``device`` in :attr:`generator_state` (None without one).
+
+        Raises:
+            StateError: the state is not one of a ``device`` generator (saved on another kind
+                of device: pass ``generator=`` to ``resume``).
+        """
+        if self.generator_state is None:
+            return None
+        generator = torch.Generator(device=device)
+        try:
+            generator.set_state(self.generator_state.cpu())
+        except RuntimeError:
+            raise StateError(
+                f"the saved mc generator state does not fit a {device.type} generator (it was "
+                "saved on another kind of device); pass generator= to resume()"
+            ) from None
+        return generator
 
     def merge(self, other: object) -> FisherResult:
         """Fold ``other``'s statistics (a result, or a collector's) into this one (Chan; exact,
@@ -132,6 +156,8 @@ class FisherResult(GroupReads):
                     tensors[f"group/{fam}"] = value.to(torch.float32)
         for key, value in self.state.tensors().items():
             tensors[f"state/{key}"] = value
+        if self.generator_state is not None and self.config.estimand.sampled:
+            tensors[GENERATOR_KEY] = self.generator_state.cpu()
         return write_file(
             path,
             spec=self.spec() | {"counts": dict(self.counts)},
@@ -167,6 +193,7 @@ class FisherResult(GroupReads):
             device=saved.device or torch.device("cpu"),
         )
         result.state.load_tensors(saved.state, saved.where)  # validates; raises StateError
+        result.generator_state = saved.generator_state
         return result
 
 
