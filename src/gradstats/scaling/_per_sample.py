@@ -51,6 +51,13 @@ from gradstats.fisher._engine import _owners, batch_rows, make_handler
 from gradstats.fisher._fallback import FunctionalHandler
 from gradstats.fisher._inputs import batch_size
 from gradstats.scaling._params import ParamLayout
+from gradstats.scaling._per_sample_linear import (
+    LinearSite,
+    materialised_grads,
+    plain_grads,
+    reusable,
+)
+from gradstats.scaling._per_sample_norms import squared_sum
 from gradstats.scaling._per_sample_sites import Part, shared_norm, site_norms
 from gradstats.scaling._same_point import SamePointState
 
@@ -214,6 +221,9 @@ class PerSampleHooks:
             return None
         self._calls[(self._forward, module)] += 1
         site = (handler, handler.save(args, kwargs, output), self._forward, self._calls)
+        if not broadcast and reusable(handler, self.unit, args, output):
+            weight, bias = module.weight, module.bias
+            return LinearSite.apply(args[0], weight, bias, (self, site, output.detach()))
         tensors[0].register_hook(functools.partial(_on_grad, self, site))
         return output if broadcast else None
 
@@ -231,28 +241,70 @@ class PerSampleHooks:
             self._layouts[key] = UnitLayout(self.unit, shape[0], mask, self.chunk_bytes)
         return self._layouts[key]
 
-    def on_grad(self, site: tuple, grad: torch.Tensor) -> None:
-        handler, saved, forward, calls = site
-        if not self.capture():
-            return
+    def _begin(self, site: tuple, grad: torch.Tensor) -> tuple[UnitLayout, list[str]]:
+        """Bookkeeping of one site's backward: (its layout, the attrs shared with other sites)."""
+        handler, _, forward, calls = site
         if not self._queued:
             self._queued = True
             torch.autograd.Variable._execution_engine.queue_callback(self.finish)
         layout = self.layout(grad)
-        prepared = handler.prepare(layout, saved, grad)
         multi = calls[(forward, handler.module)] > 1
-        direct = []
+        shared = []
         for attr, name in handler.attrs.items():
             if (forward, name) not in self._seen:
                 self._seen.add((forward, name))
                 self._units[name] += layout.n_units
             if multi or name in self.static_multi:
+                shared.append(attr)
+        return layout, shared
+
+    def on_grad(self, site: tuple, grad: torch.Tensor) -> None:
+        handler, saved, forward, _ = site
+        if not self.capture():
+            return
+        layout, shared = self._begin(site, grad)
+        prepared = handler.prepare(layout, saved, grad)
+        direct = []
+        for attr, name in handler.attrs.items():
+            if attr in shared:
                 self._deferred[(forward, name)].append(Part(handler, layout, prepared, attr))
             else:
                 direct.append(attr)
         if direct:
             for attr, value in site_norms(handler, layout, prepared, direct).items():
                 self._stage(handler.attrs[attr], value)
+
+    def on_linear(
+        self, site: tuple, x: torch.Tensor, grad: torch.Tensor, need_w: bool, need_b: bool
+    ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        """Weight and bias gradients of a :class:`LinearSite` (see ``_per_sample_linear``),
+        recording Σ_i ‖c_i‖² of the weight (and bias) on the way."""
+        handler, _, forward, _ = site
+        if not self.capture() or not need_w or torch.is_grad_enabled():
+            self.on_grad(site, grad.detach())  # (create_graph: differentiable formulas)
+            return plain_grads(handler, x, grad, need_w, need_b)
+        layout, shared = self._begin(site, grad)
+        a, b = handler.prepare(layout, (x, None), grad)
+        keep = "weight" in shared
+        gw, norm, dense = materialised_grads(handler, a, b, layout.chunk_bytes, keep)
+        name = handler.attrs["weight"]
+        if keep:
+            part = Part(handler, layout, (a, b), "weight", norm, dense)
+            self._deferred[(forward, name)].append(part)
+        else:
+            self._stage(name, norm)
+        if not need_b:
+            return gw, None
+        if "bias" not in handler.attrs:
+            return gw, grad.reshape(-1, grad.shape[-1]).sum(0)
+        rows = b.sum(1)  # per-unit bias gradients Σ_t b_t
+        if "bias" in shared:
+            self._deferred[(forward, handler.attrs["bias"])].append(
+                Part(handler, layout, (a, b), "bias")
+            )
+        else:
+            self._stage(handler.attrs["bias"], squared_sum(rows))
+        return gw, rows.sum(0)
 
     def _stage(self, name: str, value: torch.Tensor) -> None:
         self._staged[name] = value if name not in self._staged else self._staged[name] + value

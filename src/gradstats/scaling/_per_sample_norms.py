@@ -8,8 +8,10 @@ out]) c_i = Σ_t a_it b_itᵀ, ``nn.Embedding`` (W [V, d]) c_i = Σ_t e_{x_it} b
 
 * one position: ‖c_i‖² = ‖l_i‖²‖r_i‖² (embedding: ‖b_i‖²);
 * a sequence: ‖Σ_t l_t r_tᵀ‖² = Σ_{t,s} (l_t·l_s)(r_t·r_s) = ⟨L Lᵀ, R Rᵀ⟩, from the two [T, T]
-  Gram matrices when T² ≤ d_l·d_r (cost T²(d_l + d_r) per unit), else from the materialised
-  [d_l, d_r] gradient (cost T·d_l·d_r), in chunks of units;
+  Gram matrices when that is the cheaper, T²(d_l + d_r) ≤ T·d_l·d_r multiply-adds per unit,
+  else from the materialised [d_l, d_r] gradient (cost T·d_l·d_r), in chunks of units (a
+  Linear/Conv1D site whose weight gradient is built from the per-unit gradients, see
+  :mod:`gradstats.scaling._per_sample_linear`, gets the norm from those instead);
 * an embedding sequence: rows with equal ids summed within the unit (sort + segment sum), then
   squared — no dense [B, V, d] buffer;
 * a parameter used at several sites of one forward (tied ``wte``/``lm_head``, a module called
@@ -26,7 +28,7 @@ from dataclasses import dataclass
 
 import torch
 
-__all__ = ["Index", "Outer", "cross_sum", "norm_sum", "squared_sum"]
+__all__ = ["Index", "Outer", "cross_sum", "norm_sum", "row_norms", "squared_sum"]
 
 
 @dataclass(frozen=True)
@@ -58,6 +60,11 @@ def squared_sum(per_unit: torch.Tensor) -> torch.Tensor:
     return _f64(per_unit.square().sum())
 
 
+def row_norms(x: torch.Tensor) -> torch.Tensor:
+    """‖x_i‖² of every unit of x [N, S, f] (one pass, no squared copy of x)."""
+    return torch.linalg.vector_norm(x, dim=(1, 2)).square()
+
+
 def _chunks(n: int, unit_bytes: int, budget: int) -> list[tuple[int, int]]:
     """(lo, hi) chunks of n units, each within ``budget`` bytes at ``unit_bytes`` per unit."""
     step = max(1, min(n, budget // max(1, unit_bytes)))
@@ -72,10 +79,10 @@ def norm_sum(f: Factor, budget: int) -> torch.Tensor:
     n, s, p = left.shape
     q = right.shape[-1]
     if s == 1:
-        return _f64((left.square().sum((1, 2)) * right.square().sum((1, 2))).sum())
+        return _f64((row_norms(left) * row_norms(right)).sum())
     total = torch.zeros((), dtype=torch.float64, device=left.device)
     item = left.element_size()
-    if s * s <= p * q:  # ⟨L Lᵀ, R Rᵀ⟩ from two [S, S] Gram matrices per unit
+    if s * (p + q) <= p * q:  # ⟨L Lᵀ, R Rᵀ⟩ from two [S, S] Gram matrices: S²(p + q) ≤ S·p·q
         for lo, hi in _chunks(n, 2 * s * s * item, budget):
             gl = torch.bmm(left[lo:hi], left[lo:hi].transpose(1, 2))
             gr = torch.bmm(right[lo:hi], right[lo:hi].transpose(1, 2))

@@ -25,6 +25,7 @@ from gradstats.scaling._per_sample_norms import (
     Outer,
     cross_sum,
     norm_sum,
+    row_norms,
     squared_sum,
 )
 
@@ -39,6 +40,8 @@ class Part:
     layout: UnitLayout
     prepared: object
     attr: str
+    norm: torch.Tensor | None = None  # Σ_i ‖c_i‖² if already known (float64 0-dim)
+    dense: torch.Tensor | None = None  # the [N, *param.shape] per-unit gradients, if kept
 
 
 def _factor(handler: Handler, prepared: object, attr: str) -> Factor | None:
@@ -58,6 +61,14 @@ def site_norms(
     budget = layout.chunk_bytes
     out: dict[str, torch.Tensor] = {}
     rest = []
+    if isinstance(handler, LinearHandler) and cast(tuple, prepared)[0].shape[1] == 1:
+        # one position per unit: ‖c_i‖² = ‖a_i‖²‖b_i‖² (weight), ‖b_i‖² (bias), one ‖b_i‖²
+        a, b = cast(tuple[torch.Tensor, torch.Tensor], prepared)
+        b_rows = row_norms(b)
+        for attr in attrs:
+            value = b_rows if attr == "bias" else row_norms(a) * b_rows
+            out[attr] = value.sum().to(torch.float64)
+        return out
     for attr in attrs:
         factor = _factor(handler, prepared, attr)
         if factor is not None:
@@ -95,11 +106,14 @@ def shared_norm(label: str, parts: list[Part]) -> torch.Tensor:
     factors = [_factor(p.handler, p.prepared, p.attr) for p in parts]
     if all(f is not None for f in factors):
         forms = [f for f in factors if f is not None]
-        for f in forms:
-            total = total + norm_sum(f, budget)
+        for part, f in zip(parts, forms, strict=True):
+            total = total + (norm_sum(f, budget) if part.norm is None else part.norm)
         for s, f in enumerate(forms):
-            for other in forms[s + 1 :]:
-                total = total + 2.0 * cross_sum(f, other, budget)
+            for t in range(s + 1, len(forms)):
+                cross = _dense_cross(parts[s], f, parts[t], forms[t])
+                if cross is None:
+                    cross = cross_sum(f, forms[t], budget)
+                total = total + 2.0 * cross
         return total
     (n,) = units
     step = min(p.layout.chunk(p.handler.bytes_per_unit([p.attr])) for p in parts)
@@ -118,3 +132,26 @@ def shared_norm(label: str, parts: list[Part]) -> torch.Tensor:
         if summed is not None:
             total = total + squared_sum(summed)
     return total
+
+
+def _dense_cross(p1: Part, f1: Factor, p2: Part, f2: Factor) -> torch.Tensor | None:
+    """Σ_i ⟨c_i, c'_i⟩ from kept per-unit gradients: a dot product of two dense sites, or for a
+    dense nn.Linear site [N, V, d] and an embedding, Σ_{i,t} ⟨c_i[x_it], b_it⟩ (one gather of
+    N·S rows); None where neither applies."""
+    if p1.dense is not None and p2.dense is not None:
+        return squared_sum_pair(p1.dense, p2.dense)
+    if isinstance(f1, Index):
+        p1, f1, p2, f2 = p2, f2, p1, f1
+    if p1.dense is None or not isinstance(f2, Index) or p1.dense.dim() != 3:
+        return None
+    if getattr(p1.handler, "transposed", True):
+        return None  # a Conv1D weight is [in, out]: its rows are not the embedding's rows
+    dense = p1.dense
+    units = torch.arange(dense.shape[0], device=dense.device).unsqueeze(1)
+    rows = dense[units, f2.ids]  # [N, S, d]: c_i[x_it]
+    return (rows * f2.right.to(rows.dtype)).sum().to(torch.float64)
+
+
+def squared_sum_pair(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """Σ over every element of x ⊙ y (float64 0-dim)."""
+    return (x * y.to(x.dtype)).sum().to(torch.float64)
