@@ -19,7 +19,7 @@ scaled under AMP).
 from __future__ import annotations
 
 from dataclasses import dataclass, replace
-from typing import cast
+from typing import Any, cast
 
 import torch
 
@@ -83,8 +83,19 @@ def _mask(
 
 def check_parameters(state: ScalerState) -> None:
     """Raise a StateError if a parameter's shape or device changed since the state was built
-    (the state would no longer fit it; ``rebind`` rebuilds it). Metadata only."""
+    (the state would no longer fit it; ``rebind`` rebuilds it). Metadata only: one comparison
+    of every tensor's (shape, device) with the layout's, then the detailed search on a
+    mismatch."""
     layout = state.layout
+    expected = state.cache.get("signature")
+    if expected is None:
+        expected = state.cache["signature"] = [
+            (shape, layout.devices[b])
+            for b, (start, stop) in enumerate(layout.blocks)
+            for shape in state.shapes[start:stop]
+        ]
+    if [(t.shape, t.device) for t in layout.tensors] == expected:
+        return
     for b, (start, stop) in enumerate(layout.blocks):
         for j in range(start, stop):
             tensor, name = layout.tensors[j], layout.names[j]
@@ -141,24 +152,30 @@ def observe(
         raise ConfigurationError("scaled=True needs the loss scale the gradients carry")
     check_parameters(state)
     layout, home = state.layout, state.home
+    everything = [t.grad for t in layout.tensors]
+    if any(g is not None and g.is_sparse for g in everything):
+        raise ConfigurationError("sparse gradients are not supported by VarianceGradientScaler")
     grads_out, sq_out, mask_out = [], [], []
-    finite = torch.ones((), dtype=torch.bool, device=home)
+    finite: torch.Tensor | None = None
     for b, (start, stop) in enumerate(layout.blocks):
-        grads = [t.grad for t in layout.tensors[start:stop]]
-        for g in grads:
-            if g is not None and g.is_sparse:
-                raise ConfigurationError(
-                    "sparse gradients are not supported by VarianceGradientScaler"
-                )
+        grads = everything[start:stop]
         present = tuple(g is not None for g in grads)
         rows, mask = _mask(state, b, present, layout.devices[b])
-        sq = torch.zeros(stop - start, dtype=torch.float64, device=layout.devices[b])
-        if any(present):
-            sq = sq.index_copy(0, rows, squared_norms([g for g in grads if g is not None]))
-        finite = finite & torch.isfinite(sq.sum()).to(home)
+        if all(present):  # the common case: no scatter into a zero vector
+            sq = squared_norms(cast("list[torch.Tensor]", grads))
+        else:
+            sq = torch.zeros(stop - start, dtype=torch.float64, device=layout.devices[b])
+            if any(present):
+                sq = sq.index_copy(0, rows, squared_norms([g for g in grads if g is not None]))
+        # NaN/inf in any gradient makes its ‖g‖², and so the sum, non-finite; x − x == 0
+        # holds exactly for finite x (inf − inf and NaN − NaN are NaN): isfinite in 2 ops
+        total = sq.sum()
+        ok = ((total - total) == 0).to(home)
+        finite = ok if finite is None else finite & ok
         grads_out.append(grads)
         sq_out.append(sq)
         mask_out.append(mask)
+    assert finite is not None  # a layout has at least one block
     hook_inv = None if loss_scale is None else _inverse(loss_scale, home)
     grad_inv = hook_inv if scaled else None
     return Observation(
@@ -172,9 +189,9 @@ def update_(state: ScalerState, observation: Observation, config: ScalerConfig) 
     home, skip = state.home, observation.skip
     finite = observation.finite
     apply = finite
-    if isinstance(skip, bool):  # a fill on the device, not a host-to-device copy
-        apply = apply & torch.full((), not skip, dtype=torch.bool, device=home)
-    elif skip is not None:
+    if skip is True:  # a fill on the device, not a host-to-device copy
+        apply = apply & torch.zeros((), dtype=torch.bool, device=home)
+    elif isinstance(skip, torch.Tensor):
         apply = apply & ~skip.to(device=home, dtype=torch.bool)
     grad_inv, hook_inv = observation.grad_inv, observation.hook_inv
     for grads, sq, mask, statistic, device in zip(
@@ -189,18 +206,22 @@ def update_(state: ScalerState, observation: Observation, config: ScalerConfig) 
         if grad_inv is not None:
             sq = sq * grad_inv.to(device).square()
         statistic.update(grads, sq, take, grad_inv=grad_inv, hook_inv=hook_inv)
-    stepped = replace(
+    masks = observation.masks
+    present = masks[0] if len(masks) == 1 else torch.cat([m.to(home) for m in masks])
+    fields = _readout_fields(state, config, present, state.updates + 1)
+    factor = fields["overall_factor"][0]  # the model-wide factor of this update
+    bad = ~finite
+    return replace(  # counters: int64 with bool promotes to int64 (no cast)
         state,
-        present=torch.cat([mask.to(home) for mask in observation.masks]),
-        nonfinite=state.nonfinite + (~finite).to(torch.int64),
-        consecutive=torch.where(finite, 0, state.consecutive + 1),
-        skipped=state.skipped + (~apply).to(torch.int64),
+        present=present,
+        nonfinite=state.nonfinite + bad,
+        consecutive=(state.consecutive + 1) * bad,  # 0 after a finite step
+        skipped=state.skipped + ~apply,
         applied=apply,
         updates=state.updates + 1,
+        progress=state.progress + torch.where(apply, factor, 0.0),
+        **fields,
     )
-    refreshed = refresh(stepped, config)
-    factor = refreshed.overall_factor[0]  # the model-wide factor of this update
-    return replace(refreshed, progress=refreshed.progress + torch.where(apply, factor, 0.0))
 
 
 def update(state: ScalerState, observation: Observation, config: ScalerConfig) -> ScalerState:
@@ -223,13 +244,24 @@ def totals(state: ScalerState) -> Totals:
 def refresh(state: ScalerState, config: ScalerConfig) -> ScalerState:
     """ρ and the factor of every aggregate recomputed from the statistics as they are now (one
     rate-limited move with ``max_rate``). No host sync."""
+    return replace(state, **_readout_fields(state, config, state.present, state.updates))
+
+
+def _readout_fields(
+    state: ScalerState, config: ScalerConfig, present: torch.Tensor, updates: int
+) -> dict[str, Any]:
+    """The fields :func:`refresh` sets, for the statistics of ``state`` with ``present`` and
+    ``updates`` (those of the state being built: :func:`update_` sets everything at once)."""
     summed_totals = totals(state)
     min_count = get_statistic(config.statistic).min_count
-    include = state.present & (summed_totals.count >= min_count)
+    include = present & (summed_totals.count >= min_count)
+    rule = state.cache.get("rule")
+    if not (isinstance(rule, tuple) and rule[0] is config):  # built once per configuration
+        rule = state.cache["rule"] = (config, make_rule(config))
     settings = FactorSettings(
-        rule=make_rule(config), beta=config.beta, eps=config.eps,
+        rule=rule[1], beta=config.beta, eps=config.eps,
         confidence=config.confidence, min_count=min_count,
-        warm=state.updates > config.warmup_steps,
+        warm=updates > config.warmup_steps,
     )  # fmt: skip
     args = (summed_totals.noise, summed_totals.signal, summed_totals.count, include)
     summed = aggregate(*args, state.group_index, state.groups)
@@ -241,14 +273,13 @@ def refresh(state: ScalerState, config: ScalerConfig) -> ScalerState:
         whole = aggregate(*args, state.global_index, 1)
         factors = scaling_factor(whole, state.overall_factor, settings, max_rate=config.max_rate)
         overall = (whole, factors)
-    return replace(
-        state,
-        factor=result.factor,
-        factor_per_tensor=result.factor[state.group_index],
-        overall_factor=overall[1].factor,
-        readout=readout,
-        overall=overall,
-    )
+    return {
+        "factor": result.factor,
+        "factor_per_tensor": result.factor.index_select(0, state.group_index),
+        "overall_factor": overall[1].factor,
+        "readout": readout,
+        "overall": overall,
+    }
 
 
 def discard_pending(state: ScalerState, config: ScalerConfig) -> None:

@@ -112,10 +112,14 @@ def scaling_factor(
     )
     raw = settings.rule.factor(rho, previous)
     estimate = count >= min_count
-    effective = 1.0 / ema_reliability(beta, count)
+    # x.reciprocal() * c is what c / x runs (Tensor.__rdiv__), without its Python wrapper
+    effective = ema_reliability(beta, count).reciprocal()
     spread = effective - 1.0
-    rel_se = torch.where(spread > 0, (2.0 / torch.where(spread > 0, spread, 1.0)).sqrt(), math.inf)
-    gate = estimate & torch.full_like(estimate, settings.warm)
+    spreads = spread > 0
+    rel_se = torch.where(
+        spreads, torch.where(spreads, spread, 1.0).reciprocal().mul(2.0).sqrt(), math.inf
+    )
+    gate = estimate if settings.warm else torch.zeros_like(estimate)
     if confidence is not None:
         gate = gate & (rel_se <= confidence)
     factor = torch.where(gate, raw, 1.0)

@@ -102,7 +102,7 @@ class ShrinkRule:
     def factor(self, rho: torch.Tensor, previous: torch.Tensor) -> torch.Tensor:
         if self.alpha == 0:
             return torch.ones_like(rho)
-        shrunk = (1.0 / (1.0 + self.alpha * rho)).clamp(min=self.min_scale, max=1.0)
+        shrunk = (1.0 + self.alpha * rho).reciprocal().clamp(min=self.min_scale, max=1.0)
         if self.min_scale > 0:
             return shrunk
         return torch.where(torch.isinf(rho), previous, shrunk)

@@ -29,7 +29,10 @@ class Totals:
 
     @staticmethod
     def concatenated(parts: list[Totals], device: torch.device) -> Totals:
-        """The per-device totals of several states, concatenated on ``device``."""
+        """The per-device totals of several states, concatenated on ``device`` (one state on
+        ``device``: its totals as they are, no copy)."""
+        if len(parts) == 1 and parts[0].count.device == device:
+            return parts[0]
 
         def cat(name: str) -> torch.Tensor:
             return torch.cat([getattr(p, name).to(device) for p in parts])

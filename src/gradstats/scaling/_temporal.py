@@ -78,7 +78,8 @@ class TemporalState:
                 (rows, FlatScratch([self.mean[j] for j in rows])) for rows in by_dtype.values()
             ]
             self._index: dict[
-                tuple[int, tuple[bool, ...]], tuple[list[int], torch.Tensor, NativeDeviation]
+                tuple[int, tuple[bool, ...]],
+                tuple[list[int], torch.Tensor, NativeDeviation, bool],
             ] = {}
         else:
             self.var = [torch.zeros_like(m, dtype=torch.float64) for m in self.mean]
@@ -97,7 +98,7 @@ class TemporalState:
         ``sq_norms`` are ‖g_j‖², already unscaled; ``grad_inv`` is 1/S when ``.grad`` still
         carries an AMP loss scale S (``hook_inv`` is for same-point hooks and unused here).
         """
-        self.count = self.count + take.to(torch.int64)
+        self.count = self.count + take  # int64 + bool: int64
         step = torch.where(take, ema_step_size(self.beta, self.count), 0.0)
         if not any(g is not None for g in grads):
             return
@@ -123,7 +124,7 @@ class TemporalState:
         grad_inv: torch.Tensor | None,
     ) -> None:
         scale: torch.Tensor | None = None
-        dev_sq = torch.zeros_like(self.var_sum)
+        dev_sq: torch.Tensor | None = None
         for number, (rows, scratch) in enumerate(self._groups):
             present = tuple(grads[j] is not None for j in rows)
             if not any(present):
@@ -133,10 +134,13 @@ class TemporalState:
                 local = [k for k, p in enumerate(present) if p]
                 index = torch.tensor([rows[k] for k in local], device=self.count.device)
                 native = NativeDeviation([self.mean[rows[k]] for k in local])
-                self._index[key] = (local, index, native)
-            local, index, native = self._index[key]
+                # every tensor, in order: the group's results are the vector itself
+                whole = len(local) == len(grads) and rows == list(range(len(grads)))
+                self._index[key] = (local, index, native, whole)
+            local, index, native, whole = self._index[key]
             present_grads = [g for g in (grads[rows[k]] for k in local) if g is not None]
-            sq = native(present_grads, step[index], grad_inv)
+            weights = step if whole else step[index]
+            sq = native(present_grads, weights, grad_inv)
             if sq is None:  # no compiler, not the CPU, ...: the foreach kernel
                 if scale is None:  # c_j: brings ‖g_j‖, ‖m_j‖ per coordinate to order one
                     ratio = torch.maximum(sq_norms, self.mean_sq) / self.numel.clamp(1)
@@ -147,16 +151,23 @@ class TemporalState:
                     present_grads,
                     [views[k] for k in local],
                     scratch.flat,
-                    step[index],
-                    scale[index],
+                    weights,
+                    scale if whole else scale[index],
                     grad_inv,
                 )
-            dev_sq = dev_sq.index_copy(0, index, sq)
-        a = step  # 0 where not taken
-        dev_sq = torch.where(take, dev_sq, 0.0)  # NaN never enters
-        grad_sq = torch.where(take, sq_norms, 0.0)
-        self.var_sum = torch.where(take, (1.0 - a) * (self.var_sum + a * dev_sq), self.var_sum)
-        carried = (1.0 - a) * self.mean_sq + a * grad_sq - a * (1.0 - a) * dev_sq
+            if whole:
+                dev_sq = sq
+            else:
+                dev_sq = torch.zeros_like(self.var_sum) if dev_sq is None else dev_sq
+                dev_sq = dev_sq.index_copy(0, index, sq)
+        if dev_sq is None:
+            return
+        # where a tensor is not taken (no gradient, a dropped step: a = 0) its entries of
+        # dev_sq / sq_norms may be NaN or stale; torch.where keeps the old value there and
+        # never propagates them, so they need no cleaning first
+        a, keep = step, torch.rsub(step, 1.0)  # a = 0 where not taken; keep = 1 − a
+        self.var_sum = torch.where(take, keep * (self.var_sum + a * dev_sq), self.var_sum)
+        carried = keep * self.mean_sq + a * sq_norms - a * keep * dev_sq
         self.mean_sq = torch.where(take, carried.clamp(min=0.0), self.mean_sq)
 
     def totals(self) -> Totals:
