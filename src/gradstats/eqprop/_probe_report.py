@@ -15,6 +15,7 @@ import json
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from gradstats._files import atomic_path, write_text_atomic
 from gradstats._format import format_table
@@ -161,39 +162,22 @@ class ProbeReport:
         paths["png"] = out / f"{stem}.png"
         return paths
 
+    def figure(self) -> Any:
+        """The ``probe.png`` figure (a matplotlib ``Figure``; close it when done): one column
+        per sweep (T1, T2, β for EP/AEP, r for holomorphic, N), the relative error vs the
+        implicit gradient on top and the adjoint residual below (group ``all``); without
+        sweeps, bars per parameter group. See ``gradstats.eqprop._plotting``."""
+        from gradstats.eqprop._plotting import probe_figure
+
+        return probe_figure(self.rows)
+
     def plot(self, path: str | Path) -> Path:
-        """Relative error and adjoint residual against each swept setting (group ``all``)."""
-        import matplotlib
+        """Write :meth:`figure` to ``path`` (the format its suffix names; PNG without one)."""
+        from gradstats.eqprop._plotting import pyplot
 
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-
-        sweeps = sorted({r.sweep for r in self.rows if r.sweep is not None})
-        ncol = max(len(sweeps), 1)
-        fig, axes = plt.subplots(2, ncol, figsize=(4 * ncol, 6), squeeze=False)
-        for j, sweep in enumerate(sweeps):
-            for method in sorted({r.method for r in self.select(sweep=sweep)}):
-                rows = self.select(sweep=sweep, method=method, group="all")
-                xs = [r.value for r in rows]
-                axes[0][j].loglog(xs, [max(r.rel_err, 1e-18) for r in rows], "o-", label=method)
-                res = [r.res_adjoint for r in rows]
-                if all(v is not None for v in res):
-                    ys = [max(v, 1e-18) for v in res if v is not None]
-                    axes[1][j].loglog(xs, ys, "o-", label=method)
-            axes[0][j].set_title(f"sweep {sweep}")
-            axes[0][j].set_ylabel("rel. error vs implicit")
-            axes[1][j].set_ylabel("adjoint residual")
-            axes[1][j].set_xlabel(sweep)
-            axes[0][j].legend(fontsize=7)
-        if not sweeps:
-            rows = [r for r in self.rows if r.group != "all" and r.sweep is None]
-            labels = [f"{r.method}/{r.group}" for r in rows]
-            axes[0][0].bar(range(len(rows)), [max(r.rel_err, 1e-18) for r in rows])
-            axes[0][0].set_yscale("log")
-            axes[0][0].set_xticks(range(len(rows)), labels, rotation=90, fontsize=6)
-            axes[0][0].set_ylabel("rel. error vs implicit")
-            axes[1][0].axis("off")
-        fig.tight_layout()
-        fig.savefig(path, dpi=100)
-        plt.close(fig)
+        fig = self.figure()
+        try:
+            fig.savefig(path, dpi=100, format=Path(path).suffix.lstrip(".") or "png")
+        finally:
+            pyplot().close(fig)
         return Path(path)

@@ -22,13 +22,15 @@ from __future__ import annotations
 
 import copy
 from collections.abc import Mapping
-from typing import Any
+from typing import Any, TypeVar
 
 import torch
 
 from gradstats.errors import StateError
 
 __all__ = ["ParameterEMA", "check_ema_state", "ema_weights"]
+
+_Model = TypeVar("_Model", bound=torch.nn.Module)
 
 
 class ParameterEMA:
@@ -53,7 +55,7 @@ class ParameterEMA:
         """θ_ema by parameter name (empty before the first update)."""
         return _debiased(self.params, self.decay, self.count)
 
-    def model(self, model: torch.nn.Module) -> torch.nn.Module:
+    def model(self, model: _Model) -> _Model:
         """A copy of ``model`` holding θ_ema (``model`` itself before the first update)."""
         if not self.count:
             return model

@@ -25,21 +25,24 @@ process takes with ``batch_size = W·batch_size`` (see ``_distributed``). Every 
 divergence, validation) is taken on all-reduced numbers, identically on all ranks. Only rank 0
 writes ``checkpoint.pt``, ``metrics.jsonl`` and ``curves.png`` and shows the progress bar; a
 resumed run needs the same number of ranks.
+
+The run's state is typed (``_session``): :func:`train` resolves a ``RunSetup``, ``_run``
+restores a ``Progress`` from it and strings one small function per concern together —
+estimate (a ``StepResult``), update, evaluate (an ``Evaluation``), log, check, checkpoint.
 """
 
 from __future__ import annotations
 
 import math
 import time
-from collections.abc import Iterable
-from dataclasses import dataclass
+from collections.abc import Iterable, Mapping
 from pathlib import Path
+from typing import Any
 
 import torch
 from tqdm.auto import tqdm
 
 from gradstats.data import load_corpus
-from gradstats.eqprop._module import EquilibriumModule
 from gradstats.eqprop.train._checkpoint import (
     CHECKPOINT,
     RESUME_KEYS,
@@ -47,20 +50,35 @@ from gradstats.eqprop.train._checkpoint import (
     save_checkpoint,
 )
 from gradstats.eqprop.train._config import TrainConfig
-from gradstats.eqprop.train._controller import ContractionController, observed_rate
-from gradstats.eqprop.train._distributed import (
-    current_group,
-    draw_batch,
-    rank_device,
-    reduce_sums,
-)
-from gradstats.eqprop.train._ema import ParameterEMA
-from gradstats.eqprop.train._evaluation import evaluate, spot_check
+from gradstats.eqprop.train._distributed import current_group, draw_batch, rank_device
+from gradstats.eqprop.train._evaluation import evaluate
 from gradstats.eqprop.train._metrics import MetricsLog, plot_curves, read_metrics
 from gradstats.eqprop.train._resume import RESUMABLE, check_resume_state, merge_resume
-from gradstats.eqprop.train._runtime import TrainingInterrupted, auto_threads, run_environment
+from gradstats.eqprop.train._runtime import (
+    StepBoundary,
+    TrainingInterrupted,
+    auto_threads,
+    run_environment,
+)
+from gradstats.eqprop.train._session import (
+    CURVES,
+    METRICS,
+    Progress,
+    RunSetup,
+    StepResult,
+    TrainingDiverged,
+    TrainResult,
+    adaptive,
+    apply_update,
+    checkpoint_payload,
+    divergence,
+    evaluate_due,
+    finish_record,
+    restore,
+    run_result,
+)
 from gradstats.eqprop.train._steps import _backprop_step, _ep_step, _optimizer, learning_rate
-from gradstats.errors import ConfigurationError, DivergenceError, StateError
+from gradstats.errors import ConfigurationError, StateError
 
 __all__ = [
     "RESUMABLE",
@@ -71,30 +89,6 @@ __all__ = [
     "learning_rate",
     "train",
 ]
-
-
-class TrainingDiverged(DivergenceError):
-    """The run diverged and stopped; the last good checkpoint was kept (a
-    :class:`~gradstats.errors.DivergenceError`)."""
-
-
-@dataclass(frozen=True)
-class TrainResult:
-    """Where a run ended: ``step``, last ``val_ce``, counters and the run folder's files
-    (``skipped_steps``: steps dropped by ``nonfinite="skip"``; alias :attr:`skipped`)."""
-
-    step: int
-    val_ce: float | None
-    skipped_steps: int
-    unconverged_fraction: float
-    checkpoint: Path
-    metrics: Path
-    curves: Path
-
-    @property
-    def skipped(self) -> int:
-        """Steps skipped (the name every gradstats counter uses)."""
-        return self.skipped_steps
 
 
 def _resumed(cfg: TrainConfig, out: Path, world: int, explicit: Iterable[str] | None):
@@ -171,214 +165,146 @@ def train(
     opt = _optimizer(cfg, model)
     data_gen = torch.Generator().manual_seed(cfg.seed + 1)
     noise_gen = torch.Generator(device=device).manual_seed(cfg.seed + 2)
-    controller, ema = _adaptive(cfg, model)
+    controller, ema = adaptive(cfg, model)
     if state is not None:  # everything checked before anything is loaded
         check_resume_state(state, model, opt, out, controller=controller, ema=ema)
     if group.main:
         out.mkdir(parents=True, exist_ok=True)
+    log = MetricsLog(out / METRICS)
+    setup = RunSetup(
+        cfg, out, group, corpus, model, opt, data_gen, noise_gen, device, log, controller, ema
+    )
     elements = cfg.batch_size * cfg.block_size * cfg.d_model
     count = cfg.threads or auto_threads(elements)
     with run_environment(count, single_process=not group.active) as boundary:
-        return _run(cfg, out, group, corpus, model, opt, data_gen, noise_gen, state, until,
-                    boundary, device, controller, ema)  # fmt: skip
+        return _run(setup, state, until, boundary)
 
 
-def _adaptive(cfg: TrainConfig, model):
-    """The run's contraction controller and parameter EMA (each ``None`` when off)."""
-    controller = None
-    if cfg.contraction_target is not None:
-        controller = ContractionController(
-            cfg.contraction_target, cfg.jac_penalty, cfg.res_penalty, cfg.controller_gain
-        )
-    ema = ParameterEMA(model, cfg.ema_decay) if cfg.ema_decay is not None else None
-    return controller, ema
-
-
-def _contraction(est, group, device) -> float | None:
-    """q_t of the step's free phase (global under a process group; ``None``: no sample)."""
-    free = est.stats.get("free", est.stats.get("bptt"))
-    if free is None:
-        return None
-    total, count = observed_rate(free)
-    if group.active:
-        total, reduced = reduce_sums([total, count], device)
-        count = round(reduced)
-    return math.exp(total / count) if count else None
-
-
-def _run(cfg, out, group, corpus, model, opt, data_gen, noise_gen, state, until, boundary,
-         device, controller=None, ema=None) -> TrainResult:  # fmt: skip
-    # "consecutive": failed steps in a row (checkpointed, so a resume stops where the
-    # uninterrupted run would)
-    counters = {"skipped": 0, "consecutive": 0, "phases": 0, "unconverged": 0}
-    start = 0
-    log = MetricsLog(out / "metrics.jsonl")
-    if state is not None:
-        model.load_state_dict(state["model"])
-        opt.load_state_dict(state["optimizer"])
-        data_gen.set_state(state["rng"]["data"])
-        noise_gen.set_state(state["rng"]["noise"])
-        torch.set_rng_state(state["rng"]["torch"])
-        counters.update(state["counters"])
-        if controller is not None:
-            controller.load_state_dict(state["controller"])
-        if ema is not None:
-            ema.load_state_dict(state["ema"])
-        start = int(state["step"])
-        if group.main:
-            log.truncate(start)
-    else:
-        torch.manual_seed(cfg.seed)
-        if group.main:
-            log.path.unlink(missing_ok=True)
-    ckpt_path = out / CHECKPOINT
-    last_good = start
-
-    def checkpoint(step: int) -> None:
-        nonlocal last_good
-        last_good = step
-        if not group.main:
-            return
-        save_checkpoint(
-            ckpt_path,
-            {
-                "step": step,
-                "config": cfg.to_dict(),
-                "model_class": type(model).__name__,
-                "model_config": model.config(),
-                "model": model.state_dict(),
-                "optimizer": opt.state_dict(),
-                "rng": {
-                    "data": data_gen.get_state(),
-                    "noise": noise_gen.get_state(),
-                    "torch": torch.get_rng_state(),
-                },
-                "counters": dict(counters),
-                "corpus": {"name": corpus.name, "sha256": corpus.sha256, "vocab": corpus.vocab},
-                "world_size": group.world,
-                **({} if controller is None else {"controller": controller.state_dict()}),
-                **({} if ema is None else {"ema": ema.state_dict()}),
-            },
-        )
-
+def _run(
+    setup: RunSetup, state: Mapping[str, Any] | None, until: int | None, boundary: StepBoundary
+) -> TrainResult:
+    """Restore the run (or save its step 0), then run its steps up to ``stop``: each one
+    trained (:func:`_train_step`), checked (:func:`divergence`), shown and checkpointed."""
+    progress = restore(setup, state)
     if state is None:
-        checkpoint(0)
-    tokens = cfg.batch_size * cfg.block_size * group.world  # the global batch's
-    stop = cfg.steps if until is None else min(cfg.steps, until)
-    val_ce: float | None = None
-    begun = time.perf_counter()
+        _save(setup, progress, 0)
+    stop = setup.stop(until)
+    progress.begun = time.perf_counter()
+    cfg, group = setup.cfg, setup.group
     bar = tqdm(
         total=cfg.steps,
-        initial=start,
+        initial=progress.start,
         disable=not (cfg.progress and group.main),
         desc=f"eqprop {cfg.method}",
     )
+    for step in range(progress.start + 1, stop + 1):
+        record = _train_step(setup, progress, step, stop)
+        why = divergence(setup, progress, record)
+        if why is not None:
+            raise _diverged(setup, progress, bar, step, why)
+        bar.set_postfix(_postfix(cfg, record, progress), refresh=False)
+        bar.update(1)
+        _end_step(setup, progress, bar, step, stop, boundary)
+    bar.close()
+    group.barrier()  # the run folder is complete when train returns on any rank
+    return run_result(setup, progress, stop)
 
-    def diverged(step: int, why: str) -> TrainingDiverged:
+
+def _train_step(setup: RunSetup, progress: Progress, step: int, stop: int) -> dict[str, Any]:
+    """One step: estimate, update, evaluate when due; its record appended to
+    ``metrics.jsonl`` (rank 0) and returned."""
+    result = _estimate(setup, step)
+    apply_update(setup, result, progress.counters)
+    record = finish_record(progress, result, evaluate_due(setup, step, stop))
+    if setup.group.main:
+        setup.log.write(record)
+    return record
+
+
+def _estimate(setup: RunSetup, step: int) -> StepResult:
+    """Set the step's learning rate, draw its batch and estimate its gradient (into
+    ``.grad``, divided by the global batch's tokens)."""
+    cfg, opt, group = setup.cfg, setup.opt, setup.group
+    lr = learning_rate(cfg, step)
+    for param_group in opt.param_groups:
+        param_group["lr"] = lr
+    x, y = draw_batch(setup.corpus, "train", cfg.batch_size, cfg.block_size, setup.data_gen, group)
+    x, y = x.to(setup.device), y.to(setup.device)
+    est = None
+    if cfg.method == "backprop":
+        record = _backprop_step(setup.model, x, y, opt, setup.tokens, group)
+    else:
+        weights = None if setup.controller is None else setup.controller.weights(cfg.penalties())
+        est, record = _ep_step(
+            setup.model, cfg, x, y, setup.noise_gen, opt, setup.tokens, group, weights
+        )
+        if weights is not None:
+            record["jac_penalty"] = weights["jacobian"]
+            record["res_penalty"] = weights.get("residual", 0.0)
+    return StepResult(step, x, y, est, {"step": step, "lr": lr, **record})
+
+
+def _save(setup: RunSetup, progress: Progress, step: int) -> None:
+    """Checkpoint the run after ``step`` (rank 0 writes; every rank records it as good)."""
+    progress.last_good = step
+    if setup.group.main:
+        save_checkpoint(setup.checkpoint_path, checkpoint_payload(setup, step, progress.counters))
+
+
+def _end_step(
+    setup: RunSetup, progress: Progress, bar: Any, step: int, stop: int, boundary: StepBoundary
+) -> None:
+    """Checkpoint (and redraw ``curves.png``) when due or at a Ctrl-C; stop at a Ctrl-C."""
+    if step % setup.cfg.checkpoint_every == 0 or step == stop or boundary.pending:
+        _save(setup, progress, step)
+        if setup.group.main and not boundary.pending:
+            _plot(setup.out, setup.cfg)
+    if boundary.pending and step < stop:  # (at the last step the run simply ends)
         bar.close()
-        if group.main:
-            _plot(out, cfg)
-        group.barrier()  # every rank stops at the same step (decisions use reduced numbers)
-        return TrainingDiverged(
-            f"training diverged at step {step} ({why}); stopped. The last good checkpoint "
-            f"(step {last_good}) is kept in {ckpt_path}. Try a lower --lr, a larger --damping or "
-            "a stabiliser (--jac-penalty, --homeostasis, --res-penalty)",
-            phase="train",
+        raise TrainingInterrupted(
+            f"interrupted: step {step} saved in {setup.checkpoint_path}; continue with "
+            f"'gradstats eqprop train --out {setup.out} --resume'",
             step=step,
         )
 
-    for step in range(start + 1, stop + 1):
-        lr = learning_rate(cfg, step)
-        for param_group in opt.param_groups:
-            param_group["lr"] = lr
-        x, y = draw_batch(corpus, "train", cfg.batch_size, cfg.block_size, data_gen, group)
-        x, y = x.to(device), y.to(device)
-        est = None
-        if cfg.method == "backprop":
-            record = _backprop_step(model, x, y, opt, tokens, group)
-        else:
-            weights = None if controller is None else controller.weights(cfg.penalties())
-            est, record = _ep_step(model, cfg, x, y, noise_gen, opt, tokens, group, weights)
-            if weights is not None:
-                record["jac_penalty"] = weights["jacobian"]
-                record["res_penalty"] = weights.get("residual", 0.0)
-        record = {"step": step, "lr": lr, **record}
-        if record["skipped"]:
-            counters["skipped"] += 1
-            counters["consecutive"] += 1
-        else:
-            counters["consecutive"] = 0
-            params = [p for p in model.parameters() if p.requires_grad]
-            clip = cfg.grad_clip if cfg.grad_clip > 0 else math.inf
-            due = cfg.spot_check_every and step % cfg.spot_check_every == 0
-            if due and est is not None and isinstance(model, EquilibriumModule):
-                record.update(spot_check(model, cfg, x, y, est, group))  # at the weights est used
-            record["grad_norm"] = float(torch.nn.utils.clip_grad_norm_(params, clip))  # sync-ok
-            opt.step()
-            if ema is not None:
-                ema.update(model)
-            if est is not None:
-                record["contraction"] = _contraction(est, group, device)
-                if controller is not None:
-                    controller.update(record["contraction"])
-                    record["contraction_smoothed"] = controller.smoothed
-            counters["phases"] += record.get("phases", 0)
-            counters["unconverged"] += record.get("unconverged", 0)
-        if step % cfg.eval_every == 0 or step == stop:
-            if ema is not None:
-                record["val_ce_raw"] = evaluate(model, cfg, corpus, group=group)
-            val_ce = evaluate(model if ema is None else ema.model(model), cfg, corpus, group=group)
-            record["val_ce"] = val_ce
-        record["time"] = time.perf_counter() - begun
-        if group.main:
-            log.write(record)
-        finite = all(bool(torch.isfinite(p).all()) for p in model.parameters())  # sync-ok
-        if not finite:
-            raise diverged(step, "non-finite weights")
-        if counters["consecutive"] >= cfg.max_skips:
-            why = f"{counters['consecutive']} consecutive failed steps: {record['reason']}"
-            raise diverged(step, why)
-        if val_ce is not None and not math.isfinite(val_ce):
-            raise diverged(step, "non-finite validation loss")
-        bar.set_postfix(_postfix(cfg, record, val_ce, counters), refresh=False)
-        bar.update(1)
-        if step % cfg.checkpoint_every == 0 or step == stop or boundary.pending:
-            checkpoint(step)
-            if group.main and not boundary.pending:
-                _plot(out, cfg)
-        if boundary.pending and step < stop:  # (at the last step the run simply ends)
-            bar.close()
-            raise TrainingInterrupted(
-                f"interrupted: step {step} saved in {ckpt_path}; continue with "
-                f"'gradstats eqprop train --out {out} --resume'",
-                step=step,
-            )
+
+def _diverged(
+    setup: RunSetup, progress: Progress, bar: Any, step: int, why: str
+) -> TrainingDiverged:
+    """The :class:`TrainingDiverged` to raise at ``step`` (the bar closed, the curves drawn,
+    every rank at the same step)."""
     bar.close()
-    group.barrier()  # the run folder is complete when train returns on any rank
-    return TrainResult(
-        step=max(stop, start),
-        val_ce=val_ce,
-        skipped_steps=counters["skipped"],
-        unconverged_fraction=counters["unconverged"] / max(counters["phases"], 1),
-        checkpoint=ckpt_path,
-        metrics=log.path,
-        curves=out / "curves.png",
+    if setup.group.main:
+        _plot(setup.out, setup.cfg)
+    setup.group.barrier()  # every rank stops at the same step (decisions use reduced numbers)
+    return TrainingDiverged(
+        f"training diverged at step {step} ({why}); stopped. The last good checkpoint "
+        f"(step {progress.last_good}) is kept in {setup.checkpoint_path}. Try a lower --lr, a "
+        "larger --damping or a stabiliser (--jac-penalty, --homeostasis, --res-penalty)",
+        phase="train",
+        step=step,
     )
 
 
-def _postfix(cfg: TrainConfig, record, val_ce: float | None, counters) -> dict[str, str]:
-    frac = counters["unconverged"] / max(counters["phases"], 1)
-    post = {"ce": f"{record.get('train_ce', math.nan):.3f}", "val": f"{val_ce or math.nan:.3f}"}
+def _postfix(cfg: TrainConfig, record: Mapping[str, Any], progress: Progress) -> dict[str, str]:
+    val = progress.val_ce or math.nan
+    post = {"ce": f"{record.get('train_ce', math.nan):.3f}", "val": f"{val:.3f}"}
     if "res_free" in record:
         post["res"] = f"{record['res_free']:.1e}"
     if "res_adjoint" in record:
         post["adj"] = f"{record['res_adjoint']:.1e}"
     if cfg.method != "backprop":
-        post["unconv"] = f"{100 * frac:.1f}%"
+        post["unconv"] = f"{100 * progress.counters.unconverged_fraction:.1f}%"
     return post
 
 
 def _plot(out: Path, cfg: TrainConfig) -> None:
-    path = out / "metrics.jsonl"
+    path = out / METRICS
     if path.exists():
-        plot_curves({cfg.method: read_metrics(path)}, out / "curves.png", title=f"{cfg.method}")
+        every = 0 if cfg.method == "backprop" else cfg.spot_check_every  # backprop: no cosine
+        plot_curves(
+            {cfg.method: read_metrics(path)},
+            out / CURVES,
+            title=f"{cfg.method}",
+            spot_check_every=every,
+        )

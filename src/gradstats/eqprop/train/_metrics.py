@@ -33,7 +33,7 @@ from typing import Any
 from gradstats._warnings import warn
 from gradstats.errors import StateError
 
-__all__ = ["MetricsLog", "plot_curves", "read_metrics"]
+__all__ = ["MetricsLog", "curves_figure", "plot_curves", "read_metrics"]
 
 
 @contextmanager
@@ -113,17 +113,32 @@ def _smooth(values: list[float], span: int = 20) -> list[float]:
     return out
 
 
-def plot_curves(runs: dict[str, list[dict[str, Any]]], path: str | Path, title: str = "") -> Path:
-    """Train/val CE, residuals and cosine spot-checks of one or more runs (``{label: records}``)."""
-    import matplotlib
+def _cosine_note(spot_check_every: int | None) -> str:
+    """The cosine panel's note when no run has a cosine point yet."""
+    if spot_check_every == 0:
+        return "no cosine: spot checks are off\n(spot_check_every=0)"
+    every = "spot_check_every" if spot_check_every is None else str(spot_check_every)
+    return f"no probe yet: the cosine vs the implicit\ngradient is measured every {every} steps"
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, 3, figsize=(15, 4))
+def curves_figure(
+    runs: dict[str, list[dict[str, Any]]], title: str = "", spot_check_every: int | None = None
+) -> Any:
+    """The ``curves.png`` figure (a matplotlib ``Figure``; the caller closes it): smoothed train
+    and val CE, free / nudged-adjoint residuals and 1 − min-group cos vs the implicit gradient
+    of one or more runs (``{label: records}``), one colour per run. Steps get integer ticks,
+    log axes labels at decades; a cosine panel without points says why
+    (``spot_check_every``: the runs' spot-check interval, for that note)."""
+    from gradstats.eqprop._plotting import integer_x, legend, log_y, note, pyplot, thin_overlaps
+
+    fig, axes = pyplot().subplots(1, 3, figsize=(15, 4))
+    steps_seen: list[float] = []
+    residuals: list[float] = []
+    cosines: list[float] = []
     for index, (label, records) in enumerate(runs.items()):
         color = f"C{index % 10}"  # one colour per run in every panel
         steps = [r for r in records if r.get("train_ce") is not None and not r.get("skipped")]
+        steps_seen += [r["step"] for r in records if "step" in r]
         if steps:
             xs = [r["step"] for r in steps]
             train_ce = _smooth([r["train_ce"] for r in steps])
@@ -140,28 +155,47 @@ def plot_curves(runs: dict[str, list[dict[str, Any]]], path: str | Path, title: 
             pts = [(r["step"], r[key]) for r in records if r.get(key) not in (None, 0.0)]
             pts = [(s, v) for s, v in pts if v == v and v > 0 and not math.isinf(v)]
             if pts:
-                axes[1].semilogy(
-                    *zip(*pts, strict=True), style, color=color, label=f"{label} {key}"
-                )
+                axes[1].plot(*zip(*pts, strict=True), style, color=color, label=f"{label} {key}")
+                residuals += [v for _, v in pts]
         cos = [(r["step"], 1 - r["cos_implicit_min"]) for r in records if "cos_implicit_min" in r]
         if cos:
-            axes[2].semilogy(
-                [s for s, _ in cos],
-                [max(v, 1e-12) for _, v in cos],
-                "o-",
-                color=color,
-                label=label,
-            )
+            ys = [max(v, 1e-12) for _, v in cos]
+            axes[2].plot([s for s, _ in cos], ys, "o-", color=color, label=label)
+            cosines += ys
     axes[0].set(xlabel="step", ylabel="cross-entropy (nats/char)", title=title or "loss")
     axes[1].set(xlabel="step", ylabel="final residual", title="free / nudged-adjoint residual")
     axes[2].set(xlabel="step", ylabel="1 - min-group cos", title="cos vs implicit gradient")
     for ax in axes:
-        if ax.get_legend_handles_labels()[0]:
-            ax.legend(fontsize=7)
+        integer_x(ax, steps_seen, log=False)
+        if steps_seen:  # one step range in every panel
+            pad = max(0.5, 0.03 * (max(steps_seen) - min(steps_seen)))
+            ax.set_xlim(min(steps_seen) - pad, max(steps_seen) + pad)
+        legend(ax)
+    log_y(axes[1], residuals)
+    if not residuals:
+        note(axes[1], "no residuals (backprop has no relaxation)")
+    if cosines:
+        log_y(axes[2], cosines)
+    else:
+        note(axes[2], _cosine_note(spot_check_every))
     fig.tight_layout()
+    thin_overlaps(fig)
+    return fig
+
+
+def plot_curves(
+    runs: dict[str, list[dict[str, Any]]],
+    path: str | Path,
+    title: str = "",
+    spot_check_every: int | None = None,
+) -> Path:
+    """Write :func:`curves_figure` of ``runs`` (``{label: records}``) to ``path`` atomically."""
+    from gradstats.eqprop._plotting import pyplot
+
+    fig = curves_figure(runs, title, spot_check_every)
     try:
         with _replacing(Path(path)) as tmp:
             fig.savefig(tmp, dpi=100, format=Path(path).suffix.lstrip(".") or "png")
     finally:
-        plt.close(fig)
+        pyplot().close(fig)
     return Path(path)
