@@ -8,8 +8,6 @@ with :meth:`TrainConfig.from_dict`.
 from __future__ import annotations
 
 import dataclasses
-import math
-import os
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,8 +21,11 @@ from gradstats.eqprop._registry import MODEL_KINDS, Estimator, Options
 from gradstats.eqprop._settings import SolverSettings
 from gradstats.eqprop.models.baseline import BackpropTransformer
 from gradstats.eqprop.models.transformer import MODES, EquilibriumTransformer
+from gradstats.eqprop.train._config_checks import PRECISIONS
+from gradstats.eqprop.train._config_checks import check_float as _check_float
+from gradstats.eqprop.train._config_checks import check_types as _check_types
 from gradstats.eqprop.train._controller import DEFAULT_GAIN, HELP, check_controller_options
-from gradstats.errors import ConfigurationError, ConfigurationTypeError, StateError
+from gradstats.errors import ConfigurationError, StateError
 
 __all__ = [
     "EP_METHODS",
@@ -142,6 +143,10 @@ class TrainConfig:
     seed: int = _opt(0, "seed of initialisation, batches and noise")
     device: str = _opt("cpu", "torch device (cpu, cuda, cuda:1, ...)")
     dtype: str = _opt("float32", "parameter and state dtype: float32|float64")
+    precision: str = _opt(
+        "float32", "matmul precision: float32|tf32 (CUDA: TF32 tensor-core matmuls; the state, "
+        "residuals and contrasts stay float32 tensors)",
+    )  # fmt: skip
     threads: int | None = _opt(
         None,
         "torch CPU threads (default: 1 per 2^19 state elements batch*block*d_model, at most "
@@ -169,6 +174,7 @@ class TrainConfig:
         check_choice("attn_mode", self.attn_mode, MODES)
         check_choice("optimizer", self.optimizer, OPTIMIZERS)
         check_choice("dtype", self.dtype, ("float32", "float64"))
+        check_choice("precision", self.precision, PRECISIONS)
         if self.anchor is not None:
             check_choice("anchor", self.anchor, ("fixed", "tracking"))
         kinds = MODEL_KINDS if self.attn_mode == "thick" else MODEL_KINDS[:1]  # of the model
@@ -222,11 +228,16 @@ class TrainConfig:
             self.contraction_target, self.controller_gain, self.jac_penalty, self.ema_decay
         )
         try:
-            torch.device(self.device)
+            kind = torch.device(self.device).type
         except (RuntimeError, ValueError, TypeError):
             raise ConfigurationError(
                 f"device must be a torch device (cpu, cuda, cuda:1, mps, ...); got {self.device!r}"
             ) from None
+        if self.precision == "tf32" and (kind != "cuda" or self.dtype != "float32"):
+            raise ConfigurationError(
+                "precision='tf32' needs --device cuda and --dtype float32 (TF32 is a CUDA "
+                f"tensor-core format); got device={self.device!r}, dtype={self.dtype!r}"
+            )
 
     def unused_options(self) -> list[str]:
         """Options set to a non-default value that ``method`` does not use (see
@@ -360,41 +371,3 @@ class TrainConfig:
 
 def _defaults() -> dict[str, object]:
     return {f.name: f.default for f in dataclasses.fields(TrainConfig)}
-
-
-#: Options whose type the constructor checks (numbers are checked by value below).
-_TYPES: dict[str, tuple[type, ...]] = {
-    "method": (str,),
-    "out": (Path,),
-    "data": (str, type(None)),
-    "attn_mode": (str,),
-    "qk_norm": (bool,),
-    "optimizer": (str,),
-    "anchor": (str, type(None)),
-    "device": (str,),
-    "dtype": (str,),
-    "resume": (bool,),
-    "progress": (bool,),
-}
-
-
-def _check_types(config: TrainConfig) -> None:
-    # paths may be given as str or os.PathLike: stored as Path (out) and str (data)
-    if isinstance(config.out, (str, os.PathLike)) and not isinstance(config.out, Path):
-        object.__setattr__(config, "out", Path(config.out))
-    if isinstance(config.data, os.PathLike):
-        object.__setattr__(config, "data", os.fspath(config.data))
-    for name, types in _TYPES.items():
-        value = getattr(config, name)
-        if not isinstance(value, types):
-            valid = " or ".join("None" if t is type(None) else t.__name__ for t in types)
-            raise ConfigurationTypeError(f"{name} must be {valid}; got {type(value).__name__}")
-
-
-def _check_float(name: str, value: object, positive: bool = False) -> None:
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise ConfigurationTypeError(f"{name} must be a number; got {type(value).__name__}")
-    if math.isnan(value) or math.isinf(value) or value < 0 or (positive and value == 0):
-        raise ConfigurationError(
-            f"{name} must be a finite number {'> 0' if positive else '>= 0'}; got {value}"
-        )

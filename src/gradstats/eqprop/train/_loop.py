@@ -176,7 +176,8 @@ def train(
     )
     elements = cfg.batch_size * cfg.block_size * cfg.d_model
     count = cfg.threads or auto_threads(elements)
-    with run_environment(count, single_process=not group.active) as boundary:
+    environment = run_environment(count, single_process=not group.active, precision=cfg.precision)
+    with environment as boundary:
         return _run(setup, state, until, boundary)
 
 

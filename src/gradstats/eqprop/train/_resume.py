@@ -32,7 +32,9 @@ from gradstats.errors import ConfigurationError, StateError
 __all__ = ["COUNTERS", "RESUMABLE", "check_resume_state", "merge_resume"]
 
 #: Options a resumed run may change; every other one comes from the checkpoint.
-RESUMABLE = ("steps", "out", "resume", "progress", "threads", "device", "timeout")
+RESUMABLE = (
+    "steps", "out", "resume", "progress", "threads", "device", "precision", "timeout"
+)  # fmt: skip
 #: The trainer's counters (checkpoint key ``counters``).
 COUNTERS = ("skipped", "consecutive", "phases", "unconverged")
 

@@ -10,6 +10,9 @@
 * **Denormals** (:func:`gradstats.eqprop._iterate.flush_denormal`): flushed to zero for the
   duration of the run; a backward through many relaxation steps (BPTT) otherwise runs 6-10x
   slower on x86 CPUs, with identical gradients.
+* **Precision** (:func:`matmul_precision`): ``--precision tf32`` lets CUDA matmuls use TF32
+  tensor cores for the run (inputs rounded to a 10-bit mantissa, float32 accumulation; not yet
+  measured on a GPU here); every tensor stays float32.
 * **Ctrl-C** (:class:`StepBoundary`): the first SIGINT is held until the current step has
   finished (weights, optimizer, generators and the metrics line all at one step), then raised as
   :class:`TrainingInterrupted` once the trainer saved a checkpoint at that step; a second Ctrl-C
@@ -86,9 +89,29 @@ class StepBoundary:
 
 
 @contextmanager
-def run_environment(thread_count: int, *, single_process: bool) -> Iterator[StepBoundary]:
-    """Threads, flushed denormals and the deferred Ctrl-C for one run (all restored after)."""
+def matmul_precision(precision: str) -> Iterator[None]:
+    """``"tf32"``: CUDA matmuls and cuDNN convolutions on TF32 tensor cores (10-bit mantissa
+    inputs, float32 accumulation) for the duration; ``"float32"``: unchanged. Tensors (the
+    state, its residuals, the contrasts) stay float32 either way. Restored after."""
+    if precision != "tf32":
+        yield
+        return
+    matmul, cudnn = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
+    try:
+        yield
+    finally:
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = matmul, cudnn
+
+
+@contextmanager
+def run_environment(
+    thread_count: int, *, single_process: bool, precision: str = "float32"
+) -> Iterator[StepBoundary]:
+    """Threads, flushed denormals, the matmul precision and the deferred Ctrl-C for one run
+    (all restored after)."""
     with ExitStack() as stack:
         stack.enter_context(threads(thread_count))
         stack.enter_context(flush_denormal())
+        stack.enter_context(matmul_precision(precision))
         yield stack.enter_context(StepBoundary(single_process))

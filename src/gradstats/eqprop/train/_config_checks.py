@@ -1,0 +1,58 @@
+"""Type and number checks of the trainer's options.
+
+(:class:`~gradstats.eqprop.train.TrainConfig` calls them in its constructor.)
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from pathlib import Path
+from typing import Any
+
+from gradstats.errors import ConfigurationError, ConfigurationTypeError
+
+__all__ = ["PRECISIONS", "check_float", "check_types"]
+
+#: ``--precision``: plain float32 matmuls, or TF32 tensor-core matmuls (CUDA only).
+PRECISIONS = ("float32", "tf32")
+
+#: Options whose type the constructor checks (numbers are checked by value below).
+_TYPES: dict[str, tuple[type, ...]] = {
+    "method": (str,),
+    "out": (Path,),
+    "data": (str, type(None)),
+    "attn_mode": (str,),
+    "qk_norm": (bool,),
+    "optimizer": (str,),
+    "anchor": (str, type(None)),
+    "device": (str,),
+    "dtype": (str,),
+    "precision": (str,),
+    "resume": (bool,),
+    "progress": (bool,),
+}
+
+
+def check_types(config: Any) -> None:
+    """Type checks of a TrainConfig's options (paths normalised: out a Path, data a str)."""
+    # paths may be given as str or os.PathLike: stored as Path (out) and str (data)
+    if isinstance(config.out, (str, os.PathLike)) and not isinstance(config.out, Path):
+        object.__setattr__(config, "out", Path(config.out))
+    if isinstance(config.data, os.PathLike):
+        object.__setattr__(config, "data", os.fspath(config.data))
+    for name, types in _TYPES.items():
+        value = getattr(config, name)
+        if not isinstance(value, types):
+            valid = " or ".join("None" if t is type(None) else t.__name__ for t in types)
+            raise ConfigurationTypeError(f"{name} must be {valid}; got {type(value).__name__}")
+
+
+def check_float(name: str, value: object, positive: bool = False) -> None:
+    """``value`` a finite number >= 0 (> 0 with ``positive``)."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise ConfigurationTypeError(f"{name} must be a number; got {type(value).__name__}")
+    if math.isnan(value) or math.isinf(value) or value < 0 or (positive and value == 0):
+        raise ConfigurationError(
+            f"{name} must be a finite number {'> 0' if positive else '>= 0'}; got {value}"
+        )
