@@ -9,7 +9,7 @@ native ``squared_norms``, used by default on the CPU when a C compiler exists), 
 import pytest
 import torch
 
-from gradstats.scaling import _kernels
+from gradstats.scaling import _native
 from gradstats.scaling._kernels import (
     FlatScratch,
     NativeDeviation,
@@ -237,9 +237,9 @@ def test_disabled_native_kernels_are_never_used(foreach_kernels):
 def test_a_missing_or_failing_compiler_falls_back(monkeypatch, tmp_path, compiler):
     monkeypatch.setenv("CC", compiler)
     monkeypatch.setenv("GRADSTATS_CACHE_DIR", str(tmp_path))
-    monkeypatch.setattr(_kernels, "_TRIED", False)
-    monkeypatch.setattr(_kernels, "_LIB", None)
-    monkeypatch.setattr(_kernels, "_ENABLED", True)
+    monkeypatch.setattr(_native, "_TRIED", False)
+    monkeypatch.setattr(_native, "_LIB", None)
+    monkeypatch.setattr(_native, "_ENABLED", True)
     assert not native_kernels_available()
     named = params_like((3, 2), dtype=torch.float32)
     vgs = feed(make(named, beta=0.8), named, [[torch.randn(3, 2)], [torch.randn(3, 2)]])
