@@ -47,7 +47,7 @@ from gradstats.fisher._persample import (
     is_hf_rmsnorm,
 )
 
-__all__ = ["Engine", "batch_rows", "make_handler"]
+__all__ = ["Engine", "batch_rows", "handlers_for", "make_handler"]
 
 # Modules whose forward uses their children's parameters directly (not through the children's
 # forward): the module owns those parameters and is handled as one unit by the fallback. A
@@ -121,20 +121,29 @@ def _owners(model: nn.Module, selected: dict[str, nn.Parameter]) -> dict[str, li
     return owners
 
 
+def handlers_for(
+    model: nn.Module, selected: dict[str, nn.Parameter]
+) -> tuple[dict[str, list], dict[nn.Module, Handler]]:
+    """(parameter name -> [(module name, module, attribute)] of its users, module -> the
+    handler of the selected parameters it owns) — shared by the Fisher and the scaler's
+    ``per_sample`` hooks."""
+    owners = _owners(model, selected)
+    attrs: dict[nn.Module, dict[str, str]] = {}
+    labels: dict[nn.Module, str] = {}
+    for name, found in owners.items():
+        for mname, module, attr in found:
+            attrs.setdefault(module, {})[attr] = name
+            labels[module] = mname or type(model).__name__
+    return owners, {m: make_handler(m, a, labels[m]) for m, a in attrs.items()}
+
+
 class Engine:
     """Per-sample machinery of one collector (see the module docstring)."""
 
     def __init__(self, model: nn.Module, selected: dict[str, nn.Parameter]) -> None:
         self.model = model
         self.selected = selected
-        owners = _owners(model, selected)
-        attrs: dict[nn.Module, dict[str, str]] = {}
-        labels: dict[nn.Module, str] = {}
-        for name, found in owners.items():
-            for mname, module, attr in found:
-                attrs.setdefault(module, {})[attr] = name
-                labels[module] = mname or type(model).__name__
-        self.handlers = {m: make_handler(m, a, labels[m]) for m, a in attrs.items()}
+        owners, self.handlers = handlers_for(model, selected)
         self.paths = {m: mname for found in owners.values() for mname, m, _ in found}
         self._paths = self._module_paths()
         for handler in self.handlers.values():

@@ -47,7 +47,7 @@ from torch import nn
 from gradstats._warnings import warn
 from gradstats.errors import ConfigurationError
 from gradstats.fisher._accumulate import UnitLayout
-from gradstats.fisher._engine import _owners, batch_rows, make_handler
+from gradstats.fisher._engine import batch_rows, handlers_for
 from gradstats.fisher._fallback import FunctionalHandler
 from gradstats.fisher._inputs import batch_size
 from gradstats.scaling._params import ParamLayout
@@ -129,14 +129,7 @@ class PerSampleHooks:
                 f"statistic='per_sample': tracked tensors {foreign[:5]} are not parameters of "
                 "the model passed as model= (pass the model whose named_parameters() you track)"
             )
-        owners = _owners(model, selected)  # type: ignore[arg-type]
-        attrs: dict[nn.Module, dict[str, str]] = {}
-        labels: dict[nn.Module, str] = {}
-        for name, found in owners.items():
-            for mname, module, attr in found:
-                attrs.setdefault(module, {})[attr] = name
-                labels[module] = mname or type(model).__name__
-        self.handlers = {m: make_handler(m, a, labels[m]) for m, a in attrs.items()}
+        owners, self.handlers = handlers_for(model, selected)  # type: ignore[arg-type]
         self._check_supported()
         self.static_multi = {name for name, found in owners.items() if len(found) > 1}
         for handler in self.handlers.values():
@@ -157,8 +150,9 @@ class PerSampleHooks:
         self._handles += [
             m.register_forward_hook(self._forward_hook, with_kwargs=True) for m in self.handlers
         ]
+        handled = {n for handler in self.handlers.values() for n in handler.attrs.values()}
         for name, tensor in selected.items():
-            if name in {n for a in attrs.values() for n in a.values()}:
+            if name in handled:
                 hook = functools.partial(_accumulated, self, name)
                 self._handles.append(tensor.register_post_accumulate_grad_hook(hook))
 
