@@ -86,8 +86,8 @@ class FisherCollector(Streaming, SpecialPasses):
 
     Host syncs per batch (none on the CUDA hot path beyond these): the first batch's
     completeness check; ``collect_loader(until_rel_se=...)`` reads the standard errors;
-    ``nonfinite="raise"`` reads the batch's finite flag; the ``torch.func`` loop fallback. Target ranges are checked on CPU
-    tensors only, and on the CPU the batch's finite flag is read (free there). Reads
+    ``nonfinite="raise"`` reads the batch's finite flag; the ``torch.func`` loop fallback.
+    Target ranges are checked on CPU tensors only, and on the CPU the finite flag is read. Reads
     (``fisher()``, ``group_fisher()``, ...) read two counters each (see
     :mod:`gradstats.fisher._element_reads`): a collector without data raises a ``StateError``
     instead of returning NaN, and reads after skipped batches warn.
