@@ -30,6 +30,7 @@ from gradstats.fisher._engine import Engine
 from gradstats.fisher._estimands import Pass
 from gradstats.fisher._inputs import batch_size, call_model, select_parameters
 from gradstats.fisher._io import same_shapes
+from gradstats.fisher._lean import LeanLinearPath
 from gradstats.fisher._likelihoods import Likelihood, Prepared
 from gradstats.fisher._passes import SpecialPasses, unit_requests
 from gradstats.fisher._result import FisherResult, load
@@ -177,6 +178,7 @@ class FisherCollector(Streaming, SpecialPasses):
         self._compute_dtype = torch.float64 if wide else torch.float32
         if engine is not None:
             engine.set_requests(unit_requests(self._unit_families, result.device))
+        self._lean = None if engine is None else LeanLinearPath.build(self)
 
     # ------------------------------------------------------------- plumbing
     def reset(self) -> FisherCollector:
@@ -238,14 +240,11 @@ class FisherCollector(Streaming, SpecialPasses):
             if estimand.needs_targets and prepared.output is not None and prepared.targets is None:
                 raise ConfigurationError(f"kind={self.kind!r} needs targets (the data labels)")
             if self.unit == "token" and prepared.token_mask is None:
-                raise ConfigurationError(
-                    "unit='token' needs per-token losses: the likelihood callable returned "
-                    "per-sample losses"
-                )
-            if estimand.per_unit:
-                self._collect(prepared)
-            else:
+                raise ConfigurationError("unit='token' needs per-token losses, not per-sample ones")
+            if not estimand.per_unit:
                 self._batch_grad_sq(prepared)
+            elif self._lean is None or not self._lean.collect(self, prepared):  # same numbers
+                self._collect(prepared)
         finally:
             engine.release()
         return self

@@ -266,6 +266,12 @@ class Engine:
                 "the samples of a batch, so per-sample gradients are undefined; call model.eval()"
             )
         handler = self.handlers[module]
+        plain = type(output) is torch.Tensor and output.requires_grad and output.dim() > 0
+        if plain and (output.shape[0] != 1 or self.batch_size <= 1):  # one row per sample
+            self.calls[module] += 1
+            self.sites.append(Site(handler, handler.save(args, kwargs, output), id(output)))
+            self.edges.append(get_gradient_edge(output))
+            return None
         output, args, kwargs, tensors, broadcast = batch_rows(output, args, kwargs, self.batch_size)
         if not tensors:
             return None

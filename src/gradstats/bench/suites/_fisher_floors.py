@@ -25,6 +25,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 from gradstats.bench._harness import Candidate, Comparison
 from gradstats.fisher import FisherCollector
+from gradstats.fisher._state_pending import FOLD_EVERY
 
 __all__ = ["count_ops", "ef_floor", "ef_groups_floor", "floor_same_numbers"]
 
@@ -39,9 +40,9 @@ class _OpCounter(TorchDispatchMode):
         return func(*args, **(kwargs or {}))
 
 
-def count_ops(fn: Callable[[], object], calls: int = 16) -> float:
+def count_ops(fn: Callable[[], object], calls: int = FOLD_EVERY) -> float:
     """ATen ops (views included) per call of ``fn``: the mean over ``calls`` calls after one
-    untimed call (a collector folds its pending sums every 16 batches)."""
+    untimed call (a collector folds its pending sums every ``FOLD_EVERY`` = 32 batches)."""
     fn()
     with _OpCounter() as counter:
         for _ in range(calls):

@@ -1,0 +1,157 @@
+"""The lean batch path of Linear stacks (``gradstats.fisher._lean``) gives the general path's
+bits, in float32 and float64, and is taken exactly where it applies."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+from gradstats.errors import NonFiniteError
+from gradstats.fisher import FisherCollector
+from gradstats.fisher._engine import Engine
+
+DTYPES = [torch.float32, torch.float64]
+
+
+def _model(dtype, bias_free_middle=False):
+    torch.manual_seed(0)
+    return nn.Sequential(
+        nn.Linear(6, 5),
+        nn.ReLU(),
+        nn.Linear(5, 4, bias=not bias_free_middle),
+        nn.Tanh(),
+        nn.Linear(4, 3),
+    ).to(dtype)
+
+
+def _batches(dtype, sizes, nan_at=None):
+    gen = torch.Generator().manual_seed(1)
+    out = []
+    for index, n in enumerate(sizes):
+        x = (torch.randn(n, 6, generator=gen) * 3).to(dtype)
+        if index == nan_at:
+            x[0, 2] = float("nan")
+        out.append((x, torch.randint(0, 3, (n,), generator=gen)))
+    return out
+
+
+def _state(fc):
+    fc.result.state.flush()
+    return fc.result.state.tensors()
+
+
+def _pair(dtype, batches, *, bias_free_middle=False, **options):
+    """(lean, general) collectors fed the same batches."""
+    pair = []
+    for lean in (True, False):
+        fc = FisherCollector(_model(dtype, bias_free_middle), "empirical", **options)
+        assert fc._lean is not None
+        if not lean:
+            fc._lean = None
+        for x, y in batches:
+            fc.collect(x, y)
+        pair.append(fc)
+    return pair
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("options", [{}, {"signal": False, "groups": None}], ids=["defaults", "ef"])
+@pytest.mark.parametrize("bias_free_middle", [False, True])
+def test_lean_path_gives_the_general_paths_bits(dtype, options, bias_free_middle):
+    sizes = [7, 1, 9, 3] * 10  # more batches than FOLD_EVERY, a batch of one
+    lean, general = _pair(
+        dtype, _batches(dtype, sizes, nan_at=5), bias_free_middle=bias_free_middle, **options
+    )
+    a, b = _state(lean), _state(general)
+    assert a.keys() == b.keys()
+    for key in a:
+        assert torch.equal(a[key], b[key]), key
+    assert lean.counts == general.counts
+    assert lean.counts["skipped"] == 1
+
+
+def test_lean_path_is_the_one_taken(monkeypatch):
+    fc = FisherCollector(_model(torch.float32), "empirical")
+    batches = _batches(torch.float32, [5, 5])
+    fc.collect(*batches[0])  # the first batch: completeness check on the general path
+
+    def general_pass(*args, **kwargs):
+        raise AssertionError("the general path ran")
+
+    monkeypatch.setattr(Engine, "run_pass", general_pass)
+    fc.collect(*batches[1])
+    assert fc.counts["batches"] == 2
+
+
+@pytest.mark.parametrize(
+    "options",
+    [
+        {"element_se": True},
+        {"mode": "ema"},
+        {"kind": "mc"},
+        {"kind": "exact"},
+        {"groups": None, "params": ["0.weight", "2.weight"]},  # a bias left out: fine
+    ],
+    ids=["element_se", "ema", "mc", "exact", "params"],
+)
+def test_eligibility(options):
+    kind = options.pop("kind", "empirical")
+    fc = FisherCollector(_model(torch.float32), kind, **options)
+    assert (fc._lean is not None) == ("params" in str(options))
+
+
+def test_a_conv_model_takes_the_general_path():
+    conv = nn.Sequential(nn.Conv1d(2, 3, 3), nn.Flatten(), nn.Linear(6, 2))
+    assert FisherCollector(conv, "empirical")._lean is None
+
+
+def _sequence_model():
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(4, 5), nn.Tanh(), nn.Flatten(), nn.Linear(15, 3)).double()
+
+
+def _shared_model():
+    torch.manual_seed(0)
+    shared = nn.Linear(4, 4)
+    return nn.Sequential(nn.Linear(4, 4), shared, nn.Tanh(), shared, nn.Linear(4, 3)).double()
+
+
+@pytest.mark.parametrize(
+    ("make", "shape"),
+    [(_sequence_model, (6, 3, 4)), (_shared_model, (6, 4))],
+    ids=["seq", "shared"],
+)
+def test_a_batch_it_does_not_handle_falls_back_to_the_general_path(make, shape):
+    model = make()
+    x, y = torch.randn(*shape, dtype=torch.float64), torch.randint(0, 3, (6,))
+    lean = FisherCollector(model, "empirical")
+    assert lean._lean is not None
+    general = FisherCollector(model, "empirical")
+    general._lean = None
+    for _ in range(3):
+        lean.collect(x, y)
+        general.collect(x, y)
+    a, b = _state(lean), _state(general)
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_nonfinite_raise_changes_nothing():
+    fc = FisherCollector(_model(torch.float64), "empirical", nonfinite="raise")
+    good, bad = _batches(torch.float64, [4, 4], nan_at=1)
+    fc.collect(*good).collect(*good)
+    before = {k: v.clone() for k, v in _state(fc).items()}
+    with pytest.raises(NonFiniteError, match="non-finite batch"):
+        fc.collect(*bad)
+    after = _state(fc)
+    assert all(torch.equal(before[k], after[k]) for k in before)
+
+
+def test_replaced_layer_is_still_detected():
+    model = _model(torch.float32)
+    fc = FisherCollector(model, "empirical")
+    x, y = _batches(torch.float32, [4])[0]
+    fc.collect(x, y).collect(x, y)
+    model[2] = nn.Linear(5, 4)
+    with pytest.raises(Exception, match="replaced"):
+        fc.collect(x, y)
