@@ -155,3 +155,34 @@ def test_replaced_layer_is_still_detected():
     model[2] = nn.Linear(5, 4)
     with pytest.raises(Exception, match="replaced"):
         fc.collect(x, y)
+
+
+class _WithUnusedBranch(nn.Module):
+    """A Linear whose output does not reach the loss: its gradient is None, its Fisher zero."""
+
+    def __init__(self):
+        super().__init__()
+        self.body, self.aux, self.head = nn.Linear(6, 5), nn.Linear(6, 2), nn.Linear(5, 3)
+
+    def forward(self, x):
+        self.aux(x)
+        return self.head(torch.tanh(self.body(x)))
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_an_output_that_does_not_reach_the_loss(dtype):
+    torch.manual_seed(0)
+    model = _WithUnusedBranch().to(dtype)
+    batches = _batches(dtype, [5, 4, 6])
+    collectors = []
+    for lean in (True, False):
+        fc = FisherCollector(model, "empirical")
+        assert fc._lean is not None
+        if not lean:
+            fc._lean = None
+        for x, y in batches:
+            fc.collect(x, y)
+        collectors.append(fc)
+    a, b = (_state(fc) for fc in collectors)
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert not a["g2_sum/aux.weight"].any()

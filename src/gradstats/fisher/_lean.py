@@ -165,11 +165,13 @@ def _finish(collector, prepared, objective, sq, g_sum, gemms, trace, mask, sums)
     state, dtype = collector._state, collector._compute_dtype
     device = state.device
     written = {g[0] for g in gemms}
-    for name, shape in state.shapes.items():
-        if name not in sq and name not in written:
-            sq[name] = torch.zeros(shape, dtype=dtype, device=device)
-    if collector.collect_signal:
-        for name, shape in state.shapes.items():
+    shapes = state.shapes
+    if len(sq) + len(written) < len(shapes):  # an output that did not reach the objective
+        for name, shape in shapes.items():
+            if name not in sq and name not in written:
+                sq[name] = torch.zeros(shape, dtype=dtype, device=device)
+    if collector.collect_signal and len(g_sum) < len(shapes):
+        for name, shape in shapes.items():
             if name not in g_sum:
                 g_sum[name] = torch.zeros(shape, dtype=dtype, device=device)
     trace_rows: dict[str, torch.Tensor] = {}
@@ -181,7 +183,8 @@ def _finish(collector, prepared, objective, sq, g_sum, gemms, trace, mask, sums)
                 value = torch.zeros(prepared.n_samples, fam.size, dtype=dtype, device=device)
             out[fam.name] = value
     parts = [t.sum() for t in (*trace, *mask) if t is not None and t.numel()]
-    total = torch.stack([*parts, *sums, objective.detach()]).sum(dtype=torch.float64)
+    with torch.no_grad():  # (the objective needs no detached copy)
+        total = torch.stack([*parts, *sums, objective]).sum(dtype=torch.float64)
     ok = (total - total) == 0
     if collector.nonfinite == "raise" and not bool(ok):  # sync-ok: CPU only
         raise NonFiniteError(
