@@ -76,7 +76,9 @@ def _scaler(rank: int, world: int, width: int, steps: int, batch: int) -> dict:
 
     model.register_comm_hook(None, counting_hook)
     opt = torch.optim.SGD(model.parameters(), lr=0.01)
-    vgs = VarianceGradientScaler(model.module.named_parameters(), statistic="same_point")
+    vgs = VarianceGradientScaler(
+        model.module.named_parameters(), statistic="same_point", rule="shrink"
+    )
     g = torch.Generator().manual_seed(rank)
     start = None
     for step in range(steps + 2):  # 2 warm-up steps

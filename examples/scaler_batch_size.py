@@ -69,7 +69,7 @@ def run(batch: int, variant: str, budget: int, lr: float, data, test, seed: int 
     named = list(model.named_parameters())
     scalers = {
         statistic: VarianceGradientScaler(
-            named, statistic=statistic, optimizer=opt, apply_to="lr",
+            named, statistic=statistic, rule="shrink", optimizer=opt, apply_to="lr",
             alpha=1.0 if statistic == variant else 0.0, beta=0.98, batch_size=batch,
         )
         for statistic in ("temporal", "same_point")

@@ -73,7 +73,8 @@ def run(seed: int, steps: int, checkpoints: int, lr: float) -> list[dict[str, fl
     opt = torch.optim.SGD(model.parameters(), lr=lr)
     scalers = {
         s: VarianceGradientScaler(
-            model.named_parameters(), statistic=s, alpha=0.0, beta=0.9, batch_size=BATCH,
+            model.named_parameters(), statistic=s, rule="shrink", alpha=0.0, beta=0.9,
+            batch_size=BATCH,
             confidence=None, **({"model": model} if s == "per_sample" else {}),
         )
         for s in STATISTICS

@@ -8,17 +8,19 @@ CartPole-v1 and Acrobot-v1, with these variants:
 * ``plain``: the constant lr 3e-4;
 * ``linear_decay``: SB3's linear schedule lr = 3e-4 × (remaining progress), the baseline a user
   would pick;
-* ``temporal_shrink``: the scaler's defaults (``statistic="temporal"``, ``rule="shrink"``,
-  f = 1/(1 + ρ)) through :class:`~gradstats.integrations.sb3.VarianceScalingCallback`
-  (``apply_to="lr"``) on the constant lr;
+* ``temporal_shrink``: the original's scaler, the library's defaults before issue 13
+  (``statistic="temporal"``, ``rule="shrink"``, f = 1/(1 + ρ)) through
+  :class:`~gradstats.integrations.sb3.VarianceScalingCallback` (``apply_to="lr"``) on the
+  constant lr;
 * ``per_sample_shrink``: the same with ``statistic="per_sample"``: the exact same-point noise of
   each minibatch from the per-example gradient norms of its one backward (unit: one transition;
   the policy is Linear layers, so the norms come from the layer identity);
 * ``per_sample_shrink_min``: as ``per_sample_shrink`` with ``min_scale=0.1``.
 
 ``rule="adascale"`` is not a variant: PPO's batch is fixed, S = 1, and the AdaScale gain
-r = (1 + Sρ)/(1 + ρ) is exactly 1 — the plain run. ``statistic="same_point"`` is not either:
-stock PPO does one backward per minibatch, so it never gets an estimate (factor 1).
+r = (1 + Sρ)/(1 + ρ) is exactly 1 — the plain run (what the callback's defaults now do, with
+the ``per_sample`` noise of the policy measured and logged). ``statistic="same_point"`` is not
+either: stock PPO does one backward per minibatch, so it never gets an estimate (factor 1).
 
 Each run trains for ``--timesteps`` (rounded up to whole rollouts of 2048 by SB3) and is then
 evaluated with SB3's ``evaluate_policy`` over 20 deterministic episodes on a fresh environment

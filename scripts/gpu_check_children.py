@@ -60,7 +60,11 @@ def _check_scaler(statistic: str) -> dict[str, Any]:
     model = torch.nn.Sequential(torch.nn.Linear(64, 256), torch.nn.ReLU(), torch.nn.Linear(256, 8))
     model = model.to(DEVICE)
     vgs = VarianceGradientScaler(
-        model.named_parameters(), statistic=statistic, log_every=10**6, batch_size=16
+        model.named_parameters(),
+        statistic=statistic,
+        rule="shrink",
+        log_every=10**6,
+        batch_size=16,
     )
     x = torch.randn(16, 64, device=DEVICE)
 
@@ -205,7 +209,11 @@ def _nccl_worker() -> tuple[list[dict], bool]:
             model.to(device), device_ids=[local] if cuda else None
         )
         vgs = VarianceGradientScaler(
-            model.named_parameters(), statistic="same_point", batch_size=32, log_every=10**6
+            model.named_parameters(),
+            statistic="same_point",
+            rule="shrink",
+            batch_size=32,
+            log_every=10**6,
         )
         for step in range(5):
             x = x_all[rank::world].to(device) * (1 + step)

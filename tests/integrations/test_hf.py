@@ -33,7 +33,10 @@ def test_trainer_callback(tmp_path):
         report_to=[], save_strategy="no", use_cpu=True, disable_tqdm=True,
     )  # fmt: skip
     trainer = transformers.Trainer(model=model, args=args, train_dataset=_Tokens())
-    callback = add_callback_first(trainer, VarianceScalingTrainerCallback(beta=0.8, log_every=2))
+    callback = add_callback_first(
+        trainer,
+        VarianceScalingTrainerCallback(beta=0.8, log_every=2, statistic="temporal", rule="shrink"),
+    )
     trainer.train()
     vgs = callback.scaler
     assert vgs.updates == 8  # the last backward of each optimizer step
@@ -41,6 +44,38 @@ def test_trainer_callback(tmp_path):
     assert raw > (1e-3) ** 2 * 10  # read before the Trainer clipped to norm 1e-3
     assert vgs.statistics()["global"].count == 8
     logged = [entry for entry in trainer.state.log_history if "vgs/factor" in entry]
+    assert logged
+
+
+def test_trainer_callback_defaults_use_the_model_and_keep_the_step(tmp_path):
+    """The defaults: ``model`` is the Trainer's, so "auto" is per_sample; adascale at S = 1
+    leaves the learning rate the Trainer's, while B_noise is measured and logged."""
+    torch.set_default_dtype(torch.float32)
+    torch.manual_seed(0)
+    config = transformers.GPT2Config(
+        vocab_size=32, n_positions=16, n_embd=16, n_layer=1, n_head=2,
+        resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0,
+    )  # fmt: skip
+    model = transformers.GPT2LMHeadModel(config)
+    args = transformers.TrainingArguments(
+        output_dir=str(tmp_path), max_steps=4, per_device_train_batch_size=4,
+        gradient_accumulation_steps=2, logging_steps=2, learning_rate=1e-3,
+        report_to=[], save_strategy="no", use_cpu=True, disable_tqdm=True,
+    )  # fmt: skip
+    trainer = transformers.Trainer(model=model, args=args, train_dataset=_Tokens())
+    callback = add_callback_first(
+        trainer, VarianceScalingTrainerCallback(log_every=2, confidence=None)
+    )
+    trainer.train()
+    vgs = callback.scaler
+    assert (vgs.config.statistic, vgs.config.rule) == ("per_sample", "adascale")
+    assert vgs.config.batch_size == 8
+    assert vgs.updates == 4
+    row = vgs.statistics()["global"]
+    assert row.factor == 1.0
+    assert float(vgs.progress) == 4.0
+    assert row.B_noise is not None
+    logged = [entry for entry in trainer.state.log_history if "vgs/B_noise" in entry]
     assert logged
 
 

@@ -37,7 +37,9 @@ def test_lightning_callback(tmp_path):
     torch.set_default_dtype(torch.float32)
     torch.manual_seed(0)
     module = Regression()
-    callback = VarianceScalingCallback(beta=0.8, confidence=None, log_every=2)
+    callback = VarianceScalingCallback(
+        beta=0.8, confidence=None, log_every=2, statistic="temporal", rule="shrink"
+    )
     trainer = L.Trainer(
         max_steps=12, accelerator="cpu", accumulate_grad_batches=2, gradient_clip_val=1e-3,
         callbacks=[callback],
@@ -54,6 +56,38 @@ def test_lightning_callback(tmp_path):
     with open(next(tmp_path.rglob("metrics.csv"))) as handle:
         rows = list(csv.DictReader(handle))
     assert any(row.get("vgs/factor") for row in rows)
+
+
+def test_lightning_callback_defaults_measure_per_sample_noise_and_keep_the_step(tmp_path):
+    """The defaults: ``model`` is the LightningModule, so "auto" is per_sample; adascale at
+    S = 1 leaves every update the plain run's, while B_noise is measured and logged."""
+    runs = {}
+    for scaled in (False, True):
+        torch.set_default_dtype(torch.float32)
+        torch.manual_seed(0)
+        module = Regression()
+        callback = VarianceScalingCallback(confidence=None, log_every=2, batch_size=32)
+        trainer = L.Trainer(
+            max_steps=6, accelerator="cpu", accumulate_grad_batches=2,
+            callbacks=[callback] if scaled else [],
+            logger=L.pytorch.loggers.CSVLogger(tmp_path / str(scaled)), log_every_n_steps=1,
+            enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+        )  # fmt: skip
+        trainer.fit(module, _loader())
+        runs[scaled] = (module, callback)
+    vgs = runs[True][1].scaler
+    assert (vgs.config.statistic, vgs.config.rule) == ("per_sample", "adascale")
+    assert vgs.updates == 6
+    row = vgs.statistics()["global"]
+    assert row.factor == 1.0
+    assert row.B_noise is not None
+    assert row.B_noise > 0
+    assert float(vgs.progress) == 6.0
+    for a, b in zip(runs[True][0].parameters(), runs[False][0].parameters(), strict=True):
+        assert torch.equal(a, b)  # the plain run's updates, bitwise
+    with open(next((tmp_path / "True").rglob("metrics.csv"))) as handle:
+        rows = list(csv.DictReader(handle))
+    assert any(row.get("vgs/B_noise") for row in rows)
 
 
 def test_lightning_callback_rejects_a_missing_optimizer():

@@ -14,7 +14,7 @@ def _run(use_amp, statistic="temporal", overflow_at=None, steps=10):
     model = torch.nn.Linear(4, 2)
     opt = torch.optim.SGD(model.parameters(), lr=0.05)
     vgs = VarianceGradientScaler(model.named_parameters(), statistic=statistic, optimizer=opt,
-                                 beta=0.8, confidence=None)  # fmt: skip
+                                 beta=0.8, confidence=None, rule="shrink")  # fmt: skip
     scaler = torch.amp.GradScaler("cpu", init_scale=2.0**12, growth_interval=2, enabled=use_amp)
     scales = []
     for k in range(steps):
@@ -62,7 +62,11 @@ def test_reading_still_scaled_gradients_equals_reading_unscaled_ones(statistic):
         legacy = pytest.warns(UserWarning, match="legacy diagnostic")
         with legacy if statistic == "mixed" else contextlib.nullcontext():
             vgs = VarianceGradientScaler(
-                model.named_parameters(), statistic=statistic, beta=0.8, confidence=None
+                model.named_parameters(),
+                statistic=statistic,
+                beta=0.8,
+                confidence=None,
+                rule="shrink",
             )
         scaler = torch.amp.GradScaler("cpu", init_scale=2.0**10, growth_interval=2)
         for k in range(8):
@@ -87,7 +91,7 @@ def test_reading_still_scaled_gradients_equals_reading_unscaled_ones(statistic):
 
 def test_scaled_without_a_grad_scaler_is_an_error():
     model = torch.nn.Linear(2, 1)
-    vgs = VarianceGradientScaler(model.parameters())
+    vgs = VarianceGradientScaler(model.parameters(), statistic="temporal", rule="shrink")
     model(torch.ones(1, 2)).sum().backward()
     with pytest.raises(ValueError, match="scaled=True needs the grad_scaler"):
         vgs.step(scaled=True)

@@ -16,6 +16,7 @@ def _setup(apply_to, lr=0.1, optimizer=torch.optim.SGD, groups=False, **kwargs):
         [{"params": [model.weight]}, {"params": [model.bias]}] if groups else model.parameters()
     )
     opt = optimizer(params, lr=lr)
+    kwargs = {"statistic": "temporal", "rule": "shrink", **kwargs}  # the tested semantics
     vgs = VarianceGradientScaler(model.named_parameters(), apply_to=apply_to, optimizer=opt,
                                  beta=0.5, confidence=None, **kwargs)  # fmt: skip
     for k in range(5):
@@ -88,7 +89,9 @@ def test_scale_gradients_refuses_apply_to_lr():
 
 def test_apply_to_lr_needs_an_optimizer():
     model = torch.nn.Linear(2, 1)
-    vgs = VarianceGradientScaler(model.parameters(), apply_to="lr")
+    vgs = VarianceGradientScaler(
+        model.parameters(), apply_to="lr", statistic="temporal", rule="shrink"
+    )
     with pytest.raises(ConfigurationError, match="needs the optimizer"), vgs.apply():
         pass
 

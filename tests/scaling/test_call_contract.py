@@ -11,7 +11,11 @@ from ._helpers import assert_same, feed, make, params_like, snapshot
 
 def _primed(**kwargs):
     named = params_like((2, 3), (2,))
-    vgs = feed(make(named, **kwargs), named, [[torch.ones(6), torch.ones(2)]] * 2)
+    vgs = feed(
+        make(named, **{"statistic": "temporal", "rule": "shrink", **kwargs}),
+        named,
+        [[torch.ones(6), torch.ones(2)]] * 2,
+    )
     for _, p in named:
         p.grad = torch.randn(p.shape, dtype=p.dtype, generator=torch.Generator().manual_seed(1))
     return named, vgs
@@ -56,7 +60,14 @@ def test_apply_checks_the_optimizer_before_reading_the_gradients():
     model = torch.nn.Linear(3, 2)
     own = torch.optim.SGD(model.parameters(), lr=0.1)
     other = torch.optim.SGD([{"params": [model.weight]}, {"params": [model.bias]}], lr=0.1)
-    vgs = make(model.named_parameters(), apply_to="lr", aggregate="param_group", optimizer=own)
+    vgs = make(
+        model.named_parameters(),
+        apply_to="lr",
+        aggregate="param_group",
+        optimizer=own,
+        statistic="temporal",
+        rule="shrink",
+    )
     model(torch.randn(4, 3)).sum().backward()
     before = snapshot(vgs)
     with pytest.raises(ConfigurationError, match="optimizer has 2 param groups"), vgs.apply(other):
@@ -75,13 +86,13 @@ def test_apply_checks_the_optimizer_before_reading_the_gradients():
 )
 def test_observe_checks_every_entry_before_recording_any(grads, error, message):
     named = params_like((2, 3), (2,))
-    vgs = make(named, statistic="same_point")
+    vgs = make(named, statistic="same_point", rule="shrink")
     before = snapshot(vgs)
     with pytest.raises(error, match=message):
         vgs.observe(grads)
     assert_same(snapshot(vgs), before)
     clean_named = params_like((2, 3), (2,))
-    clean = make(clean_named, statistic="same_point")
+    clean = make(clean_named, statistic="same_point", rule="shrink")
     for scaler, params in ((vgs, named), (clean, clean_named)):  # the next step is unaffected
         scaler.observe([torch.ones(2, 3, dtype=torch.float64), torch.ones(2, dtype=torch.float64)])
         scaler.observe([torch.zeros(2, 3, dtype=torch.float64), torch.ones(2, dtype=torch.float64)])

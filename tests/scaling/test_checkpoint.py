@@ -39,7 +39,11 @@ def _roundtrip(obj):
 
 def _make(model, opt, **kwargs):
     return VarianceGradientScaler(
-        model.named_parameters(), optimizer=opt, beta=0.8, max_rate=0.3, **kwargs
+        model.named_parameters(),
+        optimizer=opt,
+        beta=0.8,
+        max_rate=0.3,
+        **{"statistic": "temporal", "rule": "shrink", **kwargs},
     )
 
 
@@ -73,13 +77,15 @@ def test_save_load_continue_is_bitwise_equal_to_an_uninterrupted_run(statistic):
 
 def _trained_scaler():
     model = _model()
-    vgs = VarianceGradientScaler(model.named_parameters())
+    vgs = VarianceGradientScaler(model.named_parameters(), statistic="temporal", rule="shrink")
     _step(model, torch.optim.SGD(model.parameters(), lr=0.0), vgs, 0)
     return vgs
 
 
 def test_mismatched_shapes_are_listed():
-    other = VarianceGradientScaler(_model(hidden=5).named_parameters())
+    other = VarianceGradientScaler(
+        _model(hidden=5).named_parameters(), statistic="temporal", rule="shrink"
+    )
     with pytest.raises(
         StateError, match=r"shape/state mismatch \['0.weight', '0.bias', '2.weight'\]"
     ):
@@ -87,16 +93,22 @@ def test_mismatched_shapes_are_listed():
 
 
 def test_mismatched_names_are_listed():
-    renamed = VarianceGradientScaler([(f"layer.{n}", p) for n, p in _model().named_parameters()])
+    renamed = VarianceGradientScaler(
+        [(f"layer.{n}", p) for n, p in _model().named_parameters()],
+        statistic="temporal",
+        rule="shrink",
+    )
     with pytest.raises(StateError, match=r"missing.*layer\.0\.weight.*unexpected.*'0\.weight'"):
         renamed.load_state_dict(_trained_scaler().state_dict())
 
 
 def test_strict_false_loads_what_matches_and_warns():
     model = _model()
-    vgs = VarianceGradientScaler(model.named_parameters())
+    vgs = VarianceGradientScaler(model.named_parameters(), statistic="temporal", rule="shrink")
     _step(model, torch.optim.SGD(model.parameters(), lr=0.0), vgs, 0)
-    other = VarianceGradientScaler(_model(hidden=5).named_parameters())
+    other = VarianceGradientScaler(
+        _model(hidden=5).named_parameters(), statistic="temporal", rule="shrink"
+    )
     with pytest.warns(UserWarning, match="partially loaded"):
         report = other.load_state_dict(vgs.state_dict(), strict=False)
     assert report.loaded == ("2.bias",)
@@ -106,32 +118,46 @@ def test_strict_false_loads_what_matches_and_warns():
 
 def test_nothing_changes_when_a_strict_load_fails():
     model = _model()
-    vgs = VarianceGradientScaler(model.named_parameters())
+    vgs = VarianceGradientScaler(model.named_parameters(), statistic="temporal", rule="shrink")
     _step(model, torch.optim.SGD(model.parameters(), lr=0.0), vgs, 0)
     before = snapshot(vgs)
-    broken = VarianceGradientScaler(_model(hidden=5).named_parameters()).state_dict()
+    broken = VarianceGradientScaler(
+        _model(hidden=5).named_parameters(), statistic="temporal", rule="shrink"
+    ).state_dict()
     with pytest.raises(StateError, match="shape/state mismatch"):
         vgs.load_state_dict(broken)
     assert_same(before, snapshot(vgs))
 
 
 def test_checkpoint_statistic_must_match():
-    state = VarianceGradientScaler(_model().named_parameters(), statistic="same_point").state_dict()
+    state = VarianceGradientScaler(
+        _model().named_parameters(), statistic="same_point", rule="shrink"
+    ).state_dict()
     with pytest.raises(ValueError, match="statistic='same_point'"):
-        VarianceGradientScaler(_model().named_parameters()).load_state_dict(state)
+        VarianceGradientScaler(
+            _model().named_parameters(), statistic="temporal", rule="shrink"
+        ).load_state_dict(state)
 
 
 def test_constructor_config_wins_unless_asked():
-    state = VarianceGradientScaler(_model().named_parameters(), alpha=3.0).state_dict()
-    vgs = VarianceGradientScaler(_model().named_parameters(), alpha=1.0)
+    state = VarianceGradientScaler(
+        _model().named_parameters(), alpha=3.0, statistic="temporal", rule="shrink"
+    ).state_dict()
+    vgs = VarianceGradientScaler(
+        _model().named_parameters(), alpha=1.0, statistic="temporal", rule="shrink"
+    )
     report = vgs.load_state_dict(state)
     assert vgs.config.alpha == 1.0
     assert report.config_differences["alpha"] == (3.0, 1.0)
 
 
 def test_checkpoint_config_is_adopted_when_asked():
-    state = VarianceGradientScaler(_model().named_parameters(), alpha=3.0).state_dict()
-    vgs = VarianceGradientScaler(_model().named_parameters(), alpha=1.0)
+    state = VarianceGradientScaler(
+        _model().named_parameters(), alpha=3.0, statistic="temporal", rule="shrink"
+    ).state_dict()
+    vgs = VarianceGradientScaler(
+        _model().named_parameters(), alpha=1.0, statistic="temporal", rule="shrink"
+    )
     vgs.load_state_dict(state, use_checkpoint_config=True)
     assert vgs.config.alpha == 3.0
 
@@ -139,7 +165,7 @@ def test_checkpoint_config_is_adopted_when_asked():
 def test_rebind_after_model_and_optimizer_recreation_keeps_matching_statistics():
     model = _model()
     opt = torch.optim.SGD(model.parameters(), lr=0.0)
-    vgs = VarianceGradientScaler(model.named_parameters())
+    vgs = VarianceGradientScaler(model.named_parameters(), statistic="temporal", rule="shrink")
     for k in range(3):
         _step(model, opt, vgs, k)
     before = vgs.state_dict()["tensors"]
@@ -158,15 +184,25 @@ def test_rebind_after_model_and_optimizer_recreation_keeps_matching_statistics()
 
 def test_reference_checkpoint_loads_into_the_fast_implementation():
     model = _model()
-    ref = VarianceGradientScaler(model.named_parameters(), foreach=False, confidence=None)
-    fast = VarianceGradientScaler(model.named_parameters(), confidence=None)
+    ref = VarianceGradientScaler(
+        model.named_parameters(),
+        foreach=False,
+        confidence=None,
+        statistic="temporal",
+        rule="shrink",
+    )
+    fast = VarianceGradientScaler(
+        model.named_parameters(), confidence=None, statistic="temporal", rule="shrink"
+    )
     for k in range(4):
         model.zero_grad()
         x = torch.randn(8, 3, generator=torch.Generator().manual_seed(k))
         model(x).pow(2).mean().backward()
         ref.step()
         fast.step()
-    converted = VarianceGradientScaler(model.named_parameters(), confidence=None)
+    converted = VarianceGradientScaler(
+        model.named_parameters(), confidence=None, statistic="temporal", rule="shrink"
+    )
     converted.load_state_dict(ref.state_dict())
     converted.refresh()
     fast_stats, conv_stats = fast.statistics(), converted.statistics()
@@ -174,13 +210,15 @@ def test_reference_checkpoint_loads_into_the_fast_implementation():
         fast_stats["0.weight"].variance, rel=1e-6
     )
     with pytest.raises(StateError, match="mismatch"):
-        VarianceGradientScaler(model.named_parameters(), foreach=False).load_state_dict(
-            fast.state_dict()
-        )
+        VarianceGradientScaler(
+            model.named_parameters(), foreach=False, statistic="temporal", rule="shrink"
+        ).load_state_dict(fast.state_dict())
 
 
 def test_state_dict_is_keyed_by_name_with_shape_dtype_version_config():
-    state = VarianceGradientScaler(_model().named_parameters()).state_dict()
+    state = VarianceGradientScaler(
+        _model().named_parameters(), statistic="temporal", rule="shrink"
+    ).state_dict()
     assert state["format"] == "gradstats.VarianceGradientScaler"
     assert state["version"] == 1
     assert state["config"]["statistic"] == "temporal"
@@ -191,14 +229,20 @@ def test_state_dict_is_keyed_by_name_with_shape_dtype_version_config():
 
 
 def test_other_version_is_rejected():
-    state = VarianceGradientScaler(_model().named_parameters()).state_dict()
+    state = VarianceGradientScaler(
+        _model().named_parameters(), statistic="temporal", rule="shrink"
+    ).state_dict()
     with pytest.raises(StateError, match="version 7; this gradstats reads version 1"):
-        VarianceGradientScaler(_model().named_parameters()).load_state_dict({**state, "version": 7})
+        VarianceGradientScaler(
+            _model().named_parameters(), statistic="temporal", rule="shrink"
+        ).load_state_dict({**state, "version": 7})
 
 
 def _trained_fast(dtype=torch.float64):
     model = _model().to(dtype)
-    vgs = VarianceGradientScaler(model.named_parameters(), confidence=None)
+    vgs = VarianceGradientScaler(
+        model.named_parameters(), confidence=None, statistic="temporal", rule="shrink"
+    )
     for k in range(4):
         model.zero_grad()
         x = torch.randn(8, 3, generator=torch.Generator().manual_seed(k), dtype=dtype)
@@ -213,7 +257,9 @@ def test_checkpoint_of_the_earlier_fast_format_loads():
     state = vgs.state_dict()
     for entry in state["tensors"].values():
         del entry["var_sum"], entry["mean_sq"]
-    loaded = VarianceGradientScaler(model.named_parameters(), confidence=None)
+    loaded = VarianceGradientScaler(
+        model.named_parameters(), confidence=None, statistic="temporal", rule="shrink"
+    )
     loaded.load_state_dict(state)
     loaded.refresh()
     ours, theirs = loaded.statistics(), vgs.statistics()
@@ -224,7 +270,9 @@ def test_checkpoint_of_the_earlier_fast_format_loads():
 
 def test_fast_checkpoint_round_trip_is_bitwise():
     model, vgs = _trained_fast(torch.float32)
-    loaded = VarianceGradientScaler(model.named_parameters(), confidence=None)
+    loaded = VarianceGradientScaler(
+        model.named_parameters(), confidence=None, statistic="temporal", rule="shrink"
+    )
     loaded.load_state_dict(vgs.state_dict())
     assert_state_equal(loaded.state_dict(), vgs.state_dict())
 

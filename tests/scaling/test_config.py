@@ -17,7 +17,7 @@ def _params():
         (
             {"statistic": "variance"},
             ValueError,
-            "statistic must be one of 'temporal', 'same_point'",
+            "statistic must be one of 'auto', 'temporal', 'same_point'",
         ),
         ({"alpha": -0.5}, ValueError, r"alpha must lie in \[0.0, inf\) and finite; got -0.5"),
         ({"beta": 1.0}, ValueError, r"beta must lie in the open interval \(0, 1\)"),
@@ -96,7 +96,9 @@ def test_infinite_alpha_can_no_longer_reach_the_gradients():
     """alpha=inf used to be accepted and wrote NaN into .grad; it fails at construction now."""
     model = torch.nn.Linear(2, 1)
     with pytest.raises(ConfigurationError, match="alpha"):
-        VarianceGradientScaler(model.named_parameters(), alpha=float("inf"))
+        VarianceGradientScaler(
+            model.named_parameters(), alpha=float("inf"), statistic="temporal", rule="shrink"
+        )
 
 
 def test_unknown_keyword_is_rejected():
@@ -120,17 +122,19 @@ def test_unknown_keyword_is_rejected():
 )
 def test_bad_params(params, error, match):
     with pytest.raises(error, match=match):
-        VarianceGradientScaler(params)
+        VarianceGradientScaler(params, statistic="temporal", rule="shrink")
 
 
 def test_param_group_aggregation_without_groups_uses_one_group():
-    vgs = VarianceGradientScaler(_params(), aggregate="param_group")
+    vgs = VarianceGradientScaler(
+        _params(), aggregate="param_group", statistic="temporal", rule="shrink"
+    )
     assert vgs.scaling_factors().shape == (1,)
 
 
 def test_sparse_gradients_are_rejected():
     emb = torch.nn.Embedding(5, 2, sparse=True)
-    vgs = VarianceGradientScaler(emb.named_parameters())
+    vgs = VarianceGradientScaler(emb.named_parameters(), statistic="temporal", rule="shrink")
     emb(torch.tensor([1, 2])).sum().backward()
     with pytest.raises(ConfigurationError, match="sparse gradients"):
         vgs.step()

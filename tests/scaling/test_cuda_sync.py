@@ -17,7 +17,7 @@ def test_hot_path_never_syncs(statistic, aggregate):
     ).cuda()
     vgs = VarianceGradientScaler(
         model.named_parameters(), statistic=statistic, aggregate=aggregate, log_every=10**6,
-        max_nonfinite_steps=None, batch_size=8,
+        max_nonfinite_steps=None, batch_size=8, rule="shrink",
     )  # fmt: skip
     x = torch.randn(8, 16, device="cuda")
 
@@ -46,7 +46,11 @@ def test_max_nonfinite_steps_reads_only_at_its_scheduled_updates(statistic):
     torch.manual_seed(0)
     model = torch.nn.Linear(16, 4).cuda()
     vgs = VarianceGradientScaler(
-        model.named_parameters(), statistic=statistic, max_nonfinite_steps=5, log_every=10**6
+        model.named_parameters(),
+        statistic=statistic,
+        max_nonfinite_steps=5,
+        log_every=10**6,
+        rule="shrink",
     )
     x = torch.randn(8, 16, device="cuda")
 

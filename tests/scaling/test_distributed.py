@@ -18,7 +18,8 @@ def _train_rank(rank, world_size, statistic, wrap_after):
     torch.manual_seed(0)
     model = torch.nn.Sequential(torch.nn.Linear(6, 16), torch.nn.Tanh(), torch.nn.Linear(16, 1))
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
-    kwargs = {"statistic": statistic, "beta": 0.8, "confidence": None, "optimizer": opt}
+    kwargs = {"statistic": statistic, "rule": "shrink", "beta": 0.8, "confidence": None}
+    kwargs["optimizer"] = opt
     if wrap_after:  # the scaler is built first, DDP wraps the model afterwards
         vgs = VarianceGradientScaler(model.named_parameters(), **kwargs)
         ddp = torch.nn.parallel.DistributedDataParallel(model)

@@ -38,9 +38,22 @@ TOLERANCE = {torch.float64: {"rel": 1e-12, "abs": 1e-14}, torch.float32: {"rel":
 @pytest.mark.parametrize("steps", range(1, 10))
 def test_foreach_equals_reference_after_several_steps(aggregate, steps, dtype):
     fast_named, ref_named = params_like(*SHAPES, dtype=dtype), params_like(*SHAPES, dtype=dtype)
-    fast = feed(make(fast_named, beta=0.8, aggregate=aggregate), fast_named, _steps(0)[:steps])
+    fast = feed(
+        make(fast_named, beta=0.8, aggregate=aggregate, statistic="temporal", rule="shrink"),
+        fast_named,
+        _steps(0)[:steps],
+    )
     ref = feed(
-        make(ref_named, beta=0.8, aggregate=aggregate, foreach=False), ref_named, _steps(0)[:steps]
+        make(
+            ref_named,
+            beta=0.8,
+            aggregate=aggregate,
+            foreach=False,
+            statistic="temporal",
+            rule="shrink",
+        ),
+        ref_named,
+        _steps(0)[:steps],
     )
     a, b = _numbers(fast.statistics()), _numbers(ref.statistics())
     assert a == pytest.approx(b, nan_ok=True, **TOLERANCE[dtype])
@@ -48,7 +61,9 @@ def test_foreach_equals_reference_after_several_steps(aggregate, steps, dtype):
 
 def test_counts_skip_missing_gradients_and_non_finite_steps():
     named = params_like(*SHAPES)
-    stats = feed(make(named, beta=0.8), named, _steps(0)).statistics()
+    stats = feed(
+        make(named, beta=0.8, statistic="temporal", rule="shrink"), named, _steps(0)
+    ).statistics()
     assert stats["global"].skipped == 1
     assert stats["p1"].count == 6  # 9 steps − 2 without gradient − 1 skipped
     assert stats["p2"].count == 8  # the zero-size tensor counts its (empty) observations
@@ -68,7 +83,7 @@ def _ops_per_update(tensors, foreach=True):
     named = [(f"p{i}", torch.nn.Parameter(torch.zeros(3, 5))) for i in range(tensors)]
     for _, p in named:
         p.grad = torch.randn(3, 5)
-    vgs = make(named, foreach=foreach)
+    vgs = make(named, foreach=foreach, statistic="temporal", rule="shrink")
     vgs.update_statistics()  # first use allocates the scratch
     vgs.update_statistics()
     with _CountOps() as ops:
@@ -96,7 +111,7 @@ def _mixed(foreach):
     named = [
         (f"p{i}", torch.nn.Parameter(torch.zeros(s, dtype=d))) for i, (d, s) in enumerate(MIXED)
     ]
-    vgs = make(named, beta=0.8, foreach=foreach)
+    vgs = make(named, beta=0.8, foreach=foreach, statistic="temporal", rule="shrink")
     g = torch.Generator().manual_seed(3)
     for k in range(6):
         for (_, p), (d, s) in zip(named, MIXED, strict=True):

@@ -19,10 +19,17 @@ def test_attach_reads_raw_gradients_before_the_loop_clips_them():
     model, x, y = _problem()
     opt = torch.optim.SGD(model.parameters(), lr=0.05)
     vgs = VarianceGradientScaler(
-        model.named_parameters(), apply_to="lr", optimizer=opt, confidence=None
+        model.named_parameters(),
+        apply_to="lr",
+        optimizer=opt,
+        confidence=None,
+        statistic="temporal",
+        rule="shrink",
     )
     attach(vgs, opt)  # no handle kept: the attachment lives with the hooks
-    reference = VarianceGradientScaler(model.named_parameters(), confidence=None)
+    reference = VarianceGradientScaler(
+        model.named_parameters(), confidence=None, statistic="temporal", rule="shrink"
+    )
     g = torch.Generator().manual_seed(1)
     for _ in range(20):
         rows = torch.randint(0, 512, (32,), generator=g)
@@ -41,7 +48,12 @@ def test_attached_lr_factor_is_applied_and_restored():
     model, x, y = _problem()
     opt = torch.optim.SGD(model.parameters(), lr=0.05)
     vgs = VarianceGradientScaler(
-        model.named_parameters(), apply_to="lr", optimizer=opt, confidence=None
+        model.named_parameters(),
+        apply_to="lr",
+        optimizer=opt,
+        confidence=None,
+        statistic="temporal",
+        rule="shrink",
     )
     handle = attach(vgs, opt)
     seen = []
@@ -61,7 +73,13 @@ def test_attached_lr_factor_is_applied_and_restored():
 def test_optimizer_step_helper_clips_raw_gradients_and_returns_the_norm():
     model, x, y = _problem()
     opt = torch.optim.SGD(model.parameters(), lr=0.05)
-    vgs = VarianceGradientScaler(model.named_parameters(), optimizer=opt, confidence=None)
+    vgs = VarianceGradientScaler(
+        model.named_parameters(),
+        optimizer=opt,
+        confidence=None,
+        statistic="temporal",
+        rule="shrink",
+    )
     torch.nn.functional.mse_loss(model(x[:32]), y[:32]).backward()
     raw = torch.sqrt(sum(p.grad.square().sum() for p in model.parameters()))
     norm = optimizer_step(opt, vgs, max_grad_norm=0.01)
@@ -82,7 +100,7 @@ def test_stable_baselines3_ppo_on_cartpole(tmp_path):
         seed=0, device="cpu", policy_kwargs={"net_arch": [32]},
     )  # fmt: skip
     model.set_logger(configure(str(tmp_path), ["csv"]))
-    callback = VarianceScalingCallback(beta=0.9, log_every=8)
+    callback = VarianceScalingCallback(beta=0.9, log_every=8, statistic="temporal", rule="shrink")
     model.learn(total_timesteps=3072, callback=callback)
     vgs = callback.scaler
     updates_per_rollout = 4 * (256 // 64)
@@ -100,11 +118,50 @@ def test_stable_baselines3_ppo_on_cartpole(tmp_path):
     assert {"vgs/factor", "vgs/rho", "vgs/B_noise", "train/loss"} <= set(header)
 
 
+def test_stable_baselines3_ppo_defaults_use_the_policy_and_keep_ppo_s_step(tmp_path):
+    """The defaults: ``model`` is the policy, so "auto" is per_sample; adascale at S = 1 keeps
+    PPO's own updates (the lr is untouched) while the noise and B_noise are logged."""
+    pytest.importorskip("gymnasium")
+    sb3 = pytest.importorskip("stable_baselines3")
+    from stable_baselines3.common.logger import configure
+
+    from gradstats.integrations.sb3 import VarianceScalingCallback
+
+    torch.set_default_dtype(torch.float32)
+    model = sb3.PPO(
+        "MlpPolicy", "CartPole-v1", n_steps=128, batch_size=64, n_epochs=2, seed=0,
+        device="cpu", policy_kwargs={"net_arch": [16]},
+    )  # fmt: skip
+    model.set_logger(configure(str(tmp_path), ["csv"]))
+    callback = VarianceScalingCallback(log_every=2)
+    model.learn(total_timesteps=256, callback=callback)
+    vgs = callback.scaler
+    assert (vgs.config.statistic, vgs.config.rule) == ("per_sample", "adascale")
+    assert vgs.config.batch_size == 64
+    updates = 2 * (128 // 64) * 2
+    assert vgs.updates == updates
+    stats = vgs.statistics()["global"]
+    assert stats.factor == 1.0
+    assert float(vgs.progress) == updates
+    assert stats.B_noise is not None
+    assert model.policy.optimizer.param_groups[0]["lr"] == pytest.approx(model.learning_rate)
+    header = (tmp_path / "progress.csv").read_text().splitlines()[0].split(",")
+    assert {"vgs/factor", "vgs/B_noise"} <= set(header)
+
+
 def test_attach_with_accumulation_reads_only_when_the_predicate_says_the_step_ends():
     model, x, y = _problem()
     opt = torch.optim.SGD(model.parameters(), lr=0.05)
-    vgs = VarianceGradientScaler(model.named_parameters(), optimizer=opt, confidence=None)
-    reference = VarianceGradientScaler(model.named_parameters(), confidence=None)
+    vgs = VarianceGradientScaler(
+        model.named_parameters(),
+        optimizer=opt,
+        confidence=None,
+        statistic="temporal",
+        rule="shrink",
+    )
+    reference = VarianceGradientScaler(
+        model.named_parameters(), confidence=None, statistic="temporal", rule="shrink"
+    )
     passes = {"n": 0}
 
     def last_of_three():

@@ -95,7 +95,16 @@ def _run(history, dtype, foreach, native, **kwargs):
     previous = set_native_kernels(native)
     try:
         named = params_like(*SHAPES, dtype=dtype)
-        vgs = feed(make(named, beta=0.8, foreach=foreach, **kwargs), named, history)
+        vgs = feed(
+            make(
+                named,
+                beta=0.8,
+                foreach=foreach,
+                **{"statistic": "temporal", "rule": "shrink", **kwargs},
+            ),
+            named,
+            history,
+        )
         stats = vgs.statistics()
     finally:
         set_native_kernels(previous)
@@ -242,7 +251,11 @@ def test_a_missing_or_failing_compiler_falls_back(monkeypatch, tmp_path, compile
     monkeypatch.setattr(_native, "_ENABLED", True)
     assert not native_kernels_available()
     named = params_like((3, 2), dtype=torch.float32)
-    vgs = feed(make(named, beta=0.8), named, [[torch.randn(3, 2)], [torch.randn(3, 2)]])
+    vgs = feed(
+        make(named, beta=0.8, statistic="temporal", rule="shrink"),
+        named,
+        [[torch.randn(3, 2)], [torch.randn(3, 2)]],
+    )
     assert vgs.statistics()["p0"].count == 2  # the foreach path ran
 
 
@@ -251,7 +264,7 @@ def test_native_temporal_update_moves_16_bytes_per_element():
     named = params_like((64, 32), (32,), dtype=torch.float32)
     for _, p in named:
         p.grad = torch.randn(p.shape, dtype=p.dtype)
-    vgs = make(named)
+    vgs = make(named, statistic="temporal", rule="shrink")
     vgs.update_statistics()
     with native_traffic() as calls:
         vgs.update_statistics()

@@ -20,7 +20,9 @@ def _batch(k):
 def _train(order, steps=12, lr=0.05):
     model = _model()
     opt = torch.optim.SGD(model.parameters(), lr=lr)
-    vgs = VarianceGradientScaler(model.named_parameters(), beta=0.8, confidence=None)
+    vgs = VarianceGradientScaler(
+        model.named_parameters(), beta=0.8, confidence=None, statistic="temporal", rule="shrink"
+    )
     for k in range(steps):
         x, y = _batch(k)
         opt.zero_grad()
@@ -53,7 +55,9 @@ def test_original_order_reads_raw_gradients_once_like_the_new_order():
 
 def test_statistics_are_never_read_back_from_scaled_gradients():
     model = _model()
-    vgs = VarianceGradientScaler(model.named_parameters(), beta=0.8, confidence=None)
+    vgs = VarianceGradientScaler(
+        model.named_parameters(), beta=0.8, confidence=None, statistic="temporal", rule="shrink"
+    )
     x, y = _batch(0)
     torch.nn.functional.mse_loss(model(x), y).backward()
     vgs.step()
@@ -69,7 +73,7 @@ def test_statistics_are_never_read_back_from_scaled_gradients():
 
 def test_replaced_gradients_are_recognised_as_new():
     p = torch.nn.Parameter(torch.zeros(3))
-    vgs = VarianceGradientScaler([("p", p)], confidence=None)
+    vgs = VarianceGradientScaler([("p", p)], confidence=None, statistic="temporal", rule="shrink")
     for k in range(3):
         p.grad = torch.full((3,), float(k))
         vgs.step()
@@ -78,7 +82,7 @@ def test_replaced_gradients_are_recognised_as_new():
 
 def test_update_statistics_always_reads():
     p = torch.nn.Parameter(torch.zeros(3))
-    vgs = VarianceGradientScaler([p], confidence=None)
+    vgs = VarianceGradientScaler([p], confidence=None, statistic="temporal", rule="shrink")
     p.grad = torch.ones(3)
     vgs.update_statistics()
     vgs.update_statistics()
@@ -87,7 +91,9 @@ def test_update_statistics_always_reads():
 
 def test_legacy_names_exist_and_behave():
     model = _model()
-    vgs = VarianceGradientScaler(model.parameters(), warmup_steps=2, confidence=None)
+    vgs = VarianceGradientScaler(
+        model.parameters(), warmup_steps=2, confidence=None, statistic="temporal", rule="shrink"
+    )
     for k in range(4):
         model.zero_grad()
         x, y = _batch(k)
@@ -110,7 +116,9 @@ def test_legacy_names_exist_and_behave():
 
 def test_disabled_scaler_is_a_no_op():
     model = _model()
-    vgs = VarianceGradientScaler(model.named_parameters(), enabled=False)
+    vgs = VarianceGradientScaler(
+        model.named_parameters(), enabled=False, statistic="temporal", rule="shrink"
+    )
     x, y = _batch(0)
     torch.nn.functional.mse_loss(model(x), y).backward()
     vgs.step()
@@ -123,7 +131,7 @@ def test_logger_receives_vgs_keys():
     records = []
     model = _model()
     vgs = VarianceGradientScaler(
-        model.named_parameters(), log_every=2, batch_size=8,
+        model.named_parameters(), log_every=2, batch_size=8, statistic="temporal", rule="shrink",
         logger=lambda metrics, step: records.append((step, metrics)),
     )  # fmt: skip
     for k in range(4):
@@ -146,10 +154,12 @@ def test_logger_receives_vgs_keys():
 
 
 def test_repr_names_the_configuration():
-    vgs = VarianceGradientScaler(_model().named_parameters(), statistic="same_point")
+    vgs = VarianceGradientScaler(_model().named_parameters(), statistic="same_point", rule="shrink")
     assert "same_point" in repr(vgs)
 
 
 def test_logger_must_be_callable():
     with pytest.raises(TypeError, match="logger must be callable"):
-        VarianceGradientScaler(_model().named_parameters(), logger="tensorboard")
+        VarianceGradientScaler(
+            _model().named_parameters(), logger="tensorboard", statistic="temporal", rule="shrink"
+        )

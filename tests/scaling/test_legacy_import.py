@@ -94,4 +94,6 @@ def test_legacy_lists_must_match_the_params():
 
 def test_load_state_dict_points_to_the_importer():
     with pytest.raises(ValueError, match="import_legacy_state_dict"):
-        VarianceGradientScaler(_named()).load_state_dict(_original("3.1"))
+        VarianceGradientScaler(_named(), statistic="temporal", rule="shrink").load_state_dict(
+            _original("3.1")
+        )

@@ -24,8 +24,8 @@ def _finite(k):
 @pytest.mark.parametrize("bad", [float("nan"), float("inf"), -float("inf")])
 def test_non_finite_step_changes_nothing_but_the_counters(bad):
     named_a, named_b = params_like(3, 2), params_like(3, 2)
-    clean = make(named_a, beta=0.9)
-    dirty = make(named_b, beta=0.9)
+    clean = make(named_a, beta=0.9, statistic="temporal", rule="shrink")
+    dirty = make(named_b, beta=0.9, statistic="temporal", rule="shrink")
     for k in range(6):
         feed(clean, named_a, [_finite(k)])
         feed(dirty, named_b, [_finite(k)])
@@ -44,7 +44,7 @@ def test_non_finite_step_changes_nothing_but_the_counters(bad):
 
 def test_skipped_is_a_device_counter():
     named = params_like(2)
-    vgs = feed(make(named), named, [[torch.ones(2)], NAN, NAN])
+    vgs = feed(make(named, statistic="temporal", rule="shrink"), named, [[torch.ones(2)], NAN, NAN])
     assert isinstance(vgs.skipped, torch.Tensor)
     assert vgs.skipped.dtype == torch.int64
     assert int(vgs.skipped) == 2
@@ -52,7 +52,7 @@ def test_skipped_is_a_device_counter():
 
 def test_user_skip_flag_skips_the_update():
     named = params_like(3, 2)
-    vgs = make(named, beta=0.9)
+    vgs = make(named, beta=0.9, statistic="temporal", rule="shrink")
     feed(vgs, named, [_finite(1), _finite(2)])
     before = vgs.state_dict()
     feed(vgs, named, [_finite(5)], skip=torch.tensor(True))
@@ -65,7 +65,7 @@ def test_raise_policy_raises_before_changing_anything(statistic):
     named = params_like(3, 2)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # tensor_mean is a legacy diagnostic
-        vgs = make(named, beta=0.9, statistic=statistic, nonfinite="raise")
+        vgs = make(named, beta=0.9, statistic=statistic, nonfinite="raise", rule="shrink")
     feed(vgs, named, [_finite(1), _finite(2), _finite(3)])
     before = snapshot(vgs)
     poisoned = _finite(4)
@@ -77,7 +77,7 @@ def test_raise_policy_raises_before_changing_anything(statistic):
 
 def test_raise_policy_error_is_a_floating_point_error():
     named = params_like(2)
-    vgs = make(named, nonfinite="raise")
+    vgs = make(named, nonfinite="raise", statistic="temporal", rule="shrink")
     with pytest.raises(FloatingPointError) as info:
         feed(vgs, named, [NAN])
     assert isinstance(info.value, GradstatsError)
@@ -85,7 +85,7 @@ def test_raise_policy_error_is_a_floating_point_error():
 
 def test_raise_policy_accepts_the_step_once_the_gradients_are_finite():
     named = params_like(2)
-    vgs = make(named, nonfinite="raise")
+    vgs = make(named, nonfinite="raise", statistic="temporal", rule="shrink")
     with pytest.raises(NonFiniteError):
         feed(vgs, named, [NAN])
     feed(vgs, named, [[torch.ones(2)]])
@@ -96,7 +96,7 @@ def test_raise_policy_accepts_the_step_once_the_gradients_are_finite():
 @pytest.mark.parametrize("finite_before", [0, 1, 2, 5, 9])
 def test_limit_fires_at_exactly_n_consecutive_non_finite_steps(limit, finite_before):
     named = params_like(2)
-    vgs = make(named, max_nonfinite_steps=limit)
+    vgs = make(named, max_nonfinite_steps=limit, statistic="temporal", rule="shrink")
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # the skipped-steps warning
         feed(vgs, named, [[torch.ones(2) * (k + 1)] for k in range(finite_before)])
@@ -110,7 +110,7 @@ def test_limit_fires_at_exactly_n_consecutive_non_finite_steps(limit, finite_bef
 @pytest.mark.parametrize("limit", [2, 3, 5])
 def test_runs_shorter_than_the_limit_never_fire(limit):
     named = params_like(2)
-    vgs = make(named, max_nonfinite_steps=limit)
+    vgs = make(named, max_nonfinite_steps=limit, statistic="temporal", rule="shrink")
     run = [NAN] * (limit - 1) + [[torch.ones(2)]]
     with pytest.warns(UserWarning, match="non-finite gradients were skipped"):
         feed(vgs, named, run * 6)
@@ -119,7 +119,7 @@ def test_runs_shorter_than_the_limit_never_fire(limit):
 
 def test_the_limit_error_is_a_floating_point_error():
     named = params_like(2)
-    vgs = make(named, max_nonfinite_steps=2)
+    vgs = make(named, max_nonfinite_steps=2, statistic="temporal", rule="shrink")
     with (
         pytest.warns(UserWarning, match="skipped"),
         pytest.raises(FloatingPointError, match="2 con"),
@@ -129,7 +129,7 @@ def test_the_limit_error_is_a_floating_point_error():
 
 def test_a_healthy_run_reads_the_counters_once_every_n_updates(monkeypatch):
     named = params_like(2)
-    vgs = make(named, max_nonfinite_steps=10, log_every=10**6)
+    vgs = make(named, max_nonfinite_steps=10, log_every=10**6, statistic="temporal", rule="shrink")
     reads = []
     original = torch.Tensor.tolist
     monkeypatch.setattr(torch.Tensor, "tolist", lambda t: reads.append(1) or original(t))
@@ -139,7 +139,9 @@ def test_a_healthy_run_reads_the_counters_once_every_n_updates(monkeypatch):
 
 def test_without_a_limit_the_counters_are_never_read(monkeypatch):
     named = params_like(2)
-    vgs = make(named, max_nonfinite_steps=None, log_every=10**6)
+    vgs = make(
+        named, max_nonfinite_steps=None, log_every=10**6, statistic="temporal", rule="shrink"
+    )
     reads = []
     original = torch.Tensor.tolist
     monkeypatch.setattr(torch.Tensor, "tolist", lambda t: reads.append(1) or original(t))
@@ -149,12 +151,12 @@ def test_without_a_limit_the_counters_are_never_read(monkeypatch):
 
 def test_the_limit_counts_a_run_that_spans_a_checkpoint():
     named = params_like(2)
-    vgs = make(named, max_nonfinite_steps=4)
+    vgs = make(named, max_nonfinite_steps=4, statistic="temporal", rule="shrink")
     with pytest.warns(UserWarning, match="3 steps with non-finite gradients were skipped"):
         feed(vgs, named, [[torch.ones(2)]] + [NAN] * 3)
     state = vgs.state_dict()
     resumed_named = params_like(2)
-    resumed = make(resumed_named, max_nonfinite_steps=4)
+    resumed = make(resumed_named, max_nonfinite_steps=4, statistic="temporal", rule="shrink")
     resumed.load_state_dict(state)
     with (
         pytest.warns(UserWarning, match="^1 steps with non-finite"),
@@ -165,7 +167,7 @@ def test_the_limit_counts_a_run_that_spans_a_checkpoint():
 
 def test_isolated_non_finite_steps_only_warn():
     named = params_like(2)
-    vgs = make(named, max_nonfinite_steps=4)
+    vgs = make(named, max_nonfinite_steps=4, statistic="temporal", rule="shrink")
     steps = [NAN if k % 3 == 0 else [torch.ones(2) * k] for k in range(12)]
     with pytest.warns(UserWarning, match="non-finite gradients were skipped"):
         feed(vgs, named, steps)
@@ -174,7 +176,9 @@ def test_isolated_non_finite_steps_only_warn():
 
 def test_skipped_steps_is_a_deprecated_alias_of_skipped():
     named = params_like(2)
-    vgs = feed(make(named, max_nonfinite_steps=None), named, [NAN])
+    vgs = feed(
+        make(named, max_nonfinite_steps=None, statistic="temporal", rule="shrink"), named, [NAN]
+    )
     row = vgs.statistics()["global"]
     with pytest.warns(FutureWarning, match=r"skipped_steps is deprecated; use \.skipped"):
         assert row.skipped_steps == row.skipped == 1
@@ -183,7 +187,14 @@ def test_skipped_steps_is_a_deprecated_alias_of_skipped():
 def test_logger_metric_skipped_steps_is_a_deprecated_alias():
     records = []
     named = params_like(2)
-    vgs = make(named, log_every=1, max_nonfinite_steps=None, logger=lambda m, s: records.append(m))
+    vgs = make(
+        named,
+        log_every=1,
+        max_nonfinite_steps=None,
+        logger=lambda m, s: records.append(m),
+        statistic="temporal",
+        rule="shrink",
+    )
     feed(vgs, named, [NAN])
     metrics = records[-1]
     assert metrics["vgs/skipped"] == 1.0

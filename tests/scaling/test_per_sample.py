@@ -46,7 +46,7 @@ def _run(model, inputs, loss, unit="sample", **kwargs):
         warnings.simplefilter("ignore")  # torch.func fallback notices
         vgs = VarianceGradientScaler(
             model.named_parameters(), statistic="per_sample", model=model, unit=unit,
-            confidence=None, **kwargs,
+            confidence=None, **{"rule": "shrink", **kwargs},
         )  # fmt: skip
     model.zero_grad()
     loss().backward()

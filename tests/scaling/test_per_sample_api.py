@@ -17,6 +17,7 @@ from tests.scaling._helpers import assert_same
 
 def _scaler(model, **kwargs):
     kwargs.setdefault("confidence", None)
+    kwargs.setdefault("rule", "shrink")
     return VarianceGradientScaler(
         model.named_parameters(), statistic="per_sample", model=model, **kwargs
     )
@@ -60,11 +61,15 @@ def test_golden_one_coordinate():
 def test_needs_a_model():
     model = _mlp()
     with pytest.raises(ConfigurationError, match="model="):
-        VarianceGradientScaler(model.named_parameters(), statistic="per_sample")
+        VarianceGradientScaler(model.named_parameters(), statistic="per_sample", rule="shrink")
     with pytest.raises(ConfigurationError, match="per_sample"):
-        VarianceGradientScaler(model.named_parameters(), model=model)
+        VarianceGradientScaler(
+            model.named_parameters(), model=model, statistic="temporal", rule="shrink"
+        )
     with pytest.raises(ConfigurationError, match="unit"):
-        VarianceGradientScaler(model.named_parameters(), unit="token")
+        VarianceGradientScaler(
+            model.named_parameters(), unit="token", statistic="temporal", rule="shrink"
+        )
     with pytest.raises(ConfigurationError, match="unit"):
         _scaler(model, unit="word")
 
@@ -80,7 +85,9 @@ def test_unsupported_modules_are_named():
 
 def test_tensors_of_another_model_are_refused():
     with pytest.raises(ConfigurationError, match="not parameters of the model"):
-        VarianceGradientScaler(_mlp().named_parameters(), statistic="per_sample", model=_mlp(1))
+        VarianceGradientScaler(
+            _mlp().named_parameters(), statistic="per_sample", model=_mlp(1), rule="shrink"
+        )
 
 
 def test_batch_of_one_gives_no_estimate():

@@ -51,7 +51,9 @@ def test_reuse_route_is_taken_and_grad_equals_plain_backward(monkeypatch):
     plain(x).square().mean().backward()
     for (name, p), q in zip(model.named_parameters(), plain.parameters(), strict=True):
         torch.testing.assert_close(p.grad, q.grad, msg=name)  # float32, summation order only
-    hooked = VarianceGradientScaler(model.named_parameters(), statistic="per_sample", model=model)
+    hooked = VarianceGradientScaler(
+        model.named_parameters(), statistic="per_sample", model=model, rule="shrink"
+    )
     assert type(model(x).grad_fn).__name__ == "LinearSiteBackward"
     hooked.remove_hooks()
     assert type(model(x).grad_fn).__name__ == "ViewBackward0"
@@ -78,7 +80,11 @@ def test_reuse_route_chunks_units_and_output_features(monkeypatch):
     whole = _scaler_values(_run(model, x, lambda: model(x).square().mean()))
     monkeypatch.setattr(_per_sample_linear, "CACHE_BYTES", 8)
     vgs = VarianceGradientScaler(
-        model.named_parameters(), statistic="per_sample", model=model, confidence=None
+        model.named_parameters(),
+        statistic="per_sample",
+        model=model,
+        confidence=None,
+        rule="shrink",
     )
     vgs._tracker.modules.chunk_bytes = 40  # < 4·4·8 B, one unit's weight: features in chunks
     model.zero_grad()

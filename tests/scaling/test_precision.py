@@ -23,7 +23,9 @@ def _history(offset, noise, scale=1.0, seed=0, dtype=torch.float32):
 
 def _run(history, foreach, dtype=torch.float32, **kwargs):
     named = params_like(N, dtype=dtype)
-    vgs = make(named, beta=BETA, foreach=foreach, **kwargs)
+    vgs = make(
+        named, beta=BETA, foreach=foreach, **{"statistic": "temporal", "rule": "shrink", **kwargs}
+    )
     return feed(vgs, named, [[h] for h in history])
 
 
@@ -79,7 +81,7 @@ def test_float32_factor_is_the_same_at_any_gradient_scale(scale, foreach):
 @pytest.mark.parametrize("scale", [1e-24, 1.3e19])
 def test_same_point_is_right_at_any_gradient_scale(scale):
     named = params_like(N, dtype=torch.float32)
-    vgs = make(named, statistic="same_point", beta=BETA)
+    vgs = make(named, statistic="same_point", beta=BETA, rule="shrink")
     micro = _history(1.0, 0.5, scale=scale)[:4]
     for g in micro:  # contributions h_k = g_k / K that sum to .grad, as backward leaves them
         vgs.observe([g / len(micro)])
@@ -131,8 +133,8 @@ def test_float32_non_finite_step_leaves_the_state_bitwise_unchanged(bad, foreach
         params_like(3, 2, dtype=torch.float32),
         params_like(3, 2, dtype=torch.float32),
     )
-    clean = make(named_a, beta=0.9, foreach=foreach)
-    dirty = make(named_b, beta=0.9, foreach=foreach)
+    clean = make(named_a, beta=0.9, foreach=foreach, statistic="temporal", rule="shrink")
+    dirty = make(named_b, beta=0.9, foreach=foreach, statistic="temporal", rule="shrink")
     for k in range(5):
         feed(clean, named_a, [_finite(k)])
         feed(dirty, named_b, [_finite(k)])

@@ -28,7 +28,9 @@ def test_the_patience_is_20_calls():
 
 def test_a_recreated_model_warns_once_after_20_steps():
     torch.manual_seed(0)
-    vgs = VarianceGradientScaler(torch.nn.Linear(3, 1).named_parameters())
+    vgs = VarianceGradientScaler(
+        torch.nn.Linear(3, 1).named_parameters(), statistic="temporal", rule="shrink"
+    )
     fresh = torch.nn.Linear(3, 1)  # the user rebuilt the model and forgot rebind()
     assert not _train(vgs, fresh, IDLE_STEPS - 1)
     record = _train(vgs, fresh, 30)
@@ -40,7 +42,7 @@ def test_a_recreated_model_warns_once_after_20_steps():
 def test_rebind_resets_and_a_healthy_loop_never_warns():
     torch.manual_seed(0)
     model = torch.nn.Linear(3, 1)
-    vgs = VarianceGradientScaler(model.named_parameters())
+    vgs = VarianceGradientScaler(model.named_parameters(), statistic="temporal", rule="shrink")
     assert not _train(vgs, model, 3 * IDLE_STEPS)
     fresh = torch.nn.Linear(3, 1)
     vgs.rebind(fresh.named_parameters())
@@ -54,7 +56,7 @@ def test_the_original_order_never_warns():
     torch.manual_seed(0)
     model = torch.nn.Linear(3, 1)
     opt = torch.optim.SGD(model.parameters(), lr=0.01)
-    vgs = VarianceGradientScaler(model.named_parameters())
+    vgs = VarianceGradientScaler(model.named_parameters(), statistic="temporal", rule="shrink")
     x = torch.randn(8, 3)
     with warnings.catch_warnings(record=True) as record:
         warnings.simplefilter("always")

@@ -113,13 +113,15 @@ def test_progress_skips_skipped_updates_and_resumes_bitwise():
     named = params_like(6)
     g = torch.Generator().manual_seed(3)
     steps = [[torch.randn(6, generator=g, dtype=torch.float64) + 1.0] for _ in range(10)]
-    vgs = feed(make(named, rule="adascale", scale=4.0, beta=0.8), named, steps[:5])
+    vgs = feed(
+        make(named, rule="adascale", scale=4.0, beta=0.8, statistic="temporal"), named, steps[:5]
+    )
     before = float(vgs.progress)
     feed(vgs, named, steps[5:6], skip=True)
     assert float(vgs.progress) == before  # a skipped optimizer step makes no progress
     saved = vgs.state_dict()
     feed(vgs, named, steps[6:])
-    resumed = make(named, rule="adascale", scale=4.0, beta=0.8)
+    resumed = make(named, rule="adascale", scale=4.0, beta=0.8, statistic="temporal")
     resumed.load_state_dict(saved)
     assert float(resumed.progress) == before
     feed(resumed, named, steps[6:])
@@ -129,10 +131,10 @@ def test_progress_skips_skipped_updates_and_resumes_bitwise():
 def test_checkpoints_without_progress_start_at_the_applied_updates():
     named = params_like(3)
     steps = [[torch.tensor([1.0, 2.0, 3.0]) + k] for k in range(4)]
-    vgs = feed(make(named), named, steps)
+    vgs = feed(make(named, statistic="temporal", rule="shrink"), named, steps)
     saved = vgs.state_dict()
     del saved["progress"]
-    other = make(named)
+    other = make(named, statistic="temporal", rule="shrink")
     other.load_state_dict(saved)
     assert float(other.progress) == 4.0
 
@@ -142,7 +144,7 @@ def test_shrink_default_never_makes_a_zero_step_without_signal():
     factor instead of the 1/(1 + ∞) = 0 step of the original."""
     named = params_like(4)
     steps = [[torch.tensor([1.0, -1.0, 1.0, -1.0]) * (-1) ** k] for k in range(6)]
-    vgs = feed(make(named, beta=0.5), named, steps)
+    vgs = feed(make(named, beta=0.5, statistic="temporal", rule="shrink"), named, steps)
     row = vgs.statistics()["global"]
     assert row.no_signal
     assert row.factor == 1.0  # the factor before any signal was measured
@@ -164,7 +166,12 @@ def test_read_out_of_the_critical_batch_size():
     assert row.suggested_batch_size == max(1, round(row.B_noise))
     seen = {}
     logged = VarianceGradientScaler(
-        params_like(3), batch_size=32, log_every=1, logger=lambda m, step: seen.update(m)
+        params_like(3),
+        batch_size=32,
+        log_every=1,
+        logger=lambda m, step: seen.update(m),
+        statistic="temporal",
+        rule="shrink",
     )
     named = list(zip(logged.layout.names, logged.layout.tensors, strict=True))
     feed(logged, named, [[torch.tensor([1.0, 2.0, 3.0]) * (1 + 0.1 * k)] for k in range(12)])
@@ -174,7 +181,11 @@ def test_read_out_of_the_critical_batch_size():
 
 def test_no_batch_size_means_no_critical_batch_read_out():
     named = params_like(3)
-    vgs = feed(make(named), named, [[torch.tensor([1.0, 2.0, 3.0]) * k] for k in range(1, 6)])
+    vgs = feed(
+        make(named, statistic="temporal", rule="shrink"),
+        named,
+        [[torch.tensor([1.0, 2.0, 3.0]) * k] for k in range(1, 6)],
+    )
     row = vgs.statistics()["global"]
     assert row.B_noise is None
     assert row.B_noise_se is None
@@ -196,7 +207,11 @@ def test_a_registered_rule_is_usable_by_name():
     register_rule(_Half)
     assert "test-half" in registered_rules()
     named = params_like(3)
-    vgs = feed(make(named, rule="test-half"), named, [[torch.ones(3) * k] for k in range(1, 5)])
+    vgs = feed(
+        make(named, rule="test-half", statistic="temporal"),
+        named,
+        [[torch.ones(3) * k] for k in range(1, 5)],
+    )
     assert vgs.get_scaling_factor() == 0.5
 
 
@@ -212,7 +227,7 @@ def test_registry_refuses_a_taken_name_and_a_nameless_rule():
 
 def test_config_object_is_accepted_and_not_mixed_with_keywords():
     named = params_like(3)
-    config = ScalerConfig(rule="adascale", scale=2.0, beta=0.9)
+    config = ScalerConfig(rule="adascale", scale=2.0, beta=0.9, statistic="temporal")
     vgs = VarianceGradientScaler(named, config=config)
     assert vgs.config is config
     with pytest.raises(ConfigurationError, match="not both; got config and beta"):
@@ -225,7 +240,6 @@ def test_config_object_is_accepted_and_not_mixed_with_keywords():
     ("kwargs", "error", "match"),
     [
         ({"rule": "linear"}, ConfigurationError, "rule must be one of 'shrink', 'adascale'"),
-        ({"rule": "adascale"}, ConfigurationError, "needs the batch scale"),
         ({"rule": "adascale", "base_batch_size": 8}, ConfigurationError, "needs the batch scale"),
         ({"rule": "adascale", "base_batch_size": 0, "batch_size": 8}, ConfigurationError,
          "base_batch_size must be a positive int; got 0"),
@@ -242,7 +256,9 @@ def test_config_object_is_accepted_and_not_mixed_with_keywords():
          "alpha and min_scale belong to rule='shrink'"),
         ({"rule": "adascale", "scale": 2.0, "min_scale": 0.1}, ConfigurationError,
          "belong to rule='shrink'"),
-        ({"scale": 2.0}, ConfigurationError, "belong to rule='adascale'"),
+        ({"rule": "shrink", "scale": 2.0}, ConfigurationError, "belong to rule='adascale'"),
+        ({"rule": "shrink", "base_batch_size": 8, "batch_size": 16}, ConfigurationError,
+         "belong to rule='adascale'"),
     ],
 )  # fmt: skip
 def test_bad_rule_settings(kwargs, error, match):
@@ -261,7 +277,7 @@ def test_progress_follows_the_rate_limited_factor_with_param_groups():
     g = torch.Generator().manual_seed(0)
     vgs = VarianceGradientScaler(
         groups, rule="adascale", scale=8.0, aggregate="param_group", max_rate=0.01, beta=0.5,
-        confidence=None,
+        confidence=None, statistic="temporal",
     )  # fmt: skip
     applied = []
     for _ in range(30):
@@ -282,7 +298,9 @@ def test_negative_noise_estimates_never_leave_the_rules_range():
     assert AdaScaleRule(8.0).factor(rho, torch.ones(2)).tolist() == [1.0, 1.0]
     named = params_like(2)
     steps = [[torch.tensor([1.0, 1.0]) * (1.0 + 1e-9 * k)] for k in range(8)]
-    vgs = feed(make(named, rule="adascale", scale=4.0, beta=0.5), named, steps)
+    vgs = feed(
+        make(named, rule="adascale", scale=4.0, beta=0.5, statistic="temporal"), named, steps
+    )
     assert 1.0 <= vgs.get_scaling_factor() <= 4.0
 
 
@@ -290,10 +308,12 @@ def test_a_checkpoint_from_another_rule_is_refused_unless_adopted():
     named = params_like(3)
     steps = [[torch.randn(3, generator=torch.Generator().manual_seed(k), dtype=torch.float64)
               + 0.01] for k in range(12)]  # fmt: skip
-    ada = feed(make(named, rule="adascale", scale=8.0, beta=0.5), named, steps)
+    ada = feed(
+        make(named, rule="adascale", scale=8.0, beta=0.5, statistic="temporal"), named, steps
+    )
     saved = ada.state_dict()
     assert float(saved["factor"][0]) > 1.0
-    shrink = make(named, beta=0.5)
+    shrink = make(named, beta=0.5, statistic="temporal", rule="shrink")
     with pytest.raises(StateError, match=r"outside \[0.0, 1.0\], the range of rule='shrink'"):
         shrink.load_state_dict(saved)
     assert shrink.updates == 0
@@ -306,7 +326,11 @@ def test_a_failed_rebind_leaves_the_scaler_as_it_was():
     torch.manual_seed(0)
     model = torch.nn.Linear(3, 1).double()
     vgs = VarianceGradientScaler(
-        model.named_parameters(), statistic="per_sample", model=model, confidence=None
+        model.named_parameters(),
+        statistic="per_sample",
+        model=model,
+        confidence=None,
+        rule="shrink",
     )
     x = torch.randn(8, 3, dtype=torch.float64)
     for _ in range(4):
@@ -323,6 +347,6 @@ def test_a_failed_rebind_leaves_the_scaler_as_it_was():
     vgs.step()  # the hooks are back on the old model
     assert vgs.updates == 5
     with pytest.raises(ConfigurationError, match=r"rebind\(model=\.\.\.\) is for"):
-        VarianceGradientScaler(model.named_parameters()).rebind(
-            model.named_parameters(), model=model
-        )
+        VarianceGradientScaler(
+            model.named_parameters(), statistic="temporal", rule="shrink"
+        ).rebind(model.named_parameters(), model=model)

@@ -41,7 +41,7 @@ def test_micro_batch_hooks_match_the_explicit_two_batch_estimate(divide):
     model = torch.nn.Linear(5, 1)
     x, y = _data()
     vgs = VarianceGradientScaler(
-        model.named_parameters(), statistic="same_point", beta=0.5, confidence=None
+        model.named_parameters(), statistic="same_point", beta=0.5, confidence=None, rule="shrink"
     )
     parts = 6
     for xs, ys in zip(x.chunk(parts), y.chunk(parts), strict=True):
@@ -61,7 +61,7 @@ def test_explicit_observe_equals_hooks():
     model = torch.nn.Linear(5, 1)
     x, y = _data()
     hooks = VarianceGradientScaler(
-        model.named_parameters(), statistic="same_point", confidence=None
+        model.named_parameters(), statistic="same_point", confidence=None, rule="shrink"
     )
     for xs, ys in zip(x.chunk(4), y.chunk(4), strict=True):
         (torch.nn.functional.mse_loss(model(xs).squeeze(1), ys) / 4).backward()
@@ -69,7 +69,7 @@ def test_explicit_observe_equals_hooks():
     grad = {n: p.grad.clone() for n, p in model.named_parameters()}
     hooks.remove_hooks()
     explicit = VarianceGradientScaler(
-        model.named_parameters(), statistic="same_point", confidence=None
+        model.named_parameters(), statistic="same_point", confidence=None, rule="shrink"
     )
     with explicit.paused():
         for xs, ys in zip(x.chunk(4), y.chunk(4), strict=True):
@@ -88,7 +88,7 @@ def test_explicit_observe_equals_hooks():
 def test_one_micro_batch_gives_no_estimate():
     model = torch.nn.Linear(5, 1)
     x, y = _data()
-    vgs = VarianceGradientScaler(model.named_parameters(), statistic="same_point")
+    vgs = VarianceGradientScaler(model.named_parameters(), statistic="same_point", rule="shrink")
     torch.nn.functional.mse_loss(model(x).squeeze(1), y).backward()
     vgs.step()
     assert vgs.statistics()["global"].no_estimate
@@ -105,7 +105,7 @@ def test_estimates_are_unbiased_at_a_fixed_point():
     parts, size = 4, 8
     true_noise = per_sample.var(0, unbiased=False).sum().item() / (parts * size)
     vgs = VarianceGradientScaler(
-        model.named_parameters(), statistic="same_point", beta=0.999, confidence=None
+        model.named_parameters(), statistic="same_point", beta=0.999, confidence=None, rule="shrink"
     )
     g = torch.Generator().manual_seed(3)
     for _ in range(600):
@@ -122,7 +122,7 @@ def test_estimates_are_unbiased_at_a_fixed_point():
 def test_paused_backward_passes_are_not_recorded():
     model = torch.nn.Linear(5, 1)
     x, y = _data()
-    vgs = VarianceGradientScaler(model.named_parameters(), statistic="same_point")
+    vgs = VarianceGradientScaler(model.named_parameters(), statistic="same_point", rule="shrink")
     with vgs.paused():
         torch.nn.functional.mse_loss(model(x).squeeze(1), y).backward()
     torch.nn.functional.mse_loss(model(x).squeeze(1), y).backward()
@@ -141,14 +141,14 @@ def test_paused_backward_passes_are_not_recorded():
 )
 def test_observe_rejects_bad_input(grads, error, match):
     model = torch.nn.Linear(5, 1)
-    vgs = VarianceGradientScaler(model.named_parameters(), statistic="same_point")
+    vgs = VarianceGradientScaler(model.named_parameters(), statistic="same_point", rule="shrink")
     with pytest.raises(error, match=match):
         vgs.observe(grads)
 
 
 def test_observe_needs_the_same_point_statistic():
     model = torch.nn.Linear(5, 1)
-    temporal = VarianceGradientScaler(model.named_parameters())
+    temporal = VarianceGradientScaler(model.named_parameters(), statistic="temporal", rule="shrink")
     with pytest.raises(RuntimeError, match="same_point"):
         temporal.observe([None, None])
 
@@ -165,7 +165,7 @@ def _ddp_rank(rank, world_size):
     model, x, y = _float32_problem()
     ddp = torch.nn.parallel.DistributedDataParallel(model)
     vgs = VarianceGradientScaler(
-        model.named_parameters(), statistic="same_point", beta=0.5, confidence=None
+        model.named_parameters(), statistic="same_point", beta=0.5, confidence=None, rule="shrink"
     )
     xs, ys = x.chunk(world_size)[rank], y.chunk(world_size)[rank]
     for half in range(2):  # two micro-batches per rank, DDP syncs on the last one
@@ -203,7 +203,7 @@ def test_autograd_grad_calls_are_not_micro_batches():
         torch.manual_seed(0)
         model = torch.nn.Linear(5, 1)
         vgs = VarianceGradientScaler(
-            model.named_parameters(), statistic="same_point", confidence=None
+            model.named_parameters(), statistic="same_point", confidence=None, rule="shrink"
         )
         for xs, ys in zip(x.chunk(4), y.chunk(4), strict=True):
             (torch.nn.functional.mse_loss(model(xs).squeeze(1), ys) / 4).backward()

@@ -66,7 +66,9 @@ def _same_row(a, b):
 )
 def test_update_leaves_its_input_state_unchanged(options):
     model = _model()
-    config = ScalerConfig(beta=0.8, confidence=None, **options)
+    config = ScalerConfig(
+        beta=0.8, confidence=None, **{"statistic": "temporal", "rule": "shrink", **options}
+    )
     state = init(config, model.named_parameters())
     for k in range(3):
         _backward(model, k)
@@ -87,7 +89,14 @@ def test_update_leaves_its_input_state_unchanged(options):
 @pytest.mark.parametrize("aggregate", ["global", "param_group", "tensor"])
 def test_update_sequence_equals_the_scaler_in_float64(foreach, aggregate):
     model = _model()
-    config = ScalerConfig(beta=0.8, confidence=None, foreach=foreach, aggregate=aggregate)
+    config = ScalerConfig(
+        beta=0.8,
+        confidence=None,
+        foreach=foreach,
+        aggregate=aggregate,
+        statistic="temporal",
+        rule="shrink",
+    )
     vgs = VarianceGradientScaler(model.named_parameters(), config=config)
     state = init(config, model.named_parameters())
     for k in range(6):
@@ -105,7 +114,7 @@ def test_update_sequence_equals_the_scaler_in_float64(foreach, aggregate):
 
 def test_skip_in_the_observation_counts_the_step_and_changes_no_statistic():
     model = _model()
-    config = ScalerConfig(beta=0.8, confidence=None)
+    config = ScalerConfig(beta=0.8, confidence=None, statistic="temporal", rule="shrink")
     state = init(config, model.named_parameters())
     _backward(model, 0)
     state = update(state, observe(state), config)
@@ -119,7 +128,7 @@ def test_skip_in_the_observation_counts_the_step_and_changes_no_statistic():
 
 def test_the_copying_update_refuses_hook_fed_statistics():
     model = _model()
-    config = ScalerConfig(statistic="same_point")
+    config = ScalerConfig(statistic="same_point", rule="shrink")
     state = init(config, model.named_parameters())
     _backward(model, 0)
     with pytest.raises(ConfigurationError, match="fed by backward hooks"):
@@ -130,14 +139,16 @@ def test_the_copying_update_refuses_hook_fed_statistics():
 @pytest.mark.parametrize(
     "build",
     [
-        lambda: ScalerConfig(statistic="variance"),
+        lambda: ScalerConfig(statistic="variance", rule="shrink"),
         lambda: get_statistic("variance"),
-        lambda: VarianceGradientScaler(torch.nn.Linear(2, 1).parameters(), statistic="variance"),
+        lambda: VarianceGradientScaler(
+            torch.nn.Linear(2, 1).parameters(), statistic="variance", rule="shrink"
+        ),
     ],
     ids=["config", "registry", "scaler"],
 )
 def test_an_unknown_statistic_is_a_clear_error_naming_the_valid_ones(build):
-    valid = ", ".join(repr(s) for s in STATISTICS)
+    valid = ", ".join(repr(s) for s in ("auto", *STATISTICS))  # "auto": the default choice
     with pytest.raises(ConfigurationError, match=f"statistic must be one of {valid}; got"):
         build()
 
@@ -171,7 +182,9 @@ def test_a_registered_statistic_drives_the_scaler(registry):
     runs = {}
     for name in ("temporal", "temporal_copy"):
         model = _model()
-        vgs = VarianceGradientScaler(model.named_parameters(), statistic=name, beta=0.8)
+        vgs = VarianceGradientScaler(
+            model.named_parameters(), statistic=name, beta=0.8, rule="shrink"
+        )
         for k in range(12):
             _backward(model, k)
             vgs.step()
@@ -210,7 +223,7 @@ def test_no_statistic_name_is_tested_by_an_if_chain():
 def _amp_run(step):
     model = _model()
     vgs = VarianceGradientScaler(
-        model.named_parameters(), statistic="same_point", beta=0.8, confidence=None
+        model.named_parameters(), statistic="same_point", beta=0.8, confidence=None, rule="shrink"
     )
     for k in range(6):
         model.zero_grad()
@@ -251,7 +264,7 @@ def test_the_loss_scale_comes_from_public_api_or_loss_scale(step):
 
 def test_grad_scaler_and_loss_scale_together_or_a_bad_loss_scale_are_refused():
     model = _model()
-    vgs = VarianceGradientScaler(model.named_parameters())
+    vgs = VarianceGradientScaler(model.named_parameters(), statistic="temporal", rule="shrink")
     _backward(model, 0)
     scaler = torch.amp.GradScaler("cpu")
     with pytest.raises(ConfigurationError, match="not both"):
@@ -271,7 +284,9 @@ def test_no_private_grad_scaler_attribute_is_read():
 # ------------------------------------------------------- checkpoint and report: the state
 def test_checkpoint_and_report_are_functions_of_the_public_state():
     model = _model()
-    config = ScalerConfig(beta=0.8, confidence=None, batch_size=6, log_every=5)
+    config = ScalerConfig(
+        beta=0.8, confidence=None, batch_size=6, log_every=5, statistic="temporal", rule="shrink"
+    )
     logged = []
     vgs = VarianceGradientScaler(
         model.named_parameters(), config=config, logger=lambda m, step: logged.append(m)
@@ -315,7 +330,7 @@ def test_the_amp_path_never_syncs(scaled):
     opt = torch.optim.SGD(model.parameters(), lr=0.01)
     vgs = VarianceGradientScaler(
         model.named_parameters(), statistic="same_point", log_every=10**6,
-        max_nonfinite_steps=None,
+        max_nonfinite_steps=None, rule="shrink",
     )  # fmt: skip
     scaler = torch.amp.GradScaler("cuda")
     x = torch.randn(8, 16, device="cuda")

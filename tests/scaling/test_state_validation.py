@@ -19,7 +19,7 @@ def _trained(statistic="temporal", foreach=True, steps=4):
     named = params_like(*SHAPES)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # legacy diagnostics warn on construction
-        vgs = make(named, beta=0.8, statistic=statistic, foreach=foreach)
+        vgs = make(named, beta=0.8, statistic=statistic, foreach=foreach, rule="shrink")
     g = torch.Generator().manual_seed(0)
     history = [[torch.randn(s, generator=g, dtype=torch.float64) for s in SHAPES]]
     for _ in range(steps - 1):
@@ -212,10 +212,10 @@ def test_adopted_beta_reaches_the_statistics():
     _, source = _trained(steps=4)
     state = source.state_dict()
     named_a = params_like(*SHAPES)
-    adopted = make(named_a, beta=0.5)
+    adopted = make(named_a, beta=0.5, statistic="temporal", rule="shrink")
     adopted.load_state_dict(state, use_checkpoint_config=True)
     named_b = params_like(*SHAPES)
-    native = make(named_b, beta=0.8)
+    native = make(named_b, beta=0.8, statistic="temporal", rule="shrink")
     native.load_state_dict(state)
     step = [[torch.ones(3, dtype=torch.float64), torch.ones(2, 2, dtype=torch.float64)]]
     feed(adopted, named_a, step)
@@ -253,6 +253,6 @@ def test_rebind_after_a_shape_change_keeps_the_other_statistics():
 
 
 def test_legacy_checkpoint_is_a_state_error():
-    vgs = VarianceGradientScaler(params_like(2))
+    vgs = VarianceGradientScaler(params_like(2), statistic="temporal", rule="shrink")
     with pytest.raises(StateError, match="import_legacy_state_dict"):
         vgs.load_state_dict({"vgs_version": "3.1", "param_grad_mean_ema": [0.0]})

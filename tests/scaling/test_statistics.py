@@ -16,7 +16,7 @@ def _stats(statistic, steps, shape, beta=BETA, foreach=True):
     named = params_like(shape)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # legacy diagnostics warn on construction
-        vgs = make(named, statistic=statistic, beta=beta, foreach=foreach)
+        vgs = make(named, statistic=statistic, beta=beta, foreach=foreach, rule="shrink")
     feed(vgs, named, [[s] for s in steps])
     return vgs.statistics()["p0"]
 
@@ -146,7 +146,7 @@ def test_temporal_estimates_are_unbiased_for_iid_gradients():
     g = torch.Generator().manual_seed(3)
     mu, sigma, runs = torch.tensor([0.5, -1.0, 2.0]), 0.8, 4000
     named = params_like(*[3] * runs)
-    vgs = make(named, beta=0.7)
+    vgs = make(named, beta=0.7, statistic="temporal", rule="shrink")
     for _ in range(4):
         feed(vgs, named, [[mu + sigma * torch.randn(3, generator=g) for _ in range(runs)]])
     stats = vgs.statistics()
@@ -163,8 +163,8 @@ def test_float32_long_run_stays_accurate():
     """10^4 steps of float32 gradients with a large mean: the fast path matches float64."""
     g = torch.Generator().manual_seed(4)
     named32, named64 = params_like(50, dtype=torch.float32), params_like(50)
-    fast32 = make(named32, beta=0.999)
-    exact64 = make(named64, beta=0.999, foreach=False)
+    fast32 = make(named32, beta=0.999, statistic="temporal", rule="shrink")
+    exact64 = make(named64, beta=0.999, foreach=False, statistic="temporal", rule="shrink")
     base = 100.0 + torch.randn(50, generator=g)
     for _ in range(3000):
         grad = base + 0.05 * torch.randn(50, generator=g)

@@ -45,7 +45,9 @@ def _ops(tensors: int, aggregate: str, missing: int | None = None) -> tuple[int,
     ]
     half = tensors // 2
     groups = [{"params": named[:half]}, {"params": named[half:]}]
-    vgs = VarianceGradientScaler(groups, beta=0.9, aggregate=aggregate)
+    vgs = VarianceGradientScaler(
+        groups, beta=0.9, aggregate=aggregate, statistic="temporal", rule="shrink"
+    )
 
     def grads() -> None:
         for j, (_, p) in enumerate(named):

@@ -109,8 +109,13 @@ def scaler_trace(
     named = list(model.named_parameters())
     watch = {
         name: VarianceGradientScaler(
-            named, statistic=name, beta=beta, confidence=None, batch_size=batch_size
-        )
+            named,
+            statistic=name,
+            rule="shrink",
+            beta=beta,
+            confidence=None,
+            batch_size=batch_size,
+        )  # the original's rule: the factor it would apply is part of the trace
         for name in ("same_point", "temporal")
     }
     g = torch.Generator().manual_seed(seed)

@@ -34,7 +34,7 @@ except ImportError as error:  # pragma: no cover - exercised only without the op
 from typing import TYPE_CHECKING, Any, TypeVar
 
 from gradstats.errors import ConfigurationError
-from gradstats.integrations._options import check_forwarded
+from gradstats.integrations._options import check_forwarded, with_model
 from gradstats.scaling import Attachment, VarianceGradientScaler, attach
 
 if TYPE_CHECKING:
@@ -57,7 +57,9 @@ class VarianceScalingTrainerCallback(TrainerCallback):
     Args:
         apply_to: ``"lr"`` (default; the Trainer's default optimizer is AdamW) or ``"grad"``.
         scaler_kwargs: any other :class:`VarianceGradientScaler` argument. ``batch_size``
-            defaults to the samples per optimizer step on this process.
+            defaults to the samples per optimizer step on this process, ``model`` to the
+            Trainer's model when the statistic uses one (the default ``"auto"`` then is
+            ``"per_sample"``).
     """
 
     def __init__(self, *, apply_to: str = "lr", **scaler_kwargs: Any) -> None:
@@ -79,6 +81,7 @@ class VarianceScalingTrainerCallback(TrainerCallback):
         options.setdefault(
             "batch_size", args.per_device_train_batch_size * args.gradient_accumulation_steps
         )
+        options = with_model(options, model)  # statistic="auto" -> "per_sample"
         self.scaler = VarianceGradientScaler(
             model.named_parameters(), optimizer=inner, logger=self._store, **options
         )

@@ -13,7 +13,7 @@ Example::
     import lightning as L
     from gradstats.integrations.lightning import VarianceScalingCallback
 
-    callback = VarianceScalingCallback(statistic="temporal", log_every=50)
+    callback = VarianceScalingCallback(log_every=50)  # per_sample noise, AdaScale at S = 1
     L.Trainer(max_steps=1000, callbacks=[callback]).fit(module, datamodule)
     callback.scaler.statistics()["global"]
 """
@@ -33,7 +33,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from gradstats.errors import ConfigurationError
-from gradstats.integrations._options import check_forwarded
+from gradstats.integrations._options import check_forwarded, with_model
 from gradstats.scaling import VarianceGradientScaler
 
 if TYPE_CHECKING:
@@ -49,8 +49,10 @@ class VarianceScalingCallback(Callback):
         apply_to: ``"lr"`` (default) or ``"grad"`` (applied before Lightning's clipping).
         optimizer_index: which of ``trainer.optimizers`` to scale.
         scaler_kwargs: any other :class:`VarianceGradientScaler` argument (``statistic``,
-            ``alpha``, ``beta``, ``log_every``, ...). Its ``vgs/...`` metrics are logged with
-            ``LightningModule.log_dict`` (so they reach the trainer's loggers).
+            ``rule``, ``beta``, ``log_every``, ...). ``model`` defaults to the LightningModule
+            when the statistic uses one (the default ``"auto"`` then is ``"per_sample"``). Its
+            ``vgs/...`` metrics are logged with ``LightningModule.log_dict`` (so they reach
+            the trainer's loggers).
     """
 
     def __init__(
@@ -80,10 +82,10 @@ class VarianceScalingCallback(Callback):
         self._optimizer = getattr(optimizer, "_optimizer", optimizer)  # LightningOptimizer
         self._grad_scaler = getattr(trainer.precision_plugin, "scaler", None)
         self._module = pl_module
+        options = with_model(self.scaler_kwargs, pl_module)  # statistic="auto" -> per_sample
         self.scaler = VarianceGradientScaler(
-            pl_module.named_parameters(), optimizer=self._optimizer, logger=self._log,
-            **self.scaler_kwargs,
-        )  # fmt: skip
+            pl_module.named_parameters(), optimizer=self._optimizer, logger=self._log, **options
+        )
 
     def on_before_optimizer_step(self, trainer: Any, pl_module: Any, optimizer: Any) -> None:
         scaler, inner = self.scaler, self._optimizer

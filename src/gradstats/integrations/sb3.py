@@ -28,6 +28,7 @@ except ImportError as error:  # pragma: no cover - exercised only without the op
         "gradstats.integrations.sb3 needs stable-baselines3 (pip install stable-baselines3)"
     ) from error
 
+from gradstats.integrations._options import with_model
 from gradstats.scaling._integrations import Attachment, attach
 from gradstats.scaling._scaler import VarianceGradientScaler
 
@@ -41,7 +42,11 @@ class VarianceScalingCallback(BaseCallback):
         apply_to: ``"lr"`` (default: SB3's optimizers are adaptive) or ``"grad"``.
         verbose: SB3 verbosity.
         scaler_kwargs: any other :class:`VarianceGradientScaler` argument (``statistic``,
-            ``alpha``, ``beta``, ``log_every``, ...). ``batch_size`` defaults to the algorithm's.
+            ``rule``, ``beta``, ``log_every``, ...). ``batch_size`` defaults to the algorithm's;
+            ``model`` to the policy when the statistic uses one (the default ``"auto"`` then
+            is ``"per_sample"``; with the default ``rule="adascale"`` at S = 1 the updates are
+            PPO's own, and the scaler measures and logs the noise, B_noise and
+            ``suggested_batch_size``).
     """
 
     def __init__(self, *, apply_to: str = "lr", verbose: int = 0, **scaler_kwargs: object) -> None:
@@ -58,6 +63,7 @@ class VarianceScalingCallback(BaseCallback):
         policy = self.model.policy
         kwargs: dict[str, Any] = dict(self.scaler_kwargs)
         kwargs.setdefault("batch_size", getattr(self.model, "batch_size", None))
+        kwargs = with_model(kwargs, policy)  # statistic="auto" -> "per_sample"
         self.scaler = VarianceGradientScaler(
             policy.named_parameters(), optimizer=policy.optimizer, logger=self._record, **kwargs
         )

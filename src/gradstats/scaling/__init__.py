@@ -2,10 +2,11 @@
 
 :class:`VarianceGradientScaler` measures the inverse signal-to-noise ratio ρ of the gradient
 each step applies and turns it into a step factor by a rule (``_rules``: the original's shrink
-c = 1/(1 + αρ), or AdaScale's gain for a batch larger than the lr was tuned for). See
-``_temporal`` (default statistic), ``_same_point`` (micro-batches / DDP ranks),
-``_diagnostics`` (the original's statistics, kept as labelled diagnostics) and ``_factor``
-(aggregation, gates, bounds).
+c = 1/(1 + αρ), or AdaScale's gain for a batch larger than the lr was tuned for — the default,
+at S = 1 the unscaled step). See ``_per_sample`` (one backward) and ``_same_point``
+(micro-batches / DDP ranks), what the default ``statistic="auto"`` resolves to, ``_temporal``
+(noise over time, the original's idea), ``_diagnostics`` (the original's statistics, kept as
+labelled diagnostics) and ``_factor`` (aggregation, gates, bounds).
 
 Underneath, the scaler is a pure init/update pair over one value, :class:`ScalerState`
 (``_scaler_state``, ``_engine``), like an optax ``GradientTransformation``; the scaler object
@@ -13,6 +14,7 @@ is the stateful shell (hooks, the non-finite limit, logging, applying the factor
 and rules are looked up in registries (:class:`Statistic`, :func:`register_statistic`;
 :class:`Rule`, :func:`register_rule`)::
 
+    config = ScalerConfig(statistic="temporal")      # "auto" is resolved by the scaler
     state = init(config, model.named_parameters())
     loss.backward()
     state = update(state, observe(state), config)   # the argument is left unchanged
@@ -40,6 +42,8 @@ from gradstats.scaling._statistic import (
     get_statistic,
     register_statistic,
     registered_statistics,
+    resolve_statistic,
+    statistic_choices,
 )
 
 __all__ = [
@@ -70,6 +74,8 @@ __all__ = [
     "register_statistic",
     "registered_rules",
     "registered_statistics",
+    "resolve_statistic",
+    "statistic_choices",
     "two_batch_estimates",
     "update",
     "update_",

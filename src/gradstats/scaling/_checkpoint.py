@@ -153,9 +153,14 @@ def _header(state_dict: object, ours: ScalerConfig) -> tuple[dict[str, object], 
         raise StateError(f"state_dict['config'] must be a dict; got {type(saved).__name__}")
     statistic = need(saved, "statistic", "['config']")
     if statistic != ours.statistic:
+        hint = (  # checkpoints saved under the former defaults, into a default scaler
+            " (statistic='temporal', rule='shrink' were the defaults before 'auto', 'adascale')"
+            if statistic == "temporal"
+            else ""
+        )
         raise StateError(
             f"state_dict tracks statistic={statistic!r} but this scaler tracks "
-            f"statistic={ours.statistic!r}; construct it with the checkpoint's statistic"
+            f"statistic={ours.statistic!r}; construct it with the checkpoint's statistic{hint}"
         )
     return checked, saved
 

@@ -22,7 +22,9 @@ version     saved statistics                                 converts to
 ``temporal`` and ``same_point`` need per-coordinate or per-micro-batch history that no original
 checkpoint holds: their statistics start fresh, and the import report says so. The settings
 ``alpha``, ``beta``, ``warmup_steps`` and ``enabled`` carry over (``eps`` does not: the original
-divided by it, gradstats never does). ``step_count`` is taken as the number of EMA updates (the
+divided by it, gradstats never does). The imported scaler keeps the original's
+``rule="shrink"`` and, unless told otherwise, ``statistic="temporal"`` (not the library's
+defaults, ``"auto"`` and ``"adascale"``). ``step_count`` is taken as the number of EMA updates (the
 original's ``get_normalized_variance`` debiased with step_count + 1, an off-by-one).
 """
 
@@ -85,7 +87,8 @@ def import_legacy_state_dict(
             (from 3.1/3.2) continue the original's statistic; the default ``"temporal"``
             measures gradient noise and starts fresh.
         scaler_kwargs: further :class:`VarianceGradientScaler` arguments; they win over the
-            checkpoint's settings.
+            checkpoint's settings. The scaler keeps the original's ``rule="shrink"`` (and its
+            ``alpha``) unless ``rule=`` is given here.
 
     Returns:
         The scaler and a :class:`LegacyImport` report (``print`` it).
@@ -95,7 +98,8 @@ def import_legacy_state_dict(
     dropped: dict[str, str] = {}
     if "eps" in legacy:
         dropped["eps"] = "the original divided by eps; gradstats reports 'no signal' instead"
-    scaler = VarianceGradientScaler(params, statistic=statistic, **{**settings, **scaler_kwargs})
+    options = {"rule": "shrink", **settings, **scaler_kwargs}  # the original's rule
+    scaler = VarianceGradientScaler(params, statistic=statistic, **options)
     mean_key, sq_key = "param_grad_mean_ema", "param_grad_sq_ema"
     converted: tuple[str, ...] = ()
     if version.startswith(("1.", "2.")):

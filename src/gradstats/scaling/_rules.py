@@ -22,6 +22,9 @@ missing or gated (warm-up, confidence), for every rule.
   between 1 (noise-free: the big batch gains nothing) and S (pure noise: linear scaling).
   No detectable signal gives S. Each applied step advances the scaler's progress clock τ by r
   (``vgs.progress``), so a schedule written for the base batch runs unchanged as lr(τ).
+  It is the default rule. S is ``scale``, or ``batch_size / base_batch_size``; with neither
+  ``scale`` nor ``base_batch_size`` S = 1, where r = 1 exactly (bitwise: the step is the
+  unscaled baseline's, the scaler only measures and reports) and τ counts the steps.
 
 A new rule is a class with ``name``, ``from_config(config)`` and ``factor(rho, previous)``,
 registered with :func:`register_rule`.
@@ -124,19 +127,31 @@ class AdaScaleRule:
         return (min(1.0, self.scale), max(1.0, self.scale))
 
     def factor(self, rho: torch.Tensor, previous: torch.Tensor) -> torch.Tensor:
+        if self.scale == 1.0:  # r = 1 exactly, whatever ρ (also NaN): the baseline's step
+            return torch.ones_like(rho)
         finite = torch.where(torch.isinf(rho), 0.0, rho.clamp(min=0.0))
         gain = (1.0 + self.scale * finite) / (1.0 + finite)
         return torch.where(torch.isinf(rho), self.scale, gain)
 
 
 def batch_scale(config: RuleSettings) -> float:
-    """S: ``scale``, or ``batch_size / base_batch_size``."""
+    """S: ``scale``, or ``batch_size / base_batch_size``, or 1 when neither ``scale`` nor
+    ``base_batch_size`` is given (the lr was tuned at this batch: r = 1, the baseline's step).
+
+    >>> from gradstats.scaling import ScalerConfig
+    >>> batch_scale(ScalerConfig()), batch_scale(ScalerConfig(batch_size=64))
+    (1.0, 1.0)
+    >>> batch_scale(ScalerConfig(batch_size=64, base_batch_size=16))
+    4.0
+    """
     if config.scale is not None:
-        return config.scale
-    if config.base_batch_size is None or config.batch_size is None:
+        return float(config.scale)
+    if config.base_batch_size is None:
+        return 1.0
+    if config.batch_size is None:
         raise ConfigurationError(
-            f"rule={config.rule!r} needs the batch scale: pass scale=S, or batch_size and "
-            "base_batch_size (the batch the learning rate was tuned for)"
+            f"rule={config.rule!r} with base_batch_size={config.base_batch_size} needs the "
+            "batch scale S = batch_size / base_batch_size: pass batch_size too, or scale=S"
         )
     return config.batch_size / config.base_batch_size
 
@@ -202,7 +217,8 @@ def check_rule_settings(config: RuleSettings) -> None:
     if config.rule == "adascale":
         if config.alpha != 1.0 or config.min_scale != 0.0:
             raise ConfigurationError(
-                "alpha and min_scale belong to rule='shrink'; rule='adascale' has none"
+                "alpha and min_scale belong to rule='shrink'; rule='adascale' (the default) "
+                "has none: pass rule='shrink' to use them"
             )
         batch_scale(config)
 

@@ -164,7 +164,9 @@ class SamePointState(ScalarTensorState):
                 "needs the gradients of several micro-batches of one step (gradient "
                 "accumulation: call backward() on k >= 2 micro-batches before step(), or "
                 "record them with observe()) or DDP ranks; until then the factor stays 1 and "
-                "rho is NaN. With one backward per step use statistic='temporal'",
+                "rho is NaN. With one backward per step pass model= (statistic='auto' or "
+                "'per_sample': the exact same-point noise of that backward), or use "
+                "statistic='temporal' (it also counts parameter drift as noise)",
                 RuntimeWarning,
             )
 

@@ -38,15 +38,17 @@ class VarianceGradientScaler(ScalerReadout):
     r"""Measures the gradient noise of each step and turns it into a step factor (``rule``).
 
     With ρ = tr Cov(ĝ) / ‖E ĝ‖² the inverse SNR of the applied (mini-batch) gradient ĝ of B
-    samples (B_noise = ρ·B), the factor is ``rule="shrink"``: c = 1 / (1 + α ρ) (the original's;
-    optimal only if the base lr is the large-batch optimum), or ``rule="adascale"``: AdaScale's
-    gain r = (1 + Sρ)/(1 + ρ) for a batch S× the one the lr was tuned for, with the progress
-    clock :attr:`progress` (see :mod:`gradstats.scaling._rules`). How ρ is measured
-    (``statistic``):
+    samples (B_noise = ρ·B), the factor is ``rule="adascale"`` (default): AdaScale's gain
+    r = (1 + Sρ)/(1 + ρ) for a batch S× the one the lr was tuned for, with the progress clock
+    :attr:`progress`; S = 1 unless ``scale`` or ``base_batch_size`` is given, and then r = 1:
+    the step is the baseline's, while ρ, B_noise and its SE are measured and reported. Or
+    ``rule="shrink"``: c = 1 / (1 + α ρ) (the original's; optimal only if the base lr is the
+    large-batch optimum; :mod:`gradstats.scaling._rules`). How ρ is measured (``statistic``;
+    the default ``"auto"`` is ``"per_sample"`` with ``model=``, else ``"same_point"``):
 
-    * ``"temporal"`` (default): per-coordinate noise over an EMA window of the gradients this
-      step sequence produced, V = Σ_i v_i/(1 − ρ_w) and S = Σ_i m_i² − ρ_w V, ρ = V/S
-      (``gradstats.scaling._temporal``). Needs one gradient per step.
+    * ``"temporal"`` (the original's; the default before): per-coordinate noise over an EMA
+      window of the step's gradients, V = Σ_i v_i/(1 − ρ_w), S = Σ_i m_i² − ρ_w V, ρ = V/S
+      (``_temporal``); one gradient per step, but it counts parameter drift as noise.
     * ``"same_point"``: noise at a fixed θ from the micro-batches (gradient accumulation) or DDP
       ranks of one step — the two-batch estimator (``gradstats.scaling._same_point``). Needs
       several backward calls per step: with one (a plain loop) there is never an estimate
@@ -81,7 +83,6 @@ class VarianceGradientScaler(ScalerReadout):
     ``update_statistics()`` reads the current gradients unconditionally.
 
     A stateful shell over :class:`~gradstats.scaling.ScalerState` (``vgs.state``) and ``update``.
-
     No host sync happens in ``step``/``update_statistics``/``scale_gradients``: all state lives
     on the parameters' devices and non-finite gradients are detected and skipped on the device.
     Host reads are explicit: ``get_scaling_factor()``, ``get_normalized_variance()``,
@@ -112,7 +113,7 @@ class VarianceGradientScaler(ScalerReadout):
             ``batch_size`` the samples per step (B_noise = ρ·B; with ``base_batch_size``, the
             batch the lr was tuned for, it sets adascale's S), ``foreach=False``
             selects the readable per-coordinate reference implementation.
-        model: the module whose parameters are tracked (``statistic="per_sample"`` only).
+        model: the module whose parameters are tracked (``"per_sample"``, or ``"auto"``).
         logger: ``callable(metrics: dict[str, float], step: int)`` receiving ``vgs/...`` keys.
         optimizer: the optimizer (param-group membership; adaptive-optimizer warning; ``apply``).
         distributed: same-point estimation across DDP ranks (default: when a process group with
@@ -121,13 +122,13 @@ class VarianceGradientScaler(ScalerReadout):
     Example:
         >>> import torch
         >>> model = torch.nn.Linear(3, 1)
-        >>> vgs = VarianceGradientScaler(model.named_parameters(), beta=0.9)
-        >>> for _ in range(3):
+        >>> vgs = VarianceGradientScaler(model.named_parameters(), model=model, batch_size=8)
+        >>> for _ in range(3):  # defaults: "auto" -> "per_sample" (model=), adascale at S = 1
         ...     model.zero_grad()
         ...     model(torch.randn(8, 3)).pow(2).mean().backward()
         ...     vgs.step()
-        >>> 0.0 <= vgs.get_scaling_factor() <= 1.0
-        True
+        >>> vgs.config.statistic, vgs.get_scaling_factor()  # the baseline's step, B_noise measured
+        ('per_sample', 1.0)
     """
 
     def __init__(
@@ -168,7 +169,7 @@ class VarianceGradientScaler(ScalerReadout):
             foreach=foreach, batch_size=batch_size, base_batch_size=base_batch_size, scale=scale,
             log_every=log_every, max_nonfinite_steps=max_nonfinite_steps, nonfinite=nonfinite,
         )  # fmt: skip
-        self.config = one_config(config, options)
+        self.config = one_config(config, options).resolved(model)  # "auto" -> the statistic
         spec = get_statistic(self.config.statistic)
         if logger is not None and not callable(logger):
             raise ConfigurationTypeError(
@@ -185,7 +186,7 @@ class VarianceGradientScaler(ScalerReadout):
             raise ConfigurationError(
                 f"statistic={spec.name!r} needs model=<the nn.Module whose parameters are tracked>"
                 if model is None
-                else f"model= is used by {users} only; got {spec.name!r}"
+                else f"model= is used by {users} or 'auto' only; got {spec.name!r}"
             )
         self.logger, self.optimizer, self.process_group = logger, optimizer, process_group
         self._model = model
@@ -196,7 +197,7 @@ class VarianceGradientScaler(ScalerReadout):
         if spec.diagnostic:
             warn(
                 f"statistic={spec.name!r} is a legacy diagnostic of the original scaler; it "
-                "does not measure gradient noise (use 'temporal' or 'same_point')"
+                "does not measure gradient noise (use 'auto', 'per_sample' or 'same_point')"
             )
         self._tracker = GradientTracker()
         self._limit = ConsecutiveLimit()

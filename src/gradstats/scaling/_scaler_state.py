@@ -18,12 +18,13 @@ Checkpoints (``state_dict``) and reports (``statistics()``, the ``vgs/...`` metr
 functions of a ``ScalerState`` and the :class:`~gradstats.scaling.ScalerConfig`: they read its
 public fields only.
 
-Example (float64, ``temporal``; no hooks are needed by it):
+Example (float64, ``temporal``: no hooks are needed by it, so the copying ``update`` works; the
+default ``statistic="auto"`` is resolved only by the scaler, or by ``config.resolved(model)``):
 
 >>> import torch
 >>> from gradstats.scaling import ScalerConfig, init, observe, update
 >>> model = torch.nn.Linear(3, 1).double()
->>> config = ScalerConfig(beta=0.9, confidence=None)
+>>> config = ScalerConfig(statistic="temporal", beta=0.9, confidence=None)
 >>> state = init(config, model.named_parameters())
 >>> for k in range(4):
 ...     model.zero_grad()

@@ -11,7 +11,20 @@ Built in (:data:`STATISTICS`): ``"temporal"`` (``_temporal``), ``"same_point"``
 (``_same_point``), ``"per_sample"`` (``_per_sample``) and the original implementation's
 diagnostics ``"tensor_mean"``, ``"mixed"``, ``"spatial"`` (``_diagnostics``). A new statistic
 is an object with these attributes, added with :func:`register_statistic`; a
-:class:`StatisticSpec` fills the declarative fields for you:
+:class:`StatisticSpec` fills the declarative fields for you.
+
+``statistic="auto"`` (:data:`AUTO`, the default of :class:`~gradstats.scaling.ScalerConfig`) is
+not a statistic but a choice made when the scaler is built (:func:`resolve_statistic`):
+``"per_sample"`` when ``model=`` is given (exact same-point noise from one backward), else
+``"same_point"`` (unbiased; needs ≥ 2 micro-batches or DDP ranks per step). It never resolves
+to ``"temporal"``, which counts parameter drift as noise. The resolved name is what the
+scaler's configuration, ``statistics()``, its reports and checkpoints hold.
+
+>>> from gradstats.scaling import resolve_statistic
+>>> resolve_statistic("auto", has_model=True), resolve_statistic("auto", has_model=False)
+('per_sample', 'same_point')
+>>> resolve_statistic("temporal", has_model=False)
+'temporal'
 
 >>> from gradstats.scaling import StatisticSpec, get_statistic
 >>> temporal = get_statistic("temporal")
@@ -37,14 +50,22 @@ from gradstats.scaling._state import StatisticState
 from gradstats.scaling._temporal import TemporalState
 
 __all__ = [
+    "AUTO",
     "STATISTICS",
     "Statistic",
     "StatisticSettings",
     "StatisticSpec",
+    "check_statistic_name",
     "get_statistic",
+    "over_time",
     "register_statistic",
     "registered_statistics",
+    "resolve_statistic",
+    "statistic_choices",
+    "takes_model",
 ]
+
+AUTO = "auto"  # statistic="auto": resolved when the scaler is built (resolve_statistic)
 
 
 class StatisticSettings(Protocol):
@@ -172,6 +193,8 @@ def register_statistic(statistic: Statistic) -> Statistic:
     for method in ("make", "state_keys"):
         if not callable(getattr(statistic, method, None)):
             raise ConfigurationTypeError(f"statistic {name!r} has no {method}()")
+    if name == AUTO:
+        raise ConfigurationError(f"{AUTO!r} is reserved (statistic='auto' chooses a statistic)")
     if name in _STATISTICS and _STATISTICS[name] is not statistic:
         raise ConfigurationError(f"a statistic named {name!r} is already registered")
     _STATISTICS[name] = statistic
@@ -183,12 +206,58 @@ def registered_statistics() -> tuple[str, ...]:
     return tuple(_STATISTICS)
 
 
-def get_statistic(name: object) -> Statistic:
-    """The registered statistic ``name``; a ConfigurationError naming the valid values if none."""
-    if not isinstance(name, str) or name not in _STATISTICS:
-        valid = ", ".join(repr(s) for s in _STATISTICS)
+def statistic_choices() -> tuple[str, ...]:
+    """The values ``statistic=`` accepts: ``"auto"`` and the registered names."""
+    return (AUTO, *_STATISTICS)
+
+
+def check_statistic_name(name: object) -> None:
+    """A ConfigurationError naming the valid values unless ``statistic_choices()`` has ``name``."""
+    if not isinstance(name, str) or name not in statistic_choices():
+        valid = ", ".join(repr(s) for s in statistic_choices())
         raise ConfigurationError(f"statistic must be one of {valid}; got {name!r}")
-    return _STATISTICS[name]
+
+
+def resolve_statistic(name: str, has_model: bool) -> str:
+    """The statistic ``statistic=name`` stands for: ``"auto"`` -> ``"per_sample"`` with a model
+    (``model=``), else ``"same_point"``; every other name is itself."""
+    if name != AUTO:
+        return name
+    return _PER_SAMPLE.name if has_model else _SAME_POINT.name
+
+
+def takes_model(name: object) -> bool:
+    """Whether ``statistic=name`` uses ``model=``: ``"auto"`` (it then resolves to
+    ``"per_sample"``) and statistics that need the modules; False for unknown names."""
+    if name == AUTO:
+        return True
+    return isinstance(name, str) and name in _STATISTICS and _STATISTICS[name].needs_model
+
+
+def over_time(name: str) -> bool:
+    """Whether the statistic's noise is a variance over steps (an EMA window of the step
+    sequence: ``"temporal"`` and the diagnostics), which counts parameter drift as noise —
+    the statistics that must not drive ``rule="adascale"`` (at "no detectable signal" its gain
+    goes to S)."""
+    statistic = get_statistic(name)
+    return statistic.name == "temporal" or statistic.diagnostic
+
+
+def get_statistic(name: object) -> Statistic:
+    """The registered statistic ``name``; a ConfigurationError naming the valid values if none.
+
+    ``"auto"`` is refused here: it names no statistic until it is resolved
+    (:func:`resolve_statistic`, ``ScalerConfig.resolved``), which ``VarianceGradientScaler``
+    does.
+    """
+    if name == AUTO:
+        raise ConfigurationError(
+            "statistic='auto' is resolved when a VarianceGradientScaler is built ('per_sample' "
+            "with model=, else 'same_point'); for init()/update() pass "
+            "config.resolved(model) or a concrete statistic"
+        )
+    check_statistic_name(name)
+    return _STATISTICS[name]  # type: ignore[index]
 
 
 def _temporal(
