@@ -22,8 +22,9 @@ Used by :class:`~gradstats.fisher.FisherCollector` when (checked once per collec
 is ``"empirical"``, ``unit="sample"``, ``mode="cumulative"`` without ``element_se``, the state
 is on the CPU (where the batch's acceptance is read for free and Σg² products go straight into
 the pending sums), every hooked module is an ``nn.Linear`` used by one call, and each one's
-group requests are none or one output-channel family of block 1 over all its output features
-(weight and bias together: the default groups of a model without a config); and (checked per
+group requests are none or one output-channel family of block 1 over all its output features,
+of its own (weight and bias together, or the weight of a layer without bias: the default groups
+of a model without a config); and (checked per
 batch) the first-batch completeness check is done, every module ran once on a 2-D input with
 B rows and no per-sample gradient would need chunking. Anything else takes the general path.
 """
@@ -71,7 +72,7 @@ class LeanLinearPath:
         ):
             return None
         families = collector._unit_families
-        layers = []
+        layers: list[_Layer] = []
         for module, handler in engine.handlers.items():
             if type(module) is not nn.Linear or set(handler.attrs) - {"weight", "bias"}:
                 return None
@@ -79,6 +80,13 @@ class LeanLinearPath:
                 return None
             wanted = {a: engine.requests.get(n, []) for a, n in handler.attrs.items()}
             eligible, family = _channel_family(module, wanted, families)
+            if family is not None and (
+                # a family of weight rows without their bias has mask values b·(W a), not b·y
+                (module.bias is not None and "bias" not in handler.attrs)
+                # a family fed by several layers: the general path adds their values
+                or any(layer.family == family for layer in layers)
+            ):
+                eligible = False
             if not eligible:
                 return None
             layers.append(_Layer(module, handler.attrs["weight"], handler.attrs.get("bias"),
