@@ -10,8 +10,15 @@ r"""Cost floors of the Fisher suite: hand-minimal implementations, and an op cou
   and the mask value m_ik = (b_ik y_ik)² (y = W a + bias: Σ_j θ_j g_ij over the channel), whose
   sums Σ_i and Σ_i of squares over the batch go into one concatenated float32 buffer.
 
-Neither checks finiteness, keeps float64 statistics or standard errors: they are floors, not
-collectors. :func:`count_ops` counts the ATen ops one call issues (a ``TorchDispatchMode``).
+* :func:`ef_checked_floor` — :func:`ef_floor` plus what a collector must check and count, written
+  as tightly as it goes: the targets' dtype, shape and range (one ``aminmax``), the batch's
+  finiteness (per layer Σ_i ‖a_i‖²‖b_i‖² and Σ_i ‖b_i‖², the loss, one float64 sum), products
+  added only once the batch is accepted, sample/batch counts (one op) and a float64 fold every
+  ``FOLD_EVERY`` batches. What the collector costs beyond it is the price of its structure.
+
+The first two do not check finiteness, keep float64 statistics or standard errors: they are
+floors, not collectors. :func:`count_ops` counts the ATen ops one call issues (a
+``TorchDispatchMode``).
 """
 
 from __future__ import annotations
@@ -27,7 +34,7 @@ from gradstats.bench._harness import Candidate, Comparison
 from gradstats.fisher import FisherCollector
 from gradstats.fisher._state_pending import FOLD_EVERY
 
-__all__ = ["count_ops", "ef_floor", "ef_groups_floor", "floor_same_numbers"]
+__all__ = ["count_ops", "ef_checked_floor", "ef_floor", "ef_groups_floor", "floor_same_numbers"]
 
 
 class _OpCounter(TorchDispatchMode):
@@ -75,6 +82,52 @@ def ef_floor(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> Callable[[],
             bias.add_(b2.sum(0))
         calls.clear()
         return {"sq": [*sq_w, *sq_b]}
+
+    return run
+
+
+def ef_checked_floor(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> Callable[[], object]:
+    """:func:`ef_floor` with the checks, counts and float64 folds of a collector (see the module
+    docstring; ``model`` is hooked: pass a copy)."""
+    linears, calls = _record(model)
+    pending_w = [torch.zeros_like(m.weight) for m in linears]
+    pending_b = [torch.zeros_like(m.bias) for m in linears]
+    totals = [torch.zeros_like(t, dtype=torch.float64) for t in pending_w + pending_b]
+    counts = torch.zeros(2, dtype=torch.float64)
+    batch = torch.tensor([float(x.shape[0]), 1.0], dtype=torch.float64)
+    folds = [0]
+
+    def run() -> object:
+        calls.clear()
+        logits = model(x)
+        if y.dtype != torch.long or y.shape != (logits.shape[0],):
+            raise ValueError("targets must be int64 class indices, one per sample")
+        low, high = (int(v) for v in torch.aminmax(y))
+        if low < 0 or high >= logits.shape[1]:
+            raise ValueError("targets out of range")
+        loss = nn.functional.cross_entropy(logits, y, reduction="sum")
+        grads = torch.autograd.grad(loss, [out for _, out in calls])
+        checks, parts = [loss], []
+        with torch.no_grad():
+            for (a, _), b in zip(calls, grads, strict=True):
+                a2, b2 = a.square(), b.square()
+                b2_rows = b2.sum(1)
+                checks += [a2.sum(1) @ b2_rows, b2_rows.sum()]
+                parts.append((b2, a2, b2.sum(0)))
+            total = torch.stack(checks).sum(dtype=torch.float64)
+            if bool((total - total) == 0):
+                for (b2, a2, _), w in zip(parts, pending_w, strict=True):
+                    w.addmm_(b2.T, a2)
+                torch._foreach_add_(pending_b, [p[2] for p in parts])
+                counts.add_(batch)
+                folds[0] += 1
+                if folds[0] == FOLD_EVERY:
+                    for target, source in zip(totals, pending_w + pending_b, strict=True):
+                        target.add_(source.to(torch.float64))
+                    torch._foreach_zero_(pending_w + pending_b)
+                    folds[0] = 0
+        calls.clear()
+        return {"sq": [*pending_w, *pending_b]}
 
     return run
 

@@ -39,6 +39,7 @@ from gradstats.bench._harness import Candidate, Comparison
 from gradstats.bench._optional import Skipped, missing
 from gradstats.bench.suites._fisher_floors import (
     count_ops,
+    ef_checked_floor,
     ef_floor,
     ef_groups_floor,
     floor_same_numbers,
@@ -206,6 +207,11 @@ def _mlp_cost(
             "gradstats (EF only)", _ours(model, x, y, ef_only=True), "signal=False, groups=None"
         ),
         Candidate("floor: EF", ef_floor(_clone(model), x, y), "activation grads + (b²)ᵀ(a²)"),
+        Candidate(
+            "floor: EF + checks",
+            ef_checked_floor(_clone(model), x, y),
+            "+ target/finiteness checks, counts, float64 folds",
+        ),
         Candidate(
             "floor: EF + mean gradient + channel groups",
             ef_groups_floor(_clone(model), x, y),

@@ -168,9 +168,9 @@ def _step_cost(smoke: bool) -> list[Comparison]:
     params = [p for _, p in named]
     adamw = torch.optim.AdamW(params, lr=1e-3, foreach=True)
     fused = torch.optim.AdamW(params, lr=1e-3, fused=True)
-    temporal = VarianceGradientScaler(named, beta=0.99)
-    fallback = VarianceGradientScaler(named, beta=0.99)
-    same_point = VarianceGradientScaler(named, statistic="same_point", beta=0.99)
+    temporal = VarianceGradientScaler(named, beta=0.99, statistic="temporal", rule="shrink")
+    fallback = VarianceGradientScaler(named, beta=0.99, statistic="temporal", rule="shrink")
+    same_point = VarianceGradientScaler(named, statistic="same_point", rule="shrink", beta=0.99)
     itemwise = ItemwiseTemporal(params, beta=0.99)
     grads = [p.grad for p in params]
     foreach_temporal = _foreach_kernels(fallback.update_statistics)
@@ -259,7 +259,7 @@ def _same_numbers(smoke: bool) -> Comparison:
     def run(kind: str) -> torch.Tensor:
         named = _params(True, seed=1)
         params = [p for _, p in named]
-        ours = VarianceGradientScaler(named, beta=0.9)
+        ours = VarianceGradientScaler(named, beta=0.9, statistic="temporal", rule="shrink")
         reference = ItemwiseTemporal(params, beta=0.9)
         g = torch.Generator().manual_seed(2)
         rho = float("nan")
