@@ -28,7 +28,7 @@ from gradstats.scaling._config import ScalerConfig
 from gradstats.scaling._factor import FactorSettings, aggregate, scaling_factor
 from gradstats.scaling._kernels import squared_norms
 from gradstats.scaling._nonfinite import check_skip
-from gradstats.scaling._rules import make_rule
+from gradstats.scaling._rules import constant_factor, make_rule
 from gradstats.scaling._scaler_state import ScalerState, copy_state
 from gradstats.scaling._state import Totals
 from gradstats.scaling._statistic import get_statistic
@@ -183,9 +183,17 @@ def observe(
     )
 
 
-def update_(state: ScalerState, observation: Observation, config: ScalerConfig) -> ScalerState:
+def update_(
+    state: ScalerState, observation: Observation, config: ScalerConfig, *, readout: bool = True
+) -> ScalerState:
     """One step, done in place: ``state``'s statistic buffers become the new state's (do not
-    use ``state`` afterwards). No host sync."""
+    use ``state`` afterwards). No host sync.
+
+    ``readout=False`` (only where :func:`~gradstats.scaling._rules.constant_factor` holds: the
+    factor is 1 whatever the statistics) sets the factors to 1 and leaves ``readout`` /
+    ``overall`` as they were: :func:`refresh` forms them when they are read, with the values
+    this update would have given (they depend on the statistics, ``present`` and ``updates``
+    only). The scaler does this for its default rule; about 100 small ops saved per step."""
     home, skip = state.home, observation.skip
     finite = observation.finite
     apply = finite
@@ -208,7 +216,13 @@ def update_(state: ScalerState, observation: Observation, config: ScalerConfig) 
         statistic.update(grads, sq, take, grad_inv=grad_inv, hook_inv=hook_inv)
     masks = observation.masks
     present = masks[0] if len(masks) == 1 else torch.cat([m.to(home) for m in masks])
-    fields = _readout_fields(state, config, present, state.updates + 1)
+    if readout:
+        fields = _readout_fields(state, config, present, state.updates + 1)
+    else:
+        if not constant_factor(config):
+            raise RuntimeError("update_(readout=False) needs a rule whose factor is always 1")
+        keys = ("factor", "factor_per_tensor", "overall_factor")
+        fields = {key: torch.ones_like(getattr(state, key)) for key in keys}
     factor = fields["overall_factor"][0]  # the model-wide factor of this update
     bad = ~finite
     return replace(  # counters: int64 with bool promotes to int64 (no cast)

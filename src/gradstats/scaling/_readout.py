@@ -22,6 +22,7 @@ from gradstats.scaling._hooks import GradientTracker
 from gradstats.scaling._nonfinite import ConsecutiveLimit
 from gradstats.scaling._params import ParamLayout, layout_from
 from gradstats.scaling._report import TensorStatistics, build_statistics
+from gradstats.scaling._rules import constant_factor
 from gradstats.scaling._scaler_state import ScalerState
 
 __all__ = ["ScalerReadout"]
@@ -39,16 +40,30 @@ class ScalerReadout:
     _read_token: tuple[object, ...] | None
     _scaled_token: tuple[object, ...] | None
     _idle_steps: int
+    #: the readouts (ρ, gates, per-aggregate rows) lag the statistics: the last update skipped
+    #: them because the factor is 1 whatever they are (``_rules.constant_factor``)
+    _stale: bool = False
 
     def _build(self, layout: ParamLayout) -> None:
         raise NotImplementedError
+
+    def _lazy_readouts(self) -> bool:
+        """Whether this update may skip the readouts (and mark them stale)."""
+        self._stale = constant_factor(self.config)
+        return self._stale
+
+    def _current(self) -> ScalerState:
+        """The state with its readouts formed (no sync): what every read goes through."""
+        if self._stale:
+            self._state, self._stale = refresh(self._state, self.config), False
+        return self._state
 
     @property
     def state(self) -> ScalerState:
         """The current :class:`~gradstats.scaling.ScalerState` (statistics, counters, factor,
         clock). Read it, do not change it: the scaler updates it in place; pass a copy
         (``gradstats.scaling.update`` leaves its argument unchanged) to experiment."""
-        return self._state
+        return self._current()
 
     @property
     def layout(self) -> ParamLayout:
@@ -93,14 +108,14 @@ class ScalerReadout:
     # ------------------------------------------------------------------- reads
     def get_scaling_factor(self) -> float:
         """The model-wide factor c (1.0 before any estimate). Host read (a sync)."""
-        overall = self._state.overall
+        overall = self._current().overall
         if not self.enabled or overall is None:
             return 1.0
         return float(overall[1].factor[0])  # sync-ok: explicit host read
 
     def get_normalized_variance(self) -> float:
         """The model-wide ρ = noise/signal (nan: no estimate, inf: no signal). Host read."""
-        overall = self._state.overall
+        overall = self._current().overall
         if overall is None:
             return float("nan")
         factors = overall[1]
@@ -127,13 +142,13 @@ class ScalerReadout:
         DDP ranks) count: a loop with one backward per step stays at n_eff = 0,
         ``no_estimate=True``, and warns after 20 updates.
         """
-        return build_statistics(self._state, self.config)
+        return build_statistics(self._current(), self.config)
 
     def refresh(self) -> None:
         """Recompute ρ and the factor from the statistics as they are now (no sync), e.g. to
         read ``statistics()["global"]`` right after a load. ``step`` does this after every
         update; with ``max_rate`` each call is one rate-limited move of the factor."""
-        self._state = refresh(self._state, self.config)
+        self._state, self._stale = refresh(self._state, self.config), False
 
     # ------------------------------------------------------------- state
     def reset_statistics(self) -> None:
@@ -143,7 +158,7 @@ class ScalerReadout:
     def state_dict(self) -> dict[str, object]:
         """Checkpoint keyed by parameter name (shape, dtype, statistic state), plus ``version``
         and ``config``; loadable with ``torch.load(weights_only=True)``."""
-        return save(self._state, self.config)
+        return save(self._current(), self.config)
 
     def load_state_dict(
         self,
@@ -166,9 +181,10 @@ class ScalerReadout:
         self, state_dict: object, strict: bool, use_checkpoint_config: bool, quiet: bool
     ) -> LoadReport:
         self._state, plan = load(
-            self._state, self.config, state_dict, strict, use_checkpoint_config, quiet
+            self._current(), self.config, state_dict, strict, use_checkpoint_config, quiet
         )
         self.config = plan.config
+        self._stale = False  # (as an eager scaler: the readouts of the next update or refresh)
         self._limit.reset(plan.updates, plan.consecutive, plan.nonfinite)
         return plan.report
 

@@ -66,6 +66,8 @@ class RuleSettings(Protocol):
     def base_batch_size(self) -> int | None: ...
     @property
     def batch_size(self) -> int | None: ...
+    @property
+    def max_rate(self) -> float | None: ...
 
 
 class Rule(Protocol):
@@ -132,6 +134,13 @@ class AdaScaleRule:
         finite = torch.where(torch.isinf(rho), 0.0, rho.clamp(min=0.0))
         gain = (1.0 + self.scale * finite) / (1.0 + finite)
         return torch.where(torch.isinf(rho), self.scale, gain)
+
+
+def constant_factor(config: RuleSettings) -> bool:
+    """Whether the factor is 1 whatever the statistics: ``rule="adascale"`` at S = 1 without a
+    rate limit (the default). The scaler then forms ρ and the readouts when they are read, not
+    at every update (the same values: they depend on the statistics only)."""
+    return config.rule == "adascale" and config.max_rate is None and batch_scale(config) == 1.0
 
 
 def batch_scale(config: RuleSettings) -> float:

@@ -294,10 +294,10 @@ class VarianceGradientScaler(ScalerReadout):
                 f"the gradients of update {state.updates + 1} hold NaN or inf "
                 "(nonfinite='raise'; the scaler is unchanged)"
             )
-        self._state = state = update_(state, observation, config)
+        self._state = state = update_(state, observation, config, readout=not self._lazy_readouts())
         self._read_token = self._token()
         if self.logger is not None and state.updates % config.log_every == 0:
-            self.logger(log_metrics(state, config), state.updates)
+            self.logger(log_metrics(self._current(), config), state.updates)
         if config.nonfinite == "skip":
             self._limit.check(
                 state.updates, config.max_nonfinite_steps, state.consecutive, state.nonfinite
