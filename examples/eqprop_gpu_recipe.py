@@ -13,8 +13,11 @@ and a backprop transformer 1.610 after 14k steps. This script runs the same comp
 Every run uses d_model 256, 8 heads, block 256, batch 64, TF32 matmuls (``--precision tf32``).
 The goal for ``aep`` is val CE <= 1.65 (the original's 1.676 beaten) in under 8 minutes of one
 modern GPU; this recipe has **not been run on a GPU yet** (no device was lent to the sessions
-that wrote it). ``--cpu-cost N`` instead times N steps of each run on this machine's CPU (one
-thread) and prints seconds per step — the figure the README quotes.
+that wrote it). The controller setting (target 0.2, gain 0.3) is the best of the README's 300-step
+CPU pilots under the asymmetric law; in the 2,000-step CPU runs (README, "No plateau?") AEP with
+it diverged at step 1,188 — expect to watch the run. ``--cpu-cost N`` instead times N steps of
+each run on this machine's CPU (one thread) and prints seconds per step — the figure the README
+quotes.
 
 Run: ``python examples/eqprop_gpu_recipe.py --runs runs/gpu`` (``--dry-run`` prints the four
 command lines; ``--device cuda:1`` picks a device).
@@ -32,7 +35,7 @@ from pathlib import Path
 SHAPE = ["--d-model", "256", "--n-heads", "8", "--block-size", "256", "--batch-size", "64"]
 SCHEDULE = ["--steps", "14000", "--lr", "3e-3", "--warmup", "200", "--eval-every", "500",
             "--checkpoint-every", "1000", "--no-progress"]  # fmt: skip
-ADAPTIVE = ["--jac-penalty", "0.1", "--res-penalty", "1.0", "--contraction-target", "0.3",
+ADAPTIVE = ["--jac-penalty", "0.1", "--res-penalty", "1.0", "--contraction-target", "0.2",
             "--controller-gain", "0.3"]  # fmt: skip
 RUNS = {
     "aep": ["--method", "aep", *ADAPTIVE, "--ema-decay", "0.999", "--t1", "30"],

@@ -12,7 +12,8 @@ from gradstats.eqprop.train._checkpoint import save_checkpoint
 from gradstats.eqprop.train._controller import (
     LAMBDA_MAX,
     LAMBDA_MIN,
-    MAX_STEP,
+    MAX_STEP_DOWN,
+    MAX_STEP_UP,
     SMOOTHING,
     ContractionController,
     observed_rate,
@@ -43,7 +44,7 @@ def _cli(tmp_path, data, *extra, name="run"):
 # ------------------------------------------------------------------------------ the law
 def _law(log_lam, smoothed, q, target, gain):
     smoothed = q if smoothed is None else SMOOTHING * smoothed + (1 - SMOOTHING) * q
-    delta = min(max(gain * (smoothed - target), -MAX_STEP), MAX_STEP)
+    delta = min(max(gain * (max(q, smoothed) - target), -MAX_STEP_DOWN), MAX_STEP_UP)
     return min(max(log_lam + delta, math.log(LAMBDA_MIN)), math.log(LAMBDA_MAX)), smoothed
 
 
@@ -57,19 +58,61 @@ def test_the_law_on_a_synthetic_sequence():
         assert ctl.log_lambda == pytest.approx(log_lam, abs=1e-15)
         assert ctl.smoothed == pytest.approx(smoothed, abs=1e-15)
         assert applied == pytest.approx(ctl.log_lambda - before, abs=1e-15)
-        assert abs(applied) <= MAX_STEP + 1e-15  # bounded updates
+        assert -MAX_STEP_DOWN - 1e-15 <= applied <= MAX_STEP_UP + 1e-15  # bounded updates
     assert ctl.updates == 9
 
 
-def test_lambda_rises_above_the_target_and_falls_below_it():
+def test_the_law_by_hand():
+    # q* = 0.3, k = 1, λ_0 = 0.1: every number below is the formula written out.
+    ctl = ContractionController(0.3, 0.1)
+    assert ctl.update(0.35) == pytest.approx(0.05)  # q̄ = q = 0.35: e = 0.05, under δ↑
+    assert ctl.smoothed == pytest.approx(0.35)
+    # q = 0.2 < q* but q̄ = 0.9·0.35 + 0.1·0.2 = 0.335 > q*: e = max(q, q̄) − q* = 0.035, up
+    assert ctl.update(0.2) == pytest.approx(0.035)
+    assert ctl.smoothed == pytest.approx(0.335)
+    # q = 0.9 (raw spike): q̄ = 0.3915, but e = 0.9 − 0.3 = 0.6 → clipped to δ↑ = 0.25
+    assert ctl.update(0.9) == pytest.approx(MAX_STEP_UP)
+    assert ctl.smoothed == pytest.approx(0.3915)
+    assert ctl.jac_penalty == pytest.approx(0.1 * math.exp(0.05 + 0.035 + 0.25))
+    # q = 0.1: q̄ = 0.36235 > q*, still up by 0.06235
+    assert ctl.update(0.1) == pytest.approx(0.06235)
+    low = ContractionController(0.3, 0.1)
+    assert low.update(0.295) == pytest.approx(-0.005)  # both below, |k·e| < δ↓: exact
+    assert low.update(0.0) == pytest.approx(-MAX_STEP_DOWN)  # e = 0.2655 − 0.3: clipped to δ↓
+    assert low.jac_penalty == pytest.approx(0.1 * math.exp(-0.015))
+
+
+def test_the_raw_rate_tightens_without_smoothing_lag():
+    ctl = ContractionController(0.3, 0.1, gain=0.5)
+    for _ in range(50):
+        ctl.update(0.05)
+    assert ctl.smoothed == pytest.approx(0.05)
+    before = ctl.log_lambda
+    assert ctl.update(0.7) == pytest.approx(0.5 * (0.7 - 0.3))  # not 0.5·(0.115 − 0.3)
+    assert ctl.log_lambda - before == pytest.approx(0.2)
+
+
+def test_lambda_rises_fast_above_the_target_and_falls_slowly_below_it():
     up = ContractionController(0.5, 0.1)
     down = ContractionController(0.5, 0.1)
     for _ in range(5):
         up.update(0.9)
         down.update(0.1)
     assert up.jac_penalty > 0.1 > down.jac_penalty
-    assert up.jac_penalty == pytest.approx(0.1 * math.exp(5 * MAX_STEP))  # |k(q - q*)| > δ
-    assert down.jac_penalty == pytest.approx(0.1 * math.exp(-5 * MAX_STEP))
+    assert up.jac_penalty == pytest.approx(0.1 * math.exp(5 * 0.25))  # k(q - q*) = 0.4 > δ↑
+    assert down.jac_penalty == pytest.approx(0.1 * math.exp(-5 * 0.01))  # −0.4 < −δ↓
+    assert (MAX_STEP_UP, MAX_STEP_DOWN) == (0.25, 0.01)
+
+
+def test_custom_rate_limits_and_bad_ones():
+    up = ContractionController(0.5, 0.1, max_step_up=0.1, max_step_down=0.02)
+    assert up.update(0.9) == pytest.approx(0.1)
+    assert up.update(0.0) == pytest.approx(0.1)  # q̄ = 0.81: still above q*, up by δ↑
+    down = ContractionController(0.5, 0.1, max_step_up=0.1, max_step_down=0.02)
+    assert down.update(0.1) == pytest.approx(-0.02)
+    for bad in ({"max_step_up": 0.0}, {"max_step_down": -0.01}):
+        with pytest.raises(ConfigurationError, match="max_step"):
+            ContractionController(0.5, 0.1, **bad)
 
 
 def test_updates_are_clipped_to_the_bounds():
@@ -77,7 +120,9 @@ def test_updates_are_clipped_to_the_bounds():
     for _ in range(200):
         ctl.update(0.99)
     assert ctl.jac_penalty == pytest.approx(LAMBDA_MAX)
-    for _ in range(1000):
+    assert ctl.update(0.99) == 0.0  # pinned: the applied step is what the bound allows
+    n = math.ceil(math.log(LAMBDA_MAX / LAMBDA_MIN) / MAX_STEP_DOWN)  # 1152 steps at δ↓
+    for _ in range(n + 100):
         ctl.update(0.01)
     assert ctl.jac_penalty == pytest.approx(LAMBDA_MIN)
 
@@ -105,13 +150,39 @@ def test_observed_rate_is_the_geometric_mean_of_per_sample_rates():
 
     stats = SimpleNamespace(
         trace=torch.tensor([[1.0, 2.0, 1.0], [0.5, 0.1, 0.1]]),
+        trace_steps=(0, 2),
         final_residual=torch.tensor([1e-4, 2e-4, 0.5]),
         steps=torch.tensor([4, 8, 0]),  # the third sample never moved: left out
+        tol=1e-3,
     )
     total, count = observed_rate(stats)
     expected = (math.log(1e-4) / 4 + math.log(1e-4) / 8) / 2
     assert count == 2
     assert total / count == pytest.approx(expected, rel=1e-12)
+
+
+def test_a_fixed_unroll_is_read_up_to_its_first_check_below_tol():
+    from types import SimpleNamespace
+
+    # BPTT-like: 30 steps always, checks at 0, 10, 20 and the final state at 30; tol 1e-4.
+    stats = SimpleNamespace(
+        trace=torch.tensor(
+            [[1.0, 1.0, 1.0], [1e-5, 1e-2, 1e-3], [1e-7, 1e-3, 1e-3], [1e-7, 2e-4, 1e-4]]
+        ),
+        trace_steps=(0, 10, 20, 30),
+        final_residual=torch.tensor([1e-7, 2e-4, 1e-4]),
+        steps=torch.tensor([30, 30, 30]),
+        tol=1e-4,
+    )
+    total, count = observed_rate(stats)
+    # sample 0 reached tol at check 10 (then sat at the float floor): its rate is (1e-5)^(1/10);
+    # samples 1 and 2 reached it at no check before T = 30: their final residual over 30 steps
+    expected = math.log(1e-5) / 10 + math.log(2e-4) / 30 + math.log(1e-4) / 30
+    assert count == 3
+    assert total == pytest.approx(expected, rel=1e-12)
+    stats.tol = 0.0  # a phase without tolerance: the final residual for every sample
+    total, _ = observed_rate(stats)
+    assert total == pytest.approx(math.log(1e-7 * 2e-4 * 1e-4) / 30, rel=1e-12)
 
 
 # ------------------------------------------------------------------------ a real run
@@ -228,3 +299,15 @@ def test_resume_refuses_another_target_or_decay(tmp_path, data, capsys, option, 
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1, err
     assert option.lstrip("-").replace("-", "_") in err[0], err
+
+
+def test_bptt_reads_the_same_rate_as_the_free_phase(tmp_path, data):
+    # BPTT runs past its tolerance; its trace uses the free solver's check schedule, so the
+    # first step's rate (same initial weights and batch) equals the AEP free phase's.
+    rates = {}
+    for method in ("aep", "bptt"):
+        extra = {} if method == "aep" else {"t2": 100}  # (the default: unused)
+        cfg = _cfg(tmp_path, data, method, method=method, steps=1, **extra)
+        rates[method] = read_metrics(train(cfg).metrics)[0]["contraction"]
+    assert rates["bptt"] == pytest.approx(rates["aep"], rel=1e-6)
+    assert 0 < rates["aep"] < 0.5  # not the precision floor over 10 steps

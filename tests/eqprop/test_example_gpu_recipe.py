@@ -41,7 +41,7 @@ def test_the_recipe_commands_are_valid_runs_at_the_original_scale(tmp_path, monk
         assert (config.d_model, config.block_size, config.steps) == (256, 256, 14000)
         assert config.precision == "tf32"
         assert config.device == "cuda"
-    assert seen["aep"].contraction_target == 0.3
+    assert seen["aep"].contraction_target == 0.2
     assert seen["aep"].ema_decay == 0.999
     assert seen["backprop_thin"].ffn_mult == 1
 

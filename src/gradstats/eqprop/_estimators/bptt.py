@@ -2,7 +2,10 @@
 
 z₀ = init_state(x_in), z_{t+1} = z_t + ε F(z_t), g = dL(z_T)/dθ by backpropagation through all T
 steps (memory linear in T). No early stopping and no freezing: it defines the objective of a
-model evaluated with exactly T steps.
+model evaluated with exactly T steps. The residual is recorded (and checked for divergence) on
+the free solver's schedule — steps 0, 1, 2, 4, … below ``check_every`` and every multiple of it —
+so the trace resolves a fast contraction as the free phase's does (the trainer's contraction
+controller reads it).
 """
 
 from __future__ import annotations
@@ -55,7 +58,7 @@ def bptt_gradients(problem: Problem, s: Settings) -> Outcome:
         abs0 = None
         for t in range(steps):
             f = problem.force_with_input(z, x_in)
-            if t % s.check_every == 0:
+            if t % s.check_every == 0 or (t < s.check_every and t & (t - 1) == 0):
                 res_abs = per_sample_norm(f.detach())
                 trace.append(res_abs / per_sample_norm(z.detach()).clamp_min(1e-30))
                 trace_steps.append(t)

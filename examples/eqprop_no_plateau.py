@@ -1,0 +1,139 @@
+"""Does equilibrium training keep improving? AEP vs BPTT vs backprop over 2,000 steps.
+
+The README's "small" configuration (d_model 64, 4 heads, block 64, batch 16, T1 = 60, one CPU
+thread each, seed 0) run for 2,000 steps — the default cosine schedule, lr 3e-3 — instead of 600:
+
+* ``aep``: asymmetric EP (β = 0.05, ``--tol-adjoint 1e-3``) with the adaptive stabiliser
+  (``--contraction-target``, initial ``--jac-penalty 0.1 --res-penalty 1.0``);
+* ``bptt``: BPTT through the same block with the same controller (the same objective family);
+* ``backprop``: the block as a standard feed-forward transformer layer;
+* ``backprop_thin``: the same with FFN multiple 1 (the thin baseline);
+* ``aep_fixed``: AEP with the fixed weights of the 600-step table (no controller), for reference.
+
+It prints the table of validation CE at steps 500, 1000, 1500 and the end, the ratio to BPTT, the
+gap to backprop and each run's CPU minutes, and draws ``curves.png`` (and, with ``--figure``, a
+copy such as ``docs/figures/eqprop_no_plateau.png``). Runs already complete in ``--runs`` are
+reused. Two run at a time, in the order above (``aep`` and ``bptt`` first).
+
+Run: ``nice -n 15 python examples/eqprop_no_plateau.py --runs runs/noplateau`` (about 1.5 hours
+on 2 cores; ``--dry-run`` prints the four command lines).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import subprocess
+import sys
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+STEPS = 2000
+CHECKPOINTS = (500, 1000, 1500)
+COMMON = ["--steps", str(STEPS), "--batch-size", "16", "--block-size", "64", "--t1", "60",
+          "--eval-batches", "8", "--threads", "1", "--no-progress", "--seed", "0"]  # fmt: skip
+STABILISERS = ["--jac-penalty", "0.1", "--res-penalty", "1.0"]
+ADAPTIVE = [*STABILISERS, "--contraction-target", "0.2", "--controller-gain", "0.3"]
+RUNS = {
+    "aep": ["--method", "aep", *ADAPTIVE, "--beta", "0.05", "--tol-adjoint", "1e-3"],
+    "bptt": ["--method", "bptt", *ADAPTIVE],
+    "backprop": ["--method", "backprop"],
+    "backprop_thin": ["--method", "backprop", "--ffn-mult", "1"],
+    "aep_fixed": ["--method", "aep", *STABILISERS, "--beta", "0.05", "--tol-adjoint", "1e-3"],
+}
+
+
+def command(name: str, runs: Path) -> list[str]:
+    """The ``gradstats eqprop train`` command line of run ``name``."""
+    return [sys.executable, "-m", "gradstats", "eqprop", "train", *COMMON, *RUNS[name],
+            "--out", str(runs / name)]  # fmt: skip
+
+
+def _done(out: Path) -> bool:
+    """Complete, or stopped (a diverged run keeps its folder and ``cpu.json``): not rerun."""
+    from gradstats.eqprop.train import read_metrics
+
+    metrics = out / "metrics.jsonl"
+    if (out / "cpu.json").exists() and metrics.exists():
+        return True
+    return metrics.exists() and any(r.get("step") == STEPS for r in read_metrics(metrics))
+
+
+def _run(name: str, runs: Path) -> None:
+    """Run ``name`` unless done; its CPU seconds (user + system) and exit status go to
+    ``cpu.json``. A run that stopped with metrics (training diverged: exit status 2) is
+    reported in the table; one that left nothing raises."""
+    if _done(runs / name):
+        return
+    line = command(name, runs)
+    print(" ".join(line), flush=True)
+    proc = subprocess.Popen(line)
+    _, status, usage = os.wait4(proc.pid, 0)
+    code = os.waitstatus_to_exitcode(status)
+    if code != 0 and not (runs / name / "metrics.jsonl").exists():
+        raise subprocess.CalledProcessError(code, line)
+    cpu = {"cpu_seconds": usage.ru_utime + usage.ru_stime, "returncode": code}
+    (runs / name / "cpu.json").write_text(json.dumps(cpu) + "\n")
+
+
+def _cpu_minutes(out: Path, records: list[dict]) -> str:
+    """CPU minutes from ``cpu.json``, else the run's wall-clock ``time`` (marked ``wall``)."""
+    path = out / "cpu.json"
+    info = json.loads(path.read_text()) if path.exists() else {}
+    if "cpu_seconds" in info:
+        return f"{float(info['cpu_seconds']) / 60:.1f}"
+    return f"{float(records[-1]['time']) / 60:.1f} (wall)"
+
+
+def table(runs: Path) -> tuple[list[list[object]], dict[str, float]]:
+    """The rows of the README table and each run's final validation CE."""
+    from gradstats.eqprop.train import read_metrics
+
+    rows, final = [], {}
+    for name in RUNS:
+        records = read_metrics(runs / name / "metrics.jsonl")
+        val = {r["step"]: r["val_ce"] for r in records if "val_ce" in r}
+        final[name] = val[max(val)]
+        at = [f"{val[s]:.3f}" if s in val else "-" for s in CHECKPOINTS]
+        last = max(r["step"] for r in records if "step" in r)
+        end = f"{final[name]:.3f}" + ("" if last == STEPS else f" @{max(val)}, stopped at {last}")
+        rows.append([name, *at, end, _cpu_minutes(runs / name, records)])
+    for row, name in zip(rows, RUNS, strict=True):
+        row[-1:-1] = [f"{final[name] / final['bptt']:.3f}",
+                      f"{final[name] - final['backprop']:+.3f}"]  # fmt: skip
+    return rows, final
+
+
+def main(argv: list[str] | None = None) -> dict[str, float]:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--runs", type=Path, default=Path("runs/noplateau"), help="run folders")
+    parser.add_argument("--jobs", type=int, default=2, help="runs at a time")
+    parser.add_argument("--figure", type=Path, help="also copy curves.png here")
+    parser.add_argument("--dry-run", action="store_true", help="print the commands only")
+    args = parser.parse_args(argv)
+    if args.dry_run:
+        for name in RUNS:
+            print(" ".join(command(name, args.runs)))
+        return {}
+    with ThreadPoolExecutor(args.jobs) as pool:
+        list(pool.map(lambda name: _run(name, args.runs), RUNS))
+    from gradstats._format import format_table
+    from gradstats.eqprop.train import plot_curves, read_metrics
+
+    rows, final = table(args.runs)
+    head = ["run", *(f"val CE @{s}" for s in CHECKPOINTS), "final", "÷ bptt", "− backprop",
+            "CPU min"]  # fmt: skip
+    print(format_table(rows, head, markdown=True))
+    records = {name: read_metrics(args.runs / name / "metrics.jsonl") for name in RUNS}
+    curves = plot_curves(records, args.runs / "curves.png", f"no plateau? {STEPS} steps")
+    if args.figure is not None:
+        args.figure.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(curves, args.figure)
+    print(f"curves: {args.figure or curves}")
+    return final
+
+
+if __name__ == "__main__":
+    main()

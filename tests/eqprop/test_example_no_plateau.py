@@ -1,0 +1,91 @@
+"""examples/eqprop_no_plateau.py: its command lines are valid runs; the table from run folders."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import sys
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+
+import gradstats.eqprop.train as train_module
+from gradstats.cli import main
+
+EXAMPLE = Path(__file__).parents[2] / "examples" / "eqprop_no_plateau.py"
+
+
+def _load():
+    spec = importlib.util.spec_from_file_location("eqprop_no_plateau", EXAMPLE)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_the_commands_are_valid_runs_of_the_small_configuration(tmp_path, monkeypatch):
+    example = _load()
+    seen = {}
+
+    def fake_train(config, explicit=None):
+        seen[config.out.name] = config
+        return SimpleNamespace(val_ce=None, step=0, skipped_steps=0, unconverged_fraction=0.0)
+
+    monkeypatch.setattr(train_module, "train", fake_train)
+    for name in example.RUNS:
+        argv = example.command(name, tmp_path)
+        assert main(argv[argv.index("eqprop") :]) == 0
+    assert set(seen) == {"aep", "bptt", "backprop", "backprop_thin", "aep_fixed"}
+    for config in seen.values():
+        assert (config.d_model, config.n_heads, config.block_size) == (64, 4, 64)
+        assert (config.batch_size, config.steps, config.t1, config.seed) == (16, 2000, 60, 0)
+        assert (config.threads, config.eval_batches, config.lr) == (1, 8, 3e-3)
+    for name in ("aep", "bptt"):  # the same controller: the same objective family
+        assert seen[name].contraction_target == seen["aep"].contraction_target is not None
+        assert seen[name].controller_gain == seen["aep"].controller_gain
+        assert (seen[name].jac_penalty, seen[name].res_penalty) == (0.1, 1.0)
+        assert seen[name].ema_decay == seen["aep"].ema_decay
+    assert (seen["aep"].beta, seen["aep"].tol_adjoint) == (0.05, 1e-3)
+    assert seen["backprop_thin"].ffn_mult == 1
+    assert seen["aep_fixed"].contraction_target is None
+    assert (seen["aep_fixed"].jac_penalty, seen["aep_fixed"].res_penalty) == (0.1, 1.0)
+
+
+def test_the_dry_run_prints_and_runs_nothing(tmp_path, capsys):
+    assert _load().main(["--dry-run", "--runs", str(tmp_path)]) == {}
+    lines = capsys.readouterr().out.splitlines()
+    assert len(lines) == 5
+    assert all("--steps 2000" in line for line in lines)
+    assert not any(tmp_path.iterdir())
+
+
+def test_the_table_reads_the_checkpoints_and_cpu_time(tmp_path):
+    example = _load()
+    for i, name in enumerate(example.RUNS):
+        (tmp_path / name).mkdir()
+        last = 1200 if name == "aep_fixed" else 2000  # a run that stopped (diverged)
+        checks = [s for s in (500, 1000, 1500, 2000) if s <= last]
+        records = [{"step": s, "val_ce": 3.0 - s / 1000 + i / 10, "time": s} for s in checks]
+        records.append({"step": last, "time": last})
+        (tmp_path / name / "metrics.jsonl").write_text(
+            "".join(json.dumps(r) + "\n" for r in records)
+        )
+    (tmp_path / "aep" / "cpu.json").write_text('{"cpu_seconds": 90.0, "returncode": 0}\n')
+    rows, final = example.table(tmp_path)
+    assert final == {"aep": 1.0, "bptt": 1.1, "backprop": 1.2, "backprop_thin": 1.3,
+                     "aep_fixed": pytest.approx(2.4)}  # fmt: skip
+    assert rows[0] == ["aep", "2.500", "2.000", "1.500", "1.000", "0.909", "-0.200", "1.5"]
+    assert rows[1][-3:] == ["1.000", "-0.100", "33.3 (wall)"]  # no cpu.json: the wall clock
+    (tmp_path / "bptt" / "cpu.json").write_text('{"returncode": 2}\n')  # no CPU time recorded
+    assert example.table(tmp_path)[0][1][-1] == "33.3 (wall)"
+    assert rows[4][1:5] == ["2.900", "2.400", "-", "2.400 @1000, stopped at 1200"]
+
+
+def test_a_stopped_run_with_cpu_json_is_not_rerun(tmp_path):
+    example = _load()
+    (tmp_path / "aep").mkdir()
+    (tmp_path / "aep" / "metrics.jsonl").write_text('{"step": 7, "time": 1.0}\n')
+    assert not example._done(tmp_path / "aep")
+    (tmp_path / "aep" / "cpu.json").write_text('{"cpu_seconds": 1.0, "returncode": 2}\n')
+    assert example._done(tmp_path / "aep")
