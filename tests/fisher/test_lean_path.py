@@ -41,11 +41,11 @@ def _state(fc):
     return fc.result.state.tensors()
 
 
-def _pair(dtype, batches, *, bias_free_middle=False, **options):
-    """(lean, general) collectors fed the same batches."""
+def _pair(make, batches, **options):
+    """(lean, general) collectors of ``make()``'s model fed the same batches."""
     pair = []
     for lean in (True, False):
-        fc = FisherCollector(_model(dtype, bias_free_middle), "empirical", **options)
+        fc = FisherCollector(make(), "empirical", **options)
         assert fc._lean is not None
         if not lean:
             fc._lean = None
@@ -61,7 +61,7 @@ def _pair(dtype, batches, *, bias_free_middle=False, **options):
 def test_lean_path_gives_the_general_paths_bits(dtype, options, bias_free_middle):
     sizes = [7, 1, 9, 3] * 10  # more batches than FOLD_EVERY, a batch of one
     lean, general = _pair(
-        dtype, _batches(dtype, sizes, nan_at=5), bias_free_middle=bias_free_middle, **options
+        lambda: _model(dtype, bias_free_middle), _batches(dtype, sizes, nan_at=5), **options
     )
     a, b = _state(lean), _state(general)
     assert a.keys() == b.keys()
@@ -125,14 +125,7 @@ def _shared_model():
 def test_a_batch_it_does_not_handle_falls_back_to_the_general_path(make, shape):
     model = make()
     x, y = torch.randn(*shape, dtype=torch.float64), torch.randint(0, 3, (6,))
-    lean = FisherCollector(model, "empirical")
-    assert lean._lean is not None
-    general = FisherCollector(model, "empirical")
-    general._lean = None
-    for _ in range(3):
-        lean.collect(x, y)
-        general.collect(x, y)
-    a, b = _state(lean), _state(general)
+    a, b = (_state(fc) for fc in _pair(lambda: model, [(x, y)] * 3))
     assert all(torch.equal(a[k], b[k]) for k in a)
 
 
@@ -173,16 +166,6 @@ class _WithUnusedBranch(nn.Module):
 def test_an_output_that_does_not_reach_the_loss(dtype):
     torch.manual_seed(0)
     model = _WithUnusedBranch().to(dtype)
-    batches = _batches(dtype, [5, 4, 6])
-    collectors = []
-    for lean in (True, False):
-        fc = FisherCollector(model, "empirical")
-        assert fc._lean is not None
-        if not lean:
-            fc._lean = None
-        for x, y in batches:
-            fc.collect(x, y)
-        collectors.append(fc)
-    a, b = (_state(fc) for fc in collectors)
+    a, b = (_state(fc) for fc in _pair(lambda: model, _batches(dtype, [5, 4, 6])))
     assert all(torch.equal(a[k], b[k]) for k in a)
     assert not a["g2_sum/aux.weight"].any()

@@ -11,22 +11,22 @@ from gradstats.scaling._engine import update_
 from gradstats.scaling._rules import constant_factor
 
 
-def _mlp():
+def _mlp(dtype=torch.float64):
     torch.manual_seed(0)
-    return torch.nn.Sequential(
-        torch.nn.Linear(5, 8), torch.nn.Tanh(), torch.nn.Linear(8, 1)
-    ).double()
+    return torch.nn.Sequential(torch.nn.Linear(5, 8), torch.nn.Tanh(), torch.nn.Linear(8, 1)).to(
+        dtype
+    )
 
 
-def _run(eager, monkeypatch, steps=12, **options):
+def _run(eager, monkeypatch, steps=12, dtype=torch.float64, **options):
     """(scaler, model) after ``steps`` per-sample steps; ``eager``: readouts every update."""
     if eager:
         monkeypatch.setattr(_readout, "constant_factor", lambda config: False)
-    model = _mlp()
+    model = _mlp(dtype)
     vgs = VarianceGradientScaler(model.named_parameters(), model=model, batch_size=16, **options)
     for k in range(steps):
         g = torch.Generator().manual_seed(100 + k)
-        x = torch.randn(16, 5, generator=g, dtype=torch.float64)
+        x = torch.randn(16, 5, generator=g, dtype=torch.float64).to(dtype)
         model.zero_grad()
         torch.nn.functional.mse_loss(model(x), torch.sin(x.sum(1, keepdim=True))).backward()
         vgs.step()
@@ -48,10 +48,11 @@ def _same(a, b):
         assert a == b or (a != a and b != b)  # (NaN)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 @pytest.mark.parametrize("aggregate", ["global", "param_group", "tensor"])
-def test_every_read_equals_the_eager_scalers(monkeypatch, aggregate):
-    lazy, _ = _run(False, monkeypatch, aggregate=aggregate)
-    eager, _ = _run(True, monkeypatch, aggregate=aggregate)
+def test_every_read_equals_the_eager_scalers(monkeypatch, aggregate, dtype):
+    lazy, _ = _run(False, monkeypatch, aggregate=aggregate, dtype=dtype)
+    eager, _ = _run(True, monkeypatch, aggregate=aggregate, dtype=dtype)
     assert lazy._stale
     assert not eager._stale
     _same(lazy.statistics(), eager.statistics())
