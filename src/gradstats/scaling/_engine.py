@@ -4,7 +4,9 @@ One update is two phases, so that a failing call changes nothing:
 
 1. :func:`observe` validates the gradients (no sparse gradient, every parameter still has the
    shape and device the state was built for) and computes their squared norms ‖g_j‖² and the
-   step's finiteness on the device. It changes no state.
+   step's finiteness on the device. It changes no state: a statistic that computes its step
+   from the same pass (the temporal statistic's one-pass native kernel) writes it into spare
+   buffers that only :func:`update_` makes current.
 2. :func:`update` (or in place :func:`update_`) feeds the observation to the statistics (a
    non-finite or user-skipped step is dropped on the device), advances the counters —
    ``nonfinite`` += [step non-finite], ``consecutive`` = 0 if finite else ``consecutive`` + 1,
@@ -57,6 +59,10 @@ class Observation:
         skip: None, a bool or a 0-dim tensor (non-zero: drop this step, counted).
         grad_inv: 1/S when ``.grad`` still carries an AMP loss scale S, else None.
         hook_inv: 1/S when backward hooks recorded scaled contributions, else None.
+        prepared: per device block, what the statistic computed ahead from the same pass
+            over the gradients (its ``measure``: the temporal statistic's one-pass native
+            step, whose new means wait in spare buffers), or None. A statistic uses it in
+            :func:`update_` only if nothing changed its state since.
     """
 
     grads: tuple[list[torch.Tensor | None], ...]
@@ -66,6 +72,7 @@ class Observation:
     skip: torch.Tensor | bool | None = None
     grad_inv: torch.Tensor | None = None
     hook_inv: torch.Tensor | None = None
+    prepared: tuple[Any, ...] = ()
 
 
 def _mask(
@@ -155,14 +162,24 @@ def observe(
     everything = [t.grad for t in layout.tensors]
     if any(g is not None and g.is_sparse for g in everything):
         raise ConfigurationError("sparse gradients are not supported by VarianceGradientScaler")
-    grads_out, sq_out, mask_out = [], [], []
+    hook_inv = None if loss_scale is None else _inverse(loss_scale, home)
+    grad_inv = hook_inv if scaled else None
+    grads_out, sq_out, mask_out, prepared_out = [], [], [], []
     finite: torch.Tensor | None = None
     for b, (start, stop) in enumerate(layout.blocks):
         grads = everything[start:stop]
         present = tuple(g is not None for g in grads)
         rows, mask = _mask(state, b, present, layout.devices[b])
+        prepared = None
         if all(present):  # the common case: no scatter into a zero vector
-            sq = squared_norms(cast("list[torch.Tensor]", grads))
+            measure = getattr(state.statistics[b], "measure", None)
+            inv = None if grad_inv is None else grad_inv.to(layout.devices[b])
+            prepared = None if measure is None else measure(grads, inv)
+            sq = (
+                squared_norms(cast("list[torch.Tensor]", grads))
+                if prepared is None
+                else prepared.sq_norms
+            )
         else:
             sq = torch.zeros(stop - start, dtype=torch.float64, device=layout.devices[b])
             if any(present):
@@ -175,12 +192,12 @@ def observe(
         grads_out.append(grads)
         sq_out.append(sq)
         mask_out.append(mask)
+        prepared_out.append(prepared)
     assert finite is not None  # a layout has at least one block
-    hook_inv = None if loss_scale is None else _inverse(loss_scale, home)
-    grad_inv = hook_inv if scaled else None
     return Observation(
-        tuple(grads_out), tuple(sq_out), tuple(mask_out), finite, skip, grad_inv, hook_inv
-    )
+        tuple(grads_out), tuple(sq_out), tuple(mask_out), finite, skip, grad_inv, hook_inv,
+        tuple(prepared_out),
+    )  # fmt: skip
 
 
 def update_(
@@ -202,18 +219,21 @@ def update_(
     elif isinstance(skip, torch.Tensor):
         apply = apply & ~skip.to(device=home, dtype=torch.bool)
     grad_inv, hook_inv = observation.grad_inv, observation.hook_inv
-    for grads, sq, mask, statistic, device in zip(
+    prepared = observation.prepared or (None,) * len(state.statistics)
+    for grads, sq, mask, statistic, device, ahead in zip(
         observation.grads,
         observation.sq_norms,
         observation.masks,
         state.statistics,
         state.layout.devices,
+        prepared,
         strict=True,
     ):
         take = mask & apply.to(device)
         if grad_inv is not None:
             sq = sq * grad_inv.to(device).square()
-        statistic.update(grads, sq, take, grad_inv=grad_inv, hook_inv=hook_inv)
+        extra = {} if ahead is None else {"prepared": ahead}
+        statistic.update(grads, sq, take, grad_inv=grad_inv, hook_inv=hook_inv, **extra)
     masks = observation.masks
     present = masks[0] if len(masks) == 1 else torch.cat([m.to(home) for m in masks])
     if readout:

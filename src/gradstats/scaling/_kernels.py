@@ -15,12 +15,15 @@ at any magnitude of float32/float16/bfloat16 gradients. float64 gradients are su
 Two implementations of each kernel, pinned to each other and to the per-coordinate reference
 by tests (``tests/scaling/test_kernels.py``):
 
-* native (CPU): two loops in C (:data:`_SOURCE`), compiled on first use with the system C
-  compiler into a cache folder (``$GRADSTATS_CACHE_DIR``, else ``$XDG_CACHE_HOME/gradstats``,
-  else ``~/.cache/gradstats``; about 0.3 s, once per machine) and called through ``ctypes``.
-  Used for contiguous CPU tensors of float32/float64 (bfloat16 gradients too); one pass per
-  kernel: ``squared_norms`` reads g (4 B/element in float32) and :class:`NativeDeviation`
-  reads g and m and writes m (12 B) — 16 B/element for the whole temporal update.
+* native (CPU): three loops in C (:mod:`gradstats.scaling._native_source`), compiled on first
+  use with the system C compiler into a cache folder (``$GRADSTATS_CACHE_DIR``, else
+  ``$XDG_CACHE_HOME/gradstats``, else ``~/.cache/gradstats``; about 0.3 s, once per machine)
+  and called through ``ctypes``. Used for contiguous CPU tensors of float32/float64 (bfloat16
+  gradients too); one pass per kernel: ``squared_norms`` reads g (4 B/element in float32),
+  :class:`NativeDeviation` reads g and m and writes m (12 B), and
+  :class:`NativeDeviationInto` does both at once — the whole temporal update in one pass of
+  12 B/element, writing the new means to a second buffer (one more state-sized buffer) so
+  that a dropped step costs nothing to undo.
   By default used while torch runs on one CPU thread (the loops are single-threaded);
   ``GRADSTATS_NATIVE_KERNELS=0``/``1`` (or :func:`set_native_kernels`) turns it off/on; without a
   compiler, on other devices and dtypes, under ``torch.compile`` or tensor subclasses the
@@ -35,6 +38,7 @@ import torch
 
 from gradstats.scaling._native import (
     NativeDeviation,
+    NativeDeviationInto,
     native_kernels_available,
     native_squared_norms,
     native_traffic,
@@ -42,8 +46,9 @@ from gradstats.scaling._native import (
 )
 
 __all__ = [
-    "FlatScratch", "NativeDeviation", "deviation_step_", "native_kernels_available",
-    "native_traffic", "power_of_two_scale", "set_native_kernels", "squared_norms", "state_dtype",
+    "FlatScratch", "NativeDeviation", "NativeDeviationInto", "deviation_step_",
+    "native_kernels_available", "native_traffic", "power_of_two_scale", "set_native_kernels",
+    "squared_norms", "state_dtype",
 ]  # fmt: skip
 
 

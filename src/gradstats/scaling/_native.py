@@ -1,4 +1,5 @@
-r"""The native CPU kernels of the scaler: C source, build, and the ctypes wrappers.
+r"""The native CPU kernels of the scaler: build and ctypes wrappers (C source in
+:mod:`gradstats.scaling._native_source`).
 
 See :mod:`gradstats.scaling._kernels` for what the kernels compute and when they run. The
 wrappers are cheap per step: a gradient list is validated once per step (dtype, contiguity,
@@ -28,67 +29,13 @@ from pathlib import Path
 
 import torch
 
+from gradstats.scaling._native_source import SOURCE as _SOURCE
+
 __all__ = [
-    "NativeBatch", "NativeDeviation", "native_batch", "native_kernels_available",
-    "native_squared_norms", "native_traffic", "set_native_kernels",
+    "NativeBatch", "NativeDeviation", "NativeDeviationInto", "native_batch",
+    "native_kernels_available", "native_squared_norms", "native_traffic", "set_native_kernels",
 ]  # fmt: skip
 
-# kind codes: 0 float32, 1 float64, 2 bfloat16 (its bits are the top half of a float32)
-_SOURCE = r"""
-#include <stdint.h>
-#include <string.h>
-/* 16 independent float64 accumulators per loop: a single one would bound the pass by the
-   latency of its additions rather than by memory bandwidth */
-#define GS_LANES 16
-static inline double gs_bf16(uint16_t b) {
-    uint32_t u = (uint32_t)b << 16; float f; memcpy(&f, &u, 4); return (double)f;
-}
-#define GS_PLAIN(v) ((double)(v))
-#define GS_SUMSQ(T, LOAD) {                                                                 \
-    const T *restrict x = (const T *)ptr[j]; double acc[GS_LANES] = {0}, total = 0.0;      \
-    int64_t i = 0;                                                                         \
-    for (; i + GS_LANES <= n[j]; i += GS_LANES)                                            \
-        for (int k = 0; k < GS_LANES; ++k) { double v = LOAD(x[i + k]); acc[k] += v * v; } \
-    for (; i < n[j]; ++i) { double v = LOAD(x[i]); total += v * v; }                       \
-    for (int k = 0; k < GS_LANES; ++k) total += acc[k];                                    \
-    out[j] = total; }
-/* out[j] = sum_i x_j[i]^2, accumulated in double */
-void gs_sumsq(int64_t count, void *const *ptr, const int64_t *n, const int8_t *kind,
-              double *out) {
-    for (int64_t j = 0; j < count; ++j) {
-        if (kind[j] == 0) GS_SUMSQ(float, GS_PLAIN)
-        else if (kind[j] == 1) GS_SUMSQ(double, GS_PLAIN)
-        else GS_SUMSQ(uint16_t, gs_bf16)
-    }
-}
-#define GS_DEV(M_, G, LOAD_) {                                                              \
-    typedef M_ M;                                                                          \
-    M *restrict mj = (M *)m[j]; const G *restrict gj = (const G *)g[j];                    \
-    double acc[GS_LANES] = {0}; int64_t i = 0;                                             \
-    for (; i + GS_LANES <= n[j]; i += GS_LANES)                                            \
-        for (int k = 0; k < GS_LANES; ++k) GS_STEP_##LOAD_(i + k, acc[k])                  \
-    for (; i < n[j]; ++i) GS_STEP_##LOAD_(i, total)                                        \
-    for (int k = 0; k < GS_LANES; ++k) total += acc[k]; }
-#define GS_STEP_GS_PLAIN(I, ACC) { double mi = (double)mj[I], d = s * (double)gj[I] - mi;  \
-    ACC += d * d; mj[I] = (M)(mi + w * d); }
-#define GS_STEP_gs_bf16(I, ACC) { double mi = (double)mj[I], d = s * gs_bf16(gj[I]) - mi;  \
-    ACC += d * d; mj[I] = (M)(mi + w * d); }
-/* d = s g_j - m_j (in double); out[j] = sum_i d_i^2; m_j += a_j d; nothing read when a_j == 0 */
-void gs_deviation(int64_t count, void *const *m, void *const *g, const int64_t *n,
-                  const int8_t *kind, const double *a, const double *scale, double *out) {
-    const double s = scale ? *scale : 1.0;
-    for (int64_t j = 0; j < count; ++j) {
-        const double w = a[j];
-        double total = 0.0;
-        if (w != 0.0) {
-            if (kind[j] == 0) GS_DEV(float, float, GS_PLAIN)
-            else if (kind[j] == 1) GS_DEV(double, double, GS_PLAIN)
-            else GS_DEV(float, uint16_t, gs_bf16)
-        }
-        out[j] = total;
-    }
-}
-"""
 _KIND = {torch.float32: 0, torch.float64: 1, torch.bfloat16: 2}
 _MEAN_DTYPE = (torch.float32, torch.float64, torch.float32)  # the m dtype of each kind
 _SETTING = os.environ.get("GRADSTATS_NATIVE_KERNELS", "auto").strip().lower()
@@ -144,6 +91,7 @@ def _build() -> ctypes.CDLL | None:
         lib = ctypes.CDLL(str(path))
         lib.gs_sumsq.argtypes = [ctypes.c_int64, _P, _P, _P, _P]
         lib.gs_deviation.argtypes = [ctypes.c_int64, _P, _P, _P, _P, _P, _P, _P]
+        lib.gs_deviation_into.argtypes = [ctypes.c_int64, *[_P] * 10]
     except (OSError, AttributeError, subprocess.SubprocessError):  # no compiler, bad cache
         return None
     return lib
@@ -332,3 +280,78 @@ class NativeDeviation:
             read = self._bytes + sum(g.numel() * g.element_size() for g in grads)
             _TALLY.append(("gs_deviation", read, self._bytes))
         return out
+
+
+class NativeDeviationInto:
+    r"""The whole temporal step of a device block in one pass, between buffer pairs (CPU).
+
+    Built over the state's ``means``, as many ``spares`` of the same shapes and dtypes, and
+    ``parity``, a bool vector (CPU, one entry per tensor) saying which buffer of pair j holds
+    m_j now (False: ``means[j]``). Calling it with gradients g_j (every tensor of the block),
+    weights w_j and the multiplier s computes, per tensor j and in float64 registers,
+
+        d = s·g_j − m_j,     ‖d‖²,     ‖g_j‖² (unscaled),     other buffer of j ← m_j + w_j d
+
+    and returns (‖g‖², ‖d‖²) as float64 vectors: the sums of ``gs_sumsq`` and
+    ``gs_deviation``, bitwise, and the new means those kernels would have written. m_j is only
+    read, so the caller applies the step by flipping ``parity[j]`` (a tensor op: no host
+    read) and drops it by doing nothing — a non-finite or skipped step costs no rollback.
+    Traffic: read g and m, write the other buffer: 12 B/element in float32 for the whole
+    update (no ``squared_norms`` pass). Returns None, having changed nothing, where the native
+    kernels do not apply.
+    """
+
+    def __init__(
+        self, means: list[torch.Tensor], spares: list[torch.Tensor], parity: torch.Tensor
+    ) -> None:
+        first, second = native_batch(means, fresh=True), native_batch(spares, fresh=True)
+        self.ready = (
+            first is not None
+            and second is not None
+            and all(k != 2 for k in first.kinds)
+            and first.sizes == second.sizes
+            and first.kinds == second.kinds
+            and parity.dtype is torch.bool
+            and parity.is_cpu
+            and parity.is_contiguous()
+            and parity.numel() == first.count
+        )
+        self._kinds: list[int] | None = None
+        if first is not None and second is not None and self.ready:
+            self._pair, self._sizes, self._means = (first, second), first.sizes, means
+            self._parity = parity
+            self._bytes = sum(m.numel() * m.element_size() for m in means)
+
+    def __call__(
+        self,
+        grads: list[torch.Tensor],
+        weights: torch.Tensor,
+        multiplier: torch.Tensor | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor] | None:
+        lib = _library()
+        if lib is None or not self.ready or torch.compiler.is_compiling():
+            return None
+        if not weights.is_cpu or (multiplier is not None and not multiplier.is_cpu):
+            return None
+        batch = native_batch(grads, fresh=True)
+        if batch is None or batch.sizes != self._sizes:
+            return None
+        if batch.kinds != self._kinds:
+            for m, k in zip(self._means, batch.kinds, strict=True):
+                if m.dtype is not _MEAN_DTYPE[k]:
+                    return None
+            self._kinds = batch.kinds
+        w = weights.to(torch.float64).contiguous()
+        s = None if multiplier is None else multiplier.to(torch.float64).reshape(()).contiguous()
+        dev_sq = torch.empty(batch.count, dtype=torch.float64)
+        sq = torch.empty(batch.count, dtype=torch.float64)
+        first, second = self._pair
+        lib.gs_deviation_into(
+            batch.count, first.ptr_array, second.ptr_array, self._parity.data_ptr(),
+            batch.ptr_array, batch.size_array, batch.kind_array, w.data_ptr(),
+            None if s is None else s.data_ptr(), dev_sq.data_ptr(), sq.data_ptr(),
+        )  # fmt: skip
+        if _TALLY is not None:
+            read = self._bytes + sum(g.numel() * g.element_size() for g in grads)
+            _TALLY.append(("gs_deviation_into", read, self._bytes))
+        return sq, dev_sq

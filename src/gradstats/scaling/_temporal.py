@@ -26,10 +26,15 @@ and float64.
   coordinate sum of the West update, exact — and Q = ‖m‖², carried by the identity
   ‖m + aδ‖² = (1 − a)‖m‖² + a‖g‖² − a(1 − a)‖δ‖² (from ‖g‖² = ‖m + δ‖²; every term is
   non-negative up to the last, which is the small one), so no pass over m is needed to read the
-  signal. On the CPU with a C compiler, one fused pass per dtype group
-  (:class:`~gradstats.scaling._kernels.NativeDeviation`) forms δ = g − m in float64 registers,
-  sums δ² in float64 and writes m + aδ: it reads g and m and writes m (12 B/element in float32,
-  16 B with the engine's ‖g‖² pass), and skips tensors with a = 0. Elsewhere (no compiler,
+  signal. On the CPU with a C compiler, when every tensor has a gradient, the whole update is
+  one pass (:meth:`TemporalState.measure`,
+  :class:`~gradstats.scaling._kernels.NativeDeviationInto`): while the engine observes the
+  step it forms ‖g‖² and δ = g − m in float64 registers, sums δ² in float64 and writes m + aδ
+  to the other buffer of a pair (12 B/element in float32 for the whole update); the update
+  applies it by flipping the tensors' parity bits, or drops it (non-finite, skipped) by doing
+  nothing. Otherwise (a missing gradient) the engine's ‖g‖² pass and one fused in-place pass
+  per dtype group (:class:`~gradstats.scaling._kernels.NativeDeviation`, 16 B/element with the
+  ‖g‖² pass; tensors with a = 0 skipped) give the same bits. Elsewhere (no compiler,
   other devices) δ is formed in a flat scratch buffer
   (:func:`~gradstats.scaling._kernels.deviation_step_`: seven foreach/whole-buffer ops per
   dtype, whatever the number of tensors), multiplied by an exact power of two c that brings its
@@ -41,19 +46,33 @@ and float64.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 
 from gradstats.moments import ema_reliability, ema_step_size, ema_update
 from gradstats.scaling._kernels import (
     FlatScratch,
     NativeDeviation,
+    NativeDeviationInto,
     deviation_step_,
+    native_kernels_available,
     power_of_two_scale,
     state_dtype,
 )
 from gradstats.scaling._state import Totals, reliability_corrected
 
-__all__ = ["TemporalState"]
+__all__ = ["Prepared", "TemporalState"]
+
+
+@dataclass(frozen=True)
+class Prepared:
+    """A step computed ahead by :meth:`TemporalState.measure`: ‖g_j‖² (unscaled), ‖δ_j‖², the
+    step sizes a_j it assumed (every tensor taken) — its new means wait in the spare buffers."""
+
+    sq_norms: torch.Tensor
+    dev_sq: torch.Tensor
+    step: torch.Tensor
 
 
 class TemporalState:
@@ -68,6 +87,8 @@ class TemporalState:
         self.numel = torch.tensor([p.numel() for p in params], dtype=torch.float64, device=device)
         self.count = torch.zeros(len(params), dtype=torch.int64, device=device)
         self.mean = [torch.zeros_like(p, dtype=state_dtype(p)) for p in params]
+        self._pending: Prepared | None = None  # the latest measure's step, until an update
+        self._settled = True  # self.mean holds every m_j (no one-pass step since _settle)
         if foreach:
             zeros = torch.zeros(len(params), dtype=torch.float64, device=device)
             self.var_sum, self.mean_sq = zeros, zeros.clone()
@@ -81,6 +102,10 @@ class TemporalState:
                 tuple[int, tuple[bool, ...]],
                 tuple[list[int], torch.Tensor, NativeDeviation, bool],
             ] = {}
+            # the one-pass kernel's buffer pairs: m_j is spare[j] where parity[j], else mean[j]
+            self._spare: list[torch.Tensor] | None = None  # allocated by the first measure
+            self._parity = torch.zeros(0, dtype=torch.bool)
+            self._into: NativeDeviationInto | None = None
         else:
             self.var = [torch.zeros_like(m, dtype=torch.float64) for m in self.mean]
 
@@ -92,13 +117,21 @@ class TemporalState:
         *,
         grad_inv: torch.Tensor | None = None,
         hook_inv: torch.Tensor | None = None,
+        prepared: Prepared | None = None,
     ) -> None:
         """One step. ``take[j]``: tensor j has a gradient and the step is applied.
 
         ``sq_norms`` are ‖g_j‖², already unscaled; ``grad_inv`` is 1/S when ``.grad`` still
         carries an AMP loss scale S (``hook_inv`` is for same-point hooks and unused here).
+        ``prepared``: what :meth:`measure` computed for this step's observation; it is used
+        only if it is the latest measurement and nothing changed the state since.
         """
+        pending, self._pending = self._pending, None
         self.count = self.count + take  # int64 + bool: int64
+        if prepared is not None and prepared is pending:
+            self._commit(prepared, sq_norms, take)
+            return
+        self._settle()
         step = torch.where(take, ema_step_size(self.beta, self.count), 0.0)
         if not any(g is not None for g in grads):
             return
@@ -160,8 +193,57 @@ class TemporalState:
             else:
                 dev_sq = torch.zeros_like(self.var_sum) if dev_sq is None else dev_sq
                 dev_sq = dev_sq.index_copy(0, index, sq)
-        if dev_sq is None:
+        if dev_sq is not None:
+            self._fold(dev_sq, sq_norms, take, step)
+
+    def measure(
+        self, grads: list[torch.Tensor], grad_inv: torch.Tensor | None = None
+    ) -> Prepared | None:
+        """‖g_j‖² of every tensor (all of them have a gradient) by the one-pass native kernel
+        (:class:`~gradstats.scaling._native.NativeDeviationInto`), which also forms this
+        step's new means, as if every tensor were taken, in the other buffer of each pair;
+        None where it does not apply (the caller then runs ``squared_norms``, and
+        :meth:`update` the two-pass step). Nothing the state reads changes: :meth:`update`
+        with the result applies the step by flipping the tensors' parity bits (no host
+        read), or drops it. The spares cost one more state-sized buffer, allocated on the
+        first call (CPU, native kernels on)."""
+        if not self.foreach or not self.mean or not self.mean[0].is_cpu:
+            return None
+        if self._into is None:
+            if not native_kernels_available():
+                return None
+            spare = [torch.empty_like(m) for m in self.mean]
+            parity = torch.zeros(len(self.mean), dtype=torch.bool)
+            self._into = NativeDeviationInto(self.mean, spare, parity)
+            if self._into.ready:
+                self._spare, self._parity = spare, parity
+        step = ema_step_size(self.beta, self.count + 1)
+        result = self._into(grads, step, grad_inv)
+        self._pending = None if result is None else Prepared(*result, step)
+        return self._pending
+
+    def _commit(self, prepared: Prepared, sq_norms: torch.Tensor, take: torch.Tensor) -> None:
+        """Apply (where ``take``) the step :meth:`measure` prepared: flip those parity bits."""
+        torch.logical_xor(self._parity, take, out=self._parity)
+        self._settled = False
+        self._fold(prepared.dev_sq, sq_norms, take, torch.where(take, prepared.step, 0.0))
+
+    def _settle(self) -> None:
+        """Make ``self.mean`` hold every m_j again (copying from the spares where the parity
+        bit is set): before any path that reads or writes the means in place. One host read
+        of the parity bits (CPU), only after one-pass steps."""
+        if self._settled or self._spare is None:
             return
+        for j, odd in enumerate(self._parity.tolist()):  # sync-ok: CPU, off the one-pass path
+            if odd:
+                self.mean[j].copy_(self._spare[j])
+        self._parity.zero_()
+        self._settled = True
+
+    def _fold(
+        self, dev_sq: torch.Tensor, sq_norms: torch.Tensor, take: torch.Tensor, step: torch.Tensor
+    ) -> None:
+        """P ← (1 − a)(P + a‖δ‖²) and Q ← (1 − a)Q + a‖g‖² − a(1 − a)‖δ‖² where taken."""
         # where a tensor is not taken (no gradient, a dropped step: a = 0) its entries of
         # dev_sq / sq_norms may be NaN or stale; torch.where keeps the old value there and
         # never propagates them, so they need no cleaning first
@@ -200,6 +282,7 @@ class TemporalState:
         The fast state also carries ``sq_ema`` = Σ_i v_i + ‖m‖² = Σ_k w_k ‖g_k‖², the EMA of
         squared gradient norms that earlier versions stored (read-only: loading uses
         ``var_sum`` when present)."""
+        self._settle()
         state = {"count": self.count[j].clone(), "mean": self.mean[j].clone()}
         if self.foreach:
             state["var_sum"] = self.var_sum[j].clone()
@@ -210,6 +293,8 @@ class TemporalState:
         return state
 
     def load_tensor_state(self, j: int, state: dict[str, torch.Tensor]) -> None:
+        self._pending = None
+        self._settle()
         self.count[j] = state["count"]
         self.mean[j].copy_(state["mean"])
         if self.foreach:

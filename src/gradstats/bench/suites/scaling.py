@@ -20,7 +20,8 @@
   Recorded in the params: ``<candidate>_bytes_per_element`` (total ÷ parameter count),
   ``<candidate>_ops`` (every op of the call, small per-tensor-scalar ops included) and
   ``<candidate>_bulk_ops`` (those moving >= 1 B per parameter element). Native ``temporal``:
-  ‖g‖² read 4 B + one fused pass reading g and m and writing m 12 B = 16 B, two bulk calls.
+  one pass reading g and m and writing the new m to the other buffer of a pair (‖g‖² from the
+  same pass) = 12 B, one bulk call.
   (The count follows the schemas: ``_fused_adamw_`` marks the gradients mutable, so fused AdamW
   counts 32 B although it writes them only when unscaling: its real traffic is 28 B.)
   Foreach ``temporal``: ‖g‖² in float64 (torch casts to float64 on the CPU), then copy, (mul),
@@ -33,8 +34,8 @@
   8×128 tokens. Goal: <= 1.1x.
 
 Persistent extra memory (state) is recorded in the comparison's params: the temporal statistic
-keeps one buffer per parameter (AdamW keeps two; the foreach fallback one more scratch buffer),
-the others only per-tensor scalars.
+keeps one buffer per parameter, two with the native one-pass update (AdamW keeps two; the
+foreach fallback one more scratch buffer), the others only per-tensor scalars.
 
 Run: ``gradstats bench scaling`` (``--smoke`` for a seconds-long check).
 """
@@ -210,7 +211,8 @@ def _step_cost(smoke: bool) -> list[Comparison]:
         "parameters": numel,
         "tensors": len(params),
         "state_bytes_adamw": 2 * 4 * numel,
-        "state_bytes_temporal": 4 * numel + 16 * len(params),
+        # the native one-pass update keeps a second mean buffer (the new means go there)
+        "state_bytes_temporal": (8 if native else 4) * numel + 16 * len(params),
         "scratch_bytes_temporal": 0 if native else 4 * numel,
         "state_bytes_same_point": 32 * len(params),
         **measured,
