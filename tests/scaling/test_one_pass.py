@@ -313,3 +313,23 @@ def test_the_portable_build_without_avx2_gives_the_same_bits(monkeypatch, tmp_pa
     for aligned in (True, False):
         test_the_kernel_equals_squared_norms_and_the_in_place_kernel(torch.float32, 0.125, aligned)
     assert list(tmp_path.glob("kernels-*.so"))  # it was built here, without AVX2
+
+
+@needs_native
+def test_switching_the_native_kernels_off_mid_run_settles_the_buffers(monkeypatch):
+    """One-pass steps, then the foreach kernels (as with several threads): the foreach path
+    reads the means the one-pass steps left, exactly as after two-pass steps."""
+
+    def run():
+        named, vgs = _state_after(5)
+        set_native_kernels(False)
+        for k in range(5, 8):
+            for (_, p), g in zip(named, _grads(torch.float32, k), strict=True):
+                p.grad = g
+            vgs.update_statistics()
+        set_native_kernels(True)
+        return vgs.state_dict()
+
+    fast = run()
+    monkeypatch.setattr(TemporalState, "measure", lambda self, grads, grad_inv=None: None)
+    assert_same(fast, run())

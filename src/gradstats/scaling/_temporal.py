@@ -89,6 +89,10 @@ class TemporalState:
         self.mean = [torch.zeros_like(p, dtype=state_dtype(p)) for p in params]
         self._pending: Prepared | None = None  # the latest measure's step, until an update
         self._settled = True  # self.mean holds every m_j (no one-pass step since _settle)
+        # the one-pass kernel's buffer pairs: m_j is spare[j] where parity[j], else mean[j]
+        self._spare: list[torch.Tensor] | None = None  # allocated by the first measure
+        self._parity = torch.zeros(0, dtype=torch.bool)
+        self._into: NativeDeviationInto | None = None
         if foreach:
             zeros = torch.zeros(len(params), dtype=torch.float64, device=device)
             self.var_sum, self.mean_sq = zeros, zeros.clone()
@@ -102,10 +106,6 @@ class TemporalState:
                 tuple[int, tuple[bool, ...]],
                 tuple[list[int], torch.Tensor, NativeDeviation, bool],
             ] = {}
-            # the one-pass kernel's buffer pairs: m_j is spare[j] where parity[j], else mean[j]
-            self._spare: list[torch.Tensor] | None = None  # allocated by the first measure
-            self._parity = torch.zeros(0, dtype=torch.bool)
-            self._into: NativeDeviationInto | None = None
         else:
             self.var = [torch.zeros_like(m, dtype=torch.float64) for m in self.mean]
 
@@ -228,6 +228,12 @@ class TemporalState:
         self._settled = False
         self._fold(prepared.dev_sq, sq_norms, take, torch.where(take, prepared.step, 0.0))
 
+    def _current_mean(self, j: int) -> torch.Tensor:
+        """The buffer that holds m_j now (checkpoints read and load it without settling)."""
+        if self._settled or self._spare is None:
+            return self.mean[j]
+        return self._spare[j] if bool(self._parity[j]) else self.mean[j]  # sync-ok: CPU
+
     def _settle(self) -> None:
         """Make ``self.mean`` hold every m_j again (copying from the spares where the parity
         bit is set): before any path that reads or writes the means in place. One host read
@@ -282,8 +288,7 @@ class TemporalState:
         The fast state also carries ``sq_ema`` = Σ_i v_i + ‖m‖² = Σ_k w_k ‖g_k‖², the EMA of
         squared gradient norms that earlier versions stored (read-only: loading uses
         ``var_sum`` when present)."""
-        self._settle()
-        state = {"count": self.count[j].clone(), "mean": self.mean[j].clone()}
+        state = {"count": self.count[j].clone(), "mean": self._current_mean(j).clone()}
         if self.foreach:
             state["var_sum"] = self.var_sum[j].clone()
             state["mean_sq"] = self.mean_sq[j].clone()
@@ -294,9 +299,8 @@ class TemporalState:
 
     def load_tensor_state(self, j: int, state: dict[str, torch.Tensor]) -> None:
         self._pending = None
-        self._settle()
         self.count[j] = state["count"]
-        self.mean[j].copy_(state["mean"])
+        self._current_mean(j).copy_(state["mean"])
         if self.foreach:
             self.var_sum[j] = state["var_sum"]
             self.mean_sq[j] = state["mean_sq"]
