@@ -169,6 +169,26 @@ def test_relax_rejects_a_bad_start(case):
         relax(model, x, z0=0)
 
 
+@pytest.mark.parametrize(
+    ("change", "match"),
+    [
+        (lambda z: z[:, :-1], r"z0 has shape \(5, 7\) but .* has shape \(5, 8\)"),
+        (lambda z: z[:-1], r"z0 has shape \(4, 8\) but .* has shape \(5, 8\)"),
+        (lambda z: z.float(), r"z0 has dtype torch\.float32 but .* has dtype torch\.float64"),
+    ],
+    ids=["width", "batch", "dtype"],
+)
+def test_relax_and_estimators_reject_a_start_that_is_not_the_models_state(case, change, match):
+    model, x, y = case
+    z, _ = relax(model, x, tol=1e-8)
+    assert z.shape == (5, 8)
+    with pytest.raises(ConfigurationError, match=match):
+        relax(model, x, z0=change(z))
+    with pytest.raises(ConfigurationError, match=match):
+        estimate_gradient(model, x, y, method="aep", z0=change(z))
+    relax(model, x, z0=z)  # the model's own state is accepted
+
+
 def test_force_with_wrong_shape(case):
     base, x, y = case
 

@@ -151,6 +151,36 @@ def complex_dtype_errors(active: bool, method: str, dtype: torch.dtype) -> Itera
         ) from error
 
 
+def _initial_state(
+    model: EquilibriumModule, x_in: torch.Tensor, z0: torch.Tensor | None
+) -> torch.Tensor:
+    """``init_state(x_in)``, or the given ``z0`` once it is checked against it: same shape,
+    dtype and device (else the force would fail with torch's raw error). A model without
+    ``init_state`` that is always given ``z0`` is not checked."""
+    if z0 is None:
+        return model.init_state(x_in)
+    try:
+        expected = model.init_state(x_in)
+    except NotImplementedError:
+        return z0.detach()
+    if isinstance(expected, torch.Tensor) and not z0.is_complex():  # complex: refused below
+        _check_z0(model, z0, expected)
+    return z0.detach()
+
+
+def _check_z0(model: EquilibriumModule, z0: torch.Tensor, expected: torch.Tensor) -> None:
+    for what, got, want in (
+        ("shape", tuple(z0.shape), tuple(expected.shape)),
+        ("dtype", z0.dtype, expected.dtype),
+        ("device", z0.device, expected.device),
+    ):
+        if got != want:
+            raise ConfigurationError(
+                f"z0 has {what} {got} but {model.describe()}'s state for this x has {what} "
+                f"{want} (init_state(inject(x))); pass a state like the one relax() returns"
+            )
+
+
 def prepare(
     model: EquilibriumModule,
     x: torch.Tensor,
@@ -185,7 +215,7 @@ def prepare(
                 f"{model.describe()}.sample_noise returned a NoiseRealization but its force "
                 "takes no `noise` argument"
             )
-        state = model.init_state(x_in) if z0 is None else z0.detach()
+        state = _initial_state(model, x_in, z0)
         if not isinstance(state, torch.Tensor) or state.dim() < 1:
             raise ConfigurationTypeError(
                 f"{model.describe()}.init_state must return a [B, ...] tensor"
