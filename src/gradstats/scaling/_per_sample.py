@@ -50,6 +50,7 @@ from gradstats.fisher._accumulate import UnitLayout
 from gradstats.fisher._engine import batch_rows, handlers_for
 from gradstats.fisher._fallback import FunctionalHandler
 from gradstats.fisher._inputs import batch_size
+from gradstats.fisher._persample import LinearHandler
 from gradstats.scaling._params import ParamLayout
 from gradstats.scaling._per_sample_linear import (
     LinearSite,
@@ -57,45 +58,14 @@ from gradstats.scaling._per_sample_linear import (
     plain_grads,
     reusable,
 )
-from gradstats.scaling._per_sample_norms import squared_sum
 from gradstats.scaling._per_sample_sites import Part, shared_norm, site_norms
-from gradstats.scaling._same_point import SamePointState
+from gradstats.scaling._per_sample_staging import Scratch, Staging
+from gradstats.scaling._per_sample_state import PerSampleState
 
 __all__ = ["CHUNK_BYTES", "PerSampleHooks", "PerSampleState"]
 
 CHUNK_BYTES = 64 * 2**20  # memory budget of one chunk of materialised per-unit gradients
-
-
-class PerSampleState(SamePointState):
-    """Same-point state fed by module hooks: K = the number of units of the step."""
-
-    statistic = "per_sample"
-    parameter_hooks = False  # fed by PerSampleHooks, not by the parameter hooks of same_point
-
-    def add_units(self, rows: list[int], values: list[torch.Tensor], units: list[int]) -> None:
-        """Σ_i ‖c_i‖² and the unit count of one backward for tensors ``rows`` (no sync)."""
-        index = torch.tensor(rows, dtype=torch.int64).to(self._sums.device, non_blocking=True)
-        value = torch.stack([v.to(self._sums.device) for v in values])
-        count = torch.tensor(units, dtype=torch.float64).to(self._sums.device, non_blocking=True)
-        self._sums = self._sums.index_add(0, index, value)
-        self._passes = self._passes.index_add(0, index, count)
-        for row, n in zip(rows, units, strict=True):
-            self._host_passes[row] += n
-
-    def _watch_passes(self) -> None:
-        """Warn once when no per-example norm was recorded for ``STARVED_UPDATES`` updates."""
-        units = max(self._host_passes, default=0)
-        self._host_passes = [0] * len(self._host_passes)
-        self.starved = 0 if units >= 2 else self.starved + 1
-        if self.starved == 20 and not self.warned:
-            self.warned = True
-            warn(
-                "statistic='per_sample' has had no estimate for 20 updates: the hooks on the "
-                "model's modules recorded fewer than 2 units per step (a batch of one, a "
-                "forward that does not run through the model given to the scaler, or backward "
-                "inside paused()); the factor stays 1 and rho is NaN",
-                RuntimeWarning,
-            )
+_ROW_DTYPES = (torch.float32, torch.float64)  # output gradients the row path takes as they are
 
 
 class PerSampleHooks:
@@ -141,6 +111,16 @@ class PerSampleHooks:
                 f"{', '.join(fallback)}; using the torch.func fallback (exact, slower)"
             )
         self._replaying = 0
+        self.scratch = Scratch()  # buffers for chunks of per-unit gradients, reused every step
+        self._lent: list[torch.Tensor] = []  # scratch buffers held until the backward's end
+        self._staging = Staging()  # what the backward recorded (its row buffers persist)
+        # plain Linear/Conv1D modules: 2-D calls take the one-row-per-sample path (on_rows)
+        self._rows_modules = {
+            m for m, h in self.handlers.items() if isinstance(h, LinearHandler) and h.attrs
+        }
+        self._shared_handlers = {
+            h for h in self.handlers.values() if set(h.attrs.values()) & self.static_multi
+        }
         self._forward = 0  # forward id: units of different forwards are different units
         self._batch = 0
         self._calls: dict[tuple[int, nn.Module], int] = defaultdict(int)
@@ -176,6 +156,7 @@ class PerSampleHooks:
         for handle in self._handles:
             handle.remove()
         self._handles = []
+        self.scratch.clear()
 
     @contextlib.contextmanager
     def _replay(self) -> Iterator[None]:
@@ -186,12 +167,15 @@ class PerSampleHooks:
             self._replaying -= 1
 
     def _reset_backward(self) -> None:
-        self._staged: dict[str, torch.Tensor] = {}
+        self._staging.reset()
         self._units: dict[str, int] = defaultdict(int)
         self._seen: set[tuple[int, str]] = set()
         self._deferred: dict[tuple[int, str], list[Part]] = defaultdict(list)
         self._reached: set[str] = set()
         self._queued = False
+        for tensor in self._lent:  # kept per-unit gradients of shared sites: reused next time
+            self.scratch.give(tensor)
+        self._lent = []
 
     # ---------------------------------------------------------------- forward
     def _pre_hook(self, _module: nn.Module, args: tuple, kwargs: dict) -> None:
@@ -205,6 +189,20 @@ class PerSampleHooks:
         if self._replaying or not self.capture() or not torch.is_grad_enabled():
             return None
         handler = self.handlers[module]
+        if module in self._rows_modules and self.unit == "sample" and args:
+            x = args[0]  # a call on [B, d_in] rows: the lean path (no broadcast to expand)
+            if (
+                type(output) is torch.Tensor
+                and type(x) is torch.Tensor
+                and output.dim() == 2
+                and x.dim() == 2
+                and output.requires_grad
+                and (output.shape[0] != 1 or self._batch <= 1)
+            ):
+                self._calls[(self._forward, module)] += 1
+                rows: tuple = (handler, (x.detach(), None), self._forward, self._calls)
+                output.register_hook(functools.partial(_on_rows, self, rows))
+                return None
         if isinstance(module, nn.modules.batchnorm._BatchNorm) and module.training:
             raise ConfigurationError(
                 f"module {handler.label!r} is a BatchNorm in training mode: it mixes the samples "
@@ -235,12 +233,15 @@ class PerSampleHooks:
             self._layouts[key] = UnitLayout(self.unit, shape[0], mask, self.chunk_bytes)
         return self._layouts[key]
 
-    def _begin(self, site: tuple, grad: torch.Tensor) -> tuple[UnitLayout, list[str]]:
-        """Bookkeeping of one site's backward: (its layout, the attrs shared with other sites)."""
-        handler, _, forward, calls = site
+    def _queue(self) -> None:
         if not self._queued:
             self._queued = True
             torch.autograd.Variable._execution_engine.queue_callback(self.finish)
+
+    def _begin(self, site: tuple, grad: torch.Tensor) -> tuple[UnitLayout, list[str]]:
+        """Bookkeeping of one site's backward: (its layout, the attrs shared with other sites)."""
+        handler, _, forward, calls = site
+        self._queue()
         layout = self.layout(grad)
         multi = calls[(forward, handler.module)] > 1
         shared = []
@@ -251,6 +252,32 @@ class PerSampleHooks:
             if multi or name in self.static_multi:
                 shared.append(attr)
         return layout, shared
+
+    def on_rows(self, site: tuple, grad: torch.Tensor) -> None:
+        """A Linear/Conv1D call on [B, d_in] rows (one position per sample): ‖a_i‖ and ‖b_i‖
+        go straight into the staging's row buffer; anything unusual takes :meth:`on_grad`."""
+        if not self.capture():
+            return
+        handler, saved, forward, calls = site
+        x, n = saved[0], grad.shape[0]
+        if (
+            grad.dim() != 2
+            or grad.requires_grad  # create_graph=True: the general path, as before
+            or x.shape[0] != n
+            or grad.dtype not in _ROW_DTYPES
+            or x.dtype != grad.dtype
+            or handler in self._shared_handlers
+            or calls[(forward, handler.module)] > 1
+        ):
+            self.on_grad(site, grad)
+            return
+        self._queue()
+        names = handler.attrs
+        for name in names.values():
+            if (forward, name) not in self._seen:
+                self._seen.add((forward, name))
+                self._units[name] += n
+        self._staging.rows(names.get("weight"), names.get("bias"), x, grad)
 
     def on_grad(self, site: tuple, grad: torch.Tensor) -> None:
         handler, saved, forward, _ = site
@@ -265,8 +292,7 @@ class PerSampleHooks:
             else:
                 direct.append(attr)
         if direct:
-            for attr, value in site_norms(handler, layout, prepared, direct).items():
-                self._stage(handler.attrs[attr], value)
+            site_norms(handler, layout, prepared, direct, self._staging)
 
     def on_linear(
         self, site: tuple, x: torch.Tensor, grad: torch.Tensor, need_w: bool, need_b: bool
@@ -280,13 +306,17 @@ class PerSampleHooks:
         layout, shared = self._begin(site, grad)
         a, b = handler.prepare(layout, (x, None), grad)
         keep = "weight" in shared
-        gw, norm, dense = materialised_grads(handler, a, b, layout.chunk_bytes, keep)
+        gw, norm, dense = materialised_grads(handler, a, b, layout.chunk_bytes, keep, self.scratch)
         name = handler.attrs["weight"]
         if keep:
-            part = Part(handler, layout, (a, b), "weight", norm, dense)
-            self._deferred[(forward, name)].append(part)
+            if dense is not None:
+                self._lent.append(dense)
+            total = norm.to(torch.float64).square()
+            self._deferred[(forward, name)].append(
+                Part(handler, layout, (a, b), "weight", total, dense)
+            )
         else:
-            self._stage(name, norm)
+            self._staging.add_norm(name, norm)
         if not need_b:
             return gw, None
         if "bias" not in handler.attrs:
@@ -297,11 +327,8 @@ class PerSampleHooks:
                 Part(handler, layout, (a, b), "bias")
             )
         else:
-            self._stage(handler.attrs["bias"], squared_sum(rows))
+            self._staging.add_norm(handler.attrs["bias"], rows)
         return gw, rows.sum(0)
-
-    def _stage(self, name: str, value: torch.Tensor) -> None:
-        self._staged[name] = value if name not in self._staged else self._staged[name] + value
 
     def reached(self, name: str) -> None:
         if self.capture():
@@ -311,26 +338,43 @@ class PerSampleHooks:
         """End of one backward: sites of shared parameters, then commit what reached .grad."""
         try:
             for (_, name), parts in self._deferred.items():
-                self._stage(name, shared_norm(name, parts))
-            by_block: dict[int, tuple[list[int], list[torch.Tensor], list[int]]] = {}
-            for name, value in self._staged.items():
-                if name not in self._reached:
-                    continue  # torch.autograd.grad: never reached .grad
-                block, row = self.rows[name]
-                rows, values, units = by_block.setdefault(block, ([], [], []))
-                rows.append(row)
-                values.append(value)
-                units.append(self._units[name])
-            for block, (rows, values, units) in by_block.items():
-                self.states[block].add_units(rows, values, units)
+                self._staging.add(name, shared_norm(name, parts))
+            if self._staging:
+                self._commit()
         finally:
             self._reset_backward()
             self._forward += 1  # a model run by its submodules: one forward per backward
             self._calls = defaultdict(int)
 
+    def _commit(self) -> None:
+        """Every staged entry whose tensor reached .grad, into its state (one vector each)."""
+        names, values = self._staging.values(self.states[0]._sums.device)
+        if values is None:
+            return
+        reached = self._reached
+        by_block: dict[int, tuple[list[int], list[int], dict[int, int]]] = {}
+        for k, name in enumerate(names):
+            if name is None or name not in reached:
+                continue  # no such parameter, or torch.autograd.grad: never reached .grad
+            block, row = self.rows[name]
+            positions, rows, counts = by_block.setdefault(block, ([], [], {}))
+            positions.append(k)
+            rows.append(row)
+            counts[row] = self._units[name]
+        for block, (positions, rows, counts) in by_block.items():
+            part = values
+            if len(positions) != len(names):
+                index = torch.tensor(positions, dtype=torch.int64, device=values.device)
+                part = values.index_select(0, index)
+            self.states[block].add_units(rows, part, list(counts), list(counts.values()))
+
 
 def _on_grad(owner: PerSampleHooks, site: tuple, grad: torch.Tensor) -> None:
     owner.on_grad(site, grad)
+
+
+def _on_rows(owner: PerSampleHooks, site: tuple, grad: torch.Tensor) -> None:
+    owner.on_rows(site, grad)
 
 
 def _accumulated(owner: PerSampleHooks, name: str, _param: torch.Tensor) -> None:

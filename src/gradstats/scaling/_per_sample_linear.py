@@ -23,6 +23,7 @@ import math
 import torch
 
 from gradstats.fisher._persample import LinearHandler
+from gradstats.scaling._per_sample_staging import Scratch
 
 __all__ = [
     "GEMM_OVERHEAD",
@@ -66,11 +67,21 @@ def reusable(handler: object, unit: str, args: tuple, output: object) -> bool:
 
 
 def materialised_grads(
-    handler: LinearHandler, a: torch.Tensor, b: torch.Tensor, budget: int, keep: bool = False
+    handler: LinearHandler,
+    a: torch.Tensor,
+    b: torch.Tensor,
+    budget: int,
+    keep: bool = False,
+    scratch: Scratch | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
-    """(ĝ = Σ_i c_i in the weight's layout, Σ_i ‖c_i‖² as a float64 0-dim tensor, and the
-    [N, *weight.shape] per-unit gradients if ``keep`` and they fit in ``budget``) from the
-    per-unit rows a [N, S, d_in], b [N, S, d_out]."""
+    """(ĝ = Σ_i c_i in the weight's layout, ‖c‖ = (Σ_i ‖c_i‖²)^½ over the units (a 0-dim
+    tensor of the data's dtype, or one per chunk), and the [N, *weight.shape] per-unit
+    gradients if ``keep`` and they fit in ``budget``) from the per-unit rows a [N, S, d_in],
+    b [N, S, d_out].
+
+    Every chunk is formed as Σ_t a_t b_tᵀ [n, d_in, d_out] (a batched matmul whose output rows
+    are the wide output features; an ``nn.Linear`` weight [out, in] is its transpose, a view),
+    in a buffer lent by ``scratch`` when given (given back unless kept)."""
     n = a.shape[0]
     p, q = handler.module.weight.shape
     unit_bytes = p * q * a.element_size()
@@ -79,31 +90,33 @@ def materialised_grads(
     # one unit larger than the budget: chunk its output features (rows of W, columns of Conv1D)
     width = b.shape[-1]
     cols = width if unit_bytes <= budget else max(1, width * budget // unit_bytes)
-    grad = None if cols >= width else torch.empty((p, q), dtype=a.dtype, device=a.device)
-    norms = []  # ‖chunk‖ (float32 for float32 data), squared in float64 at the end
+    d_in = a.shape[-1]
+    grad = None if cols >= width else torch.empty((d_in, width), dtype=a.dtype, device=a.device)
+    norms = []  # ‖chunk‖ (float32 for float32 data)
     kept = None
     for lo in range(0, n, step):
         hi = min(n, lo + step)
+        a_t = a[lo:hi].transpose(1, 2)
         for c0 in range(0, width, cols):
             b_c = b[lo:hi] if cols >= width else b[lo:hi, :, c0 : c0 + cols]
-            if handler.transposed:  # Conv1D: W [in, out], c_i = Σ_t a_t b_tᵀ
-                per_unit = torch.bmm(a[lo:hi].transpose(1, 2), b_c)
-            else:
-                per_unit = torch.bmm(b_c.transpose(1, 2), a[lo:hi])
+            shape = (hi - lo, d_in, b_c.shape[-1])
+            out = None if scratch is None else scratch.take(shape, a)
+            per_unit = torch.bmm(a_t, b_c, out=out) if out is not None else torch.bmm(a_t, b_c)
             summed = per_unit.sum(0)
             if cols >= width:  # whole output width: accumulate over chunks of units
                 grad = summed if grad is None else grad.add_(summed)
             else:
                 assert grad is not None
-                target = grad[:, c0 : c0 + cols] if handler.transposed else grad[c0 : c0 + cols]
+                target = grad[:, c0 : c0 + cols]
                 target.copy_(summed) if lo == 0 else target.add_(summed)
             norms.append(torch.linalg.vector_norm(per_unit))
             if whole:
-                kept = per_unit
-    norm = norms[0] if len(norms) == 1 else torch.stack(norms)
-    total = norm.to(torch.float64).square().sum()
+                kept = per_unit if handler.transposed else per_unit.transpose(1, 2)
+            elif out is not None and scratch is not None:
+                scratch.give(out)
+    norm = norms[0] if len(norms) == 1 else torch.linalg.vector_norm(torch.stack(norms))
     assert grad is not None
-    return grad, total, kept
+    return (grad if handler.transposed else grad.T), norm, kept
 
 
 class LinearSite(torch.autograd.Function):

@@ -25,9 +25,9 @@ from gradstats.scaling._per_sample_norms import (
     Outer,
     cross_sum,
     norm_sum,
-    row_norms,
     squared_sum,
 )
+from gradstats.scaling._per_sample_staging import Staging
 
 __all__ = ["Part", "shared_norm", "site_norms"]
 
@@ -55,26 +55,24 @@ def _factor(handler: Handler, prepared: object, attr: str) -> Factor | None:
 
 
 def site_norms(
-    handler: Handler, layout: UnitLayout, prepared: object, attrs: list[str]
-) -> dict[str, torch.Tensor]:
-    """{attr: Σ_i ‖c_i‖²} (float64 0-dim) of one site's parameters, used at this site only."""
+    handler: Handler, layout: UnitLayout, prepared: object, attrs: list[str], staging: Staging
+) -> None:
+    """Stage Σ_i ‖c_i‖² of one site's parameters ``attrs``, used at this site only."""
     budget = layout.chunk_bytes
-    out: dict[str, torch.Tensor] = {}
-    rest = []
+    names = handler.attrs
     if isinstance(handler, LinearHandler) and cast(tuple, prepared)[0].shape[1] == 1:
-        # one position per unit: ‖c_i‖² = ‖a_i‖²‖b_i‖² (weight), ‖b_i‖² (bias), one ‖b_i‖²
+        # one position per unit: ‖c_i‖² = ‖a_i‖²‖b_i‖² (weight), ‖b_i‖² (bias)
         a, b = cast(tuple[torch.Tensor, torch.Tensor], prepared)
-        b_rows = row_norms(b)
-        for attr in attrs:
-            value = b_rows if attr == "bias" else row_norms(a) * b_rows
-            out[attr] = value.sum().to(torch.float64)
-        return out
+        weight = names["weight"] if "weight" in attrs else None
+        staging.rows(weight, names["bias"] if "bias" in attrs else None, a[:, 0], b[:, 0])
+        return
+    rest = []
     for attr in attrs:
         factor = _factor(handler, prepared, attr)
         if factor is not None:
-            out[attr] = norm_sum(factor, budget)
+            staging.add(names[attr], norm_sum(factor, budget))
         elif isinstance(handler, LinearHandler) and attr == "bias":
-            out[attr] = squared_sum(prepared[1].sum(1))  # type: ignore[index]
+            staging.add_norm(names[attr], prepared[1].sum(1))  # type: ignore[index]
         else:
             rest.append(attr)
     if rest:
@@ -83,9 +81,7 @@ def site_norms(
         for lo in range(0, n, step):
             grads = handler.materialise(prepared, rest, lo, min(n, lo + step))
             for attr, g in grads.items():
-                value = squared_sum(g)
-                out[attr] = value if attr not in out else out[attr] + value
-    return out
+                staging.add_norm(names[attr], g)
 
 
 def shared_norm(label: str, parts: list[Part]) -> torch.Tensor:
@@ -146,9 +142,14 @@ def _dense_cross(p1: Part, f1: Factor, p2: Part, f2: Factor) -> torch.Tensor | N
         return None
     if getattr(p1.handler, "transposed", True):
         return None  # a Conv1D weight is [in, out]: its rows are not the embedding's rows
-    dense = p1.dense
+    dense, ids = p1.dense, f2.ids
+    if dense.stride(-1) != 1:  # [N, V, d] viewing [N, d, V] (see materialised_grads)
+        columns = dense.transpose(1, 2)  # gather c_i[:, x_it] along its contiguous rows
+        index = ids.unsqueeze(1).expand(ids.shape[0], columns.shape[1], ids.shape[1])
+        picked = columns.gather(2, index)  # [N, d, S]
+        return (picked * f2.right.transpose(1, 2).to(picked.dtype)).sum().to(torch.float64)
     units = torch.arange(dense.shape[0], device=dense.device).unsqueeze(1)
-    rows = dense[units, f2.ids]  # [N, S, d]: c_i[x_it]
+    rows = dense[units, ids]  # [N, S, d]: c_i[x_it]
     return (rows * f2.right.to(rows.dtype)).sum().to(torch.float64)
 
 

@@ -1,0 +1,197 @@
+"""The lean paths of ``statistic="per_sample"`` pinned to the reference and to the general code.
+
+* the row path (a Linear on [B, d_in]: ‖a_i‖, ‖b_i‖ written into one buffer, reduced at the end
+  of the backward) against the float64 per-example loop, in float64 and float32, with a frozen
+  weight and a layer without bias;
+* :class:`Staging` with rows of two layouts in one backward, against direct sums;
+* ``PerSampleState.update`` (host unit counts, [2, n] estimates) bitwise against
+  ``SamePointState.update`` fed the same sums and counts, over several steps;
+* ``materialised_grads`` with a :class:`Scratch` (reused buffers, the [in, out] product for an
+  ``nn.Linear``) against the plain product, and two identical steps giving identical states.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from gradstats import VarianceGradientScaler
+from gradstats.fisher._persample import LinearHandler
+from gradstats.scaling._per_sample_linear import materialised_grads
+from gradstats.scaling._per_sample_staging import Scratch, Staging
+from gradstats.scaling._per_sample_state import PerSampleState
+from gradstats.scaling._same_point import SamePointState
+from gradstats.testing import reference_per_sample_noise
+from tests.scaling.test_per_sample import _check, _run, _scaler_values
+
+
+def _mlp(dtype: torch.dtype) -> tuple[nn.Module, torch.Tensor, torch.Tensor]:
+    torch.manual_seed(12)
+    model = nn.Sequential(
+        nn.Linear(5, 7), nn.ReLU(), nn.Linear(7, 6, bias=False), nn.Tanh(), nn.Linear(6, 3)
+    ).to(dtype)
+    model[0].weight.requires_grad_(False)  # a tracked bias whose weight is frozen
+    x = torch.randn(9, 5, dtype=dtype, generator=torch.Generator().manual_seed(13))
+    y = torch.randint(0, 3, (9,), generator=torch.Generator().manual_seed(14))
+    return model, x, y
+
+
+def test_row_path_equals_per_example_loop():
+    model, x, y = _mlp(torch.float64)
+    vgs = _run(model, x, lambda: F.cross_entropy(model(x), y))
+    ref = reference_per_sample_noise(
+        model, x, lambda out, rows: F.cross_entropy(out, y[rows], reduction="sum")
+    )
+    _check(vgs, ref)
+
+
+def test_row_path_float32_matches_float64():
+    model64, x64, y = _mlp(torch.float64)
+    vgs64 = _run(model64, x64, lambda: F.cross_entropy(model64(x64), y))
+    model32, x32 = model64.float(), x64.float()
+    vgs32 = _run(model32, x32, lambda: F.cross_entropy(model32(x32), y))
+    a, b = _scaler_values(vgs32), _scaler_values(vgs64)
+    for name in a:
+        torch.testing.assert_close(a[name][0], b[name][0], rtol=1e-4, atol=1e-7, msg=name)
+        torch.testing.assert_close(a[name][1], b[name][1], rtol=1e-4, atol=1e-7, msg=name)
+
+
+def test_staging_rows_of_two_layouts_and_all_forms():
+    g = torch.Generator().manual_seed(15)
+    a1, b1 = torch.randn(6, 4, generator=g), torch.randn(6, 3, generator=g)
+    a2, b2 = torch.randn(5, 2, generator=g), torch.randn(5, 3, generator=g)  # another N
+    a3, b3 = torch.randn(6, 3, generator=g), torch.randn(6, 2, generator=g)
+    rows = torch.randn(6, 3, generator=g)
+    staging = Staging()
+    for _ in range(2):  # the row buffer is reused (and grown) across backward passes
+        staging.reset()
+        staging.add("s", torch.tensor(2.5, dtype=torch.float64))
+        staging.add_norm("n", rows)
+        staging.rows("w1", "b1", a1, b1)
+        staging.rows("w2", None, a2, b2)
+        staging.rows(None, "b3", a3, b3)
+        for k in range(5):  # more sites than the first buffer holds
+            staging.rows(f"x{k}", None, a1, b1)
+        names, values = staging.values(torch.device("cpu"))
+        got: dict[str, float] = {}
+        assert values is not None
+        for name, value in zip(names, values.tolist(), strict=True):
+            if name is not None:
+                got[name] = got.get(name, 0.0) + value
+
+        def weight(a: torch.Tensor, b: torch.Tensor) -> float:
+            a64, b64 = a.double(), b.double()
+            return (a64.square().sum(1) * b64.square().sum(1)).sum().item()
+
+        expected = {
+            "s": 2.5,
+            "n": rows.double().square().sum().item(),
+            "w1": weight(a1, b1),
+            "b1": b1.double().square().sum().item(),
+            "w2": weight(a2, b2),
+            "b3": b3.double().square().sum().item(),
+            **{f"x{k}": weight(a1, b1) for k in range(5)},
+        }
+        assert set(got) == set(expected)
+        for name, value in expected.items():
+            torch.testing.assert_close(got[name], value, rtol=1e-5, atol=0.0, msg=name)
+
+
+def test_state_update_is_bitwise_same_point_update():
+    params = [torch.zeros(3), torch.zeros(2, 2), torch.zeros(4)]
+    ours = PerSampleState(params, 0.9, distributed=False)
+    theirs = SamePointState(params, 0.9, distributed=False)
+    g = torch.Generator().manual_seed(16)
+    for step in range(6):
+        units = [8, 8, 1 if step == 2 else 8]  # a tensor with one unit gives no estimate
+        sums = torch.rand(3, dtype=torch.float64, generator=g)
+        sq = torch.rand(3, dtype=torch.float64, generator=g) / 8
+        take = torch.tensor([True, step != 3, True])
+        inv = torch.tensor(0.5, dtype=torch.float64) if step == 4 else None
+        ours.add_units([2, 0, 1], sums[[2, 0, 1]], [0, 1, 2], units)
+        theirs._sums = theirs._sums + sums
+        theirs._passes = theirs._passes + torch.tensor(units, dtype=torch.float64)
+        theirs._host_passes = list(units)
+        ours.update([], sq, take, hook_inv=inv)
+        theirs.update([], sq, take, hook_inv=inv)
+        for key in ("count", "noise_ema", "signal_ema", "last_passes"):
+            assert torch.equal(getattr(ours, key), getattr(theirs, key)), (step, key)
+
+
+def test_materialised_grads_with_scratch_equal_the_plain_product():
+    g = torch.Generator().manual_seed(17)
+    for dtype in (torch.float32, torch.float64):
+        for transposed in (False, True):
+            linear = nn.Linear(5, 7).to(dtype)
+            handler = LinearHandler(linear, {"weight": "w"}, "lin", transposed=transposed)
+            if transposed:  # a Conv1D-like weight [in, out]
+                linear.weight = nn.Parameter(torch.randn(5, 7, dtype=dtype, generator=g))
+            a = torch.randn(4, 6, 5, dtype=dtype, generator=g)
+            b = torch.randn(4, 6, 7, dtype=dtype, generator=g)
+            tol = {"rtol": 1e-5, "atol": 1e-5} if dtype == torch.float32 else {}
+            scratch = Scratch()
+            for _ in range(2):
+                gw, norm, kept = materialised_grads(handler, a, b, 2**20, True, scratch)
+                per_unit = torch.einsum("nsi,nso->nio", a.double(), b.double())
+                expected = per_unit if transposed else per_unit.transpose(1, 2)
+                assert kept is not None
+                assert kept.shape == (4, *linear.weight.shape)
+                torch.testing.assert_close(kept.double(), expected, **tol)
+                torch.testing.assert_close(gw.double(), expected.sum(0), **tol)
+                squared = norm.double().square()
+                torch.testing.assert_close(squared, per_unit.square().sum(), **tol)
+                scratch.give(kept)
+
+
+def test_two_identical_steps_give_identical_sums():
+    torch.manual_seed(18)
+    model = nn.Sequential(nn.Linear(4, 8), nn.Tanh(), nn.Linear(8, 3))
+    x = torch.randn(3, 6, 4, generator=torch.Generator().manual_seed(19))
+    vgs = VarianceGradientScaler(model.named_parameters(), statistic="per_sample", model=model)
+    state = vgs._state.statistics[0]
+    recorded = []
+    for _ in range(2):
+        model.zero_grad()
+        model(x).square().mean().backward()
+        recorded.append(state._sums.clone())
+        vgs.step()
+    assert torch.equal(recorded[0], recorded[1])
+
+
+class _TwiceUsed(torch.nn.Module):
+    """One Linear called twice in a forward (a shared site: its per-sample gradient is the
+    sum of both calls' parts), next to a Linear called once (the row path)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.shared = torch.nn.Linear(4, 4)
+        self.head = torch.nn.Linear(4, 3)
+
+    def forward(self, x):
+        return self.head(torch.tanh(self.shared(torch.tanh(self.shared(x)))))
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=["float64", "float32"])
+def test_a_module_called_twice_leaves_the_row_path_and_equals_the_per_example_loop(dtype):
+    torch.manual_seed(0)
+    model = _TwiceUsed().to(dtype)
+    x = torch.randn(6, 4, dtype=dtype)
+    y = torch.randint(0, 3, (6,))
+    vgs = VarianceGradientScaler(
+        model.named_parameters(), statistic="per_sample", model=model, confidence=None,
+        rule="shrink",
+    )  # fmt: skip
+    model.zero_grad()
+    F.cross_entropy(model(x), y).backward()
+    vgs.step()
+    vgs.remove_hooks()
+    ref = reference_per_sample_noise(
+        model.double(), x.double(), lambda out, rows: F.cross_entropy(out, y[rows], reduction="sum")
+    )
+    stats = vgs.statistics()
+    tol = {"rtol": 1e-10, "atol": 1e-12} if dtype == torch.float64 else {"rtol": 1e-4, "atol": 1e-6}
+    for name, tensor in zip(vgs.layout.names, vgs.layout.tensors, strict=True):
+        noise = stats[name].variance_unbiased * tensor.numel()
+        torch.testing.assert_close(noise, ref[name]["noise"], msg=name, **tol)
