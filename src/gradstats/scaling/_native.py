@@ -225,7 +225,53 @@ def native_squared_norms(tensors: list[torch.Tensor]) -> torch.Tensor | None:
     return out
 
 
-class NativeDeviation:
+class _MeanKernel:
+    """What the kernels over fixed state buffers ``means`` share: the per-call checks of the
+    gradients against them and the traffic tally."""
+
+    means: list[torch.Tensor]
+    ready: bool
+    _sizes: list[int]
+    _bytes: int
+
+    def __init__(self, means: list[torch.Tensor], ready: bool, sizes: list[int]) -> None:
+        self.means, self.ready, self._sizes = means, ready, sizes
+        self._kinds: list[int] | None = None  # the gradient kinds last checked against m
+        self._bytes = sum(m.numel() * m.element_size() for m in means)
+
+    def _inputs(
+        self,
+        grads: list[torch.Tensor],
+        weights: torch.Tensor,
+        multiplier: torch.Tensor | None,
+        fresh: bool,
+    ) -> tuple[ctypes.CDLL, NativeBatch, torch.Tensor, torch.Tensor | None] | None:
+        """(library, gradient batch, float64 weights, float64 multiplier) for one call, or None
+        where the native kernels do not apply to these gradients."""
+        lib = _library()
+        if lib is None or not self.ready or torch.compiler.is_compiling():
+            return None
+        if not weights.is_cpu or (multiplier is not None and not multiplier.is_cpu):
+            return None
+        batch = native_batch(grads, fresh=fresh)
+        if batch is None or batch.sizes != self._sizes:
+            return None
+        if batch.kinds != self._kinds:
+            for m, k in zip(self.means, batch.kinds, strict=True):
+                if m.dtype is not _MEAN_DTYPE[k]:
+                    return None
+            self._kinds = batch.kinds
+        w = weights.to(torch.float64).contiguous()
+        s = None if multiplier is None else multiplier.to(torch.float64).reshape(()).contiguous()
+        return lib, batch, w, s
+
+    def _tally(self, name: str, grads: list[torch.Tensor]) -> None:
+        if _TALLY is not None:
+            read = self._bytes + sum(g.numel() * g.element_size() for g in grads)
+            _TALLY.append((name, read, self._bytes))
+
+
+class NativeDeviation(_MeanKernel):
     r"""Fused :func:`~gradstats.scaling._kernels.deviation_step_` in one pass over fixed state
     buffers ``means`` (CPU).
 
@@ -242,13 +288,11 @@ class NativeDeviation:
     """
 
     def __init__(self, means: list[torch.Tensor]) -> None:
-        self.means = means
         batch = native_batch(means, fresh=True)
-        self._ready = batch is not None and all(k != 2 for k in batch.kinds)  # m: float32/64
-        self._kinds: list[int] | None = None  # the gradient kinds last checked against m
-        if batch is not None and self._ready:
-            self._batch, self._sizes = batch, batch.sizes
-            self._bytes = sum(m.numel() * m.element_size() for m in means)
+        ready = batch is not None and all(k != 2 for k in batch.kinds)  # m: float32/64
+        super().__init__(means, ready, batch.sizes if batch is not None else [])
+        if batch is not None:
+            self._batch = batch
 
     def __call__(
         self,
@@ -256,33 +300,20 @@ class NativeDeviation:
         weights: torch.Tensor,
         multiplier: torch.Tensor | None = None,
     ) -> torch.Tensor | None:
-        lib = _library()
-        if lib is None or not self._ready or torch.compiler.is_compiling():
+        inputs = self._inputs(grads, weights, multiplier, fresh=False)
+        if inputs is None:
             return None
-        if not weights.is_cpu or (multiplier is not None and not multiplier.is_cpu):
-            return None
-        batch = native_batch(grads)
-        if batch is None or batch.sizes != self._sizes:
-            return None
-        if batch.kinds != self._kinds:
-            for m, k in zip(self.means, batch.kinds, strict=True):
-                if m.dtype is not _MEAN_DTYPE[k]:
-                    return None
-            self._kinds = batch.kinds
-        w = weights.to(torch.float64).contiguous()
-        s = None if multiplier is None else multiplier.to(torch.float64).reshape(()).contiguous()
+        lib, batch, w, s = inputs
         out = torch.empty(batch.count, dtype=torch.float64)
         lib.gs_deviation(
             batch.count, self._batch.ptr_array, batch.ptr_array, batch.size_array,
             batch.kind_array, w.data_ptr(), None if s is None else s.data_ptr(), out.data_ptr(),
         )  # fmt: skip
-        if _TALLY is not None:
-            read = self._bytes + sum(g.numel() * g.element_size() for g in grads)
-            _TALLY.append(("gs_deviation", read, self._bytes))
+        self._tally("gs_deviation", grads)
         return out
 
 
-class NativeDeviationInto:
+class NativeDeviationInto(_MeanKernel):
     r"""The whole temporal step of a device block in one pass, between buffer pairs (CPU).
 
     Built over the state's ``means``, as many ``spares`` of the same shapes and dtypes, and
@@ -305,7 +336,7 @@ class NativeDeviationInto:
         self, means: list[torch.Tensor], spares: list[torch.Tensor], parity: torch.Tensor
     ) -> None:
         first, second = native_batch(means, fresh=True), native_batch(spares, fresh=True)
-        self.ready = (
+        ready = (
             first is not None
             and second is not None
             and all(k != 2 for k in first.kinds)
@@ -316,11 +347,9 @@ class NativeDeviationInto:
             and parity.is_contiguous()
             and parity.numel() == first.count
         )
-        self._kinds: list[int] | None = None
-        if first is not None and second is not None and self.ready:
-            self._pair, self._sizes, self._means = (first, second), first.sizes, means
-            self._parity = parity
-            self._bytes = sum(m.numel() * m.element_size() for m in means)
+        super().__init__(means, ready, first.sizes if first is not None else [])
+        if first is not None and second is not None:
+            self._pair, self._parity = (first, second), parity
 
     def __call__(
         self,
@@ -328,21 +357,10 @@ class NativeDeviationInto:
         weights: torch.Tensor,
         multiplier: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor] | None:
-        lib = _library()
-        if lib is None or not self.ready or torch.compiler.is_compiling():
+        inputs = self._inputs(grads, weights, multiplier, fresh=True)
+        if inputs is None:
             return None
-        if not weights.is_cpu or (multiplier is not None and not multiplier.is_cpu):
-            return None
-        batch = native_batch(grads, fresh=True)
-        if batch is None or batch.sizes != self._sizes:
-            return None
-        if batch.kinds != self._kinds:
-            for m, k in zip(self._means, batch.kinds, strict=True):
-                if m.dtype is not _MEAN_DTYPE[k]:
-                    return None
-            self._kinds = batch.kinds
-        w = weights.to(torch.float64).contiguous()
-        s = None if multiplier is None else multiplier.to(torch.float64).reshape(()).contiguous()
+        lib, batch, w, s = inputs
         dev_sq = torch.empty(batch.count, dtype=torch.float64)
         sq = torch.empty(batch.count, dtype=torch.float64)
         first, second = self._pair
@@ -351,7 +369,5 @@ class NativeDeviationInto:
             batch.ptr_array, batch.size_array, batch.kind_array, w.data_ptr(),
             None if s is None else s.data_ptr(), dev_sq.data_ptr(), sq.data_ptr(),
         )  # fmt: skip
-        if _TALLY is not None:
-            read = self._bytes + sum(g.numel() * g.element_size() for g in grads)
-            _TALLY.append(("gs_deviation_into", read, self._bytes))
+        self._tally("gs_deviation_into", grads)
         return sq, dev_sq
