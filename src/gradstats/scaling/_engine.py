@@ -173,8 +173,9 @@ def observe(
         prepared = None
         if all(present):  # the common case: no scatter into a zero vector
             measure = getattr(state.statistics[b], "measure", None)
-            inv = None if grad_inv is None else grad_inv.to(layout.devices[b])
-            prepared = None if measure is None else measure(grads, inv)
+            if measure is not None:
+                inv = None if grad_inv is None else grad_inv.to(layout.devices[b])
+                prepared = measure(grads, inv)
             sq = (
                 squared_norms(cast("list[torch.Tensor]", grads))
                 if prepared is None
