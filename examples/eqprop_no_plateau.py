@@ -8,15 +8,17 @@ thread each, seed 0) run for 2,000 steps — the default cosine schedule, lr 3e-
 * ``bptt``: BPTT through the same block with the same controller (the same objective family);
 * ``backprop``: the block as a standard feed-forward transformer layer;
 * ``backprop_thin``: the same with FFN multiple 1 (the thin baseline);
-* ``aep_fixed``: AEP with the fixed weights of the 600-step table (no controller), for reference.
+* ``aep_fixed``: AEP with the fixed weights of the 600-step table (no controller), for reference;
+* ``aep_small_beta``: ``aep`` with β = 0.002 (at the weights where β = 0.05 made the nudged
+  phase diverge, β = 0.002 converges).
 
 It prints the table of validation CE at steps 500, 1000, 1500 and the end, the ratio to BPTT, the
 gap to backprop and each run's CPU minutes, and draws ``curves.png`` (and, with ``--figure``, a
 copy such as ``docs/figures/eqprop_no_plateau.png``). Runs already complete in ``--runs`` are
 reused. Two run at a time, in the order above (``aep`` and ``bptt`` first).
 
-Run: ``nice -n 15 python examples/eqprop_no_plateau.py --runs runs/noplateau`` (about 1.5 hours
-on 2 cores; ``--dry-run`` prints the four command lines).
+Run: ``nice -n 15 python examples/eqprop_no_plateau.py --runs runs/noplateau`` (about 2 hours
+on 2 cores; ``--dry-run`` prints the command lines).
 """
 
 from __future__ import annotations
@@ -42,6 +44,7 @@ RUNS = {
     "backprop": ["--method", "backprop"],
     "backprop_thin": ["--method", "backprop", "--ffn-mult", "1"],
     "aep_fixed": ["--method", "aep", *STABILISERS, "--beta", "0.05", "--tol-adjoint", "1e-3"],
+    "aep_small_beta": ["--method", "aep", *ADAPTIVE, "--beta", "0.002", "--tol-adjoint", "1e-3"],
 }
 
 

@@ -36,7 +36,7 @@ def test_the_commands_are_valid_runs_of_the_small_configuration(tmp_path, monkey
     for name in example.RUNS:
         argv = example.command(name, tmp_path)
         assert main(argv[argv.index("eqprop") :]) == 0
-    assert set(seen) == {"aep", "bptt", "backprop", "backprop_thin", "aep_fixed"}
+    assert set(seen) == {"aep", "bptt", "backprop", "backprop_thin", "aep_fixed", "aep_small_beta"}
     for config in seen.values():
         assert (config.d_model, config.n_heads, config.block_size) == (64, 4, 64)
         assert (config.batch_size, config.steps, config.t1, config.seed) == (16, 2000, 60, 0)
@@ -47,6 +47,8 @@ def test_the_commands_are_valid_runs_of_the_small_configuration(tmp_path, monkey
         assert (seen[name].jac_penalty, seen[name].res_penalty) == (0.1, 1.0)
         assert seen[name].ema_decay == seen["aep"].ema_decay
     assert (seen["aep"].beta, seen["aep"].tol_adjoint) == (0.05, 1e-3)
+    assert (seen["aep_small_beta"].beta, seen["aep_small_beta"].tol_adjoint) == (0.002, 1e-3)
+    assert seen["aep_small_beta"].contraction_target == seen["aep"].contraction_target
     assert seen["backprop_thin"].ffn_mult == 1
     assert seen["aep_fixed"].contraction_target is None
     assert (seen["aep_fixed"].jac_penalty, seen["aep_fixed"].res_penalty) == (0.1, 1.0)
@@ -55,7 +57,7 @@ def test_the_commands_are_valid_runs_of_the_small_configuration(tmp_path, monkey
 def test_the_dry_run_prints_and_runs_nothing(tmp_path, capsys):
     assert _load().main(["--dry-run", "--runs", str(tmp_path)]) == {}
     lines = capsys.readouterr().out.splitlines()
-    assert len(lines) == 5
+    assert len(lines) == 6
     assert all("--steps 2000" in line for line in lines)
     assert not any(tmp_path.iterdir())
 
@@ -74,7 +76,7 @@ def test_the_table_reads_the_checkpoints_and_cpu_time(tmp_path):
     (tmp_path / "aep" / "cpu.json").write_text('{"cpu_seconds": 90.0, "returncode": 0}\n')
     rows, final = example.table(tmp_path)
     assert final == {"aep": 1.0, "bptt": 1.1, "backprop": 1.2, "backprop_thin": 1.3,
-                     "aep_fixed": pytest.approx(2.4)}  # fmt: skip
+                     "aep_fixed": pytest.approx(2.4), "aep_small_beta": pytest.approx(1.5)}  # fmt: skip
     assert rows[0] == ["aep", "2.500", "2.000", "1.500", "1.000", "0.909", "-0.200", "1.5"]
     assert rows[1][-3:] == ["1.000", "-0.100", "33.3 (wall)"]  # no cpu.json: the wall clock
     (tmp_path / "bptt" / "cpu.json").write_text('{"returncode": 2}\n')  # no CPU time recorded
