@@ -76,7 +76,8 @@ def test_the_table_reads_the_checkpoints_and_cpu_time(tmp_path):
     (tmp_path / "aep" / "cpu.json").write_text('{"cpu_seconds": 90.0, "returncode": 0}\n')
     rows, final = example.table(tmp_path)
     assert final == {"aep": 1.0, "bptt": 1.1, "backprop": 1.2, "backprop_thin": 1.3,
-                     "aep_fixed": pytest.approx(2.4), "aep_small_beta": pytest.approx(1.5)}  # fmt: skip
+                     "aep_fixed": pytest.approx(2.4),
+                     "aep_small_beta": pytest.approx(1.5)}  # fmt: skip
     assert rows[0] == ["aep", "2.500", "2.000", "1.500", "1.000", "0.909", "-0.200", "1.5"]
     assert rows[1][-3:] == ["1.000", "-0.100", "33.3 (wall)"]  # no cpu.json: the wall clock
     (tmp_path / "bptt" / "cpu.json").write_text('{"returncode": 2}\n')  # no CPU time recorded
