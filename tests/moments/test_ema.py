@@ -222,3 +222,19 @@ def test_low_precision_observations_are_upcast():
     assert ema.mean.dtype == torch.float32
     expected = reference_ema([[1.0, 2.0], [3.0, 6.0]], 0.9)["variance"].float()
     torch.testing.assert_close(ema.variance, expected)
+
+
+@pytest.mark.parametrize("beta", [0.5, 0.9, 0.99, 0.999, 0.9999])
+def test_host_step_sizes_have_the_bits_of_the_tensor_ones(beta):
+    """ema_step_sizes (Python floats, for CPU state) against ema_step_size element by element,
+    over counts 0..5000 in vectors of every length to 40 (torch's pow and its scalar tail)."""
+    from gradstats.moments import ema_step_size, ema_step_sizes
+
+    g = torch.Generator().manual_seed(int(beta * 1e4))
+    for length in range(1, 41):
+        count = torch.randint(0, 5001, (length,), generator=g)
+        expected = ema_step_size(beta, count).tolist()
+        assert ema_step_sizes(beta, count) == expected
+    first = ema_step_sizes(beta, torch.tensor([0, 1, 2]))
+    assert first[:2] == [1.0, 1.0]
+    assert first[2] == pytest.approx(1.0 / (1.0 + beta), rel=1e-15)

@@ -120,6 +120,37 @@ def test_state_update_is_bitwise_same_point_update():
             assert torch.equal(getattr(ours, key), getattr(theirs, key)), (step, key)
 
 
+@pytest.mark.parametrize("n", [1, 5, 17])
+@pytest.mark.parametrize("beta", [0.9, 0.999])
+def test_host_update_is_bitwise_the_tensor_update_on_awkward_input(n, beta):
+    """The CPU path (Python floats) against SamePointState's tensor ops over 40 steps: one or
+    no unit, NaN and inf sums, steps not taken, and vector lengths with a scalar tail."""
+    params = [torch.zeros(2) for _ in range(n)]
+    ours = PerSampleState(params, beta, distributed=False)
+    theirs = SamePointState(params, beta, distributed=False)
+    g = torch.Generator().manual_seed(n)
+    for step in range(40):
+        units = torch.randint(0, 5, (n,), generator=g).tolist()
+        units = [8 if k > 1 else k for k in units]
+        sums = torch.rand(n, dtype=torch.float64, generator=g) * 10.0 ** (step % 7 - 3)
+        if step % 9 == 4:
+            sums[0] = float("nan")
+        if step % 11 == 6:
+            sums[-1] = float("inf")
+        sq = torch.rand(n, dtype=torch.float64, generator=g) * sums.nan_to_num() / 8
+        take = torch.rand(n, generator=g) > 0.2
+        ours.add_units(list(range(n)), sums, list(range(n)), units)
+        theirs._sums = theirs._sums + sums
+        theirs._passes = theirs._passes + torch.tensor(units, dtype=torch.float64)
+        theirs._host_passes = list(units)
+        ours.update([], sq, take)
+        theirs.update([], sq, take)
+        for key in ("count", "noise_ema", "signal_ema", "last_passes"):
+            mine, ref = getattr(ours, key), getattr(theirs, key)
+            assert mine.dtype == ref.dtype, (step, key)
+            assert torch.equal(mine, ref), (step, key)
+
+
 def test_materialised_grads_with_scratch_equal_the_plain_product():
     g = torch.Generator().manual_seed(17)
     for dtype in (torch.float32, torch.float64):

@@ -33,7 +33,13 @@ Example (merge [1, 2] with [3, 4]: n 4, mean 2.5, M2 5.0):
 """
 
 from gradstats.moments._distributed import all_reduce_moments, all_reduce_sum_
-from gradstats.moments._ema import EMAMoments, ema_reliability, ema_step_size, ema_update
+from gradstats.moments._ema import (
+    EMAMoments,
+    ema_reliability,
+    ema_step_size,
+    ema_step_sizes,
+    ema_update,
+)
 from gradstats.moments._running import RunningMoments
 from gradstats.moments._welford import Moments, combine, safe_inverse
 
@@ -46,6 +52,7 @@ __all__ = [
     "combine",
     "ema_reliability",
     "ema_step_size",
+    "ema_step_sizes",
     "ema_update",
     "safe_inverse",
 ]

@@ -31,6 +31,7 @@ Golden values (β = 0.99, x = 1, 2, 3, 4): mean 2.512562560288946, population va
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping
 
 import torch
@@ -62,6 +63,20 @@ def ema_step_size(beta: float, count: torch.Tensor) -> torch.Tensor:
     """a_t = (1 − β) / (1 − β^t) for counts t >= 1, in float64; a_1 = 1 exactly."""
     step = (1.0 - beta) / (1.0 - _power(beta, count))
     return torch.where(count <= 1, 1.0, step)
+
+
+def ema_step_sizes(beta: float, count: torch.Tensor) -> list[float]:
+    """:func:`ema_step_size` as Python floats, with its bits: β^t is torch's own pow on the same
+    tensor (its last bit depends on an element's position in the vector), the rest is the same
+    correctly rounded float64 arithmetic, done on the host (a number divided by a tensor is
+    its reciprocal times the number in torch, so here too). For state that lives on the CPU,
+    where reading a tensor waits for nothing."""
+    numerator = 1.0 - beta
+    steps = []
+    for t, power in zip(count.tolist(), _power(beta, count).tolist(), strict=True):
+        below = 1.0 - power
+        steps.append(1.0 if t <= 1 else (1.0 / below if below else math.inf) * numerator)
+    return steps
 
 
 def ema_reliability(beta: float, count: torch.Tensor) -> torch.Tensor:
