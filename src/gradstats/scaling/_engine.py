@@ -219,6 +219,8 @@ def update_(
         apply = apply & torch.zeros((), dtype=torch.bool, device=home)
     elif isinstance(skip, torch.Tensor):
         apply = apply & ~skip.to(device=home, dtype=torch.bool)
+    known = _host_flags(finite, apply)
+    known_apply = known is not None and known[1]
     grad_inv, hook_inv = observation.grad_inv, observation.hook_inv
     prepared = observation.prepared or (None,) * len(state.statistics)
     for grads, sq, mask, statistic, device, ahead in zip(
@@ -230,7 +232,7 @@ def update_(
         prepared,
         strict=True,
     ):
-        take = mask & apply.to(device)
+        take = mask if known_apply else mask & apply.to(device)
         if grad_inv is not None:
             sq = sq * grad_inv.to(device).square()
         extra = {} if ahead is None else {"prepared": ahead}
@@ -242,21 +244,52 @@ def update_(
     else:
         if not constant_factor(config):
             raise RuntimeError("update_(readout=False) needs a rule whose factor is always 1")
-        keys = ("factor", "factor_per_tensor", "overall_factor")
-        fields = {key: torch.ones_like(getattr(state, key)) for key in keys}
+        fields = {key: _ones_like(state, key) for key in _FACTORS}
     factor = fields["overall_factor"][0]  # the model-wide factor of this update
-    bad = ~finite
-    return replace(  # counters: int64 with bool promotes to int64 (no cast)
-        state,
-        present=present,
-        nonfinite=state.nonfinite + bad,
-        consecutive=(state.consecutive + 1) * bad,  # 0 after a finite step
-        skipped=state.skipped + ~apply,
-        applied=apply,
-        updates=state.updates + 1,
-        progress=state.progress + torch.where(apply, factor, 0.0),
-        **fields,
+    if known is not None and known[0] and known[1]:  # CPU, finite and applied: the same values
+        counters = {
+            "nonfinite": state.nonfinite,
+            "consecutive": _cached(state, "no run", lambda: torch.zeros_like(state.consecutive)),
+            "skipped": state.skipped,
+            "progress": state.progress + factor,
+        }
+    else:
+        bad = ~finite
+        counters = {  # int64 with bool promotes to int64 (no cast)
+            "nonfinite": state.nonfinite + bad,
+            "consecutive": (state.consecutive + 1) * bad,  # 0 after a finite step
+            "skipped": state.skipped + ~apply,
+            "progress": state.progress + torch.where(apply, factor, 0.0),
+        }
+    return replace(
+        state, present=present, applied=apply, updates=state.updates + 1, **counters, **fields
     )
+
+
+_FACTORS = ("factor", "factor_per_tensor", "overall_factor")
+
+
+def _host_flags(finite: torch.Tensor, apply: torch.Tensor) -> tuple[bool, bool] | None:
+    """(finite, applied) read on the host where the state lives on the CPU (a read waits for
+    nothing there; it saves the counters' small ops on the common step), else None."""
+    if finite.device.type != "cpu" or torch.compiler.is_compiling():
+        return None
+    return bool(finite), bool(apply)  # sync-ok: CPU only
+
+
+def _cached(state: ScalerState, key: object, make: Any) -> torch.Tensor:
+    """A constant tensor kept in ``state.cache`` (never written in place: states are values)."""
+    tensor = state.cache.get(key)
+    if tensor is None:
+        tensor = state.cache[key] = make()
+    return cast("torch.Tensor", tensor)
+
+
+def _ones_like(state: ScalerState, key: str) -> torch.Tensor:
+    """Ones of the shape of ``state.<key>``, made once per shape."""
+    like = getattr(state, key)
+    shape = ("ones", key, tuple(like.shape), like.dtype, like.device)
+    return _cached(state, shape, lambda: torch.ones_like(like))
 
 
 def update(state: ScalerState, observation: Observation, config: ScalerConfig) -> ScalerState:
