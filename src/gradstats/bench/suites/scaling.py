@@ -31,7 +31,10 @@
 * ``scaling/per-sample-mlp`` and ``scaling/per-sample-gpt2`` — ``statistic="per_sample"``
   (forward + backward with the module hooks + ``step()``) ÷ a plain forward + backward, on the
   MLP 784-512-512-10 at batch 256 and a GPT-2 config (4 layers, width 128, vocab 2048) at
-  8×128 tokens. Goal: <= 1.1x.
+  8×128 tokens. Goal: <= 1.1x. The MLP case also times the cost floor
+  (:func:`~gradstats.bench.suites._scaling_floors.per_sample_floor`: a plain backward plus the
+  row norms and ‖ĝ‖² the estimator needs, nothing else), so the table shows how much of the
+  ratio is the method and how much the library.
 
 Persistent extra memory (state) is recorded in the comparison's params: the temporal statistic
 keeps one buffer per parameter, two with the native one-pass update (AdamW keeps two; the
@@ -55,6 +58,7 @@ from torch.utils._pytree import tree_leaves
 from gradstats import VarianceGradientScaler
 from gradstats.bench._harness import Candidate, Comparison
 from gradstats.bench._optional import Skipped, missing
+from gradstats.bench.suites._scaling_floors import per_sample_floor
 from gradstats.scaling._kernels import native_kernels_available, native_traffic, set_native_kernels
 
 __all__ = ["comparisons"]
@@ -288,9 +292,14 @@ def _same_numbers(smoke: bool) -> Comparison:
 
 
 def _per_sample_cost(
-    name: str, model: torch.nn.Module, loss: Callable[[torch.nn.Module], torch.Tensor], **params
+    name: str,
+    model: torch.nn.Module,
+    loss: Callable[[torch.nn.Module], torch.Tensor],
+    floor: Candidate | None = None,
+    **params,
 ) -> Comparison:
-    """Forward + backward (+ the scaler's step) with and without the per-sample hooks."""
+    """Forward + backward (+ the scaler's step) with and without the per-sample hooks (and
+    the cost floor, where there is one)."""
     plain, hooked = model, copy.deepcopy(model)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
@@ -312,6 +321,7 @@ def _per_sample_cost(
         candidates=[
             Candidate("plain backward", backward, "baseline: forward + backward"),
             Candidate("gradstats per_sample", per_sample, "forward + backward + step"),
+            *([] if floor is None else [floor]),
         ],
         baseline="plain backward",
         check=False,
@@ -330,12 +340,17 @@ def _per_sample_mlp(smoke: bool) -> Comparison:
     g = torch.Generator().manual_seed(1)
     x = torch.randn(batch, sizes[0], generator=g).to(DEVICE)
     y = torch.randint(0, sizes[-1], (batch,), generator=g).to(DEVICE)
+
+    def loss(m: torch.nn.Module) -> torch.Tensor:
+        return F.cross_entropy(m(x), y)
+
+    floor = Candidate(
+        "floor: row norms + grad norms",
+        per_sample_floor(copy.deepcopy(model), loss, batch),
+        "plain backward + ‖a_i‖, ‖b_i‖ per layer + one native ‖ĝ‖² pass",
+    )
     return _per_sample_cost(
-        "scaling/per-sample-mlp",
-        model,
-        lambda m: F.cross_entropy(m(x), y),
-        sizes=list(sizes),
-        batch=batch,
+        "scaling/per-sample-mlp", model, loss, floor, sizes=list(sizes), batch=batch
     )
 
 
@@ -365,7 +380,7 @@ def _per_sample_gpt2(smoke: bool) -> Comparison | Skipped:
         return F.cross_entropy(logits.reshape(-1, vocab), ids[:, 1:].reshape(-1))
 
     return _per_sample_cost(
-        "scaling/per-sample-gpt2", model, loss, n_layer=layers, n_embd=width,
+        "scaling/per-sample-gpt2", model, loss, None, n_layer=layers, n_embd=width,
         vocab_size=vocab, batch=batch, length=length, tied_embeddings=True,
     )  # fmt: skip
 

@@ -1,0 +1,33 @@
+"""The per_sample cost floor computes what the statistic needs (else it is no floor): the
+per-example Σ_i ‖c_i‖² of every weight and bias and ‖ĝ‖² of every gradient, against a float64
+per-example autograd loop."""
+
+import copy
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from gradstats.bench.suites._scaling_floors import per_sample_floor
+
+
+def test_floor_gives_the_per_example_sums_and_gradient_norms():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(6, 5), nn.ReLU(), nn.Linear(5, 3)).double()
+    x, y = torch.randn(7, 6, dtype=torch.float64), torch.randint(0, 3, (7,))
+
+    def loss(m: nn.Module) -> torch.Tensor:
+        return F.cross_entropy(m(x), y)
+
+    sums, sq = per_sample_floor(copy.deepcopy(model), loss, 7)()
+    params = list(model.parameters())  # weight 0, bias 0, weight 1, bias 1
+    per_example = torch.zeros(len(params), dtype=torch.float64)
+    for i in range(7):  # c_i = ∇(loss_i / B): the share of example i in .grad
+        grads = torch.autograd.grad(F.cross_entropy(model(x[i : i + 1]), y[i : i + 1]) / 7, params)
+        per_example += torch.stack([g.square().sum() for g in grads])
+    full = torch.autograd.grad(loss(model), params)
+    torch.testing.assert_close(sums[0], per_example[0::2], rtol=1e-12, atol=0)  # weights
+    torch.testing.assert_close(sums[1], per_example[1::2], rtol=1e-12, atol=0)  # biases
+    torch.testing.assert_close(
+        sq, torch.stack([g.square().sum() for g in full]), rtol=1e-12, atol=0
+    )
