@@ -48,6 +48,6 @@ def per_sample_floor(
         loss(model).backward()
         torch.mul(rows[2], rows[1], out=rows[0])  # ‖a_i‖‖b_i‖
         sums = torch.linalg.vector_norm(rows[:2], dim=2, dtype=torch.float64).square()
-        return sums, squared_norms([p.grad for p in params])
+        return sums, squared_norms([p.grad for p in params if p.grad is not None])
 
     return run
