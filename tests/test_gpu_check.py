@@ -3,7 +3,6 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import subprocess
 import sys
@@ -13,19 +12,15 @@ from types import ModuleType
 import pytest
 import torch
 
+from tests._scripts import load_script
+
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "scripts" / "gpu_check.py"
 CHILDREN = ROOT / "scripts" / "gpu_check_children.py"
 
 
 def _load(path: Path) -> ModuleType:
-    spec = importlib.util.spec_from_file_location(path.stem, path)
-    assert spec is not None
-    assert spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    sys.modules.setdefault(path.stem, module)  # dataclasses look their module up there
-    spec.loader.exec_module(module)
-    return module
+    return load_script(path)
 
 
 def _run(*args: str) -> subprocess.CompletedProcess[str]:

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import importlib.util
-import sys
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -11,16 +9,13 @@ import pytest
 
 import gradstats.eqprop.train as train_module
 from gradstats.cli import _eqprop, main
+from tests._scripts import load_example
 
 EXAMPLE = Path(__file__).parents[2] / "examples" / "eqprop_gpu_recipe.py"
 
 
 def _load():
-    spec = importlib.util.spec_from_file_location("eqprop_gpu_recipe", EXAMPLE)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
-    return module
+    return load_example("eqprop_gpu_recipe")
 
 
 def test_the_recipe_commands_are_valid_runs_at_the_original_scale(tmp_path, monkeypatch):

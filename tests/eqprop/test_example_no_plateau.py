@@ -2,9 +2,7 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
-import sys
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -12,16 +10,13 @@ import pytest
 
 import gradstats.eqprop.train as train_module
 from gradstats.cli import main
+from tests._scripts import load_example
 
 EXAMPLE = Path(__file__).parents[2] / "examples" / "eqprop_no_plateau.py"
 
 
 def _load():
-    spec = importlib.util.spec_from_file_location("eqprop_no_plateau", EXAMPLE)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
-    return module
+    return load_example("eqprop_no_plateau")
 
 
 def test_the_commands_are_valid_runs_of_the_small_configuration(tmp_path, monkeypatch):

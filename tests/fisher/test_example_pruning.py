@@ -1,20 +1,19 @@
 """The pruning experiment in examples/ still runs (smoke size, under a minute), so it cannot go
 stale: every ranking × structure × fraction is evaluated before and after the rescaling."""
 
-import importlib.util
 import json
 import time
 from pathlib import Path
 
 import torch
 
+from tests._scripts import load_script
+
 SCRIPT = Path(__file__).resolve().parents[2] / "examples" / "fisher_pruning.py"
 
 
 def test_pruning_experiment_smoke_run(tmp_path):
-    spec = importlib.util.spec_from_file_location("fisher_pruning", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
+    module = load_script(SCRIPT)
     threads = torch.get_num_threads()
     start = time.perf_counter()
     try:

@@ -1,20 +1,18 @@
 """The batch-size experiment in examples/ still runs (smoke size), so it cannot go stale."""
 
-import importlib.util
 import json
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 
+from tests._scripts import load_script
+
 SCRIPT = Path(__file__).resolve().parents[2] / "examples" / "scaler_batch_size.py"
 
 
 def test_experiment_smoke_run(tmp_path):
-    spec = importlib.util.spec_from_file_location("scaler_batch_size", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
+    module = load_script(SCRIPT)
     threads = torch.get_num_threads()
     try:
         module.main(["--smoke", "--lrs", "0.05", "--out", str(tmp_path)])
@@ -29,10 +27,7 @@ ADASCALE = SCRIPT.with_name("scaler_adascale.py")
 
 
 def test_adascale_experiment_smoke_run(tmp_path, monkeypatch):
-    spec = importlib.util.spec_from_file_location("scaler_adascale", ADASCALE)
-    module = importlib.util.module_from_spec(spec)
-    monkeypatch.setitem(sys.modules, "scaler_adascale", module)  # its dataclass needs it
-    spec.loader.exec_module(module)
+    module = load_script(ADASCALE)
     threads = torch.get_num_threads()
     try:
         module.main(["--smoke", "--tasks", "mlp", "--out", str(tmp_path)])
@@ -52,10 +47,7 @@ def test_adascale_experiment_smoke_run(tmp_path, monkeypatch):
 
 def test_noise_truth_experiment_smoke_run(tmp_path, monkeypatch):
     path = SCRIPT.with_name("scaler_noise_truth.py")
-    spec = importlib.util.spec_from_file_location("scaler_noise_truth", path)
-    module = importlib.util.module_from_spec(spec)
-    monkeypatch.setitem(sys.modules, "scaler_noise_truth", module)
-    spec.loader.exec_module(module)
+    module = load_script(path)
     threads = torch.get_num_threads()
     try:
         record = module.main(["--smoke", "--out", str(tmp_path)])
@@ -70,10 +62,7 @@ def test_noise_truth_experiment_smoke_run(tmp_path, monkeypatch):
 def test_noise_truth_reference_is_the_per_example_formula(monkeypatch):
     """The experiment's ground truth equals tr Σ/‖G‖² from an explicit per-example loop."""
     path = SCRIPT.with_name("scaler_noise_truth.py")
-    spec = importlib.util.spec_from_file_location("scaler_noise_truth", path)
-    module = importlib.util.module_from_spec(spec)
-    monkeypatch.setitem(sys.modules, "scaler_noise_truth", module)
-    spec.loader.exec_module(module)
+    module = load_script(path)
     teacher, student = module._teacher_student(0)
     x, y = module._data(teacher, 64, torch.Generator().manual_seed(0))
     grads = []

@@ -1,12 +1,12 @@
 """The SB3 PPO experiment in examples/ still runs (smoke size), so it cannot go stale."""
 
-import importlib.util
 import json
-import sys
 from pathlib import Path
 
 import pytest
 import torch
+
+from tests._scripts import load_script
 
 pytest.importorskip("stable_baselines3")
 pytest.importorskip("gymnasium")
@@ -15,10 +15,7 @@ SCRIPT = Path(__file__).resolve().parents[2] / "examples" / "scaler_ppo.py"
 
 
 def test_ppo_experiment_smoke_run(tmp_path, monkeypatch):
-    spec = importlib.util.spec_from_file_location("scaler_ppo", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    monkeypatch.setitem(sys.modules, "scaler_ppo", module)
-    spec.loader.exec_module(module)
+    module = load_script(SCRIPT)
     threads = torch.get_num_threads()
     argv = ["--smoke", "--envs", "CartPole-v1", "--seeds", "0", "--out", str(tmp_path)]
     torch.set_default_dtype(torch.float32)  # SB3 is float32 (the conftest restores float64)
@@ -52,9 +49,6 @@ def test_ppo_experiment_smoke_run(tmp_path, monkeypatch):
 
 
 def test_ppo_experiment_rejects_unknown_variant(tmp_path, monkeypatch):
-    spec = importlib.util.spec_from_file_location("scaler_ppo", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    monkeypatch.setitem(sys.modules, "scaler_ppo", module)
-    spec.loader.exec_module(module)
+    module = load_script(SCRIPT)
     with pytest.raises(SystemExit):
         module.main(["--smoke", "--variants", "adascale", "--out", str(tmp_path)])
