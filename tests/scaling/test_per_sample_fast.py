@@ -21,7 +21,7 @@ from gradstats import VarianceGradientScaler
 from gradstats.fisher._persample import LinearHandler
 from gradstats.scaling._per_sample_linear import materialised_grads
 from gradstats.scaling._per_sample_staging import Scratch, Staging
-from gradstats.scaling._per_sample_state import PerSampleState
+from gradstats.scaling._per_sample_state import HOST_UPDATE_MAX, PerSampleState
 from gradstats.scaling._same_point import SamePointState
 from gradstats.testing import reference_per_sample_noise
 from tests.scaling.test_per_sample import _check, _run, _scaler_values
@@ -120,7 +120,7 @@ def test_state_update_is_bitwise_same_point_update():
             assert torch.equal(getattr(ours, key), getattr(theirs, key)), (step, key)
 
 
-@pytest.mark.parametrize("n", [1, 5, 17])
+@pytest.mark.parametrize("n", [1, 5, 17, HOST_UPDATE_MAX + 1])  # the last: the tensor path
 @pytest.mark.parametrize("beta", [0.9, 0.999])
 def test_host_update_is_bitwise_the_tensor_update_on_awkward_input(n, beta):
     """The CPU path (Python floats) against SamePointState's tensor ops over 40 steps: one or

@@ -48,7 +48,7 @@ from gradstats.moments._checks import check_state_dtype, state_shape, state_tens
 from gradstats.moments._placement import Placement
 from gradstats.moments._welford import scalar_dtype
 
-__all__ = ["EMAMoments", "ema_reliability", "ema_step_size", "ema_update"]
+__all__ = ["EMAMoments", "ema_reliability", "ema_step_size", "ema_step_sizes", "ema_update"]
 
 _FORMAT = "gradstats.EMAMoments"
 _VERSION = 1

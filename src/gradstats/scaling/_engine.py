@@ -244,12 +244,13 @@ def update_(
     else:
         if not constant_factor(config):
             raise RuntimeError("update_(readout=False) needs a rule whose factor is always 1")
-        fields = {key: _ones_like(state, key) for key in _FACTORS}
+        keys = ("factor", "factor_per_tensor", "overall_factor")
+        fields = {key: torch.ones_like(getattr(state, key)) for key in keys}
     factor = fields["overall_factor"][0]  # the model-wide factor of this update
     if known is not None and known[0] and known[1]:  # CPU, finite and applied: the same values
         counters = {
             "nonfinite": state.nonfinite,
-            "consecutive": _cached(state, "no run", lambda: torch.zeros_like(state.consecutive)),
+            "consecutive": torch.zeros_like(state.consecutive),  # fresh: no shared constant
             "skipped": state.skipped,
             "progress": state.progress + factor,
         }
@@ -266,30 +267,12 @@ def update_(
     )
 
 
-_FACTORS = ("factor", "factor_per_tensor", "overall_factor")
-
-
 def _host_flags(finite: torch.Tensor, apply: torch.Tensor) -> tuple[bool, bool] | None:
     """(finite, applied) read on the host where the state lives on the CPU (a read waits for
     nothing there; it saves the counters' small ops on the common step), else None."""
     if finite.device.type != "cpu" or torch.compiler.is_compiling():
         return None
     return bool(finite), bool(apply)  # sync-ok: CPU only
-
-
-def _cached(state: ScalerState, key: object, make: Any) -> torch.Tensor:
-    """A constant tensor kept in ``state.cache`` (never written in place: states are values)."""
-    tensor = state.cache.get(key)
-    if tensor is None:
-        tensor = state.cache[key] = make()
-    return cast("torch.Tensor", tensor)
-
-
-def _ones_like(state: ScalerState, key: str) -> torch.Tensor:
-    """Ones of the shape of ``state.<key>``, made once per shape."""
-    like = getattr(state, key)
-    shape = ("ones", key, tuple(like.shape), like.dtype, like.device)
-    return _cached(state, shape, lambda: torch.ones_like(like))
 
 
 def update(state: ScalerState, observation: Observation, config: ScalerConfig) -> ScalerState:

@@ -13,7 +13,11 @@ from gradstats.moments import ema_step_size, ema_step_sizes
 from gradstats.moments._distributed import all_reduce_sum_
 from gradstats.scaling._same_point import SamePointState
 
-__all__ = ["PerSampleState"]
+__all__ = ["HOST_UPDATE_MAX", "PerSampleState"]
+
+# Up to this many tensors the update of CPU state on Python floats beats the ~25 tensor ops
+# (measured, one thread: 8 tensors 145 vs 254 µs; 200 tensors 482 vs 406 µs per step).
+HOST_UPDATE_MAX = 128
 
 
 class PerSampleState(SamePointState):
@@ -71,7 +75,12 @@ class PerSampleState(SamePointState):
         self._watch_passes()
         if hook_inv is not None:
             sums = sums * hook_inv.to(device=device, dtype=torch.float64).square()
-        if device.type == "cpu" and not self.distributed and not torch.compiler.is_compiling():
+        if (
+            device.type == "cpu"
+            and not self.distributed
+            and len(host) <= HOST_UPDATE_MAX
+            and not torch.compiler.is_compiling()
+        ):
             self._update_on_host(sums, sq_norms, take, host)
             return
         if self.distributed:
@@ -114,7 +123,7 @@ class PerSampleState(SamePointState):
                     estimate = (noise, signal)
             estimates.append(estimate)
         counts = [c + (e is not None) for c, e in zip(self.count.tolist(), estimates, strict=True)]
-        self.count = torch.tensor(counts, dtype=self.count.dtype)
+        self.count = torch.tensor(counts, dtype=self.count.dtype, device=self.count.device)
         steps = ema_step_sizes(self.beta, self.count)
         noise_ema, signal_ema = self._stacked_ema().tolist()
         rows: list[list[float]] = [[], []]
@@ -123,8 +132,8 @@ class PerSampleState(SamePointState):
             x = estimate or (0.0, 0.0)  # ema + step·(where(valid, estimate, 0) − ema)
             rows[0].append(noise_ema[j] + step * (x[0] - noise_ema[j]))
             rows[1].append(signal_ema[j] + step * (x[1] - signal_ema[j]))
-        ema = torch.tensor(rows, dtype=torch.float64)
-        self.last_passes = torch.tensor(host, dtype=torch.float64)
+        ema = torch.tensor(rows, dtype=torch.float64, device=self.count.device)
+        self.last_passes = torch.tensor(host, dtype=torch.float64, device=self.count.device)
         self.noise_ema, self.signal_ema = ema.unbind(0)
         self._ema = (ema, self.noise_ema, self.signal_ema)
 

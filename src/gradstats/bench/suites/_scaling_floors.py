@@ -26,7 +26,7 @@ def per_sample_floor(
     """One step of the floor (``model`` is hooked: pass a copy); returns the sums."""
     linears = [m for m in model.modules() if type(m) is nn.Linear]
     params = list(model.parameters())
-    rows = torch.empty(3, len(linears), batch, device=params[0].device)
+    rows = torch.empty(3, len(linears), batch, dtype=params[0].dtype, device=params[0].device)
     seen = [0]
 
     def forward_hook(_module: nn.Module, args: tuple, output: torch.Tensor) -> None:
