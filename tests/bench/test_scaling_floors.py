@@ -34,3 +34,39 @@ def test_floor_gives_the_per_example_sums_and_gradient_norms(dtype):
     torch.testing.assert_close(sums[1], per_example[1::2], **tol)  # biases
     norms = torch.stack([g.double().square().sum() for g in full])
     torch.testing.assert_close(sq, norms, **tol)
+
+
+def test_sequence_floor_gives_the_gradient_and_the_per_sequence_norms():
+    """GPT-2 config with tied embeddings (float64): ĝ of every parameter equals a plain
+    backward's, and ‖c‖ of every Conv1D weight equals a per-sequence autograd loop."""
+    transformers = pytest.importorskip("transformers")
+    from gradstats.bench.suites._scaling_floors import sequence_floor
+
+    config = transformers.GPT2Config(
+        n_layer=2, n_embd=16, n_head=2, vocab_size=40, n_positions=12,
+        attn_pdrop=0.0, resid_pdrop=0.0, embd_pdrop=0.0,
+    )  # fmt: skip
+    torch.manual_seed(0)
+    model = transformers.GPT2LMHeadModel(config).double()
+    ids = torch.randint(0, 40, (3, 12))
+    scale = ids.shape[0] * (ids.shape[1] - 1)
+
+    def loss(m: nn.Module, rows=slice(None), reduction="mean") -> torch.Tensor:
+        logits = m(ids[rows]).logits[:, :-1]
+        targets = ids[rows, 1:].reshape(-1)
+        return F.cross_entropy(logits.reshape(-1, 40), targets, reduction=reduction)
+
+    norms, sq, grads = sequence_floor(copy.deepcopy(model), loss)()
+    params = list(model.parameters())
+    full = torch.autograd.grad(loss(model), params)
+    for ours, g in zip(grads, full, strict=True):
+        torch.testing.assert_close(ours, g, rtol=1e-10, atol=1e-14)
+    torch.testing.assert_close(
+        sq, torch.stack([g.square().sum() for g in full]), rtol=1e-10, atol=0
+    )
+    conv = [m.weight for m in model.modules() if type(m).__name__ == "Conv1D"]
+    per_sequence = torch.zeros(len(conv), dtype=torch.float64)
+    for i in range(ids.shape[0]):
+        share = loss(model, slice(i, i + 1), "sum") / scale
+        per_sequence += torch.stack([g.square().sum() for g in torch.autograd.grad(share, conv)])
+    torch.testing.assert_close(norms[:-1].square(), per_sequence, rtol=1e-10, atol=0)

@@ -1,4 +1,6 @@
-r"""Cost floor of the ``per_sample`` statistic on an MLP: the least work beyond a plain backward.
+r"""Cost floors of the ``per_sample`` statistic: the least work beyond a plain backward.
+
+:func:`sequence_floor` is the same for sequence models (a lower bound; see its docstring).
 
 :func:`per_sample_floor` — a plain forward + backward of an MLP of ``nn.Linear`` layers on
 [B, d] rows, plus exactly what the per-example noise needs and nothing a library adds: per
@@ -15,9 +17,10 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
+from gradstats.fisher._handler import is_hf_conv1d
 from gradstats.scaling._kernels import squared_norms
 
-__all__ = ["per_sample_floor"]
+__all__ = ["per_sample_floor", "sequence_floor"]
 
 
 def per_sample_floor(
@@ -51,3 +54,63 @@ def per_sample_floor(
         return sums, squared_norms([p.grad for p in params if p.grad is not None])
 
     return run
+
+
+def sequence_floor(
+    model: nn.Module, loss: Callable[[nn.Module], torch.Tensor]
+) -> Callable[[], object]:
+    """A lower bound of ``per_sample``'s cost on a causal LM (``model`` is hooked: pass a copy).
+
+    One forward; one ``torch.autograd.grad`` for the outputs of every 2-D weight layer (Hugging
+    Face ``Conv1D``, ``nn.Linear``) and of every embedding whose weight such a layer shares
+    (tied lm_head), and for the remaining parameters (norms, position embeddings) — so no
+    weight-gradient GEMM of those layers runs; per layer the per-sequence weight gradients
+    c_i = Σ_t a_t b_tᵀ by one batched matmul [B, d_in, d_out], their sum (ĝ of the weight) and
+    ‖c‖ over the sequences; biases Σ_{i,t} b_it, a tied embedding's rows by ``index_add``; then
+    ‖ĝ‖² of every parameter in one native pass. It leaves out what ``per_sample`` also computes
+    (the per-sequence norms of biases, norms, embeddings and the tied weight's cross term), so
+    it is cheaper than any exact implementation: the ratio ``per_sample`` ÷ this floor bounds
+    from below what the library adds. Returns (‖c‖ per layer call, ‖ĝ‖², ĝ in
+    ``model.parameters()`` order)."""
+    sites = [m for m in model.modules() if is_hf_conv1d(m) or type(m) is nn.Linear]
+    shared = {id(m.weight) for m in sites}
+    tied = [m for m in model.modules() if type(m) is nn.Embedding and id(m.weight) in shared]
+    grown = shared | {id(m.bias) for m in sites if m.bias is not None}
+    grown |= {id(m.weight) for m in tied}
+    others: list[torch.Tensor] = [p for p in model.parameters() if id(p) not in grown]
+    calls: list[tuple[nn.Module, torch.Tensor, torch.Tensor]] = []
+    for module in [*sites, *tied]:
+        module.register_forward_hook(lambda m, args, out: calls.append((m, args[0].detach(), out)))
+
+    def run() -> object:
+        calls.clear()
+        objective = loss(model)
+        wanted: list[torch.Tensor] = [out for _, _, out in calls]
+        found = torch.autograd.grad(objective, wanted + others)
+        grads = {id(p): g for p, g in zip(others, found[len(calls) :], strict=True)}
+        norms = []
+        for (module, x, _), b in zip(calls, found[: len(calls)], strict=True):
+            weight = module.get_parameter("weight")
+            if type(module) is nn.Embedding:
+                rows = torch.zeros_like(weight).index_add_(
+                    0, x.reshape(-1), b.reshape(-1, b.shape[-1])
+                )
+                _add(grads, weight, rows)
+                continue
+            a = x.reshape(x.shape[0], -1, x.shape[-1])
+            b = b.reshape(b.shape[0], -1, b.shape[-1])
+            per_unit = torch.bmm(a.transpose(1, 2), b)  # [B, d_in, d_out]
+            summed = per_unit.sum(0)
+            _add(grads, weight, summed if is_hf_conv1d(module) else summed.T)
+            norms.append(torch.linalg.vector_norm(per_unit))
+            if module.bias is not None:
+                _add(grads, module.get_parameter("bias"), b.sum((0, 1)))
+        total = [grads[id(p)] for p in model.parameters()]
+        return torch.stack(norms), squared_norms(total), total
+
+    return run
+
+
+def _add(grads: dict[int, torch.Tensor], param: torch.Tensor, value: torch.Tensor) -> None:
+    key = id(param)
+    grads[key] = value if key not in grads else grads[key] + value
