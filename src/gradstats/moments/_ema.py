@@ -73,7 +73,8 @@ def ema_step_sizes(beta: float, count: torch.Tensor) -> list[float]:
     where reading a tensor waits for nothing."""
     numerator = 1.0 - beta
     steps = []
-    for t, power in zip(count.tolist(), _power(beta, count).tolist(), strict=True):
+    counts, powers = count.tolist(), _power(beta, count).tolist()  # sync-ok: CPU state only
+    for t, power in zip(counts, powers, strict=True):
         below = 1.0 - power
         steps.append(1.0 if t <= 1 else (1.0 / below if below else math.inf) * numerator)
     return steps

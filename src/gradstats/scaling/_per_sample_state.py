@@ -112,7 +112,7 @@ class PerSampleState(SamePointState):
         correctly rounded +, −, ×, ÷), β^t by torch's pow on the new count tensor
         (:func:`~gradstats.moments.ema_step_sizes`), so the same bits (pinned by a test) for
         five small tensors created instead of ~25 ops."""
-        total, sq, ok = sums.tolist(), sq_norms.tolist(), take.tolist()
+        total, sq, ok = sums.tolist(), sq_norms.tolist(), take.tolist()  # sync-ok: CPU state
         estimates: list[tuple[float, float] | None] = []
         for j, k in enumerate(host):
             estimate = None
@@ -122,10 +122,11 @@ class PerSampleState(SamePointState):
                 if math.isfinite(noise) and math.isfinite(signal):
                     estimate = (noise, signal)
             estimates.append(estimate)
-        counts = [c + (e is not None) for c, e in zip(self.count.tolist(), estimates, strict=True)]
+        before = self.count.tolist()  # sync-ok: CPU state
+        counts = [c + (e is not None) for c, e in zip(before, estimates, strict=True)]
         self.count = torch.tensor(counts, dtype=self.count.dtype, device=self.count.device)
         steps = ema_step_sizes(self.beta, self.count)
-        noise_ema, signal_ema = self._stacked_ema().tolist()
+        noise_ema, signal_ema = self._stacked_ema().tolist()  # sync-ok: CPU state
         rows: list[list[float]] = [[], []]
         for j, estimate in enumerate(estimates):
             step = 0.0 if estimate is None else steps[j]
