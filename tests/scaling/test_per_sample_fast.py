@@ -19,9 +19,11 @@ from torch import nn
 
 from gradstats import VarianceGradientScaler
 from gradstats.fisher._persample import LinearHandler
+from gradstats.scaling import _same_point
+from gradstats.scaling._host_update import HOST_UPDATE_MAX
 from gradstats.scaling._per_sample_linear import materialised_grads
 from gradstats.scaling._per_sample_staging import Scratch, Staging
-from gradstats.scaling._per_sample_state import HOST_UPDATE_MAX, PerSampleState
+from gradstats.scaling._per_sample_state import PerSampleState
 from gradstats.scaling._same_point import SamePointState
 from gradstats.testing import reference_per_sample_noise
 from tests.scaling.test_per_sample import _check, _run, _scaler_values
@@ -99,6 +101,13 @@ def test_staging_rows_of_two_layouts_and_all_forms():
             torch.testing.assert_close(got[name], value, rtol=1e-5, atol=0.0, msg=name)
 
 
+@pytest.fixture
+def tensor_reference(monkeypatch):
+    """SamePointState on its tensor ops (on the CPU it would take the host path too)."""
+    monkeypatch.setattr(_same_point, "on_host", lambda device, distributed, n: False)
+
+
+@pytest.mark.usefixtures("tensor_reference")
 def test_state_update_is_bitwise_same_point_update():
     params = [torch.zeros(3), torch.zeros(2, 2), torch.zeros(4)]
     ours = PerSampleState(params, 0.9, distributed=False)
@@ -122,6 +131,7 @@ def test_state_update_is_bitwise_same_point_update():
 
 @pytest.mark.parametrize("n", [1, 5, 17, HOST_UPDATE_MAX + 1])  # the last: the tensor path
 @pytest.mark.parametrize("beta", [0.9, 0.999])
+@pytest.mark.usefixtures("tensor_reference")
 def test_host_update_is_bitwise_the_tensor_update_on_awkward_input(n, beta):
     """The CPU path (Python floats) against SamePointState's tensor ops over 40 steps: one or
     no unit, NaN and inf sums, steps not taken, and vector lengths with a scalar tail."""

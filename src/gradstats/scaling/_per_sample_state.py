@@ -4,20 +4,15 @@ number of units of the step, fed by :class:`~gradstats.scaling._per_sample.PerSa
 
 from __future__ import annotations
 
-import math
-
 import torch
 
 from gradstats._warnings import warn
-from gradstats.moments import ema_step_size, ema_step_sizes
+from gradstats.moments import ema_step_size
 from gradstats.moments._distributed import all_reduce_sum_
+from gradstats.scaling._host_update import on_host, update_on_host
 from gradstats.scaling._same_point import SamePointState
 
-__all__ = ["HOST_UPDATE_MAX", "PerSampleState"]
-
-# Up to this many tensors the update of CPU state on Python floats beats the ~25 tensor ops
-# (measured, one thread: 8 tensors 145 vs 254 µs; 200 tensors 482 vs 406 µs per step).
-HOST_UPDATE_MAX = 128
+__all__ = ["PerSampleState"]
 
 
 class PerSampleState(SamePointState):
@@ -75,12 +70,7 @@ class PerSampleState(SamePointState):
         self._watch_passes()
         if hook_inv is not None:
             sums = sums * hook_inv.to(device=device, dtype=torch.float64).square()
-        if (
-            device.type == "cpu"
-            and not self.distributed
-            and len(host) <= HOST_UPDATE_MAX
-            and not torch.compiler.is_compiling()
-        ):
+        if on_host(device, self.distributed, len(host)):
             self._update_on_host(sums, sq_norms, take, host)
             return
         if self.distributed:
@@ -107,36 +97,12 @@ class PerSampleState(SamePointState):
     def _update_on_host(
         self, sums: torch.Tensor, sq_norms: torch.Tensor, take: torch.Tensor, host: list[float]
     ) -> None:
-        """:meth:`update` for state on the CPU, where reading a tensor waits for nothing: the
-        same float64 operations in the same order on Python floats (IEEE double: the same
-        correctly rounded +, −, ×, ÷), β^t by torch's pow on the new count tensor
-        (:func:`~gradstats.moments.ema_step_sizes`), so the same bits (pinned by a test) for
-        five small tensors created instead of ~25 ops."""
-        total, sq, ok = sums.tolist(), sq_norms.tolist(), take.tolist()  # sync-ok: CPU state
-        estimates: list[tuple[float, float] | None] = []
-        for j, k in enumerate(host):
-            estimate = None
-            if ok[j] and k >= 2.0:  # (noise, signal) = ((A − B)/(K − 1), (K·B − A)/(K − 1))
-                small = k * k * total[j] / k  # mean_k ‖M h‖² = K²Σ/max(K, 1), as on the device
-                noise, signal = (small - sq[j]) / (k - 1.0), (k * sq[j] - small) / (k - 1.0)
-                if math.isfinite(noise) and math.isfinite(signal):
-                    estimate = (noise, signal)
-            estimates.append(estimate)
-        before = self.count.tolist()  # sync-ok: CPU state
-        counts = [c + (e is not None) for c, e in zip(before, estimates, strict=True)]
-        self.count = torch.tensor(counts, dtype=self.count.dtype, device=self.count.device)
-        steps = ema_step_sizes(self.beta, self.count)
-        noise_ema, signal_ema = self._stacked_ema().tolist()  # sync-ok: CPU state
-        rows: list[list[float]] = [[], []]
-        for j, estimate in enumerate(estimates):
-            step = 0.0 if estimate is None else steps[j]
-            x = estimate or (0.0, 0.0)  # ema + step·(where(valid, estimate, 0) − ema)
-            rows[0].append(noise_ema[j] + step * (x[0] - noise_ema[j]))
-            rows[1].append(signal_ema[j] + step * (x[1] - signal_ema[j]))
-        ema = torch.tensor(rows, dtype=torch.float64, device=self.count.device)
-        self.last_passes = torch.tensor(host, dtype=torch.float64, device=self.count.device)
-        self.noise_ema, self.signal_ema = ema.unbind(0)
-        self._ema = (ema, self.noise_ema, self.signal_ema)
+        """:meth:`update` on Python floats (:mod:`~gradstats.scaling._host_update`)."""
+        noise, signal = self._stacked_ema().tolist()  # sync-ok: CPU state
+        new = update_on_host(self.beta, sums, sq_norms, take, host, self.count, (noise, signal))
+        self.count, self.last_passes = new.count, new.passes
+        self.noise_ema, self.signal_ema = new.ema.unbind(0)
+        self._ema = (new.ema, self.noise_ema, self.signal_ema)
 
     def _stacked_ema(self) -> torch.Tensor:
         """[noise_ema; signal_ema]: the tensor they are views of, unless they were replaced."""

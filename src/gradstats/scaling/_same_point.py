@@ -30,6 +30,7 @@ import torch
 from gradstats._warnings import warn
 from gradstats.moments import ema_reliability, ema_step_size
 from gradstats.moments._distributed import all_reduce_sum_
+from gradstats.scaling._host_update import on_host, update_on_host
 from gradstats.scaling._kernels import squared_norms
 from gradstats.scaling._state import ScalarTensorState, Totals
 
@@ -115,11 +116,20 @@ class SamePointState(ScalarTensorState):
         grad_inv: torch.Tensor | None = None,
         hook_inv: torch.Tensor | None = None,
     ) -> None:
-        """``sq_norms``: unscaled ‖.grad‖²; ``hook_inv``: 1/S if the hooks saw scaled gradients."""
+        """``sq_norms``: unscaled ‖.grad‖²; ``hook_inv``: 1/S if the hooks saw scaled gradients.
+        On the CPU (few tensors, one process) the update runs on Python floats with the same
+        bits (:mod:`~gradstats.scaling._host_update`)."""
+        host = [float(k) for k in self._host_passes]
         sums, local = self._collect()
         self._watch_passes()
         if hook_inv is not None:
             sums = sums * hook_inv.to(device=sums.device, dtype=torch.float64).square()
+        if on_host(sums.device, self.distributed, len(host)):
+            ema = (self.noise_ema.tolist(), self.signal_ema.tolist())  # sync-ok: CPU state
+            new = update_on_host(self.beta, sums, sq_norms, take, host, self.count, ema)
+            self.count, self.last_passes = new.count, new.passes
+            self.noise_ema, self.signal_ema = new.ema.unbind(0)
+            return
         total_sums, passes = sums, local
         if self.distributed:
             total_sums, passes = all_reduce_sum_([sums, local], self.group)
