@@ -18,7 +18,8 @@ copy such as ``docs/figures/eqprop_no_plateau.png``). Runs already complete in `
 reused. Two run at a time, in the order above (``aep`` and ``bptt`` first).
 
 Run: ``nice -n 15 python examples/eqprop_no_plateau.py --runs runs/noplateau`` (about 2 hours
-on 2 cores; ``--dry-run`` prints the command lines).
+on 2 cores; ``--dry-run`` prints the command lines). The second seed of the README:
+``--runs runs/noplateau_seed1 --seed 1 --only aep_small_beta,bptt,backprop,backprop_thin``.
 """
 
 from __future__ import annotations
@@ -48,9 +49,11 @@ RUNS = {
 }
 
 
-def command(name: str, runs: Path) -> list[str]:
-    """The ``gradstats eqprop train`` command line of run ``name``."""
-    return [sys.executable, "-m", "gradstats", "eqprop", "train", *COMMON, *RUNS[name],
+def command(name: str, runs: Path, seed: int = 0) -> list[str]:
+    """The ``gradstats eqprop train`` command line of run ``name`` (with ``seed``)."""
+    common = list(COMMON)
+    common[common.index("--seed") + 1] = str(seed)
+    return [sys.executable, "-m", "gradstats", "eqprop", "train", *common, *RUNS[name],
             "--out", str(runs / name)]  # fmt: skip
 
 
@@ -64,13 +67,13 @@ def _done(out: Path) -> bool:
     return metrics.exists() and any(r.get("step") == STEPS for r in read_metrics(metrics))
 
 
-def _run(name: str, runs: Path) -> None:
+def _run(name: str, runs: Path, seed: int = 0) -> None:
     """Run ``name`` unless done; its CPU seconds (user + system) and exit status go to
     ``cpu.json``. A run that stopped with metrics (training diverged: exit status 2) is
     reported in the table; one that left nothing raises."""
     if _done(runs / name):
         return
-    line = command(name, runs)
+    line = command(name, runs, seed)
     print(" ".join(line), flush=True)
     proc = subprocess.Popen(line)
     _, status, usage = os.wait4(proc.pid, 0)
@@ -90,12 +93,15 @@ def _cpu_minutes(out: Path, records: list[dict]) -> str:
     return f"{float(records[-1]['time']) / 60:.1f} (wall)"
 
 
-def table(runs: Path) -> tuple[list[list[object]], dict[str, float]]:
-    """The rows of the README table and each run's final validation CE."""
+def table(
+    runs: Path, names: tuple[str, ...] = tuple(RUNS)
+) -> tuple[list[list[object]], dict[str, float]]:
+    """The rows of the README table and each run's final validation CE (of ``names``, which
+    include ``bptt`` and ``backprop``: the ratio and the gap are to them)."""
     from gradstats.eqprop.train import read_metrics
 
     rows, final = [], {}
-    for name in RUNS:
+    for name in names:
         records = read_metrics(runs / name / "metrics.jsonl")
         val = {r["step"]: r["val_ce"] for r in records if "val_ce" in r}
         final[name] = val[max(val)]
@@ -103,7 +109,7 @@ def table(runs: Path) -> tuple[list[list[object]], dict[str, float]]:
         last = max(r["step"] for r in records if "step" in r)
         end = f"{final[name]:.3f}" + ("" if last == STEPS else f" @{max(val)}, stopped at {last}")
         rows.append([name, *at, end, _cpu_minutes(runs / name, records)])
-    for row, name in zip(rows, RUNS, strict=True):
+    for row, name in zip(rows, names, strict=True):
         row[-1:-1] = [f"{final[name] / final['bptt']:.3f}",
                       f"{final[name] - final['backprop']:+.3f}"]  # fmt: skip
     return rows, final
@@ -115,21 +121,29 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     parser.add_argument("--jobs", type=int, default=2, help="runs at a time")
     parser.add_argument("--figure", type=Path, help="also copy curves.png here")
     parser.add_argument("--dry-run", action="store_true", help="print the commands only")
+    parser.add_argument("--seed", type=int, default=0, help="seed of every run")
+    parser.add_argument(
+        "--only", default=",".join(RUNS), help="comma-separated runs (bptt and backprop needed)"
+    )
     args = parser.parse_args(argv)
+    names = tuple(n for n in args.only.split(",") if n)
+    unknown = sorted(set(names) - set(RUNS))
+    if unknown or not {"bptt", "backprop"} <= set(names):
+        parser.error(f"--only: runs from {', '.join(RUNS)}, bptt and backprop included")
     if args.dry_run:
-        for name in RUNS:
-            print(" ".join(command(name, args.runs)))
+        for name in names:
+            print(" ".join(command(name, args.runs, args.seed)))
         return {}
     with ThreadPoolExecutor(args.jobs) as pool:
-        list(pool.map(lambda name: _run(name, args.runs), RUNS))
+        list(pool.map(lambda name: _run(name, args.runs, args.seed), names))
     from gradstats._format import format_table
     from gradstats.eqprop.train import plot_curves, read_metrics
 
-    rows, final = table(args.runs)
+    rows, final = table(args.runs, names)
     head = ["run", *(f"val CE @{s}" for s in CHECKPOINTS), "final", "÷ bptt", "− backprop",
             "CPU min"]  # fmt: skip
     print(format_table(rows, head, markdown=True))
-    records = {name: read_metrics(args.runs / name / "metrics.jsonl") for name in RUNS}
+    records = {name: read_metrics(args.runs / name / "metrics.jsonl") for name in names}
     curves = plot_curves(records, args.runs / "curves.png", f"no plateau? {STEPS} steps")
     if args.figure is not None:
         args.figure.parent.mkdir(parents=True, exist_ok=True)

@@ -87,3 +87,19 @@ def test_a_stopped_run_with_cpu_json_is_not_rerun(tmp_path):
     assert not example._done(tmp_path / "aep")
     (tmp_path / "aep" / "cpu.json").write_text('{"cpu_seconds": 1.0, "returncode": 2}\n')
     assert example._done(tmp_path / "aep")
+
+
+def test_seed_and_only_choose_the_runs_and_their_seed(tmp_path, capsys):
+    example = _load()
+    only = "aep_small_beta,bptt,backprop"
+    assert example.main(["--dry-run", "--runs", str(tmp_path), "--seed", "1", "--only", only]) == {}
+    lines = capsys.readouterr().out.splitlines()
+    assert [line.rsplit("/", 1)[-1] for line in lines] == only.split(",")
+    assert all(" --seed 1 " in line and " --seed 0 " not in line for line in lines)
+    assert (
+        example.command("aep", tmp_path)[example.command("aep", tmp_path).index("--seed") + 1]
+        == "0"
+    )
+    for bad in ("aep,backprop", "bptt,backprop,nope"):  # bptt missing; an unknown run
+        with pytest.raises(SystemExit):
+            example.main(["--dry-run", "--runs", str(tmp_path), "--only", bad])
