@@ -10,7 +10,15 @@ thread each, seed 0) run for 2,000 steps — the default cosine schedule, lr 3e-
 * ``backprop_thin``: the same with FFN multiple 1 (the thin baseline);
 * ``aep_fixed``: AEP with the fixed weights of the 600-step table (no controller), for reference;
 * ``aep_small_beta``: ``aep`` with β = 0.002 (at the weights where β = 0.05 made the nudged
-  phase diverge, β = 0.002 converges).
+  phase diverge, β = 0.002 converges);
+* ``aep_jac``, ``bptt_jac``: the Jacobian penalty alone at its fixed weight 0.1 — no residual
+  penalty (at a converged state it only scaled rounding up to the task gradient's norm; see
+  ``gradstats.eqprop._penalties``), no controller; AEP at β = 0.002. Their table:
+  ``--only aep_jac,bptt_jac,backprop,backprop_thin --bptt bptt_jac``.
+
+``--res-penalty`` and ``--contraction-target`` replace those values in the controlled runs
+(the README's controlled runs without a residual penalty: ``--res-penalty 0
+--contraction-target 0.5 --only aep_small_beta,bptt,backprop,backprop_thin``).
 
 It prints the table of validation CE at steps 500, 1000, 1500 and the end, the ratio to BPTT, the
 gap to backprop and each run's CPU minutes, and draws ``curves.png`` (and, with ``--figure``, a
@@ -39,6 +47,7 @@ COMMON = ["--steps", str(STEPS), "--batch-size", "16", "--block-size", "64", "--
           "--eval-batches", "8", "--threads", "1", "--no-progress", "--seed", "0"]  # fmt: skip
 STABILISERS = ["--jac-penalty", "0.1", "--res-penalty", "1.0"]
 ADAPTIVE = [*STABILISERS, "--contraction-target", "0.2", "--controller-gain", "0.3"]
+JACOBIAN = ["--jac-penalty", "0.1"]
 RUNS = {
     "aep": ["--method", "aep", *ADAPTIVE, "--beta", "0.05", "--tol-adjoint", "1e-3"],
     "bptt": ["--method", "bptt", *ADAPTIVE],
@@ -46,14 +55,28 @@ RUNS = {
     "backprop_thin": ["--method", "backprop", "--ffn-mult", "1"],
     "aep_fixed": ["--method", "aep", *STABILISERS, "--beta", "0.05", "--tol-adjoint", "1e-3"],
     "aep_small_beta": ["--method", "aep", *ADAPTIVE, "--beta", "0.002", "--tol-adjoint", "1e-3"],
+    # the Jacobian penalty alone, fixed (no residual penalty, no controller)
+    "aep_jac": ["--method", "aep", *JACOBIAN, "--beta", "0.002", "--tol-adjoint", "1e-3"],
+    "bptt_jac": ["--method", "bptt", *JACOBIAN],
 }
 
 
-def command(name: str, runs: Path, seed: int = 0) -> list[str]:
-    """The ``gradstats eqprop train`` command line of run ``name`` (with ``seed``)."""
+def command(
+    name: str,
+    runs: Path,
+    seed: int = 0,
+    res_penalty: float | None = None,
+    target: float | None = None,
+) -> list[str]:
+    """The ``gradstats eqprop train`` command line of run ``name`` (with ``seed``; a
+    ``res_penalty`` or contraction ``target`` replaces the value in :data:`RUNS`)."""
     common = list(COMMON)
     common[common.index("--seed") + 1] = str(seed)
-    return [sys.executable, "-m", "gradstats", "eqprop", "train", *common, *RUNS[name],
+    line = list(RUNS[name])
+    for option, value in (("--res-penalty", res_penalty), ("--contraction-target", target)):
+        if value is not None and option in line:
+            line[line.index(option) + 1] = f"{value:g}"
+    return [sys.executable, "-m", "gradstats", "eqprop", "train", *common, *line,
             "--out", str(runs / name)]  # fmt: skip
 
 
@@ -67,13 +90,13 @@ def _done(out: Path) -> bool:
     return metrics.exists() and any(r.get("step") == STEPS for r in read_metrics(metrics))
 
 
-def _run(name: str, runs: Path, seed: int = 0) -> None:
+def _run(name: str, runs: Path, seed: int = 0, **options: float | None) -> None:
     """Run ``name`` unless done; its CPU seconds (user + system) and exit status go to
     ``cpu.json``. A run that stopped with metrics (training diverged: exit status 2) is
     reported in the table; one that left nothing raises."""
     if _done(runs / name):
         return
-    line = command(name, runs, seed)
+    line = command(name, runs, seed, **options)
     print(" ".join(line), flush=True)
     proc = subprocess.Popen(line)
     _, status, usage = os.wait4(proc.pid, 0)
@@ -94,10 +117,10 @@ def _cpu_minutes(out: Path, records: list[dict]) -> str:
 
 
 def table(
-    runs: Path, names: tuple[str, ...] = tuple(RUNS)
+    runs: Path, names: tuple[str, ...] = tuple(RUNS), reference: str = "bptt"
 ) -> tuple[list[list[object]], dict[str, float]]:
     """The rows of the README table and each run's final validation CE (of ``names``, which
-    include ``bptt`` and ``backprop``: the ratio and the gap are to them)."""
+    include the BPTT run ``reference`` and ``backprop``: the ratio and the gap are to them)."""
     from gradstats.eqprop.train import read_metrics
 
     rows, final = [], {}
@@ -110,7 +133,7 @@ def table(
         end = f"{final[name]:.3f}" + ("" if last == STEPS else f" @{max(val)}, stopped at {last}")
         rows.append([name, *at, end, _cpu_minutes(runs / name, records)])
     for row, name in zip(rows, names, strict=True):
-        row[-1:-1] = [f"{final[name] / final['bptt']:.3f}",
+        row[-1:-1] = [f"{final[name] / final[reference]:.3f}",
                       f"{final[name] - final['backprop']:+.3f}"]  # fmt: skip
     return rows, final
 
@@ -123,24 +146,32 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     parser.add_argument("--dry-run", action="store_true", help="print the commands only")
     parser.add_argument("--seed", type=int, default=0, help="seed of every run")
     parser.add_argument(
-        "--only", default=",".join(RUNS), help="comma-separated runs (bptt and backprop needed)"
+        "--res-penalty", type=float, help="residual-penalty weight of the stabilised runs"
     )
+    parser.add_argument(
+        "--contraction-target", type=float, help="controller target of the controlled runs"
+    )
+    parser.add_argument(
+        "--only", default=",".join(RUNS), help="comma-separated runs (--bptt and backprop needed)"
+    )
+    parser.add_argument("--bptt", default="bptt", help="the BPTT run the ratios are to")
     args = parser.parse_args(argv)
     names = tuple(n for n in args.only.split(",") if n)
     unknown = sorted(set(names) - set(RUNS))
-    if unknown or not {"bptt", "backprop"} <= set(names):
-        parser.error(f"--only: runs from {', '.join(RUNS)}, bptt and backprop included")
+    if unknown or not {args.bptt, "backprop"} <= set(names):
+        parser.error(f"--only: runs from {', '.join(RUNS)}, {args.bptt} and backprop included")
+    options = {"res_penalty": args.res_penalty, "target": args.contraction_target}
     if args.dry_run:
         for name in names:
-            print(" ".join(command(name, args.runs, args.seed)))
+            print(" ".join(command(name, args.runs, args.seed, **options)))
         return {}
     with ThreadPoolExecutor(args.jobs) as pool:
-        list(pool.map(lambda name: _run(name, args.runs, args.seed), names))
+        list(pool.map(lambda name: _run(name, args.runs, args.seed, **options), names))
     from gradstats._format import format_table
     from gradstats.eqprop.train import plot_curves, read_metrics
 
-    rows, final = table(args.runs, names)
-    head = ["run", *(f"val CE @{s}" for s in CHECKPOINTS), "final", "÷ bptt", "− backprop",
+    rows, final = table(args.runs, names, args.bptt)
+    head = ["run", *(f"val CE @{s}" for s in CHECKPOINTS), "final", f"÷ {args.bptt}", "− backprop",
             "CPU min"]  # fmt: skip
     print(format_table(rows, head, markdown=True))
     records = {name: read_metrics(args.runs / name / "metrics.jsonl") for name in names}

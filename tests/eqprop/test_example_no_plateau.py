@@ -31,7 +31,10 @@ def test_the_commands_are_valid_runs_of_the_small_configuration(tmp_path, monkey
     for name in example.RUNS:
         argv = example.command(name, tmp_path)
         assert main(argv[argv.index("eqprop") :]) == 0
-    assert set(seen) == {"aep", "bptt", "backprop", "backprop_thin", "aep_fixed", "aep_small_beta"}
+    assert set(seen) == {
+        "aep", "bptt", "backprop", "backprop_thin", "aep_fixed", "aep_small_beta", "aep_jac",
+        "bptt_jac",
+    }  # fmt: skip
     for config in seen.values():
         assert (config.d_model, config.n_heads, config.block_size) == (64, 4, 64)
         assert (config.batch_size, config.steps, config.t1, config.seed) == (16, 2000, 60, 0)
@@ -47,12 +50,30 @@ def test_the_commands_are_valid_runs_of_the_small_configuration(tmp_path, monkey
     assert seen["backprop_thin"].ffn_mult == 1
     assert seen["aep_fixed"].contraction_target is None
     assert (seen["aep_fixed"].jac_penalty, seen["aep_fixed"].res_penalty) == (0.1, 1.0)
+    for name in ("aep_jac", "bptt_jac"):  # the Jacobian penalty alone, fixed
+        assert (seen[name].jac_penalty, seen[name].res_penalty) == (0.1, 0.0)
+        assert seen[name].contraction_target is None
+    assert (seen["aep_jac"].beta, seen["aep_jac"].method, seen["bptt_jac"].method) == (
+        0.002,
+        "aep",
+        "bptt",
+    )
+
+
+def test_residual_penalty_and_target_replace_the_controlled_values(tmp_path):
+    example = _load()
+    line = example.command("bptt", tmp_path, res_penalty=0.0, target=0.5)
+    assert line[line.index("--res-penalty") + 1] == "0"
+    assert line[line.index("--contraction-target") + 1] == "0.5"
+    assert example.command("backprop", tmp_path, res_penalty=0.0) == example.command(
+        "backprop", tmp_path
+    )  # runs without the option are unchanged
 
 
 def test_the_dry_run_prints_and_runs_nothing(tmp_path, capsys):
     assert _load().main(["--dry-run", "--runs", str(tmp_path)]) == {}
     lines = capsys.readouterr().out.splitlines()
-    assert len(lines) == 6
+    assert len(lines) == len(_load().RUNS) == 8
     assert all("--steps 2000" in line for line in lines)
     assert not any(tmp_path.iterdir())
 
@@ -71,13 +92,15 @@ def test_the_table_reads_the_checkpoints_and_cpu_time(tmp_path):
     (tmp_path / "aep" / "cpu.json").write_text('{"cpu_seconds": 90.0, "returncode": 0}\n')
     rows, final = example.table(tmp_path)
     assert final == {"aep": 1.0, "bptt": 1.1, "backprop": 1.2, "backprop_thin": 1.3,
-                     "aep_fixed": pytest.approx(2.4),
-                     "aep_small_beta": pytest.approx(1.5)}  # fmt: skip
+                     "aep_fixed": pytest.approx(2.4), "aep_small_beta": pytest.approx(1.5),
+                     "aep_jac": pytest.approx(1.6), "bptt_jac": pytest.approx(1.7)}  # fmt: skip
     assert rows[0] == ["aep", "2.500", "2.000", "1.500", "1.000", "0.909", "-0.200", "1.5"]
     assert rows[1][-3:] == ["1.000", "-0.100", "33.3 (wall)"]  # no cpu.json: the wall clock
     (tmp_path / "bptt" / "cpu.json").write_text('{"returncode": 2}\n')  # no CPU time recorded
     assert example.table(tmp_path)[0][1][-1] == "33.3 (wall)"
     assert rows[4][1:5] == ["2.900", "2.400", "-", "2.400 @1000, stopped at 1200"]
+    rows, _ = example.table(tmp_path, ("aep_jac", "bptt_jac", "backprop"), reference="bptt_jac")
+    assert [row[-3] for row in rows] == [f"{1.6 / 1.7:.3f}", "1.000", f"{1.2 / 1.7:.3f}"]
 
 
 def test_a_stopped_run_with_cpu_json_is_not_rerun(tmp_path):
@@ -103,3 +126,7 @@ def test_seed_and_only_choose_the_runs_and_their_seed(tmp_path, capsys):
     for bad in ("aep,backprop", "bptt,backprop,nope"):  # bptt missing; an unknown run
         with pytest.raises(SystemExit):
             example.main(["--dry-run", "--runs", str(tmp_path), "--only", bad])
+    with pytest.raises(SystemExit):  # the reference BPTT run must be among the runs
+        example.main(["--dry-run", "--runs", str(tmp_path), "--only", only, "--bptt", "bptt_jac"])
+    jac = ["--only", "aep_jac,bptt_jac,backprop", "--bptt", "bptt_jac"]
+    assert example.main(["--dry-run", "--runs", str(tmp_path), *jac]) == {}

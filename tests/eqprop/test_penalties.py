@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from gradstats.eqprop import add_penalties, estimate_gradient, penalty_value
+from gradstats.eqprop import add_penalties, estimate_gradient, free_tolerance, penalty_value
 from gradstats.eqprop.models import TanhModel
 from gradstats.errors import ConfigurationError, ConfigurationTypeError
 from gradstats.testing import dense_jacobian
@@ -74,7 +74,7 @@ def test_penalties_use_the_estimates_noise():
     base, x, y = tanh_case()
     model = NoisyTanh(base, sigma=0.5)
     est = estimate_gradient(model, x, y, "aep", generator=gen(4))
-    total = add_penalties(est, model, x, {"residual": 1.0}, relative=False)
+    total = add_penalties(est, model, x, {"residual": 1.0}, relative=False, tol=0.0)
     f = model.force(est.state, x, noise=est.noise)
     expected = _grads(0.5 * (f * f).sum() / 5, model)
     for name, grad in total.grads.items():
@@ -84,9 +84,11 @@ def test_penalties_use_the_estimates_noise():
 def test_relative_scale_comes_from_the_pure_task_gradient():
     model, x, y = tanh_case()
     est = estimate_gradient(model, x, y, "aep")
-    joint = add_penalties(est, model, x, {"residual": 0.1, "asymmetry": 0.2}, generator=gen(5))
+    joint = add_penalties(
+        est, model, x, {"residual": 0.1, "asymmetry": 0.2}, generator=gen(5), tol=0.0
+    )
     chained = add_penalties(
-        add_penalties(est, model, x, {"residual": 0.1}),
+        add_penalties(est, model, x, {"residual": 0.1}, tol=0.0),
         model,
         x,
         {"asymmetry": 0.2},
@@ -101,9 +103,56 @@ def test_relative_scale_comes_from_the_pure_task_gradient():
     for name, grad in est.grads.items():
         torch.testing.assert_close(joint.task_grads[name], grad, rtol=0, atol=0)
     # a relative weight w puts the penalty gradient's norm at w‖g_task‖
-    residual_only = add_penalties(est, model, x, {"residual": 0.1})
+    residual_only = add_penalties(est, model, x, {"residual": 0.1}, tol=0.0)
     delta = torch.cat([(residual_only.grads[n] - est.grads[n]).reshape(-1) for n in est.grads])
     torch.testing.assert_close(delta.norm(), 0.1 * task)
+
+
+def _hinge_reference(model, x, z, tol):
+    """½ Σ_b max(0, ‖F(z_b)‖² − tol²‖z_b‖²) / B, one sample at a time."""
+    total = z.new_zeros(())
+    for b in range(z.shape[0]):
+        f = model.force(z[b : b + 1], x[b : b + 1])
+        excess = (f * f).sum() - tol**2 * (z[b] * z[b]).sum()
+        total = total + torch.clamp(excess, min=0.0)
+    return 0.5 * total / z.shape[0]
+
+
+def test_residual_penalty_counts_only_the_excess_over_the_tolerance():
+    model, x, _ = tanh_case()
+    z = 0.3 * torch.randn(5, 8, generator=gen(6))
+    with torch.no_grad():
+        relative = model.force(z, x).norm(dim=1) / z.norm(dim=1)
+    tol = float(relative.median())  # some samples below the tolerance, some above
+    assert bool((relative < tol).any())
+    assert bool((relative > tol).any())
+    ours = penalty_value(model, x, z, "residual", tol=tol)
+    truth = _hinge_reference(model, x, z, tol)
+    torch.testing.assert_close(ours, truth, rtol=1e-12, atol=0)
+    mine, theirs = _grads(ours, model), _grads(truth, model)
+    for name, grad in mine.items():
+        torch.testing.assert_close(grad, theirs[name], rtol=1e-12, atol=1e-15)
+    plain = penalty_value(model, x, z, "residual", tol=0.0)
+    assert float(ours.detach()) < float(plain.detach())
+    above = float(relative.max()) * 1.01  # every sample converged: exactly nothing
+    assert float(penalty_value(model, x, z, "residual", tol=above).detach()) == 0.0
+
+
+@pytest.mark.parametrize("method", ["aep", "bptt"])
+def test_converged_estimate_gets_no_residual_push(method):
+    """At a converged state the relative residual penalty adds exactly nothing (scale 0, no
+    NaN); before, its rounding-level gradient was scaled up to the task gradient's norm."""
+    model, x, y = tanh_case()
+    est = estimate_gradient(model, x, y, method)
+    tol = free_tolerance(est)
+    assert tol > 0
+    total = add_penalties(est, model, x, {"residual": 1.0})
+    assert float(total.penalties["residual"]["scale"]) == 0.0
+    assert float(total.penalties["residual"]["value"]) == 0.0
+    for name, grad in total.grads.items():
+        torch.testing.assert_close(grad, est.grads[name], rtol=0, atol=0)
+    plain = add_penalties(est, model, x, {"residual": 1.0}, tol=0.0)
+    assert float(plain.penalties["residual"]["scale"]) > 1e3  # the amplification it removes
 
 
 def test_bad_penalty_arguments():
@@ -114,6 +163,8 @@ def test_bad_penalty_arguments():
     once = add_penalties(est, model, x, {"residual": 0.1})
     with pytest.raises(ConfigurationError, match="already added"):
         add_penalties(once, model, x, {"residual": 0.1})
+    with pytest.raises(ConfigurationError, match="tol must be a finite float >= 0"):
+        add_penalties(est, model, x, {"residual": 0.1}, tol=-1.0)
 
 
 @pytest.mark.parametrize(
@@ -147,6 +198,8 @@ def test_bad_penalty_weights_leave_the_estimate_unchanged(weights, kwargs, error
         ({"shard": (2, 2)}, r"shard must be \(rank, world\) with 0 <= rank < world"),
         ({"shard": [0, 2]}, r"shard must be a tuple \(rank, world\) of ints; got \[0, 2\]"),
         ({"shard": (0.0, 2)}, r"shard must be a tuple \(rank, world\) of ints"),
+        ({"tol": -1e-3}, "tol must be a finite float >= 0"),
+        ({"tol": float("nan")}, "tol must be a finite float >= 0"),
     ],
 )
 def test_bad_penalty_value_arguments(kwargs, match):

@@ -100,13 +100,22 @@ def test_validation_evaluates_the_state_the_estimator_used(tmp_path, data):
     assert evaluate(model, cfg, corpus) == pytest.approx(expected, rel=1e-6)
 
 
+@pytest.mark.filterwarnings("ignore::gradstats.eqprop.ConvergenceWarning")  # t1=2 on purpose
 def test_stabilisers_are_applied_and_logged(tmp_path, data):
-    result = train(config(tmp_path, data, jac_penalty=0.1, homeostasis=0.05, res_penalty=0.1))
+    weights = {"jac_penalty": 0.1, "homeostasis": 0.05, "res_penalty": 0.1}
+    result = train(config(tmp_path / "short", data, t1=2, **weights))  # free phase unconverged
     record = read_metrics(result.metrics)[0]
+    assert record["unconverged"] > 0
     for name in ("jacobian", "asymmetry", "residual"):
         value, scale = record[f"penalty.{name}"]
         assert value > 0
         assert scale > 0
+    # converged: the residual penalty (a hinge at the tolerance) is exactly zero, and so is
+    # its scale; the Jacobian terms still act
+    record = read_metrics(train(config(tmp_path / "long", data, **weights)).metrics)[0]
+    assert record["res_free"] <= 1e-5
+    assert record["penalty.residual"] == [0.0, 0.0]
+    assert record["penalty.jacobian"][0] > 0
 
 
 def test_holomorphic_training_runs(tmp_path, data):

@@ -36,7 +36,7 @@ from gradstats.eqprop._holo_ops import (
     holo_masked_softmax,
 )
 from gradstats.eqprop._module import EquilibriumModule, NoiseRealization, model_fingerprint
-from gradstats.eqprop._penalties import PENALTIES, add_penalties, penalty_value
+from gradstats.eqprop._penalties import PENALTIES, add_penalties, free_tolerance, penalty_value
 from gradstats.eqprop._probe import SWEEPS, ProbeReport, ProbeRow, probe
 from gradstats.eqprop._problem import relax
 from gradstats.eqprop._registry import Estimator, Options
@@ -78,6 +78,7 @@ __all__ = [
     "diagnose",
     "estimate_gradient",
     "fixed_point",
+    "free_tolerance",
     "generate",
     "get_estimator",
     "holo_cross_entropy",
