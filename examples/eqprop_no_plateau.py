@@ -12,9 +12,9 @@ thread each, seed 0) run for 2,000 steps — the default cosine schedule, lr 3e-
 * ``aep_small_beta``: ``aep`` with β = 0.002 (at the weights where β = 0.05 made the nudged
   phase diverge, β = 0.002 converges);
 * ``aep_jac``, ``bptt_jac``: the Jacobian penalty alone at its fixed weight 0.1 — no residual
-  penalty (at a converged state it only scaled rounding up to the task gradient's norm; see
-  ``gradstats.eqprop._penalties``), no controller; AEP at β = 0.002. Their table:
-  ``--only aep_jac,bptt_jac,backprop,backprop_thin --bptt bptt_jac``.
+  penalty (at a converged state relative scaling blew its vanishing gradient up to the task
+  gradient's norm; see ``gradstats.eqprop._penalties``), no controller; AEP at β = 0.002.
+  Their table: ``--only aep_jac,bptt_jac,backprop,backprop_thin --bptt bptt_jac``.
 
 ``--res-penalty`` and ``--contraction-target`` replace those values in the controlled runs
 (the README's controlled runs without a residual penalty: ``--res-penalty 0

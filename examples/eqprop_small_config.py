@@ -1,17 +1,23 @@
 """The README's "small" configuration: AEP vs BPTT vs the backprop transformer, same step budget.
 
-Four runs of ``gradstats eqprop train`` (d_model 64, 4 heads, block 64, batch 16, 600 steps,
+Six runs of ``gradstats eqprop train`` (d_model 64, 4 heads, block 64, batch 16, 600 steps,
 T1 = 60, one CPU thread each), two at a time:
 
 * ``aep`` and ``bptt`` with the stabilisers ``--jac-penalty 0.1 --res-penalty 1.0`` (the same
   objective, so their validation cross-entropies compare the estimators);
 * ``bptt_free``: BPTT without stabilisers (an unrolled network that need not reach a fixed point);
-* ``backprop``: the same block as a standard feed-forward transformer layer.
+* ``backprop``: the same block as a standard feed-forward transformer layer;
+* ``aep_jac`` and ``bptt_jac``: the Jacobian penalty alone (``--jac-penalty 0.1``, no residual
+  penalty).
+
+The residual penalty is a hinge at the free phase's tolerance since the 2026-12-02 change (see
+``gradstats.eqprop.add_penalties``); the README's ``aep``/``bptt`` rows were measured before it,
+when relative scaling blew its vanishing gradient up to the task gradient's norm.
 
 Then it prints the table of final validation CE (and the AEP / BPTT ratio) and writes
 ``curves.png`` with every run's curves. Runs already complete in ``--runs`` are reused.
 
-Run: ``python examples/eqprop_small_config.py --runs runs/small`` (about 30 minutes on 2 cores).
+Run: ``python examples/eqprop_small_config.py --runs runs/small`` (about 50 minutes on 2 cores).
 """
 
 from __future__ import annotations
@@ -25,11 +31,14 @@ from pathlib import Path
 COMMON = ["--steps", "600", "--batch-size", "16", "--block-size", "64", "--t1", "60",
           "--eval-batches", "8", "--threads", "1", "--no-progress"]  # fmt: skip
 STABILISERS = ["--jac-penalty", "0.1", "--res-penalty", "1.0"]
+JACOBIAN = ["--jac-penalty", "0.1"]
 RUNS = {
     "aep": ["--method", "aep", *STABILISERS, "--beta", "0.05", "--tol-adjoint", "1e-3"],
     "bptt": ["--method", "bptt", *STABILISERS],
     "backprop": ["--method", "backprop"],
     "bptt_free": ["--method", "bptt"],
+    "aep_jac": ["--method", "aep", *JACOBIAN, "--beta", "0.05", "--tol-adjoint", "1e-3"],
+    "bptt_jac": ["--method", "bptt", *JACOBIAN],
 }
 
 

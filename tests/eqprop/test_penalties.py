@@ -141,7 +141,7 @@ def test_residual_penalty_counts_only_the_excess_over_the_tolerance():
 @pytest.mark.parametrize("method", ["aep", "bptt"])
 def test_converged_estimate_gets_no_residual_push(method):
     """At a converged state the relative residual penalty adds exactly nothing (scale 0, no
-    NaN); before, its rounding-level gradient was scaled up to the task gradient's norm."""
+    NaN); before, its vanishing gradient was scaled up to the task gradient's norm."""
     model, x, y = tanh_case()
     est = estimate_gradient(model, x, y, method)
     tol = free_tolerance(est)

@@ -15,12 +15,15 @@ added) — never a total that already contains other penalties; a penalty whose 
 zero gets s = 0.
 
 Why the residual penalty is a hinge at the tolerance. At a state the solver converged,
-½‖F(z)‖² is at the level of its stopping residual (measured in the 2,000-step runs of the README:
-10⁻¹²–10⁻⁸), and its gradient follows the rounding left in F — relative scaling then multiplied
-it by 10⁷–10¹⁰ to the norm of the task gradient, adding a step-sized perturbation that has
-nothing to do with the fixed point. Penalising only the excess over the tolerance keeps what the
-penalty is for (samples the solver left unconverged) and gives exactly nothing at a converged
-state. :func:`add_penalties` takes the tolerance of the estimate's own free phase by default.
+½‖F(z)‖² is the square of the residual it stopped at (10⁻¹²–10⁻⁸ in the README's 2,000-step
+runs). Its gradient points towards a map whose slowest modes contract faster: at the float32
+and the float64 fixed point of the same trained weights the two directions have cosine 0.70,
+so it is not rounding. Its size vanishes with the tolerance, but relative scaling multiplied it
+by 10⁷–10¹⁰ up to the task gradient's norm. The result was a second contraction penalty as
+strong as the task on every step, however well the map converged. Penalising only the excess
+over the tolerance keeps what the penalty is for (samples the solver left unconverged) and gives
+exactly nothing at a converged state. :func:`add_penalties` takes the tolerance of the
+estimate's own free phase by default.
 """
 
 from __future__ import annotations

@@ -133,7 +133,11 @@ class TrainConfig:
         0.0, "stabiliser: Jacobian-norm penalty 1/2||I+eps*J||_F^2 of the relaxation map"
     )
     homeostasis: float = _opt(0.0, "stabiliser: Jacobian homeostasis 1/2||J-J^T||_F^2 weight")
-    res_penalty: float = _opt(0.0, "stabiliser: free-residual penalty 1/2||F(z)||^2 weight")
+    res_penalty: float = _opt(
+        0.0,
+        "stabiliser: free-residual penalty weight, 1/2 max(0, ||F(z)||^2 - tol^2 ||z||^2) per "
+        "sample (zero once the free phase reached its tolerance)",
+    )
     penalty_probes: int = _opt(1, "Hutchinson vectors per penalty evaluation")
     # adaptive stabilisation and parameter EMA (laws: train/_controller.py, train/_ema.py)
     contraction_target: float | None = _opt(None, HELP["contraction_target"])
