@@ -123,7 +123,8 @@ def table(
     include the BPTT run ``reference`` and ``backprop``: the ratio and the gap are to them)."""
     from gradstats.eqprop.train import read_metrics
 
-    rows, final = [], {}
+    rows: list[list[object]] = []
+    final: dict[str, float] = {}
     for name in names:
         records = read_metrics(runs / name / "metrics.jsonl")
         val = {r["step"]: r["val_ce"] for r in records if "val_ce" in r}

@@ -22,14 +22,14 @@ from pathlib import Path
 import torch
 
 from gradstats.data import load_corpus
-from gradstats.eqprop import penalty_value, relax
+from gradstats.eqprop import EquilibriumModule, penalty_value, relax
 from gradstats.eqprop.train._checkpoint import build_from_checkpoint, load_checkpoint
 
 TOLERANCES = (("float32", 1e-6), ("float32", 1e-5), ("float64", 1e-13))
 
 
 def residual_push(
-    model: torch.nn.Module, x: torch.Tensor, tol: float, max_steps: int = 400
+    model: EquilibriumModule, x: torch.Tensor, tol: float, max_steps: int = 400
 ) -> tuple[float, torch.Tensor, float]:
     """(½ mean_b ‖F(z*)‖², its gradient over the parameters as one float64 vector, the largest
     relative residual) at the fixed point relaxed to ``tol``."""
@@ -54,6 +54,8 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     args = parser.parse_args(argv)
     state = load_checkpoint(args.run / "checkpoint.pt")
     model = build_from_checkpoint(state, weights="raw")
+    if not isinstance(model, EquilibriumModule):
+        raise SystemExit(f"{args.run} is a {type(model).__name__} run: pick an equilibrium run")
     config = state["config"]
     corpus = load_corpus(config.get("data"))
     block = int(config["block_size"])

@@ -48,3 +48,12 @@ def test_the_push_is_the_gradient_of_half_the_squared_residual():
     torch.testing.assert_close(torch.tensor(value, dtype=torch.float64), truth.detach())
     torch.testing.assert_close(grad, flat)
     assert worst > 0
+
+
+def test_a_backprop_run_is_refused_with_one_line(tmp_path, data, no_plot):
+    example = load_example("eqprop_residual_push")
+    cfg = TrainConfig(method="backprop", steps=1, out=tmp_path / "bp", data=data, d_model=16,
+                      n_heads=2, block_size=12, batch_size=2, progress=False)  # fmt: skip
+    train(cfg)
+    with pytest.raises(SystemExit, match="is a BackpropTransformer run"):
+        example.main([str(tmp_path / "bp")])
