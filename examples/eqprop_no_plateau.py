@@ -14,11 +14,12 @@ thread each, seed 0) run for 2,000 steps — the default cosine schedule, lr 3e-
 * ``aep_jac``, ``bptt_jac``: the Jacobian penalty alone at its fixed weight 0.1 — no residual
   penalty (at a converged state relative scaling blew its vanishing gradient up to the task
   gradient's norm; see ``gradstats.eqprop._penalties``), no controller; AEP at β = 0.002.
-  Their table: ``--only aep_jac,bptt_jac,backprop,backprop_thin --bptt bptt_jac``.
+  Their table alone: ``--only aep_jac,bptt_jac,backprop,backprop_thin --bptt bptt_jac``.
 
-``--res-penalty`` and ``--contraction-target`` replace those values in the controlled runs
-(the README's controlled runs without a residual penalty: ``--res-penalty 0
---contraction-target 0.5 --only aep_small_beta,bptt,backprop,backprop_thin``).
+``--res-penalty`` and ``--contraction-target`` replace those values in the controlled runs.
+The README's runs without a residual penalty: ``--runs runs/noplateau_jac --res-penalty 0
+--only aep_small_beta,bptt,aep_jac,bptt_jac,backprop,backprop_thin``; its first, abandoned try
+added ``--contraction-target 0.5``.
 
 It prints the table of validation CE at steps 500, 1000, 1500 and the end, the ratio to BPTT, the
 gap to backprop and each run's CPU minutes, and draws ``curves.png`` (and, with ``--figure``, a

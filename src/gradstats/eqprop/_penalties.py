@@ -40,7 +40,10 @@ from gradstats.eqprop._settings import check_float
 from gradstats.eqprop._stats import GradientEstimate
 from gradstats.errors import ConfigurationError, ConfigurationTypeError
 
-__all__ = ["PENALTIES", "add_penalties", "free_tolerance", "penalty_value", "relative_scale"]
+__all__ = [
+    "PENALTIES", "add_penalties", "free_tolerance", "global_norm", "penalty_value",
+    "relative_scale",
+]  # fmt: skip
 
 PENALTIES = ("residual", "jacobian", "asymmetry")
 
@@ -123,7 +126,8 @@ def relative_scale(weight: float, task_norm: torch.Tensor, norm: torch.Tensor) -
     return torch.where(norm > 0, ratio, torch.zeros_like(ratio))
 
 
-def _global_norm(grads: Mapping[str, torch.Tensor]) -> torch.Tensor:
+def global_norm(grads: Mapping[str, torch.Tensor]) -> torch.Tensor:
+    """(Σ_n ‖g_n‖²)^½ over a mapping of gradients (a 0-dim tensor)."""
     return torch.linalg.vector_norm(torch.stack([g.norm() for g in grads.values()]))
 
 
@@ -173,7 +177,7 @@ def add_penalties(
     if state is None:
         raise ConfigurationError("estimate has no state: pass the estimate_gradient result")
     task = estimate.task_grads if estimate.task_grads is not None else estimate.grads
-    task_norm = _global_norm(task)
+    task_norm = global_norm(task)
     names, params = trainable(model)
     total = {n: g.clone() for n, g in estimate.grads.items()}
     record = dict(estimate.penalties)
@@ -181,7 +185,7 @@ def add_penalties(
     for name, weight in weights.items():
         value = penalty_value(
             model, x, state, name, noise=estimate.noise, probes=probes, generator=generator,
-            tol=floor if name == "residual" else 0.0,
+            tol=floor,
         )  # fmt: skip
         raw = torch.autograd.grad(value, params, allow_unused=True)
         grads = {
@@ -189,7 +193,7 @@ def add_penalties(
             for n, p, g in zip(names, params, raw, strict=True)
         }
         if relative:
-            scale = relative_scale(weight, task_norm, _global_norm(grads))
+            scale = relative_scale(weight, task_norm, global_norm(grads))
         else:
             scale = torch.as_tensor(float(weight), dtype=task_norm.dtype)
         for n in total:

@@ -40,7 +40,12 @@ import torch.distributed as dist
 
 from gradstats._torchrun import torchrun_process_group
 from gradstats.eqprop._module import NoiseRealization
-from gradstats.eqprop._penalties import free_tolerance, penalty_value, relative_scale
+from gradstats.eqprop._penalties import (
+    free_tolerance,
+    global_norm,
+    penalty_value,
+    relative_scale,
+)
 
 __all__ = [
     "Group",
@@ -159,10 +164,10 @@ def _penalty_grads(model, cfg, est, x, generator, params, group: Group, weights=
     for name in _penalty_order(cfg, weights):
         context = model.relaxation_map(cfg.step_size) if name == "jacobian" else nullcontext()
         with context:
-            floor = free_tolerance(est) if name == "residual" else 0.0
             value = penalty_value(model, x, est.state, name, noise=est.noise,
                                   probes=cfg.penalty_probes, generator=generator,
-                                  shard=(group.rank, group.world), tol=floor)  # fmt: skip
+                                  shard=(group.rank, group.world),
+                                  tol=free_tolerance(est))  # fmt: skip
             grads = torch.autograd.grad(value, params, allow_unused=True)
         grads = [
             torch.zeros_like(p) if g is None else g for p, g in zip(params, grads, strict=True)
@@ -224,14 +229,13 @@ def reduce_estimate(model, cfg, est, x, generator, tokens: int, group: Group, we
     n = len(names)
     task = dict(zip(names, out[:n], strict=True))
     total = {k: v.clone() for k, v in task.items()}
-    task_norm = torch.linalg.vector_norm(torch.stack([g.norm() for g in task.values()]))
+    task_norm = global_norm(task)
     record = {"skipped": False, "train_ce": sum(row[1] for row in slots) / tokens}
     record.update(_phase_fields(slots, free is not None, adj is not None, len(phases)))
     penalties = {}
     for i, (name, weight) in enumerate(weights.items()):
         grads = dict(zip(names, out[n * (i + 1) : n * (i + 2)], strict=True))
-        norm = torch.linalg.vector_norm(torch.stack([g.norm() for g in grads.values()]))
-        scale = relative_scale(weight, task_norm, norm)
+        scale = relative_scale(weight, task_norm, global_norm(grads))
         for k in total:
             total[k] = total[k] + scale * grads[k]
         value = sum(row[_HEAD + _MAX_PHASES + i] for row in slots)
