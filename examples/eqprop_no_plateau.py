@@ -15,6 +15,16 @@ thread each, seed 0) run for 2,000 steps — the default cosine schedule, lr 3e-
   penalty (at a converged state relative scaling blew its vanishing gradient up to the task
   gradient's norm; see ``gradstats.eqprop._penalties``), no controller; AEP at β = 0.002.
   Their table alone: ``--only aep_jac,bptt_jac,backprop,backprop_thin --bptt bptt_jac``.
+* ``aep_spec``, ``bptt_spec``: the controller (target 0.2) on the *spectral* Jacobian penalty
+  ½σ_max(I + εJ)² (``--jac-norm spectral``, 3 power-iteration steps), no residual penalty: the
+  Frobenius norm pushes every singular value of the block's Jacobian towards zero, while a
+  contraction needs only the largest below 1. ``--only aep_spec,bptt_spec,backprop --bptt
+  bptt_spec``.
+* ``aep_bound``, ``bptt_bound``: a Lipschitz bound instead of a penalty on the whole norm: only
+  ½ max(0, σ_max² − 0.5²) per sample (``--jac-bound 0.5``), at the fixed weight 0.3 — no push
+  at all while the map contracts at rate ≤ 0.5 (relative scaling gives any active penalty the
+  push w·‖g_task‖, however small the penalty already is). ``--only
+  aep_bound,bptt_bound,backprop --bptt bptt_bound``.
 
 ``--res-penalty`` and ``--contraction-target`` replace those values in the controlled runs.
 The README's runs without a residual penalty: ``--runs runs/noplateau_jac --res-penalty 0
@@ -49,6 +59,11 @@ COMMON = ["--steps", str(STEPS), "--batch-size", "16", "--block-size", "64", "--
 STABILISERS = ["--jac-penalty", "0.1", "--res-penalty", "1.0"]
 ADAPTIVE = [*STABILISERS, "--contraction-target", "0.2", "--controller-gain", "0.3"]
 JACOBIAN = ["--jac-penalty", "0.1"]
+# the controller on the spectral norm of the map's Jacobian (only its slowest mode), no residual
+SPECTRAL = ["--jac-penalty", "0.1", "--jac-norm", "spectral", "--contraction-target", "0.2",
+            "--controller-gain", "0.3"]  # fmt: skip
+# a Lipschitz bound: only the excess of σ_max(I + εJ) over 0.5 is penalised, fixed weight
+BOUND = ["--jac-penalty", "0.3", "--jac-norm", "spectral", "--jac-bound", "0.5"]
 RUNS = {
     "aep": ["--method", "aep", *ADAPTIVE, "--beta", "0.05", "--tol-adjoint", "1e-3"],
     "bptt": ["--method", "bptt", *ADAPTIVE],
@@ -59,6 +74,10 @@ RUNS = {
     # the Jacobian penalty alone, fixed (no residual penalty, no controller)
     "aep_jac": ["--method", "aep", *JACOBIAN, "--beta", "0.002", "--tol-adjoint", "1e-3"],
     "bptt_jac": ["--method", "bptt", *JACOBIAN],
+    "aep_spec": ["--method", "aep", *SPECTRAL, "--beta", "0.002", "--tol-adjoint", "1e-3"],
+    "bptt_spec": ["--method", "bptt", *SPECTRAL],
+    "aep_bound": ["--method", "aep", *BOUND, "--beta", "0.002", "--tol-adjoint", "1e-3"],
+    "bptt_bound": ["--method", "bptt", *BOUND],
 }
 
 

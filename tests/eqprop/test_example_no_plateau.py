@@ -33,7 +33,7 @@ def test_the_commands_are_valid_runs_of_the_small_configuration(tmp_path, monkey
         assert main(argv[argv.index("eqprop") :]) == 0
     assert set(seen) == {
         "aep", "bptt", "backprop", "backprop_thin", "aep_fixed", "aep_small_beta", "aep_jac",
-        "bptt_jac",
+        "bptt_jac", "aep_spec", "bptt_spec", "aep_bound", "bptt_bound",
     }  # fmt: skip
     for config in seen.values():
         assert (config.d_model, config.n_heads, config.block_size) == (64, 4, 64)
@@ -53,6 +53,17 @@ def test_the_commands_are_valid_runs_of_the_small_configuration(tmp_path, monkey
     for name in ("aep_jac", "bptt_jac"):  # the Jacobian penalty alone, fixed
         assert (seen[name].jac_penalty, seen[name].res_penalty) == (0.1, 0.0)
         assert seen[name].contraction_target is None
+    for name in ("aep_spec", "bptt_spec"):  # the controller on the spectral norm
+        assert (seen[name].jac_norm, seen[name].res_penalty) == ("spectral", 0.0)
+        assert seen[name].contraction_target == seen["aep"].contraction_target
+    for name in ("aep_bound", "bptt_bound"):  # a Lipschitz bound, fixed weight
+        assert (seen[name].jac_norm, seen[name].jac_bound, seen[name].jac_penalty) == (
+            "spectral", 0.5, 0.3,
+        )  # fmt: skip
+        assert seen[name].contraction_target is None
+    for name in ("aep_spec", "aep_bound"):
+        assert (seen[name].method, seen[name].beta) == ("aep", 0.002)
+    assert seen["bptt_spec"].method == seen["bptt_bound"].method == "bptt"
     assert (seen["aep_jac"].beta, seen["aep_jac"].method, seen["bptt_jac"].method) == (
         0.002,
         "aep",
@@ -73,7 +84,7 @@ def test_residual_penalty_and_target_replace_the_controlled_values(tmp_path):
 def test_the_dry_run_prints_and_runs_nothing(tmp_path, capsys):
     assert _load().main(["--dry-run", "--runs", str(tmp_path)]) == {}
     lines = capsys.readouterr().out.splitlines()
-    assert len(lines) == len(_load().RUNS) == 8
+    assert len(lines) == len(_load().RUNS) == 12
     assert all("--steps 2000" in line for line in lines)
     assert not any(tmp_path.iterdir())
 
@@ -93,7 +104,9 @@ def test_the_table_reads_the_checkpoints_and_cpu_time(tmp_path):
     rows, final = example.table(tmp_path)
     assert final == {"aep": 1.0, "bptt": 1.1, "backprop": 1.2, "backprop_thin": 1.3,
                      "aep_fixed": pytest.approx(2.4), "aep_small_beta": pytest.approx(1.5),
-                     "aep_jac": pytest.approx(1.6), "bptt_jac": pytest.approx(1.7)}  # fmt: skip
+                     "aep_jac": pytest.approx(1.6), "bptt_jac": pytest.approx(1.7),
+                     "aep_spec": pytest.approx(1.8), "bptt_spec": pytest.approx(1.9),
+                     "aep_bound": pytest.approx(2.0), "bptt_bound": pytest.approx(2.1)}  # fmt: skip
     assert rows[0] == ["aep", "2.500", "2.000", "1.500", "1.000", "0.909", "-0.200", "1.5"]
     assert rows[1][-3:] == ["1.000", "-0.100", "33.3 (wall)"]  # no cpu.json: the wall clock
     (tmp_path / "bptt" / "cpu.json").write_text('{"returncode": 2}\n')  # no CPU time recorded

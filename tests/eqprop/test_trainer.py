@@ -118,6 +118,23 @@ def test_stabilisers_are_applied_and_logged(tmp_path, data):
     assert record["penalty.jacobian"][0] > 0
 
 
+def test_spectral_jacobian_penalty_is_applied_logged_and_resumed(tmp_path, data):
+    spectral = {"jac_penalty": 0.1, "jac_norm": "spectral", "power_iterations": 4}
+    fro = read_metrics(train(config(tmp_path / "fro", data, jac_penalty=0.1)).metrics)[0]
+    full = train(config(tmp_path, data, "full", **spectral))
+    first = read_metrics(full.metrics)[0]
+    value, scale = first["penalty.jacobian"]
+    # the same first state and batch: ½σ_max² is below the Hutchinson ½‖J‖²_F (n = 192 here)
+    assert 0 < value < fro["penalty.jacobian"][0]
+    assert scale > 0
+    train(config(tmp_path, data, "parts", **spectral), until=2)
+    resumed = train(config(tmp_path, data, "parts", resume=True, **spectral))
+    assert _without_time(read_metrics(full.metrics)) == _without_time(read_metrics(resumed.metrics))
+    assert load_checkpoint(resumed.checkpoint)["config"]["jac_norm"] == "spectral"
+    bounded = train(config(tmp_path, data, "bounded", steps=1, jac_bound=10.0, **spectral))
+    assert read_metrics(bounded.metrics)[0]["penalty.jacobian"] == [0.0, 0.0]  # σ_max < 10
+
+
 def test_holomorphic_training_runs(tmp_path, data):
     result = train(config(tmp_path, data, method="holomorphic", steps=2))
     assert read_metrics(result.metrics)[-1]["res_adjoint"] > 0
@@ -187,6 +204,12 @@ def test_data_too_short_for_the_block_size(tmp_path):
         ({"grad_clip": float("inf")}, "grad_clip must be a finite number >= 0"),
         ({"d_model": 10, "n_heads": 4}, "divisible"),
         ({"method": "backprop", "jac_penalty": 0.1}, "penalties act on the equilibrium force"),
+        ({"jac_norm": "nuclear"}, "jac_norm must be one of 'frobenius', 'spectral'"),
+        ({"jac_norm": "spectral", "power_iterations": -1}, "power_iterations must be an int >= 0"),
+        ({"power_iterations": 5}, "power_iterations=5 applies only with jac_norm='spectral'"),
+        ({"jac_bound": 0.5}, "jac_bound=0.5 applies only with jac_norm='spectral'"),
+        ({"jac_norm": "spectral", "jac_bound": -0.5}, "jac_bound must be a finite number >= 0"),
+        ({"method": "backprop", "jac_norm": "spectral"}, r"jac_norm='spectral' \(only aep"),
     ],
 )
 def test_bad_options(tmp_path, data, kw, match):
@@ -207,6 +230,8 @@ def test_bad_options(tmp_path, data, kw, match):
         ({"anchor": 1}, "anchor must be str or None; got int"),
         ({"steps": 2.0}, "steps must be an int"),
         ({"lr": "0.1"}, "lr must be a number; got str"),
+        ({"jac_norm": 2}, "jac_norm must be str; got int"),
+        ({"jac_norm": "spectral", "power_iterations": 2.0}, "power_iterations must be an int"),
     ],
 )
 def test_options_of_the_wrong_type_are_rejected(kw, match):

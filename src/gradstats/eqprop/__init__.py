@@ -36,7 +36,13 @@ from gradstats.eqprop._holo_ops import (
     holo_masked_softmax,
 )
 from gradstats.eqprop._module import EquilibriumModule, NoiseRealization, model_fingerprint
-from gradstats.eqprop._penalties import PENALTIES, add_penalties, free_tolerance, penalty_value
+from gradstats.eqprop._penalties import (
+    JACOBIAN_NORMS,
+    PENALTIES,
+    add_penalties,
+    free_tolerance,
+    penalty_value,
+)
 from gradstats.eqprop._probe import SWEEPS, ProbeReport, ProbeRow, probe
 from gradstats.eqprop._problem import relax
 from gradstats.eqprop._registry import Estimator, Options
@@ -54,6 +60,7 @@ from gradstats.eqprop.models._generate import generate
 __all__ = [
     "ESTIMATORS",
     "FINDINGS",
+    "JACOBIAN_NORMS",
     "LIBRARY_DEFAULTS",
     "METHODS",
     "PENALTIES",

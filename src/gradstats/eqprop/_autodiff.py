@@ -12,7 +12,8 @@ so for the same noise realisation.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import contextlib
+from collections.abc import Callable, Iterator
 
 import torch
 
@@ -88,6 +89,16 @@ class Linearization:
             self.value = fn(self._z)
         self._w: torch.Tensor | None = None
         self._jtw: torch.Tensor | None = None
+
+    @contextlib.contextmanager
+    def detached(self) -> Iterator[None]:
+        """Within the block the products are not differentiable w.r.t. the parameters (no
+        graph is kept even if ``create_graph``): for iterations whose result is detached."""
+        keep, self.create_graph = self.create_graph, False
+        try:
+            yield
+        finally:
+            self.create_graph = keep
 
     @property
     def complex_point(self) -> bool:

@@ -5,11 +5,14 @@ Optional hooks: ``inject`` (input embedding; its parameters get gradients throug
 path), ``sample_noise`` (a :class:`NoiseRealization` drawn once per estimate and passed to every
 force, JVP and VJP), ``parameter_groups`` (for per-group reports), ``supported_methods`` (an
 estimator the model or its current mode does not support is rejected by name), ``config`` (what
-the probe echoes) and ``solver_defaults`` (step size, tolerances, β, ... of this model).
+the probe echoes), ``solver_defaults`` (step size, tolerances, β, ... of this model) and
+``higher_order`` (a block in which ``force`` is differentiable to every order: the stabiliser
+penalties differentiate Jacobian products w.r.t. the parameters, a third derivative).
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
@@ -121,6 +124,16 @@ class EquilibriumModule(nn.Module):
     ) -> NoiseRealization | None:
         """Draw the noise realisation of one estimate (default: no noise)."""
         return None
+
+    def higher_order(self) -> contextlib.AbstractContextManager[None]:
+        """Within the block ``force`` must have exact derivatives of every order (the
+        penalties of ``gradstats.eqprop.penalty_value`` differentiate Jv and Jᵀv w.r.t. the
+        parameters). The default does nothing: a force of plain differentiable ops qualifies.
+        Override it where the force uses fused ops whose derivatives are exact only to second
+        order — PyTorch's ``layer_norm`` and training-mode ``batch_norm`` save their statistics
+        without history, so the third derivative is silently wrong (pytorch/pytorch#175754,
+        #186256) — and evaluate them from primitive ops inside it."""
+        return contextlib.nullcontext()
 
     def supported_methods(self) -> tuple[str, ...]:
         """Estimators this model (in its current mode) supports: by default every registered

@@ -5,7 +5,12 @@ at the estimate's own state, with the estimate's own input injection and noise r
 
 * ``residual``: ½ mean_b max(0, ‖F(z_b)‖² − tol²‖z_b‖²) (free-residual penalty: only what a
   sample's residual exceeds the solver tolerance ‖F‖/‖z‖ ≤ tol; ``tol = 0`` is ½ mean_b ‖F(z_b)‖²);
-* ``jacobian``: ½ mean_b E_v ‖J_b v‖² = ½ mean_b ‖J_b‖²_F (Hutchinson, v ~ N(0, I));
+* ``jacobian``: ½ mean_b E_v ‖J_b v‖² = ½ mean_b ‖J_b‖²_F (Hutchinson, v ~ N(0, I)); with
+  ``norm="spectral"`` instead ½ mean_b ‖J_b v̂_b‖² ≈ ½ mean_b σ_max(J_b)², v̂_b the unit vector
+  after ``iterations`` power-iteration steps v ← JᵀJv/‖JᵀJv‖ from a random start (detached: by
+  the envelope theorem ∇σ_max² = ∇‖J v̂‖² at the top right-singular vector v̂); with a
+  ``bound`` s > 0 only the excess, ½ mean_b max(0, ‖J_b v̂_b‖² − s²) (a Lipschitz bound: zero for
+  a sample whose map already contracts at rate ≤ s, whatever its other singular values);
 * ``asymmetry``: ½ mean_b E_v ‖(J_b − J_bᵀ)v‖² = ½ mean_b ‖J_b − J_bᵀ‖²_F (Jacobian homeostasis,
   Laborieux & Zenke 2024).
 
@@ -41,11 +46,15 @@ from gradstats.eqprop._stats import GradientEstimate
 from gradstats.errors import ConfigurationError, ConfigurationTypeError
 
 __all__ = [
-    "PENALTIES", "add_penalties", "free_tolerance", "global_norm", "penalty_value",
-    "relative_scale",
+    "JACOBIAN_NORMS", "PENALTIES", "POWER_ITERATIONS", "add_penalties", "free_tolerance",
+    "global_norm", "penalty_value", "relative_scale",
 ]  # fmt: skip
 
 PENALTIES = ("residual", "jacobian", "asymmetry")
+#: Norms of the ``jacobian`` penalty: all singular values (Frobenius) or the largest one.
+JACOBIAN_NORMS = ("frobenius", "spectral")
+#: Default power-iteration steps of the spectral norm.
+POWER_ITERATIONS = 3
 
 
 def _check_shard(shard: object) -> tuple[int, int]:
@@ -67,11 +76,21 @@ def penalty_value(
     generator: torch.Generator | None = None,
     shard: tuple[int, int] | None = None,
     tol: float = 0.0,
+    norm: str = "frobenius",
+    iterations: int = POWER_ITERATIONS,
+    bound: float = 0.0,
 ) -> torch.Tensor:
     """The penalty ``kind`` at state ``z`` (differentiable w.r.t. the model's parameters).
 
     ``tol`` (``residual`` only): a sample whose relative residual ‖F(z_b)‖/‖z_b‖ is at most
     ``tol`` contributes nothing (see the module docstring); 0 gives ½ mean_b ‖F(z_b)‖².
+
+    ``norm`` (``jacobian`` only): ``"frobenius"`` (Hutchinson) or ``"spectral"`` — each of the
+    ``probes`` vectors then runs ``iterations`` power-iteration steps per sample (0: a random
+    unit direction, ½ mean_b ‖J_b‖²_F/n in expectation) and the value is the mean over probes
+    of ½ mean_b ‖J_b v̂_b‖², a lower bound of ½ mean_b σ_max(J_b)² that is tight as the
+    iteration converges. Each step costs one Jv and one Jᵀu. ``bound`` (spectral only): a
+    sample contributes only ½ max(0, ‖J_b v̂_b‖² − ``bound``²).
 
     ``shard=(rank, world)``: ``z`` holds rows ``rank·B:(rank+1)·B`` of a global batch of
     ``world·B`` rows; each Hutchinson vector is drawn for the global batch and sliced to these
@@ -81,13 +100,20 @@ def penalty_value(
     check_choice("kind", kind, PENALTIES)
     check_positive_int("probes", probes)
     check_float("tol", tol, allow_zero=True)
+    check_choice("norm", norm, JACOBIAN_NORMS)
+    check_positive_int("iterations", iterations, minimum=0)
+    check_float("bound", bound, allow_zero=True)
+    if norm == "spectral" and kind != "jacobian":
+        raise ConfigurationError(f"norm='spectral' applies to kind='jacobian'; got kind={kind!r}")
+    if bound > 0 and norm != "spectral":
+        raise ConfigurationError(f"bound={bound} applies to norm='spectral'; got norm={norm!r}")
     rank, world = (0, 1) if shard is None else _check_shard(shard)
     if not 0 <= rank < world:
         raise ConfigurationError(
             f"shard must be (rank, world) with 0 <= rank < world; got {shard!r}"
         )
     z = z.detach()
-    with torch.enable_grad():
+    with torch.enable_grad(), model.higher_order():  # exact third derivatives (see the hook)
         x_in = model.inject(x)
 
         def force(state):
@@ -108,9 +134,30 @@ def penalty_value(
         for _ in range(probes):
             v = torch.randn(shape, generator=generator, dtype=z.dtype, device=z.device)
             v = v[rank * batch : (rank + 1) * batch]
+            if norm == "spectral":
+                v = _power_iteration(lin, v, iterations)
             w = lin.jvp(v) if kind == "jacobian" else lin.antisymmetric(v)
-            total = total + (w * w).sum()
+            if bound > 0:
+                total = total + ((w * w).reshape(batch, -1).sum(1) - bound**2).clamp_min(0).sum()
+            else:
+                total = total + (w * w).sum()
         return 0.5 * total / (batch * probes)
+
+
+def _unit_rows(v: torch.Tensor) -> torch.Tensor:
+    """Each sample's vector v_b scaled to ‖v_b‖ = 1 (a zero vector stays zero)."""
+    norms = v.reshape(v.shape[0], -1).norm(dim=1).clamp_min(torch.finfo(v.dtype).tiny)
+    return v / norms.reshape(-1, *([1] * (v.dim() - 1)))
+
+
+def _power_iteration(lin: Linearization, v: torch.Tensor, iterations: int) -> torch.Tensor:
+    """v̂_b after ``iterations`` steps v ← JᵀJv/‖JᵀJv‖ per sample (J block-diagonal over the
+    batch: the force acts on each sample alone), detached."""
+    v = _unit_rows(v.detach())
+    with lin.detached():
+        for _ in range(iterations):
+            v = _unit_rows(lin.vjp(lin.jvp(v)).detach())
+    return v
 
 
 def free_tolerance(estimate: GradientEstimate) -> float:
@@ -141,6 +188,9 @@ def add_penalties(
     probes: int = 1,
     generator: torch.Generator | None = None,
     tol: float | None = None,
+    jac_norm: str = "frobenius",
+    iterations: int = POWER_ITERATIONS,
+    jac_bound: float = 0.0,
 ) -> GradientEstimate:
     """A copy of ``estimate`` whose ``grads`` include the weighted penalties.
 
@@ -154,6 +204,8 @@ def add_penalties(
         tol: where the ``residual`` penalty starts (:func:`penalty_value`); default: the
             tolerance of the estimate's free phase (:func:`free_tolerance`); 0: the plain
             ½ mean_b ‖F(z_b)‖².
+        jac_norm, iterations, jac_bound: the ``jacobian`` penalty's norm, power-iteration
+            steps and bound (:func:`penalty_value`'s ``norm``, ``iterations`` and ``bound``).
 
     Returns:
         The new estimate (``task_grads`` keeps the pure task gradient; ``penalties`` records
@@ -171,6 +223,13 @@ def add_penalties(
     check_positive_int("probes", probes)
     if tol is not None:
         check_float("tol", tol, allow_zero=True)
+    check_choice("jac_norm", jac_norm, JACOBIAN_NORMS)
+    check_positive_int("iterations", iterations, minimum=0)
+    check_float("jac_bound", jac_bound, allow_zero=True)
+    if jac_bound > 0 and jac_norm != "spectral":
+        raise ConfigurationError(
+            f"jac_bound={jac_bound} applies to norm='spectral'; got jac_norm={jac_norm!r}"
+        )
     if estimate.skipped:
         return estimate
     state = estimate.state
@@ -183,9 +242,11 @@ def add_penalties(
     record = dict(estimate.penalties)
     floor = free_tolerance(estimate) if tol is None else tol
     for name, weight in weights.items():
+        jacobian = name == "jacobian"
         value = penalty_value(
             model, x, state, name, noise=estimate.noise, probes=probes, generator=generator,
-            tol=floor,
+            tol=floor, iterations=iterations, norm=jac_norm if jacobian else "frobenius",
+            bound=jac_bound if jacobian else 0.0,
         )  # fmt: skip
         raw = torch.autograd.grad(value, params, allow_unused=True)
         grads = {

@@ -11,6 +11,7 @@ from gradstats.testing._eqprop import (
     finite_difference_gradient,
     newton_fixed_point,
     reference_implicit_gradient,
+    reference_spectral_penalty,
 )
 from gradstats.testing._fisher import (
     causal_lm_objective,
@@ -42,6 +43,7 @@ __all__ = [
     "reference_moments",
     "reference_per_sample_noise",
     "reference_scaler_statistics",
+    "reference_spectral_penalty",
     "reference_two_batch",
     "run_gloo",
     "welford_loop",

@@ -7,6 +7,8 @@
   implicit-function-theorem derivative dz*/dθ = −J⁻¹ ∂F/∂θ exactly at the fixed point. It shares
   no code with the library's adjoint solve or gradient assembly.
 * :func:`finite_difference_gradient`: central differences, one parameter entry at a time.
+* :func:`reference_spectral_penalty`: ½ mean_b σ_max(J_b)² from each sample's dense Jacobian
+  and its SVD (differentiable w.r.t. the parameters).
 * :class:`LinearClosedForm`: every quantity of spec §6 for F(z) = Az + Bx, L = ½‖Cz − y‖².
 """
 
@@ -24,6 +26,7 @@ __all__ = [
     "finite_difference_gradient",
     "newton_fixed_point",
     "reference_implicit_gradient",
+    "reference_spectral_penalty",
 ]
 
 
@@ -34,6 +37,31 @@ def dense_jacobian(fn: Callable[[torch.Tensor], torch.Tensor], z: torch.Tensor) 
         return fn(v.reshape(z.shape)).reshape(-1)
 
     return torch.autograd.functional.jacobian(flat, z.detach().reshape(-1))
+
+
+def reference_spectral_penalty(
+    force: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
+    x_in: torch.Tensor,
+    z: torch.Tensor,
+    bound: float = 0.0,
+) -> torch.Tensor:
+    """½ mean_b max(0, σ_max(J_b)² − ``bound``²) (``bound`` 0: ½ mean_b σ_max(J_b)²).
+
+    J_b = ∂force(z_b, x_b)/∂z_b is the dense Jacobian of sample b alone
+    (rows b of ``z`` and of the injection ``x_in``), σ_max from
+    ``torch.linalg.matrix_norm(ord=2)``; built with ``create_graph``, so it can be
+    differentiated w.r.t. the parameters ``force`` uses (and ``x_in``)."""
+    z = z.detach()
+    total = z.new_zeros(())
+    for b in range(z.shape[0]):
+        row, x_row = z[b : b + 1], x_in[b : b + 1]
+
+        def flat(v: torch.Tensor, row: torch.Tensor = row, x_row: torch.Tensor = x_row):
+            return force(v.reshape(row.shape), x_row).reshape(-1)
+
+        jac = torch.autograd.functional.jacobian(flat, row.reshape(-1), create_graph=True)
+        total = total + (torch.linalg.matrix_norm(jac, ord=2) ** 2 - bound**2).clamp_min(0)
+    return 0.5 * total / z.shape[0]
 
 
 def newton_fixed_point(

@@ -54,6 +54,7 @@ from gradstats.eqprop.models._blocks import (
     FeedForward,
     Readout,
     layer_norm,
+    primitive_norms,
 )
 from gradstats.errors import ConfigurationError, ConfigurationTypeError
 
@@ -286,6 +287,12 @@ class EquilibriumTransformer(EquilibriumModule):
         if noise is not None:
             ffn = ffn * noise["ffn"].to(z.dtype)
         return out + ffn
+
+    def higher_order(self) -> contextlib.AbstractContextManager[None]:
+        """LayerNorms from primitive ops within the block (see ``_blocks.primitive_norms``):
+        the penalties' parameter gradients are third derivatives, which torch's fused
+        ``layer_norm`` gets wrong."""
+        return primitive_norms()
 
     @contextlib.contextmanager
     def relaxation_map(self, step_size: float | None = None) -> Iterator[None]:

@@ -17,12 +17,14 @@ import torch
 
 from gradstats._validation import check_choice, check_positive_int
 from gradstats.eqprop._estimators import ESTIMATORS, get_estimator
+from gradstats.eqprop._penalties import JACOBIAN_NORMS, POWER_ITERATIONS
 from gradstats.eqprop._registry import MODEL_KINDS, Estimator, Options
 from gradstats.eqprop._settings import SolverSettings
 from gradstats.eqprop.models.baseline import BackpropTransformer
 from gradstats.eqprop.models.transformer import MODES, EquilibriumTransformer
 from gradstats.eqprop.train._config_checks import PRECISIONS
 from gradstats.eqprop.train._config_checks import check_float as _check_float
+from gradstats.eqprop.train._config_checks import check_needs as _check_needs
 from gradstats.eqprop.train._config_checks import check_types as _check_types
 from gradstats.eqprop.train._controller import DEFAULT_GAIN, HELP, check_controller_options
 from gradstats.errors import ConfigurationError, StateError
@@ -66,7 +68,7 @@ TRAIN_METHODS = (*EP_METHODS, "backprop")
 OPTIMIZERS = ("adamw", "adam", "sgd")
 _DEFAULT_OUT = Path("eqprop-run")
 _EP_ONLY = ("step_size", "damping", "attn_mode", "force_noise", "penalty_probes",
-            "contraction_target", "controller_gain")  # fmt: skip
+            "contraction_target", "controller_gain", "jac_norm")  # fmt: skip
 #: Run options that set an estimator's own settings (the fields of its options dataclass).
 _OPTION_FIELDS = ("beta", "points", "anchor")
 
@@ -87,6 +89,8 @@ APPLIES_TO: dict[str, tuple[str, ...]] = {
     **dict.fromkeys(_EP_ONLY, EP_METHODS),
     "layers": ("backprop",),
 }
+#: Options that only matter with another option's value: option -> (option, value).
+NEEDS = {"power_iterations": ("jac_norm", "spectral"), "jac_bound": ("jac_norm", "spectral")}
 
 
 def _opt(default: Any, help: str, **meta: Any) -> Any:
@@ -138,6 +142,18 @@ class TrainConfig:
         "stabiliser: free-residual penalty weight, 1/2 max(0, ||F(z)||^2 - tol^2 ||z||^2) per "
         "sample (zero once the free phase reached its tolerance)",
     )
+    jac_norm: str = _opt(
+        "frobenius",
+        "Jacobian penalty's norm: frobenius (all singular values, Hutchinson) | spectral (the "
+        "largest, 1/2 sigma_max^2 by power iteration: only the slowest mode is penalised)",
+    )
+    power_iterations: int = _opt(
+        POWER_ITERATIONS, "--jac-norm spectral: power-iteration steps (one Jv and one J^T u each)"
+    )
+    jac_bound: float = _opt(
+        0.0, "--jac-norm spectral: penalise only 1/2 max(0, sigma_max^2 - bound^2) per sample "
+        "(a Lipschitz bound of the relaxation map; 0: all of 1/2 sigma_max^2)",
+    )  # fmt: skip
     penalty_probes: int = _opt(1, "Hutchinson vectors per penalty evaluation")
     # adaptive stabilisation and parameter EMA (laws: train/_controller.py, train/_ema.py)
     contraction_target: float | None = _opt(None, HELP["contraction_target"])
@@ -179,6 +195,7 @@ class TrainConfig:
         check_choice("optimizer", self.optimizer, OPTIMIZERS)
         check_choice("dtype", self.dtype, ("float32", "float64"))
         check_choice("precision", self.precision, PRECISIONS)
+        check_choice("jac_norm", self.jac_norm, JACOBIAN_NORMS)
         if self.anchor is not None:
             check_choice("anchor", self.anchor, ("fixed", "tracking"))
         kinds = MODEL_KINDS if self.attn_mode == "thick" else MODEL_KINDS[:1]  # of the model
@@ -193,6 +210,9 @@ class TrainConfig:
             check_positive_int(name, getattr(self, name))
         for name in ("eval_every", "penalty_probes"):
             check_positive_int(name, getattr(self, name))
+        check_positive_int("power_iterations", self.power_iterations, minimum=0)
+        _check_float("jac_bound", self.jac_bound)
+        _check_needs(self, _defaults(), NEEDS)
         check_positive_int("warmup", self.warmup, minimum=0)
         check_positive_int("spot_check_every", self.spot_check_every, minimum=0)
         if self.threads is not None:

@@ -7,12 +7,13 @@ from __future__ import annotations
 
 import math
 import os
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
 from gradstats.errors import ConfigurationError, ConfigurationTypeError
 
-__all__ = ["PRECISIONS", "check_float", "check_types"]
+__all__ = ["PRECISIONS", "check_float", "check_needs", "check_types"]
 
 #: ``--precision``: plain float32 matmuls, or TF32 tensor-core matmuls (CUDA only).
 PRECISIONS = ("float32", "tf32")
@@ -29,6 +30,7 @@ _TYPES: dict[str, tuple[type, ...]] = {
     "device": (str,),
     "dtype": (str,),
     "precision": (str,),
+    "jac_norm": (str,),
     "resume": (bool,),
     "progress": (bool,),
 }
@@ -56,3 +58,16 @@ def check_float(name: str, value: object, positive: bool = False) -> None:
         raise ConfigurationError(
             f"{name} must be a finite number {'> 0' if positive else '>= 0'}; got {value}"
         )
+
+
+def check_needs(
+    config: Any, defaults: Mapping[str, object], needs: Mapping[str, tuple[str, object]]
+) -> None:
+    """An option of ``needs`` (option -> (other option, value)) set to a non-default value
+    while the other option has another value is an error (it would be silently ignored)."""
+    for name, (option, value) in needs.items():
+        if getattr(config, name) != defaults[name] and getattr(config, option) != value:
+            raise ConfigurationError(
+                f"{name}={getattr(config, name)!r} applies only with {option}={value!r}; "
+                f"got {option}={getattr(config, option)!r}"
+            )

@@ -34,6 +34,7 @@ import os
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, replace
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -157,6 +158,11 @@ def _penalty_order(cfg, weights=None) -> dict[str, float]:
     return {k: weights[k] for k in order}
 
 
+def _jacobian(cfg) -> dict[str, Any]:
+    """The ``jacobian`` penalty's norm and bound (``penalty_value`` keywords)."""
+    return {"norm": cfg.jac_norm, "bound": cfg.jac_bound}
+
+
 def _penalty_grads(model, cfg, est, x, generator, params, group: Group, weights=None):
     """Raw penalty values and gradients, in :func:`_penalty_order` (Hutchinson vectors drawn
     for the global batch, this rank's rows)."""
@@ -167,7 +173,9 @@ def _penalty_grads(model, cfg, est, x, generator, params, group: Group, weights=
             value = penalty_value(model, x, est.state, name, noise=est.noise,
                                   probes=cfg.penalty_probes, generator=generator,
                                   shard=(group.rank, group.world),
-                                  tol=free_tolerance(est))  # fmt: skip
+                                  tol=free_tolerance(est),
+                                  iterations=cfg.power_iterations,
+                                  **(_jacobian(cfg) if name == "jacobian" else {}))  # fmt: skip
             grads = torch.autograd.grad(value, params, allow_unused=True)
         grads = [
             torch.zeros_like(p) if g is None else g for p, g in zip(params, grads, strict=True)

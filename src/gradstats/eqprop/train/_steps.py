@@ -78,7 +78,7 @@ def _ep_step(model, cfg, x, y, noise_gen, opt, tokens, group, weights=None):
                 est, model, x, plain, probes=cfg.penalty_probes, generator=noise_gen
             )
         if not est.skipped and "jacobian" in weights:
-            with model.relaxation_map(cfg.step_size):  # ½‖I + εJ‖²_F of the iterated map
+            with model.relaxation_map(cfg.step_size):  # ½‖I + εJ‖² of the iterated map
                 est = add_penalties(
                     est,
                     model,
@@ -86,6 +86,9 @@ def _ep_step(model, cfg, x, y, noise_gen, opt, tokens, group, weights=None):
                     {"jacobian": weights["jacobian"]},
                     probes=cfg.penalty_probes,
                     generator=noise_gen,
+                    jac_norm=cfg.jac_norm,
+                    iterations=cfg.power_iterations,
+                    jac_bound=cfg.jac_bound,
                 )
     loss = est.loss  # present on every estimate that was not skipped
     if est.skipped or loss is None:
