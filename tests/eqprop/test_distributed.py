@@ -40,7 +40,8 @@ GRAD_CASES = {
         "homeostasis": 0.05,
         "t1": 6,
     },
-    "bptt": {},
+    # the spectral norm: per-sample power iterations from the global batch's draw
+    "bptt": {"jac_penalty": 0.1, "jac_norm": "spectral", "power_iterations": 2},
 }
 RUN = {"method": "aep", "steps": 4, "force_noise": 0.05, "jac_penalty": 0.1}
 BACKPROP = {"method": "backprop", "steps": 2, "spot_check_every": 0}
@@ -168,7 +169,8 @@ def test_all_reduced_gradient_equals_one_process_on_the_concatenated_batch(ranks
     if "jacobian" in weights:
         with model.relaxation_map(cfg.step_size):
             est = add_penalties(est, model, x, {"jacobian": weights["jacobian"]},
-                                generator=noise_gen)  # fmt: skip
+                                generator=noise_gen, jac_norm=cfg.jac_norm,
+                                iterations=cfg.power_iterations)  # fmt: skip
     tokens = x.numel()
     free = est.stats.get("free", est.stats.get("bptt")).summary()
     for rank in results:
