@@ -25,6 +25,9 @@ thread each, seed 0) run for 2,000 steps — the default cosine schedule, lr 3e-
   at all while the map contracts at rate ≤ 0.5 (relative scaling gives any active penalty the
   push w·‖g_task‖, however small the penalty already is). ``--only
   aep_bound,bptt_bound,backprop --bptt bptt_bound``.
+* ``bptt_t2``, ``bptt_t4``: BPTT through only 2 and 4 relaxation steps, no penalty — a weight-tied
+  2- or 4-layer network, far from its fixed point: what the same block computes when it need not
+  be an equilibrium.
 
 ``--res-penalty`` and ``--contraction-target`` replace those values in the controlled runs.
 The README's runs without a residual penalty: ``--runs runs/noplateau_jac --res-penalty 0
@@ -78,6 +81,9 @@ RUNS = {
     "bptt_spec": ["--method", "bptt", *SPECTRAL],
     "aep_bound": ["--method", "aep", *BOUND, "--beta", "0.002", "--tol-adjoint", "1e-3"],
     "bptt_bound": ["--method", "bptt", *BOUND],
+    # the block unrolled 2 and 4 steps from z0 = x_in/(1 + c), no penalty: not an equilibrium
+    "bptt_t2": ["--method", "bptt", "--t1", "2"],
+    "bptt_t4": ["--method", "bptt", "--t1", "4"],
 }
 
 
@@ -93,6 +99,8 @@ def command(
     common = list(COMMON)
     common[common.index("--seed") + 1] = str(seed)
     line = list(RUNS[name])
+    if "--t1" in line:  # the run's own step count replaces the common T1
+        del common[common.index("--t1") : common.index("--t1") + 2]
     for option, value in (("--res-penalty", res_penalty), ("--contraction-target", target)):
         if value is not None and option in line:
             line[line.index(option) + 1] = f"{value:g}"

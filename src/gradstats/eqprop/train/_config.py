@@ -134,7 +134,7 @@ class TrainConfig:
     anchor: str | None = _opt(None, "aep/holomorphic anchor: fixed|tracking (default)")
     # stabilisers (relative weights: scaled to weight * ||g_task|| / ||g_penalty||)
     jac_penalty: float = _opt(
-        0.0, "stabiliser: Jacobian-norm penalty 1/2||I+eps*J||_F^2 of the relaxation map"
+        0.0, "stabiliser: Jacobian-norm penalty of the relaxation map I+eps*J (norm: --jac-norm)"
     )
     homeostasis: float = _opt(0.0, "stabiliser: Jacobian homeostasis 1/2||J-J^T||_F^2 weight")
     res_penalty: float = _opt(
@@ -144,8 +144,8 @@ class TrainConfig:
     )
     jac_norm: str = _opt(
         "frobenius",
-        "Jacobian penalty's norm: frobenius (all singular values, Hutchinson) | spectral (the "
-        "largest, 1/2 sigma_max^2 by power iteration: only the slowest mode is penalised)",
+        "Jacobian penalty's norm: frobenius (every singular value, 1/2||I+eps*J||_F^2 by "
+        "Hutchinson) | spectral (only the largest, 1/2 sigma_max(I+eps*J)^2 by power iteration)",
     )
     power_iterations: int = _opt(
         POWER_ITERATIONS, "--jac-norm spectral: power-iteration steps (one Jv and one J^T u each)"
