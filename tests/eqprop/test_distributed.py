@@ -41,7 +41,7 @@ GRAD_CASES = {
         "t1": 6,
     },
     # the spectral norm: per-sample power iterations from the global batch's draw
-    "bptt": {"jac_penalty": 0.1, "jac_norm": "spectral", "power_iterations": 2},
+    "bptt": {"jac_penalty": 0.1, "jac_norm": "spectral", "power_iterations": 2, "jac_bound": 1e-3},
 }
 RUN = {"method": "aep", "steps": 4, "force_noise": 0.05, "jac_penalty": 0.1}
 BACKPROP = {"method": "backprop", "steps": 2, "spot_check_every": 0}
@@ -170,7 +170,8 @@ def test_all_reduced_gradient_equals_one_process_on_the_concatenated_batch(ranks
         with model.relaxation_map(cfg.step_size):
             est = add_penalties(est, model, x, {"jacobian": weights["jacobian"]},
                                 generator=noise_gen, jac_norm=cfg.jac_norm,
-                                iterations=cfg.power_iterations)  # fmt: skip
+                                iterations=cfg.power_iterations,
+                                jac_bound=cfg.jac_bound)  # fmt: skip
     tokens = x.numel()
     free = est.stats.get("free", est.stats.get("bptt")).summary()
     for rank in results:

@@ -13,7 +13,7 @@ import torch
 
 from gradstats.eqprop import add_penalties, estimate_gradient, penalty_value
 from gradstats.eqprop.models import EquilibriumTransformer
-from gradstats.eqprop.models._blocks import layer_norm, primitive_norms
+from gradstats.eqprop.models._blocks import _PRIMITIVE_NORMS, layer_norm, primitive_norms
 from gradstats.errors import ConfigurationError, ConfigurationTypeError
 from gradstats.testing import dense_jacobian, reference_spectral_penalty
 
@@ -160,7 +160,8 @@ def test_add_penalties_with_the_spectral_norm():
         ({"norm": "spectral", "iterations": True}, ConfigurationTypeError, "got bool"),
         ({"norm": "spectral", "kind": "asymmetry"}, ConfigurationError, "applies to kind='jacob"),
         ({"norm": "spectral", "kind": "residual"}, ConfigurationError, "applies to kind='jacob"),
-        ({"bound": 0.5}, ConfigurationError, "bound=0.5 applies to norm='spectral'"),
+        ({"bound": 0.5}, ConfigurationError, "bound=0.5 applies to (jac_)?norm='spectral'"),
+        ({"iterations": 7}, ConfigurationError, "iterations=7 applies to (jac_)?norm='spectral'"),
         ({"norm": "spectral", "bound": -1.0}, ConfigurationError, "bound must be a finite"),
         ({"norm": "spectral", "bound": float("inf")}, ConfigurationError, "bound must be a finite"),
         ({"norm": "spectral", "bound": True}, ConfigurationTypeError, "bound must be a finite"),
@@ -172,9 +173,9 @@ def test_bad_spectral_arguments(kwargs, error, match):
     with pytest.raises(error, match=match):
         penalty_value(model, x, z, **{"kind": "jacobian", **kwargs})
     est = estimate_gradient(model, x, _, "aep")
-    if "kind" not in kwargs:  # the same check, before any penalty (here only the residual)
+    if "kind" not in kwargs:  # the same check in add_penalties, before any penalty is formed
         with pytest.raises(error, match=match):
-            add_penalties(est, model, x, {"residual": 0.1},
+            add_penalties(est, model, x, {"residual": 0.1, "jacobian": 0.1},
                           jac_norm=kwargs.get("norm", "frobenius"),
                           iterations=kwargs.get("iterations", 3),
                           jac_bound=kwargs.get("bound", 0.0))  # fmt: skip
@@ -210,6 +211,17 @@ def test_hutchinson_penalty_gradients_are_exact_through_layer_norms(kind, jvp_mo
     assert float(ours[names.index("attn.heads.1.query")].norm()) > 0
 
 
+def test_jacobian_options_without_the_jacobian_penalty_are_rejected():
+    model, x, y = tanh_case()
+    est = estimate_gradient(model, x, y, "aep")
+    for kwargs in ({"jac_norm": "spectral"}, {"jac_norm": "spectral", "jac_bound": 0.1}):
+        with pytest.raises(ConfigurationError, match="apply to the 'jacobian' penalty only"):
+            add_penalties(est, model, x, {"residual": 0.1}, **kwargs)
+    with pytest.raises(ConfigurationError, match="needs a real state"):
+        penalty_value(model, x, torch.zeros(5, 8, dtype=torch.complex128), "jacobian",
+                      norm="spectral")  # fmt: skip
+
+
 def test_primitive_norms_compute_the_same_layer_norm():
     norm = torch.nn.LayerNorm(8).double()
     with torch.no_grad():
@@ -221,3 +233,16 @@ def test_primitive_norms_compute_the_same_layer_norm():
         primitive = layer_norm(h, norm)
     torch.testing.assert_close(primitive, fused, rtol=1e-13, atol=1e-13)
     assert layer_norm(h, norm).grad_fn.name() == fused.grad_fn.name()  # reset on exit
+    assert _PRIMITIVE_NORMS.get() is False
+    with primitive_norms():
+        with primitive_norms():  # nested: the outer block is still in force after the inner one
+            pass
+        assert _PRIMITIVE_NORMS.get() is True
+    with pytest.raises(KeyError):
+        _raise_inside(primitive_norms)
+    assert _PRIMITIVE_NORMS.get() is False  # reset after an exception too
+
+
+def _raise_inside(context):
+    with context():
+        raise KeyError("inside")

@@ -131,6 +131,10 @@ def test_spectral_jacobian_penalty_is_applied_logged_and_resumed(tmp_path, data)
     resumed = train(config(tmp_path, data, "parts", resume=True, **spectral))
     assert _without_time(read_metrics(full.metrics)) == _without_time(read_metrics(resumed.metrics))
     assert load_checkpoint(resumed.checkpoint)["config"]["jac_norm"] == "spectral"
+    # the iteration count reaches the penalty: from the same start, more steps give more
+    none = {**spectral, "power_iterations": 0}
+    raw = read_metrics(train(config(tmp_path, data, "k0", steps=1, **none)).metrics)[0]
+    assert raw["penalty.jacobian"][0] < value
     bounded = train(config(tmp_path, data, "bounded", steps=1, jac_bound=10.0, **spectral))
     assert read_metrics(bounded.metrics)[0]["penalty.jacobian"] == [0.0, 0.0]  # σ_max < 10
 
@@ -209,6 +213,11 @@ def test_data_too_short_for_the_block_size(tmp_path):
         ({"power_iterations": 5}, "power_iterations=5 applies only with jac_norm='spectral'"),
         ({"jac_bound": 0.5}, "jac_bound=0.5 applies only with jac_norm='spectral'"),
         ({"jac_norm": "spectral", "jac_bound": -0.5}, "jac_bound must be a finite number >= 0"),
+        (
+            {"jac_norm": "spectral", "jac_bound": 0.5},
+            r"jac_norm='spectral', jac_bound=0.5 set the "
+            "Jacobian penalty, which is off: give --jac-penalty > 0",
+        ),
         ({"method": "backprop", "jac_norm": "spectral"}, r"jac_norm='spectral' \(only aep"),
     ],
 )

@@ -17,7 +17,9 @@ at the estimate's own state, with the estimate's own input injection and noise r
 With ``relative=True`` a penalty of weight w is scaled to s = w·‖g_task‖/‖g_pen‖ (global norms),
 where g_task is the *pure* task gradient (``estimate.task_grads`` if penalties were already
 added) — never a total that already contains other penalties; a penalty whose gradient is exactly
-zero gets s = 0.
+zero gets s = 0. Only the penalty's direction survives this scaling: a hinge (the residual
+penalty, a bounded spectral penalty) acts as a switch — zero while satisfied, the full push
+w·‖g_task‖ as soon as any sample exceeds it, however slightly.
 
 Why the residual penalty is a hinge at the tolerance. At a state the solver converged,
 ½‖F(z)‖² is the square of the residual it stopped at (10⁻¹²–10⁻⁸ in the README's 2,000-step
@@ -89,8 +91,12 @@ def penalty_value(
     ``probes`` vectors then runs ``iterations`` power-iteration steps per sample (0: a random
     unit direction, ½ mean_b ‖J_b‖²_F/n in expectation) and the value is the mean over probes
     of ½ mean_b ‖J_b v̂_b‖², a lower bound of ½ mean_b σ_max(J_b)² that is tight as the
-    iteration converges. Each step costs one Jv and one Jᵀu. ``bound`` (spectral only): a
-    sample contributes only ½ max(0, ‖J_b v̂_b‖² − ``bound``²).
+    iteration converges. Each step costs one Jv and one Jᵀu. The value's error is second order
+    in the angle between v̂ and the top singular vector, the gradient's first order: on a small
+    transformer K = 3 steps gave 0.994 of σ_max² and a gradient 5.7% off (cosine 0.998), K = 300
+    agreed to 10⁻¹⁵. ``bound`` (spectral only): a sample contributes only
+    ½ max(0, ‖J_b v̂_b‖² − ``bound``²); since v̂ underestimates σ_max, a sample just above the
+    bound may go unpenalised.
 
     ``shard=(rank, world)``: ``z`` holds rows ``rank·B:(rank+1)·B`` of a global batch of
     ``world·B`` rows; each Hutchinson vector is drawn for the global batch and sliced to these
@@ -105,8 +111,11 @@ def penalty_value(
     check_float("bound", bound, allow_zero=True)
     if norm == "spectral" and kind != "jacobian":
         raise ConfigurationError(f"norm='spectral' applies to kind='jacobian'; got kind={kind!r}")
-    if bound > 0 and norm != "spectral":
-        raise ConfigurationError(f"bound={bound} applies to norm='spectral'; got norm={norm!r}")
+    if norm != "spectral" and (bound > 0 or iterations != POWER_ITERATIONS):
+        detail = f"bound={bound}" if bound > 0 else f"iterations={iterations}"
+        raise ConfigurationError(f"{detail} applies to norm='spectral'; got norm={norm!r}")
+    if norm == "spectral" and z.is_complex():
+        raise ConfigurationError("norm='spectral' needs a real state z; got a complex one")
     rank, world = (0, 1) if shard is None else _check_shard(shard)
     if not 0 <= rank < world:
         raise ConfigurationError(
@@ -226,9 +235,14 @@ def add_penalties(
     check_choice("jac_norm", jac_norm, JACOBIAN_NORMS)
     check_positive_int("iterations", iterations, minimum=0)
     check_float("jac_bound", jac_bound, allow_zero=True)
-    if jac_bound > 0 and jac_norm != "spectral":
+    given = [f"{name}={value!r}" for name, value, default in (
+        ("jac_norm", jac_norm, "frobenius"), ("iterations", iterations, POWER_ITERATIONS),
+        ("jac_bound", jac_bound, 0.0)) if value != default]  # fmt: skip
+    if given and "jacobian" not in weights:
+        raise ConfigurationError(f"{', '.join(given)} apply to the 'jacobian' penalty only")
+    if jac_norm != "spectral" and (jac_bound > 0 or iterations != POWER_ITERATIONS):
         raise ConfigurationError(
-            f"jac_bound={jac_bound} applies to norm='spectral'; got jac_norm={jac_norm!r}"
+            f"{given[-1]} applies to jac_norm='spectral'; got jac_norm={jac_norm!r}"
         )
     if estimate.skipped:
         return estimate
@@ -245,7 +259,8 @@ def add_penalties(
         jacobian = name == "jacobian"
         value = penalty_value(
             model, x, state, name, noise=estimate.noise, probes=probes, generator=generator,
-            tol=floor, iterations=iterations, norm=jac_norm if jacobian else "frobenius",
+            tol=floor, norm=jac_norm if jacobian else "frobenius",
+            iterations=iterations if jacobian else POWER_ITERATIONS,
             bound=jac_bound if jacobian else 0.0,
         )  # fmt: skip
         raw = torch.autograd.grad(value, params, allow_unused=True)

@@ -24,7 +24,7 @@ from gradstats.eqprop.models.baseline import BackpropTransformer
 from gradstats.eqprop.models.transformer import MODES, EquilibriumTransformer
 from gradstats.eqprop.train._config_checks import PRECISIONS
 from gradstats.eqprop.train._config_checks import check_float as _check_float
-from gradstats.eqprop.train._config_checks import check_needs as _check_needs
+from gradstats.eqprop.train._config_checks import check_jacobian_options as _check_jacobian_options
 from gradstats.eqprop.train._config_checks import check_types as _check_types
 from gradstats.eqprop.train._controller import DEFAULT_GAIN, HELP, check_controller_options
 from gradstats.errors import ConfigurationError, StateError
@@ -89,8 +89,6 @@ APPLIES_TO: dict[str, tuple[str, ...]] = {
     **dict.fromkeys(_EP_ONLY, EP_METHODS),
     "layers": ("backprop",),
 }
-#: Options that only matter with another option's value: option -> (option, value).
-NEEDS = {"power_iterations": ("jac_norm", "spectral"), "jac_bound": ("jac_norm", "spectral")}
 
 
 def _opt(default: Any, help: str, **meta: Any) -> Any:
@@ -154,7 +152,9 @@ class TrainConfig:
         0.0, "--jac-norm spectral: penalise only 1/2 max(0, sigma_max^2 - bound^2) per sample "
         "(a Lipschitz bound of the relaxation map; 0: all of 1/2 sigma_max^2)",
     )  # fmt: skip
-    penalty_probes: int = _opt(1, "Hutchinson vectors per penalty evaluation")
+    penalty_probes: int = _opt(
+        1, "random vectors per penalty evaluation (Hutchinson; spectral: power-iteration starts)"
+    )
     # adaptive stabilisation and parameter EMA (laws: train/_controller.py, train/_ema.py)
     contraction_target: float | None = _opt(None, HELP["contraction_target"])
     controller_gain: float = _opt(DEFAULT_GAIN, HELP["controller_gain"])
@@ -210,9 +210,6 @@ class TrainConfig:
             check_positive_int(name, getattr(self, name))
         for name in ("eval_every", "penalty_probes"):
             check_positive_int(name, getattr(self, name))
-        check_positive_int("power_iterations", self.power_iterations, minimum=0)
-        _check_float("jac_bound", self.jac_bound)
-        _check_needs(self, _defaults(), NEEDS)
         check_positive_int("warmup", self.warmup, minimum=0)
         check_positive_int("spot_check_every", self.spot_check_every, minimum=0)
         if self.threads is not None:
@@ -251,6 +248,7 @@ class TrainConfig:
         check_controller_options(
             self.contraction_target, self.controller_gain, self.jac_penalty, self.ema_decay
         )
+        _check_jacobian_options(self, _defaults())
         try:
             kind = torch.device(self.device).type
         except (RuntimeError, ValueError, TypeError):

@@ -11,9 +11,10 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+from gradstats._validation import check_positive_int
 from gradstats.errors import ConfigurationError, ConfigurationTypeError
 
-__all__ = ["PRECISIONS", "check_float", "check_needs", "check_types"]
+__all__ = ["PRECISIONS", "check_float", "check_jacobian_options", "check_types"]
 
 #: ``--precision``: plain float32 matmuls, or TF32 tensor-core matmuls (CUDA only).
 PRECISIONS = ("float32", "tf32")
@@ -60,14 +61,22 @@ def check_float(name: str, value: object, positive: bool = False) -> None:
         )
 
 
-def check_needs(
-    config: Any, defaults: Mapping[str, object], needs: Mapping[str, tuple[str, object]]
-) -> None:
-    """An option of ``needs`` (option -> (other option, value)) set to a non-default value
-    while the other option has another value is an error (it would be silently ignored)."""
-    for name, (option, value) in needs.items():
-        if getattr(config, name) != defaults[name] and getattr(config, option) != value:
-            raise ConfigurationError(
-                f"{name}={getattr(config, name)!r} applies only with {option}={value!r}; "
-                f"got {option}={getattr(config, option)!r}"
-            )
+def check_jacobian_options(config: Any, defaults: Mapping[str, object]) -> None:
+    """``power_iterations`` (an int >= 0) and ``jac_bound`` (a number >= 0) apply only with
+    ``jac_norm='spectral'``, and none of the three while no Jacobian penalty acts
+    (``jac_penalty`` 0): set otherwise they would be silently ignored."""
+    check_positive_int("power_iterations", config.power_iterations, minimum=0)
+    check_float("jac_bound", config.jac_bound)
+    given = [
+        f"{name}={getattr(config, name)!r}"
+        for name in ("jac_norm", "power_iterations", "jac_bound")
+        if getattr(config, name) != defaults[name]
+    ]
+    if config.jac_norm != "spectral" and given:
+        raise ConfigurationError(
+            f"{given[-1]} applies only with jac_norm='spectral'; got jac_norm={config.jac_norm!r}"
+        )
+    if given and config.jac_penalty == 0:
+        raise ConfigurationError(
+            f"{', '.join(given)} set the Jacobian penalty, which is off: give --jac-penalty > 0"
+        )

@@ -159,8 +159,8 @@ def _penalty_order(cfg, weights=None) -> dict[str, float]:
 
 
 def _jacobian(cfg) -> dict[str, Any]:
-    """The ``jacobian`` penalty's norm and bound (``penalty_value`` keywords)."""
-    return {"norm": cfg.jac_norm, "bound": cfg.jac_bound}
+    """The ``jacobian`` penalty's norm settings (``penalty_value`` keywords)."""
+    return {"norm": cfg.jac_norm, "iterations": cfg.power_iterations, "bound": cfg.jac_bound}
 
 
 def _penalty_grads(model, cfg, est, x, generator, params, group: Group, weights=None):
@@ -174,7 +174,6 @@ def _penalty_grads(model, cfg, est, x, generator, params, group: Group, weights=
                                   probes=cfg.penalty_probes, generator=generator,
                                   shard=(group.rank, group.world),
                                   tol=free_tolerance(est),
-                                  iterations=cfg.power_iterations,
                                   **(_jacobian(cfg) if name == "jacobian" else {}))  # fmt: skip
             grads = torch.autograd.grad(value, params, allow_unused=True)
         grads = [
