@@ -24,10 +24,10 @@ thread each, seed 0) run for 2,000 steps — the default cosine schedule, lr 3e-
   ½ max(0, σ_max² − 0.5²) per sample (``--jac-bound 0.5``), at the fixed weight 0.3 — no push
   at all while the map contracts at rate ≤ 0.5 (relative scaling gives any active penalty the
   push w·‖g_task‖, however small the penalty already is). ``--only
-  aep_bound,bptt_bound,backprop --bptt bptt_bound``.
-* ``bptt_t2``, ``bptt_t4``: BPTT through only 2 and 4 relaxation steps, no penalty — a weight-tied
-  2- or 4-layer network, far from its fixed point: what the same block computes when it need not
-  be an equilibrium.
+  aep_bound,bptt_bound,backprop --bptt bptt_bound``. ``aep_bound1``: the same with the bound 1.0.
+* ``bptt_t1``, ``bptt_t2``, ``bptt_t4``: BPTT through only 1, 2 and 4 relaxation steps, no
+  penalty — one pass of the block, or a weight-tied 2- or 4-layer network, far from its fixed
+  point: what the same block computes when it need not be an equilibrium.
 
 ``--res-penalty`` and ``--contraction-target`` replace those values in the controlled runs.
 The README's runs without a residual penalty: ``--runs runs/noplateau_jac --res-penalty 0
@@ -81,7 +81,18 @@ RUNS = {
     "bptt_spec": ["--method", "bptt", *SPECTRAL],
     "aep_bound": ["--method", "aep", *BOUND, "--beta", "0.002", "--tol-adjoint", "1e-3"],
     "bptt_bound": ["--method", "bptt", *BOUND],
-    # the block unrolled 2 and 4 steps from z0 = x_in/(1 + c), no penalty: not an equilibrium
+    "aep_bound1": [
+        "--method",
+        "aep",
+        *BOUND[:-1],
+        "1.0",
+        "--beta",
+        "0.002",
+        "--tol-adjoint",
+        "1e-3",
+    ],
+    # the block applied 1, 2 and 4 times from z0 = x_in/(1 + c), no penalty: not an equilibrium
+    "bptt_t1": ["--method", "bptt", "--t1", "1"],
     "bptt_t2": ["--method", "bptt", "--t1", "2"],
     "bptt_t4": ["--method", "bptt", "--t1", "4"],
 }

@@ -33,11 +33,12 @@ def test_the_commands_are_valid_runs_of_the_small_configuration(tmp_path, monkey
         assert main(argv[argv.index("eqprop") :]) == 0
     assert set(seen) == {
         "aep", "bptt", "backprop", "backprop_thin", "aep_fixed", "aep_small_beta", "aep_jac",
-        "bptt_jac", "aep_spec", "bptt_spec", "aep_bound", "bptt_bound", "bptt_t2", "bptt_t4",
+        "bptt_jac", "aep_spec", "bptt_spec", "aep_bound", "bptt_bound", "aep_bound1", "bptt_t1",
+        "bptt_t2", "bptt_t4",
     }  # fmt: skip
     for config in seen.values():
         assert (config.d_model, config.n_heads, config.block_size) == (64, 4, 64)
-        unrolled = {"bptt_t2": 2, "bptt_t4": 4}.get(config.out.name, 60)
+        unrolled = {"bptt_t1": 1, "bptt_t2": 2, "bptt_t4": 4}.get(config.out.name, 60)
         assert (config.batch_size, config.steps, config.t1, config.seed) == (16, 2000, unrolled, 0)
         assert (config.threads, config.eval_batches, config.lr) == (1, 8, 3e-3)
     for name in ("aep", "bptt"):  # the same controller: the same objective family
@@ -62,10 +63,11 @@ def test_the_commands_are_valid_runs_of_the_small_configuration(tmp_path, monkey
             "spectral", 0.5, 0.3,
         )  # fmt: skip
         assert seen[name].contraction_target is None
-    for name in ("aep_spec", "aep_bound"):
+    for name in ("aep_spec", "aep_bound", "aep_bound1"):
         assert (seen[name].method, seen[name].beta) == ("aep", 0.002)
+    assert (seen["aep_bound1"].jac_bound, seen["aep_bound1"].jac_penalty) == (1.0, 0.3)
     assert seen["bptt_spec"].method == seen["bptt_bound"].method == "bptt"
-    for name in ("bptt_t2", "bptt_t4"):  # unrolled, unpenalised
+    for name in ("bptt_t1", "bptt_t2", "bptt_t4"):  # unrolled, unpenalised
         assert (seen[name].method, seen[name].penalties()) == ("bptt", {})
     assert (seen["aep_jac"].beta, seen["aep_jac"].method, seen["bptt_jac"].method) == (
         0.002,
@@ -87,7 +89,7 @@ def test_residual_penalty_and_target_replace_the_controlled_values(tmp_path):
 def test_the_dry_run_prints_and_runs_nothing(tmp_path, capsys):
     assert _load().main(["--dry-run", "--runs", str(tmp_path)]) == {}
     lines = capsys.readouterr().out.splitlines()
-    assert len(lines) == len(_load().RUNS) == 14
+    assert len(lines) == len(_load().RUNS) == 16
     assert all(line.count(" --t1 ") == 1 for line in lines)  # the run's own T1 replaces 60
     assert all("--steps 2000" in line for line in lines)
     assert not any(tmp_path.iterdir())
@@ -111,7 +113,8 @@ def test_the_table_reads_the_checkpoints_and_cpu_time(tmp_path):
                      "aep_jac": pytest.approx(1.6), "bptt_jac": pytest.approx(1.7),
                      "aep_spec": pytest.approx(1.8), "bptt_spec": pytest.approx(1.9),
                      "aep_bound": pytest.approx(2.0), "bptt_bound": pytest.approx(2.1),
-                     "bptt_t2": pytest.approx(2.2), "bptt_t4": pytest.approx(2.3)}  # fmt: skip
+                     "aep_bound1": pytest.approx(2.2), "bptt_t1": pytest.approx(2.3),
+                     "bptt_t2": pytest.approx(2.4), "bptt_t4": pytest.approx(2.5)}  # fmt: skip
     assert rows[0] == ["aep", "2.500", "2.000", "1.500", "1.000", "0.909", "-0.200", "1.5"]
     assert rows[1][-3:] == ["1.000", "-0.100", "33.3 (wall)"]  # no cpu.json: the wall clock
     (tmp_path / "bptt" / "cpu.json").write_text('{"returncode": 2}\n')  # no CPU time recorded
