@@ -185,12 +185,8 @@ def _dense_products(model, x, z, v, kind):
     """½ Σ_b ‖M v_b‖²/B with M = J (``jacobian``) or J − Jᵀ (``asymmetry``) of the dense
     whole-batch Jacobian, differentiable w.r.t. the parameters."""
     x_in = model.inject(x)
-
-    def flat(state):
-        return model.force(state.reshape(z.shape), x_in).reshape(-1)
-
     with primitive_norms():
-        jac = torch.autograd.functional.jacobian(flat, z.reshape(-1), create_graph=True)
+        jac = dense_jacobian(lambda state: model.force(state, x_in), z, create_graph=True)
     mat = jac if kind == "jacobian" else jac - jac.T
     w = mat @ v.reshape(-1)
     return 0.5 * (w * w).sum() / z.shape[0]

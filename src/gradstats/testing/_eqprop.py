@@ -30,13 +30,18 @@ __all__ = [
 ]
 
 
-def dense_jacobian(fn: Callable[[torch.Tensor], torch.Tensor], z: torch.Tensor) -> torch.Tensor:
-    """∂vec(fn(z))/∂vec(z) as a dense ``[N, N]`` matrix (N = z.numel())."""
+def dense_jacobian(
+    fn: Callable[[torch.Tensor], torch.Tensor], z: torch.Tensor, create_graph: bool = False
+) -> torch.Tensor:
+    """∂vec(fn(z))/∂vec(z) as a dense ``[N, N]`` matrix (N = z.numel()); ``create_graph``: keep
+    it differentiable w.r.t. what ``fn`` closes over (e.g. the parameters)."""
 
     def flat(v: torch.Tensor) -> torch.Tensor:
         return fn(v.reshape(z.shape)).reshape(-1)
 
-    return torch.autograd.functional.jacobian(flat, z.detach().reshape(-1))
+    return torch.autograd.functional.jacobian(
+        flat, z.detach().reshape(-1), create_graph=create_graph
+    )
 
 
 def reference_spectral_penalty(
@@ -54,12 +59,8 @@ def reference_spectral_penalty(
     z = z.detach()
     total = z.new_zeros(())
     for b in range(z.shape[0]):
-        row, x_row = z[b : b + 1], x_in[b : b + 1]
-
-        def flat(v: torch.Tensor, row: torch.Tensor = row, x_row: torch.Tensor = x_row):
-            return force(v.reshape(row.shape), x_row).reshape(-1)
-
-        jac = torch.autograd.functional.jacobian(flat, row.reshape(-1), create_graph=True)
+        x_row = x_in[b : b + 1]
+        jac = dense_jacobian(lambda v, x_row=x_row: force(v, x_row), z[b : b + 1], True)
         total = total + (torch.linalg.matrix_norm(jac, ord=2) ** 2 - bound**2).clamp_min(0)
     return 0.5 * total / z.shape[0]
 
