@@ -14,6 +14,7 @@
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 
 import torch
@@ -44,6 +45,12 @@ def dense_jacobian(
     )
 
 
+def _with_input(
+    force: Callable[[torch.Tensor, torch.Tensor], torch.Tensor], x: torch.Tensor, z: torch.Tensor
+) -> torch.Tensor:
+    return force(z, x)
+
+
 def reference_spectral_penalty(
     force: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
     x_in: torch.Tensor,
@@ -59,8 +66,8 @@ def reference_spectral_penalty(
     z = z.detach()
     total = z.new_zeros(())
     for b in range(z.shape[0]):
-        x_row = x_in[b : b + 1]
-        jac = dense_jacobian(lambda v, x_row=x_row: force(v, x_row), z[b : b + 1], True)
+        jac = dense_jacobian(functools.partial(_with_input, force, x_in[b : b + 1]), z[b : b + 1],
+                             create_graph=True)  # fmt: skip
         total = total + (torch.linalg.matrix_norm(jac, ord=2) ** 2 - bound**2).clamp_min(0)
     return 0.5 * total / z.shape[0]
 
