@@ -67,6 +67,8 @@ SPECTRAL = ["--jac-penalty", "0.1", "--jac-norm", "spectral", "--contraction-tar
             "--controller-gain", "0.3"]  # fmt: skip
 # a Lipschitz bound: only the excess of σ_max(I + εJ) over 0.5 is penalised, fixed weight
 BOUND = ["--jac-penalty", "0.3", "--jac-norm", "spectral", "--jac-bound", "0.5"]
+LAYERED = ["--attn-mode", "layered", "--damping", "0"]
+FEEDBACK = ["--attn-mode", "layered", "--feedback", "0.5"]  # the default damping 1
 RUNS = {
     "aep": ["--method", "aep", *ADAPTIVE, "--beta", "0.05", "--tol-adjoint", "1e-3"],
     "bptt": ["--method", "bptt", *ADAPTIVE],
@@ -95,6 +97,22 @@ RUNS = {
     "bptt_t1": ["--method", "bptt", "--t1", "1"],
     "bptt_t2": ["--method", "bptt", "--t1", "2"],
     "bptt_t4": ["--method", "bptt", "--t1", "4"],
+    # the layered block (one sub-state per sub-layer, forward coupling; damping 0): at feedback 0
+    # its fixed point is the backprop baseline's layer, reached in 2 steps; no stabiliser
+    "aep_layered": ["--method", "aep", *LAYERED, "--beta", "0.05", "--tol-adjoint", "1e-3"],
+    "bptt_layered": ["--method", "bptt", *LAYERED, "--t1", "2"],
+    # feedback 0.5: attention reads (x_in + h)/2, the block's output fed back: an equilibrium;
+    # damping 1 (its map z <- Phi(z)/2; at damping 0 the free phase stopped converging by step 36)
+    "aep_layered_fb": [
+        "--method",
+        "aep",
+        *FEEDBACK,
+        "--beta",
+        "0.05",
+        "--tol-adjoint",
+        "1e-3",
+    ],
+    "bptt_layered_fb": ["--method", "bptt", *FEEDBACK],
 }
 
 

@@ -17,10 +17,13 @@ from ._cases import gen
 VOCAB, BLOCK = 11, 12
 TOL = {torch.float64: 1e-12, torch.float32: 1e-6}
 ATOL = {torch.float64: 1e-9, torch.float32: 2e-4}  # logits, for a solve to TOL
+MODES = ["thick", "real", "energy", "layered", "layered_fb"]
 
 
 def model_of(mode="thick", dtype=torch.float64, seed=0, **kw):
     std = 0.03 if mode == "energy" else 0.15  # attention and FFN matter; the map contracts
+    if mode == "layered_fb":  # the layered block with its output fed back: an equilibrium
+        mode, kw = "layered", {"feedback": 0.5, **kw}
     model = EquilibriumTransformer(
         VOCAB, BLOCK, 16, 2, attn_mode=mode, init_std=std, generator=gen(seed), **kw
     )
@@ -62,7 +65,7 @@ def full_logits(model, ids, tol=None):
 
 
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
-@pytest.mark.parametrize("mode", ["thick", "real", "energy"])
+@pytest.mark.parametrize("mode", MODES)
 @pytest.mark.parametrize(("batch", "start", "length"), [(1, 1, 12), (3, 4, 9), (2, 11, 12)])
 def test_incremental_relaxation_equals_the_full_window(dtype, mode, batch, start, length):
     model = model_of(mode, dtype)
@@ -74,7 +77,7 @@ def test_incremental_relaxation_equals_the_full_window(dtype, mode, batch, start
 
 
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
-@pytest.mark.parametrize("mode", ["thick", "real", "energy"])
+@pytest.mark.parametrize("mode", MODES)
 def test_at_the_models_default_tolerance_the_logits_agree_to_ten_times_it(dtype, mode):
     model = model_of(mode, dtype)
     ids = prompt_of(3, BLOCK)

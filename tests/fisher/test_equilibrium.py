@@ -27,7 +27,7 @@ def _model(attn_mode="thick"):
 IDS = torch.tensor([[0, 3, 1, 6, 2], [5, 5, 2, 0, 4], [1, 2, 3, 4, 6]])
 
 
-@pytest.mark.parametrize("attn_mode", ["thick", "energy"])
+@pytest.mark.parametrize("attn_mode", ["thick", "energy", "layered"])
 def test_registry_covers_every_parameter_by_head(attn_mode):
     model = _model(attn_mode)
     params = {n: p.detach() for n, p in model.named_parameters()}

@@ -1,7 +1,8 @@
 """Text generation from the equilibrium transformer and its backprop baseline, with a KV cache.
 
 Causal attention makes the fixed point of a prefix independent of what follows it: position t's
-force F_t(z) = x_t − (1 + c) z_t + Attn_t(LN_a z_{≤t}) + FFN(LN_f z_t) reads only positions ≤ t.
+force F_t(z) = x_t − (1 + c) z_t + Attn_t(LN_a z_{≤t}) + FFN(LN_f z_t) reads only positions ≤ t
+(the ``layered`` mode's force, ``_forces.block_force``, likewise: its attention reads u_{≤t}).
 So once the window's states z*_{<n} are relaxed, appending a token leaves them unchanged, and
 the new state solves the fixed point of ONE position,
 
@@ -46,6 +47,7 @@ from gradstats.eqprop._settings import Settings, check_float, resolve_settings
 from gradstats.eqprop._solvers import fixed_point
 from gradstats.eqprop._stats import ConvergenceWarning
 from gradstats.eqprop.models._blocks import CausalAttention, FeedForward
+from gradstats.eqprop.models._forces import attention_input, block_force
 from gradstats.eqprop.models.baseline import BackpropTransformer
 from gradstats.eqprop.models.transformer import EquilibriumTransformer
 from gradstats.errors import ConfigurationError, ConfigurationTypeError, NonFiniteError
@@ -136,7 +138,6 @@ class _Equilibrium:
         like = model.embed.token
         self.model, self.s = model, s
         self.attn = _Attention(model.attn, batch, model.block_size, like)
-        self.mlp = None if model.ffn is None else _mlp(model.ffn)
         self.converged: list[torch.Tensor] = []
 
     def _solve(self, fn: Callable[[torch.Tensor], torch.Tensor], z0: torch.Tensor) -> torch.Tensor:
@@ -150,21 +151,19 @@ class _Equilibrium:
         model = self.model
         x_in = model.inject(ids)
         z = self._solve(lambda state: model.force(state, x_in), model.init_state(x_in))
-        self.attn.fill(self.attn.normed(z))
+        self.attn.fill(self.attn.normed(attention_input(model, z, x_in)))
         return model.logits(z[:, -1])
 
     def extend(self, token: torch.Tensor, n: int) -> torch.Tensor:
         """Relax position ``n`` holding ``token`` [B] against the cache; logits [B, V]."""
-        model, attn, mlp = self.model, self.attn, self.mlp
+        model, attn = self.model, self.attn
         x = (model.embed.token[token] + model.embed.position[n])[:, None]  # [B, 1, C]
-        gain = 1.0 + model.damping
 
         def force(z: torch.Tensor) -> torch.Tensor:
-            out = x - gain * z + attn.attend(attn.normed(z), n)
-            return out if mlp is None else out + mlp(z)
+            return block_force(model, z, x, lambda h: attn.attend(h, n))
 
         z = self._solve(force, model.init_state(x))
-        attn.store(attn.normed(z), n)
+        attn.store(attn.normed(attention_input(model, z, x)), n)
         return model.logits(z[:, 0])
 
     def report(self) -> None:

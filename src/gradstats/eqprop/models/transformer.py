@@ -18,6 +18,10 @@ Modes (``attn_mode``):
 * ``real``: the attention force only, F = −(z − x_in) + Attn(LN_a z) − c·z (no FFN).
 * ``energy``: attention force plus a conservative Hopfield FFN, F_ffn = −∇_z E with
   E(z) = −½ Σ relu(W₁ LN_f(z) + b₁)² (tied weights; J_ffn symmetric).
+* ``layered``: one sub-state per sub-layer, z = [a ‖ h] ∈ R^{B×T×2C}, coupled forward
+  (a = x_in + Attn(LN_a u), h = a + FFN(LN_f a), up to the damping) with attention reading
+  u = (1 − γ) x_in + γ h (``feedback`` γ): at γ = 0 the fixed point is the feed-forward
+  transformer layer, reached in two map steps; the readout reads h. See ``_forces``.
 
 ``real`` and ``energy`` are real-valued only: ``method="holomorphic"`` is rejected by name.
 
@@ -53,15 +57,16 @@ from gradstats.eqprop.models._blocks import (
     Embedding,
     FeedForward,
     Readout,
-    layer_norm,
     primitive_norms,
 )
+from gradstats.eqprop.models._forces import block_force, readout_state
 from gradstats.errors import ConfigurationError, ConfigurationTypeError
 
 # CausalAttention and FeedForward are re-exported (they lived here before).
-__all__ = ["MODES", "CausalAttention", "EquilibriumTransformer", "FeedForward"]
+__all__ = ["HOLOMORPHIC_MODES", "MODES", "CausalAttention", "EquilibriumTransformer", "FeedForward"]
 
-MODES = ("thick", "real", "energy")
+MODES = ("thick", "real", "energy", "layered")
+HOLOMORPHIC_MODES = ("thick", "layered")
 
 
 def check_token_ids(idx: object, block_size: int) -> torch.Tensor:
@@ -93,9 +98,11 @@ class EquilibriumTransformer(EquilibriumModule):
         d_model: state width C (divisible by ``n_heads``).
         n_heads: attention heads H.
         damping: c ≥ 0 in −c·z (c ≥ 1 keeps the fixed point stable at any attention strength).
-        attn_mode: ``"thick"``, ``"real"`` or ``"energy"``.
+        attn_mode: ``"thick"``, ``"real"``, ``"energy"`` or ``"layered"``.
         qk_norm: LayerNorm on queries and keys (per head, with gains).
         ffn_mult: FFN hidden width as a multiple of C.
+        feedback: γ ∈ [0, 1] of the ``layered`` mode (0 elsewhere): the weight of the block's
+            output in what its attention reads.
         force_noise: σ of a multiplicative noise (1 + σ·N(0, 1)) on the attention and FFN
             outputs, drawn once per estimate by :meth:`sample_noise` (0: no noise).
         init_std: standard deviation of the block's weight matrices (output projections are
@@ -118,6 +125,7 @@ class EquilibriumTransformer(EquilibriumModule):
         qk_norm: bool = True,
         *,
         ffn_mult: int = 4,
+        feedback: float = 0.0,
         force_noise: float = 0.0,
         init_std: float = 0.02,
         embed_std: float = 1.0,
@@ -135,15 +143,22 @@ class EquilibriumTransformer(EquilibriumModule):
         for name, value in (("damping", damping), ("force_noise", force_noise)):
             check_float(name, value, allow_zero=True)
         check_float("init_std", init_std)
+        feedback = check_float("feedback", feedback, allow_zero=True)
+        if feedback > 1 or (feedback and attn_mode != "layered"):
+            raise ConfigurationError(
+                f"feedback must be in [0, 1] and is a parameter of attn_mode='layered' only; got "
+                f"feedback={feedback:g} with attn_mode={attn_mode!r}"
+            )
         check_float("embed_std", embed_std)
         if not isinstance(qk_norm, bool):
             raise ConfigurationTypeError(f"qk_norm must be a bool; got {type(qk_norm).__name__}")
         self.vocab_size, self.block_size, self.d_model = vocab_size, block_size, d_model
         self.n_heads, self.damping, self.qk_norm = n_heads, float(damping), qk_norm
         self.ffn_mult, self.force_noise = ffn_mult, float(force_noise)
+        self.feedback = float(feedback)
         self.init_std, self.embed_std = float(init_std), float(embed_std)
         self.mode = attn_mode
-        self.holomorphic = attn_mode == "thick"
+        self.holomorphic = attn_mode in HOLOMORPHIC_MODES
         self._map_step: float | None = None
         # ε = 1/(1 + c): z ← z + εF(z) is then the plain map z ← (x_in + Attn + FFN)/(1 + c).
         # Nudges act per token (the loss is token-summed). Holomorphic r = 0.1: on a trained
@@ -212,6 +227,7 @@ class EquilibriumTransformer(EquilibriumModule):
             "attn_mode": self.mode,
             "qk_norm": self.qk_norm,
             "ffn_mult": self.ffn_mult,
+            "feedback": self.feedback,
             "force_noise": self.force_noise,
             "init_std": self.init_std,
             "embed_std": self.embed_std,
@@ -241,8 +257,10 @@ class EquilibriumTransformer(EquilibriumModule):
         return self.embed(idx)
 
     def init_state(self, x: torch.Tensor) -> torch.Tensor:
-        """z₀ = x_in/(1 + c): the fixed point when attention and FFN output nothing."""
-        return x / (1.0 + self.damping)
+        """z₀ = x_in/(1 + c) (both halves in ``layered`` mode): the fixed point when attention
+        and FFN output nothing."""
+        z0 = x / (1.0 + self.damping)
+        return torch.cat([z0, z0], dim=-1) if self.mode == "layered" else z0
 
     def sample_noise(
         self, x: torch.Tensor, generator: torch.Generator | None
@@ -259,7 +277,8 @@ class EquilibriumTransformer(EquilibriumModule):
     def force(
         self, z: torch.Tensor, x: torch.Tensor, noise: NoiseRealization | None = None
     ) -> torch.Tensor:
-        """F(z; x_in) of the current mode (complex ``z`` only in ``thick`` mode).
+        """F(z; x_in) of the current mode (``_forces.block_force``; complex ``z`` only in the
+        holomorphic modes ``thick`` and ``layered``).
 
         Inside :meth:`relaxation_map` it returns Φ(z) = z + εF(z) instead.
         """
@@ -271,22 +290,9 @@ class EquilibriumTransformer(EquilibriumModule):
                 self._map_step = step
         if z.is_complex() and not self.holomorphic:
             raise ConfigurationError(
-                f"{self.describe()} has no complex extension (use attn_mode='thick')"
+                f"{self.describe()} has no complex extension (use attn_mode='thick' or 'layered')"
             )
-        attn = self.attn(layer_norm(z, self.attn.norm))
-        if noise is not None:
-            attn = attn * noise["attn"].to(z.dtype)
-        out = x.to(z.dtype) - (1.0 + self.damping) * z + attn
-        if self.ffn is None:
-            return out
-        ffn = (
-            self.ffn.energy_force(z)
-            if self.mode == "energy"
-            else self.ffn(layer_norm(z, self.ffn.norm))
-        )
-        if noise is not None:
-            ffn = ffn * noise["ffn"].to(z.dtype)
-        return out + ffn
+        return block_force(self, z, x, self.attn, noise)
 
     def higher_order(self) -> contextlib.AbstractContextManager[None]:
         """LayerNorms from primitive ops within the block (see ``_blocks.primitive_norms``):
@@ -312,8 +318,8 @@ class EquilibriumTransformer(EquilibriumModule):
             self._map_step = None
 
     def logits(self, z: torch.Tensor) -> torch.Tensor:
-        """Readout LN_r(z) W_outᵀ ([B, T, V])."""
-        return self.readout(z)
+        """Readout LN_r(z) W_outᵀ ([B, T, V]; of h in ``layered`` mode)."""
+        return self.readout(readout_state(self, z))
 
     def loss(self, z: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         """Σ_{b,t} CE(logits(z)_{bt}, y_{bt}) over the targets ≠ −100 (summed over tokens; see

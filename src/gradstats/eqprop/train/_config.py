@@ -21,8 +21,9 @@ from gradstats.eqprop._penalties import JACOBIAN_NORMS, POWER_ITERATIONS
 from gradstats.eqprop._registry import MODEL_KINDS, Estimator, Options
 from gradstats.eqprop._settings import SolverSettings
 from gradstats.eqprop.models.baseline import BackpropTransformer
-from gradstats.eqprop.models.transformer import MODES, EquilibriumTransformer
+from gradstats.eqprop.models.transformer import HOLOMORPHIC_MODES, MODES, EquilibriumTransformer
 from gradstats.eqprop.train._config_checks import PRECISIONS
+from gradstats.eqprop.train._config_checks import check_feedback as _check_feedback
 from gradstats.eqprop.train._config_checks import check_float as _check_float
 from gradstats.eqprop.train._config_checks import check_jacobian_options as _check_jacobian_options
 from gradstats.eqprop.train._config_checks import check_types as _check_types
@@ -67,7 +68,7 @@ EP_METHODS = tuple(e.name for e in _offered())
 TRAIN_METHODS = (*EP_METHODS, "backprop")
 OPTIMIZERS = ("adamw", "adam", "sgd")
 _DEFAULT_OUT = Path("eqprop-run")
-_EP_ONLY = ("step_size", "damping", "attn_mode", "force_noise", "penalty_probes",
+_EP_ONLY = ("step_size", "damping", "attn_mode", "feedback", "force_noise", "penalty_probes",
             "contraction_target", "controller_gain", "jac_norm")  # fmt: skip
 #: Run options that set an estimator's own settings (the fields of its options dataclass).
 _OPTION_FIELDS = ("beta", "points", "anchor")
@@ -110,6 +111,7 @@ class TrainConfig:
     batch_size: int = _opt(32, "windows per step (under torchrun: per process; global N x this)")
     damping: float = _opt(1.0, "stabiliser: damping c of the -c*z term (equilibrium model)")
     attn_mode: str = _opt("thick", "equilibrium block: " + "|".join(MODES))
+    feedback: float = _opt(0.0, "layered block: weight of its output in its attention's input")
     qk_norm: bool = _opt(True, "LayerNorm on queries and keys")
     ffn_mult: int = _opt(4, "FFN width as a multiple of d_model")
     layers: int = _opt(1, "--method backprop: layers of the feed-forward stack")
@@ -198,11 +200,11 @@ class TrainConfig:
         check_choice("jac_norm", self.jac_norm, JACOBIAN_NORMS)
         if self.anchor is not None:
             check_choice("anchor", self.anchor, ("fixed", "tracking"))
-        kinds = MODEL_KINDS if self.attn_mode == "thick" else MODEL_KINDS[:1]  # of the model
+        kinds = MODEL_KINDS if self.attn_mode in HOLOMORPHIC_MODES else MODEL_KINDS[:1]
         if self.is_equilibrium and not set(get_estimator(self.method).model_kinds) & set(kinds):
             raise ConfigurationError(
                 f"method={self.method!r} is not supported by "
-                f"EquilibriumTransformer(mode={self.attn_mode!r}); use --attn-mode thick"
+                f"EquilibriumTransformer(mode={self.attn_mode!r}); use --attn-mode thick or layered"
             )
         for name in ("steps", "d_model", "n_heads", "block_size", "batch_size", "ffn_mult"):
             check_positive_int(name, getattr(self, name))
@@ -249,6 +251,7 @@ class TrainConfig:
             self.contraction_target, self.controller_gain, self.jac_penalty, self.ema_decay
         )
         _check_jacobian_options(self, _defaults())
+        _check_feedback(self)
         try:
             kind = torch.device(self.device).type
         except (RuntimeError, ValueError, TypeError):
@@ -318,6 +321,7 @@ class TrainConfig:
             self.attn_mode,
             self.qk_norm,
             ffn_mult=self.ffn_mult,
+            feedback=self.feedback,
             force_noise=self.force_noise,
             init_std=self.init_std,
             generator=generator,

@@ -14,7 +14,13 @@ from typing import Any
 from gradstats._validation import check_positive_int
 from gradstats.errors import ConfigurationError, ConfigurationTypeError
 
-__all__ = ["PRECISIONS", "check_float", "check_jacobian_options", "check_types"]
+__all__ = [
+    "PRECISIONS",
+    "check_feedback",
+    "check_float",
+    "check_jacobian_options",
+    "check_types",
+]
 
 #: ``--precision``: plain float32 matmuls, or TF32 tensor-core matmuls (CUDA only).
 PRECISIONS = ("float32", "tf32")
@@ -79,4 +85,17 @@ def check_jacobian_options(config: Any, defaults: Mapping[str, object]) -> None:
     if given and config.jac_penalty == 0:
         raise ConfigurationError(
             f"{', '.join(given)} set the Jacobian penalty, which is off: give --jac-penalty > 0"
+        )
+
+
+def check_feedback(config: Any) -> None:
+    """``feedback`` γ ∈ [0, 1], set (≠ 0) only with ``attn_mode='layered'``, whose parameter it
+    is, and not for the backprop baseline."""
+    check_float("feedback", config.feedback)
+    if config.feedback > 1:
+        raise ConfigurationError(f"feedback must be in [0, 1]; got {config.feedback}")
+    if config.feedback and (config.attn_mode != "layered" or config.method == "backprop"):
+        raise ConfigurationError(
+            f"feedback={config.feedback!r} is a parameter of the layered block: give "
+            "--attn-mode layered (an equilibrium method), or leave --feedback unset"
         )
