@@ -6,6 +6,10 @@ and a backprop transformer 1.610 after 14k steps. This script runs the same comp
 
 * ``aep``: asymmetric EP with the adaptive stabiliser (``--contraction-target``) and a parameter
   EMA for validation, instead of hand-tuned penalty weights;
+* ``aep_layered``: asymmetric EP on the layered block (``--attn-mode layered --damping 0``: one
+  sub-state per sub-layer, coupled forward, whose fixed point is the feed-forward layer, reached
+  in two steps; no stabiliser) with the same EMA — on the CPU's small configuration the one
+  equilibrium model that matched backprop (README, "A layered equilibrium");
 * ``bptt``: BPTT through the same block with the same stabiliser objective;
 * ``backprop``: the block as a standard feed-forward transformer layer (same parameter shape);
 * ``backprop_thin``: the same with FFN multiple 1 (the thin baseline the original beat).
@@ -19,7 +23,7 @@ it diverged at step 1,188 — expect to watch the run. ``--cpu-cost N`` instead 
 each run on this machine's CPU (one thread) and prints seconds per step — the figure the README
 quotes.
 
-Run: ``python examples/eqprop_gpu_recipe.py --runs runs/gpu`` (``--dry-run`` prints the four
+Run: ``python examples/eqprop_gpu_recipe.py --runs runs/gpu`` (``--dry-run`` prints the five
 command lines; ``--device cuda:1`` picks a device).
 """
 
@@ -37,8 +41,10 @@ SCHEDULE = ["--steps", "14000", "--lr", "3e-3", "--warmup", "200", "--eval-every
             "--checkpoint-every", "1000", "--no-progress"]  # fmt: skip
 ADAPTIVE = ["--jac-penalty", "0.1", "--res-penalty", "1.0", "--contraction-target", "0.2",
             "--controller-gain", "0.3"]  # fmt: skip
+LAYERED = ["--attn-mode", "layered", "--damping", "0"]
 RUNS = {
     "aep": ["--method", "aep", *ADAPTIVE, "--ema-decay", "0.999", "--t1", "30"],
+    "aep_layered": ["--method", "aep", *LAYERED, "--ema-decay", "0.999", "--t1", "30"],
     "bptt": ["--method", "bptt", "--jac-penalty", "0.1", "--res-penalty", "1.0", "--t1", "30"],
     "backprop": ["--method", "backprop"],
     "backprop_thin": ["--method", "backprop", "--ffn-mult", "1"],

@@ -28,6 +28,12 @@ thread each, seed 0) run for 2,000 steps — the default cosine schedule, lr 3e-
 * ``bptt_t1``, ``bptt_t2``, ``bptt_t4``: BPTT through only 1, 2 and 4 relaxation steps, no
   penalty — one pass of the block, or a weight-tied 2- or 4-layer network, far from its fixed
   point: what the same block computes when it need not be an equilibrium.
+* ``aep_layered``, ``bptt_layered``: the layered block (``--attn-mode layered --damping 0``, one
+  sub-state per sub-layer, coupled forward), no stabiliser: its fixed point is the backprop
+  layer, reached in 2 steps (BPTT through ``--t1 2`` is then exact). ``--only
+  aep_layered,bptt_layered,backprop --bptt bptt_layered``.
+* ``aep_layered_fb``, ``bptt_layered_fb``: the same with ``--feedback 0.5`` (attention reads
+  (x_in + h)/2) at the default damping 1: a genuine equilibrium, no stabiliser.
 
 ``--res-penalty`` and ``--contraction-target`` replace those values in the controlled runs.
 The README's runs without a residual penalty: ``--runs runs/noplateau_jac --res-penalty 0

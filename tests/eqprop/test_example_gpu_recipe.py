@@ -39,12 +39,15 @@ def test_the_recipe_commands_are_valid_runs_at_the_original_scale(tmp_path, monk
     assert seen["aep"].contraction_target == 0.2
     assert seen["aep"].ema_decay == 0.999
     assert seen["backprop_thin"].ffn_mult == 1
+    layered = seen["aep_layered"]
+    assert (layered.attn_mode, layered.damping, layered.ema_decay) == ("layered", 0, 0.999)
+    assert not layered.penalties()
 
 
 def test_the_dry_run_prints_and_runs_nothing(tmp_path, capsys):
     assert _load().main(["--dry-run", "--runs", str(tmp_path)]) == {}
     lines = capsys.readouterr().out.splitlines()
-    assert len(lines) == 4
+    assert len(lines) == 5
     assert all("--precision tf32" in line for line in lines)
     assert not any(tmp_path.iterdir())
 
