@@ -28,30 +28,44 @@ Every op is the holomorphic one of ``_blocks`` (``thick`` and ``layered`` accept
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Protocol
 
 import torch
 
-from gradstats.eqprop.models._blocks import layer_norm
+from gradstats.eqprop.models._blocks import CausalAttention, FeedForward, layer_norm
 
 if TYPE_CHECKING:
     from gradstats.eqprop._module import NoiseRealization
-    from gradstats.eqprop.models.transformer import EquilibriumTransformer
 
-__all__ = ["Attend", "attention_input", "block_force", "readout_state"]
+__all__ = ["Attend", "Block", "attention_input", "block_force", "readout_state"]
 
 #: Causal attention of a normalised input [B, n, C] → its output [B, n, C].
 Attend = Callable[[torch.Tensor], torch.Tensor]
 
 
-def _halves(model: EquilibriumTransformer, z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+class Block(Protocol):
+    """What the force reads of an ``EquilibriumTransformer`` (no import of it: no cycle)."""
+
+    @property
+    def mode(self) -> str | None: ...
+    @property
+    def feedback(self) -> float: ...
+    @property
+    def damping(self) -> float: ...
+    @property
+    def d_model(self) -> int: ...
+    @property
+    def attn(self) -> CausalAttention: ...
+    @property
+    def ffn(self) -> FeedForward | None: ...
+
+
+def _halves(model: Block, z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     c = model.d_model
     return z[..., :c], z[..., c:]
 
 
-def attention_input(
-    model: EquilibriumTransformer, z: torch.Tensor, x: torch.Tensor
-) -> torch.Tensor:
+def attention_input(model: Block, z: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
     """What attention reads (before LN_a): z, or u = (1 − γ) x + γ h in ``layered`` mode."""
     if model.mode != "layered":
         return z
@@ -61,13 +75,13 @@ def attention_input(
     return (1.0 - gamma) * x + gamma * _halves(model, z)[1]
 
 
-def readout_state(model: EquilibriumTransformer, z: torch.Tensor) -> torch.Tensor:
+def readout_state(model: Block, z: torch.Tensor) -> torch.Tensor:
     """The part of the state the readout reads: z, or h in ``layered`` mode."""
     return _halves(model, z)[1] if model.mode == "layered" else z
 
 
 def block_force(
-    model: EquilibriumTransformer,
+    model: Block,
     z: torch.Tensor,
     x: torch.Tensor,
     attend: Attend,
