@@ -15,9 +15,12 @@ generation's KV cache):
 
   The coupling runs forward (x → a → h) except through γ. At γ = 0 the Jacobian of the map
   z ← z + F(z)/(1 + c) is nilpotent: from any start the map reaches the fixed point in two
-  steps, and that fixed point is the pre-LN transformer layer a = x + Attn(LN_a x),
-  h = a + FFN(LN_f a) — with c = 0 exactly the backprop baseline's layer, with c > 0 the same
-  layer with each residual branch rescaled by 1/(1 + c). At γ > 0 the block's output feeds back
+  steps. With c = 0 that fixed point is the pre-LN transformer layer a = x + Attn(LN_a x),
+  h = a + FFN(LN_f a), exactly the backprop baseline's layer; with c > 0 it is
+  a = (x + Attn(LN_a x))/(1 + c), h = (a + FFN(LN_f a))/(1 + c): the stream shrinks by 1/(1 + c)
+  after each sub-layer, so the FFN's branch weighs (1 + c)× more against its residual than in
+  the baseline (the trainer's default damping is 1: give ``--damping 0`` for the baseline's
+  layer). At γ > 0 the block's output feeds back
   into its attention and the fixed point is a genuine equilibrium (a weight-tied network of
   unbounded depth at γ = 1).
 

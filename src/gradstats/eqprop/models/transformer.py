@@ -217,8 +217,10 @@ class EquilibriumTransformer(EquilibriumModule):
                 head.k_norm.fill_(1.0)
 
     def config(self) -> dict[str, object]:
-        """The constructor arguments (enough to rebuild the model; echoed by the probe)."""
-        return {
+        """The constructor arguments (enough to rebuild the model; echoed by the probe).
+        ``feedback`` only in ``layered`` mode (other modes' configs and fingerprints unchanged)."""
+        extra: dict[str, object] = {"feedback": self.feedback} if self.mode == "layered" else {}
+        config: dict[str, object] = {
             "vocab_size": self.vocab_size,
             "block_size": self.block_size,
             "d_model": self.d_model,
@@ -227,11 +229,11 @@ class EquilibriumTransformer(EquilibriumModule):
             "attn_mode": self.mode,
             "qk_norm": self.qk_norm,
             "ffn_mult": self.ffn_mult,
-            "feedback": self.feedback,
             "force_noise": self.force_noise,
             "init_std": self.init_std,
             "embed_std": self.embed_std,
         }
+        return config | extra
 
     def parameter_groups(self) -> dict[str, list[str]]:
         """Groups by block part — ``embed``, ``attn``, ``ffn``, ``ln``, ``readout`` — and per
