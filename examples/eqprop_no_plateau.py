@@ -34,6 +34,10 @@ thread each, seed 0) run for 2,000 steps — the default cosine schedule, lr 3e-
   aep_layered,bptt_layered,backprop --bptt bptt_layered``.
 * ``aep_layered_fb``, ``bptt_layered_fb``: the same with ``--feedback 0.5`` (attention reads
   (x_in + h)/2) at the default damping 1: a genuine equilibrium, no stabiliser.
+* ``aep_layered_loop``, ``bptt_layered_loop``: the same with the controller (target 0.3) on the
+  *loop* Jacobian penalty ½‖(I + εJ)²‖²_F (``--jac-norm loop``): the two-step Jacobian of the
+  layered map holds only the feedback loop's gain, so the penalty leaves the feed-forward layer
+  alone. ``--only aep_layered_loop,bptt_layered_loop,backprop --bptt bptt_layered_loop``.
 
 ``--res-penalty`` and ``--contraction-target`` replace those values in the controlled runs.
 The README's runs without a residual penalty: ``--runs runs/noplateau_jac --res-penalty 0
@@ -71,10 +75,13 @@ JACOBIAN = ["--jac-penalty", "0.1"]
 # the controller on the spectral norm of the map's Jacobian (only its slowest mode), no residual
 SPECTRAL = ["--jac-penalty", "0.1", "--jac-norm", "spectral", "--contraction-target", "0.2",
             "--controller-gain", "0.3"]  # fmt: skip
+NUDGE = ["--beta", "0.05", "--tol-adjoint", "1e-3"]
 # a Lipschitz bound: only the excess of σ_max(I + εJ) over 0.5 is penalised, fixed weight
 BOUND = ["--jac-penalty", "0.3", "--jac-norm", "spectral", "--jac-bound", "0.5"]
 LAYERED = ["--attn-mode", "layered", "--damping", "0"]
 FEEDBACK = ["--attn-mode", "layered", "--feedback", "0.5"]  # the default damping 1
+LOOP = ["--jac-penalty", "0.1", "--jac-norm", "loop", "--contraction-target", "0.3",
+        "--controller-gain", "0.3"]  # fmt: skip
 RUNS = {
     "aep": ["--method", "aep", *ADAPTIVE, "--beta", "0.05", "--tol-adjoint", "1e-3"],
     "bptt": ["--method", "bptt", *ADAPTIVE],
@@ -119,6 +126,10 @@ RUNS = {
         "1e-3",
     ],
     "bptt_layered_fb": ["--method", "bptt", *FEEDBACK],
+    # the same, stabilised: the controller on the loop gain, 1/2||(I + eps J)^2||_F^2 (zero
+    # without feedback: the feed-forward part of the layered map's Jacobian is nilpotent)
+    "aep_layered_loop": ["--method", "aep", *FEEDBACK, *LOOP, *NUDGE],
+    "bptt_layered_loop": ["--method", "bptt", *FEEDBACK, *LOOP],
 }
 
 

@@ -35,6 +35,7 @@ def test_the_commands_are_valid_runs_of_the_small_configuration(tmp_path, monkey
         "aep", "bptt", "backprop", "backprop_thin", "aep_fixed", "aep_small_beta", "aep_jac",
         "bptt_jac", "aep_spec", "bptt_spec", "aep_bound", "bptt_bound", "aep_bound1", "bptt_t1",
         "bptt_t2", "bptt_t4", "aep_layered", "bptt_layered", "aep_layered_fb", "bptt_layered_fb",
+        "aep_layered_loop", "bptt_layered_loop",
     }  # fmt: skip
     for config in seen.values():
         assert (config.d_model, config.n_heads, config.block_size) == (64, 4, 64)
@@ -51,12 +52,15 @@ def test_the_commands_are_valid_runs_of_the_small_configuration(tmp_path, monkey
     for name in ("aep_layered", "bptt_layered"):  # the feed-forward fixed point: no stabiliser
         assert (seen[name].attn_mode, seen[name].damping, seen[name].feedback) == ("layered", 0, 0)
         assert not seen[name].penalties()
-    for name in ("aep_layered_fb", "bptt_layered_fb"):
+    for name in ("aep_layered_fb", "bptt_layered_fb", "aep_layered_loop", "bptt_layered_loop"):
         assert (seen[name].attn_mode, seen[name].damping, seen[name].feedback) == (
             "layered",
             1,
             0.5,
         )
+    for name in ("aep_layered_loop", "bptt_layered_loop"):  # the controller on the loop gain
+        assert (seen[name].jac_norm, seen[name].jac_penalty) == ("loop", 0.1)
+        assert (seen[name].contraction_target, seen[name].res_penalty) == (0.3, 0.0)
     assert (seen["aep_small_beta"].beta, seen["aep_small_beta"].tol_adjoint) == (0.002, 1e-3)
     assert seen["aep_small_beta"].contraction_target == seen["aep"].contraction_target
     assert seen["backprop_thin"].ffn_mult == 1
@@ -99,7 +103,7 @@ def test_residual_penalty_and_target_replace_the_controlled_values(tmp_path):
 def test_the_dry_run_prints_and_runs_nothing(tmp_path, capsys):
     assert _load().main(["--dry-run", "--runs", str(tmp_path)]) == {}
     lines = capsys.readouterr().out.splitlines()
-    assert len(lines) == len(_load().RUNS) == 20
+    assert len(lines) == len(_load().RUNS) == 22
     assert all(line.count(" --t1 ") == 1 for line in lines)  # the run's own T1 replaces 60
     assert all("--steps 2000" in line for line in lines)
     assert not any(tmp_path.iterdir())
@@ -127,7 +131,9 @@ def test_the_table_reads_the_checkpoints_and_cpu_time(tmp_path):
                      "bptt_t2": pytest.approx(2.4), "bptt_t4": pytest.approx(2.5),
                      "aep_layered": pytest.approx(2.6), "bptt_layered": pytest.approx(2.7),
                      "aep_layered_fb": pytest.approx(2.8),
-                     "bptt_layered_fb": pytest.approx(2.9)}  # fmt: skip
+                     "bptt_layered_fb": pytest.approx(2.9),
+                     "aep_layered_loop": pytest.approx(3.0),
+                     "bptt_layered_loop": pytest.approx(3.1)}  # fmt: skip
     assert rows[0] == ["aep", "2.500", "2.000", "1.500", "1.000", "0.909", "-0.200", "1.5"]
     assert rows[1][-3:] == ["1.000", "-0.100", "33.3 (wall)"]  # no cpu.json: the wall clock
     (tmp_path / "bptt" / "cpu.json").write_text('{"returncode": 2}\n')  # no CPU time recorded

@@ -219,6 +219,11 @@ def test_data_too_short_for_the_block_size(tmp_path):
             "Jacobian penalty, which is off: give --jac-penalty > 0",
         ),
         ({"method": "backprop", "jac_norm": "spectral"}, r"jac_norm='spectral' \(only aep"),
+        ({"jac_norm": "loop"}, r"jac_norm='loop' set the Jacobian penalty, which is off"),
+        (
+            {"jac_norm": "loop", "jac_penalty": 0.1, "jac_bound": 0.5},
+            "jac_bound=0.5 applies only with jac_norm='spectral'; got jac_norm='loop'",
+        ),
     ],
 )
 def test_bad_options(tmp_path, data, kw, match):

@@ -10,7 +10,12 @@ at the estimate's own state, with the estimate's own input injection and noise r
   after ``iterations`` power-iteration steps v ← JᵀJv/‖JᵀJv‖ from a random start (detached: by
   the envelope theorem ∇σ_max² = ∇‖J v̂‖² at the top right-singular vector v̂); with a
   ``bound`` s > 0 only the excess, ½ mean_b max(0, ‖J_b v̂_b‖² − s²) (a Lipschitz bound: zero for
-  a sample whose map already contracts at rate ≤ s, whatever its other singular values);
+  a sample whose map already contracts at rate ≤ s, whatever its other singular values); with
+  ``norm="loop"`` ½ mean_b E_v ‖J_b² v‖² = ½ mean_b ‖J_b²‖²_F, the Frobenius norm of the
+  *two-step* Jacobian (inside ``model.relaxation_map``: of Φ∘Φ, whose Jacobian is (I + εJ)²) —
+  ρ(J)² ≤ ‖J²‖_F, so it bounds the contraction rate; for a layered block (feed-forward coupled
+  sub-states) the feed-forward part of the map's Jacobian is nilpotent and drops out of J², so
+  what is penalised is the loop gain of the feedback alone (zero without feedback);
 * ``asymmetry``: ½ mean_b E_v ‖(J_b − J_bᵀ)v‖² = ½ mean_b ‖J_b − J_bᵀ‖²_F (Jacobian homeostasis,
   Laborieux & Zenke 2024).
 
@@ -53,8 +58,9 @@ __all__ = [
 ]  # fmt: skip
 
 PENALTIES = ("residual", "jacobian", "asymmetry")
-#: Norms of the ``jacobian`` penalty: all singular values (Frobenius) or the largest one.
-JACOBIAN_NORMS = ("frobenius", "spectral")
+#: Norms of the ``jacobian`` penalty: all singular values of J (Frobenius), its largest one
+#: (spectral), or all singular values of the two-step Jacobian J² (loop).
+JACOBIAN_NORMS = ("frobenius", "spectral", "loop")
 #: Default power-iteration steps of the spectral norm.
 POWER_ITERATIONS = 3
 
@@ -87,7 +93,8 @@ def penalty_value(
     ``tol`` (``residual`` only): a sample whose relative residual ‖F(z_b)‖/‖z_b‖ is at most
     ``tol`` contributes nothing (see the module docstring); 0 gives ½ mean_b ‖F(z_b)‖².
 
-    ``norm`` (``jacobian`` only): ``"frobenius"`` (Hutchinson) or ``"spectral"`` — each of the
+    ``norm`` (``jacobian`` only): ``"frobenius"`` (Hutchinson), ``"loop"`` (Hutchinson on J²: each
+    probe costs two Jv) or ``"spectral"`` — each of the
     ``probes`` vectors then runs ``iterations`` power-iteration steps per sample (0: a random
     unit direction, ½ mean_b ‖J_b‖²_F/n in expectation) and the value is the mean over probes
     of ½ mean_b ‖J_b v̂_b‖², a lower bound of ½ mean_b σ_max(J_b)² that is tight as the
@@ -109,13 +116,13 @@ def penalty_value(
     check_choice("norm", norm, JACOBIAN_NORMS)
     check_positive_int("iterations", iterations, minimum=0)
     check_float("bound", bound, allow_zero=True)
-    if norm == "spectral" and kind != "jacobian":
-        raise ConfigurationError(f"norm='spectral' applies to kind='jacobian'; got kind={kind!r}")
+    if norm != "frobenius" and kind != "jacobian":
+        raise ConfigurationError(f"norm={norm!r} applies to kind='jacobian'; got kind={kind!r}")
     if norm != "spectral" and (bound > 0 or iterations != POWER_ITERATIONS):
         detail = f"bound={bound}" if bound > 0 else f"iterations={iterations}"
         raise ConfigurationError(f"{detail} applies to norm='spectral'; got norm={norm!r}")
-    if norm == "spectral" and z.is_complex():
-        raise ConfigurationError("norm='spectral' needs a real state z; got a complex one")
+    if norm != "frobenius" and z.is_complex():
+        raise ConfigurationError(f"norm={norm!r} needs a real state z; got a complex one")
     rank, world = (0, 1) if shard is None else _check_shard(shard)
     if not 0 <= rank < world:
         raise ConfigurationError(
@@ -146,6 +153,8 @@ def penalty_value(
             if norm == "spectral":
                 v = _power_iteration(lin, v, iterations)
             w = lin.jvp(v) if kind == "jacobian" else lin.antisymmetric(v)
+            if norm == "loop":
+                w = lin.jvp(w)  # J(Jv), differentiable through both products
             if bound > 0:
                 total = total + ((w * w).reshape(batch, -1).sum(1) - bound**2).clamp_min(0).sum()
             else:

@@ -144,8 +144,8 @@ class TrainConfig:
     )
     jac_norm: str = _opt(
         "frobenius",
-        "Jacobian penalty's norm: frobenius (every singular value, 1/2||I+eps*J||_F^2 by "
-        "Hutchinson) | spectral (only the largest, 1/2 sigma_max(I+eps*J)^2 by power iteration)",
+        "Jacobian penalty's norm: frobenius (1/2||I+eps*J||_F^2, Hutchinson) | spectral (1/2 "
+        "sigma_max(I+eps*J)^2, power iteration) | loop (1/2||(I+eps*J)^2||_F^2: layered feedback)",
     )
     power_iterations: int = _opt(
         POWER_ITERATIONS, "--jac-norm spectral: power-iteration steps (one Jv and one J^T u each)"

@@ -78,9 +78,11 @@ def check_jacobian_options(config: Any, defaults: Mapping[str, object]) -> None:
         for name in ("jac_norm", "power_iterations", "jac_bound")
         if getattr(config, name) != defaults[name]
     ]
-    if config.jac_norm != "spectral" and given:
+    spectral_only = [g for g in given if not g.startswith("jac_norm=")]
+    if config.jac_norm != "spectral" and spectral_only:
         raise ConfigurationError(
-            f"{given[-1]} applies only with jac_norm='spectral'; got jac_norm={config.jac_norm!r}"
+            f"{spectral_only[-1]} applies only with jac_norm='spectral'; "
+            f"got jac_norm={config.jac_norm!r}"
         )
     if given and config.jac_penalty == 0:
         raise ConfigurationError(
