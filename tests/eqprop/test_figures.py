@@ -5,6 +5,7 @@ tick labels exist; the checks read the matplotlib objects (titles, axis labels, 
 tick label texts and their extents), never pixels.
 """
 
+import dataclasses
 import itertools
 import json
 import re
@@ -282,3 +283,13 @@ def test_the_trainer_tells_the_plot_its_spot_check_interval(tmp_path, monkeypatc
     (tmp_path / "metrics.jsonl").write_text(json.dumps({"step": 1}) + "\n")
     loop._plot(tmp_path, TrainConfig(method=method, spot_check_every=3))
     assert seen["spot_check_every"] == every
+
+
+def test_the_table_calls_an_undefined_cosine_so():
+    """A group whose estimate is exactly zero (plain EP's attention on a layered block) has no
+    direction: the table says "undefined" instead of printing nan."""
+    zero = dataclasses.replace(_row("ep", group="attn"), cos=float("nan"), rel_err=1.0)
+    table = _report([_row("aep"), zero]).table(group=None)
+    assert "undefined" in table
+    assert "nan" not in table
+    assert "0.990000" in table

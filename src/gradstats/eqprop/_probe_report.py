@@ -12,6 +12,7 @@ from __future__ import annotations
 import csv
 import dataclasses
 import json
+import math
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -36,7 +37,8 @@ class ProbeRow(Mapping[str, object]):
             the base run.
         value: the swept setting's value (``None`` for the base run).
         group: the parameter group (``"all"``: every trainable parameter).
-        cos: cos(g_est, g_implicit) (NaN if the estimate was skipped).
+        cos: cos(g_est, g_implicit) (NaN if the estimate was skipped, or where either gradient
+            of the group is exactly zero: undefined, shown so in :meth:`ProbeReport.table`).
         rel_err: ‖g_est − g_implicit‖/‖g_implicit‖ (NaN if skipped).
         adj_err: ‖a − λ‖/‖λ‖ of the adjoint estimate (``None`` for ``bptt``).
         cos_bptt: cos(g_bptt(T1), g_implicit) (``None`` without ``bptt=True``).
@@ -142,6 +144,8 @@ class ProbeReport:
         def cell(row: ProbeRow, col: str) -> object:
             value = row[col]
             if col in ("cos", "cos_bptt") and isinstance(value, float):
+                if math.isnan(value):  # a zero (or skipped) gradient: no direction to compare
+                    return "undefined"
                 return f"{value:.6f}"  # 1 − cos is what matters: keep the digits
             return value
 
