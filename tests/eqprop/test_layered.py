@@ -155,3 +155,22 @@ def test_the_trainer_builds_the_layered_model():
     assert model.mode == "layered"
     assert model.feedback == 0.25
     assert model.config()["feedback"] == 0.25
+
+
+def test_the_layered_state_has_two_sub_states_per_token():
+    assert layered()[0].state_features == 16  # d_model 8: [a ‖ h]
+    thick = EquilibriumTransformer(7, 5, 8, 2, generator=gen(0))
+    assert thick.state_features == 8
+
+
+def test_the_auto_thread_count_sees_the_layered_state(tmp_path, data, no_plot, monkeypatch):
+    import gradstats.eqprop.train._loop as loop
+
+    seen = []
+    monkeypatch.setattr(loop, "auto_threads", lambda n: seen.append(n) or 1)
+    from gradstats.eqprop.train import train
+
+    train(TrainConfig(method="aep", attn_mode="layered", steps=1, data=data, d_model=16,
+                      n_heads=2, block_size=12, batch_size=3, eval_batches=1, progress=False,
+                      out=tmp_path / "run"))  # fmt: skip
+    assert seen == [3 * 12 * 32]  # B·T·2C

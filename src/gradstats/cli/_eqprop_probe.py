@@ -198,7 +198,8 @@ def run_probe(config: ProbeConfig) -> dict[str, Path]:
     out = config.out or (config.path if config.path.is_dir() else config.path.parent)
     check_out_dir(out, "--out" if config.out else "the run folder (the default --out)")
     state, run, model = _load(config)
-    count = config.threads or auto_threads(config.batch_size * run.block_size * run.d_model)
+    features = getattr(model, "state_features", run.d_model)  # 2C for a layered block
+    count = config.threads or auto_threads(config.batch_size * run.block_size * features)
     with threads(count), flush_denormal():
         return _run_probe(config, out, state, run, model)
 

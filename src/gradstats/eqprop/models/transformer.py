@@ -258,6 +258,11 @@ class EquilibriumTransformer(EquilibriumModule):
         check_token_ids(idx, self.block_size)
         return self.embed(idx)
 
+    @property
+    def state_features(self) -> int:
+        """Features per token of the state z (2C in ``layered`` mode: [a ‖ h])."""
+        return 2 * self.d_model if self.mode == "layered" else self.d_model
+
     def init_state(self, x: torch.Tensor) -> torch.Tensor:
         """z₀ = x_in/(1 + c) (both halves in ``layered`` mode): the fixed point when attention
         and FFN output nothing."""

@@ -174,7 +174,8 @@ def train(
     setup = RunSetup(
         cfg, out, group, corpus, model, opt, data_gen, noise_gen, device, log, controller, ema
     )
-    elements = cfg.batch_size * cfg.block_size * cfg.d_model
+    # the relaxed state's size (a layered block holds two sub-states per token)
+    elements = cfg.batch_size * cfg.block_size * getattr(model, "state_features", cfg.d_model)
     count = cfg.threads or auto_threads(elements)
     environment = run_environment(count, single_process=not group.active, precision=cfg.precision)
     with environment as boundary:
