@@ -38,6 +38,8 @@ thread each, seed 0) run for 2,000 steps — the default cosine schedule, lr 3e-
   *loop* Jacobian penalty ½‖(I + εJ)²‖²_F (``--jac-norm loop``): the two-step Jacobian of the
   layered map holds only the feedback loop's gain, so the penalty leaves the feed-forward layer
   alone. ``--only aep_layered_loop,bptt_layered_loop,backprop --bptt bptt_layered_loop``.
+  ``aep_layered_loop6``: the same at the looser target 0.6; ``bptt_layered_damped``: no feedback
+  at damping 1 (the feedback runs' damping), through the two steps that reach its fixed point.
 
 ``--res-penalty`` and ``--contraction-target`` replace those values in the controlled runs.
 The README's runs without a residual penalty: ``--runs runs/noplateau_jac --res-penalty 0
@@ -130,6 +132,10 @@ RUNS = {
     # without feedback: the feed-forward part of the layered map's Jacobian is nilpotent)
     "aep_layered_loop": ["--method", "aep", *FEEDBACK, *LOOP, *NUDGE],
     "bptt_layered_loop": ["--method", "bptt", *FEEDBACK, *LOOP],
+    # controls: the loop controller at a looser target; no feedback at the feedback runs'
+    # damping 1 (BPTT through the 2 steps that reach the fixed point: exact)
+    "aep_layered_loop6": ["--method", "aep", *FEEDBACK, *LOOP[:5], "0.6", *LOOP[6:], *NUDGE],
+    "bptt_layered_damped": ["--method", "bptt", "--attn-mode", "layered", "--t1", "2"],
 }
 
 
