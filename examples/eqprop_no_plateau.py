@@ -35,9 +35,10 @@ thread each, seed 0) run for 2,000 steps — the default cosine schedule, lr 3e-
 * ``aep_layered_fb``, ``bptt_layered_fb``: the same with ``--feedback 0.5`` (attention reads
   (x_in + h)/2) at the default damping 1: a genuine equilibrium, no stabiliser.
 * ``aep_layered_loop``, ``bptt_layered_loop``: the same with the controller (target 0.3) on the
-  *loop* Jacobian penalty ½‖(I + εJ)²‖²_F (``--jac-norm loop``): the two-step Jacobian of the
-  layered map holds only the feedback loop's gain, so the penalty leaves the feed-forward layer
-  alone. ``--only aep_layered_loop,bptt_layered_loop,backprop --bptt bptt_layered_loop``.
+  *loop* Jacobian penalty ½‖(I + εJ)²‖²_F (``--jac-norm loop``): the squared Jacobian of the
+  layered map is the loop gain around the feedback (through both sub-layers), zero without
+  feedback, so the penalty does not act on the feed-forward path as such. ``--only
+  aep_layered_loop,bptt_layered_loop,backprop --bptt bptt_layered_loop``.
   ``aep_layered_loop6``: the same at the looser target 0.6; ``bptt_layered_damped``: no feedback
   at damping 1 (the feedback runs' damping), through the two steps that reach its fixed point.
 

@@ -119,5 +119,10 @@ def test_bad_loop_arguments(kwargs, match):
     z = torch.zeros(5, 8, dtype=x.dtype)
     with pytest.raises(ConfigurationError, match=match):
         penalty_value(model, x, z, **{"kind": "jacobian", "norm": "loop", **kwargs})
+
+
+def test_the_loop_norm_needs_a_real_state():
+    model, x, _ = tanh_case()
+    z = torch.zeros(5, 8, dtype=torch.complex128)
     with pytest.raises(ConfigurationError, match="norm='loop' needs a real state"):
-        penalty_value(model, x, z.to(torch.complex128), "jacobian", norm="loop")
+        penalty_value(model, x, z, "jacobian", norm="loop")

@@ -129,13 +129,14 @@ def test_spectral_penalty_is_the_same_in_float32():
         torch.testing.assert_close(a.double(), b, rtol=2e-3, atol=1e-6)
 
 
-def test_shards_draw_the_global_batch():
+@pytest.mark.parametrize("norm", ["spectral", "loop"])
+def test_shards_draw_the_global_batch(norm):
     model, x, z = _transformer()  # on the force (σ₂/σ₁ ≈ 1: not converged; need not be)
-    whole = penalty_value(model, x, z, "jacobian", norm="spectral", generator=gen(9))
+    whole = penalty_value(model, x, z, "jacobian", norm=norm, generator=gen(9))
     parts = []
     for rank in range(3):
         rows = slice(rank, rank + 1)
-        parts.append(penalty_value(model, x[rows], z[rows], "jacobian", norm="spectral",
+        parts.append(penalty_value(model, x[rows], z[rows], "jacobian", norm=norm,
                                    generator=gen(9), shard=(rank, 3)))  # fmt: skip
     torch.testing.assert_close(torch.stack(parts).mean(), whole, rtol=1e-12, atol=0)
 

@@ -11,11 +11,13 @@ at the estimate's own state, with the estimate's own input injection and noise r
   the envelope theorem ∇σ_max² = ∇‖J v̂‖² at the top right-singular vector v̂); with a
   ``bound`` s > 0 only the excess, ½ mean_b max(0, ‖J_b v̂_b‖² − s²) (a Lipschitz bound: zero for
   a sample whose map already contracts at rate ≤ s, whatever its other singular values); with
-  ``norm="loop"`` ½ mean_b E_v ‖J_b² v‖² = ½ mean_b ‖J_b²‖²_F, the Frobenius norm of the
-  *two-step* Jacobian (inside ``model.relaxation_map``: of Φ∘Φ, whose Jacobian is (I + εJ)²) —
-  ρ(J)² ≤ ‖J²‖_F, so it bounds the contraction rate; for a layered block (feed-forward coupled
-  sub-states) the feed-forward part of the map's Jacobian is nilpotent and drops out of J², so
-  what is penalised is the loop gain of the feedback alone (zero without feedback);
+  ``norm="loop"`` ½ mean_b E_v ‖J_b² v‖² = ½ mean_b ‖J_b²‖²_F, the Frobenius norm of the square
+  of the Jacobian at z (inside ``model.relaxation_map``, (I + εJ)²: at a fixed point the Jacobian
+  of two map steps Φ∘Φ) — ρ(J)² ≤ ‖J²‖_F, so it bounds the contraction rate. For a layered block
+  (feed-forward coupled sub-states) at the default step ε = 1/(1 + c) the map's Jacobian is
+  block off-diagonal, [[0, γA′], [B′, 0]] with A′ = ε∂Attn and B′ = ε(I + ∂FFN), so its square
+  is γ·diag(A′B′, B′A′): the loop gain around the feedback, through both sub-layers, and exactly
+  zero without feedback (another ``step_size`` adds diagonal blocks and loses this);
 * ``asymmetry``: ½ mean_b E_v ‖(J_b − J_bᵀ)v‖² = ½ mean_b ‖J_b − J_bᵀ‖²_F (Jacobian homeostasis,
   Laborieux & Zenke 2024).
 

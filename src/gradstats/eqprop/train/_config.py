@@ -145,7 +145,7 @@ class TrainConfig:
     jac_norm: str = _opt(
         "frobenius",
         "Jacobian penalty's norm: frobenius (1/2||I+eps*J||_F^2, Hutchinson) | spectral (1/2 "
-        "sigma_max(I+eps*J)^2, power iteration) | loop (1/2||(I+eps*J)^2||_F^2: layered feedback)",
+        "sigma_max(I+eps*J)^2, power iteration) | loop (1/2||(I+eps*J)^2||_F^2: layered loop gain)",
     )
     power_iterations: int = _opt(
         POWER_ITERATIONS, "--jac-norm spectral: power-iteration steps (one Jv and one J^T u each)"
