@@ -70,3 +70,24 @@ def test_sequence_floor_gives_the_gradient_and_the_per_sequence_norms():
         share = loss(model, slice(i, i + 1), "sum") / scale
         per_sequence += torch.stack([g.square().sum() for g in torch.autograd.grad(share, conv)])
     torch.testing.assert_close(norms[:-1].square(), per_sequence, rtol=1e-10, atol=0)
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_the_backpack_peer_gives_the_same_sums(dtype):
+    """BackPACK's BatchL2Grad peer forms the statistic's inputs: Σ_i ‖c_i‖² and ‖ĝ‖² per tensor."""
+    pytest.importorskip("backpack")
+    from gradstats.bench.suites._scaling_peers import backpack_batch_l2
+
+    torch.manual_seed(1)
+    model = nn.Sequential(nn.Linear(6, 5), nn.ReLU(), nn.Linear(5, 3)).to(dtype)
+    x, y = torch.randn(7, 6, dtype=dtype), torch.randint(0, 3, (7,))
+    tol = {"rtol": 1e-12 if dtype == torch.float64 else 1e-5, "atol": 0.0}
+    small, sq = backpack_batch_l2(copy.deepcopy(model), x, y)()
+    params = list(model.parameters())
+    per_example = torch.zeros(len(params), dtype=torch.float64)
+    for i in range(7):
+        grads = torch.autograd.grad(F.cross_entropy(model(x[i : i + 1]), y[i : i + 1]) / 7, params)
+        per_example += torch.stack([g.double().square().sum() for g in grads])
+    full = torch.autograd.grad(F.cross_entropy(model(x), y), params)
+    torch.testing.assert_close(small, per_example, **tol)
+    torch.testing.assert_close(sq, torch.stack([g.double().square().sum() for g in full]), **tol)

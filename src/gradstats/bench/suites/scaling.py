@@ -33,7 +33,9 @@
   MLP 784-512-512-10 at batch 256 and a GPT-2 config (4 layers, width 128, vocab 2048) at
   8×128 tokens. Goal: <= 1.1x. Both time a cost floor (``_scaling_floors``: MLP, a plain
   backward + the row norms and ‖ĝ‖² the estimator needs; GPT-2, a lower bound: per-sequence
-  weight products in place of the weight GEMMs + ‖ĝ‖²): the method's share of the ratio.
+  weight products in place of the weight GEMMs + ‖ĝ‖²): the method's share of the ratio. The MLP
+  also times the peer a user would reach for, BackPACK's ``BatchL2Grad`` (per-sample ‖g_i‖² from
+  its own hooks, ``_scaling_peers``), where installed.
 
 Persistent extra memory (state) is recorded in the comparison's params: the temporal statistic
 keeps one buffer per parameter, two with the native one-pass update (AdamW keeps two; the
@@ -47,7 +49,8 @@ from __future__ import annotations
 import copy
 import itertools
 import warnings
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
+from dataclasses import replace
 
 import torch
 import torch.nn.functional as F
@@ -58,6 +61,7 @@ from gradstats import VarianceGradientScaler
 from gradstats.bench._harness import Candidate, Comparison
 from gradstats.bench._optional import Skipped, missing
 from gradstats.bench.suites._scaling_floors import per_sample_floor, sequence_floor
+from gradstats.bench.suites._scaling_peers import ItemwiseTemporal, backpack_batch_l2
 from gradstats.scaling._kernels import native_kernels_available, native_traffic, set_native_kernels
 
 __all__ = ["comparisons"]
@@ -75,35 +79,6 @@ def _params(smoke: bool, seed: int = 0) -> list[tuple[str, torch.nn.Parameter]]:
             p.grad = (torch.randn(shape, generator=g) + 0.1).to(DEVICE)
             named.append((name, p))
     return named
-
-
-class ItemwiseTemporal:
-    """The temporal statistic computed tensor by tensor, with one ``.item()`` per reduction."""
-
-    def __init__(self, params: Sequence[torch.Tensor], beta: float) -> None:
-        self.params, self.beta, self.t = params, beta, 0
-        self.mean = [torch.zeros_like(p) for p in params]
-        self.var = [torch.zeros_like(p) for p in params]
-
-    def step(self) -> float:
-        self.t += 1
-        step = (1 - self.beta) / (1 - self.beta**self.t)
-        rho_w = (
-            (1 - self.beta) * (1 + self.beta**self.t) / ((1 + self.beta) * (1 - self.beta**self.t))
-        )
-        noise = signal = 0.0
-        for p, m, v in zip(self.params, self.mean, self.var, strict=True):
-            grad = p.grad
-            if grad is None or not torch.isfinite(grad).all().item():
-                continue
-            delta = grad - m
-            m.add_(delta, alpha=step)
-            v.add_(delta.square(), alpha=step).mul_(1 - step)
-            if self.t > 1:
-                unbiased = v.sum().item() / (1 - rho_w)
-                noise += unbiased
-                signal += m.square().sum().item() - rho_w * unbiased
-        return noise / signal if self.t > 1 and signal > 0 else float("nan")
 
 
 def _nbytes(value: object) -> int:
@@ -348,9 +323,15 @@ def _per_sample_mlp(smoke: bool) -> Comparison:
         per_sample_floor(copy.deepcopy(model), loss, batch),
         "plain backward + ‖a_i‖, ‖b_i‖ per layer + one native ‖ĝ‖² pass",
     )
-    return _per_sample_cost(
+    comparison = _per_sample_cost(
         "scaling/per-sample-mlp", model, loss, floor, sizes=list(sizes), batch=batch
     )
+    note = missing("backpack")
+    if note is not None:
+        return replace(comparison, unavailable={"BackPACK BatchL2Grad": note})
+    peer = Candidate("BackPACK BatchL2Grad", backpack_batch_l2(copy.deepcopy(model), x, y),
+                     "peer: its per-sample ‖g_i‖² + ‖ĝ‖²")  # fmt: skip
+    return replace(comparison, candidates=[*comparison.candidates, peer])
 
 
 def _per_sample_gpt2(smoke: bool) -> Comparison | Skipped:
