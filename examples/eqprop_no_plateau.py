@@ -41,6 +41,8 @@ thread each, seed 0) run for 2,000 steps — the default cosine schedule, lr 3e-
   aep_layered_loop,bptt_layered_loop,backprop --bptt bptt_layered_loop``.
   ``aep_layered_loop6``: the same at the looser target 0.6; ``bptt_layered_damped``: no feedback
   at damping 1 (the feedback runs' damping), through the two steps that reach its fixed point.
+* ``aep_layered_fb01``, ``aep_layered_loop_fb01``: weak feedback 0.1, without a stabiliser and
+  with the loop controller (target 0.3).
 
 ``--res-penalty`` and ``--contraction-target`` replace those values in the controlled runs.
 The README's runs without a residual penalty: ``--runs runs/noplateau_jac --res-penalty 0
@@ -137,6 +139,9 @@ RUNS = {
     # damping 1 (BPTT through the 2 steps that reach the fixed point: exact)
     "aep_layered_loop6": ["--method", "aep", *FEEDBACK, *LOOP[:5], "0.6", *LOOP[6:], *NUDGE],
     "bptt_layered_damped": ["--method", "bptt", "--attn-mode", "layered", "--t1", "2"],
+    # weak feedback 0.1: without a stabiliser, and with the loop controller (target 0.3)
+    "aep_layered_fb01": ["--method", "aep", *FEEDBACK[:3], "0.1", *NUDGE],
+    "aep_layered_loop_fb01": ["--method", "aep", *FEEDBACK[:3], "0.1", *LOOP, *NUDGE],
 }
 
 

@@ -36,6 +36,7 @@ def test_the_commands_are_valid_runs_of_the_small_configuration(tmp_path, monkey
         "bptt_jac", "aep_spec", "bptt_spec", "aep_bound", "bptt_bound", "aep_bound1", "bptt_t1",
         "bptt_t2", "bptt_t4", "aep_layered", "bptt_layered", "aep_layered_fb", "bptt_layered_fb",
         "aep_layered_loop", "bptt_layered_loop", "aep_layered_loop6", "bptt_layered_damped",
+        "aep_layered_fb01", "aep_layered_loop_fb01",
     }  # fmt: skip
     for config in seen.values():
         assert (config.d_model, config.n_heads, config.block_size) == (64, 4, 64)
@@ -65,6 +66,9 @@ def test_the_commands_are_valid_runs_of_the_small_configuration(tmp_path, monkey
     assert seen["aep_layered_loop"].contraction_target == 0.3
     assert seen["aep_layered_loop6"].contraction_target == 0.6
     assert seen["aep_layered_loop6"].feedback == 0.5
+    assert seen["aep_layered_fb01"].feedback == seen["aep_layered_loop_fb01"].feedback == 0.1
+    assert not seen["aep_layered_fb01"].penalties()
+    assert seen["aep_layered_loop_fb01"].jac_norm == "loop"
     damped = seen["bptt_layered_damped"]
     assert (damped.attn_mode, damped.damping, damped.feedback) == ("layered", 1, 0)
     assert (seen["aep_small_beta"].beta, seen["aep_small_beta"].tol_adjoint) == (0.002, 1e-3)
@@ -109,7 +113,7 @@ def test_residual_penalty_and_target_replace_the_controlled_values(tmp_path):
 def test_the_dry_run_prints_and_runs_nothing(tmp_path, capsys):
     assert _load().main(["--dry-run", "--runs", str(tmp_path)]) == {}
     lines = capsys.readouterr().out.splitlines()
-    assert len(lines) == len(_load().RUNS) == 24
+    assert len(lines) == len(_load().RUNS) == 26
     assert all(line.count(" --t1 ") == 1 for line in lines)  # the run's own T1 replaces 60
     assert all("--steps 2000" in line for line in lines)
     assert not any(tmp_path.iterdir())
@@ -141,7 +145,9 @@ def test_the_table_reads_the_checkpoints_and_cpu_time(tmp_path):
                      "aep_layered_loop": pytest.approx(3.0),
                      "bptt_layered_loop": pytest.approx(3.1),
                      "aep_layered_loop6": pytest.approx(3.2),
-                     "bptt_layered_damped": pytest.approx(3.3)}  # fmt: skip
+                     "bptt_layered_damped": pytest.approx(3.3),
+                     "aep_layered_fb01": pytest.approx(3.4),
+                     "aep_layered_loop_fb01": pytest.approx(3.5)}  # fmt: skip
     assert rows[0] == ["aep", "2.500", "2.000", "1.500", "1.000", "0.909", "-0.200", "1.5"]
     assert rows[1][-3:] == ["1.000", "-0.100", "33.3 (wall)"]  # no cpu.json: the wall clock
     (tmp_path / "bptt" / "cpu.json").write_text('{"returncode": 2}\n')  # no CPU time recorded
