@@ -169,3 +169,19 @@ def test_an_output_that_does_not_reach_the_loss(dtype):
     a, b = (_state(fc) for fc in _pair(lambda: model, _batches(dtype, [5, 4, 6])))
     assert all(torch.equal(a[k], b[k]) for k in a)
     assert not a["g2_sum/aux.weight"].any()
+
+
+def test_batch_flag_of_a_host_bool_and_of_a_tensor():
+    from gradstats.fisher._state_pending import batch_flag
+
+    cpu = torch.device("cpu")
+    accepted, flag = batch_flag(True, cpu)
+    assert accepted is True
+    assert flag.dtype == torch.bool
+    assert bool(flag)
+    accepted, flag = batch_flag(False, cpu)
+    assert accepted is False
+    assert not bool(flag)
+    accepted, flag = batch_flag(torch.tensor(False), cpu)
+    assert accepted is False
+    assert not bool(flag)

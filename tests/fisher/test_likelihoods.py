@@ -92,6 +92,21 @@ def test_callable_returning_per_sample_losses():
     torch.testing.assert_close(fc.fisher()["weight"], torch.tensor([[5.5]]))
 
 
+def test_counts_of_a_callable_returning_per_token_losses():
+    """Per-token losses [B, T] of a callable: every position is a token (a host count)."""
+    x, y = torch.ones(4, 3), torch.zeros(4, 3)
+
+    def per_token(out, target):
+        return 0.5 * (out - target).square()
+
+    torch.manual_seed(0)
+    fc = FisherCollector(torch.nn.Linear(3, 3, dtype=torch.float64), "empirical", per_token)
+    fc.collect(x.double(), y.double()).collect(x[:2].double(), y[:2].double())
+    assert fc.counts["samples"] == 6
+    assert fc.counts["tokens"] == 18
+    assert fc.counts["batches"] == 2
+
+
 def _masked_lm_batch():
     # lengths [5, 3] right-padded to T = 5; sequence 0 starts with a 2-token prompt
     ids = torch.tensor([[1, 2, 3, 4, 5], [3, 1, 4, 0, 0]])

@@ -131,14 +131,17 @@ class BatchCore(FisherReads):
                 "non-finite batch (nonfinite='raise'): its loss or per-unit statistics (Σg², Σg, "
                 "Σg⁴ or group values) hold NaN/inf; nothing was accumulated"
             )
-        n_units = torch.full((), prepared.n_samples, dtype=torch.float64, device=device)
+        tokens = prepared.n_tokens
+        if not isinstance(tokens, int):
+            tokens = tokens.to(device)
+        n_units = None  # sample units: the state counts n_samples
         if self.unit == "token":
-            n_units = prepared.n_tokens.to(device=device, dtype=torch.float64)
+            n_units = torch.as_tensor(tokens, dtype=torch.float64, device=device)
         self._state.update(
             ok,
             n_units,
             prepared.n_samples,
-            prepared.n_tokens.to(device),
+            tokens,
             draw_weight_sq,
             sq,
             (layout.ref, layout.dev, layout.dev2) if layout.se else None,

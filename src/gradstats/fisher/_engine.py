@@ -1,4 +1,4 @@
-r"""Hook plumbing: which module computes which parameter's per-unit gradients, and the passes.
+r"""Hook plumbing: the module calls of a batch and its passes (owners, handlers: ``_ownership``).
 
 A module called on a batch of one while the model's batch has B > 1 rows (Hugging Face position
 embeddings of ``position_ids`` [1, T], broadcast when added) has its output expanded to B rows
@@ -30,61 +30,18 @@ from dataclasses import dataclass
 
 import torch
 from torch import nn
-from torch.autograd.graph import get_gradient_edge
+from torch.autograd.graph import GradientEdge, get_gradient_edge
 
 from gradstats._warnings import warn
 from gradstats.errors import ConfigurationError, StateError
 from gradstats.fisher._accumulate import Request, UnitLayout, accumulate_materialised
 from gradstats.fisher._fallback import FunctionalHandler
+from gradstats.fisher._handler import Handler
 from gradstats.fisher._inputs import batch_rows
-from gradstats.fisher._persample import (
-    ConvHandler,
-    EmbeddingHandler,
-    Handler,
-    LinearHandler,
-    NormHandler,
-    is_hf_conv1d,
-    is_hf_rmsnorm,
-)
+from gradstats.fisher._ownership import handlers_for, make_handler
+from gradstats.fisher._persample import EmbeddingHandler
 
 __all__ = ["Engine", "batch_rows", "handlers_for", "make_handler"]
-
-# Modules whose forward uses their children's parameters directly (not through the children's
-# forward): the module owns those parameters and is handled as one unit by the fallback. A
-# module can also declare itself such a unit with ``fisher_whole_module = True``; classes named
-# here are matched by name so that their packages need not import gradstats.fisher.
-_USES_CHILD_PARAMETERS = (nn.MultiheadAttention,)
-_WHOLE_MODULE_CLASSES = {"EquilibriumTransformer"}
-
-
-def _whole_module(module: nn.Module) -> bool:
-    return (
-        isinstance(module, _USES_CHILD_PARAMETERS)
-        or getattr(module, "fisher_whole_module", False) is True
-        or type(module).__name__ in _WHOLE_MODULE_CLASSES
-    )
-
-
-def make_handler(module: nn.Module, attrs: dict[str, str], label: str) -> Handler:
-    """The fastest exact handler for ``module`` (exact types only: a subclass may change the
-    forward), else the ``torch.func`` fallback."""
-    simple = set(attrs) <= set(module._parameters)
-    kind = type(module)
-    if simple and kind is nn.Linear:
-        return LinearHandler(module, attrs, label)
-    if simple and is_hf_conv1d(module):
-        return LinearHandler(module, attrs, label, transposed=True)
-    if simple and kind is nn.Embedding:
-        return EmbeddingHandler(module, attrs, label)
-    if simple and kind is nn.LayerNorm:
-        return NormHandler(module, attrs, label, "layer")
-    if simple and kind is nn.RMSNorm:
-        return NormHandler(module, attrs, label, "rms")
-    if simple and is_hf_rmsnorm(module):
-        return NormHandler(module, attrs, label, "hf")
-    if simple and kind in (nn.Conv1d, nn.Conv2d, nn.Conv3d):
-        return ConvHandler(module, attrs, label)
-    return FunctionalHandler(module, attrs, label)
 
 
 @dataclass
@@ -96,45 +53,10 @@ class Site:
     output_id: int
 
 
-def _owners(model: nn.Module, selected: dict[str, nn.Parameter]) -> dict[str, list]:
-    """Parameter name -> [(module name, module, attribute)] of the modules that use it."""
-    by_id = {id(p): name for name, p in selected.items()}
-    owners: dict[str, list] = {name: [] for name in selected}
-    absorbed: set[int] = set()
-    for mname, module in model.named_modules():
-        if _whole_module(module):
-            for attr, p in module.named_parameters():
-                if id(p) in by_id and id(p) not in absorbed:
-                    owners[by_id[id(p)]].append((mname, module, attr))
-                    absorbed.add(id(p))
-    for mname, module in model.named_modules():
-        for attr, p in module._parameters.items():
-            if p is not None and id(p) in by_id and id(p) not in absorbed:
-                owners[by_id[id(p)]].append((mname, module, attr))
-    for name, found in owners.items():  # a parameter shared with a descendant is used there
-        modules = [m for _, m, _ in found]
-        owners[name] = [
-            (n, m, a)
-            for n, m, a in found
-            if not any(o is not m and any(c is o for c in m.modules()) for o in modules)
-        ]
-    return owners
-
-
-def handlers_for(
-    model: nn.Module, selected: dict[str, nn.Parameter]
-) -> tuple[dict[str, list], dict[nn.Module, Handler]]:
-    """(parameter name -> [(module name, module, attribute)] of its users, module -> the
-    handler of the selected parameters it owns) — shared by the Fisher and the scaler's
-    ``per_sample`` hooks."""
-    owners = _owners(model, selected)
-    attrs: dict[nn.Module, dict[str, str]] = {}
-    labels: dict[nn.Module, str] = {}
-    for name, found in owners.items():
-        for mname, module, attr in found:
-            attrs.setdefault(module, {})[attr] = name
-            labels[module] = mname or type(model).__name__
-    return owners, {m: make_handler(m, a, labels[m]) for m, a in attrs.items()}
+def _edge(output: torch.Tensor) -> GradientEdge:
+    """``get_gradient_edge(output)`` without its Python checks for the usual non-leaf output."""
+    node = output.grad_fn
+    return get_gradient_edge(output) if node is None else GradientEdge(node, output.output_nr)
 
 
 class Engine:
@@ -158,10 +80,15 @@ class Engine:
         self.batch_size = 0
         self.layout: UnitLayout | None = None
         self._deferred: list = []
+        self._batchnorms = {
+            m for m in self.handlers if isinstance(m, nn.modules.batchnorm._BatchNorm)
+        }
         self._hooks = [
             m.register_forward_hook(self._forward_hook, with_kwargs=True) for m in self.handlers
         ]
-        fallback = [h.label for h in self.handlers.values() if isinstance(h, FunctionalHandler)]
+        # the fallback handlers are the ones that leave notices for the end of a batch
+        self._fallbacks = [h for h in self.handlers.values() if isinstance(h, FunctionalHandler)]
+        fallback = [h.label for h in self._fallbacks]
         if fallback:
             warn(
                 f"gradstats.fisher: no dedicated per-sample handler for {', '.join(fallback)}; "
@@ -252,7 +179,7 @@ class Engine:
         """End a batch: drop its saved tensors and issue the handlers' notices (from here, so
         that they name the caller's line rather than autograd's)."""
         self.sites, self.edges, self._deferred, self.layout = [], [], [], None
-        for handler in self.handlers.values():
+        for handler in self._fallbacks:
             for notice in handler.notices:
                 warn(notice)
             handler.notices.clear()
@@ -260,7 +187,7 @@ class Engine:
     def _forward_hook(self, module, args, kwargs, output) -> object:
         if not self._recording or self._replaying:
             return None
-        if isinstance(module, nn.modules.batchnorm._BatchNorm) and module.training:
+        if module in self._batchnorms and module.training:
             raise ConfigurationError(
                 f"module {self.handlers[module].label!r} is a BatchNorm in training mode: it mixes "
                 "the samples of a batch, so per-sample gradients are undefined; call model.eval()"
@@ -268,20 +195,21 @@ class Engine:
         handler = self.handlers[module]
         plain = type(output) is torch.Tensor and output.requires_grad and output.dim() > 0
         if plain and (output.shape[0] != 1 or self.batch_size <= 1):  # one row per sample
-            self.calls[module] += 1
-            self.sites.append(Site(handler, handler.save(args, kwargs, output), id(output)))
-            self.edges.append(get_gradient_edge(output))
+            self._record(module, Site(handler, handler.save(args, kwargs, output), id(output)))
+            self.edges.append(_edge(output))
             return None
         output, args, kwargs, tensors, broadcast = batch_rows(output, args, kwargs, self.batch_size)
         if not tensors:
             return None
-        site = Site(handler, handler.save(args, kwargs, output), id(tensors[0]))
-        self.calls[module] += 1
-        self.sites.append(site)
-        self.edges.append(get_gradient_edge(tensors[0]))
+        self._record(module, Site(handler, handler.save(args, kwargs, output), id(tensors[0])))
+        self.edges.append(_edge(tensors[0]))
         for extra in tensors[1:]:
             extra.register_hook(functools.partial(self._extra_output, handler.label))
         return output if broadcast else None
+
+    def _record(self, module: nn.Module, site: Site) -> None:
+        self.calls[module] = self.calls.get(module, 0) + 1  # (no Counter.__missing__ call)
+        self.sites.append(site)
 
     def _extra_output(self, label: str, grad: torch.Tensor) -> None:
         if bool(grad.ne(0).any()):  # sync-ok: error path of an unsupported module

@@ -36,7 +36,8 @@ class Handler:
         self.label = label  # module name, for messages
         # context-manager factory set by the engine (re-executing forwards)
         self.replay: Callable[[], AbstractContextManager[None]] | None = None
-        self.notices: list[str] = []  # warnings to issue after the pass (see Engine.release)
+        # warnings to issue after the pass; Engine.release reads those of the fallback handlers
+        self.notices: list[str] = []
 
     def save(self, args: tuple, kwargs: dict, output: object) -> object:
         return args[0].detach()

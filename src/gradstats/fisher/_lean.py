@@ -31,13 +31,14 @@ B rows and no per-sample gradient would need chunking. Anything else takes the g
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
 from torch import nn
 
 from gradstats.errors import NonFiniteError
-from gradstats.fisher._accumulate import Request, compute_dtype
+from gradstats.fisher._accumulate import Request
 
 __all__ = ["LeanLinearPath"]
 
@@ -54,9 +55,12 @@ class LeanLinearPath:
     """The lean path of one collector (see the module docstring); :meth:`build` returns None
     when the collector's configuration is not eligible."""
 
-    def __init__(self, layers: list[_Layer], n_families: int) -> None:
+    def __init__(self, layers: list[_Layer], n_families: int, max_rows: int) -> None:
         self.layers = {layer.module: layer for layer in layers}
         self.n_families = n_families
+        # the general path materialises per-sample gradients in chunks of chunk_bytes // (8 n)
+        # rows; the lean path needs no chunking: n rows with 8·n·width ≤ chunk_bytes
+        self.max_rows = max_rows
 
     @classmethod
     def build(cls, collector) -> LeanLinearPath | None:
@@ -91,60 +95,81 @@ class LeanLinearPath:
                 return None
             layers.append(_Layer(module, handler.attrs["weight"], handler.attrs.get("bias"),
                                  family))  # fmt: skip
-        return cls(layers, len(families))
+        width = max((layer.module.out_features for layer in layers), default=1)
+        return cls(layers, len(families), config.chunk_bytes // (8 * max(1, width)))
 
     def collect(self, collector, prepared) -> bool:
         """Add the batch like the general path; False (nothing done) when it is not eligible."""
         engine = collector._engine
         sites = engine.sites
         n = prepared.n_samples
-        if collector._check_pending or len(sites) != len(self.layers):
+        layers = self.layers
+        if collector._check_pending or len(sites) != len(layers) or n > self.max_rows:
             return False
-        chunk = collector.config.chunk_bytes // max(1, 8 * n)
+        calls = engine.calls
         for site in sites:
             a = site.saved[0]
-            width = site.handler.module.out_features
-            if a.dim() != 2 or a.shape[0] != n or engine.calls[site.handler.module] != 1:
-                return False
-            if chunk < width:
+            if a.dim() != 2 or a.shape[0] != n or calls[site.handler.module] != 1:
                 return False
         collector._closed_form = None
         objective = collector._live_likelihood.loss(prepared, prepared.targets)
         grads = torch.autograd.grad(objective, engine.edges, allow_unused=True)
         dtype = collector._compute_dtype
         signal = collector.collect_signal
+        families = self.n_families
         sq: dict[str, torch.Tensor] = {}
         g_sum: dict[str, torch.Tensor] = {}
         gemms: list = []
-        trace: list[torch.Tensor | None] = [None] * self.n_families
-        mask: list[torch.Tensor | None] = [None] * self.n_families
-        sums: list[torch.Tensor] = []
+        trace: list[torch.Tensor | None] = [None] * families
+        mask: list[torch.Tensor | None] = [None] * families
+        checks: list[torch.Tensor] = [objective]  # must be finite for the batch to count
+        missing = False
         with torch.no_grad():
             for site, grad in zip(reversed(sites), reversed(grads), strict=True):
                 if grad is None:  # that output did not reach the objective
+                    missing = True
                     continue
-                layer = self.layers[site.handler.module]
-                cdt = compute_dtype(grad)
-                a, b = site.saved[0].to(cdt), grad.to(cdt)
+                layer = layers[site.handler.module]
+                a, b = site.saved[0], grad
+                cdt = torch.float64 if b.dtype == torch.float64 else torch.float32  # compute_dtype
+                if b.dtype is not cdt or a.dtype is not cdt:  # (bf16/fp16: upcast first)
+                    a, b = a.to(cdt), b.to(cdt)
+                wide = cdt is not dtype  # a float32 layer of a model with float64 parameters
                 a2 = a.square()
                 a2_rows = a2.sum(1)
                 b2 = b.square()
                 b2_rows = b2.sum(1)
                 gemms.append((layer.weight, None, b2.T, a2))
-                sums.append(a2_rows @ b2_rows)
+                checks.append(a2_rows @ b2_rows)
                 if signal:
-                    g_sum[layer.weight] = (b.T @ a).to(dtype)
+                    g = b.T @ a
+                    g_sum[layer.weight] = g.to(dtype) if wide else g
                 if layer.bias is not None:
-                    sq[layer.bias] = b2.sum(0).to(dtype)
-                    sums.append(b2_rows.sum())
+                    bias_sq = b2.sum(0)
+                    sq[layer.bias] = bias_sq.to(dtype) if wide else bias_sq
+                    checks.append(b2_rows.sum())
                     if signal:
-                        g_sum[layer.bias] = b.sum(0).to(dtype)
+                        g = b.sum(0)
+                        g_sum[layer.bias] = g.to(dtype) if wide else g
                 if layer.family is not None:
                     y = site.saved[1].reshape(n, -1).to(cdt)
                     plus = a2_rows[:, None] if layer.bias is None else a2_rows[:, None] + 1.0
                     trace[layer.family] = (b2 * plus).to(dtype)
                     mask[layer.family] = (b * y).to(dtype).square()
-        return _finish(collector, prepared, objective, sq, g_sum, gemms, trace, mask, sums)
+        if missing:
+            _zero_fill(collector, sq, g_sum, gemms, signal)
+        return _finish(collector, prepared, sq, g_sum, gemms, trace, mask, checks)
+
+
+def _zero_fill(collector, sq, g_sum, gemms, signal: bool) -> None:
+    """Zeros for the statistics of the layers whose output did not reach the objective."""
+    state, dtype = collector._state, collector._compute_dtype
+    written = {g[0] for g in gemms}
+    for name, shape in state.shapes.items():
+        if name not in sq and name not in written:
+            sq[name] = torch.zeros(shape, dtype=dtype, device=state.device)
+        if signal and name not in g_sum:
+            g_sum[name] = torch.zeros(shape, dtype=dtype, device=state.device)
 
 
 def _channel_family(
@@ -166,40 +191,29 @@ def _channel_family(
     return families[fam].size == module.out_features, fam
 
 
-def _finish(collector, prepared, objective, sq, g_sum, gemms, trace, mask, sums) -> bool:
-    """``BatchCore._finish`` of the lean path: zeros for what no layer wrote, the finiteness
-    test (one float64 sum of the proxies, the written group rows and the loss; zeros need
-    none), then the state."""
-    state, dtype = collector._state, collector._compute_dtype
-    device = state.device
-    written = {g[0] for g in gemms}
-    shapes = state.shapes
-    if len(sq) + len(written) < len(shapes):  # an output that did not reach the objective
-        for name, shape in shapes.items():
-            if name not in sq and name not in written:
-                sq[name] = torch.zeros(shape, dtype=dtype, device=device)
-    if collector.collect_signal and len(g_sum) < len(shapes):
-        for name, shape in shapes.items():
-            if name not in g_sum:
-                g_sum[name] = torch.zeros(shape, dtype=dtype, device=device)
+def _finish(collector, prepared, sq, g_sum, gemms, trace, mask, checks) -> bool:
+    """``BatchCore._finish`` of the lean path: zero rows for families no layer wrote, the
+    finiteness test (one float64 sum of the proxies, the written group rows and the loss;
+    zeros need none), then the state."""
+    state = collector._state
     trace_rows: dict[str, torch.Tensor] = {}
     mask_rows: dict[str, torch.Tensor] = {}
     for index, fam in enumerate(collector._unit_families):
         for rows, out in ((trace, trace_rows), (mask, mask_rows)):
             value = rows[index]
             if value is None:
-                value = torch.zeros(prepared.n_samples, fam.size, dtype=dtype, device=device)
+                value = torch.zeros(prepared.n_samples, fam.size, dtype=collector._compute_dtype)
+            else:
+                checks.append(value.sum())
             out[fam.name] = value
-    parts = [t.sum() for t in (*trace, *mask) if t is not None and t.numel()]
     with torch.no_grad():  # (the objective needs no detached copy)
-        total = torch.stack([*parts, *sums, objective]).sum(dtype=torch.float64)
-    ok = (total - total) == 0
-    if collector.nonfinite == "raise" and not bool(ok):  # sync-ok: CPU only
+        total = torch.stack(checks).sum(dtype=torch.float64)
+    accepted = math.isfinite(total.item())  # sync-ok: CPU only (the lean path's condition)
+    if not accepted and collector.nonfinite == "raise":
         raise NonFiniteError(
             "non-finite batch (nonfinite='raise'): its loss or per-unit statistics (Σg², Σg, "
             "Σg⁴ or group values) hold NaN/inf; nothing was accumulated"
         )
-    n_units = torch.full((), prepared.n_samples, dtype=torch.float64, device=device)
-    state.update(ok, n_units, prepared.n_samples, prepared.n_tokens, 1.0, sq, None, g_sum,
+    state.update(accepted, None, prepared.n_samples, prepared.n_tokens, 1.0, sq, None, g_sum,
                  trace_rows, mask_rows, None, gemms=gemms)  # fmt: skip
     return True

@@ -41,7 +41,8 @@ class Prepared:
         n_samples: B, the number of samples (sequences) in the batch.
         token_mask: for token likelihoods, a [B, T] mask (output dtype) of the positions whose
             loss is active; ``None`` otherwise.
-        n_tokens: number of active targets, an int64 scalar tensor on the output's device.
+        n_tokens: number of active targets: an int where it is known on the host (no token
+            mask, or a mask of ones), else an int64 scalar tensor on the output's device.
     """
 
     output: torch.Tensor | None
@@ -49,7 +50,7 @@ class Prepared:
     targets: torch.Tensor | None
     n_samples: int
     token_mask: torch.Tensor | None
-    n_tokens: torch.Tensor
+    n_tokens: torch.Tensor | int
     lse: torch.Tensor | None = None  # cached log-sum-exp of the logits (closed forms)
     total: torch.Tensor | None = None  # a callable likelihood's (rescaled) loss
 
@@ -207,8 +208,7 @@ class CallableLikelihood(Likelihood):
                 f"losses [B, T] with B = {n}; got shape {tuple(value.shape)}"
             )
         tokens = n if mask is None else mask.numel()
-        count = torch.full((), tokens, dtype=torch.int64, device=device)
-        return Prepared(None, raw, targets, n, mask, count, total=total)
+        return Prepared(None, raw, targets, n, mask, tokens, total=total)
 
     def loss(self, prepared, labels):
         return prepared.total

@@ -84,8 +84,7 @@ class ClassificationLikelihood(Likelihood):
         if targets is not None:
             targets = _check_integer_targets(targets, (n,), "class indices, one per sample")
             _check_range(targets, logits.shape[1], "targets", allow_ignore=False)
-        count = torch.full((), n, dtype=torch.int64, device=logits.device)
-        return Prepared(logits, raw, targets, n, None, count)
+        return Prepared(logits, raw, targets, n, None, n)
 
     def loss(self, prepared, labels):
         return F.cross_entropy(_upcast(prepared.output), labels, reduction="sum")
@@ -134,8 +133,7 @@ class RegressionLikelihood(Likelihood):
                     f"targets must have the output's shape {tuple(output.shape)}; got "
                     f"{tuple(targets.shape)}"
                 )
-        count = torch.full((), n, dtype=torch.int64, device=output.device)
-        return Prepared(output, raw, targets, n, None, count)
+        return Prepared(output, raw, targets, n, None, n)
 
     def loss(self, prepared, labels):
         out = _upcast(prepared.output)

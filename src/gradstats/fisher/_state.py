@@ -40,9 +40,10 @@ from gradstats.fisher._state_parts import (
 from gradstats.fisher._state_pending import (
     PendingGroups,
     PendingSums,
-    accepted_flag,
     add_counts,
+    batch_flag,
     masked_add_,
+    unit_count,
 )
 from gradstats.moments import (
     EMAMoments,
@@ -168,10 +169,10 @@ class FisherState:
 
     def update(
         self,
-        ok: torch.Tensor,
-        n_units: torch.Tensor,
+        ok: torch.Tensor | bool,
+        n_units: torch.Tensor | None,
         n_samples: int,
-        n_tokens: torch.Tensor,
+        n_tokens: torch.Tensor | int,
         draw_weight_sq: float,
         sq: dict[str, torch.Tensor],
         centred: tuple[dict[str, torch.Tensor], ...] | None,
@@ -189,13 +190,19 @@ class FisherState:
         over the batch's n units, whose batch mean c + Σ(x − c)/n and M2
         Σ(x − c)² − (Σ(x − c))²/n are merged into ``g2_m2`` with Chan's formula. ``gemms``
         (only where :attr:`defers_products`): deferred parts of Σg², (name, index, m1, m2)
-        meaning Σg²[name][index] += m1 @ m2, added straight into the pending sums."""
-        n_units = n_units.to(torch.float64)
-        accepted = accepted_flag(ok)  # known on the CPU (free), None on a device
+        meaning Σg²[name][index] += m1 @ m2, added straight into the pending sums.
+
+        ``ok``: the batch's finite flag, a bool tensor on the device or a bool where the
+        caller knows it on the host; ``n_units``: the batch's unit count (float64), None for
+        ``unit="sample"`` (then ``n_samples``)."""
+        accepted, ok = batch_flag(ok, self.device)
+        if n_units is None and self.unit != "sample":
+            raise RuntimeError("token units need the batch's unit count")
         if self.mode == "cumulative" and self.element_se:
             if centred is None:
                 raise RuntimeError("element_se statistics need the batch's centred sums")
             refs, devs, dev2s = centred
+            n_units = unit_count(n_units, n_samples, self.device)
             inv = safe_inverse(n_units)
             totals = dict(sq)
             for name in sq:
@@ -241,6 +248,7 @@ class FisherState:
                     rows = torch.cat([per_unit[f] for f, _ in self.families], dim=1)
                     stash.add(stats, rows, units, ok, accepted)
         else:
+            n_units = unit_count(n_units, n_samples, self.device)
             inv = safe_inverse(n_units)
             skip = ~ok | (n_units <= 0)  # a batch without units is no observation of the mean
             for name, total in sq.items():
@@ -253,7 +261,7 @@ class FisherState:
                 else:
                     mean = (rows.to(torch.float64) * row_weight[:, None]).sum(0) * inv
                 self.mask_ema[fam].update(mean, skip=skip)
-        dw_units = draw_weight_sq * (n_samples if self.unit == "sample" else n_units)
+        dw_units = draw_weight_sq * (n_samples if n_units is None else n_units)
         add_counts(self.counts, ok, accepted, n_samples, n_tokens, dw_units)
 
     # ------------------------------------------------------------------ reads

@@ -31,7 +31,15 @@ import torch
 
 from gradstats.moments import RunningMoments
 
-__all__ = ["FOLD_EVERY", "PendingGroups", "PendingSums", "accepted_flag", "masked_add_"]
+__all__ = [
+    "FOLD_EVERY",
+    "PendingGroups",
+    "PendingSums",
+    "accepted_flag",
+    "batch_flag",
+    "masked_add_",
+    "unit_count",
+]
 
 FOLD_EVERY = 32
 
@@ -40,6 +48,29 @@ def accepted_flag(ok: torch.Tensor) -> bool | None:
     """On the CPU the batch flag is read (free: there is no device to wait for), which skips
     the masking work of an accepted batch; elsewhere None: mask on the device, never sync."""
     return bool(ok) if ok.device.type == "cpu" else None  # sync-ok: CPU only
+
+
+def batch_flag(ok: torch.Tensor | bool, device: torch.device) -> tuple[bool | None, torch.Tensor]:
+    """(accepted, ok as a tensor) of a batch's finite flag: ``accepted`` is the flag where it is
+    known on the host (a bool given, or a CPU tensor: :func:`accepted_flag`), None on a device
+    (then mask with the tensor). On the CPU a bool ``True`` gets a shared constant (no op)."""
+    if isinstance(ok, bool):
+        if ok and device.type == "cpu":
+            return True, _ACCEPTED
+        return ok, torch.tensor(ok, device=device)
+    return accepted_flag(ok), ok
+
+
+_ACCEPTED = torch.tensor(True)
+
+
+def unit_count(n_units: torch.Tensor | None, n_samples: int, device: torch.device) -> torch.Tensor:
+    """The batch's unit count, float64 (``None``: sample units, ``n_samples``)."""
+    return (
+        torch.full((), n_samples, dtype=torch.float64, device=device)
+        if n_units is None
+        else n_units
+    )
 
 
 def masked_add_(target: torch.Tensor, value: torch.Tensor, ok: torch.Tensor, accepted) -> None:
@@ -56,16 +87,19 @@ def add_counts(
     ok: torch.Tensor,
     accepted: bool | None,
     n_samples: int,
-    n_tokens: torch.Tensor,
+    n_tokens: torch.Tensor | int,
     draw_weight_units: torch.Tensor | float,
 ) -> None:
     """counts += the batch's (samples, tokens, batches, draw_weight_sq = w² · units) when it
-    is accepted, else skipped += 1; ``accepted`` known (CPU): two or three ops, else masked on
-    the device by ``ok`` without a host read."""
+    is accepted, else skipped += 1; ``accepted`` known (CPU): one op where ``n_tokens`` and
+    the draw weight are host numbers, else masked on the device by ``ok`` without a host read."""
     if accepted is None:
         okf = ok.to(torch.float64)
         counts["samples"] += okf * n_samples
-        counts["tokens"] += okf * n_tokens.to(torch.float64)
+        if isinstance(n_tokens, int):
+            counts["tokens"] += okf * n_tokens
+        else:
+            counts["tokens"] += okf * n_tokens.to(torch.float64)
         counts["batches"] += okf
         counts["skipped"] += 1.0 - okf
         counts["draw_weight_sq"] += okf * draw_weight_units
@@ -79,8 +113,12 @@ def add_counts(
         else:
             keys.append("draw_weight_sq")
             values.append(draw_weight_units)
+        if isinstance(n_tokens, int):
+            keys.append("tokens")
+            values.append(float(n_tokens))
+        else:
+            counts["tokens"] += n_tokens
         torch._foreach_add_([counts[k] for k in keys], values)
-        counts["tokens"] += n_tokens
 
 
 class PendingSums:
