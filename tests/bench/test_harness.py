@@ -97,3 +97,28 @@ def test_an_output_that_is_not_numbers_is_a_type_error():
 def test_memory_on_an_unsupported_device_is_a_configuration_error():
     with pytest.raises(ConfigurationError, match="cpu or cuda device"):
         peak_memory_bytes(lambda: None, "meta")
+
+
+def test_settle_runs_each_timed_call_after_untimed_calls_of_itself():
+    order: list[str] = []
+
+    def call(name):
+        return lambda: order.append(name)
+
+    comparison = Comparison(
+        name="t/settle",
+        candidates=[Candidate("a", call("a")), Candidate("b", call("b"))],
+        baseline="a",
+        check=False,
+        settle=2,
+    )
+    record = run_comparison(comparison, warmup=1, repeats=2, progress=False)
+    assert record["settle"] == 2
+    timed = order[2:]  # after one warm-up call each
+    assert timed == ["a"] * 3 + ["b"] * 3 + ["b"] * 3 + ["a"] * 3  # rotation kept
+
+
+@pytest.mark.parametrize("settle", [-1, 1.5, True])
+def test_bad_settle_is_refused(settle):
+    with pytest.raises(ConfigurationError, match="settle must be an int >= 0"):
+        Comparison(name="t/x", candidates=[Candidate("a", lambda: 0)], baseline="a", settle=settle)

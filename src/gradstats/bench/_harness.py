@@ -3,13 +3,17 @@
 A :class:`Comparison` lists :class:`Candidate` implementations of the same computation (ours, a
 baseline, peers). :func:`run_comparison` warms each up, then times them in rotating order
 (repeat r starts with candidate r mod k, so drift and thermal effects hit all alike), with a
-device synchronisation before and after every call. The clock (recorded as ``"clock"``): on the
-CPU the CPU time of the calling thread (``time.thread_time``; with one intra-op thread that is
-all the work, and other processes on a shared machine do not inflate it), or of the whole
-process (``time.process_time``) when torch runs several threads; on an accelerator the wall
-time (``time.perf_counter``) between synchronisations. It reports the median and inter-quartile
-range per candidate, the ratio of each median to the baseline's, optional peak memory, and
-whether each candidate's output matches the reference candidate's ("same numbers").
+device synchronisation before and after every call. With ``settle`` = s, each timed call is
+preceded by s untimed calls of the same candidate, so that it follows itself (a steady state)
+rather than whichever candidate ran before it: a peer that allocates a gigabyte per call would
+otherwise leave the next candidate a cold cache and a cold allocator. The clock (recorded as
+``"clock"``): on the CPU the CPU time of the calling thread (``time.thread_time``; with one
+intra-op thread that is all the work, and other processes on a shared machine do not inflate
+it), or of the whole process (``time.process_time``) when torch runs several threads; on an
+accelerator the wall time (``time.perf_counter``) between synchronisations. It reports the
+median and inter-quartile range per candidate, the ratio of each median to the baseline's,
+optional peak memory, and whether each candidate's output matches the reference candidate's
+("same numbers").
 """
 
 from __future__ import annotations
@@ -26,7 +30,11 @@ from tqdm.auto import tqdm
 from gradstats.bench._memory import peak_memory_bytes
 from gradstats.errors import ConfigurationError, ConfigurationTypeError
 
-__all__ = ["CLOCKS", "Candidate", "Comparison", "clock_name", "run_comparison"]
+__all__ = ["CLOCKS", "SETTLE", "Candidate", "Comparison", "clock_name", "run_comparison"]
+
+# the ``settle`` of the suites' cost comparisons whose candidates include a peer that allocates
+# per-sample gradients (hundreds of MiB per call): one untimed call before each timed one
+SETTLE = 1
 
 
 @dataclass(frozen=True)
@@ -55,6 +63,7 @@ class Comparison:
         work: units of work per call (e.g. samples) for a derived throughput, with ``work_unit``.
         params: the sizes and settings to record with the result.
         unavailable: candidates that could not run here (e.g. a missing peer) and why.
+        settle: untimed calls of a candidate right before each of its timed calls (0: none).
     """
 
     name: str
@@ -70,8 +79,11 @@ class Comparison:
     work_unit: str = ""
     params: Mapping[str, object] = field(default_factory=dict)
     unavailable: Mapping[str, str] = field(default_factory=dict)
+    settle: int = 0
 
     def __post_init__(self) -> None:
+        if isinstance(self.settle, bool) or not isinstance(self.settle, int) or self.settle < 0:
+            raise ConfigurationError(f"settle must be an int >= 0; got {self.settle!r}")
         names = [c.name for c in self.candidates]
         if len(set(names)) != len(names):
             raise ConfigurationError(f"candidate names must be unique; got {names}")
@@ -164,6 +176,8 @@ def run_comparison(
     for repeat in range(repeats):
         shift = repeat % len(candidates)
         for candidate in candidates[shift:] + candidates[:shift]:
+            for _ in range(comparison.settle):
+                candidate.fn()
             _sync(device)
             start = clock()
             candidate.fn()
@@ -203,6 +217,7 @@ def run_comparison(
         "clock": clock_used,
         "warmup": warmup,
         "repeats": repeats,
+        "settle": comparison.settle,
         "work_unit": comparison.work_unit,
         "params": dict(comparison.params),
         "unavailable": dict(comparison.unavailable),

@@ -35,7 +35,7 @@ from dataclasses import replace
 import torch
 from torch import nn
 
-from gradstats.bench._harness import Candidate, Comparison
+from gradstats.bench._harness import SETTLE, Candidate, Comparison
 from gradstats.bench._optional import Skipped, missing
 from gradstats.bench.suites._fisher_floors import (
     count_ops,
@@ -230,6 +230,7 @@ def _mlp_cost(
         work_unit="samples",
         params=params | {"ops_per_call": ops},
         unavailable=unavailable,
+        settle=SETTLE,
     )
 
 
@@ -310,6 +311,7 @@ def _lm_comparisons(smoke: bool) -> list[Comparison | Skipped]:
                 work=ids.numel(),
                 work_unit="tokens",
                 params=params | {"ops_per_call": ops},
+                settle=SETTLE,
             )
         )
     model, ids, params = _lm(smoke)

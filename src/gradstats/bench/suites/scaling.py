@@ -58,7 +58,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 
 from gradstats import VarianceGradientScaler
-from gradstats.bench._harness import Candidate, Comparison
+from gradstats.bench._harness import SETTLE, Candidate, Comparison
 from gradstats.bench._optional import Skipped, missing
 from gradstats.bench.suites._scaling_floors import per_sample_floor, sequence_floor
 from gradstats.bench.suites._scaling_peers import ItemwiseTemporal, backpack_batch_l2
@@ -301,6 +301,7 @@ def _per_sample_cost(
         check=False,
         device=DEVICE,
         params=params,
+        settle=SETTLE,
     )
 
 
