@@ -122,3 +122,34 @@ def test_settle_runs_each_timed_call_after_untimed_calls_of_itself():
 def test_bad_settle_is_refused(settle):
     with pytest.raises(ConfigurationError, match="settle must be an int >= 0"):
         Comparison(name="t/x", candidates=[Candidate("a", lambda: 0)], baseline="a", settle=settle)
+
+
+def test_paired_ratio_is_the_median_of_per_repeat_ratios():
+    from gradstats.bench import paired_ratio
+
+    ratio, (low, high) = paired_ratio([2.0, 4.0, 9.0, 1.0], [1.0, 2.0, 3.0, 1.0])
+    assert ratio == 2.0  # ratios 2, 2, 3, 1
+    assert low <= 2.0 <= high
+    # a drift that scales both calls of a repeat alike leaves the paired ratio exact
+    slow = [1.0, 10.0, 1.0, 10.0, 1.0]
+    ratio, _ = paired_ratio([1.1 * t for t in slow], slow)
+    assert abs(ratio - 1.1) < 1e-12
+
+
+def test_pairs_are_reported_and_checked():
+    comparison = Comparison(
+        name="t/pairs",
+        candidates=[Candidate("a", _slow(0.002)), Candidate("b", _slow(0.004))],
+        baseline="a",
+        check=False,
+        pairs=[("b", "a")],
+    )
+    record = run_comparison(comparison, warmup=1, repeats=3, progress=False)
+    (pair,) = record["pairs"]
+    assert pair["numerator"] == "b"
+    assert 1.5 < pair["paired_ratio"] < 3.0
+    assert "b ÷ a" in format_record(record)
+    with pytest.raises(ConfigurationError, match="pairs must be"):
+        Comparison(
+            name="t/x", candidates=[Candidate("a", lambda: 0)], baseline="a", pairs=[("a", "z")]
+        )

@@ -185,3 +185,28 @@ def test_batch_flag_of_a_host_bool_and_of_a_tensor():
     accepted, flag = batch_flag(torch.tensor(False), cpu)
     assert accepted is False
     assert not bool(flag)
+
+
+def test_huge_but_finite_batches_take_the_general_paths_decisions(monkeypatch):
+    """Entries near 1e19 in float32: the maxima's bound no longer decides, the proxies do —
+    accepted where the general path accepts, skipped where it skips, the same bits."""
+    import gradstats.fisher._lean as lean_module
+
+    fallbacks = []
+    exact = lean_module._proxies_finite
+    monkeypatch.setattr(lean_module, "_proxies_finite", lambda sq: fallbacks.append(1) or exact(sq))
+    batches = []
+    for scale in (1.0, 3e17, 1e18, 2e18, 5e18, 1e19, 1.0):  # a² up to ~1e38·9
+        x, y = _batches(torch.float32, [4])[0]
+        batches.append((x * scale, y))
+
+    def linear():  # logits' gradients p − onehot stay O(1) however large the input
+        torch.manual_seed(0)
+        return nn.Sequential(nn.Linear(6, 3)).float()
+
+    lean, general = _pair(linear, [batches[0], *batches])
+    a, b = _state(lean), _state(general)
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert lean.counts == general.counts
+    assert fallbacks  # the bound did not decide some batches
+    assert 0 < lean.counts["skipped"] < len(batches) - 2  # some huge batches kept, some not

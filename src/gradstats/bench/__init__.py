@@ -5,7 +5,7 @@ The suites ship in :mod:`gradstats.bench.suites` (one module per pillar) and run
 or extra is skipped with a note (:class:`Skipped`, :func:`missing`).
 """
 
-from gradstats.bench._harness import Candidate, Comparison, run_comparison
+from gradstats.bench._harness import Candidate, Comparison, paired_ratio, run_comparison
 from gradstats.bench._memory import peak_memory_bytes
 from gradstats.bench._optional import Skipped, missing
 from gradstats.bench._record import environment
@@ -20,6 +20,7 @@ __all__ = [
     "find_suites",
     "format_record",
     "missing",
+    "paired_ratio",
     "peak_memory_bytes",
     "run_comparison",
     "run_suites",

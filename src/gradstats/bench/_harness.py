@@ -11,9 +11,10 @@ otherwise leave the next candidate a cold cache and a cold allocator. The clock 
 intra-op thread that is all the work, and other processes on a shared machine do not inflate
 it), or of the whole process (``time.process_time``) when torch runs several threads; on an
 accelerator the wall time (``time.perf_counter``) between synchronisations. It reports the
-median and inter-quartile range per candidate, the ratio of each median to the baseline's,
-optional peak memory, and whether each candidate's output matches the reference candidate's
-("same numbers").
+median and inter-quartile range per candidate, the ratio of each median to the baseline's and
+the *paired* ratio (the median over repeats of the two calls' ratio within one repeat, see
+:func:`paired_ratio`; also for the ``pairs`` a comparison names), optional peak memory, and
+whether each candidate's output matches the reference candidate's ("same numbers").
 """
 
 from __future__ import annotations
@@ -30,7 +31,15 @@ from tqdm.auto import tqdm
 from gradstats.bench._memory import peak_memory_bytes
 from gradstats.errors import ConfigurationError, ConfigurationTypeError
 
-__all__ = ["CLOCKS", "SETTLE", "Candidate", "Comparison", "clock_name", "run_comparison"]
+__all__ = [
+    "CLOCKS",
+    "SETTLE",
+    "Candidate",
+    "Comparison",
+    "clock_name",
+    "paired_ratio",
+    "run_comparison",
+]
 
 # the ``settle`` of the suites' cost comparisons whose candidates include a peer that allocates
 # per-sample gradients (hundreds of MiB per call): one untimed call before each timed one
@@ -64,6 +73,8 @@ class Comparison:
         params: the sizes and settings to record with the result.
         unavailable: candidates that could not run here (e.g. a missing peer) and why.
         settle: untimed calls of a candidate right before each of its timed calls (0: none).
+        pairs: (numerator, denominator) candidate names whose paired ratio to report besides
+            the ratios to the baseline (e.g. ours ÷ a cost floor).
     """
 
     name: str
@@ -80,6 +91,7 @@ class Comparison:
     params: Mapping[str, object] = field(default_factory=dict)
     unavailable: Mapping[str, str] = field(default_factory=dict)
     settle: int = 0
+    pairs: Sequence[tuple[str, str]] = ()
 
     def __post_init__(self) -> None:
         if isinstance(self.settle, bool) or not isinstance(self.settle, int) or self.settle < 0:
@@ -89,6 +101,11 @@ class Comparison:
             raise ConfigurationError(f"candidate names must be unique; got {names}")
         if self.baseline not in names:
             raise ConfigurationError(f"baseline must be one of {names}; got {self.baseline!r}")
+        for pair in self.pairs:
+            if len(pair) != 2 or any(name not in names for name in pair):
+                raise ConfigurationError(
+                    f"pairs must be (numerator, denominator) names from {names}; got {pair!r}"
+                )
         if self.reference is not None and self.reference not in names:
             raise ConfigurationError(
                 f"reference must be one of {names} or None; got {self.reference!r}"
@@ -198,6 +215,7 @@ def run_comparison(
             "iqr_s": quartiles[2] - quartiles[0],
             "times_s": times[candidate.name],
             "ratio_to_baseline": median / baseline_median if baseline_median > 0 else math.nan,
+            "paired_ratio": paired_ratio(times[candidate.name], times[comparison.baseline])[0],
         }
         if comparison.work:
             row["throughput"] = comparison.work / median
@@ -222,4 +240,30 @@ def run_comparison(
         "params": dict(comparison.params),
         "unavailable": dict(comparison.unavailable),
         "candidates": rows,
+        "pairs": [
+            {
+                "numerator": a,
+                "denominator": b,
+                "paired_ratio": ratio,
+                "paired_iqr": iqr,
+                "ratio_of_medians": statistics.median(times[a]) / statistics.median(times[b]),
+            }
+            for a, b in comparison.pairs
+            for ratio, iqr in [paired_ratio(times[a], times[b])]
+        ],
     }
+
+
+def paired_ratio(numerator: list[float], denominator: list[float]) -> tuple[float, list[float]]:
+    """(median, [first, third quartile]) of the per-repeat ratios t_a(r) / t_b(r).
+
+    The two calls of one repeat run back to back, so they share the machine's state of the
+    moment (a neighbour's load, the clock frequency): the paired ratio is a lower-variance
+    estimate of the cost ratio than the ratio of the two medians when that state drifts."""
+    ratios = [a / b for a, b in zip(numerator, denominator, strict=True) if b > 0]
+    if not ratios:
+        return math.nan, [math.nan, math.nan]
+    if len(ratios) == 1:
+        return ratios[0], [ratios[0], ratios[0]]
+    quartiles = statistics.quantiles(ratios, n=4)
+    return statistics.median(ratios), [quartiles[0], quartiles[2]]

@@ -114,6 +114,7 @@ def format_record(record: Mapping[str, Any]) -> str:
                 row["median_s"] * 1e3,
                 row["iqr_s"] * 1e3,
                 row["ratio_to_baseline"],
+                row.get("paired_ratio"),
                 None if "peak_bytes" not in row else row["peak_bytes"] / 2**20,
                 "-" if "agrees" not in row else ("yes" if row["agrees"] else "NO"),
                 row["note"],
@@ -124,12 +125,19 @@ def format_record(record: Mapping[str, Any]) -> str:
         "median ms",
         "IQR ms",
         f"x {record['baseline']}",
+        "paired x",
         "peak MiB",
         "same",
         "note",
     ]
     lines = [f"{record['comparison']}  ({record['device']}, {record['repeats']} repeats)"]
     lines.append(format_table(rows, headers))
+    for pair in record.get("pairs", []):
+        low, high = pair["paired_iqr"]
+        lines.append(
+            f"  {pair['numerator']} ÷ {pair['denominator']}: {pair['paired_ratio']:.3f} paired "
+            f"(IQR {low:.3f}–{high:.3f}), {pair['ratio_of_medians']:.3f} as a ratio of medians"
+        )
     lines.extend(f"  skipped {name}: {why}" for name, why in record["unavailable"].items())
     return "\n".join(lines)
 

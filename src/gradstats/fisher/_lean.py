@@ -122,7 +122,8 @@ class LeanLinearPath:
         gemms: list = []
         trace: list[torch.Tensor | None] = [None] * families
         mask: list[torch.Tensor | None] = [None] * families
-        checks: list[torch.Tensor] = [objective]  # must be finite for the batch to count
+        peaks: list[torch.Tensor] = []  # max a², max b² per layer (see _finite)
+        squares: list[tuple[torch.Tensor, torch.Tensor, bool]] = []  # (a², b², has a bias)
         missing = False
         with torch.no_grad():
             for site, grad in zip(reversed(sites), reversed(grads), strict=True):
@@ -136,29 +137,73 @@ class LeanLinearPath:
                     a, b = a.to(cdt), b.to(cdt)
                 wide = cdt is not dtype  # a float32 layer of a model with float64 parameters
                 a2 = a.square()
-                a2_rows = a2.sum(1)
                 b2 = b.square()
-                b2_rows = b2.sum(1)
+                if a2.numel() and b2.numel():
+                    peaks += [a2.amax(), b2.amax()]
+                squares.append((a2, b2, layer.bias is not None))
                 gemms.append((layer.weight, None, b2.T, a2))
-                checks.append(a2_rows @ b2_rows)
                 if signal:
                     g = b.T @ a
                     g_sum[layer.weight] = g.to(dtype) if wide else g
                 if layer.bias is not None:
                     bias_sq = b2.sum(0)
                     sq[layer.bias] = bias_sq.to(dtype) if wide else bias_sq
-                    checks.append(b2_rows.sum())
                     if signal:
                         g = b.sum(0)
                         g_sum[layer.bias] = g.to(dtype) if wide else g
                 if layer.family is not None:
                     y = site.saved[1].reshape(n, -1).to(cdt)
+                    a2_rows = a2.sum(1)
                     plus = a2_rows[:, None] if layer.bias is None else a2_rows[:, None] + 1.0
                     trace[layer.family] = (b2 * plus).to(dtype)
                     mask[layer.family] = (b * y).to(dtype).square()
         if missing:
             _zero_fill(collector, sq, g_sum, gemms, signal)
-        return _finish(collector, prepared, sq, g_sum, gemms, trace, mask, checks)
+        accepted = _finite(objective, peaks, squares, trace, mask)
+        return _finish(collector, prepared, sq, g_sum, gemms, trace, mask, accepted)
+
+
+def _finite(objective, peaks, squares, trace, mask) -> bool:
+    """Whether the batch passes the general path's finiteness test, from one host read.
+
+    The general path (``LinearHandler`` proxies, ``BatchCore._finish``) accepts a batch when
+    the loss, the sums of the written group rows and, per layer, Σ_i ‖a_i‖²‖b_i‖² (the sum of
+    all elements of (b²)ᵀ(a²)) and, with a bias, Σ_i ‖b_i‖² are finite in the compute dtype.
+    The last two are bounded by n·d_in·d_out·max a²·max b² and n·d_out·max b² (float
+    rounding of non-negative sums adds under a factor 2 here), so the maxima — one op per
+    square instead of the proxies' three — decide the batch wherever the bound is below the
+    dtype's largest value, and the proxies themselves are formed only where it is not
+    (entries near 1e19 in float32): the same decisions, in fewer ops."""
+    parts = [objective, *peaks]
+    parts += [t.sum() for t in (*trace, *mask) if t is not None and t.numel()]
+    with torch.no_grad():  # (the objective needs no detached copy)
+        values = torch.stack(parts).tolist()  # sync-ok: CPU only (the lean path's condition)
+    if not all(map(math.isfinite, values)):
+        return False
+    k = 1
+    for a2, b2, _ in squares:
+        if not (a2.numel() and b2.numel()):
+            continue
+        limit = torch.finfo(b2.dtype).max / 2
+        n, width_in, width_out = a2.shape[0], a2.shape[1], b2.shape[1]
+        peak_a, peak_b = values[k], values[k + 1]
+        k += 2
+        if n * width_in * width_out * peak_a * peak_b > limit or n * width_out * peak_b > limit:
+            return _proxies_finite(squares)
+    return True
+
+
+def _proxies_finite(squares) -> bool:
+    """The general path's proxies themselves (see :func:`_finite`)."""
+    proxies = []
+    with torch.no_grad():
+        for a2, b2, bias in squares:
+            b2_rows = b2.sum(1)
+            proxies.append(a2.sum(1) @ b2_rows)
+            if bias:
+                proxies.append(b2_rows.sum())
+        total = torch.stack(proxies).sum(dtype=torch.float64)
+    return math.isfinite(total.item())  # sync-ok: CPU only (rare: entries near the dtype's max)
 
 
 def _zero_fill(collector, sq, g_sum, gemms, signal: bool) -> None:
@@ -191,11 +236,9 @@ def _channel_family(
     return families[fam].size == module.out_features, fam
 
 
-def _finish(collector, prepared, sq, g_sum, gemms, trace, mask, checks) -> bool:
+def _finish(collector, prepared, sq, g_sum, gemms, trace, mask, accepted: bool) -> bool:
     """``BatchCore._finish`` of the lean path: zero rows for families no layer wrote, the
-    finiteness test (one float64 sum of the proxies, the written group rows and the loss;
-    zeros need none), then the state."""
-    state = collector._state
+    ``nonfinite`` policy, then the state."""
     trace_rows: dict[str, torch.Tensor] = {}
     mask_rows: dict[str, torch.Tensor] = {}
     for index, fam in enumerate(collector._unit_families):
@@ -203,17 +246,12 @@ def _finish(collector, prepared, sq, g_sum, gemms, trace, mask, checks) -> bool:
             value = rows[index]
             if value is None:
                 value = torch.zeros(prepared.n_samples, fam.size, dtype=collector._compute_dtype)
-            else:
-                checks.append(value.sum())
             out[fam.name] = value
-    with torch.no_grad():  # (the objective needs no detached copy)
-        total = torch.stack(checks).sum(dtype=torch.float64)
-    accepted = math.isfinite(total.item())  # sync-ok: CPU only (the lean path's condition)
     if not accepted and collector.nonfinite == "raise":
         raise NonFiniteError(
             "non-finite batch (nonfinite='raise'): its loss or per-unit statistics (Σg², Σg, "
             "Σg⁴ or group values) hold NaN/inf; nothing was accumulated"
         )
-    state.update(accepted, None, prepared.n_samples, prepared.n_tokens, 1.0, sq, None, g_sum,
-                 trace_rows, mask_rows, None, gemms=gemms)  # fmt: skip
+    collector._state.update(accepted, None, prepared.n_samples, prepared.n_tokens, 1.0, sq,
+                            None, g_sum, trace_rows, mask_rows, None, gemms=gemms)  # fmt: skip
     return True

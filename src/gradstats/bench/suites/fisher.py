@@ -231,6 +231,11 @@ def _mlp_cost(
         params=params | {"ops_per_call": ops},
         unavailable=unavailable,
         settle=SETTLE,
+        pairs=[
+            ("gradstats (EF only)", "floor: EF"),
+            ("gradstats (EF only)", "floor: EF + checks"),
+            ("gradstats (defaults)", "floor: EF + mean gradient + channel groups"),
+        ],
     )
 
 

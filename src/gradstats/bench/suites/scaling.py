@@ -302,6 +302,7 @@ def _per_sample_cost(
         device=DEVICE,
         params=params,
         settle=SETTLE,
+        pairs=[("gradstats per_sample", floor.name)],
     )
 
 
