@@ -68,6 +68,7 @@ class Engine:
         owners, self.handlers = handlers_for(model, selected)
         self.paths = {m: mname for found in owners.values() for mname, m, _ in found}
         self._paths = self._module_paths()
+        self._links = self._path_links()
         for handler in self.handlers.values():
             handler.replay = self.replay
         self.static_multi = {name for name, found in owners.items() if len(found) > 1}
@@ -108,6 +109,10 @@ class Engine:
         Raises:
             StateError: naming the replaced module or parameter.
         """
+        if all(
+            (p._parameters if leaf else p._modules).get(k) is c for p, k, c, leaf in self._links
+        ):
+            return  # every step of every path holds (one pass; the walk below names a break)
         for module, keys, params in self._paths:
             current: nn.Module | None = self.model
             for key in keys:
@@ -129,6 +134,25 @@ class Engine:
                         "FisherCollector was built; build a new FisherCollector for the changed "
                         "model"
                     )
+
+    def _path_links(self) -> list[tuple[nn.Module, str, object, bool]]:
+        """Every step of the paths :meth:`check_attached` walks, as (container, key, what it
+        must hold there, whether a parameter): all hold iff no walk finds a replacement."""
+        links: dict[tuple[int, str, bool], tuple[nn.Module, str, object, bool]] = {}
+        for module, keys, params in self._paths:
+            current = self.model
+            for key in keys:
+                child = current._modules[key]
+                links[(id(current), key, False)] = (current, key, child, False)
+                current = child
+            for owner_keys, leaf, name in params:
+                owner = module
+                for key in owner_keys:
+                    child = owner._modules[key]
+                    links[(id(owner), key, False)] = (owner, key, child, False)
+                    owner = child
+                links[(id(owner), leaf, True)] = (owner, leaf, self.selected[name], True)
+        return list(links.values())
 
     def _module_paths(self) -> list[tuple[nn.Module, list[str], list[tuple[list[str], str, str]]]]:
         """(hooked module, its path's keys, [(keys to the owner, attribute, parameter name)])."""
