@@ -142,13 +142,13 @@ class Engine:
         for module, keys, params in self._paths:
             current = self.model
             for key in keys:
-                child = current._modules[key]
+                child = current.get_submodule(key)
                 links[(id(current), key, False)] = (current, key, child, False)
                 current = child
             for owner_keys, leaf, name in params:
                 owner = module
                 for key in owner_keys:
-                    child = owner._modules[key]
+                    child = owner.get_submodule(key)
                     links[(id(owner), key, False)] = (owner, key, child, False)
                     owner = child
                 links[(id(owner), leaf, True)] = (owner, leaf, self.selected[name], True)
