@@ -7,7 +7,8 @@
   accumulated (and, under DDP, before the all-reduce) and stages ‖h‖²; the post-accumulate hook
   commits it once it reached ``.grad``, so ``torch.autograd.grad`` calls never count.
 * ``statistic="per_sample"``: hooks on the model's modules (:mod:`gradstats.scaling._per_sample`)
-  record Σ_i ‖c_i‖² of the per-unit contributions of each backward.
+  record Σ_i ‖c_i‖² of the per-unit contributions of each backward; the counting hook tells
+  them which tensors' contributions reached ``.grad`` (one Python hook per tensor).
 """
 
 from __future__ import annotations
@@ -53,8 +54,9 @@ class GradientTracker:
         if per_sample:
             capture = functools.partial(_capturing, owner)
             self.modules = PerSampleHooks(model, layout, per_sample, unit, capture)  # type: ignore[arg-type]
-        for tensor in layout.tensors:
-            count = functools.partial(_count_hook, owner)
+        handled = set() if self.modules is None else self.modules.handled
+        for name, tensor in zip(layout.names, layout.tensors, strict=True):
+            count = functools.partial(_count_hook, owner, name if name in handled else None)
             self._handles.append(tensor.register_post_accumulate_grad_hook(count))
         for (start, stop), state in zip(layout.blocks, states, strict=True):
             if not isinstance(state, SamePointState) or not state.parameter_hooks:
@@ -94,10 +96,16 @@ def _capturing(owner: weakref.ref[GradientTracker]) -> bool:
     return tracker is not None and tracker.capture
 
 
-def _count_hook(owner: weakref.ref[GradientTracker], _param: torch.Tensor) -> None:
+def _count_hook(
+    owner: weakref.ref[GradientTracker], name: str | None, _param: torch.Tensor
+) -> None:
+    """A gradient was accumulated into ``.grad``; ``name``: the tensor's, where per-sample
+    hooks feed it (they count a backward's contribution only once it reached ``.grad``)."""
     tracker = owner()
     if tracker is not None:
         tracker.events += 1
+        if name is not None and tracker.modules is not None:
+            tracker.modules.reached(name)
 
 
 def _stage_hook(

@@ -130,11 +130,9 @@ class PerSampleHooks:
         self._handles += [
             m.register_forward_hook(self._forward_hook, with_kwargs=True) for m in self.handlers
         ]
-        handled = {n for handler in self.handlers.values() for n in handler.attrs.values()}
-        for name, tensor in selected.items():
-            if name in handled:
-                hook = functools.partial(_accumulated, self, name)
-                self._handles.append(tensor.register_post_accumulate_grad_hook(hook))
+        # the tracked tensors these hooks feed: the scaler's post-accumulate hook on each of
+        # them calls reached(name) (one Python hook per tensor and backward, not two)
+        self.handled = {n for handler in self.handlers.values() for n in handler.attrs.values()}
 
     def _check_supported(self) -> None:
         bad = []
@@ -331,6 +329,7 @@ class PerSampleHooks:
         return gw, rows.sum(0)
 
     def reached(self, name: str) -> None:
+        """``name``'s gradient reached ``.grad`` in this backward (its post-accumulate hook)."""
         if self.capture():
             self._reached.add(name)
 
@@ -375,7 +374,3 @@ def _on_grad(owner: PerSampleHooks, site: tuple, grad: torch.Tensor) -> None:
 
 def _on_rows(owner: PerSampleHooks, site: tuple, grad: torch.Tensor) -> None:
     owner.on_rows(site, grad)
-
-
-def _accumulated(owner: PerSampleHooks, name: str, _param: torch.Tensor) -> None:
-    owner.reached(name)
