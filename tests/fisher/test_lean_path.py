@@ -210,3 +210,53 @@ def test_huge_but_finite_batches_take_the_general_paths_decisions(monkeypatch):
     assert lean.counts == general.counts
     assert fallbacks  # the bound did not decide some batches
     assert 0 < lean.counts["skipped"] < len(batches) - 2  # some huge batches kept, some not
+
+
+def test_a_row_sum_overflow_next_to_a_zero_row_is_the_general_paths_decision():
+    """float32 inputs ±1.5e19: a² is finite but its row sums overflow, while the labels (the
+    argmax) make the gradient rows exactly zero; the general proxy is inf·0 = NaN and skips
+    the batch — the maxima's bound (0) must not accept it."""
+    gen = torch.Generator().manual_seed(3)
+
+    def linear():
+        torch.manual_seed(0)
+        return nn.Sequential(nn.Linear(6, 3)).float()
+
+    model = linear()
+    ordinary = _batches(torch.float32, [4])[0]
+    x = (torch.randn(4, 6, generator=gen).sign() * 1.5e19).float()
+    with torch.no_grad():
+        y = model(x).argmax(1)
+    lean, general = _pair(linear, [ordinary, ordinary, (x, y), ordinary], groups=None)
+    a, b = _state(lean), _state(general)
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert lean.counts == general.counts
+
+
+class _ZeroInput(nn.Module):
+    """A layer with no input features (its output is its bias) feeding an ordinary one."""
+
+    def __init__(self, bias: float):
+        super().__init__()
+        torch.manual_seed(0)
+        self.empty = nn.Linear(0, 3)
+        nn.init.constant_(self.empty.bias, bias)
+        self.out = nn.Linear(3, 2)
+
+    def forward(self, x):
+        return self.out(self.empty(x[:, :0]).sqrt() + x[:, :3])
+
+
+@pytest.mark.filterwarnings("ignore:Initializing zero-element tensors")
+@pytest.mark.parametrize("bias", [0.0, 1.0])
+def test_a_zero_width_layer_is_the_general_paths_decision(bias):
+    """in_features = 0: no maxima of a² to take; its bias's proxy Σb² still decides (sqrt at 0
+    makes that layer's output gradients infinite)."""
+    gen = torch.Generator().manual_seed(4)
+    x, y = torch.randn(5, 3, generator=gen).float(), torch.randint(0, 2, (5,), generator=gen)
+    batches = [(x, y)] * 3
+    lean, general = _pair(lambda: _ZeroInput(bias).float(), batches, groups=None)
+    a, b = _state(lean), _state(general)
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert lean.counts == general.counts
+    assert lean.counts["skipped"] == (len(batches) if bias == 0.0 else 0)

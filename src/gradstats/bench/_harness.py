@@ -246,10 +246,11 @@ def run_comparison(
                 "denominator": b,
                 "paired_ratio": ratio,
                 "paired_iqr": iqr,
-                "ratio_of_medians": statistics.median(times[a]) / statistics.median(times[b]),
+                "ratio_of_medians": top / bottom if bottom > 0 else math.nan,
             }
             for a, b in comparison.pairs
             for ratio, iqr in [paired_ratio(times[a], times[b])]
+            for top, bottom in [(statistics.median(times[a]), statistics.median(times[b]))]
         ],
     }
 

@@ -54,9 +54,13 @@ class Site:
 
 
 def _edge(output: torch.Tensor) -> GradientEdge:
-    """``get_gradient_edge(output)`` without its Python checks for the usual non-leaf output."""
+    """``get_gradient_edge(output)`` without its Python checks for the usual non-leaf output
+    of a C++ node (a leaf, or the output of a Python ``autograd.Function``, whose node needs
+    the ownership token ``get_gradient_edge`` makes, takes the full call)."""
     node = output.grad_fn
-    return get_gradient_edge(output) if node is None else GradientEdge(node, output.output_nr)
+    if node is None or isinstance(node, torch._C._FunctionBase):
+        return get_gradient_edge(output)
+    return GradientEdge(node, output.output_nr)
 
 
 class Engine:

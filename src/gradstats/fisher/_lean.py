@@ -124,7 +124,7 @@ class LeanLinearPath:
         mask: list[torch.Tensor | None] = [None] * families
         peaks: list[torch.Tensor] = []  # max a², max b² per layer (see _finite)
         squares: list[tuple[torch.Tensor, torch.Tensor, bool]] = []  # (a², b², has a bias)
-        missing = False
+        missing = bare = False
         with torch.no_grad():
             for site, grad in zip(reversed(sites), reversed(grads), strict=True):
                 if grad is None:  # that output did not reach the objective
@@ -140,6 +140,8 @@ class LeanLinearPath:
                 b2 = b.square()
                 if a2.numel() and b2.numel():
                     peaks += [a2.amax(), b2.amax()]
+                else:  # a zero-width layer: its proxies decide (see _finite)
+                    bare = True
                 squares.append((a2, b2, layer.bias is not None))
                 gemms.append((layer.weight, None, b2.T, a2))
                 if signal:
@@ -159,36 +161,43 @@ class LeanLinearPath:
                     mask[layer.family] = (b * y).to(dtype).square()
         if missing:
             _zero_fill(collector, sq, g_sum, gemms, signal)
-        accepted = _finite(objective, peaks, squares, trace, mask)
+        accepted = _finite(objective, peaks, squares, trace, mask, bare)
         return _finish(collector, prepared, sq, g_sum, gemms, trace, mask, accepted)
 
 
-def _finite(objective, peaks, squares, trace, mask) -> bool:
+def _finite(objective, peaks, squares, trace, mask, bare: bool) -> bool:
     """Whether the batch passes the general path's finiteness test, from one host read.
 
     The general path (``LinearHandler`` proxies, ``BatchCore._finish``) accepts a batch when
-    the loss, the sums of the written group rows and, per layer, Σ_i ‖a_i‖²‖b_i‖² (the sum of
-    all elements of (b²)ᵀ(a²)) and, with a bias, Σ_i ‖b_i‖² are finite in the compute dtype.
-    The last two are bounded by n·d_in·d_out·max a²·max b² and n·d_out·max b² (float
-    rounding of non-negative sums adds under a factor 2 here), so the maxima — one op per
-    square instead of the proxies' three — decide the batch wherever the bound is below the
-    dtype's largest value, and the proxies themselves are formed only where it is not
-    (entries near 1e19 in float32): the same decisions, in fewer ops."""
+    the loss, the sums of the written group rows and, per layer, Σ_i ‖a_i‖²‖b_i‖² (formed as
+    the row sums of a² dotted with those of b²) and, with a bias, Σ_i ‖b_i‖² are finite in the
+    compute dtype. The row sums are bounded by d_in·max a² and d_out·max b², the proxies by
+    n·d_in·d_out·max a²·max b² and n·d_out·max b² (float rounding of non-negative sums adds
+    under a factor 2 here), so the maxima — one op per square instead of the proxies' three —
+    decide the batch wherever every bound is below the dtype's largest value. The proxies
+    themselves are formed only where one is not (entries near 1e19 in float32: a row sum that
+    overflows next to a zero row makes the general path's proxy inf·0 = NaN) and for a layer
+    with a zero-size side (``bare``: no maxima to take): the same decisions, in fewer ops."""
     parts = [objective, *peaks]
     parts += [t.sum() for t in (*trace, *mask) if t is not None and t.numel()]
     with torch.no_grad():  # (the objective needs no detached copy)
         values = torch.stack(parts).tolist()  # sync-ok: CPU only (the lean path's condition)
     if not all(map(math.isfinite, values)):
         return False
+    if bare:
+        return _proxies_finite(squares)
     k = 1
     for a2, b2, _ in squares:
-        if not (a2.numel() and b2.numel()):
-            continue
         limit = torch.finfo(b2.dtype).max / 2
         n, width_in, width_out = a2.shape[0], a2.shape[1], b2.shape[1]
         peak_a, peak_b = values[k], values[k + 1]
         k += 2
-        if n * width_in * width_out * peak_a * peak_b > limit or n * width_out * peak_b > limit:
+        if (
+            width_in * peak_a > limit
+            or width_out * peak_b > limit
+            or n * width_in * width_out * peak_a * peak_b > limit
+            or n * width_out * peak_b > limit
+        ):
             return _proxies_finite(squares)
     return True
 
@@ -239,13 +248,14 @@ def _channel_family(
 def _finish(collector, prepared, sq, g_sum, gemms, trace, mask, accepted: bool) -> bool:
     """``BatchCore._finish`` of the lean path: zero rows for families no layer wrote, the
     ``nonfinite`` policy, then the state."""
+    dtype, device = collector._compute_dtype, collector._state.device
     trace_rows: dict[str, torch.Tensor] = {}
     mask_rows: dict[str, torch.Tensor] = {}
     for index, fam in enumerate(collector._unit_families):
         for rows, out in ((trace, trace_rows), (mask, mask_rows)):
             value = rows[index]
             if value is None:
-                value = torch.zeros(prepared.n_samples, fam.size, dtype=collector._compute_dtype)
+                value = torch.zeros(prepared.n_samples, fam.size, dtype=dtype, device=device)
             out[fam.name] = value
     if not accepted and collector.nonfinite == "raise":
         raise NonFiniteError(

@@ -61,7 +61,7 @@ def batch_flag(ok: torch.Tensor | bool, device: torch.device) -> tuple[bool | No
     return accepted_flag(ok), ok
 
 
-_ACCEPTED = torch.tensor(True)
+_ACCEPTED = torch.tensor(True, device="cpu")  # (whatever the default device at import)
 
 
 def unit_count(n_units: torch.Tensor | None, n_samples: int, device: torch.device) -> torch.Tensor:
