@@ -8,7 +8,7 @@ import pytest
 import torch
 from torch import nn
 
-from gradstats.bench.suites._fisher_floors import ef_checked_floor, ef_floor
+from gradstats.bench.suites._fisher_floors import ef_checked_floor, ef_floor, ef_groups_floor
 from gradstats.fisher import FisherCollector
 from gradstats.fisher._state_pending import FOLD_EVERY
 
@@ -50,3 +50,23 @@ def test_checked_floor_folds_into_float64_totals():
     for _ in range(FOLD_EVERY):
         pending = run()["sq"]
     assert all(not t.any() for t in pending)  # folded and zeroed
+
+
+@pytest.mark.parametrize("make", [ef_floor, ef_checked_floor, ef_groups_floor])
+def test_floors_build_no_autograd_graph(make):
+    """A floor's sums hold no history: an in-place product of a tensor that requires grad,
+    outside ``no_grad``, would chain every call's graph to the buffers (a floor that grows in
+    memory and time with each call, as ef_floor and ef_groups_floor once did)."""
+    import gc
+
+    model, (x, y) = _mlp(), _data()
+    run = make(copy.deepcopy(model), x, y)
+    out = run()
+    gc.collect()
+    before = sum(type(o) is torch.Tensor for o in gc.get_objects())
+    for _ in range(20):
+        out = run()
+    gc.collect()
+    after = sum(type(o) is torch.Tensor for o in gc.get_objects())
+    assert all(t.grad_fn is None and not t.requires_grad for ts in out.values() for t in ts)
+    assert after - before < 20  # nothing kept per call

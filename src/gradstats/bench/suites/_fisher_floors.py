@@ -76,10 +76,11 @@ def ef_floor(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> Callable[[],
         calls.clear()
         loss = nn.functional.cross_entropy(model(x), y, reduction="sum")
         grads = torch.autograd.grad(loss, [out for _, out in calls])
-        for (a, _), b, w, bias in zip(calls, grads, sq_w, sq_b, strict=True):
-            b2 = b.square()
-            w.addmm_(b2.T, a.square())
-            bias.add_(b2.sum(0))
+        with torch.no_grad():  # (a requires grad: an addmm_ outside would chain the buffers' graph)
+            for (a, _), b, w, bias in zip(calls, grads, sq_w, sq_b, strict=True):
+                b2 = b.square()
+                w.addmm_(b2.T, a.square())
+                bias.add_(b2.sum(0))
         calls.clear()
         return {"sq": [*sq_w, *sq_b]}
 
@@ -145,18 +146,19 @@ def ef_groups_floor(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> Calla
         calls.clear()
         loss = nn.functional.cross_entropy(model(x), y, reduction="sum")
         grads = torch.autograd.grad(loss, params + [out for _, out in calls])
-        torch._foreach_add_(g_sum, grads[: len(params)])
-        traces, masks = [], []
-        for index, ((a, out), b) in enumerate(zip(calls, grads[len(params) :], strict=True)):
-            a2, b2 = a.square(), b.square()
-            sq[2 * index].addmm_(b2.T, a2)
-            sq[2 * index + 1].add_(b2.sum(0))
-            traces.append(b2 * (a2.sum(1, keepdim=True) + 1.0))
-            masks.append(b * out.detach())
-        rows = torch.cat(traces + masks, dim=1)
-        rows[:, width:].square_()
-        group_sums[0].add_(rows.sum(0))
-        group_sums[1].add_(rows.square().sum(0))
+        with torch.no_grad():  # (see ef_floor)
+            torch._foreach_add_(g_sum, grads[: len(params)])
+            traces, masks = [], []
+            for index, ((a, out), b) in enumerate(zip(calls, grads[len(params) :], strict=True)):
+                a2, b2 = a.square(), b.square()
+                sq[2 * index].addmm_(b2.T, a2)
+                sq[2 * index + 1].add_(b2.sum(0))
+                traces.append(b2 * (a2.sum(1, keepdim=True) + 1.0))
+                masks.append(b * out)
+            rows = torch.cat(traces + masks, dim=1)
+            rows[:, width:].square_()
+            group_sums[0].add_(rows.sum(0))
+            group_sums[1].add_(rows.square().sum(0))
         calls.clear()
         return {"sq": sq, "g_sum": g_sum, "trace_sum": group_sums[0, :width]}
 
