@@ -223,3 +223,28 @@ def test_token_units_element_se_match_a_loop_over_positions(dtype):
     for name, (fisher, se) in _token_reference(model, ids, mask).items():
         torch.testing.assert_close(fc.fisher()[name].double(), fisher, rtol=rtol, atol=1e-12)
         torch.testing.assert_close(fc.standard_error()[name].double(), se, rtol=rtol, atol=1e-9)
+
+
+@pytest.mark.parametrize("lean", [True, False], ids=["lean", "general"])
+def test_pending_float32_sums_fold_before_they_overflow(lean):
+    """Each batch finite (per-sample Σg² ≈ 9e36 of a float32 model) but 40 of them sum past
+    float32's 3.4e38: the pending float32 sums are folded into the float64 state before they
+    could overflow (on the CPU the batch's finiteness total bounds every pending entry), so
+    F stays the float64 model's, not inf."""
+    x = torch.full((4, 2), 3e18)
+    y = torch.ones(4, dtype=torch.long)
+    fishers = []
+    for dtype in (torch.float32, torch.float64):
+        torch.manual_seed(0)
+        model = nn.Sequential(nn.Linear(2, 2)).to(dtype)
+        fc = FisherCollector(model, "empirical", signal=False, groups=None)
+        assert fc._lean is not None
+        if not lean:
+            fc._lean = None
+        for _ in range(40):
+            fc.collect(x.to(dtype), y)
+        assert fc.counts["skipped"] == 0
+        fishers.append(fc.fisher())
+    for name, value in fishers[0].items():
+        assert torch.isfinite(value).all(), name
+        torch.testing.assert_close(value.double(), fishers[1][name], rtol=1e-5, atol=0)

@@ -193,8 +193,8 @@ def test_huge_but_finite_batches_take_the_general_paths_decisions(monkeypatch):
     import gradstats.fisher._lean as lean_module
 
     fallbacks = []
-    exact = lean_module._proxies_finite
-    monkeypatch.setattr(lean_module, "_proxies_finite", lambda sq: fallbacks.append(1) or exact(sq))
+    exact = lean_module._proxies_total
+    monkeypatch.setattr(lean_module, "_proxies_total", lambda sq: fallbacks.append(1) or exact(sq))
     batches = []
     for scale in (1.0, 3e17, 1e18, 2e18, 5e18, 1e19, 1.0):  # a² up to ~1e38·9
         x, y = _batches(torch.float32, [4])[0]

@@ -11,6 +11,8 @@ policy: ``"skip"`` masks it out on the device (counted in ``skipped``), ``"raise
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 from gradstats.errors import ConfigurationError, NonFiniteError
@@ -120,12 +122,18 @@ class BatchCore(FisherReads):
         if proxied:
             sums += [v for n in proxied for v in layout.proxy[n]]
         sums += checks
-        if sums:  # s − s is 0 exactly when s is finite (NaN and ±inf give NaN); summed in
-            # float64 so that finite float32 parts never add up to a false inf
-            total = torch.stack(sums).sum(dtype=torch.float64)
-            ok = (total - total) == 0
-        else:
-            ok = torch.ones((), dtype=torch.bool, device=device)
+        ok: torch.Tensor | bool = True
+        if sums:  # s − s is 0 exactly when s is finite (NaN and ±inf give NaN); |parts| summed
+            # in float64 so that finite float32 parts never add up to a false inf, and so that
+            # the total bounds every entry of the batch's Σg² (the state's pending sums)
+            total = torch.stack(sums).abs().sum(dtype=torch.float64)
+            if device.type == "cpu":  # read anyway (accepted_flag): fold before an overflow
+                bound = total.item()  # sync-ok: CPU only
+                ok = math.isfinite(bound)
+                if ok:
+                    self._state.reserve(bound)
+            else:
+                ok = (total - total) == 0
         if self.nonfinite == "raise" and not bool(ok):  # sync-ok: nonfinite="raise" (documented)
             raise NonFiniteError(
                 "non-finite batch (nonfinite='raise'): its loss or per-unit statistics (Σg², Σg, "

@@ -161,12 +161,16 @@ class LeanLinearPath:
                     mask[layer.family] = (b * y).to(dtype).square()
         if missing:
             _zero_fill(collector, sq, g_sum, gemms, signal)
-        accepted = _finite(objective, peaks, squares, trace, mask, bare)
+        bound = _finite(objective, peaks, squares, trace, mask, bare)
+        accepted = math.isfinite(bound)
+        if accepted:
+            collector._state.reserve(bound)
         return _finish(collector, prepared, sq, g_sum, gemms, trace, mask, accepted)
 
 
-def _finite(objective, peaks, squares, trace, mask, bare: bool) -> bool:
-    """Whether the batch passes the general path's finiteness test, from one host read.
+def _finite(objective, peaks, squares, trace, mask, bare: bool) -> float:
+    """An upper bound of every entry of the batch's Σg² sums when the batch passes the general
+    path's finiteness test, else inf; from one host read.
 
     The general path (``LinearHandler`` proxies, ``BatchCore._finish``) accepts a batch when
     the loss, the sums of the written group rows and, per layer, Σ_i ‖a_i‖²‖b_i‖² (formed as
@@ -177,16 +181,18 @@ def _finite(objective, peaks, squares, trace, mask, bare: bool) -> bool:
     decide the batch wherever every bound is below the dtype's largest value. The proxies
     themselves are formed only where one is not (entries near 1e19 in float32: a row sum that
     overflows next to a zero row makes the general path's proxy inf·0 = NaN) and for a layer
-    with a zero-size side (``bare``: no maxima to take): the same decisions, in fewer ops."""
+    with a zero-size side (``bare``: no maxima to take): the same decisions, in fewer ops.
+    The bound (n·max a²·max b² and n·max b² per layer, or the proxies' total) lets the state
+    fold its pending sums before they could overflow (:meth:`FisherState.reserve`)."""
     parts = [objective, *peaks]
     parts += [t.sum() for t in (*trace, *mask) if t is not None and t.numel()]
     with torch.no_grad():  # (the objective needs no detached copy)
         values = torch.stack(parts).tolist()  # sync-ok: CPU only (the lean path's condition)
     if not all(map(math.isfinite, values)):
-        return False
+        return math.inf
     if bare:
-        return _proxies_finite(squares)
-    k = 1
+        return _proxies_total(squares)
+    k, bound = 1, 0.0
     for a2, b2, _ in squares:
         limit = torch.finfo(b2.dtype).max / 2
         n, width_in, width_out = a2.shape[0], a2.shape[1], b2.shape[1]
@@ -198,12 +204,14 @@ def _finite(objective, peaks, squares, trace, mask, bare: bool) -> bool:
             or n * width_in * width_out * peak_a * peak_b > limit
             or n * width_out * peak_b > limit
         ):
-            return _proxies_finite(squares)
-    return True
+            return _proxies_total(squares)
+        bound = max(bound, n * peak_b * max(peak_a, 1.0))
+    return bound
 
 
-def _proxies_finite(squares) -> bool:
-    """The general path's proxies themselves (see :func:`_finite`)."""
+def _proxies_total(squares) -> float:
+    """The general path's proxies themselves (see :func:`_finite`): their float64 total (an
+    upper bound of every entry of the layers' Σg²), NaN/inf when one of them is not finite."""
     proxies = []
     with torch.no_grad():
         for a2, b2, bias in squares:
@@ -212,7 +220,8 @@ def _proxies_finite(squares) -> bool:
             if bias:
                 proxies.append(b2_rows.sum())
         total = torch.stack(proxies).sum(dtype=torch.float64)
-    return math.isfinite(total.item())  # sync-ok: CPU only (rare: entries near the dtype's max)
+    value = total.item()  # sync-ok: CPU only (rare: entries near the dtype's max)
+    return value if math.isfinite(value) else math.inf
 
 
 def _zero_fill(collector, sq, g_sum, gemms, signal: bool) -> None:

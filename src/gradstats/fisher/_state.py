@@ -118,6 +118,12 @@ class FisherState:
         return EMAMoments(self.beta, shape, dtype=torch.float64, device=self.device)
 
     # ------------------------------------------------------------ deferred
+    def reserve(self, bound: float) -> None:
+        """Before :meth:`update` of a batch whose pending entries are at most ``bound``."""
+        if self._pending.crowded(bound):
+            self.flush()
+        self._pending.reserved += bound
+
     def flush(self) -> None:
         """Fold every pending batch into the float64 statistics (before any read)."""
         pending = self._pending
@@ -237,13 +243,8 @@ class FisherState:
                 if self._pending.due():
                     self.flush()
             units = None if row_weight is None else row_weight > 0  # no host sync (no indexing)
-            pairs = zip(
-                (self.trace_all, self.mask_all),
-                (trace_rows, mask_rows),
-                self._pending_rows,
-                strict=True,
-            )
-            for stats, per_unit, stash in pairs:
+            stats_rows = ((self.trace_all, trace_rows), (self.mask_all, mask_rows))
+            for (stats, per_unit), stash in zip(stats_rows, self._pending_rows, strict=True):
                 if stats is not None and per_unit:  # a skipped batch is counted there too
                     rows = torch.cat([per_unit[f] for f, _ in self.families], dim=1)
                     stash.add(stats, rows, units, ok, accepted)

@@ -10,8 +10,11 @@ most ``FOLD_EVERY`` float32 batch sums are added: for the non-negative Σg² a r
 ≤ FOLD_EVERY · 2⁻²⁴ ≈ 1.9e-6 (the bound of one float32 GEMM over 32 units, which forms each
 batch sum; measured over 200 batches of 32: 4.4 · 2⁻²⁴), for the signed Σg an absolute one,
 FOLD_EVERY · 2⁻²⁴ · Σ|g|; the float64 state then carries the totals exactly. (Each batch is
-checked finite, but 32 finite float32 batch sums can still overflow the pending buffer when
-one element's Σg² nears 1e37: a float32 model at such scales has overflowed elsewhere first.)
+checked finite, but 32 finite float32 batch sums can overflow the pending buffer when one
+element's Σg² nears 1e37; on the CPU, where the batch's finiteness total is read anyway, it is
+also an upper bound of every pending entry, and :meth:`PendingSums.crowded` folds early before
+the reserved bounds could pass the dtype's largest value / 2. On an accelerator, which reads
+nothing to the host, that overflow stays possible at such scales.)
 Only ``mode="cumulative"`` without ``element_se`` defers (its Chan merges need each batch on its
 own).
 
@@ -127,6 +130,15 @@ class PendingSums:
     def __init__(self) -> None:
         self.buffers: dict[str, torch.Tensor] = {}
         self.batches = 0
+        self.reserved = 0.0  # Σ of the host bounds of the pending batches' entries (CPU)
+
+    def crowded(self, bound: float) -> bool:
+        """Whether a batch whose entries are at most ``bound`` (a host number) could overflow
+        the pending sums in their dtype (largest value / 2: rounding included): fold first."""
+        if not self.batches:
+            return False
+        dtype = next(iter(self.buffers.values())).dtype
+        return self.reserved + bound > torch.finfo(dtype).max / 2
 
     def add(
         self,
@@ -180,10 +192,10 @@ class PendingSums:
         else:
             torch._foreach_add_([targets[k] for k in keys], sources)
         torch._foreach_zero_(sources)
-        self.batches = 0
+        self.batches, self.reserved = 0, 0.0
 
     def clear(self) -> None:
-        self.buffers, self.batches = {}, 0
+        self.buffers, self.batches, self.reserved = {}, 0, 0.0
 
 
 class PendingGroups:
