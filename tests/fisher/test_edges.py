@@ -10,7 +10,7 @@ from torch import nn
 
 from gradstats.errors import StateError
 from gradstats.fisher import FisherCollector
-from gradstats.testing import reference_fisher
+from gradstats.testing import per_sample_gradients, reference_fisher
 
 X = torch.randn(5, 4, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
 
@@ -177,3 +177,40 @@ def test_load_on_another_gpt2_says_different_model(tmp_path, other):
     model = hf_causal_lm("gpt2", **other)
     with pytest.raises(StateError, match="was collected on a different model"):
         FisherCollector.load(path, model=model)
+
+
+class _ScaleFunction(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, w):
+        ctx.save_for_backward(x, w)
+        return x * w
+
+    @staticmethod
+    def backward(ctx, g):
+        x, w = ctx.saved_tensors
+        return g * w, g * x
+
+
+class _Scaled(nn.Module):
+    """A module whose output comes from a Python ``autograd.Function`` (its node needs the
+    ownership token that ``get_gradient_edge`` makes)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.w = nn.Parameter(torch.linspace(0.5, 1.5, 4))
+
+    def forward(self, x):
+        return _ScaleFunction.apply(x, self.w)
+
+
+@pytest.mark.filterwarnings("ignore::UserWarning")
+def test_a_python_function_module_gets_per_sample_fisher():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(3, 4), _Scaled(), nn.Linear(4, 2))
+    gen = torch.Generator().manual_seed(0)
+    x, y = torch.randn(6, 3, generator=gen), torch.randint(0, 2, (6,), generator=gen)
+    fc = FisherCollector(model, "empirical")
+    fc.collect(x[:2], y[:2]).collect(x[2:], y[2:])
+    expected = {n: g.square().mean(0) for n, g in per_sample_gradients(model, x, y).items()}
+    for name, value in fc.fisher().items():
+        torch.testing.assert_close(value, expected[name], rtol=1e-10, atol=1e-12)

@@ -248,3 +248,31 @@ def test_pending_float32_sums_fold_before_they_overflow(lean):
     for name, value in fishers[0].items():
         assert torch.isfinite(value).all(), name
         torch.testing.assert_close(value.double(), fishers[1][name], rtol=1e-5, atol=0)
+
+
+class _Cast(nn.Module):
+    def __init__(self, dtype: torch.dtype) -> None:
+        super().__init__()
+        self.dtype = dtype
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x.to(self.dtype)
+
+
+@pytest.mark.parametrize("lean", [True, False], ids=["lean", "general"])
+def test_a_float32_layer_of_a_float64_model_folds_before_it_overflows(lean):
+    """The float32 layer's pending sums are float32 beside float64 ones: the smallest dtype's
+    range decides the early fold."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(2, 2), _Cast(torch.float32), nn.Linear(2, 2).float(),
+                          _Cast(torch.float64))  # fmt: skip
+    with torch.no_grad():  # the float32 layer's inputs ≈ 3e18: per-sample Σg² ≈ 9e36
+        model[0].weight.zero_()
+        model[0].bias.fill_(3e18)
+    fc = FisherCollector(model, "empirical", signal=False, groups=None)
+    if not lean:
+        fc._lean = None
+    for _ in range(40):
+        fc.collect(torch.ones(4, 2, dtype=torch.float64), torch.ones(4, dtype=torch.long))
+    assert fc.counts["skipped"] == 0
+    assert all(torch.isfinite(v).all() for v in fc.fisher().values())

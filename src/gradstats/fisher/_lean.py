@@ -13,7 +13,11 @@ without a bias) and its mask value m_ik = (b_ik y_ik)² with y = W a + bias the 
 finiteness of the two squares' sums. These are exactly the tensors the general path
 (``Engine.run_pass`` → ``LinearHandler.accumulate`` → ``BatchCore._finish``) hands to
 ``FisherState.update``, formed by the same ops in the same dtype, so both paths give the same
-bits (``tests/fisher/test_lean_path.py`` pins them in float32 and float64). What is left out is
+bits (``tests/fisher/test_lean_path.py`` pins them in float32 and float64) — except where the
+pending sums must fold early to stay in range (:meth:`FisherState.reserve`: entries within a
+factor ~FOLD_EVERY of the dtype's largest value): the two paths bound a batch differently (the
+maxima here, the finiteness total there), so they may fold at other batches, and agree to the
+rounding of the pending sums (float32: relative ~1e-6) instead of to the bit. What is left out is
 the general path's per-call dispatch: the layout object, the per-site request lookup, chunking,
 the deferred multi-call sums — about half a millisecond of Python per batch, which at batch 32
 is 15% of an MLP's backward.

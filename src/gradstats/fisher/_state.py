@@ -120,6 +120,8 @@ class FisherState:
     # ------------------------------------------------------------ deferred
     def reserve(self, bound: float) -> None:
         """Before :meth:`update` of a batch whose pending entries are at most ``bound``."""
+        if not self.defers_products:
+            return
         if self._pending.crowded(bound):
             self.flush()
         self._pending.reserved += bound
