@@ -12,9 +12,11 @@ r"""Cost floors of the Fisher suite: hand-minimal implementations, and an op cou
 
 * :func:`ef_checked_floor` — :func:`ef_floor` plus what a collector must check and count, written
   as tightly as it goes: the targets' dtype, shape and range (one ``aminmax``), the batch's
-  finiteness (per layer Σ_i ‖a_i‖²‖b_i‖² and Σ_i ‖b_i‖², the loss, one float64 sum), products
-  added only once the batch is accepted, sample/batch counts (one op) and a float64 fold every
-  ``FOLD_EVERY`` batches. What the collector costs beyond it is the price of its structure.
+  finiteness (per layer Σ_i ‖a_i‖²‖b_i‖² and Σ_i ‖b_i‖², the loss, one float64 sum of their
+  magnitudes, read on the host), products added only once the batch is accepted, sample/batch
+  counts (one op) and a float64 fold every ``FOLD_EVERY`` batches, or earlier where the read
+  totals could carry the float32 pending sums out of range. What the collector costs beyond it
+  is the price of its structure.
 
 The first two do not check finiteness, keep float64 statistics or standard errors: they are
 floors, not collectors. :func:`count_ops` counts the ATen ops one call issues (a
@@ -24,6 +26,7 @@ floors, not collectors. :func:`count_ops` counts the ATen ops one call issues (a
 from __future__ import annotations
 
 import copy
+import math
 from collections.abc import Callable
 
 import torch
@@ -96,7 +99,14 @@ def ef_checked_floor(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> Call
     totals = [torch.zeros_like(t, dtype=torch.float64) for t in pending_w + pending_b]
     counts = torch.zeros(2, dtype=torch.float64)
     batch = torch.tensor([float(x.shape[0]), 1.0], dtype=torch.float64)
-    folds = [0]
+    folds, reserved = [0], [0.0]
+    limit = torch.finfo(pending_w[0].dtype).max / 2  # (rounding included)
+
+    def fold() -> None:
+        for target, source in zip(totals, pending_w + pending_b, strict=True):
+            target.add_(source.to(torch.float64))
+        torch._foreach_zero_(pending_w + pending_b)
+        folds[0], reserved[0] = 0, 0.0
 
     def run() -> object:
         calls.clear()
@@ -115,18 +125,18 @@ def ef_checked_floor(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> Call
                 b2_rows = b2.sum(1)
                 checks += [a2.sum(1) @ b2_rows, b2_rows.sum()]
                 parts.append((b2, a2, b2.sum(0)))
-            total = torch.stack(checks).sum(dtype=torch.float64)
-            if bool((total - total) == 0):
+            bound = torch.stack(checks).abs().sum(dtype=torch.float64).item()
+            if math.isfinite(bound):
+                if folds[0] and reserved[0] + bound > limit:  # fold before an overflow
+                    fold()
+                reserved[0] += bound
                 for (b2, a2, _), w in zip(parts, pending_w, strict=True):
                     w.addmm_(b2.T, a2)
                 torch._foreach_add_(pending_b, [p[2] for p in parts])
                 counts.add_(batch)
                 folds[0] += 1
                 if folds[0] == FOLD_EVERY:
-                    for target, source in zip(totals, pending_w + pending_b, strict=True):
-                        target.add_(source.to(torch.float64))
-                    torch._foreach_zero_(pending_w + pending_b)
-                    folds[0] = 0
+                    fold()
         calls.clear()
         return {"sq": [*pending_w, *pending_b]}
 
