@@ -354,3 +354,21 @@ def test_the_amp_path_never_syncs(scaled):
     for _ in range(3):
         one_step(check=True)
     assert vgs.updates == 4
+
+
+def test_evolve_is_dataclasses_replace():
+    """The per-step ``evolve`` gives the state ``dataclasses.replace`` gives, field by field."""
+    from gradstats.scaling._scaler_state import evolve
+
+    model = _model()
+    config = ScalerConfig(statistic="temporal")
+    state = init(config, model.named_parameters())
+    changes = {"updates": 7, "applied": torch.tensor(False), "progress": torch.tensor(2.5)}
+    fast, slow = evolve(state, **changes), dataclasses.replace(state, **changes)
+    for field in dataclasses.fields(ScalerState):
+        assert getattr(fast, field.name) is getattr(slow, field.name), field.name
+    assert state.updates != 7  # the old state is unchanged
+    with pytest.raises(TypeError, match="no field"):
+        evolve(state, updatez=1)
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        fast.updates = 1  # type: ignore[misc]

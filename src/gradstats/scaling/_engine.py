@@ -20,7 +20,7 @@ scaled under AMP).
 
 from __future__ import annotations
 
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from typing import Any, cast
 
 import torch
@@ -31,7 +31,7 @@ from gradstats.scaling._factor import FactorSettings, aggregate, scaling_factor
 from gradstats.scaling._kernels import squared_norms
 from gradstats.scaling._nonfinite import check_skip
 from gradstats.scaling._rules import constant_factor, make_rule
-from gradstats.scaling._scaler_state import ScalerState, copy_state
+from gradstats.scaling._scaler_state import ScalerState, copy_state, evolve
 from gradstats.scaling._state import Totals
 from gradstats.scaling._statistic import get_statistic
 
@@ -262,7 +262,7 @@ def update_(
             "skipped": state.skipped + ~apply,
             "progress": state.progress + torch.where(apply, factor, 0.0),
         }
-    return replace(
+    return evolve(
         state, present=present, applied=apply, updates=state.updates + 1, **counters, **fields
     )
 
@@ -295,7 +295,7 @@ def totals(state: ScalerState) -> Totals:
 def refresh(state: ScalerState, config: ScalerConfig) -> ScalerState:
     """ρ and the factor of every aggregate recomputed from the statistics as they are now (one
     rate-limited move with ``max_rate``). No host sync."""
-    return replace(state, **_readout_fields(state, config, state.present, state.updates))
+    return evolve(state, **_readout_fields(state, config, state.present, state.updates))
 
 
 def _readout_fields(

@@ -118,6 +118,22 @@ class ScalerState:
         return self.layout.devices[0]
 
 
+def evolve(state: ScalerState, **changes: object) -> ScalerState:
+    """``dataclasses.replace(state, **changes)`` for the per-step path: the same new state
+    (every other field shared, no ``__init__`` re-run: a ScalerState has no checks of its own)
+    in a few dict operations instead of one ``getattr`` and keyword per field."""
+    unknown = changes.keys() - _FIELDS
+    if unknown:
+        raise TypeError(f"ScalerState has no field(s) {sorted(unknown)}")
+    new = object.__new__(ScalerState)
+    new.__dict__.update(state.__dict__)
+    new.__dict__.update(changes)
+    return new
+
+
+_FIELDS = frozenset(ScalerState.__dataclass_fields__)
+
+
 def init(
     config: AggregationSettings,
     params: ParamLayout | object,
