@@ -124,7 +124,7 @@ class FisherState:
             return
         if self._pending.crowded(bound):
             self.flush()
-        self._pending.reserved += bound
+        self._pending.reserve(bound)
 
     def flush(self) -> None:
         """Fold every pending batch into the float64 statistics (before any read)."""

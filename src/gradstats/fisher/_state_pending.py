@@ -27,7 +27,6 @@ once, with ``accept`` on the device (no host read).
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -46,6 +45,7 @@ __all__ = [
 ]
 
 FOLD_EVERY = 32
+_FLOAT32_LIMIT = torch.finfo(torch.float32).max / 2
 
 
 def accepted_flag(ok: torch.Tensor) -> bool | None:
@@ -132,16 +132,19 @@ class PendingSums:
         self.buffers: dict[str, torch.Tensor] = {}
         self.batches = 0
         self.reserved = 0.0  # Σ of the host bounds of the pending batches' entries (CPU)
-        self.limit = math.inf  # the smallest dtype's largest value / 2 over the buffers
 
     def crowded(self, bound: float) -> bool:
         """Whether a batch whose entries are at most ``bound`` (a host number) could overflow
-        the pending sums in their dtype (largest value / 2: rounding included): fold first."""
-        return self.batches > 0 and self.reserved + bound > self.limit
+        the pending sums in their smallest dtype (largest value / 2: rounding included): then
+        fold first. (The buffers are float32 or float64: below float32's range, never.)"""
+        total = self.reserved + bound
+        if not self.batches or total <= _FLOAT32_LIMIT:
+            return False
+        return total > min(torch.finfo(b.dtype).max for b in self.buffers.values()) / 2
 
-    def _new_buffer(self, buffer: torch.Tensor) -> torch.Tensor:
-        self.limit = min(self.limit, torch.finfo(buffer.dtype).max / 2)
-        return buffer
+    def reserve(self, bound: float) -> None:
+        """Count a batch's bound in (after :meth:`crowded` and any fold it asked for)."""
+        self.reserved += bound
 
     def add(
         self,
@@ -160,7 +163,7 @@ class PendingSums:
             return
         for key, value in values.items():
             if key not in self.buffers:
-                self.buffers[key] = self._new_buffer(torch.zeros_like(value))
+                self.buffers[key] = torch.zeros_like(value)
         if values:
             items = list(values.values())
             if accepted is None:
@@ -171,7 +174,7 @@ class PendingSums:
             if key2 not in buffers:
                 if shape_of is None:
                     raise RuntimeError("a new pending product buffer needs shape_of")
-                buffers[key2] = self._new_buffer(m1.new_zeros(shape_of(key2)))
+                buffers[key2] = m1.new_zeros(shape_of(key2))
             target = buffers[key2] if index is None else buffers[key2][index]
             if accepted is None:
                 target.add_(torch.where(ok, m1 @ m2, 0.0))
@@ -198,7 +201,7 @@ class PendingSums:
         self.batches, self.reserved = 0, 0.0
 
     def clear(self) -> None:
-        self.buffers, self.batches, self.reserved, self.limit = {}, 0, 0.0, math.inf
+        self.buffers, self.batches, self.reserved = {}, 0, 0.0
 
 
 class PendingGroups:

@@ -3,7 +3,7 @@
 Under AMP (``torch.amp.GradScaler``) backward hooks see gradients multiplied by the loss scale S,
 and ``.grad`` carries S until ``grad_scaler.unscale_(optimizer)`` runs. The scaler divides what
 carries S by it on the device. S is read as ``grad_scaler.scale(ones)`` — the documented
-``scale()`` multiplies a tensor by S on the device (no ``.item()``, unlike ``get_scale()``) and
+``scale()`` multiplies a tensor by S on the device (no host read, unlike ``get_scale()``) and
 returns it unchanged when the scaler is disabled — so no private attribute (``_scale``) is read.
 Other loss scalers (DeepSpeed, apex, a hand-written one) pass S as ``loss_scale=`` (a device
 tensor, or a number).
