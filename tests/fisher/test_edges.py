@@ -144,6 +144,22 @@ def test_a_replaced_ancestor_container_is_detected():
         fc.collect(X, y)
 
 
+def test_a_new_children_dict_with_the_same_children_is_no_change():
+    """The quick check compares the containers' dicts themselves; a module whose ``_modules``
+    dict was rebuilt around the same children takes the full walk once, finds no replacement,
+    and a replacement inside the new dict is still found."""
+    model = _mlp()
+    y = torch.randn(5, 2, dtype=torch.float64)
+    fc = FisherCollector(model, "empirical", "regression").collect(X, y)
+    model._modules = dict(model._modules)  # a new dict holding the same modules
+    fc.collect(X, y)
+    fc.collect(X, y)
+    assert fc.counts["samples"] == 15
+    model._modules["2"] = nn.Linear(3, 2).double()
+    with pytest.raises(StateError, match=r"module '2' was replaced"):
+        fc.collect(X, y)
+
+
 def test_large_finite_statistics_are_not_taken_for_overflow():
     """Batch acceptance sums every statistic's total in float64: float32 totals that are each
     finite (near 3e38 together) must not add up to a false inf."""

@@ -139,6 +139,36 @@ def test_autograd_grad_and_paused_backward_are_not_recorded():
     torch.testing.assert_close(_estimates(vgs), _estimates(reference))
 
 
+class _NoPlans(dict):
+    """A plan cache that keeps nothing: every commit is planned afresh."""
+
+    def __setitem__(self, key, value) -> None:
+        pass
+
+
+def test_planned_commits_equal_fresh_ones_when_the_reached_tensors_change():
+    """The end of a backward reuses its plan (which staged entries go to which rows) while
+    the same tensors reach .grad; a probe by ``torch.autograd.grad`` (nothing reaches .grad)
+    or a layer frozen for some steps changes the plan."""
+    runs = []
+    for planned in (True, False):
+        model = _mlp()
+        vgs = _scaler(model, beta=0.9)
+        if not planned:
+            vgs._tracker.modules._plans = _NoPlans()
+        for k, (frozen, probe) in enumerate([(0, 0), (0, 1), (1, 0), (1, 1), (0, 0), (0, 1)]):
+            model[0].weight.requires_grad_(not frozen)
+            model.zero_grad()
+            x, y = _batch(10 + k)
+            if probe:
+                wanted = [p for p in model.parameters() if p.requires_grad]
+                torch.autograd.grad(F.cross_entropy(model(x[:5]), y[:5]), wanted)
+            F.cross_entropy(model(x), y).backward()
+            vgs.step()
+        runs.append(vgs.state_dict())
+    assert_same(runs[0], runs[1])
+
+
 def test_remove_hooks_stops_recording():
     model = _mlp()
     vgs = _scaler(model)

@@ -27,6 +27,7 @@ import contextlib
 import functools
 from collections import Counter
 from dataclasses import dataclass
+from operator import is_
 
 import torch
 from torch import nn
@@ -113,10 +114,11 @@ class Engine:
         Raises:
             StateError: naming the replaced module or parameter.
         """
-        if all(
-            (p._parameters if leaf else p._modules).get(k) is c for p, k, c, leaf in self._links
+        holders, attrs, tables, keys, children = self._links
+        if all(map(is_, map(getattr, holders, attrs), tables)) and all(
+            map(is_, map(dict.get, tables, keys), children)
         ):
-            return  # every step of every path holds (one pass; the walk below names a break)
+            return  # every step of every path holds (iterated in C; the walk names a break)
         for module, keys, params in self._paths:
             current: nn.Module | None = self.model
             for key in keys:
@@ -138,10 +140,12 @@ class Engine:
                         "FisherCollector was built; build a new FisherCollector for the changed "
                         "model"
                     )
+        self._links = self._path_links()  # the same modules in new containers: no change
 
-    def _path_links(self) -> list[tuple[nn.Module, str, object, bool]]:
-        """Every step of the paths :meth:`check_attached` walks, as (container, key, what it
-        must hold there, whether a parameter): all hold iff no walk finds a replacement."""
+    def _path_links(self) -> tuple[list[nn.Module], list[str], list[dict], list[str], list]:
+        """Every step of the paths :meth:`check_attached` walks, as parallel lists: the
+        container, the name of its dict (``_modules`` or ``_parameters``), that dict, the key
+        and what it must hold there; all hold iff no walk finds a replacement."""
         links: dict[tuple[int, str, bool], tuple[nn.Module, str, object, bool]] = {}
         for module, keys, params in self._paths:
             current = self.model
@@ -156,7 +160,11 @@ class Engine:
                     links[(id(owner), key, False)] = (owner, key, child, False)
                     owner = child
                 links[(id(owner), leaf, True)] = (owner, leaf, self.selected[name], True)
-        return list(links.values())
+        steps = list(links.values())
+        attrs = ["_parameters" if leaf else "_modules" for _, _, _, leaf in steps]
+        holders = [holder for holder, _, _, _ in steps]
+        tables = [getattr(holder, attr) for holder, attr in zip(holders, attrs, strict=True)]
+        return holders, attrs, tables, [k for _, k, _, _ in steps], [c for _, _, c, _ in steps]
 
     def _module_paths(self) -> list[tuple[nn.Module, list[str], list[tuple[list[str], str, str]]]]:
         """(hooked module, its path's keys, [(keys to the owner, attribute, parameter name)])."""

@@ -20,7 +20,9 @@ scaled under AMP).
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
+from operator import attrgetter, is_not
 from typing import Any, cast
 
 import torch
@@ -75,6 +77,10 @@ class Observation:
     prepared: tuple[Any, ...] = ()
 
 
+_GRAD, _SHAPE, _DEVICE = attrgetter("grad"), attrgetter("shape"), attrgetter("device")
+_IS_SPARSE, _PRESENT = attrgetter("is_sparse"), functools.partial(is_not, None)
+
+
 def _mask(
     state: ScalerState, block: int, present: tuple[bool, ...], device: torch.device
 ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -101,7 +107,8 @@ def check_parameters(state: ScalerState) -> None:
             for b, (start, stop) in enumerate(layout.blocks)
             for shape in state.shapes[start:stop]
         ]
-    if [(t.shape, t.device) for t in layout.tensors] == expected:
+    tensors = layout.tensors
+    if list(zip(map(_SHAPE, tensors), map(_DEVICE, tensors), strict=True)) == expected:  # in C
         return
     for b, (start, stop) in enumerate(layout.blocks):
         for j in range(start, stop):
@@ -159,8 +166,8 @@ def observe(
         raise ConfigurationError("scaled=True needs the loss scale the gradients carry")
     check_parameters(state)
     layout, home = state.layout, state.home
-    everything = [t.grad for t in layout.tensors]
-    if any(g is not None and g.is_sparse for g in everything):
+    everything = list(map(_GRAD, layout.tensors))
+    if any(map(_IS_SPARSE, filter(_PRESENT, everything))):  # (in C: every step)
         raise ConfigurationError("sparse gradients are not supported by VarianceGradientScaler")
     hook_inv = None if loss_scale is None else _inverse(loss_scale, home)
     grad_inv = hook_inv if scaled else None
@@ -168,7 +175,7 @@ def observe(
     finite: torch.Tensor | None = None
     for b, (start, stop) in enumerate(layout.blocks):
         grads = everything[start:stop]
-        present = tuple(g is not None for g in grads)
+        present = tuple(map(_PRESENT, grads))
         rows, mask = _mask(state, b, present, layout.devices[b])
         prepared = None
         if all(present):  # the common case: no scatter into a zero vector

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import operator
 import weakref
 from collections.abc import Iterator, Sequence
 
@@ -76,11 +77,9 @@ class GradientTracker:
             self.modules = None
 
     def token(self, layout: ParamLayout) -> tuple[object, ...]:
-        """Identifies the current gradients: hook events plus the identity of every ``.grad``."""
-        return (
-            self.events,
-            tuple(id(t.grad) if t.grad is not None else 0 for t in layout.tensors),
-        )
+        """Identifies the current gradients: hook events plus the identity of every ``.grad``
+        (``id(None)`` where there is none; iterated in C: this runs twice per step)."""
+        return (self.events, tuple(map(id, map(_GRAD, layout.tensors))))
 
     @contextlib.contextmanager
     def paused(self) -> Iterator[None]:
@@ -89,6 +88,9 @@ class GradientTracker:
             yield
         finally:
             self.capture = previous
+
+
+_GRAD = operator.attrgetter("grad")
 
 
 def _capturing(owner: weakref.ref[GradientTracker]) -> bool:
@@ -104,7 +106,7 @@ def _count_hook(
     tracker = owner()
     if tracker is not None:
         tracker.events += 1
-        if name is not None and tracker.modules is not None:
+        if name is not None and tracker.capture and tracker.modules is not None:
             tracker.modules.reached(name)
 
 

@@ -62,29 +62,30 @@ def update_on_host(
     ``take`` the step's flags, ``passes`` the host counts K, ``count`` the EMA counts and
     ``ema`` the current (noise, signal) EMAs as host lists."""
     total, sq, ok = sums.tolist(), sq_norms.tolist(), take.tolist()  # sync-ok: CPU state
+    isfinite = math.isfinite
     estimates: list[tuple[float, float] | None] = []
-    for j, k in enumerate(passes):
-        estimate = None
-        if ok[j] and k >= 2.0:
-            small = k * k * total[j] / k  # K²Σ/max(K, 1), in the tensor path's order
-            noise, signal = (small - sq[j]) / (k - 1.0), (k * sq[j] - small) / (k - 1.0)
-            if math.isfinite(noise) and math.isfinite(signal):
-                estimate = (noise, signal)
-        estimates.append(estimate)
+    for t, b, good, k in zip(total, sq, ok, passes, strict=True):
+        if good and k >= 2.0:
+            small = k * k * t / k  # K²Σ/max(K, 1), in the tensor path's order
+            noise, signal = (small - b) / (k - 1.0), (k * b - small) / (k - 1.0)
+            if isfinite(noise) and isfinite(signal):
+                estimates.append((noise, signal))
+                continue
+        estimates.append(None)
     before = count.tolist()  # sync-ok: CPU state
     counts = [c + (e is not None) for c, e in zip(before, estimates, strict=True)]
     device = count.device
     new_count = torch.tensor(counts, dtype=count.dtype, device=device)
-    steps = ema_step_sizes(beta, new_count)
     noise_ema, signal_ema = ema
-    rows: list[list[float]] = [[], []]
-    for j, estimate in enumerate(estimates):
-        step = 0.0 if estimate is None else steps[j]
-        x = estimate or (0.0, 0.0)  # ema + step·(where(valid, estimate, 0) − ema)
-        rows[0].append(noise_ema[j] + step * (x[0] - noise_ema[j]))
-        rows[1].append(signal_ema[j] + step * (x[1] - signal_ema[j]))
-    return HostUpdate(
-        new_count,
-        torch.tensor(rows, dtype=torch.float64, device=device),
-        torch.tensor(passes, dtype=torch.float64, device=device),
-    )
+    noise_row, signal_row = [], []
+    for estimate, step, m, s in zip(
+        estimates, ema_step_sizes(beta, new_count), noise_ema, signal_ema, strict=True
+    ):  # ema + step·(where(valid, estimate, 0) − ema)
+        x, y = estimate or (0.0, 0.0)
+        if estimate is None:
+            step = 0.0
+        noise_row.append(m + step * (x - m))
+        signal_row.append(s + step * (y - s))
+    # the new EMAs and the counts K in one host-to-device copy
+    known = torch.tensor([noise_row, signal_row, passes], dtype=torch.float64, device=device)
+    return HostUpdate(new_count, known[:2], known[2])

@@ -25,6 +25,7 @@ import sys
 import tempfile
 import weakref
 from collections.abc import Iterator
+from itertools import repeat
 from pathlib import Path
 
 import torch
@@ -138,6 +139,7 @@ def native_traffic() -> Iterator[list[tuple[str, int, int]]]:
 _PTR_CODE = next(c for c in "QLI" if array.array(c).itemsize == ctypes.sizeof(ctypes.c_void_p))
 _I64_CODE = next(c for c in "qlL" if array.array(c).itemsize == 8)
 _Tensor = torch.Tensor
+_DTYPE, _IS_CPU = operator.attrgetter("dtype"), operator.attrgetter("is_cpu")
 
 
 def _address(buffer: array.array[int]) -> int:
@@ -196,15 +198,17 @@ def native_batch(tensors: list[torch.Tensor], *, fresh: bool = False) -> NativeB
     last = _LAST
     if not fresh and last is not None and last.holds(tensors):
         return last
-    ptrs, sizes, kinds = [], [], []
-    for t in tensors:
-        kind = _KIND.get(t.dtype)
-        if kind is None or type(t) is not _Tensor or not t.is_cpu or not t.is_contiguous():
-            return None
-        ptrs.append(t.data_ptr())
-        sizes.append(t.numel())
-        kinds.append(kind)
-    _LAST = batch = NativeBatch(tensors, ptrs, sizes, kinds)
+    # every check iterates in C (no Python frame per tensor): this runs at every step
+    kinds = list(map(_KIND.get, map(_DTYPE, tensors)))
+    if (
+        None in kinds
+        or not all(map(operator.is_, map(type, tensors), repeat(_Tensor)))
+        or not all(map(_IS_CPU, tensors))
+        or not all(map(_Tensor.is_contiguous, tensors))
+    ):
+        return None
+    ptrs, sizes = list(map(_Tensor.data_ptr, tensors)), list(map(_Tensor.numel, tensors))
+    _LAST = batch = NativeBatch(tensors, ptrs, sizes, kinds)  # type: ignore[arg-type]
     return batch
 
 

@@ -125,6 +125,7 @@ class PerSampleHooks:
         self._batch = 0
         self._calls: dict[tuple[int, nn.Module], int] = defaultdict(int)
         self._layouts: dict[tuple[object, ...], UnitLayout] = {}
+        self._plans: dict[tuple[object, ...], list[tuple]] = {}  # see _commit
         self._reset_backward()
         self._handles = [model.register_forward_pre_hook(self._pre_hook, with_kwargs=True)]
         self._handles += [
@@ -329,9 +330,9 @@ class PerSampleHooks:
         return gw, rows.sum(0)
 
     def reached(self, name: str) -> None:
-        """``name``'s gradient reached ``.grad`` in this backward (its post-accumulate hook)."""
-        if self.capture():
-            self._reached.add(name)
+        """``name``'s gradient reached ``.grad`` in this backward (its post-accumulate hook,
+        which calls this only while the tracker captures)."""
+        self._reached.add(name)
 
     def finish(self) -> None:
         """End of one backward: sites of shared parameters, then commit what reached .grad."""
@@ -350,22 +351,36 @@ class PerSampleHooks:
         names, values = self._staging.values(self.states[0]._sums.device)
         if values is None:
             return
-        reached = self._reached
-        by_block: dict[int, tuple[list[int], list[int], dict[int, int]]] = {}
+        key = (tuple(names), frozenset(self._reached))
+        plan = self._plans.get(key)
+        if plan is None:  # the same entries reach .grad at every step: planned once
+            if len(self._plans) > 64:
+                self._plans.clear()
+            plan = self._plans[key] = self._plan(names, values.device)
+        for block, index, rows, count_rows, count_names in plan:
+            part = values if index is None else values.index_select(0, index)
+            counts = list(map(self._units.__getitem__, count_names))
+            self.states[block].add_units(rows, part, count_rows, counts)
+
+    def _plan(self, names: list[str | None], device: torch.device) -> list[tuple]:
+        """Per block: (the index of its entries in the staged vector, None for all of them;
+        their rows; the rows whose unit counts it adds, and their names)."""
+        by_block: dict[int, tuple[list[int], list[int], dict[int, str]]] = {}
         for k, name in enumerate(names):
-            if name is None or name not in reached:
+            if name is None or name not in self._reached:
                 continue  # no such parameter, or torch.autograd.grad: never reached .grad
             block, row = self.rows[name]
-            positions, rows, counts = by_block.setdefault(block, ([], [], {}))
+            positions, rows, counted = by_block.setdefault(block, ([], [], {}))
             positions.append(k)
             rows.append(row)
-            counts[row] = self._units[name]
-        for block, (positions, rows, counts) in by_block.items():
-            part = values
+            counted[row] = name
+        plan = []
+        for block, (positions, rows, counted) in by_block.items():
+            index = None
             if len(positions) != len(names):
-                index = torch.tensor(positions, dtype=torch.int64, device=values.device)
-                part = values.index_select(0, index)
-            self.states[block].add_units(rows, part, list(counts), list(counts.values()))
+                index = torch.tensor(positions, dtype=torch.int64, device=device)
+            plan.append((block, index, rows, list(counted), list(counted.values())))
+        return plan
 
 
 def _on_grad(owner: PerSampleHooks, site: tuple, grad: torch.Tensor) -> None:
