@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import collections.abc
 import warnings
 
 import pytest
@@ -152,6 +153,41 @@ def test_a_new_children_dict_with_the_same_children_is_no_change():
     y = torch.randn(5, 2, dtype=torch.float64)
     fc = FisherCollector(model, "empirical", "regression").collect(X, y)
     model._modules = dict(model._modules)  # a new dict holding the same modules
+    fc.collect(X, y)
+    fc.collect(X, y)
+    assert fc.counts["samples"] == 15
+    model._modules["2"] = nn.Linear(3, 2).double()
+    with pytest.raises(StateError, match=r"module '2' was replaced"):
+        fc.collect(X, y)
+
+
+class _Table(collections.abc.MutableMapping):
+    """A children mapping that is not a dict (the quick check must not call dict.get on it)."""
+
+    def __init__(self, items):
+        self._items = dict(items)
+
+    def __getitem__(self, key):
+        return self._items[key]
+
+    def __setitem__(self, key, value):
+        self._items[key] = value
+
+    def __delitem__(self, key):
+        del self._items[key]
+
+    def __iter__(self):
+        return iter(self._items)
+
+    def __len__(self):
+        return len(self._items)
+
+
+def test_a_children_mapping_that_is_not_a_dict_takes_the_full_walk():
+    model = _mlp()
+    y = torch.randn(5, 2, dtype=torch.float64)
+    fc = FisherCollector(model, "empirical", "regression").collect(X, y)
+    model._modules = _Table(model._modules)
     fc.collect(X, y)
     fc.collect(X, y)
     assert fc.counts["samples"] == 15

@@ -27,6 +27,7 @@ import contextlib
 import functools
 from collections import Counter
 from dataclasses import dataclass
+from itertools import repeat
 from operator import is_
 
 import torch
@@ -115,10 +116,12 @@ class Engine:
             StateError: naming the replaced module or parameter.
         """
         holders, attrs, tables, keys, children = self._links
-        if all(map(is_, map(getattr, holders, attrs), tables)) and all(
-            map(is_, map(dict.get, tables, keys), children)
+        if (  # every step of every path holds (iterated in C; the walk below names a break)
+            all(map(is_, map(getattr, holders, attrs), tables))
+            and all(map(is_, map(type, tables), repeat(dict)))  # (plain dicts: dict.get is theirs)
+            and all(map(is_, map(dict.get, tables, keys), children))
         ):
-            return  # every step of every path holds (iterated in C; the walk names a break)
+            return
         for module, keys, params in self._paths:
             current: nn.Module | None = self.model
             for key in keys:
