@@ -72,6 +72,26 @@ def test_linearization_at_a_real_point_accepts_complex_vectors(jvp_mode):
     torch.testing.assert_close(lin.antisymmetric(v), jvp - vjp)
 
 
+@pytest.mark.filterwarnings("ignore:`torch.jit.script` is deprecated:DeprecationWarning")
+@pytest.mark.parametrize("jvp_mode", ["reverse", "forward"])
+def test_products_keep_a_parameter_graph_only_with_create_graph(jvp_mode):
+    """Both JVP modes: a graph to the parameters with ``create_graph`` (penalties), none
+    without it or inside ``detached()`` (power iterations, adjoint solves), same values."""
+    model, x, _ = tanh_case()
+    z = 0.5 * torch.randn(5, 8, generator=gen(7))
+    v = torch.randn(5, 8, generator=gen(8))
+    force = lambda t: model.force(t, x)  # noqa: E731
+    kept = Linearization(force, z, jvp_mode, create_graph=True)
+    plain = Linearization(force, z, jvp_mode)
+    with_graph = kept.jvp(v)
+    assert with_graph.requires_grad
+    with kept.detached():
+        inside = kept.jvp(v)
+    for product in (inside, plain.jvp(v)):
+        assert not product.requires_grad
+        torch.testing.assert_close(product, with_graph.detach(), rtol=1e-12, atol=1e-12)
+
+
 @pytest.mark.parametrize("seed", [0, 1, 2])
 def test_adjointness_holds_with_noise_on(seed):
     """⟨u, Jv⟩ = ⟨Jᵀu, v⟩ for the noisy force: JVP and VJP see one noise realisation."""

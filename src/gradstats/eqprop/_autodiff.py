@@ -122,8 +122,8 @@ class Linearization:
         return g
 
     def _jvp_raw(self, v: torch.Tensor) -> torch.Tensor:
-        if self.jvp_mode == "forward":
-            with torch.enable_grad():
+        if self.jvp_mode == "forward":  # a graph to the parameters only where it is wanted
+            with torch.enable_grad() if self.create_graph else torch.no_grad():
                 return torch.func.jvp(self.fn, (self.point,), (v,))[1]
         with torch.enable_grad():
             if self._w is None or self._jtw is None:
