@@ -126,29 +126,26 @@ class LeanLinearPath:
         gemms: list = []
         trace: list[torch.Tensor | None] = [None] * families
         mask: list[torch.Tensor | None] = [None] * families
+        peaks: list[torch.Tensor] = []  # max a², max b² per layer (see _finite)
         squares: list[tuple[torch.Tensor, torch.Tensor, bool]] = []  # (a², b², has a bias)
-        missing = False
+        missing = bare = False
         with torch.no_grad():
-            rows = []  # (layer, site, a, b, compute dtype) of every layer whose output was reached
             for site, grad in zip(reversed(sites), reversed(grads), strict=True):
                 if grad is None:  # that output did not reach the objective
                     missing = True
                     continue
+                layer = layers[site.handler.module]
                 a, b = site.saved[0], grad
                 cdt = torch.float64 if b.dtype == torch.float64 else torch.float32  # compute_dtype
                 if b.dtype is not cdt or a.dtype is not cdt:  # (bf16/fp16: upcast first)
                     a, b = a.to(cdt), b.to(cdt)
-                rows.append((layers[site.handler.module], site, a, b, cdt))
-            # a², b² of every layer in one op, their maxima in another (see _finite)
-            factors = [t for _, _, a, b, _ in rows for t in (a, b)]  # (one device: the CPU)
-            squared = torch._foreach_mul(factors, factors) if factors else []
-            full = [t for k in range(0, len(squared), 2) for t in squared[k : k + 2]
-                    if squared[k].numel() and squared[k + 1].numel()]  # fmt: skip
-            bare = len(full) != len(squared)  # a zero-width layer: its proxies decide
-            peaks = torch._foreach_max(full) if full else []
-            for k, (layer, site, a, b, cdt) in enumerate(rows):
-                a2, b2 = squared[2 * k], squared[2 * k + 1]
                 wide = cdt is not dtype  # a float32 layer of a model with float64 parameters
+                a2 = a.square()
+                b2 = b.square()
+                if a2.numel() and b2.numel():
+                    peaks += [a2.amax(), b2.amax()]
+                else:  # a zero-width layer: its proxies decide (see _finite)
+                    bare = True
                 squares.append((a2, b2, layer.bias is not None))
                 gemms.append((layer.weight, None, b2.T, a2))
                 if signal:
@@ -184,9 +181,8 @@ def _finite(objective, peaks, squares, trace, mask, bare: bool) -> float:
     the row sums of a² dotted with those of b²) and, with a bias, Σ_i ‖b_i‖² are finite in the
     compute dtype. The row sums are bounded by d_in·max a² and d_out·max b², the proxies by
     n·d_in·d_out·max a²·max b² and n·d_out·max b² (float rounding of non-negative sums adds
-    under a factor 2 here), so the maxima — the squares of every layer in one
-    ``_foreach_mul`` and their maxima in one ``_foreach_max``, instead of the proxies' three
-    ops per layer — decide the batch wherever every bound is below the dtype's largest value. The proxies
+    under a factor 2 here), so the maxima — one op per square instead of the proxies' three —
+    decide the batch wherever every bound is below the dtype's largest value. The proxies
     themselves are formed only where one is not (entries near 1e19 in float32: a row sum that
     overflows next to a zero row makes the general path's proxy inf·0 = NaN) and for a layer
     with a zero-size side (``bare``: no maxima to take): the same decisions, in fewer ops.
