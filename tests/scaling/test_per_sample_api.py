@@ -146,13 +146,14 @@ class _NoPlans(dict):
         pass
 
 
-def test_planned_commits_equal_fresh_ones_when_the_reached_tensors_change():
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_planned_commits_equal_fresh_ones_when_the_reached_tensors_change(dtype):
     """The end of a backward reuses its plan (which staged entries go to which rows) while
     the same tensors reach .grad; a probe by ``torch.autograd.grad`` (nothing reaches .grad)
     or a layer frozen for some steps changes the plan."""
     runs = []
     for planned in (True, False):
-        model = _mlp()
+        model = _mlp().to(dtype)
         vgs = _scaler(model, beta=0.9)
         if not planned:
             vgs._tracker.modules._plans = _NoPlans()
@@ -160,6 +161,7 @@ def test_planned_commits_equal_fresh_ones_when_the_reached_tensors_change():
             model[0].weight.requires_grad_(not frozen)
             model.zero_grad()
             x, y = _batch(10 + k)
+            x = x.to(dtype)
             if probe:
                 wanted = [p for p in model.parameters() if p.requires_grad]
                 torch.autograd.grad(F.cross_entropy(model(x[:5]), y[:5]), wanted)

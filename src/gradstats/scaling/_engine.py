@@ -77,7 +77,7 @@ class Observation:
     prepared: tuple[Any, ...] = ()
 
 
-_GRAD, _SHAPE, _DEVICE = attrgetter("grad"), attrgetter("shape"), attrgetter("device")
+_SHAPE, _DEVICE = attrgetter("shape"), attrgetter("device")
 _IS_SPARSE, _PRESENT = attrgetter("is_sparse"), functools.partial(is_not, None)
 
 
@@ -166,7 +166,7 @@ def observe(
         raise ConfigurationError("scaled=True needs the loss scale the gradients carry")
     check_parameters(state)
     layout, home = state.layout, state.home
-    everything = list(map(_GRAD, layout.tensors))
+    everything = layout.grads()
     if any(map(_IS_SPARSE, filter(_PRESENT, everything))):  # (in C: every step)
         raise ConfigurationError("sparse gradients are not supported by VarianceGradientScaler")
     hook_inv = None if loss_scale is None else _inverse(loss_scale, home)

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import contextlib
 import functools
-import operator
 import weakref
 from collections.abc import Iterator, Sequence
 
@@ -79,7 +78,7 @@ class GradientTracker:
     def token(self, layout: ParamLayout) -> tuple[object, ...]:
         """Identifies the current gradients: hook events plus the identity of every ``.grad``
         (``id(None)`` where there is none; iterated in C: this runs twice per step)."""
-        return (self.events, tuple(map(id, map(_GRAD, layout.tensors))))
+        return (self.events, tuple(map(id, layout.grads())))
 
     @contextlib.contextmanager
     def paused(self) -> Iterator[None]:
@@ -88,9 +87,6 @@ class GradientTracker:
             yield
         finally:
             self.capture = previous
-
-
-_GRAD = operator.attrgetter("grad")
 
 
 def _capturing(owner: weakref.ref[GradientTracker]) -> bool:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 from dataclasses import dataclass
+from operator import attrgetter
 
 import torch
 
@@ -32,6 +33,13 @@ class ParamLayout:
 
     def index(self, name: str) -> int:
         return self.names.index(name)
+
+    def grads(self) -> list[torch.Tensor | None]:
+        """The current ``.grad`` of every tensor, in order (read in C: at every step)."""
+        return list(map(_GRAD, self.tensors))
+
+
+_GRAD = attrgetter("grad")
 
 
 def _entries(params: object) -> list[tuple[str, torch.Tensor, int]]:
