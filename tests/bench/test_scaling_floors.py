@@ -36,25 +36,33 @@ def test_floor_gives_the_per_example_sums_and_gradient_norms(dtype):
     torch.testing.assert_close(sq, norms, **tol)
 
 
-def test_sequence_floor_gives_the_gradient_and_the_per_sequence_norms():
-    """GPT-2 config with tied embeddings (float64): ĝ of every parameter equals a plain
-    backward's, and ‖c‖ of every Conv1D weight equals a per-sequence autograd loop."""
+def _tiny_gpt2(id_range: int):
+    """A float64 GPT-2 config (vocabulary 40, tied embeddings), 3 sequences of 12 ids below
+    ``id_range``, its mean next-token loss (on some ``rows``, or summed) and the mean's scale."""
     transformers = pytest.importorskip("transformers")
-    from gradstats.bench.suites._scaling_floors import sequence_floor
-
     config = transformers.GPT2Config(
         n_layer=2, n_embd=16, n_head=2, vocab_size=40, n_positions=12,
         attn_pdrop=0.0, resid_pdrop=0.0, embd_pdrop=0.0,
     )  # fmt: skip
     torch.manual_seed(0)
     model = transformers.GPT2LMHeadModel(config).double()
-    ids = torch.randint(0, 40, (3, 12))
+    ids = torch.randint(0, id_range, (3, 12))
     scale = ids.shape[0] * (ids.shape[1] - 1)
 
     def loss(m: nn.Module, rows=slice(None), reduction="mean") -> torch.Tensor:
         logits = m(ids[rows]).logits[:, :-1]
         targets = ids[rows, 1:].reshape(-1)
         return F.cross_entropy(logits.reshape(-1, 40), targets, reduction=reduction)
+
+    return model, ids, loss, scale
+
+
+def test_sequence_floor_gives_the_gradient_and_the_per_sequence_norms():
+    """GPT-2 config with tied embeddings (float64): ĝ of every parameter equals a plain
+    backward's, and ‖c‖ of every Conv1D weight equals a per-sequence autograd loop."""
+    from gradstats.bench.suites._scaling_floors import sequence_floor
+
+    model, ids, loss, scale = _tiny_gpt2(40)
 
     norms, sq, grads = sequence_floor(copy.deepcopy(model), loss)()
     params = list(model.parameters())
@@ -70,6 +78,41 @@ def test_sequence_floor_gives_the_gradient_and_the_per_sequence_norms():
         share = loss(model, slice(i, i + 1), "sum") / scale
         per_sequence += torch.stack([g.square().sum() for g in torch.autograd.grad(share, conv)])
     torch.testing.assert_close(norms[:-1].square(), per_sequence, rtol=1e-10, atol=0)
+
+
+def test_the_complete_sequence_floor_gives_every_per_sequence_norm():
+    """GPT-2 config, tied embeddings, broadcast position embeddings (float64): Σ_i ‖c_i‖² of
+    every parameter (LayerNorms, biases, both embeddings, the tied weight's cross term) equals a
+    per-sequence autograd loop, and ĝ (returned and in ``.grad``) equals a plain backward's;
+    other layers are refused."""
+    from gradstats.bench.suites._scaling_floors import complete_sequence_floor
+
+    model, ids, loss, scale = _tiny_gpt2(8)  # ids < 8: repeated ids within a sequence
+    with torch.no_grad():  # LayerNorms away from their initial γ = 1, β = 0
+        for m in model.modules():
+            if isinstance(m, nn.LayerNorm):
+                m.weight.uniform_(0.5, 1.5)
+                m.bias.normal_()
+
+    hooked = copy.deepcopy(model)
+    floor = complete_sequence_floor(hooked, loss)
+    floor()
+    norms, sq, grads = floor()  # a second call: .grad is zeroed, not accumulated across calls
+    params = list(model.parameters())
+    full = torch.autograd.grad(loss(model), params)
+    for ours, written, g in zip(grads, hooked.parameters(), full, strict=True):
+        torch.testing.assert_close(ours, g, rtol=1e-10, atol=1e-14)
+        torch.testing.assert_close(written.grad, g, rtol=1e-10, atol=1e-14)
+    torch.testing.assert_close(
+        sq, torch.stack([g.square().sum() for g in full]), rtol=1e-10, atol=0
+    )
+    per_sequence = torch.zeros(len(params), dtype=torch.float64)
+    for i in range(ids.shape[0]):
+        share = loss(model, slice(i, i + 1), "sum") / scale
+        per_sequence += torch.stack([g.square().sum() for g in torch.autograd.grad(share, params)])
+    torch.testing.assert_close(norms, per_sequence, rtol=1e-10, atol=0)
+    with pytest.raises(ValueError, match="owned by"):
+        complete_sequence_floor(nn.Sequential(nn.Linear(3, 3), nn.Conv1d(3, 3, 1)), loss)
 
 
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])

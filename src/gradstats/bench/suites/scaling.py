@@ -60,7 +60,11 @@ from torch.utils._pytree import tree_leaves
 from gradstats import VarianceGradientScaler
 from gradstats.bench._harness import SETTLE, Candidate, Comparison
 from gradstats.bench._optional import Skipped, missing
-from gradstats.bench.suites._scaling_floors import per_sample_floor, sequence_floor
+from gradstats.bench.suites._scaling_floors import (
+    complete_sequence_floor,
+    per_sample_floor,
+    sequence_floor,
+)
 from gradstats.bench.suites._scaling_peers import ItemwiseTemporal, backpack_batch_l2
 from gradstats.scaling._kernels import native_kernels_available, native_traffic, set_native_kernels
 
@@ -366,10 +370,20 @@ def _per_sample_gpt2(smoke: bool) -> Comparison | Skipped:
         sequence_floor(copy.deepcopy(model), loss),
         "per-sequence weight products + ‖ĝ‖²; norms of biases, LN, embeddings left out",
     )
-    return _per_sample_cost(
+    comparison = _per_sample_cost(
         "scaling/per-sample-gpt2", model, loss, floor, n_layer=layers, n_embd=width,
         vocab_size=vocab, batch=batch, length=length, tied_embeddings=True,
     )  # fmt: skip
+    complete = Candidate(
+        "floor (complete)",
+        complete_sequence_floor(copy.deepcopy(model), loss),
+        "the lower bound + the per-sequence norms it leaves out, written by hand (exact)",
+    )
+    return replace(
+        comparison,
+        candidates=[*comparison.candidates, complete],
+        pairs=[*comparison.pairs, ("gradstats per_sample", complete.name)],
+    )
 
 
 def comparisons(smoke: bool) -> list[Comparison | Skipped]:
