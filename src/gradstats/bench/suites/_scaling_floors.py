@@ -95,16 +95,10 @@ def sequence_floor(
         for (module, x, _), b in zip(calls, found[: len(calls)], strict=True):
             weight = module.get_parameter("weight")
             if type(module) is nn.Embedding:
-                rows = torch.zeros_like(weight).index_add_(
-                    0, x.reshape(-1), b.reshape(-1, b.shape[-1])
-                )
-                _add(grads, weight, rows)
+                _add(grads, weight, _embedding_grad(weight, x, b))
                 continue
-            a = x.reshape(x.shape[0], -1, x.shape[-1])
             b = b.reshape(b.shape[0], -1, b.shape[-1])
-            per_unit = torch.bmm(a.transpose(1, 2), b)  # [B, d_in, d_out]
-            summed = per_unit.sum(0)
-            _add(grads, weight, summed if is_hf_conv1d(module) else summed.T)
+            per_unit = _products(module, x, b, grads)
             norms.append(torch.linalg.vector_norm(per_unit))
             if module.bias is not None:
                 _add(grads, module.get_parameter("bias"), b.sum((0, 1)))
@@ -185,8 +179,7 @@ def complete_sequence_floor(
             weight = module.get_parameter("weight")
             if type(module) is nn.Embedding:
                 ids = x.reshape(x.shape[0], -1)
-                rows = torch.zeros_like(weight).index_add_(0, ids.reshape(-1), b.flatten(0, 1))
-                _add(grads, weight, rows)
+                _add(grads, weight, _embedding_grad(weight, ids, b))
                 _add(norms, weight, norm_sum(Index(ids, b, weight.shape[0]), 0))
                 rows_of[id(weight)] = (ids, b)
                 continue
@@ -197,10 +190,7 @@ def complete_sequence_floor(
                 _add(grads, weight, scaled.sum(0).view(weight.shape))
                 _add(norms, weight, scaled.square().sum().double())
             else:
-                a = x.reshape(x.shape[0], -1, x.shape[-1])
-                per_unit = torch.bmm(a.transpose(1, 2), b)  # [B, d_in, d_out]
-                summed = per_unit.sum(0)
-                _add(grads, weight, summed if is_hf_conv1d(module) else summed.T)
+                per_unit = _products(module, x, b, grads)
                 _add(norms, weight, torch.linalg.vector_norm(per_unit).double().square())
                 dense[id(weight)] = per_unit
             if bias is not None:
@@ -217,6 +207,24 @@ def complete_sequence_floor(
         return torch.stack([norms[id(p)] for p in params]), squared_norms(total), total
 
     return run
+
+
+def _products(
+    module: nn.Module, x: torch.Tensor, b: torch.Tensor, grads: dict[int, torch.Tensor]
+) -> torch.Tensor:
+    """The per-sequence products c_i = Σ_t a_t b_tᵀ [B, d_in, d_out] of a Linear/Conv1D call
+    (input x, output gradient b [B, T, d_out]) by one batched matmul; their sum goes to
+    ``grads`` in the weight's layout."""
+    a = x.reshape(x.shape[0], -1, x.shape[-1])
+    per_unit = torch.bmm(a.transpose(1, 2), b)
+    summed = per_unit.sum(0)
+    _add(grads, module.get_parameter("weight"), summed if is_hf_conv1d(module) else summed.T)
+    return per_unit
+
+
+def _embedding_grad(weight: torch.Tensor, ids: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """ĝ of an embedding weight: the output gradient rows b added at their ids."""
+    return torch.zeros_like(weight).index_add_(0, ids.reshape(-1), b.reshape(-1, b.shape[-1]))
 
 
 def _add(grads: dict[int, torch.Tensor], param: torch.Tensor, value: torch.Tensor) -> None:
