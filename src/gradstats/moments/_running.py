@@ -28,6 +28,16 @@ from gradstats.moments._checks import (
 )
 from gradstats.moments._distributed import all_reduce_moments, all_reduce_sum_
 from gradstats.moments._placement import Placement
+from gradstats.moments._shift import (
+    absolute_mean,
+    all_reduce_shifted,
+    centred,
+    first_shift,
+    into_frame,
+    is_shifted,
+    recentred,
+    split_mean,
+)
 from gradstats.moments._welford import (
     Moments,
     batch_moments,
@@ -83,7 +93,9 @@ class RunningMoments:
     Args:
         shape: shape of one observation (``()`` for scalars).
         dtype: floating dtype of ``mean`` and M2 (float64 by default). The weight sums are always
-            kept in float64 (float32 on MPS).
+            kept in float64 (float32 on MPS). A non-float64 state keeps its mean as a shift K
+            plus the mean of x − K (``moments/_shift.py``): no precision is lost to an offset
+            far from 0.
         device: where the state lives; ``None`` follows the first data seen.
         weights: ``"frequency"`` or ``"reliability"`` — how weights enter the unbiased variance.
         nonfinite: ``"skip"`` or ``"raise"`` — what a non-finite batch does (see above).
@@ -121,6 +133,10 @@ class RunningMoments:
         device = self._placement.device
         self._state = empty_moments(self.shape, self.dtype, device)
         self._skipped = torch.zeros((), dtype=torch.int64, device=device)
+        # the shift K of a non-float64 state: ``_state.mean`` is the mean of x − K (_shift.py)
+        self._shift: torch.Tensor | None = None
+        if is_shifted(self.dtype):
+            self._shift = torch.zeros_like(self._state.mean)
 
     def reset(self) -> RunningMoments:
         """Forget every observation (keeps shape, dtype, weights kind, policy and device)."""
@@ -134,6 +150,8 @@ class RunningMoments:
     def _move_to(self, device: torch.device) -> None:
         self._state = self._state.map(lambda t: t.to(device))
         self._skipped = self._skipped.to(device)
+        if self._shift is not None:
+            self._shift = self._shift.to(device)
 
     def to(self, device: torch.device | str) -> RunningMoments:
         """Move the state to ``device`` (this pins the device).
@@ -184,7 +202,12 @@ class RunningMoments:
             raise ConfigurationError("weight must be finite and non-negative")
         if x.shape[0] == 0:
             return self
-        batch = batch_moments(x, weight, self.dtype, mask)
+        shift = self._shift
+        if shift is None:
+            batch = batch_moments(x, weight, self.dtype, mask)
+        else:  # x − K: no precision lost to an offset (moments/_shift.py)
+            shift = first_shift(shift, self._state.weight_sum, x, mask)
+            batch = batch_moments(centred(x, shift, self.dtype), weight, self.dtype, mask)
         # NaN/inf anywhere in x (or an overflow) makes the batch M2 non-finite: a check over
         # ``shape`` elements instead of the n × shape of x.
         finite = torch.isfinite(batch.m2).all()
@@ -203,10 +226,24 @@ class RunningMoments:
             self._move_to(self._placement.device)
         if accept is not None:
             finite = finite & accept.to(finite.device)
-        merged = combine(self._state, batch)
-        self._state = select(finite, merged, self._state)
+        self._state = self._merged(finite, self._state, batch, shift)
         self._skipped += (~finite).to(torch.int64)
         return self
+
+    def _merged(
+        self, keep: torch.Tensor | None, mine: Moments, theirs: Moments, frame: torch.Tensor | None
+    ) -> Moments:
+        """Chan's merge of two summaries whose means are relative to the shift ``frame`` (None
+        for a float64 state), taken where ``keep`` (None: always; else ``mine`` and the old
+        shift stay); a shifted state then moves its mean's high part into the shift."""
+        merged = combine(mine, theirs)
+        if frame is not None and self._shift is not None:
+            shift, mean = recentred(frame, merged.mean)
+            merged = merged.with_mean(mean)
+            taken = merged.weight_sum > 0  # a summary of no weight keeps its shift
+            taken = taken if keep is None else taken & keep
+            self._shift = torch.where(taken, shift, self._shift)
+        return merged if keep is None else select(keep, merged, mine)
 
     def merge(self, other: RunningMoments) -> RunningMoments:
         """Fold another summary into this one (Chan's merge); ``other`` is not changed.
@@ -232,14 +269,19 @@ class RunningMoments:
             self._move_to(self._placement.device)
         mine = self._state
         theirs = other._state.map(lambda t: t.to(device=self.device))
+        their_mean = theirs.mean.to(self.dtype)
+        if self._shift is not None or other._shift is not None:  # into this state's frame
+            self._shift, their_mean = into_frame(
+                self._shift, mine.weight_sum, theirs.mean, other._shift, self.dtype
+            )
         theirs = Moments(
             theirs.count.to(mine.count.dtype),
             theirs.weight_sum.to(mine.weight_sum.dtype),
             theirs.weight_sq_sum.to(mine.weight_sq_sum.dtype),
-            theirs.mean.to(self.dtype),
+            their_mean,
             theirs.m2.to(self.dtype),
         )
-        self._state = combine(mine, theirs)
+        self._state = self._merged(None, mine, theirs, self._shift)
         self._skipped = self._skipped + other._skipped.to(self.device)
         return self
 
@@ -252,7 +294,10 @@ class RunningMoments:
         would count other ranks twice; keep updating a fresh object if you need to reduce again.
         Without an initialised process group this is a no-op.
         """
-        self._state = all_reduce_moments(self._state, group)
+        if self._shift is None:
+            self._state = all_reduce_moments(self._state, group)
+        else:  # ranks have their own shifts: reduce the absolute summaries in float64
+            self._state, self._shift = all_reduce_shifted(self._state, self._shift, group)
         (self._skipped,) = all_reduce_sum_([self._skipped], group)
         return self
 
@@ -289,7 +334,8 @@ class RunningMoments:
     @property
     def mean(self) -> torch.Tensor:
         """Σ w x / W; NaN while W = 0."""
-        return torch.where(self._state.weight_sum > 0, self._state.mean, float("nan"))
+        mean = self._state.mean if self._shift is None else self._shift + self._state.mean
+        return torch.where(self._state.weight_sum > 0, mean, float("nan"))
 
     @property
     def m2(self) -> torch.Tensor:
@@ -323,9 +369,15 @@ class RunningMoments:
         """A plain dict (tensors, str, int, list) loadable with ``torch.load(weights_only=True)``.
 
         Keys: ``format``, ``version``, ``shape``, ``weights``, ``dtype``, ``count``, ``weight_sum``,
-        ``weight_sq_sum``, ``mean``, ``m2``, ``skipped``.
+        ``weight_sq_sum``, ``mean``, ``m2``, ``skipped``; a non-float64 state adds
+        ``mean_residual``: ``mean`` is the mean rounded to ``dtype`` and ``mean_residual`` what
+        the rounding left (the shifted state's two parts, see ``moments/_shift.py``).
         """
         state = {key: value.detach().clone() for key, value in self._state.as_dict().items()}
+        if self._shift is not None:
+            state["mean"], state["mean_residual"] = split_mean(
+                absolute_mean(self._state.mean, self._shift), self.dtype
+            )
         return {
             "format": _FORMAT,
             "version": _VERSION,
@@ -372,6 +424,15 @@ class RunningMoments:
             name: value.to(device, self.dtype if name in ("mean", "m2") else scalar, copy=True)
             for name, value in checked.items()
         }
+        high = checked["mean"]
+        low = torch.zeros_like(high)  # what a shifted state's rounding of its mean left
+        if "mean_residual" in state_dict:
+            low = state_tensor(state_dict, "mean_residual", self.shape).to(high.dtype)
+        if self._shift is None:  # float64: the mean, with the residual added back
+            fields["mean"] = (high.to(torch.float64) + low.to(torch.float64)).to(device)
+        else:  # the two parts as they were: K = the rounded mean, m = the residual
+            self._shift = high.to(device, self.dtype, copy=True)
+            fields["mean"] = low.to(device, self.dtype, copy=True)
         self._state = Moments(**fields)
         self._skipped = skipped.to(device=device, dtype=torch.int64, copy=True)
 

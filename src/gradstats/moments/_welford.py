@@ -60,6 +60,10 @@ class Moments:
         """The same summary with another ``count``."""
         return replace(self, count=count)
 
+    def with_mean(self, mean: torch.Tensor, m2: torch.Tensor | None = None) -> Moments:
+        """The same summary with another ``mean`` (and ``m2``, if given)."""
+        return replace(self, mean=mean, m2=self.m2 if m2 is None else m2)
+
 
 def scalar_dtype(device: torch.device) -> torch.dtype:
     """float64 for the weight scalars, except on backends without float64 (MPS)."""
