@@ -13,8 +13,10 @@ it), or of the whole process (``time.process_time``) when torch runs several thr
 accelerator the wall time (``time.perf_counter``) between synchronisations. It reports the
 median and inter-quartile range per candidate, the ratio of each median to the baseline's and
 the *paired* ratio (the median over repeats of the two calls' ratio within one repeat, see
-:func:`paired_ratio`; also for the ``pairs`` a comparison names), optional peak memory, and
-whether each candidate's output matches the reference candidate's ("same numbers").
+:func:`paired_ratio`; also for the ``pairs`` a comparison names), optional peak memory, the
+median minor page faults per timed call on Linux (``minor_faults_per_call``: kernel time inside
+the CPU clock, see :mod:`gradstats.bench._allocator`), and whether each candidate's output
+matches the reference candidate's ("same numbers").
 """
 
 from __future__ import annotations
@@ -26,6 +28,11 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 
 import torch
+
+try:
+    import resource
+except ImportError:  # not on Windows
+    resource = None  # type: ignore[assignment]
 from tqdm.auto import tqdm
 
 from gradstats.bench._memory import peak_memory_bytes
@@ -163,6 +170,15 @@ CLOCKS: dict[str, Callable[[], float]] = {
 }
 
 
+def minor_faults() -> int | None:
+    """Minor page faults of the calling thread so far (Linux), else None: a timed call that
+    faults pages in pays kernel time inside its CPU time (see ``bench/_allocator.py``)."""
+    who = getattr(resource, "RUSAGE_THREAD", None) if resource is not None else None
+    if who is None:
+        return None
+    return resource.getrusage(who).ru_minflt
+
+
 def clock_name(device: torch.device) -> str:
     """The clock :func:`run_comparison` uses on ``device`` (see the module docstring)."""
     if device.type != "cpu":
@@ -187,6 +203,7 @@ def run_comparison(
             if index == 0:
                 outputs[candidate.name] = result
     times: dict[str, list[float]] = {c.name: [] for c in candidates}
+    faults: dict[str, list[int]] = {c.name: [] for c in candidates}
     bar = tqdm(
         total=repeats * len(candidates), desc=comparison.name, leave=False, disable=not progress
     )
@@ -196,10 +213,14 @@ def run_comparison(
             for _ in range(comparison.settle):
                 candidate.fn()
             _sync(device)
+            before = minor_faults()
             start = clock()
             candidate.fn()
             _sync(device)
             times[candidate.name].append(clock() - start)
+            after = minor_faults()
+            if before is not None and after is not None:
+                faults[candidate.name].append(after - before)
             bar.update(1)
     bar.close()
     baseline_median = statistics.median(times[comparison.baseline])
@@ -217,6 +238,8 @@ def run_comparison(
             "ratio_to_baseline": median / baseline_median if baseline_median > 0 else math.nan,
             "paired_ratio": paired_ratio(times[candidate.name], times[comparison.baseline])[0],
         }
+        if faults[candidate.name]:  # page faults inside the timed calls (Linux)
+            row["minor_faults_per_call"] = statistics.median(faults[candidate.name])
         if comparison.work:
             row["throughput"] = comparison.work / median
         if comparison.memory:

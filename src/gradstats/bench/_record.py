@@ -11,6 +11,7 @@ from pathlib import Path
 import torch
 
 from gradstats._version import __version__
+from gradstats.bench._allocator import allocator_mode
 
 __all__ = ["environment"]
 
@@ -56,6 +57,7 @@ def environment() -> dict[str, object]:
         "cpu": _cpu_model(),
         "cpu_count": os.cpu_count(),
         "torch_threads": torch.get_num_threads(),
+        "cpu_allocator": allocator_mode(),
         "cuda": torch.version.cuda,
         "time_utc": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
     }

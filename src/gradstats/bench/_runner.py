@@ -27,6 +27,7 @@ from typing import Any
 
 from gradstats._files import write_text_atomic
 from gradstats._format import format_table
+from gradstats.bench._allocator import ALLOCATORS, steady_allocator
 from gradstats.bench._harness import Comparison, run_comparison
 from gradstats.bench._optional import Skipped, is_optional_import_error
 from gradstats.bench._record import environment
@@ -116,6 +117,7 @@ def format_record(record: Mapping[str, Any]) -> str:
                 row["ratio_to_baseline"],
                 row.get("paired_ratio"),
                 None if "peak_bytes" not in row else row["peak_bytes"] / 2**20,
+                row.get("minor_faults_per_call"),
                 "-" if "agrees" not in row else ("yes" if row["agrees"] else "NO"),
                 row["note"],
             ]
@@ -127,6 +129,7 @@ def format_record(record: Mapping[str, Any]) -> str:
         f"x {record['baseline']}",
         "paired x",
         "peak MiB",
+        "faults",
         "same",
         "note",
     ]
@@ -151,23 +154,33 @@ def run_suites(
     warmup: int,
     repeats: int,
     progress: bool = True,
+    allocator: str = "stock",
 ) -> list[dict[str, Any]]:
     """Run the named suites (all when ``names`` is empty); print and return their records.
 
     Each suite's record is ``{"suite", "smoke", "environment", "comparisons"}`` (plus
     ``"skipped"`` when the whole suite could not run); a skipped comparison's record is
     ``{"comparison", "skipped", "candidates": []}``. With ``out``, each record is written to
-    ``out/<suite>.json``.
+    ``out/<suite>.json``. ``allocator="steady"`` first makes the CPU heap steady for the rest
+    of the process (:func:`~gradstats.bench._allocator.steady_allocator`: no page faults from
+    glibc's trimming in the timings; what ``gradstats bench`` does); ``"stock"`` leaves it.
 
     Raises:
-        ConfigurationError: an unknown suite name, or a ``directory`` that is not a folder.
+        ConfigurationError: an unknown suite name or ``allocator``, or a ``directory`` that is
+            not a folder.
     """
+    if allocator not in ALLOCATORS:
+        raise ConfigurationError(
+            f"allocator must be one of {', '.join(map(repr, ALLOCATORS))}; got {allocator!r}"
+        )
     suites = find_suites(directory)
     unknown = [n for n in names if n not in suites]
     if unknown:
         raise ConfigurationError(
             f"unknown benchmark {unknown[0]!r}; available: {', '.join(suites)}"
         )
+    if allocator == "steady":
+        steady_allocator()
     env = environment()
     results = []
     for name in names or list(suites):

@@ -6,6 +6,7 @@ import argparse
 from dataclasses import dataclass
 from pathlib import Path
 
+from gradstats.bench._allocator import ALLOCATORS
 from gradstats.cli._config import add_config_arguments, config_from_args, option
 from gradstats.errors import ConfigurationError
 
@@ -25,6 +26,13 @@ class BenchConfig:
         None,
         "a folder of bench_<name>.py suites to run instead of the built-in ones "
         "(default: $GRADSTATS_BENCHMARKS, else the suites shipped with gradstats)",
+    )
+    allocator: str = option(
+        "steady",
+        "CPU heap while timing: 'steady' (glibc without trimming or mmap, so that no call pays "
+        "page faults for memory an earlier call gave back; the process keeps its peak heap) or "
+        "'stock' (the C library's defaults)",
+        choices=ALLOCATORS,
     )
     list: bool = option(False, "list the available suites and exit")
 
@@ -56,6 +64,7 @@ def run(args: argparse.Namespace) -> int:
             smoke=config.smoke,
             warmup=warmup,
             repeats=repeats,
+            allocator=config.allocator,
         )
     except (SyntaxError, ImportError) as error:  # a suite file that does not import
         filename = getattr(error, "filename", None)
