@@ -12,7 +12,9 @@ import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from torch.utils._python_dispatch import TorchDispatchMode
 
+from gradstats.errors import NonFiniteError
 from gradstats.moments import RunningMoments
 from gradstats.testing import run_gloo
 
@@ -180,3 +182,98 @@ def test_all_reduce_of_float32_ranks_with_their_own_shifts_is_exact():
         assert result["count"].item() == 700
     for key in results[0]:
         assert torch.equal(results[0][key], results[1][key])  # identical on every rank
+
+
+class _HostReads(TorchDispatchMode):
+    def __init__(self) -> None:
+        super().__init__()
+        self.reads = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.reads += func is torch.ops.aten._local_scalar_dense.default
+        return func(*args, **(kwargs or {}))
+
+
+def test_masked_weighted_float32_updates_read_nothing_back_and_run_on_meta():
+    x, mask = _stream(1e5, 64, seed=12), torch.rand(64) > 0.5
+    w = torch.rand(64, dtype=torch.float64)
+    reads = {}
+    for dtype in (torch.float32, torch.float64):
+        rm = RunningMoments(6, dtype=dtype)
+        with _HostReads() as counter:
+            for _ in range(3):
+                rm.update(x, mask=mask)
+                rm.update(x, w, mask=mask)  # the documented weight check: one read per call
+        reads[dtype] = counter.reads
+    assert reads[torch.float32] == reads[torch.float64] == 3  # the shift adds none
+    meta = RunningMoments(6, dtype=torch.float32, device="meta")
+    meta.update(x.to("meta"), mask=mask.to("meta"))  # (a weight check reads values: not on meta)
+    assert meta.mean.device.type == "meta"
+
+
+def test_the_first_shift_is_an_observation_not_a_zero_weight_or_masked_row():
+    x = _stream(1e5, 4096, seed=13, width=4)
+    w = torch.ones(4096, dtype=torch.float64)
+    x[0], w[0] = 1e9, 0.0  # a row of weight 0 may hold anything
+    rm = RunningMoments(4, dtype=torch.float32).update(x, w)
+    ref = RunningMoments(4).update(x.double(), w)
+    torch.testing.assert_close(rm.variance().double(), ref.variance(), rtol=2e-5, atol=0)
+
+
+def test_a_float64_mean_merged_or_loaded_into_a_float32_state_keeps_its_low_part():
+    far, more = _stream(1e5, 300, seed=14), _stream(1e5, 2000, seed=15)
+    wide = RunningMoments(6).update(far.double())
+    merged = RunningMoments(6, dtype=torch.float32)
+    merged.merge(wide)  # an empty float32 state takes the float64 mean's rounding as K
+    loaded = RunningMoments(6, dtype=torch.float32)
+    loaded.load_state_dict(wide.state_dict())
+    for rm in (merged, loaded):
+        for row in more.split(1):
+            rm.update(row)
+        _assert_close_to_reference(rm, torch.cat([far, more]), var_rtol=2e-5)
+
+
+def test_float64_loads_are_unchanged_bit_for_bit_signed_zeros_included():
+    state = RunningMoments(2).update(torch.tensor([[1.0, -1.0], [-1.0, 1.0]])).state_dict()
+    state["mean"] = torch.tensor([-0.0, 0.0], dtype=torch.float64)
+    rm = RunningMoments(2)
+    rm.load_state_dict(state)
+    assert torch.signbit(rm.state_dict()["mean"]).tolist() == [True, False]
+    assert "mean_residual" not in rm.state_dict()
+
+
+def test_an_empty_summary_merged_into_a_far_float16_state_changes_nothing():
+    rm = RunningMoments(2, dtype=torch.float16).update(torch.tensor([[300.0, 1.0], [302.0, 2.0]]))
+    before = rm.variance()
+    rm.merge(RunningMoments(2, dtype=torch.float16))
+    assert torch.equal(rm.variance(), before)
+    assert torch.isfinite(rm.m2).all()
+
+
+def test_rejections_of_a_non_empty_float32_state_change_nothing():
+    rm = RunningMoments(3, dtype=torch.float32).update(_stream(1e5, 50, seed=16, width=3))
+    before = rm.state_dict()
+    rm.update(_stream(2e5, 10, seed=17, width=3), accept=torch.tensor(False))
+    rm.update(torch.full((2, 3), float("inf")))
+    strict = RunningMoments(3, dtype=torch.float32, nonfinite="raise")
+    strict.load_state_dict(before)
+    with pytest.raises(NonFiniteError):
+        strict.update(torch.full((2, 3), float("nan")))
+    for state in (rm.state_dict(), strict.state_dict()):
+        for key in ("mean", "mean_residual", "m2", "count"):
+            assert torch.equal(state[key], before[key]), key
+
+
+def test_the_shift_follows_the_mean_so_the_low_part_stays_a_rounding_residual():
+    x = torch.cat([_stream(1e5, 500, seed=18), _stream(3e5, 500, seed=19)])  # the mean moves
+    rm = RunningMoments(6, dtype=torch.float32)
+    for row in x.split(1):
+        rm.update(row)
+    shift, low = rm._shift, rm._state.mean
+    assert (low.abs() <= torch.finfo(torch.float32).eps * shift.abs()).all()  # ≤ ulp(K)
+    torch.testing.assert_close(
+        shift.double() + low.double(),
+        x.double().mean(0),
+        rtol=1e-8,
+        atol=0,  # ≪ float32 eps
+    )

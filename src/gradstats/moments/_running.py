@@ -206,7 +206,7 @@ class RunningMoments:
         if shift is None:
             batch = batch_moments(x, weight, self.dtype, mask)
         else:  # x − K: no precision lost to an offset (moments/_shift.py)
-            shift = first_shift(shift, self._state.weight_sum, x, mask)
+            shift = first_shift(shift, self._state.weight_sum, x, weight, mask)
             batch = batch_moments(centred(x, shift, self.dtype), weight, self.dtype, mask)
         # NaN/inf anywhere in x (or an overflow) makes the batch M2 non-finite: a check over
         # ``shape`` elements instead of the n × shape of x.
@@ -272,7 +272,7 @@ class RunningMoments:
         their_mean = theirs.mean.to(self.dtype)
         if self._shift is not None or other._shift is not None:  # into this state's frame
             self._shift, their_mean = into_frame(
-                self._shift, mine.weight_sum, theirs.mean, other._shift, self.dtype
+                self._shift, mine, theirs, other._shift, self.dtype
             )
         theirs = Moments(
             theirs.count.to(mine.count.dtype),
@@ -424,15 +424,14 @@ class RunningMoments:
             name: value.to(device, self.dtype if name in ("mean", "m2") else scalar, copy=True)
             for name, value in checked.items()
         }
-        high = checked["mean"]
-        low = torch.zeros_like(high)  # what a shifted state's rounding of its mean left
+        absolute = checked["mean"].to(device, scalar)  # + what a shifted state's rounding left
         if "mean_residual" in state_dict:
-            low = state_tensor(state_dict, "mean_residual", self.shape).to(high.dtype)
-        if self._shift is None:  # float64: the mean, with the residual added back
-            fields["mean"] = (high.to(torch.float64) + low.to(torch.float64)).to(device)
-        else:  # the two parts as they were: K = the rounded mean, m = the residual
-            self._shift = high.to(device, self.dtype, copy=True)
-            fields["mean"] = low.to(device, self.dtype, copy=True)
+            residual = state_tensor(state_dict, "mean_residual", self.shape)
+            absolute = absolute + residual.to(device, scalar)
+            if self._shift is None:  # float64: the mean with its residual added back
+                fields["mean"] = absolute.to(self.dtype)
+        if self._shift is not None:  # K = the mean rounded to dtype, m = the rest
+            self._shift, fields["mean"] = split_mean(absolute, self.dtype)
         self._state = Moments(**fields)
         self._skipped = skipped.to(device=device, dtype=torch.int64, copy=True)
 

@@ -7,15 +7,17 @@ deviations — 6.4 standard errors — off, and its variance 1% off; at 1e4 ± 1
 4e-4), while the same data in float64 state is exact to 1e-15.
 
 How. The state keeps a *shift* K (the high part of the mean, ``dtype``) and the mean m of the
-shifted data x − K (its low part, ``dtype``); K starts as the first batch's first row. A batch
-is summarised as x − K (exact where x is within a factor 2 of K, Sterbenz; otherwise the one
-rounding of the data itself) and merged by
-Chan's formula in the shifted frame, whose numbers are of the size of the spread, not of the
+shifted data x − K (its low part, ``dtype``); K starts as the first observation (the first row
+the mask keeps with a positive weight). A batch is summarised as x − K (exact where x is within
+a factor 2 of K, Sterbenz; otherwise the one rounding of the difference) and merged by Chan's
+formula in the shifted frame, whose numbers are of the size of the spread, not of the
 offset; then (K, m) ← two_sum(K, m) moves the mean's high part into K exactly, so m stays a
 rounding residual and K + m carries the mean to about twice ``dtype``'s precision. M2 is
 unchanged by a shift (it is a sum of squared deviations). Merges and reductions of summaries
-with different shifts convert through float64. Only non-float64 states are shifted: float64 ones
-keep K = 0 and the unshifted arithmetic, bit for bit.
+with different shifts convert through float64 (float32 on MPS, which has no float64: there the
+conversions, the saved residual and ``all_reduce`` carry float32 precision only). Only
+non-float64 states are shifted: float64 ones keep K = 0 and the unshifted arithmetic, bit for
+bit.
 """
 
 from __future__ import annotations
@@ -43,13 +45,23 @@ def is_shifted(dtype: torch.dtype) -> bool:
 
 
 def first_shift(
-    shift: torch.Tensor, weight_sum: torch.Tensor, x: torch.Tensor, mask: torch.Tensor | None
+    shift: torch.Tensor,
+    weight_sum: torch.Tensor,
+    x: torch.Tensor,
+    weight: torch.Tensor | None,
+    mask: torch.Tensor | None,
 ) -> torch.Tensor:
     """The shift for a batch ``x``, on ``x``'s device: K itself, or while the state is empty
-    (W = 0) the batch's first kept row (its non-finite entries as 0), so that x − K is of the
-    size of the spread from the first batch on. No host read."""
-    index = 0 if mask is None else mask.to(torch.int8).argmax()  # the first True (0 if none)
-    row = x[index].to(shift.dtype)
+    (W = 0) the batch's first observation — the first row that the mask keeps and whose weight
+    is positive (a row of weight 0 may hold any value), its non-finite entries as 0 — so that
+    x − K is of the size of the spread from the first batch on. No host read."""
+    kept = None if weight is None else weight.to(x.device) > 0
+    if mask is not None:
+        kept = mask if kept is None else kept & mask
+    index = torch.zeros(1, dtype=torch.int64, device=x.device)
+    if kept is not None:  # the first True (0 if none), by a gather: no host read
+        index = kept.to(torch.int8).argmax().reshape(1)
+    row = x.index_select(0, index)[0].to(shift.dtype)
     row = torch.where(torch.isfinite(row), row, 0.0)
     empty = (weight_sum == 0).to(x.device)
     return torch.where(empty, row, shift.to(x.device))
@@ -83,21 +95,24 @@ def split_mean(absolute: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor
 
 def into_frame(
     shift: torch.Tensor | None,
-    weight_sum: torch.Tensor,
-    their_mean: torch.Tensor,
+    mine: Moments,
+    theirs: Moments,
     their_shift: torch.Tensor | None,
     dtype: torch.dtype,
 ) -> tuple[torch.Tensor | None, torch.Tensor]:
-    """(this state's shift, the other summary's mean relative to it in ``dtype``) for a merge:
-    an empty state (``weight_sum`` = 0) first adopts the other's shift; either shift may be
-    None (a float64 summary: 0). The conversion (K_o − K) + m_o is formed in float64."""
-    zero = torch.zeros_like(their_mean)
-    theirs = zero if their_shift is None else their_shift.to(their_mean.device)
+    """(this state's shift, the other summary's mean relative to it in ``dtype``) for a merge;
+    either shift may be None (a float64 summary: K = 0). The other's absolute mean
+    K_o + m_o is formed in float64; an empty state (W = 0) takes its rounding to ``dtype`` as
+    its shift (so a float64 mean keeps its low part), and a summary of no weight is 0 in any
+    frame (its mean means nothing; a far one would overflow δ² in float16)."""
+    wide = scalar_dtype(theirs.mean.device)
+    absolute = theirs.mean.to(wide)
+    if their_shift is not None:
+        absolute = absolute + their_shift.to(device=absolute.device, dtype=wide)
     if shift is not None:
-        shift = torch.where(weight_sum == 0, theirs.to(shift.dtype), shift)
-    frame = zero if shift is None else shift
-    wide = scalar_dtype(their_mean.device)
-    relative = (theirs.to(wide) - frame.to(wide)) + their_mean.to(wide)
+        shift = torch.where(mine.weight_sum == 0, absolute.to(shift.dtype), shift)
+    relative = absolute if shift is None else absolute - shift.to(wide)
+    relative = torch.where(theirs.weight_sum > 0, relative, 0.0)
     return shift, relative.to(dtype)
 
 
