@@ -91,12 +91,18 @@ def _check_moments(kind: str) -> dict[str, Any]:
     bad = x.clone()
     bad[3, 7] = float("nan")
     if kind == "running":
-        rm = RunningMoments(shape=(256,))
-        rm.update(x)  # places the state on the device
-        with _sync_mode("error"):
-            rm.update(x, weight=torch.rand(64, device=DEVICE))
-            rm.update(bad)
-        return {"count": str(rm.count)}
+        # float64 and the shifted float32 state; a masked update too. (Weighted updates are
+        # left out: checking the weights reads them back, a documented sync.)
+        counts = {}
+        mask = torch.rand(64, device=DEVICE) > 0.5
+        for dtype in (torch.float64, torch.float32):
+            rm = RunningMoments(shape=(256,), dtype=dtype)
+            rm.update(x)  # places the state on the device
+            with _sync_mode("error"):
+                rm.update(x + 1e5, mask=mask)
+                rm.update(bad)
+            counts[str(dtype)] = str(rm.count)
+        return counts
     ema = EMAMoments(beta=0.9, shape=(256,))
     ema.update(x[0])
     with _sync_mode("error"):
