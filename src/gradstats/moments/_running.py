@@ -8,7 +8,6 @@ import torch
 
 from gradstats._validation import (
     check_choice,
-    check_state_header,
     normalize_shape,
 )
 from gradstats._warnings import warn
@@ -16,27 +15,22 @@ from gradstats.errors import (
     ConfigurationError,
     ConfigurationTypeError,
     NonFiniteError,
-    StateError,
     check_nonfinite,
 )
 from gradstats.moments._checks import (
     check_state_dtype,
     check_update_arguments,
-    renamed_key,
-    state_shape,
-    state_tensor,
 )
 from gradstats.moments._distributed import all_reduce_moments, all_reduce_sum_
 from gradstats.moments._placement import Placement
+from gradstats.moments._running_state import read_running_state, running_state_dict
 from gradstats.moments._shift import (
-    absolute_mean,
     all_reduce_shifted,
     centred,
     first_shift,
     into_frame,
     is_shifted,
     recentred,
-    split_mean,
 )
 from gradstats.moments._welford import (
     Moments,
@@ -50,8 +44,6 @@ from gradstats.moments._welford import (
 __all__ = ["RunningMoments"]
 
 WEIGHT_KINDS = ("frequency", "reliability")
-_FORMAT = "gradstats.RunningMoments"
-_VERSION = 1
 
 
 class RunningMoments:
@@ -373,20 +365,7 @@ class RunningMoments:
         ``mean_residual``: ``mean`` is the mean rounded to ``dtype`` and ``mean_residual`` what
         the rounding left (the shifted state's two parts, see ``moments/_shift.py``).
         """
-        state = {key: value.detach().clone() for key, value in self._state.as_dict().items()}
-        if self._shift is not None:
-            state["mean"], state["mean_residual"] = split_mean(
-                absolute_mean(self._state.mean, self._shift), self.dtype
-            )
-        return {
-            "format": _FORMAT,
-            "version": _VERSION,
-            "shape": list(self.shape),
-            "weights": self.weights,
-            "dtype": str(self.dtype).removeprefix("torch."),
-            **state,
-            "skipped": self._skipped.detach().clone(),
-        }
+        return running_state_dict(self._state, self._shift, self.weights, self._skipped)
 
     def load_state_dict(self, state_dict: Mapping[str, object]) -> None:
         """Restore a ``state_dict``; validates the whole dict before changing anything.
@@ -399,41 +378,9 @@ class RunningMoments:
                 key, or an impossible value (wrong shape, NaN/±inf, negative counts or M2,
                 fractional counts); the message names the key. Nothing is loaded.
         """
-        check_state_header(state_dict, _FORMAT, _VERSION)
-        state_shape(state_dict, "RunningMoments", self.shape)
-        if state_dict.get("weights") != self.weights:
-            raise StateError(
-                f"state_dict uses weights={state_dict.get('weights')!r} but this RunningMoments "
-                f"uses weights={self.weights!r}"
-            )
-        counter = renamed_key(state_dict, "skipped", "rejected")
-        checked = {
-            "count": state_tensor(state_dict, "count", (), nonnegative="a count", whole=True),
-            "weight_sum": state_tensor(state_dict, "weight_sum", (), nonnegative="a weight sum"),
-            "weight_sq_sum": state_tensor(
-                state_dict, "weight_sq_sum", (), nonnegative="a sum of squared weights"
-            ),
-            "mean": state_tensor(state_dict, "mean", self.shape),
-            "m2": state_tensor(
-                state_dict, "m2", self.shape, nonnegative="M2 (a sum of squared deviations)"
-            ),
-        }
-        skipped = state_tensor(state_dict, counter, (), nonnegative="a count", whole=True)
-        device, scalar = self.device, self._state.count.dtype
-        fields = {
-            name: value.to(device, self.dtype if name in ("mean", "m2") else scalar, copy=True)
-            for name, value in checked.items()
-        }
-        absolute = checked["mean"].to(device, scalar)  # + what a shifted state's rounding left
-        if "mean_residual" in state_dict:
-            residual = state_tensor(state_dict, "mean_residual", self.shape)
-            absolute = absolute + residual.to(device, scalar)
-            if self._shift is None:  # float64: the mean with its residual added back
-                fields["mean"] = absolute.to(self.dtype)
-        if self._shift is not None:  # K = the mean rounded to dtype, m = the rest
-            self._shift, fields["mean"] = split_mean(absolute, self.dtype)
-        self._state = Moments(**fields)
-        self._skipped = skipped.to(device=device, dtype=torch.int64, copy=True)
+        self._state, self._shift, self._skipped = read_running_state(
+            state_dict, self.shape, self.weights, self.dtype, self.device
+        )
 
     def __repr__(self) -> str:
         return (
