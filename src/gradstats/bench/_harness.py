@@ -28,15 +28,15 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 
 import torch
+from tqdm.auto import tqdm
+
+from gradstats.bench._memory import peak_memory_bytes
+from gradstats.errors import ConfigurationError, ConfigurationTypeError
 
 try:
     import resource
 except ImportError:  # not on Windows
     resource = None  # type: ignore[assignment]
-from tqdm.auto import tqdm
-
-from gradstats.bench._memory import peak_memory_bytes
-from gradstats.errors import ConfigurationError, ConfigurationTypeError
 
 __all__ = [
     "CLOCKS",
