@@ -27,6 +27,7 @@ from typing import Any
 
 from gradstats._files import write_text_atomic
 from gradstats._format import format_table
+from gradstats._validation import check_choice
 from gradstats.bench._allocator import ALLOCATORS, steady_allocator
 from gradstats.bench._harness import Comparison, run_comparison
 from gradstats.bench._optional import Skipped, is_optional_import_error
@@ -169,10 +170,7 @@ def run_suites(
         ConfigurationError: an unknown suite name or ``allocator``, or a ``directory`` that is
             not a folder.
     """
-    if allocator not in ALLOCATORS:
-        raise ConfigurationError(
-            f"allocator must be one of {', '.join(map(repr, ALLOCATORS))}; got {allocator!r}"
-        )
+    check_choice("allocator", allocator, ALLOCATORS)
     suites = find_suites(directory)
     unknown = [n for n in names if n not in suites]
     if unknown:

@@ -229,7 +229,7 @@ class RunningMoments:
         for a float64 state), taken where ``keep`` (None: always; else ``mine`` and the old
         shift stay); a shifted state then moves its mean's high part into the shift."""
         merged = combine(mine, theirs)
-        if frame is not None and self._shift is not None:
+        if frame is not None and self._shift is not None:  # (frame is None iff unshifted)
             shift, mean = recentred(frame, merged.mean)
             merged = merged.with_mean(mean)
             taken = merged.weight_sum > 0  # a summary of no weight keeps its shift

@@ -82,12 +82,13 @@ def read_running_state(
         name: value.to(device, dtype if name in ("mean", "m2") else scalar, copy=True)
         for name, value in checked.items()
     }
-    absolute = checked["mean"].to(device, scalar)  # + what a shifted state's rounding left
-    if residual is not None:
-        absolute = absolute + residual.to(device, scalar)
     shift = None
-    if is_shifted(dtype):  # K = the mean rounded to dtype, m = the rest
-        shift, fields["mean"] = split_mean(absolute, dtype)
-    elif residual is not None:  # float64: the mean with its residual added back
-        fields["mean"] = absolute.to(dtype)
+    if residual is not None or is_shifted(dtype):  # the mean + what a rounding of it left
+        absolute = checked["mean"].to(device, scalar)
+        if residual is not None:
+            absolute = absolute + residual.to(device, scalar)
+        if is_shifted(dtype):  # K = the mean rounded to dtype, m = the rest
+            shift, fields["mean"] = split_mean(absolute, dtype)
+        else:  # float64: the mean with its residual added back
+            fields["mean"] = absolute.to(dtype)
     return Moments(**fields), shift, skipped.to(device=device, dtype=torch.int64, copy=True)
