@@ -12,10 +12,13 @@
 
 from __future__ import annotations
 
+import itertools
+
 import pytest
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from gradstats import VarianceGradientScaler
 from gradstats.fisher._persample import LinearHandler
@@ -236,3 +239,53 @@ def test_a_module_called_twice_leaves_the_row_path_and_equals_the_per_example_lo
     for name, tensor in zip(vgs.layout.names, vgs.layout.tensors, strict=True):
         noise = stats[name].variance_unbiased * tensor.numel()
         torch.testing.assert_close(noise, ref[name]["noise"], msg=name, **tol)
+
+
+class _CountOps(TorchDispatchMode):
+    def __init__(self) -> None:
+        super().__init__()
+        self.ops: list[str] = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.ops.append(str(func))
+        return func(*args, **(kwargs or {}))
+
+
+def _backward_ops(layers: int, hooked: bool) -> list[str]:
+    """The aten ops of one steady-state forward + backward of an MLP of ``layers`` Linear
+    layers on [B, d] rows, with or without the per_sample hooks."""
+    torch.manual_seed(3)
+    widths = [6] + [5] * (layers - 1) + [3]
+    modules: list[nn.Module] = []
+    for d_in, d_out in itertools.pairwise(widths):
+        modules += [nn.Linear(d_in, d_out), nn.ReLU()]
+    model = nn.Sequential(*modules[:-1])
+    x, y = torch.randn(8, 6), torch.randint(0, 3, (8,))
+    if hooked:
+        vgs = VarianceGradientScaler(model.named_parameters(), statistic="per_sample", model=model)
+
+    def run() -> None:
+        model.zero_grad(set_to_none=False)
+        F.cross_entropy(model(x), y).backward()
+
+    for _ in range(3):  # past the first backward passes: row buffers and plans built
+        run()
+        if hooked:
+            vgs.step()
+    with _CountOps() as counter:
+        run()
+    return counter.ops
+
+
+@pytest.mark.parametrize("layers", [3, 6])
+def test_row_path_adds_three_ops_per_layer_and_five_per_backward(layers):
+    """Per Linear layer on rows: the input detached in the forward hook and the two row norms
+    written into the persistent buffer (its views are made once, not per backward); at the end
+    of the backward a fixed five (‖a_i‖‖b_i‖, one float64 norm, its square, a view, one
+    index_add into the state) — no select or slice per site."""
+    plain, hooked = _backward_ops(layers, False), _backward_ops(layers, True)
+    extra = list(hooked)
+    for op in plain:
+        extra.remove(op)
+    assert len(extra) == 3 * layers + 5, extra
+    assert not [op for op in extra if "select" in op or "slice" in op], extra

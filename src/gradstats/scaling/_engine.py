@@ -279,7 +279,8 @@ def _host_flags(finite: torch.Tensor, apply: torch.Tensor) -> tuple[bool, bool] 
     nothing there; it saves the counters' small ops on the common step), else None."""
     if finite.device.type != "cpu" or torch.compiler.is_compiling():
         return None
-    return bool(finite), bool(apply)  # sync-ok: CPU only
+    ok = bool(finite)  # sync-ok: CPU only
+    return ok, ok if apply is finite else bool(apply)  # sync-ok: CPU only
 
 
 def update(state: ScalerState, observation: Observation, config: ScalerConfig) -> ScalerState:

@@ -63,6 +63,10 @@ class Staging:
 
     def __init__(self) -> None:
         self._rows: dict[tuple[int, torch.dtype, torch.device], torch.Tensor] = {}
+        # views of a row buffer, made once (each view is an op): per row k (R[1, k], R[2, k]),
+        # and per number of rows k (R[0, :k], R[1, :k], R[2, :k], R[:2, :k])
+        self._row_views: dict[tuple[int, torch.dtype, torch.device], list] = {}
+        self._sum_views: dict[tuple[tuple[int, torch.dtype, torch.device], int], tuple] = {}
         self.reset()
 
     def reset(self) -> None:
@@ -112,8 +116,11 @@ class Staging:
             if buffer is not None:
                 grown[:, :k] = buffer[:, :k]
             self._rows[key] = buffer = grown
-        torch.linalg.vector_norm(b, dim=1, out=buffer[1, k])
-        torch.linalg.vector_norm(a if weight is not None else b, dim=1, out=buffer[2, k])
+            self._row_views[key] = list(zip(grown[1], grown[2], strict=True))
+            self._sum_views = {}
+        out_b, out_a = self._row_views[key][k]
+        torch.linalg.vector_norm(b, dim=1, out=out_b)
+        torch.linalg.vector_norm(a if weight is not None else b, dim=1, out=out_a)
         self._row_names.append((weight, bias))
 
     def values(self, device: torch.device) -> tuple[list[str | None], torch.Tensor | None]:
@@ -132,10 +139,14 @@ class Staging:
         if self._row_names:
             assert self._row_key is not None
             k = len(self._row_names)
-            rows = self._rows[self._row_key][:, :k]
-            torch.mul(rows[2], rows[1], out=rows[0])  # ‖a_i‖‖b_i‖
+            views = self._sum_views.get((self._row_key, k))
+            if views is None:
+                rows = self._rows[self._row_key][:, :k]
+                views = self._sum_views[(self._row_key, k)] = (*rows, rows[:2])
+            product, b_norms, a_norms, both = views
+            torch.mul(a_norms, b_norms, out=product)  # ‖a_i‖‖b_i‖
             # [Σ_i ‖a_i‖²‖b_i‖² of every site; Σ_i ‖b_i‖² of every site]
-            sums = torch.linalg.vector_norm(rows[:2], dim=2, dtype=torch.float64).square()
+            sums = torch.linalg.vector_norm(both, dim=2, dtype=torch.float64).square()
             parts.append(sums.reshape(-1).to(device))
             names += [w for w, _ in self._row_names] + [c for _, c in self._row_names]
         if not parts:
