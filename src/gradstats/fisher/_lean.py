@@ -37,7 +37,6 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Any
 
 import torch
 from torch import nn
@@ -127,28 +126,26 @@ class LeanLinearPath:
         gemms: list = []
         trace: list[torch.Tensor | None] = [None] * families
         mask: list[torch.Tensor | None] = [None] * families
+        peaks: list[torch.Tensor] = []  # max a², max b² per layer (see _finite)
         squares: list[tuple[torch.Tensor, torch.Tensor, bool]] = []  # (a², b², has a bias)
-        missing = False
+        missing = bare = False
         with torch.no_grad():
-            rows: list[tuple[_Layer, Any, torch.Tensor, torch.Tensor]] = []
             for site, grad in zip(reversed(sites), reversed(grads), strict=True):
                 if grad is None:  # that output did not reach the objective
                     missing = True
                     continue
+                layer = layers[site.handler.module]
                 a, b = site.saved[0], grad
                 cdt = torch.float64 if b.dtype == torch.float64 else torch.float32  # compute_dtype
                 if b.dtype is not cdt or a.dtype is not cdt:  # (bf16/fp16: upcast first)
                     a, b = a.to(cdt), b.to(cdt)
-                rows.append((layers[site.handler.module], site, a, b))
-            # every a² and b² in one op and their maxima in another (per-tensor kernels on the
-            # CPU: the bits of a.square() and a2.amax(); two dispatches instead of four per layer)
-            both = [t for _, _, a, b in rows for t in (a, b)]
-            flat = list(torch._foreach_pow(both, 2)) if both else []
-            bare = not all(t.numel() for t in flat)  # a zero-width layer: proxies (see _finite)
-            peaks = [] if bare or not flat else list(torch._foreach_max(flat))
-            for k, (layer, site, a, b) in enumerate(rows):
-                wide = a.dtype is not dtype  # a float32 layer of a model with float64 parameters
-                a2, b2 = flat[2 * k], flat[2 * k + 1]
+                wide = cdt is not dtype  # a float32 layer of a model with float64 parameters
+                a2 = a.square()
+                b2 = b.square()
+                if a2.numel() and b2.numel():
+                    peaks += [a2.amax(), b2.amax()]
+                else:  # a zero-width layer: its proxies decide (see _finite)
+                    bare = True
                 squares.append((a2, b2, layer.bias is not None))
                 gemms.append((layer.weight, None, b2.T, a2))
                 if signal:
@@ -161,7 +158,7 @@ class LeanLinearPath:
                         g = b.sum(0)
                         g_sum[layer.bias] = g.to(dtype) if wide else g
                 if layer.family is not None:
-                    y = site.saved[1].reshape(n, -1).to(a.dtype)
+                    y = site.saved[1].reshape(n, -1).to(cdt)
                     a2_rows = a2.sum(1)
                     plus = a2_rows[:, None] if layer.bias is None else a2_rows[:, None] + 1.0
                     trace[layer.family] = (b2 * plus).to(dtype)
