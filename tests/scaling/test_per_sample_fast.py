@@ -25,7 +25,7 @@ from gradstats.fisher._persample import LinearHandler
 from gradstats.scaling import _same_point
 from gradstats.scaling._host_update import HOST_UPDATE_MAX
 from gradstats.scaling._per_sample_linear import materialised_grads
-from gradstats.scaling._per_sample_staging import Scratch, Staging
+from gradstats.scaling._per_sample_staging import MAX_ROW_LAYOUTS, Scratch, Staging
 from gradstats.scaling._per_sample_state import PerSampleState
 from gradstats.scaling._same_point import SamePointState
 from gradstats.testing import reference_per_sample_noise
@@ -289,3 +289,23 @@ def test_row_path_adds_three_ops_per_layer_and_five_per_backward(layers):
         extra.remove(op)
     assert len(extra) == 3 * layers + 5, extra
     assert not [op for op in extra if "select" in op or "slice" in op], extra
+
+
+def test_staging_keeps_a_bounded_number_of_row_buffers():
+    """A batch size that changes at every backward (RL rollouts, a ragged last batch) must not
+    grow the persistent row buffers without bound; the sums stay right after a rebuild."""
+    g = torch.Generator().manual_seed(16)
+    staging = Staging()
+    for n in range(2, 2 + 3 * MAX_ROW_LAYOUTS):
+        a, b = torch.randn(n, 4, generator=g), torch.randn(n, 3, generator=g)
+        staging.reset()
+        staging.rows("w", "b", a, b)
+        names, values = staging.values(torch.device("cpu"))
+        assert values is not None
+        got = dict(zip(names, values.tolist(), strict=True))
+        a64, b64 = a.double(), b.double()
+        want_w = (a64.square().sum(1) * b64.square().sum(1)).sum().item()
+        assert got["w"] == pytest.approx(want_w, rel=1e-6)
+        assert got["b"] == pytest.approx(b64.square().sum().item(), rel=1e-6)
+        assert len(staging._rows) <= MAX_ROW_LAYOUTS
+        assert len(staging._row_views) <= MAX_ROW_LAYOUTS

@@ -24,9 +24,10 @@ from __future__ import annotations
 
 import torch
 
-__all__ = ["DEFER_BYTES", "Scratch", "Staging"]
+__all__ = ["DEFER_BYTES", "MAX_ROW_LAYOUTS", "Scratch", "Staging"]
 
 DEFER_BYTES = 2**20  # tensors up to this size are normed at the end of the backward (kept alive)
+MAX_ROW_LAYOUTS = 16  # row buffers kept (one per batch size, dtype, device), then rebuilt
 
 
 class Scratch:
@@ -111,6 +112,8 @@ class Staging:
             return
         k = len(self._row_names)
         buffer = self._rows.get(key)
+        if buffer is None and len(self._rows) >= MAX_ROW_LAYOUTS:  # batch sizes that keep changing
+            self._rows, self._row_views, self._sum_views = {}, {}, {}
         if buffer is None or buffer.shape[1] <= k:
             grown = torch.empty((3, max(4, 2 * k), key[0]), dtype=b.dtype, device=b.device)
             if buffer is not None:
