@@ -13,6 +13,7 @@
 from __future__ import annotations
 
 import itertools
+import math
 
 import pytest
 import torch
@@ -309,3 +310,17 @@ def test_staging_keeps_a_bounded_number_of_row_buffers():
         assert got["b"] == pytest.approx(b64.square().sum().item(), rel=1e-6)
         assert len(staging._rows) <= MAX_ROW_LAYOUTS
         assert len(staging._row_views) <= MAX_ROW_LAYOUTS
+
+
+def test_unit_layouts_stay_bounded_when_the_batch_size_keeps_changing():
+    torch.manual_seed(17)
+    model = nn.Sequential(nn.Linear(4, 5), nn.Tanh(), nn.Linear(5, 2))
+    vgs = VarianceGradientScaler(model.named_parameters(), statistic="per_sample", model=model)
+    hooks = vgs._tracker.modules
+    assert hooks is not None
+    for n in range(2, 90):  # sequences [n, 3, 4]: every batch size is a new layout
+        model.zero_grad()
+        model(torch.randn(n, 3, 4)).square().sum().backward()
+        vgs.step()
+        assert len(hooks._layouts) <= 64
+    assert math.isfinite(vgs.statistics()["global"].variance)

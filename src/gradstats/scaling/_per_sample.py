@@ -224,6 +224,8 @@ class PerSampleHooks:
         shape = tuple(grad.shape[:2]) if self.unit == "token" else tuple(grad.shape[:1])
         key = (shape, grad.device)
         if key not in self._layouts:
+            if len(self._layouts) >= 64:  # shapes that keep changing (dynamic padding)
+                self._layouts.clear()
             if self.unit == "token" and grad.dim() < 3:
                 raise ConfigurationError(
                     f"unit='token' needs module outputs [B, T, ...]; got {tuple(grad.shape)}"
